@@ -1,0 +1,25 @@
+"""Shared pytest configuration: the opt-in flag for slow tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        default=os.environ.get("PEERD_RUN_SLOW") == "1",
+        help="run tests marked slow (real model, chaos, namespaces); CI passes this",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow test: pass --run-slow (or PEERD_RUN_SLOW=1) to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
