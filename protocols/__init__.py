@@ -1,0 +1,124 @@
+"""peerd's wire protocol: messages, framing, tensor codec and versions.
+
+Pure Python + msgpack + numpy, so that the format (specified in protocols/README.md,
+with golden vectors in protocols/vectors/) can be implemented in any language.
+"""
+
+from __future__ import annotations
+
+from protocols.errors import ErrorCode, ProtocolError, is_retryable
+from protocols.framing import (
+    DEFAULT_MAX_FRAME_BYTES,
+    HEADER,
+    HEADER_BYTES,
+    FrameDecoder,
+    decode_message,
+    encode_frame,
+    encode_message,
+    read_message,
+    write_message,
+)
+from protocols.messages import (
+    MAX_BLOCK_INDEX,
+    MAX_SESSION_ID_BYTES,
+    MAX_STRING_BYTES,
+    MAX_UINT,
+    MESSAGE_TYPES,
+    BackwardRequest,
+    BackwardResponse,
+    Error,
+    ForwardRequest,
+    ForwardResponse,
+    Hello,
+    InferenceClose,
+    InferenceOpen,
+    InferenceOpened,
+    InferenceStep,
+    InferenceStepResult,
+    InfoRequest,
+    InfoResponse,
+    Message,
+    error_from_exception,
+    expect_message,
+    message_from_wire,
+    message_to_wire,
+    raise_if_error,
+)
+from protocols.tensors import (
+    ALLOWED_DTYPES,
+    BLOCKWISE8_BLOCK,
+    FLOAT_DTYPES,
+    MAX_TENSOR_DIMS,
+    MAX_TENSOR_ELEMENTS,
+    Compression,
+    WireTensor,
+    bf16_bits_to_float32,
+    decode_array,
+    encode_array,
+    float32_to_bf16_bits,
+    raw_payload,
+)
+from protocols.version import PROTOCOL_VERSION, check_version
+
+STREAM_INFO = "peerd/info/1"
+STREAM_FORWARD = "peerd/forward/1"
+STREAM_BACKWARD = "peerd/backward/1"
+STREAM_INFERENCE = "peerd/inference/1"
+"""libp2p stream (protocol handler) names: one stream per request, one per inference session."""
+
+__all__ = [
+    "ALLOWED_DTYPES",
+    "BLOCKWISE8_BLOCK",
+    "DEFAULT_MAX_FRAME_BYTES",
+    "FLOAT_DTYPES",
+    "HEADER",
+    "HEADER_BYTES",
+    "MAX_BLOCK_INDEX",
+    "MAX_SESSION_ID_BYTES",
+    "MAX_STRING_BYTES",
+    "MAX_TENSOR_DIMS",
+    "MAX_TENSOR_ELEMENTS",
+    "MAX_UINT",
+    "MESSAGE_TYPES",
+    "PROTOCOL_VERSION",
+    "STREAM_BACKWARD",
+    "STREAM_FORWARD",
+    "STREAM_INFERENCE",
+    "STREAM_INFO",
+    "BackwardRequest",
+    "BackwardResponse",
+    "Compression",
+    "Error",
+    "ErrorCode",
+    "ForwardRequest",
+    "ForwardResponse",
+    "FrameDecoder",
+    "Hello",
+    "InferenceClose",
+    "InferenceOpen",
+    "InferenceOpened",
+    "InferenceStep",
+    "InferenceStepResult",
+    "InfoRequest",
+    "InfoResponse",
+    "Message",
+    "ProtocolError",
+    "WireTensor",
+    "bf16_bits_to_float32",
+    "check_version",
+    "decode_array",
+    "decode_message",
+    "encode_array",
+    "encode_frame",
+    "encode_message",
+    "error_from_exception",
+    "expect_message",
+    "float32_to_bf16_bits",
+    "is_retryable",
+    "message_from_wire",
+    "message_to_wire",
+    "raise_if_error",
+    "raw_payload",
+    "read_message",
+    "write_message",
+]
