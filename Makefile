@@ -1,0 +1,46 @@
+# The verbs a person types. Everything runs from a project-local virtualenv (.venv) that
+# `make setup` creates; torch is pinned through constraints.txt (a CPU wheel here).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PIP_FLAGS ?= --disable-pip-version-check -q
+PYTEST_ARGS ?=
+
+.PHONY: setup model demo test test-fast lint format bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(PIP_FLAGS) -c constraints.txt "torch==2.13.0"
+	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e ".[dev]"
+	@touch $@
+
+model: setup
+	$(VENV)/bin/peerd model fetch
+
+demo: model
+	$(VENV)/bin/peerd demo
+
+lint: setup
+	$(VENV)/bin/ruff check peerd protocols tests
+	$(VENV)/bin/ruff format --check peerd protocols tests
+	$(VENV)/bin/mypy peerd protocols
+
+format: setup
+	$(VENV)/bin/ruff format peerd protocols tests
+	$(VENV)/bin/ruff check --fix peerd protocols tests
+
+# Slow tests (real model, chaos) are opt-in locally: PEERD_RUN_SLOW=1 make test; CI sets CI=true.
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -x -q $(PYTEST_ARGS)
+
+bench: model
+	$(PY) -m peerd.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -1,0 +1,209 @@
+"""The `peerd` command: run a peer, start a demo swarm, generate, show swarm status, fetch models.
+
+Parsing lives here and only here; everything below gets frozen config objects. The event loop is
+uvloop, chosen through ``asyncio.Runner(loop_factory=...)`` -- never by mutating a global policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from peerd import __version__
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+logger = logging.getLogger("peerd")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on a fresh uvloop event loop."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # hivemind logs every DHT hiccup at INFO/WARNING; operators care about ours
+    for noisy in ("hivemind", "hivemind.dht", "hivemind.p2p"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", "DEBUG" if verbose else "ERROR")
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    """``"0:10"`` -> (0, 10); a clear argparse error otherwise."""
+    try:
+        start_s, end_s = text.split(":")
+        start, end = int(start_s), int(end_s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blocks must look like START:END (e.g. 0:10), got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"--blocks {text}: need 0 <= START < END")
+    return start, end
+
+
+def resolve(model: str, cache_dir: str | None) -> tuple[str, Path]:
+    """(model id the swarm uses, local folder) for a known model id or a path."""
+    from peerd.model.fetch import canonical_model_id, resolve_model
+
+    path = resolve_model(model, Path(cache_dir) if cache_dir else None)
+    return canonical_model_id(model) or path.resolve().name, path
+
+
+def _add_swarm_args(p: argparse.ArgumentParser, *, need_peers: bool) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="model id (e.g. smollm2-135m) or HF-format folder")
+    p.add_argument("--model-id", default=None, help="name the swarm knows the model by (default: id or folder name)")
+    p.add_argument("--cache-dir", default=None, help="peerd cache root (default: $PEERD_CACHE_DIR or ~/.cache/peerd)")
+    p.add_argument("--swarm", default="public", help="swarm name; peers in different swarms never mix (default: public)")
+    p.add_argument(
+        "--initial-peers",
+        nargs="+",
+        default=[],
+        required=need_peers,
+        metavar="MADDR",
+        help="multiaddrs of peers to join (printed by `peerd run` at start-up)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peerd",
+        description="peerd: run large models across volunteer peers (pipeline parallel, peer to peer).",
+    )
+    parser.add_argument("--version", action="version", version=f"peerd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a peer that hosts a slice of the model's blocks")
+    _add_swarm_args(run, need_peers=False)
+    run.add_argument("--blocks", type=parse_blocks, default=None, help="blocks to host, START:END (default: all)")
+    run.add_argument("--host", default="127.0.0.1", help="libp2p listen address (default 127.0.0.1)")
+    run.add_argument("--port", type=int, default=0, help="libp2p listen port (default 0: any free port)")
+    run.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR", help="public multiaddrs to advertise")
+    run.add_argument("--identity", default="~/.config/peerd/identity.key", help="identity key file (0600, created on first run)")
+    run.add_argument("--name", default="", help="public name shown in status tables")
+    run.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)")
+    run.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weights dtype")
+    run.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
+    run.add_argument("--cache-tokens", type=int, default=8192, help="KV cache budget in tokens (default 8192)")
+    run.add_argument("--max-session-length", type=int, default=2048, help="longest session a client may open")
+    run.add_argument("--max-sessions", type=int, default=64, help="concurrent inference sessions")
+    run.add_argument("--session-idle-timeout", type=float, default=60.0, help="seconds before an idle session is freed")
+    run.add_argument("--http-port", type=int, default=None, help="serve /metrics and the health page on this port")
+    run.add_argument("--http-host", default="127.0.0.1", help="address for the HTTP port (default 127.0.0.1)")
+    run.add_argument("--announce-period", type=float, default=30.0, help="seconds between DHT announcements")
+    run.add_argument("--no-measure", action="store_true", help="skip the start-up throughput benchmark (tests)")
+    run.add_argument("--step-delay", type=float, default=0.0, help="test/ops knob: extra seconds per inference step")
+    run.add_argument("--ready-file", default=None, help="write JSON {peer_id, maddrs, http_port} here once serving")
+
+    boot = sub.add_parser("bootstrap", help="run a DHT-only node other peers can join through")
+    _add_swarm_args(boot, need_peers=False)
+    boot.add_argument("--host", default="127.0.0.1")
+    boot.add_argument("--port", type=int, default=0)
+    boot.add_argument("--identity", default="~/.config/peerd/bootstrap.key")
+    boot.add_argument("--ready-file", default=None)
+
+    demo = sub.add_parser("demo", help="start a local swarm of 3 peers and chat with the model through it")
+    demo.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
+    demo.add_argument("--model", default="smollm2-135m")
+    demo.add_argument("--cache-dir", default=None)
+    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--peers", type=int, default=3, help="number of peers the blocks are split over (default 3)")
+    demo.add_argument("-v", "--verbose", action="store_true")
+
+    gen = sub.add_parser("generate", help="generate text through a running swarm")
+    _add_swarm_args(gen, need_peers=True)
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+
+    status = sub.add_parser("status", help="show the peers of a swarm and the coverage of every block")
+    _add_swarm_args(status, need_peers=True)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    model = sub.add_parser("model", help="manage model files")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    fetch = model_sub.add_parser("fetch", help="download and convert the embedded default model (idempotent)")
+    from peerd.model.fetch import add_fetch_arguments
+
+    add_fetch_arguments(fetch)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "model":
+            from peerd.model.fetch import run_fetch_command
+
+            return run_fetch_command(args)
+        setup_logging(getattr(args, "verbose", False))
+        if args.command == "run":
+            from peerd.commands import cmd_run
+
+            return run_async(cmd_run(args))
+        if args.command == "bootstrap":
+            from peerd.commands import cmd_bootstrap
+
+            return run_async(cmd_bootstrap(args))
+        if args.command == "demo":
+            from peerd.demo import cmd_demo
+
+            return cmd_demo(args)
+        if args.command == "generate":
+            from peerd.commands import cmd_generate
+
+            return run_async(cmd_generate(args))
+        if args.command == "status":
+            from peerd.commands import cmd_status
+
+            return run_async(cmd_status(args))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the CLI's one place that turns errors into readable text
+        from peerd.client.errors import PeerdClientError
+        from peerd.model.fetch import ModelNotFoundError
+
+        if isinstance(exc, (PeerdClientError, ModelNotFoundError, ValueError, OSError)):
+            print(f"peerd: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+    return 2
+
+
+def write_ready_file(path: str | None, data: dict[str, Any]) -> None:
+    """Atomically publish start-up facts for a supervising process (demo, tests)."""
+    if not path:
+        return
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def install_stop_handlers(stop: Any) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""peerd client SDK: join a swarm, plan routes through peers, generate and run forward passes.
+
+Imports protocols/ and shared model code only, never server code.
+"""
+
+from __future__ import annotations
+
+from peerd.client.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable, SwarmConnectError
+from peerd.client.routing import Span
+from peerd.client.sampling import SamplingParams
+from peerd.client.session import InferenceSession
+from peerd.client.swarm import BanList, GenerationResult, SwarmClient
+
+__all__ = [
+    "BanList",
+    "GenerationResult",
+    "InferenceSession",
+    "NoRouteError",
+    "PeerError",
+    "PeerUnavailable",
+    "PeerdClientError",
+    "SamplingParams",
+    "Span",
+    "SwarmClient",
+    "SwarmConnectError",
+]

@@ -1,0 +1,65 @@
+"""The client's exception tree: one root, lower-layer errors mapped once at the boundary."""
+
+from __future__ import annotations
+
+from protocols import ErrorCode
+
+__all__ = ["NoRouteError", "PeerError", "PeerUnavailable", "PeerdClientError", "SwarmConnectError"]
+
+
+class PeerdClientError(Exception):
+    """Root of every error the client SDK raises."""
+
+
+class SwarmConnectError(PeerdClientError):
+    """Could not join the swarm (bad initial peers, network down, DHT bootstrap failed)."""
+
+
+class NoRouteError(PeerdClientError):
+    """Some blocks have no live peer, so the model cannot be covered right now."""
+
+    def __init__(self, missing_blocks: list[int], message: str | None = None) -> None:
+        self.missing_blocks = missing_blocks
+        spans = _ranges(missing_blocks)
+        super().__init__(
+            message
+            or f"no live peer serves block(s) {spans}; start a peer with `peerd run --blocks ...` for them "
+            "or wait for one to join"
+        )
+
+
+class PeerUnavailable(PeerdClientError):
+    """A peer could not be reached, dropped the stream, or timed out (the client routes around it)."""
+
+    def __init__(self, peer_id: str, reason: str) -> None:
+        self.peer_id = peer_id
+        super().__init__(f"peer {peer_id[:16]}... unavailable: {reason}")
+
+
+class PeerError(PeerdClientError):
+    """A peer answered with a protocol error frame."""
+
+    def __init__(self, peer_id: str, code: ErrorCode, message: str) -> None:
+        self.peer_id = peer_id
+        self.code = code
+        super().__init__(f"peer {peer_id[:16]}... answered [{code.name} {int(code)}] {message}")
+
+    @property
+    def retryable(self) -> bool:
+        """True when another peer may succeed where this one failed."""
+        return self.code.retryable
+
+
+def _ranges(blocks: list[int]) -> str:
+    if not blocks:
+        return "-"
+    out = []
+    first = prev = blocks[0]
+    for b in blocks[1:]:
+        if b == prev + 1:
+            prev = b
+            continue
+        out.append(f"{first}" if first == prev else f"{first}:{prev + 1}")
+        first = prev = b
+    out.append(f"{first}" if first == prev else f"{first}:{prev + 1}")
+    return ", ".join(out)

@@ -1,0 +1,145 @@
+"""Route planning: which peers carry a request through blocks [start, end), as a chain of spans.
+
+Inference routes minimise expected per-token latency: a shortest path over block boundaries
+(nodes 0..N, an edge s -> e for every live peer hosting [s, e)), where an edge costs the peer's
+compute time for those blocks (from its advertised per-block throughput) plus one network hop.
+Dijkstra is exact here because all costs are positive.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from peerd.client.errors import NoRouteError
+from peerd.swarm.dht import BlockView
+from peerd.swarm.records import PeerState, ServerRecord
+
+__all__ = ["Span", "missing_blocks", "plan_inference_route", "plan_load_balanced_route", "servers_by_peer"]
+
+DEFAULT_HOP_MS = 2.0  # cost of one hop to a peer whose RTT we have not measured
+
+
+@dataclass(frozen=True)
+class Span:
+    """One hop of a route: ``peer_id`` runs blocks [start, end)."""
+
+    peer_id: str
+    start: int
+    end: int
+    record: ServerRecord
+
+    def __str__(self) -> str:
+        name = self.record.public_name or self.peer_id[:12]
+        return f"{name}[{self.start}:{self.end}]"
+
+
+def servers_by_peer(views: Iterable[BlockView]) -> dict[str, ServerRecord]:
+    """Latest online record per peer id (a peer's records for its blocks are identical)."""
+    out: dict[str, ServerRecord] = {}
+    for view in views:
+        for record in view.records:
+            if record.state is not PeerState.ONLINE:
+                continue
+            current = out.get(record.peer_id)
+            if current is None or record.announced_at > current.announced_at:
+                out[record.peer_id] = record
+    return out
+
+
+def missing_blocks(
+    servers: Mapping[str, ServerRecord], start: int, end: int, banned: Iterable[str] = ()
+) -> list[int]:
+    banned = set(banned)
+    covered = set()
+    for record in servers.values():
+        if record.peer_id not in banned:
+            covered.update(range(record.start, record.end))
+    return [b for b in range(start, end) if b not in covered]
+
+
+def plan_inference_route(
+    servers: Mapping[str, ServerRecord],
+    start: int,
+    end: int,
+    *,
+    banned: Iterable[str] = (),
+    min_cache_tokens: int = 0,
+    rtt_ms: Mapping[str, float] | None = None,
+) -> list[Span]:
+    """Fastest chain of spans covering [start, end) for one-token steps; raises NoRouteError."""
+    banned = set(banned)
+    rtt_ms = rtt_ms or {}
+    usable = [
+        r for r in servers.values()
+        if r.peer_id not in banned and r.cache_tokens_free >= min_cache_tokens and r.decode_tokens_per_s > 0
+    ]
+    # edges[s] = list of (e, cost_ms, record)
+    edges: dict[int, list[tuple[int, float, ServerRecord]]] = {}
+    for record in usable:
+        lo, hi = max(record.start, start), min(record.end, end)
+        per_block_ms = 1e3 / record.decode_tokens_per_s
+        hop_ms = rtt_ms.get(record.peer_id, DEFAULT_HOP_MS)
+        for s in range(lo, hi):
+            for e in range(s + 1, hi + 1):
+                edges.setdefault(s, []).append((e, hop_ms + (e - s) * per_block_ms, record))
+    best: dict[int, float] = {start: 0.0}
+    back: dict[int, tuple[int, ServerRecord]] = {}
+    tie = itertools.count()
+    heap = [(0.0, next(tie), start)]
+    while heap:
+        cost, _, node = heapq.heappop(heap)
+        if node == end:
+            break
+        if cost > best.get(node, float("inf")):
+            continue
+        for e, edge_cost, record in edges.get(node, ()):
+            total = cost + edge_cost
+            if total < best.get(e, float("inf")):
+                best[e] = total
+                back[e] = (node, record)
+                heapq.heappush(heap, (total, next(tie), e))
+    if end not in back and start != end:
+        missing = missing_blocks({r.peer_id: r for r in usable}, start, end)
+        raise NoRouteError(missing or list(range(start, end)))
+    route: list[Span] = []
+    node = end
+    while node != start:
+        prev, record = back[node]
+        route.append(Span(record.peer_id, prev, node, record))
+        node = prev
+    route.reverse()
+    return route
+
+
+def plan_load_balanced_route(
+    servers: Mapping[str, ServerRecord],
+    start: int,
+    end: int,
+    *,
+    banned: Iterable[str] = (),
+    rng: random.Random | None = None,
+) -> list[Span]:
+    """A route for forward/backward batches, each hop drawn in proportion to throughput.
+
+    Walks from ``start``: among live peers hosting the current block, picks one with probability
+    proportional to its prefill throughput and rides it as far as it goes. Load spreads across
+    replicas instead of piling onto the single fastest peer.
+    """
+    rng = rng or random.Random()
+    banned = set(banned)
+    usable = [r for r in servers.values() if r.peer_id not in banned and r.prefill_tokens_per_s > 0]
+    route: list[Span] = []
+    block = start
+    while block < end:
+        candidates: Sequence[ServerRecord] = [r for r in usable if r.start <= block < r.end]
+        if not candidates:
+            raise NoRouteError(missing_blocks({r.peer_id: r for r in usable}, start, end))
+        record = rng.choices(candidates, weights=[r.prefill_tokens_per_s for r in candidates])[0]
+        stop = min(record.end, end)
+        route.append(Span(record.peer_id, block, stop, record))
+        block = stop
+    return route

@@ -1,0 +1,196 @@
+"""Inference sessions over a chain of peers, with failover that keeps the output identical.
+
+Each span of the route remembers the inputs it was sent. When its peer fails (stream error,
+timeout, or an error code meaning "not here"), the session bans that peer, re-plans just that
+span's blocks (possibly over several peers), opens sessions on the replacements, replays the stored
+inputs through them to rebuild their KV caches, and continues. Spans before and after the failed
+one are untouched, because the replacement produces the same hidden states.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from peerd.client.errors import NoRouteError, PeerError, PeerUnavailable, PeerdClientError
+from peerd.client.routing import Span
+from peerd.client.transport import InferenceStream
+
+if TYPE_CHECKING:
+    from peerd.client.swarm import SwarmClient
+
+__all__ = ["InferenceSession"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _SpanState:
+    """One hop of a live session: the span, its open stream, and every input it has been sent."""
+
+    span: Span
+    stream: InferenceStream | None = None
+    history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, hidden [b, n, h])
+
+    def replay_inputs(self) -> torch.Tensor | None:
+        """The effective input sequence now in the peer's cache (later steps overwrite rewinds)."""
+        buf: torch.Tensor | None = None
+        for position, hidden in self.history:
+            buf = hidden if buf is None or position == 0 else torch.cat([buf[:, :position], hidden], dim=1)
+        return buf
+
+
+class InferenceSession:
+    """A stateful session through the swarm: ``step()`` hidden states, get hidden states back.
+
+    Use as ``async with client.inference_session(max_length=...) as session``. ``position`` is the
+    index of the first token of each step; it defaults to "right after what was sent so far".
+    """
+
+    def __init__(self, client: SwarmClient, *, max_length: int, batch_size: int = 1, max_retries: int = 3) -> None:
+        self.client = client
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.max_retries = max_retries
+        self.length = 0
+        self.spans: list[_SpanState] = []
+        self.stalls_s: list[float] = []  # how long each failover stalled the session
+        self.hop_ms: list[list[float]] = []  # per step, per span: wall time of the hop
+        self._session_ids: set[bytes] = set()
+
+    @property
+    def route(self) -> list[Span]:
+        return [s.span for s in self.spans]
+
+    async def __aenter__(self) -> InferenceSession:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        route = await self.client.plan_inference(0, self.client.num_blocks, self.max_length * self.batch_size)
+        self.spans = []
+        for span in route:
+            state = _SpanState(span)
+            try:
+                state.stream = await self._open_stream(span)
+                self.spans.append(state)
+            except (PeerUnavailable, PeerError) as exc:
+                if isinstance(exc, PeerError) and not _worth_failover(exc):
+                    raise
+                # a peer failing at open is handled like one failing mid-session
+                self.client.ban(span.peer_id, reason=str(exc))
+                self.spans.extend(await self._replace_one(state))
+
+    async def close(self) -> None:
+        for state in self.spans:
+            if state.stream is not None:
+                await state.stream.close()
+                state.stream = None
+
+    async def _open_stream(self, span: Span) -> InferenceStream:
+        session_id = os.urandom(16)
+        return await self.client.peers.open_inference(
+            span.peer_id,
+            session_id=session_id,
+            start=span.start,
+            end=span.end,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            compression=self.client.compression,
+        )
+
+    async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        """Send hidden states [batch, n, hidden] through every span; returns the last span's output."""
+        position = self.length if position is None else position
+        if hidden.ndim != 3 or hidden.shape[0] != self.batch_size:
+            raise ValueError(f"hidden must be [{self.batch_size}, n, hidden], got {list(hidden.shape)}")
+        if not 0 <= position <= self.length or position + hidden.shape[1] > self.max_length:
+            raise ValueError(
+                f"step of {hidden.shape[1]} tokens at position {position} does not fit "
+                f"(session holds {self.length}, max_length {self.max_length})"
+            )
+        x = hidden
+        timings = []
+        i = 0
+        while i < len(self.spans):
+            state = self.spans[i]
+            started = time.perf_counter()
+            try:
+                if state.stream is None:
+                    raise PeerUnavailable(state.span.peer_id, "no open stream")
+                out = await state.stream.step(x, position)
+            except (PeerUnavailable, PeerError) as exc:
+                if isinstance(exc, PeerError) and not _worth_failover(exc):
+                    raise
+                stall_started = time.perf_counter()
+                logger.warning("span %s failed (%s); failing over", state.span, exc)
+                await self._failover(i, exc)
+                self.stalls_s.append(time.perf_counter() - stall_started)
+                continue  # retry the same position of the chain on the replacement span(s)
+            state.history.append((position, x))
+            timings.append((time.perf_counter() - started) * 1e3)
+            x = out
+            i += 1
+        self.hop_ms.append(timings)
+        self.length = position + hidden.shape[1]
+        return x
+
+    async def _failover(self, index: int, exc: Exception) -> None:
+        failed = self.spans[index]
+        self.client.ban(failed.span.peer_id, reason=str(exc))
+        if failed.stream is not None:
+            await failed.stream.close()
+            failed.stream = None
+        replacements = await self._replace_one(failed)
+        self.spans[index : index + 1] = replacements
+
+    async def _replace_one(self, failed: _SpanState) -> list[_SpanState]:
+        last_error: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                route = await self.client.plan_inference(
+                    failed.span.start, failed.span.end, self.max_length * self.batch_size, refresh=True
+                )
+            except NoRouteError as exc:
+                last_error = exc
+                if attempt < self.max_retries:
+                    await self.client.wait_before_retry(attempt)
+                    continue
+                raise
+            new_states = [_SpanState(span) for span in route]
+            try:
+                inputs = failed.replay_inputs()
+                for state in new_states:
+                    state.stream = await self._open_stream(state.span)
+                    if inputs is not None:
+                        out = await state.stream.step(inputs, 0)
+                        state.history.append((0, inputs))
+                        inputs = out
+                return new_states
+            except (PeerUnavailable, PeerError) as exc:
+                last_error = exc
+                peer = getattr(exc, "peer_id", None)
+                if peer:
+                    self.client.ban(peer, reason=str(exc))
+                for state in new_states:
+                    if state.stream is not None:
+                        await state.stream.close()
+        raise PeerdClientError(
+            f"could not replace blocks {failed.span.start}:{failed.span.end} after {self.max_retries + 1} "
+            f"attempts: {last_error}"
+        )
+
+
+def _worth_failover(exc: PeerError) -> bool:
+    """Error codes that mean "this peer can't do it" rather than "your request is wrong"."""
+    from protocols import ErrorCode
+
+    return exc.retryable or exc.code in (ErrorCode.BLOCKS_NOT_SERVED, ErrorCode.WRONG_MODEL)

@@ -1,0 +1,352 @@
+"""The client SDK's entry point: join a swarm, plan routes, run generation and forward passes.
+
+The client runs the embeddings and the LM head itself (they are small and need the token ids,
+which never leave the client); only hidden states travel to peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hivemind.p2p import P2P
+from hivemind.utils.crypto import RSAPrivateKey
+
+from peerd.client.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable, SwarmConnectError
+from peerd.client.routing import (
+    Span,
+    plan_inference_route,
+    plan_load_balanced_route,
+    servers_by_peer,
+)
+from peerd.client.sampling import SamplingParams, sample_next
+from peerd.client.session import InferenceSession
+from peerd.client.transport import PeerClient
+from peerd.config import DEFAULT_SWARM
+from peerd.model.config import ModelConfig
+from peerd.model.head import ClientHead
+from peerd.model.loading import load_client_head
+from peerd.swarm.dht import SwarmDHT
+from peerd.swarm.records import ServerRecord, swarm_prefix
+from protocols import Compression
+
+__all__ = ["BanList", "GenerationResult", "SwarmClient"]
+
+logger = logging.getLogger(__name__)
+
+
+class BanList:
+    """Peers that failed recently, each banned for a time that doubles on every repeat failure."""
+
+    def __init__(self, base_s: float = 5.0, max_s: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.base_s = base_s
+        self.max_s = max_s
+        self.clock = clock
+        self._until: dict[str, float] = {}
+        self._strikes: dict[str, int] = {}
+
+    def ban(self, peer_id: str) -> float:
+        strikes = self._strikes.get(peer_id, 0) + 1
+        self._strikes[peer_id] = strikes
+        duration = min(self.max_s, self.base_s * 2 ** (strikes - 1))
+        self._until[peer_id] = self.clock() + duration
+        return duration
+
+    def banned(self) -> set[str]:
+        now = self.clock()
+        return {p for p, until in self._until.items() if until > now}
+
+    def forgive(self, peer_id: str) -> None:
+        self._strikes.pop(peer_id, None)
+        self._until.pop(peer_id, None)
+
+
+@dataclass
+class GenerationResult:
+    """What ``generate`` produced, plus how it went."""
+
+    token_ids: list[int]  # generated ids only (prompt excluded)
+    text: str
+    prompt_tokens: int
+    time_to_first_token_s: float
+    total_s: float
+    route: list[Span]
+    stalls_s: list[float] = field(default_factory=list)
+    hop_ms: list[list[float]] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode rate after the first token (prefill excluded)."""
+        decode_s = self.total_s - self.time_to_first_token_s
+        return (len(self.token_ids) - 1) / decode_s if len(self.token_ids) > 1 and decode_s > 0 else 0.0
+
+
+class SwarmClient:
+    """A client of one model in one swarm. Create with ``await SwarmClient.connect(...)``."""
+
+    def __init__(
+        self,
+        *,
+        p2p: P2P,
+        dht: SwarmDHT,
+        model_id: str,
+        model_config: ModelConfig,
+        head: ClientHead,
+        tokenizer: object | None,
+        request_timeout_s: float,
+        dht_timeout_s: float,
+        route_wait_s: float,
+        max_retries: int,
+        compression: Compression,
+    ) -> None:
+        self.p2p = p2p
+        self.dht = dht
+        self.model_id = model_id
+        self.config = model_config
+        self.num_blocks = model_config.num_layers
+        self.head = head
+        self.tokenizer = tokenizer
+        self.peers = PeerClient(p2p, model_id, timeout_s=request_timeout_s)
+        self.dht_timeout_s = dht_timeout_s
+        self.route_wait_s = route_wait_s
+        self.max_retries = max_retries
+        self.compression = compression
+        self.bans = BanList()
+        self._servers: dict[str, ServerRecord] = {}
+        self._servers_at = 0.0
+        self.view_ttl_s = 5.0
+
+    @classmethod
+    async def connect(
+        cls,
+        initial_peers: Sequence[str],
+        model_path: Path | str,
+        *,
+        model_id: str | None = None,
+        swarm: str = DEFAULT_SWARM,
+        request_timeout_s: float = 30.0,
+        dht_timeout_s: float = 5.0,
+        route_wait_s: float = 30.0,
+        max_retries: int = 3,
+        compression: Compression = Compression.NONE,
+        dtype: torch.dtype = torch.float32,
+    ) -> SwarmClient:
+        """Join the swarm through ``initial_peers`` and load the client-side model pieces."""
+        model_path = Path(model_path)
+        model_id = model_id or model_path.name
+        model_config = ModelConfig.from_pretrained(model_path)
+        head = await asyncio.to_thread(load_client_head, model_path, dtype=dtype, progress=False)
+        tokenizer = None
+        if (model_path / "tokenizer.json").exists():
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
+        if not initial_peers:
+            raise SwarmConnectError("no initial peers given: pass the multiaddr a peer printed at start-up")
+        try:
+            p2p = await P2P.create(initial_peers=list(initial_peers), dht_mode="client")
+        except Exception as exc:
+            raise SwarmConnectError(f"could not start p2pd or reach {list(initial_peers)}: {exc}") from exc
+        try:
+            dht = await SwarmDHT.create(
+                p2p,
+                private_key=RSAPrivateKey(),
+                prefix=swarm_prefix(swarm, model_id),
+                num_blocks=model_config.num_layers,
+                initial_peers=initial_peers,
+                client_mode=True,
+            )
+        except Exception as exc:
+            await p2p.shutdown()
+            raise SwarmConnectError(f"could not join the DHT through {list(initial_peers)}: {exc}") from exc
+        return cls(
+            p2p=p2p,
+            dht=dht,
+            model_id=model_id,
+            model_config=model_config,
+            head=head,
+            tokenizer=tokenizer,
+            request_timeout_s=request_timeout_s,
+            dht_timeout_s=dht_timeout_s,
+            route_wait_s=route_wait_s,
+            max_retries=max_retries,
+            compression=compression,
+        )
+
+    async def close(self) -> None:
+        await self.dht.shutdown()
+        await self.p2p.shutdown()
+
+    async def __aenter__(self) -> SwarmClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- swarm view and routing -------------------------------------------------------------------
+
+    async def servers(self, refresh: bool = False) -> dict[str, ServerRecord]:
+        """Online peers by id, from a DHT view at most ``view_ttl_s`` old."""
+        if refresh or not self._servers or time.monotonic() - self._servers_at > self.view_ttl_s:
+            views = await self.dht.read_blocks(timeout_s=self.dht_timeout_s)
+            self._servers = servers_by_peer(views)
+            self._servers_at = time.monotonic()
+        return self._servers
+
+    def ban(self, peer_id: str, reason: str = "") -> None:
+        duration = self.bans.ban(peer_id)
+        logger.info("banned peer %s for %.0fs: %s", peer_id[:16], duration, reason)
+
+    async def wait_before_retry(self, attempt: int) -> None:
+        await asyncio.sleep(min(5.0, 0.25 * 2**attempt))
+
+    async def plan_inference(self, start: int, end: int, cache_tokens: int, refresh: bool = False) -> list[Span]:
+        servers = await self.servers(refresh=refresh)
+        return plan_inference_route(servers, start, end, banned=self.bans.banned(), min_cache_tokens=cache_tokens)
+
+    async def wait_for_route(self, timeout_s: float | None = None) -> list[Span]:
+        """Poll the DHT until a full route exists (or raise NoRouteError after ``timeout_s``)."""
+        deadline = time.monotonic() + (self.route_wait_s if timeout_s is None else timeout_s)
+        while True:
+            try:
+                return await self.plan_inference(0, self.num_blocks, 1, refresh=True)
+            except NoRouteError:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    # --- inference --------------------------------------------------------------------------------
+
+    def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
+        """A stateful session through the swarm (use with ``async with``)."""
+        return InferenceSession(self, max_length=max_length, batch_size=batch_size, max_retries=self.max_retries)
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise PeerdClientError("this model folder has no tokenizer.json; pass token ids instead of text")
+        return list(self.tokenizer.encode(text).ids)  # type: ignore[attr-defined]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))  # type: ignore[attr-defined]
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int = 64,
+        sampling: SamplingParams = SamplingParams(),
+        stop_on_eos: bool = True,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` after ``prompt``; ``on_text`` receives text as it appears."""
+        result: GenerationResult | None = None
+        async for piece in self._generate(prompt, max_new_tokens, sampling, stop_on_eos):
+            if isinstance(piece, GenerationResult):
+                result = piece
+            elif on_text is not None:
+                on_text(piece)
+        assert result is not None
+        return result
+
+    async def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int = 64,
+        sampling: SamplingParams = SamplingParams(),
+        stop_on_eos: bool = True,
+    ) -> AsyncIterator[str]:
+        """Async iterator of text pieces as they are generated."""
+        async for piece in self._generate(prompt, max_new_tokens, sampling, stop_on_eos):
+            if isinstance(piece, str):
+                yield piece
+
+    async def _generate(
+        self, prompt: str | Sequence[int], max_new_tokens: int, sampling: SamplingParams, stop_on_eos: bool
+    ) -> AsyncIterator[str | GenerationResult]:
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("empty prompt")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        eos = set(self.config.eos_token_ids) if stop_on_eos else set()
+        started = time.perf_counter()
+        first_token_s = 0.0
+        generated: list[int] = []
+        emitted = ""
+        async with self.inference_session(max_length=len(ids) + max_new_tokens) as session:
+            step_ids = torch.tensor([ids], dtype=torch.long)
+            for i in range(max_new_tokens):
+                with torch.inference_mode():
+                    hidden = self.head.embed(step_ids)
+                out = await session.step(hidden)
+                with torch.inference_mode():
+                    logits = self.head.logits(out[:, -1:])[:, -1]  # [1, vocab]
+                token = int(sample_next(logits, sampling, generator)[0])
+                if i == 0:
+                    first_token_s = time.perf_counter() - started
+                if token in eos:
+                    break
+                generated.append(token)
+                text = self.decode(generated)
+                # hold back a trailing replacement char: a multi-byte character may be incomplete
+                if len(text) > len(emitted) and not text.endswith("\ufffd"):
+                    yield text[len(emitted):]
+                    emitted = text
+                step_ids = torch.tensor([[token]], dtype=torch.long)
+            route, stalls, hops = session.route, list(session.stalls_s), list(session.hop_ms)
+        text = self.decode(generated)
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+        yield GenerationResult(
+            token_ids=generated,
+            text=text,
+            prompt_tokens=len(ids),
+            time_to_first_token_s=first_token_s,
+            total_s=time.perf_counter() - started,
+            route=route,
+            stalls_s=stalls,
+            hop_ms=hops,
+        )
+
+    # --- stateless forward --------------------------------------------------------------------------
+
+    async def forward_hidden(self, hidden: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Hidden states through blocks [start, end) with the stateless forward RPC; retries elsewhere."""
+        end = self.num_blocks if end is None else end
+        block = start
+        x = hidden
+        attempts = 0
+        while block < end:
+            servers = await self.servers(refresh=attempts > 0)
+            route = plan_load_balanced_route(servers, block, end, banned=self.bans.banned(), rng=random.Random())
+            span = route[0]
+            try:
+                x = await self.peers.forward(span.peer_id, x, span.start, span.end, self.compression)
+            except (PeerUnavailable, PeerError) as exc:
+                if isinstance(exc, PeerError) and not exc.retryable:
+                    raise
+                attempts += 1
+                self.ban(span.peer_id, reason=str(exc))
+                if attempts > self.max_retries:
+                    raise PeerdClientError(f"forward through blocks {block}:{end} failed {attempts} times: {exc}") from exc
+                continue
+            block = span.end
+        return x
+
+    async def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, n, vocab] for ``input_ids`` [batch, n], computed through the swarm."""
+        with torch.inference_mode():
+            hidden = self.head.embed(input_ids)
+        out = await self.forward_hidden(hidden)
+        with torch.inference_mode():
+            return self.head.logits(out)

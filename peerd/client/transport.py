@@ -1,0 +1,208 @@
+"""Client side of the four stream protocols, with every lower-layer failure mapped once.
+
+Each call opens a libp2p stream, sends ``Hello`` + the request back to back (no extra round trip),
+and reads the answer under a deadline. Stream errors, timeouts and garbage become
+:class:`PeerUnavailable`; an ``Error`` frame becomes :class:`PeerError` with its code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import torch
+from hivemind.p2p import P2P, PeerID
+
+from peerd.client.errors import PeerError, PeerUnavailable
+from peerd.server_names import STREAM_NAMES
+from peerd.tensors import from_wire, to_wire
+from protocols import (
+    DEFAULT_MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    BackwardRequest,
+    BackwardResponse,
+    Compression,
+    Error,
+    ErrorCode,
+    ForwardRequest,
+    ForwardResponse,
+    Hello,
+    InferenceClose,
+    InferenceOpen,
+    InferenceOpened,
+    InferenceStep,
+    InferenceStepResult,
+    InfoRequest,
+    InfoResponse,
+    Message,
+    ProtocolError,
+    encode_frame,
+    read_message,
+)
+
+__all__ = ["InferenceStream", "PeerClient"]
+
+M = TypeVar("M", bound=Message)
+
+
+class PeerClient:
+    """Speaks to peers of one model over the client's own P2P instance."""
+
+    def __init__(self, p2p: P2P, model_id: str, *, timeout_s: float = 30.0, client_name: str = "peerd-client") -> None:
+        self.p2p = p2p
+        self.model_id = model_id
+        self.timeout_s = timeout_s
+        self._hello = Hello(PROTOCOL_VERSION, model_id, client_name)
+
+    @asynccontextmanager
+    async def _stream(
+        self, peer_id: str, rpc: str
+    ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                _, reader, writer = await self.p2p.call_binary_stream_handler(
+                    PeerID.from_base58(peer_id), STREAM_NAMES[rpc]
+                )
+        except TimeoutError:
+            raise PeerUnavailable(peer_id, f"could not open a {rpc} stream within {self.timeout_s:.0f}s") from None
+        except Exception as exc:
+            raise PeerUnavailable(peer_id, f"could not open a {rpc} stream: {exc}") from exc
+        try:
+            yield reader, writer
+        finally:
+            writer.close()
+
+    async def _send(self, peer_id: str, writer: asyncio.StreamWriter, *msgs: Message) -> None:
+        try:
+            writer.write(b"".join(encode_frame(m) for m in msgs))
+            async with asyncio.timeout(self.timeout_s):
+                await writer.drain()
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            raise PeerUnavailable(peer_id, f"send failed: {exc!r}") from exc
+
+    async def _receive(self, peer_id: str, reader: asyncio.StreamReader, expected: type[M]) -> M:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                msg = await read_message(reader, DEFAULT_MAX_FRAME_BYTES)
+        except TimeoutError:
+            raise PeerUnavailable(peer_id, f"no answer within {self.timeout_s:.0f}s") from None
+        except EOFError:
+            raise PeerUnavailable(peer_id, "stream closed") from None
+        except ProtocolError as exc:
+            raise PeerUnavailable(peer_id, f"sent a malformed frame: {exc}") from exc
+        except (OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
+            raise PeerUnavailable(peer_id, f"stream broke: {exc!r}") from exc
+        if isinstance(msg, Error):
+            try:
+                code = ErrorCode(msg.code)
+            except ValueError:
+                code = ErrorCode.INTERNAL
+            raise PeerError(peer_id, code, msg.message)
+        if not isinstance(msg, expected):
+            raise PeerUnavailable(peer_id, f"answered {type(msg).__name__}, expected {expected.__name__}")
+        return msg
+
+    async def info(self, peer_id: str) -> InfoResponse:
+        async with self._stream(peer_id, "info") as (reader, writer):
+            await self._send(peer_id, writer, self._hello, InfoRequest())
+            return await self._receive(peer_id, reader, InfoResponse)
+
+    async def forward(
+        self, peer_id: str, hidden: torch.Tensor, start: int, end: int, compression: Compression = Compression.NONE
+    ) -> torch.Tensor:
+        async with self._stream(peer_id, "forward") as (reader, writer):
+            request = ForwardRequest(to_wire(hidden, compression), start, end, response_compression=compression)
+            await self._send(peer_id, writer, self._hello, request)
+            return from_wire((await self._receive(peer_id, reader, ForwardResponse)).hidden)
+
+    async def backward(
+        self,
+        peer_id: str,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        start: int,
+        end: int,
+        compression: Compression = Compression.NONE,
+    ) -> torch.Tensor:
+        async with self._stream(peer_id, "backward") as (reader, writer):
+            request = BackwardRequest(
+                to_wire(hidden, compression), to_wire(grad_output, compression), start, end,
+                response_compression=compression,
+            )
+            await self._send(peer_id, writer, self._hello, request)
+            return from_wire((await self._receive(peer_id, reader, BackwardResponse)).grad_input)
+
+    async def open_inference(
+        self,
+        peer_id: str,
+        *,
+        session_id: bytes,
+        start: int,
+        end: int,
+        max_length: int,
+        batch_size: int,
+        compression: Compression = Compression.NONE,
+    ) -> InferenceStream:
+        """Open a session stream; the caller must ``close()`` the returned stream."""
+        cm = self._stream(peer_id, "inference")
+        reader, writer = await cm.__aenter__()
+        try:
+            opening = InferenceOpen(session_id, start, end, max_length, batch_size, response_compression=compression)
+            await self._send(peer_id, writer, self._hello, opening)
+            await self._receive(peer_id, reader, InferenceOpened)
+        except BaseException:
+            await cm.__aexit__(None, None, None)
+            raise
+        return InferenceStream(self, peer_id, reader, writer, cm, compression)
+
+
+class InferenceStream:
+    """One open inference session on one peer: ``step()`` any number of times, then ``close()``."""
+
+    def __init__(
+        self,
+        client: PeerClient,
+        peer_id: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        cm: object,
+        compression: Compression,
+    ) -> None:
+        self.client = client
+        self.peer_id = peer_id
+        self._reader = reader
+        self._writer = writer
+        self._cm = cm
+        self._compression = compression
+        self._step_id = 0
+        self.closed = False
+        self.last_compute_ms = 0.0
+
+    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Run ``hidden`` [batch, n, hidden] at ``position`` through this peer's span."""
+        if self.closed:
+            raise PeerUnavailable(self.peer_id, "session stream already closed")
+        self._step_id += 1
+        await self.client._send(
+            self.peer_id, self._writer, InferenceStep(to_wire(hidden, self._compression), position, self._step_id)
+        )
+        result = await self.client._receive(self.peer_id, self._reader, InferenceStepResult)
+        if result.step_id != self._step_id:
+            raise PeerUnavailable(self.peer_id, f"answered step {result.step_id}, expected {self._step_id}")
+        self.last_compute_ms = result.compute_ms
+        return from_wire(result.hidden)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._writer.write(encode_frame(InferenceClose()))
+            async with asyncio.timeout(1.0):
+                await self._writer.drain()
+        except Exception:
+            pass  # closing a dead stream is not an error worth reporting
+        finally:
+            await self._cm.__aexit__(None, None, None)  # type: ignore[attr-defined]

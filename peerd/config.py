@@ -1,0 +1,54 @@
+"""Configuration of a peer daemon and of a client, as frozen dataclasses (parsing lives in cli.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ClientConfig", "PeerConfig"]
+
+DEFAULT_SWARM = "public"
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Everything ``peerd run`` can be told. Defaults suit a home machine joining a swarm."""
+
+    model_path: Path  # HF-format folder (config.json + safetensors) resolved from the model id
+    model_id: str  # name the swarm knows this model by (part of every DHT key)
+    blocks: tuple[int, int] | None = None  # hosted block range [start, end); None = placement decides
+    swarm: str = DEFAULT_SWARM  # swarm name: peers of different swarms never see each other's records
+    host: str = "127.0.0.1"  # listen address for libp2p
+    port: int = 0  # listen port for libp2p (0 = any free port)
+    announce_maddrs: tuple[str, ...] = ()  # public multiaddrs to advertise (behind NAT/port forward)
+    initial_peers: tuple[str, ...] = ()  # multiaddrs to join; empty = start a new swarm
+    identity_path: Path = Path("~/.config/peerd/identity.key")  # created on first run, mode 0600
+    public_name: str = ""  # shown on status pages; not authenticated
+    device: str = "cpu"  # torch device for the hosted blocks
+    dtype: str | None = None  # weights dtype; None = float32 on CPU, bfloat16 on CUDA
+    torch_threads: int | None = None  # intra-op threads for torch; None = torch's default
+    cache_tokens: int = 8192  # KV cache budget in tokens (batch 1) across all sessions
+    max_session_length: int = 2048  # longest inference session (prompt + generated) a client may open
+    max_batch_tokens: int = 8192  # cap on batch x tokens of one request
+    max_sessions: int = 64  # concurrent inference sessions in total
+    session_idle_timeout_s: float = 60.0  # idle sessions are closed and their cache freed
+    request_timeout_s: float = 30.0  # every read from a client stream has this deadline
+    announce_period_s: float = 30.0  # how often records are refreshed (expiry = 2x this)
+    http_port: int | None = None  # /metrics and the health page; None = no HTTP server
+    http_host: str = "127.0.0.1"
+    measure_throughput: bool = True  # False = skip the start-up benchmark (tests); rough estimate used
+    step_delay_s: float = 0.0  # test/ops knob: added latency per inference step (simulates a slow peer)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a client reaches a swarm and how patient it is."""
+
+    initial_peers: tuple[str, ...]
+    model_id: str
+    swarm: str = DEFAULT_SWARM
+    dht_timeout_s: float = 5.0  # each DHT read
+    request_timeout_s: float = 30.0  # each RPC round trip
+    connect_timeout_s: float = 30.0  # bootstrap into the swarm
+    max_retries: int = 3  # per step, before giving up with a clear error
+    route_wait_s: float = 30.0  # how long to wait for a full route when the swarm is incomplete

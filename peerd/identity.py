@@ -1,0 +1,82 @@
+"""A peer's long-lived identity: one RSA key that is both its libp2p peer id and its DHT signing key.
+
+Using the same key for both is what lets every node check that a DHT record claiming to come from
+peer X was really signed by X (see ``swarm/validation.py``): the peer id is a hash of the public key
+that the record's owner marker carries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import base58
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hivemind.proto import crypto_pb2
+from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
+
+__all__ = ["IdentityError", "load_or_create_identity", "peer_id_of_public_key", "public_key_of_owner_marker"]
+
+_SHA2_256_MULTIHASH_PREFIX = bytes([0x12, 0x20])
+
+
+class IdentityError(Exception):
+    """The identity file exists but cannot be used (wrong format, unsafe permissions)."""
+
+
+def load_or_create_identity(path: Path) -> RSAPrivateKey:
+    """Load the libp2p RSA identity at ``path``, creating it (mode 0600) on first run.
+
+    The file holds a libp2p ``PrivateKey`` protobuf, the format p2pd reads with ``-id``, so the
+    daemon keeps the same peer id across restarts.
+    """
+    path = path.expanduser()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        der = key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        blob = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
+        # O_EXCL: two daemons started at once must not both write (and then disagree on) the key.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise IdentityError(
+            f"identity file {path} is readable by others (mode {mode:o}); run `chmod 600 {path}`"
+        )
+    try:
+        proto = crypto_pb2.PrivateKey.FromString(path.read_bytes())
+        if proto.key_type != crypto_pb2.KeyType.RSA:
+            raise IdentityError(f"identity file {path} holds a non-RSA key; delete it to make a new one")
+        private_key = RSAPrivateKey.__new__(RSAPrivateKey)
+        private_key.__setstate__({"_private_key": proto.data})
+    except IdentityError:
+        raise
+    except Exception as exc:
+        raise IdentityError(f"identity file {path} is not a libp2p RSA key: {exc}") from exc
+    return private_key
+
+
+def peer_id_of_public_key(public_key: RSAPublicKey) -> str:
+    """The base58 libp2p peer id of an RSA public key (sha2-256 multihash of its protobuf form)."""
+    der = public_key._public_key.public_bytes(
+        encoding=serialization.Encoding.DER, format=serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
+    digest = _SHA2_256_MULTIHASH_PREFIX + hashlib.sha256(encoded).digest()
+    return str(base58.b58encode(digest).decode())
+
+
+def public_key_of_owner_marker(marker: bytes) -> RSAPublicKey:
+    """Parse the ``ssh-rsa ...`` bytes inside an ``[owner:...]`` marker; raises ValueError if invalid."""
+    try:
+        return RSAPublicKey.from_bytes(marker)
+    except Exception as exc:
+        raise ValueError(f"bad owner public key: {exc}") from exc

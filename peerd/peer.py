@@ -1,0 +1,256 @@
+"""The peer daemon: startup() -> serve() -> shutdown(), owning all of its tasks.
+
+Phases are explicit (as in uvicorn's server): startup joins the swarm, loads the hosted blocks,
+measures throughput and starts the RPC handlers; serve() keeps the DHT records fresh until asked to
+stop; shutdown() announces the peer offline, drains and releases everything within a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+from hivemind.p2p import P2P
+from hivemind.utils.crypto import RSAPrivateKey
+from prometheus_client import generate_latest
+
+from peerd import __version__
+from peerd.capacity import Capacity, Hardware, measure_throughput, probe_hardware
+from peerd.config import PeerConfig
+from peerd.identity import load_or_create_identity, peer_id_of_public_key
+from peerd.metrics import PeerMetrics
+from peerd.model.config import ModelConfig
+from peerd.model.loading import default_dtype_for, load_stage
+from peerd.model.stage import Stage, cache_bytes_per_token
+from peerd.server.handlers import STREAM_NAMES, BlockServicer, Limits
+from peerd.server.runtime import ComputeRuntime
+from peerd.server.sessions import CacheBudget
+from peerd.swarm.dht import SwarmDHT
+from peerd.swarm.records import PeerState, ServerRecord, swarm_prefix
+from peerd.web.http import HttpResponse, HttpServer
+from protocols import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION
+
+__all__ = ["Peer"]
+
+logger = logging.getLogger(__name__)
+
+
+class Peer:
+    """One daemon: a P2P node, a DHT node on it, and the blocks it serves."""
+
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        self.metrics = PeerMetrics()
+        self.model_config = ModelConfig.from_pretrained(config.model_path)
+        self.prefix = swarm_prefix(config.swarm, config.model_id)
+        self.state = PeerState.OFFLINE
+        self.p2p: P2P | None = None
+        self.dht: SwarmDHT | None = None
+        self.stage: Stage | None = None
+        self.runtime: ComputeRuntime | None = None
+        self.servicer: BlockServicer | None = None
+        self.hardware: Hardware | None = None
+        self.capacity: Capacity | None = None
+        self.http: HttpServer | None = None
+        self.http_port: int | None = None
+        self._private_key: RSAPrivateKey | None = None
+        self._stop = asyncio.Event()
+        self.peer_id = ""
+        self.started_at = time.monotonic()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Join the swarm, load blocks, measure, start handlers, announce online."""
+        cfg = self.config
+        self._private_key = load_or_create_identity(cfg.identity_path)
+        self.peer_id = peer_id_of_public_key(self._private_key.get_public_key())
+        self.p2p = await P2P.create(
+            initial_peers=list(cfg.initial_peers) or None,
+            host_maddrs=[f"/ip4/{cfg.host}/tcp/{cfg.port}"],
+            announce_maddrs=list(cfg.announce_maddrs) or None,
+            identity_path=str(cfg.identity_path.expanduser()),
+            # an identity "taken" check spins up a second p2pd just to ask; a restarted peer with
+            # the same key must be usable at once, so we rely on unique key files instead
+            check_if_identity_free=False,
+        )
+        self.dht = await SwarmDHT.create(
+            self.p2p,
+            private_key=self._private_key,
+            prefix=self.prefix,
+            num_blocks=self.model_config.num_layers,
+            initial_peers=cfg.initial_peers,
+        )
+        start, end = cfg.blocks if cfg.blocks is not None else (0, self.model_config.num_layers)
+        if not 0 <= start < end <= self.model_config.num_layers:
+            raise ValueError(f"--blocks {start}:{end} outside the model's 0:{self.model_config.num_layers}")
+        self.hardware = probe_hardware(cfg.device)
+        self.runtime = ComputeRuntime(torch_threads=cfg.torch_threads)
+        self.state = PeerState.JOINING
+        await self.announce()
+        dtype = getattr(torch, cfg.dtype) if cfg.dtype else default_dtype_for(cfg.device)
+        logger.info("loading blocks %d:%d of %s (%s, %s)", start, end, cfg.model_id, cfg.device, dtype)
+        path = cfg.model_path
+        self.stage = await self.runtime.run(lambda: load_stage(path, start, end, dtype=dtype, device=cfg.device))
+        stage = self.stage
+        if cfg.measure_throughput:
+            self.capacity = await self.runtime.run(lambda: measure_throughput(stage))
+        else:
+            self.capacity = Capacity(decode_tokens_per_s=1000.0, prefill_tokens_per_s=10000.0)
+        logger.info(
+            "throughput per block: %.0f tok/s decode, %.0f tok/s prefill",
+            self.capacity.decode_tokens_per_s,
+            self.capacity.prefill_tokens_per_s,
+        )
+        budget = CacheBudget(
+            cfg.cache_tokens, cache_bytes_per_token(self.model_config, end - start, stage.dtype)
+        )
+        self.servicer = BlockServicer(
+            stage=stage,
+            model_id=cfg.model_id,
+            runtime=self.runtime,
+            budget=budget,
+            limits=Limits(
+                max_frame_bytes=DEFAULT_MAX_FRAME_BYTES,
+                max_batch_tokens=cfg.max_batch_tokens,
+                max_session_length=cfg.max_session_length,
+                max_sessions=cfg.max_sessions,
+                request_timeout_s=cfg.request_timeout_s,
+                session_idle_timeout_s=cfg.session_idle_timeout_s,
+            ),
+            metrics=self.metrics,
+            public_name=cfg.public_name,
+            step_delay_s=cfg.step_delay_s,
+        )
+        for rpc, name in STREAM_NAMES.items():
+            await self.p2p.add_binary_stream_handler(name, getattr(self.servicer, f"rpc_{rpc}"))
+        self._set_static_metrics(budget)
+        if cfg.http_port is not None:
+            self.http = HttpServer(self.http_routes())
+            self.http_port = await self.http.start(cfg.http_host, cfg.http_port)
+        self.state = PeerState.ONLINE
+        self.servicer.state = "online"
+        await self.announce()
+
+    async def serve(self) -> None:
+        """Re-announce every period (with jitter, so a swarm's peers do not beat in step) until stopped."""
+        while not self._stop.is_set():
+            period = self.config.announce_period_s * random.uniform(0.9, 1.0)
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=period)
+            except TimeoutError:
+                try:
+                    await self.announce()
+                except Exception:  # the DHT being briefly unreachable must not kill the daemon
+                    logger.warning("announce failed; will retry next period", exc_info=True)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def shutdown(self, deadline_s: float = 10.0) -> None:
+        """Announce offline, stop serving, release the runtime, the DHT node and p2pd."""
+        self._stop.set()
+        if self.dht is not None and self.state is not PeerState.OFFLINE:
+            self.state = PeerState.OFFLINE
+            if self.servicer is not None:
+                self.servicer.draining = True
+            try:
+                await self.announce(timeout_s=min(5.0, deadline_s))
+            except Exception:
+                logger.warning("could not announce offline; records will expire on their own", exc_info=True)
+        if self.http is not None:
+            await self.http.close()
+        if self.p2p is not None:
+            for name in STREAM_NAMES.values():
+                try:
+                    await self.p2p.remove_binary_stream_handler(name)
+                except Exception:
+                    pass
+        if self.runtime is not None:
+            await asyncio.to_thread(self.runtime.close, deadline_s)
+        if self.dht is not None:
+            await self.dht.shutdown()
+        if self.p2p is not None:
+            await self.p2p.shutdown()
+
+    async def __aenter__(self) -> Peer:
+        try:
+            await self.startup()
+        except BaseException:
+            await self.shutdown()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # --- DHT records ------------------------------------------------------------------------------
+
+    def record(self) -> ServerRecord:
+        hw = self.hardware or probe_hardware(self.config.device)
+        cap = self.capacity or Capacity(0.0, 0.0)
+        start, end = (self.stage.start, self.stage.end) if self.stage is not None else (
+            self.config.blocks or (0, self.model_config.num_layers)
+        )
+        return ServerRecord(
+            peer_id=self.peer_id,
+            state=self.state,
+            start=start,
+            end=end,
+            decode_tokens_per_s=cap.decode_tokens_per_s,
+            prefill_tokens_per_s=cap.prefill_tokens_per_s,
+            device=hw.device,
+            memory_total_bytes=hw.memory_total_bytes,
+            memory_free_bytes=hw.memory_free_bytes,
+            dtype=str(self.stage.dtype).removeprefix("torch.") if self.stage is not None else "",
+            cache_tokens_free=self.servicer.budget.free_tokens if self.servicer is not None else 0,
+            protocol_version=PROTOCOL_VERSION,
+            package_version=__version__,
+            public_name=self.config.public_name,
+        )
+
+    async def announce(self, timeout_s: float = 10.0) -> bool:
+        assert self.dht is not None  # internal invariant, not remote input
+        record = self.record()
+        # an offline record only needs to outlive readers' caches; a live one two periods
+        expiration_s = 2 * self.config.announce_period_s
+        if record.state is PeerState.OFFLINE:
+            record = replace(record, cache_tokens_free=0)
+        ok = await self.dht.announce(record, expiration_s=expiration_s, timeout_s=timeout_s)
+        if not ok:
+            logger.warning("some DHT stores for blocks %d:%d were not accepted", record.start, record.end)
+        return ok
+
+    # --- introspection ----------------------------------------------------------------------------
+
+    async def visible_maddrs(self) -> list[str]:
+        """Multiaddrs (with /p2p/<peer id>) that others can pass as --initial-peers."""
+        assert self.p2p is not None
+        return [str(m) for m in await self.p2p.get_visible_maddrs()]
+
+    def _set_static_metrics(self, budget: CacheBudget) -> None:
+        assert self.stage is not None and self.capacity is not None
+        m = self.metrics
+        m.blocks_start.set(self.stage.start)
+        m.blocks_end.set(self.stage.end)
+        m.blocks_hosted.set(self.stage.end - self.stage.start)
+        m.cache_limit.set(budget.total_tokens * budget.bytes_per_token)
+        m.throughput.labels(phase="decode").set(self.capacity.decode_tokens_per_s)
+        m.throughput.labels(phase="prefill").set(self.capacity.prefill_tokens_per_s)
+
+    def http_routes(self) -> dict[str, Any]:
+        async def metrics() -> HttpResponse:
+            if self.dht is not None:
+                self.metrics.dht_peers.set(len(self.dht.node.protocol.routing_table.uid_to_peer_id))
+            return HttpResponse(generate_latest(self.metrics.registry), "text/plain; version=0.0.4; charset=utf-8")
+
+        async def healthz() -> HttpResponse:
+            ok = self.state is PeerState.ONLINE
+            return HttpResponse(b"ok\n" if ok else b"not ready\n", status=200 if ok else 503)
+
+        return {"/metrics": metrics, "/healthz": healthz}

@@ -1,0 +1,418 @@
+"""RPC handlers of a peer, one per libp2p stream protocol (see protocols/README.md).
+
+Every handler follows the same shape: read the client's ``Hello``, then its request, validate
+everything before any compute, run torch work on the compute runtime, and answer. Any failure is
+answered with an ``Error`` frame carrying a code; nothing a client sends can take the peer down,
+and one client's bad request never touches another client's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from peerd import __version__
+from peerd.metrics import PeerMetrics
+from peerd.model.stage import Stage
+from peerd.server_names import STREAM_NAMES
+from peerd.server.runtime import ComputeRuntime, RuntimeClosed
+from peerd.server.sessions import CacheBudget, ServerSession
+from peerd.tensors import from_wire, to_wire
+from protocols import (
+    PROTOCOL_VERSION,
+    BackwardRequest,
+    BackwardResponse,
+    Error,
+    ErrorCode,
+    ForwardRequest,
+    ForwardResponse,
+    Hello,
+    InferenceClose,
+    InferenceOpen,
+    InferenceOpened,
+    InferenceStep,
+    InferenceStepResult,
+    InfoRequest,
+    InfoResponse,
+    Message,
+    ProtocolError,
+    read_message,
+    write_message,
+)
+
+__all__ = ["STREAM_NAMES", "BlockServicer", "Limits"]
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one peer accepts; advertised through ``info`` so clients can plan within it."""
+
+    max_frame_bytes: int
+    max_batch_tokens: int
+    max_session_length: int
+    max_sessions: int
+    request_timeout_s: float
+    session_idle_timeout_s: float
+
+
+class BlockServicer:
+    """Serves the blocks of one :class:`Stage` over the four stream protocols."""
+
+    def __init__(
+        self,
+        *,
+        stage: Stage,
+        model_id: str,
+        runtime: ComputeRuntime,
+        budget: CacheBudget,
+        limits: Limits,
+        metrics: PeerMetrics,
+        public_name: str = "",
+        step_delay_s: float = 0.0,
+    ) -> None:
+        self.stage = stage
+        self.model_id = model_id
+        self.runtime = runtime
+        self.budget = budget
+        self.limits = limits
+        self.metrics = metrics
+        self.public_name = public_name
+        self.step_delay_s = step_delay_s
+        self.state = "joining"
+        self.draining = False
+        self.sessions: dict[bytes, ServerSession] = {}
+
+    # --- plumbing shared by all handlers ---------------------------------------------------------
+
+    async def _read(self, reader: asyncio.StreamReader, timeout_s: float | None = None) -> Message:
+        async with asyncio.timeout(timeout_s or self.limits.request_timeout_s):
+            return await read_message(reader, self.limits.max_frame_bytes)
+
+    async def _send(self, writer: asyncio.StreamWriter, msg: Message) -> None:
+        async with asyncio.timeout(self.limits.request_timeout_s):
+            await write_message(writer, msg, self.limits.max_frame_bytes)
+
+    async def _send_error(self, writer: asyncio.StreamWriter, exc: ProtocolError) -> None:
+        self.metrics.errors.labels(code=str(int(exc.code))).inc()
+        try:
+            await self._send(writer, Error(int(exc.code), exc.message, exc.code.retryable))
+        except (OSError, TimeoutError, ConnectionError, ProtocolError):
+            pass  # the client is gone; nothing else to tell it
+
+    async def _expect_hello(self, reader: asyncio.StreamReader) -> None:
+        hello = await self._read(reader)
+        if not isinstance(hello, Hello):
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"expected hello, got {type(hello).__name__}")
+        if hello.protocol_version[0] != PROTOCOL_VERSION[0]:
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"client speaks protocol {hello.protocol_version}, this peer {PROTOCOL_VERSION}",
+            )
+        if hello.model_id != self.model_id:
+            raise ProtocolError(
+                ErrorCode.WRONG_MODEL, f"this peer serves {self.model_id!r}, not {hello.model_id!r}"
+            )
+
+    def _check_range(self, start: int, end: int) -> None:
+        if not (self.stage.start <= start < end <= self.stage.end):
+            raise ProtocolError(
+                ErrorCode.BLOCKS_NOT_SERVED,
+                f"blocks {start}:{end} requested, this peer serves {self.stage.start}:{self.stage.end}",
+            )
+
+    def _check_hidden(self, hidden: torch.Tensor, *, batch_size: int | None = None) -> None:
+        if hidden.dtype not in _FLOAT_DTYPES:
+            raise ProtocolError(ErrorCode.WRONG_DTYPE, f"hidden states must be float, got {hidden.dtype}")
+        hidden_size = self.stage.config.hidden_size
+        if hidden.ndim != 3 or hidden.shape[2] != hidden_size or hidden.shape[1] == 0 or hidden.shape[0] == 0:
+            raise ProtocolError(
+                ErrorCode.WRONG_SHAPE,
+                f"hidden states must be [batch, tokens, {hidden_size}] with batch, tokens >= 1, "
+                f"got {list(hidden.shape)}",
+            )
+        if batch_size is not None and hidden.shape[0] != batch_size:
+            raise ProtocolError(
+                ErrorCode.WRONG_SHAPE, f"session batch is {batch_size}, step has batch {hidden.shape[0]}"
+            )
+        if hidden.shape[0] * hidden.shape[1] > self.limits.max_batch_tokens:
+            raise ProtocolError(
+                ErrorCode.REQUEST_TOO_LARGE,
+                f"batch x tokens = {hidden.shape[0] * hidden.shape[1]} over this peer's limit "
+                f"{self.limits.max_batch_tokens}; split the request",
+            )
+        if hidden.shape[1] > self.limits.max_session_length:
+            raise ProtocolError(
+                ErrorCode.SESSION_TOO_LONG,
+                f"{hidden.shape[1]} tokens over this peer's max length {self.limits.max_session_length}",
+            )
+
+    async def _serve(
+        self,
+        rpc: str,
+        stream_info: Any,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        body: Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    ) -> None:
+        """Run one handler body with uniform error answers, metrics and stream cleanup."""
+        owner = str(stream_info.peer_id) if stream_info is not None else ""
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            await self._expect_hello(reader)
+            await body(owner, reader, writer)
+        except ProtocolError as exc:
+            outcome = exc.code.name.lower()
+            await self._send_error(writer, exc)
+        except EOFError:
+            outcome = "client_closed"
+        except TimeoutError:
+            outcome = "timeout"
+            await self._send_error(writer, ProtocolError(ErrorCode.TIMEOUT, "no request within the deadline"))
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            outcome = "disconnected"
+        except RuntimeClosed:
+            outcome = "draining"
+            await self._send_error(writer, ProtocolError(ErrorCode.DRAINING, "peer is shutting down"))
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except Exception as exc:  # a bug on our side must not take the peer down
+            logger.exception("internal error in %s", rpc)
+            outcome = "internal"
+            await self._send_error(writer, ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        finally:
+            self.metrics.requests.labels(rpc=rpc, outcome=outcome).inc()
+            self.metrics.request_latency.labels(rpc=rpc).observe(time.perf_counter() - started)
+            writer.close()
+
+    # --- info --------------------------------------------------------------------------------------
+
+    def info(self) -> InfoResponse:
+        return InfoResponse(
+            model_id=self.model_id,
+            block_start=self.stage.start,
+            block_end=self.stage.end,
+            num_blocks_total=self.stage.config.num_layers,
+            dtype=str(self.stage.dtype).removeprefix("torch."),
+            max_batch_tokens=self.limits.max_batch_tokens,
+            max_session_length=self.limits.max_session_length,
+            cache_tokens_free=self.budget.free_tokens,
+            cache_tokens_total=self.budget.total_tokens,
+            state="offline" if self.draining else self.state,
+            protocol_version=PROTOCOL_VERSION,
+            package_version=__version__,
+            public_name=self.public_name,
+            extra={"sessions": len(self.sessions), "max_sessions": self.limits.max_sessions},
+        )
+
+    async def rpc_info(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def body(owner: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            request = await self._read(reader)
+            if not isinstance(request, InfoRequest):
+                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"expected info_request, got {type(request).__name__}")
+            await self._send(writer, self.info())
+
+        await self._serve("info", stream_info, reader, writer, body)
+
+    # --- forward / backward (stateless) ---------------------------------------------------------
+
+    async def rpc_forward(
+        self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        async def body(owner: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            request = await self._read(reader)
+            if not isinstance(request, ForwardRequest):
+                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"expected forward_request, got {type(request).__name__}")
+            self._check_range(request.start, request.end)
+            hidden = from_wire(request.hidden)
+            self._check_hidden(hidden)
+            stage, start, end = self.stage, request.start, request.end
+
+            def compute() -> torch.Tensor:
+                with torch.inference_mode():
+                    x = hidden.to(stage.device, stage.dtype)
+                    return stage.forward(x, start=start, end=end).to("cpu", hidden.dtype)
+
+            out = await self.runtime.run(compute, owner)
+            self.metrics.tokens.labels(phase="forward").inc(hidden.shape[0] * hidden.shape[1])
+            await self._send(writer, ForwardResponse(to_wire(out, request.response_compression), request.request_id))
+
+        await self._serve("forward", stream_info, reader, writer, body)
+
+    async def rpc_backward(
+        self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        async def body(owner: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            request = await self._read(reader)
+            if not isinstance(request, BackwardRequest):
+                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"expected backward_request, got {type(request).__name__}")
+            self._check_range(request.start, request.end)
+            hidden = from_wire(request.hidden)
+            grad_output = from_wire(request.grad_output)
+            self._check_hidden(hidden)
+            if grad_output.shape != hidden.shape or grad_output.dtype not in _FLOAT_DTYPES:
+                raise ProtocolError(
+                    ErrorCode.WRONG_SHAPE,
+                    f"grad_output must be a float tensor shaped like hidden {list(hidden.shape)}, "
+                    f"got {grad_output.dtype} {list(grad_output.shape)}",
+                )
+            stage, start, end = self.stage, request.start, request.end
+
+            def compute() -> torch.Tensor:
+                # Activation checkpointing: recompute the forward here instead of keeping activations
+                # between requests, so server memory does not grow with clients in flight.
+                with torch.enable_grad():
+                    x = hidden.to(stage.device, stage.dtype).requires_grad_(True)
+                    y = stage.forward(x, start=start, end=end)
+                    (grad,) = torch.autograd.grad(y, x, grad_output.to(stage.device, stage.dtype))
+                return grad.to("cpu", hidden.dtype)
+
+            grad_input = await self.runtime.run(compute, owner)
+            self.metrics.tokens.labels(phase="backward").inc(hidden.shape[0] * hidden.shape[1])
+            await self._send(
+                writer, BackwardResponse(to_wire(grad_input, request.response_compression), request.request_id)
+            )
+
+        await self._serve("backward", stream_info, reader, writer, body)
+
+    # --- inference (stateful, one stream per session) --------------------------------------------
+
+    async def rpc_inference(
+        self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        async def body(owner: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            first = await self._read(reader)
+            if isinstance(first, InferenceStep):
+                raise ProtocolError(ErrorCode.UNKNOWN_SESSION, "no session is open on this stream: send inference_open first")
+            if not isinstance(first, InferenceOpen):
+                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"expected inference_open, got {type(first).__name__}")
+            session = await self._open_session(owner, first)
+            try:
+                await self._send(writer, InferenceOpened(session.session_id, session.reserved_tokens))
+                await self._session_loop(session, first, reader, writer)
+            finally:
+                self._close_session(session)
+
+        await self._serve("inference", stream_info, reader, writer, body)
+
+    async def _open_session(self, owner: str, request: InferenceOpen) -> ServerSession:
+        if self.draining:
+            raise ProtocolError(ErrorCode.DRAINING, "peer is leaving the swarm; open the session elsewhere")
+        self._check_range(request.start, request.end)
+        if request.session_id in self.sessions:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "session id already in use; pick a fresh random id")
+        if not 1 <= request.max_length <= self.limits.max_session_length:
+            raise ProtocolError(
+                ErrorCode.SESSION_TOO_LONG,
+                f"max_length {request.max_length} outside 1..{self.limits.max_session_length}",
+            )
+        if not 1 <= request.batch_size * request.max_length or request.batch_size < 1:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "batch_size must be >= 1")
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise ProtocolError(ErrorCode.TOO_MANY_SESSIONS, f"this peer already serves {len(self.sessions)} sessions")
+        tokens = request.batch_size * request.max_length
+        self.budget.reserve(tokens)
+        try:
+            stage, batch, length = self.stage, request.batch_size, request.max_length
+            cache = await self.runtime.run(lambda: stage.allocate_cache(batch, length), owner)
+        except BaseException:
+            self.budget.release(tokens)
+            raise
+        session = ServerSession(
+            session_id=request.session_id,
+            owner=owner,
+            start=request.start,
+            end=request.end,
+            batch_size=request.batch_size,
+            max_length=request.max_length,
+            cache=cache,
+            reserved_tokens=tokens,
+        )
+        self.sessions[session.session_id] = session
+        self._update_session_gauges()
+        return session
+
+    def _close_session(self, session: ServerSession) -> None:
+        if self.sessions.pop(session.session_id, None) is not None:
+            self.budget.release(session.reserved_tokens)
+        self._update_session_gauges()
+
+    def _update_session_gauges(self) -> None:
+        self.metrics.sessions_active.set(len(self.sessions))
+        self.metrics.cache_used.set(self.budget.used_tokens * self.budget.bytes_per_token)
+
+    async def _session_loop(
+        self,
+        session: ServerSession,
+        opened: InferenceOpen,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        stage = self.stage
+        while True:
+            try:
+                msg = await self._read(reader, self.limits.session_idle_timeout_s)
+            except TimeoutError:
+                raise ProtocolError(
+                    ErrorCode.SESSION_EXPIRED,
+                    f"session idle for {self.limits.session_idle_timeout_s:.0f}s; its cache was freed",
+                ) from None
+            if isinstance(msg, InferenceClose):
+                return
+            if not isinstance(msg, InferenceStep):
+                await self._send_error(
+                    writer,
+                    ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"expected inference_step, got {type(msg).__name__}"),
+                )
+                continue
+            started = time.perf_counter()
+            try:
+                hidden = from_wire(msg.hidden)
+                self._check_hidden(hidden, batch_size=session.batch_size)
+                n_tokens = hidden.shape[1]
+                if msg.position > session.length:
+                    raise ProtocolError(
+                        ErrorCode.INVALID_MESSAGE,
+                        f"step at position {msg.position} would leave a hole: the cache holds {session.length} tokens",
+                    )
+                if msg.position + n_tokens > session.max_length:
+                    raise ProtocolError(
+                        ErrorCode.SESSION_TOO_LONG,
+                        f"step to position {msg.position + n_tokens} past the session's max_length {session.max_length}",
+                    )
+            except ProtocolError as exc:
+                await self._send_error(writer, exc)  # bad step: answer it, keep the session
+                continue
+            position, cache, start, end = msg.position, session.cache, session.start, session.end
+
+            def compute() -> torch.Tensor:
+                with torch.inference_mode():
+                    x = hidden.to(stage.device, stage.dtype)
+                    out = stage.forward(x, cache=cache, position=position, start=start, end=end)
+                    return out.to("cpu", hidden.dtype)
+
+            compute_started = time.perf_counter()
+            out = await self.runtime.run(compute, session.owner)
+            compute_ms = (time.perf_counter() - compute_started) * 1e3
+            if self.step_delay_s:
+                await asyncio.sleep(self.step_delay_s)
+            session.length = position + n_tokens
+            session.steps += 1
+            session.last_active = time.monotonic()
+            phase = "decode" if n_tokens == 1 else "prefill"
+            self.metrics.tokens.labels(phase=phase).inc(n_tokens * session.batch_size)
+            await self._send(
+                writer, InferenceStepResult(to_wire(out, opened.response_compression), msg.step_id, compute_ms)
+            )
+            self.metrics.step_latency.observe(time.perf_counter() - started)

@@ -1,0 +1,123 @@
+"""The daemon's and the client's use of the DHT: announce our records, read who serves what.
+
+We run ``hivemind.DHTNode`` inside our own event loop on the P2P instance the peer already owns
+(one p2pd per peer), rather than ``hivemind.DHT`` which forks a process per node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hivemind.dht.node import DHTNode
+from hivemind.dht.validation import CompositeValidator
+from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from peerd.swarm.records import PeerState, ServerRecord, block_uid
+from peerd.swarm.validation import make_validators, owner_subkey
+
+__all__ = ["BlockView", "SwarmDHT"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockView:
+    """What the DHT says about one block: the live records of the peers that serve it."""
+
+    index: int
+    records: tuple[ServerRecord, ...]
+
+    def online(self) -> tuple[ServerRecord, ...]:
+        return tuple(r for r in self.records if r.state is PeerState.ONLINE)
+
+
+class SwarmDHT:
+    """A DHT node plus the record logic for one model in one swarm (see ``swarm/validation.py``)."""
+
+    def __init__(self, node: DHTNode, private_key: RSAPrivateKey, prefix: str, num_blocks: int) -> None:
+        self.node = node
+        self.prefix = prefix
+        self.num_blocks = num_blocks
+        self._subkey = owner_subkey(private_key)
+
+    @classmethod
+    async def create(
+        cls,
+        p2p: P2P,
+        *,
+        private_key: RSAPrivateKey,
+        prefix: str,
+        num_blocks: int,
+        initial_peers: Sequence[str] = (),
+        client_mode: bool = False,
+        bootstrap_timeout_s: float = 15.0,
+    ) -> SwarmDHT:
+        """Start a DHT node on ``p2p`` with the validators every node of this swarm must share."""
+        validator = CompositeValidator(make_validators(private_key, [(prefix, num_blocks)]))
+        node = await asyncio.wait_for(
+            DHTNode.create(
+                p2p=p2p,
+                initial_peers=list(initial_peers),
+                record_validator=validator,
+                client_mode=client_mode,
+                # a record read should reflect announcements that happened seconds ago
+                cache_locally=False,
+                cache_on_store=False,
+                bootstrap_timeout=bootstrap_timeout_s,
+                wait_timeout=3,
+            ),
+            timeout=bootstrap_timeout_s + 5,
+        )
+        return cls(node, private_key, prefix, num_blocks)
+
+    async def announce(self, record: ServerRecord, *, expiration_s: float, timeout_s: float = 10.0) -> bool:
+        """Store ``record`` under each block key it covers; True if every store was accepted."""
+        now = get_dht_time()
+        keys = [block_uid(self.prefix, i) for i in range(record.start, record.end)]
+        value = record.to_wire()
+        value["at"] = float(now)
+        result = await asyncio.wait_for(
+            self.node.store_many(
+                keys=keys,
+                values=[value] * len(keys),
+                expiration_time=now + expiration_s,
+                subkeys=[self._subkey] * len(keys),
+            ),
+            timeout=timeout_s,
+        )
+        return all(result.values())
+
+    async def read_blocks(self, start: int = 0, end: int | None = None, *, timeout_s: float = 5.0) -> list[BlockView]:
+        """Latest records for blocks [start, end); records that fail to parse are dropped."""
+        end = self.num_blocks if end is None else end
+        keys = [block_uid(self.prefix, i) for i in range(start, end)]
+        try:
+            found = await asyncio.wait_for(
+                self.node.get_many(keys, sufficient_expiration_time=float("inf")), timeout=timeout_s
+            )
+        except TimeoutError:
+            logger.warning("DHT read of blocks %d:%d timed out after %.1fs", start, end, timeout_s)
+            found = {}
+        now = get_dht_time()
+        views = []
+        for index, key in zip(range(start, end), keys, strict=True):
+            entry = found.get(key)
+            records: list[ServerRecord] = []
+            if entry is not None and isinstance(entry.value, dict):
+                for sub in entry.value.values():
+                    if sub.expiration_time < now:
+                        continue
+                    try:
+                        records.append(ServerRecord.from_wire(sub.value))
+                    except ValueError as exc:
+                        logger.debug("dropping malformed record for block %d: %s", index, exc)
+            views.append(BlockView(index, tuple(records)))
+        return views
+
+    async def shutdown(self) -> None:
+        await self.node.shutdown()

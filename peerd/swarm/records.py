@@ -1,0 +1,154 @@
+"""What a peer announces about itself in the DHT, as a typed record with a tolerant wire form.
+
+One record per hosted block: key = the block's uid, subkey = the owner's signed public-key marker,
+value = :meth:`ServerRecord.to_wire`. Readers ignore fields they do not know (forward compatibility)
+and drop records whose known fields are malformed (see ``validation.py``, which enforces the same
+rules on every DHT node before a record is even stored).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+RECORD_SCHEMA_VERSION = 1
+# Upper bounds that make a record absurd rather than merely optimistic.
+MAX_THROUGHPUT_TOKENS_PER_S = 1e9
+MAX_BLOCKS = 100_000
+MAX_NAME_CHARS = 64
+MAX_RTT_ENTRIES = 64
+
+
+class PeerState(enum.Enum):
+    """Lifecycle of a serving peer as others see it (Petals has the same three states)."""
+
+    OFFLINE = "offline"  # gone or leaving: route around it
+    JOINING = "joining"  # loading weights / measuring: not ready for traffic yet
+    ONLINE = "online"  # serving
+
+
+def block_uid(prefix: str, block_index: int) -> str:
+    """DHT key of one block: ``<prefix>_block_<i>`` where prefix names the swarm and the model."""
+    return f"{prefix}_block_{block_index}"
+
+
+def swarm_prefix(swarm: str, model_id: str) -> str:
+    """Key prefix that isolates one model in one swarm, so private swarms never mix records."""
+    return f"peerd:{swarm}:{model_id}"
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """One peer's announcement for the blocks it hosts; the same value is stored under each block key."""
+
+    peer_id: str  # base58 libp2p peer id; validators check it matches the signing key
+    state: PeerState
+    start: int  # first hosted block (inclusive)
+    end: int  # last hosted block (exclusive)
+    decode_tokens_per_s: float  # one-token steps through ONE block, batch 1 (higher is faster)
+    prefill_tokens_per_s: float  # tokens/s through ONE block for a long prefill
+    device: str  # e.g. "cpu", "NVIDIA GeForce RTX 4090"
+    memory_total_bytes: int
+    memory_free_bytes: int
+    dtype: str  # torch dtype name of the hosted weights, e.g. "float32"
+    cache_tokens_free: int  # KV cache tokens (for batch 1) still available for new sessions
+    protocol_version: tuple[int, int]
+    package_version: str
+    public_name: str = ""
+    # RTT in ms to peers serving the blocks right after ours (peer id -> ms); used by routing.
+    next_rtts_ms: Mapping[str, float] = field(default_factory=dict)
+    announced_at: float = 0.0  # DHT time of the announcement
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain msgpack-able dict; ints stay ints and floats stay floats (the schema is strict)."""
+        return {
+            "v": RECORD_SCHEMA_VERSION,
+            "peer_id": self.peer_id,
+            "state": self.state.value,
+            "start": int(self.start),
+            "end": int(self.end),
+            "decode_tps": float(self.decode_tokens_per_s),
+            "prefill_tps": float(self.prefill_tokens_per_s),
+            "device": self.device,
+            "mem_total": int(self.memory_total_bytes),
+            "mem_free": int(self.memory_free_bytes),
+            "dtype": self.dtype,
+            "cache_free": int(self.cache_tokens_free),
+            "proto": [int(self.protocol_version[0]), int(self.protocol_version[1])],
+            "version": self.package_version,
+            "name": self.public_name,
+            "rtts": {str(k): float(v) for k, v in list(self.next_rtts_ms.items())[:MAX_RTT_ENTRIES]},
+            "at": float(self.announced_at),
+        }
+
+    @classmethod
+    def from_wire(cls, value: Any) -> ServerRecord:
+        """Parse a record value; raises ValueError on anything malformed. Unknown keys are ignored."""
+        if not isinstance(value, Mapping):
+            raise ValueError(f"record must be a map, got {type(value).__name__}")
+
+        def get(name: str, kind: type | tuple[type, ...]) -> Any:
+            if name not in value:
+                raise ValueError(f"record is missing {name!r}")
+            item = value[name]
+            # bool is an int subclass: never accept it where a number is expected
+            if isinstance(item, bool) or not isinstance(item, kind):
+                raise ValueError(f"record field {name!r} has type {type(item).__name__}")
+            return item
+
+        version = get("v", int)
+        if version < 1:
+            raise ValueError(f"bad record version {version}")
+        start, end = get("start", int), get("end", int)
+        if not 0 <= start < end <= MAX_BLOCKS:
+            raise ValueError(f"bad block range {start}:{end}")
+        decode_tps = float(get("decode_tps", (int, float)))
+        prefill_tps = float(get("prefill_tps", (int, float)))
+        for name, tps in (("decode_tps", decode_tps), ("prefill_tps", prefill_tps)):
+            if not (math.isfinite(tps) and 0.0 <= tps <= MAX_THROUGHPUT_TOKENS_PER_S):
+                raise ValueError(f"absurd throughput {name}={tps}")
+        proto = get("proto", (list, tuple))
+        if len(proto) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in proto):
+            raise ValueError("bad protocol version")
+        rtts_raw = value.get("rtts", {})
+        if not isinstance(rtts_raw, Mapping) or len(rtts_raw) > MAX_RTT_ENTRIES:
+            raise ValueError("bad rtts")
+        rtts: dict[str, float] = {}
+        for peer, rtt in rtts_raw.items():
+            if not isinstance(peer, str) or isinstance(rtt, bool) or not isinstance(rtt, (int, float)):
+                raise ValueError("bad rtt entry")
+            if not (math.isfinite(rtt) and 0 <= rtt < 1e6):
+                raise ValueError("absurd rtt")
+            rtts[peer] = float(rtt)
+        mem_total, mem_free, cache_free = get("mem_total", int), get("mem_free", int), get("cache_free", int)
+        if min(mem_total, mem_free, cache_free) < 0:
+            raise ValueError("negative memory or cache")
+        strings = {n: get(n, str) for n in ("peer_id", "state", "device", "dtype", "version", "name")}
+        if any(len(s) > 256 for s in strings.values()) or len(strings["name"]) > MAX_NAME_CHARS:
+            raise ValueError("string field too long")
+        try:
+            state = PeerState(strings["state"])
+        except ValueError:
+            raise ValueError(f"unknown state {strings['state']!r}") from None
+        at = float(get("at", (int, float))) if "at" in value else 0.0
+        return cls(
+            peer_id=strings["peer_id"],
+            state=state,
+            start=start,
+            end=end,
+            decode_tokens_per_s=decode_tps,
+            prefill_tokens_per_s=prefill_tps,
+            device=strings["device"],
+            memory_total_bytes=mem_total,
+            memory_free_bytes=mem_free,
+            dtype=strings["dtype"],
+            cache_tokens_free=cache_free,
+            protocol_version=(proto[0], proto[1]),
+            package_version=strings["version"],
+            public_name=strings["name"],
+            next_rtts_ms=rtts,
+            announced_at=at,
+        )

@@ -1,0 +1,126 @@
+"""DHT record validators that every node of a swarm registers (a node without them rejects or hangs).
+
+Three layers, all run by every DHT node before it stores or returns a record:
+
+1. hivemind's ``RSASignatureValidator``: a record whose subkey carries ``[owner:<key>]`` must be
+   signed by that key, so nobody can overwrite another peer's announcement.
+2. hivemind's ``SchemaValidator`` with a pydantic schema of our block keys: strict types only.
+3. :class:`ServerRecordValidator`: semantics the schema cannot say -- the record's ``peer_id`` is the
+   hash of the signing key (so a peer cannot speak *as* another peer id), the block named by the key
+   lies inside the announced range, and values are sane (see ``ServerRecord.from_wire``).
+
+DHT validators only see hashed keys, so a node validates the models it was told about; records
+under keys it does not know pass through unvalidated (documented in docs/security.md).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import pydantic.v1 as pydantic
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.routing import DHTID
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils.crypto import RSAPrivateKey
+
+from peerd.identity import peer_id_of_public_key, public_key_of_owner_marker
+from peerd.swarm.records import MAX_BLOCKS, ServerRecord, block_uid
+
+__all__ = ["ServerRecordValidator", "make_validators", "owner_subkey"]
+
+MAX_RECORD_VALUE_BYTES = 8192
+_OWNER_RE = re.compile(rb"\[owner:(.+?)\]")
+
+
+class _RecordValueSchema(pydantic.BaseModel):
+    """Strict types of the known fields; extra fields are allowed (newer peers may add some)."""
+
+    v: pydantic.StrictInt
+    peer_id: pydantic.StrictStr
+    state: pydantic.StrictStr
+    start: pydantic.conint(strict=True, ge=0, le=MAX_BLOCKS)  # type: ignore[valid-type]
+    end: pydantic.conint(strict=True, ge=1, le=MAX_BLOCKS)  # type: ignore[valid-type]
+    decode_tps: pydantic.StrictFloat
+    prefill_tps: pydantic.StrictFloat
+    device: pydantic.StrictStr
+    mem_total: pydantic.conint(strict=True, ge=0)  # type: ignore[valid-type]
+    mem_free: pydantic.conint(strict=True, ge=0)  # type: ignore[valid-type]
+    dtype: pydantic.StrictStr
+    cache_free: pydantic.conint(strict=True, ge=0)  # type: ignore[valid-type]
+    proto: list[pydantic.StrictInt]
+    version: pydantic.StrictStr
+    name: pydantic.StrictStr
+
+    class Config:
+        extra = pydantic.Extra.allow
+
+
+def owner_subkey(private_key: RSAPrivateKey) -> bytes:
+    """The subkey a peer stores its records under: its signed-owner marker."""
+    return RSASignatureValidator(private_key).local_public_key
+
+
+def _schema_for(prefix: str, num_blocks: int) -> type[pydantic.BaseModel]:
+    fields: dict[str, Any] = {
+        f"block_{i}": (dict[BytesWithPublicKey, _RecordValueSchema] | None, None) for i in range(num_blocks)
+    }
+    return pydantic.create_model(f"BlockRecords_{abs(hash(prefix))}", **fields)
+
+
+class ServerRecordValidator(RecordValidatorBase):  # type: ignore[misc]
+    """Checks record semantics for the block keys of the models this node knows (see module doc)."""
+
+    def __init__(self, models: dict[str, int]) -> None:
+        # hashed DHT key -> block index, for every known (prefix, block)
+        self._blocks: dict[bytes, int] = {}
+        for prefix, num_blocks in models.items():
+            for i in range(num_blocks):
+                self._blocks[DHTID.generate(source=block_uid(prefix, i)).to_bytes()] = i
+
+    def validate(self, record: DHTRecord) -> bool:
+        block = self._blocks.get(record.key)
+        if block is None:
+            return True  # not one of ours: the signature validator still protects owned records
+        if len(record.value) > MAX_RECORD_VALUE_BYTES:
+            return False
+        if record.subkey in DHTProtocol.RESERVED_SUBKEYS:
+            return False  # our block keys are always dictionaries keyed by owner
+        owners = _OWNER_RE.findall(record.subkey)
+        if len(owners) != 1:
+            return False
+        try:
+            value = DHTProtocol.serializer.loads(record.value)
+            parsed = ServerRecord.from_wire(value)
+            public_key = public_key_of_owner_marker(owners[0])
+        except Exception:  # any malformed remote input is simply a rejected record
+            return False
+        if parsed.peer_id != peer_id_of_public_key(public_key):
+            return False
+        return parsed.start <= block < parsed.end
+
+    def strip_value(self, record: DHTRecord) -> bytes:
+        return record.value  # type: ignore[no-any-return]
+
+    @property
+    def priority(self) -> int:
+        return 5  # after the signature validator (10) has stripped the signature
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if not isinstance(other, ServerRecordValidator):
+            return False
+        self._blocks.update(other._blocks)
+        return True
+
+
+def make_validators(private_key: RSAPrivateKey, models: Iterable[tuple[str, int]]) -> list[RecordValidatorBase]:
+    """All validators a node needs, for the given ``(key prefix, number of blocks)`` models."""
+    models = dict(models)
+    validators: list[RecordValidatorBase] = [RSASignatureValidator(private_key)]
+    for prefix, num_blocks in models.items():
+        validators.append(SchemaValidator(_schema_for(prefix, num_blocks), allow_extra_keys=True, prefix=prefix))
+    validators.append(ServerRecordValidator(models))
+    return validators

@@ -1,0 +1,1 @@
+"""The daemon's HTTP side: /metrics for Prometheus, the swarm health page and its JSON API."""
