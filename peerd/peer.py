@@ -60,6 +60,7 @@ class Peer:
         self.http_port: int | None = None
         self._private_key: RSAPrivateKey | None = None
         self._stop = asyncio.Event()
+        self._shut_down = False
         self.peer_id = ""
         self.started_at = time.monotonic()
 
@@ -153,8 +154,11 @@ class Peer:
         self._stop.set()
 
     async def shutdown(self, deadline_s: float = 10.0) -> None:
-        """Announce offline, stop serving, release the runtime, the DHT node and p2pd."""
+        """Announce offline, stop serving, release the runtime, the DHT node and p2pd (idempotent)."""
         self._stop.set()
+        if self._shut_down:
+            return
+        self._shut_down = True
         if self.dht is not None and self.state is not PeerState.OFFLINE:
             self.state = PeerState.OFFLINE
             if self.servicer is not None:

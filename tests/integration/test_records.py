@@ -1,0 +1,117 @@
+"""DHT records through the real DHT: forged and malformed records are rejected; stopped peers vanish."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+from hivemind.dht.node import DHTNode
+from hivemind.dht.validation import CompositeValidator
+from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from peerd.identity import peer_id_of_public_key
+from peerd.swarm.records import PeerState, block_uid, swarm_prefix
+from peerd.swarm.validation import make_validators, owner_subkey
+
+PREFIX = swarm_prefix("public", "tiny")
+
+
+async def _attacker(initial_peers: tuple[str, ...]) -> tuple[P2P, DHTNode, RSAPrivateKey]:
+    key = RSAPrivateKey()
+    p2p = await P2P.create(initial_peers=list(initial_peers))
+    node = await DHTNode.create(
+        p2p=p2p,
+        initial_peers=list(initial_peers),
+        record_validator=CompositeValidator(make_validators(key, [(PREFIX, 6)])),
+        cache_locally=False,
+    )
+    return p2p, node, key
+
+
+async def _records_of_block(node: DHTNode, block: int) -> dict:
+    found = await asyncio.wait_for(node.get(block_uid(PREFIX, block), latest=True), 10)
+    return {} if found is None else dict(found.value)
+
+
+async def test_forged_and_malformed_records_are_rejected(make_swarm) -> None:
+    swarm = await make_swarm([(0, 3), (3, 6)])
+    victim = swarm.peers[0]
+    victim_subkey = owner_subkey(victim._private_key)
+    p2p, node, key = await _attacker(swarm.initial_peers)
+    try:
+        genuine = victim.record().to_wire()
+        expiration = get_dht_time() + 60
+
+        # 1. a record under the victim's subkey, signed with another key: rejected by every node
+        forged = dict(genuine, decode_tps=1e6, name="forged")
+        assert not await node.store(block_uid(PREFIX, 0), forged, expiration, subkey=victim_subkey)
+
+        # 2. the attacker's own subkey but claiming the victim's peer id: rejected (id != key hash)
+        own = owner_subkey(key)
+        assert not await node.store(block_uid(PREFIX, 0), forged, expiration, subkey=own)
+
+        # 3. the attacker's own identity with malformed values: each rejected
+        me = peer_id_of_public_key(key.get_public_key())
+        base = dict(genuine, peer_id=me, name="attacker")
+        bad_values = [
+            dict(base, decode_tps="fast"),  # wrong type
+            dict(base, decode_tps=-1.0),  # negative throughput
+            dict(base, prefill_tps=1e12),  # absurd throughput
+            dict(base, start=0, end=100_001),  # range outside any model
+            dict(base, start=3, end=6),  # key's block 0 not inside the claimed range
+            dict(base, state="sleeping"),  # unknown state
+            dict(base, cache_free=1.5),  # float where an int belongs
+            dict(base, name="x" * 10_000),  # oversized
+            "not a map",
+        ]
+        for value in bad_values:
+            assert not await node.store(block_uid(PREFIX, 0), value, expiration, subkey=own), value
+
+        # 4. a well-formed record of the attacker's own is accepted (the validators are not just saying no)
+        assert await node.store(block_uid(PREFIX, 0), base, expiration, subkey=own)
+
+        records = await _records_of_block(swarm.peers[1].dht.node, 0)
+        by_peer = {v.value["peer_id"]: v.value for v in records.values()}
+        assert by_peer[victim.peer_id]["name"] == "peer0"  # the victim's record is untouched
+        assert by_peer[me]["name"] == "attacker"
+    finally:
+        await node.shutdown()
+        await p2p.shutdown()
+
+
+async def test_graceful_stop_marks_peer_offline_at_once(make_swarm) -> None:
+    swarm = await make_swarm([(0, 6), (0, 6)])
+    client = await swarm.client()
+    try:
+        leaving = swarm.peers[1]
+        await leaving.shutdown()
+        servers = await client.servers(refresh=True)
+        assert leaving.peer_id not in servers  # online view drops it at once
+        views = await client.dht.read_blocks()
+        states = {r.peer_id: r.state for r in views[0].records}
+        assert states[leaving.peer_id] is PeerState.OFFLINE
+        assert states[swarm.peers[0].peer_id] is PeerState.ONLINE
+    finally:
+        await client.close()
+
+
+async def test_records_of_a_silent_peer_expire(make_swarm) -> None:
+    # announce period 1 s -> expiry 2 s; a peer that stops announcing without saying goodbye
+    # (as if killed) disappears once its records expire
+    swarm = await make_swarm([(0, 6)], announce_period_s=1.0)
+    await swarm.add_peer("silent", (0, 6), announce_period_s=1.0)
+    client = await swarm.client()
+    try:
+        silent = swarm.peers[1]
+        assert silent.peer_id in await client.servers(refresh=True)
+        silent._stop.set()  # stop its announce loop; the process "dies" silently
+        silent.state = PeerState.OFFLINE  # and its shutdown must not announce either
+        deadline = time.monotonic() + 15
+        while silent.peer_id in await client.servers(refresh=True):
+            assert time.monotonic() < deadline, "record did not expire"
+            await asyncio.sleep(0.5)
+    finally:
+        await client.close()
