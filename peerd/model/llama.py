@@ -1,0 +1,238 @@
+"""One Llama-family transformer block, written out: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Module and parameter names equal the Hugging Face checkpoint names below
+``model.layers.{i}.`` so that loading is a plain state-dict mapping. Attention
+reads and writes an explicit key/value cache that the caller owns (see
+``stage.KVCache``); nothing here keeps state between calls, except the
+cos/sin tables of :class:`RotaryEmbedding`, which are pure functions of the
+config and are grown once, never per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from peerd.model.config import ModelConfig
+
+__all__ = [
+    "MLP",
+    "Attention",
+    "Block",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "apply_rotary",
+    "attention_mask",
+    "inverse_frequencies",
+]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned gain and no bias (parameter ``weight``).
+
+    Statistics are taken in float32 whatever the input dtype, then the result is
+    cast back before the gain is applied, which is what the reference does and
+    what keeps bfloat16 outputs bit-compatible with it.
+    """
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def inverse_frequencies(config: ModelConfig) -> Tensor:
+    """RoPE angular frequencies, float32 ``[head_dim // 2]``, after the config's scaling rule."""
+    dim = config.head_dim
+    # An explicit CPU device: stages are often built under `with torch.device("meta")`.
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim  # [head_dim // 2]
+    inv_freq = 1.0 / (config.rope_theta**exponents)
+    scaling = config.rope_scaling
+    if scaling is None or scaling.rope_type == "default":
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3 (the rule Meta released with Llama 3.1): wavelengths longer than the
+    # original context / low_freq_factor are slowed by `factor`, those shorter than
+    # original / high_freq_factor are kept, and the band between is interpolated linearly
+    # in original_context / wavelength, so nearby tokens keep their fine resolution.
+    wavelength = 2 * math.pi / inv_freq
+    original = scaling.original_max_position_embeddings
+    low_freq_wavelength = original / scaling.low_freq_factor
+    high_freq_wavelength = original / scaling.high_freq_factor
+    smooth = (original / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelength > low_freq_wavelength, inv_freq / scaling.factor, inv_freq)
+    is_medium = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
+    return torch.where(is_medium, blended, scaled)
+
+
+class RotaryEmbedding:
+    """cos/sin tables of rotary position embeddings for integer positions, shared by all blocks of a stage.
+
+    :meth:`compute` is the pure function (any positions). :meth:`cos_sin`
+    returns slices of a table kept per (device, dtype) and grown by doubling,
+    so a decode step costs a view, not a trigonometric evaluation. Tables are
+    built outside inference mode: an inference tensor saved for backward in a
+    later differentiable forward would raise.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.head_dim = config.head_dim
+        self.inv_freq = inverse_frequencies(config)  # [head_dim // 2], float32 on CPU
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def compute(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin, float32 ``[*positions.shape, head_dim]``, for integer ``positions``."""
+        inv_freq = self.inv_freq.to(positions.device)
+        # float32 angles, like the reference: positions times frequencies, then both halves
+        # of the head share a frequency (the rotate-half pairing used by HF checkpoints).
+        angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., head_dim // 2]
+        angles = torch.cat((angles, angles), dim=-1)  # [..., head_dim]
+        return angles.cos(), angles.sin()
+
+    def cos_sin(self, position: int, n: int, *, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin ``[n, head_dim]`` in ``dtype`` for positions ``position .. position + n - 1``."""
+        needed = position + n
+        key = (device, dtype)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < needed:
+            length = max(256, 1 << (needed - 1).bit_length())
+            with torch.inference_mode(False), torch.no_grad():
+                cos, sin = self.compute(torch.arange(length, device=device))
+                table = (cos.to(dtype), sin.to(dtype))
+            self._tables[key] = table
+        cos, sin = table
+        return cos[position:needed], sin[position:needed]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [batch, heads, n, head_dim]`` by per-position angles ``cos``/``sin [n, head_dim]``.
+
+    Uses the rotate-half pairing (dimension i with i + head_dim/2), the layout
+    in which Hugging Face stores Llama q/k weights.
+    """
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [batch, heads, n, head_dim]
+    return x * cos + rotated * sin
+
+
+def attention_mask(n: int, key_length: int, groups: int, device: torch.device) -> Tensor | None:
+    """Boolean mask ``[groups * n, key_length]`` (True = may attend) for n new tokens at the end of the keys.
+
+    Query t (absolute position key_length - n + t) sees keys 0 .. key_length - n + t.
+    Rows repeat per query head of a group, matching :class:`Attention`'s grouped
+    layout. One new token sees every key, so no mask is needed (None).
+    """
+    if n == 1:
+        return None
+    query_positions = torch.arange(key_length - n, key_length, device=device)  # [n]
+    allowed = torch.arange(key_length, device=device)[None, :] <= query_positions[:, None]  # [n, key_length]
+    return allowed.repeat(groups, 1)  # [groups * n, key_length]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE that writes to and reads from a caller-owned KV cache.
+
+    ``forward(x, cos, sin, mask, cache_keys, cache_values, position)``: without
+    cache views, keys are the n new tokens; with them, the new keys/values are
+    written at ``[position, position + n)`` and attention covers
+    ``[0, position + n)``. Query heads are grouped by the key/value head they
+    share, so grouped-query attention never copies or repeats the cache.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(hidden, q_width, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_width, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_width, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_width, hidden, bias=config.o_bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None = None,
+        cache_keys: Tensor | None = None,
+        cache_values: Tensor | None = None,
+        position: int = 0,
+    ) -> Tensor:
+        batch, n, _ = x.shape
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        groups = heads // kv_heads
+        q = self.q_proj(x).view(batch, n, heads, dim).transpose(1, 2)  # [batch, heads, n, dim]
+        k = self.k_proj(x).view(batch, n, kv_heads, dim).transpose(1, 2)  # [batch, kv_heads, n, dim]
+        v = self.v_proj(x).view(batch, n, kv_heads, dim).transpose(1, 2)  # [batch, kv_heads, n, dim]
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if cache_keys is not None and cache_values is not None:
+            cache_keys[:, :, position : position + n] = k
+            cache_values[:, :, position : position + n] = v
+            k = cache_keys[:, :, : position + n]  # [batch, kv_heads, position + n, dim], a view
+            v = cache_values[:, :, : position + n]  # [batch, kv_heads, position + n, dim], a view
+        # Query head h uses kv head h // groups: put a kv head's queries side by side so
+        # SDPA sees ordinary multi-head attention over kv_heads heads.
+        q = q.reshape(batch, kv_heads, groups * n, dim)  # [batch, kv_heads, groups * n, dim]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [batch, kv_heads, groups * n, dim]
+        out = out.view(batch, heads, n, dim).transpose(1, 2)  # [batch, n, heads, dim]
+        out = out.reshape(batch, n, heads * dim)  # [batch, n, heads * dim]
+        return self.o_proj(out)  # type: ignore[no-any-return]
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # type: ignore[no-any-return]
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block ``layer_index``: ``x + attn(norm(x))`` then ``+ mlp(norm(.))``.
+
+    Maps ``x [batch, n, hidden_size]`` to the same shape. ``cos``/``sin`` come
+    from the stage's shared :class:`RotaryEmbedding`, ``mask`` from
+    :func:`attention_mask`; cache views are this block's slice of a stage
+    ``KVCache``.
+    """
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None = None,
+        cache_keys: Tensor | None = None,
+        cache_values: Tensor | None = None,
+        position: int = 0,
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_keys, cache_values, position)
+        return x + self.mlp(self.post_attention_layernorm(x))  # type: ignore[no-any-return]

@@ -1,0 +1,209 @@
+"""Load slices of a Hugging Face-format checkpoint folder, reading only the tensors a slice needs.
+
+A folder holds ``config.json`` and either ``model.safetensors`` or shards
+listed by ``model.safetensors.index.json``. Modules are first built on the
+``meta`` device (no memory, no random init), then each needed tensor is read on
+its own with ``safetensors.safe_open(...).get_tensor``, converted to the target
+dtype/device, and assigned in place of the meta parameter. Peak memory is the
+slice itself plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from peerd.model.config import ModelConfig
+from peerd.model.head import ClientHead
+from peerd.model.local import LocalModel
+from peerd.model.stage import Stage
+
+__all__ = [
+    "CheckpointFiles",
+    "LoadStats",
+    "default_dtype_for",
+    "load_client_head",
+    "load_local_model",
+    "load_stage",
+]
+
+_SINGLE_FILE = "model.safetensors"
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+def default_dtype_for(device: str | torch.device) -> torch.dtype:
+    """bfloat16 on CUDA (half the memory, tensor cores), float32 elsewhere (CPU bf16 matmuls are slow)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+@dataclass
+class LoadStats:
+    """What a load actually read: tensor names in order and their bytes as stored on disk."""
+
+    tensor_names: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    files_opened: set[str] = field(default_factory=set)
+
+
+class CheckpointFiles:
+    """Which safetensors file of a checkpoint folder holds each tensor name (headers only, no data).
+
+    Raises ``FileNotFoundError`` when the folder has neither ``model.safetensors``
+    nor ``model.safetensors.index.json``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        index = self.path / _INDEX_FILE
+        single = self.path / _SINGLE_FILE
+        self.file_of: dict[str, Path] = {}
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            self.file_of = {name: self.path / file for name, file in weight_map.items()}
+        elif single.is_file():
+            with safe_open(str(single), framework="pt") as f:
+                self.file_of = dict.fromkeys(f.keys(), single)
+        else:
+            found = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+            raise FileNotFoundError(f"no {_SINGLE_FILE} or {_INDEX_FILE} in {self.path} (found: {found})")
+
+    def describe(self) -> str:
+        """The file set, for error messages."""
+        files = sorted({p.name for p in self.file_of.values()})
+        return f"{self.path} ({', '.join(files)})"
+
+    def read(
+        self,
+        names: Iterable[str],
+        *,
+        dtype: torch.dtype,
+        device: str | torch.device,
+        progress: bool,
+        description: str,
+        stats: LoadStats | None,
+    ) -> dict[str, Tensor]:
+        """Read exactly ``names``, converted to dtype/device; ValueError naming every missing tensor first."""
+        names = list(names)
+        missing = [name for name in names if name not in self.file_of]
+        if missing:
+            raise ValueError(f"checkpoint {self.describe()} lacks tensors: {', '.join(missing)}")
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.file_of[name], []).append(name)
+        tensors: dict[str, Tensor] = {}
+        with tqdm(total=len(names), desc=description, unit="tensor", disable=not progress) as bar:
+            for file, file_names in by_file.items():
+                # One open per shard; get_tensor reads a single tensor's bytes, never the file.
+                with safe_open(str(file), framework="pt") as f:
+                    for name in file_names:
+                        stored = f.get_tensor(name)
+                        if stats is not None:
+                            stats.tensor_names.append(name)
+                            stats.bytes_read += stored.numel() * stored.element_size()
+                            stats.files_opened.add(file.name)
+                        tensors[name] = stored.to(device=device, dtype=dtype)
+                        del stored
+                        bar.update(1)
+        return tensors
+
+
+def _check_shapes(module: nn.Module, state: dict[str, Tensor], prefix: str, files: CheckpointFiles) -> None:
+    expected = module.state_dict()
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ValueError(
+                f"tensor {prefix}{name} in {files.describe()} has shape {tuple(tensor.shape)}, "
+                f"config.json implies {tuple(expected[name].shape)}"
+            )
+
+
+def load_stage(
+    path: str | Path,
+    start: int,
+    end: int,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    stats: LoadStats | None = None,
+) -> Stage:
+    """Load blocks ``[start, end)`` of the checkpoint folder ``path``, reading only their tensors.
+
+    ``dtype`` defaults to :func:`default_dtype_for` the device. ``stats``, when
+    given, records every tensor read. Raises ``ValueError`` for an unsupported
+    config, a block range outside the model, or missing/mis-shaped tensors
+    (naming them and the file set).
+    """
+    path = Path(path)
+    config = ModelConfig.from_pretrained(path)
+    dtype = default_dtype_for(device) if dtype is None else dtype
+    files = CheckpointFiles(path)
+    with torch.device("meta"):
+        stage = Stage(config, start, end)  # validates the range; no memory yet
+    local_names = list(stage.state_dict())
+    read = files.read(
+        ("model." + name for name in local_names),
+        dtype=dtype,
+        device=device,
+        progress=progress,
+        description=f"blocks {start}:{end}",
+        stats=stats,
+    )
+    state = {name: read["model." + name] for name in local_names}
+    _check_shapes(stage, state, "model.", files)
+    stage.load_state_dict(state, assign=True)
+    return stage.requires_grad_(False).eval()
+
+
+def load_client_head(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    stats: LoadStats | None = None,
+) -> ClientHead:
+    """Load the embedding, final norm and LM head (the embedding twice over when tied) of ``path``."""
+    path = Path(path)
+    config = ModelConfig.from_pretrained(path)
+    dtype = default_dtype_for(device) if dtype is None else dtype
+    files = CheckpointFiles(path)
+    with torch.device("meta"):
+        head = ClientHead(config)
+    hf_names = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not config.tie_word_embeddings:
+        hf_names["lm_head.weight"] = "lm_head.weight"
+    read = files.read(
+        hf_names.values(),
+        dtype=dtype,
+        device=device,
+        progress=progress,
+        description="client head",
+        stats=stats,
+    )
+    state = {name: read[hf_name] for name, hf_name in hf_names.items()}
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    _check_shapes(head, state, "", files)
+    head.load_state_dict(state, assign=True)
+    head.tie_weights()  # assign=True replaced the shared Parameter object; share it again
+    return head.requires_grad_(False).eval()
+
+
+def load_local_model(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    stats: LoadStats | None = None,
+) -> LocalModel:
+    """Load the whole model of ``path`` into one process (head and all blocks)."""
+    config = ModelConfig.from_pretrained(path)
+    head = load_client_head(path, dtype=dtype, device=device, progress=progress, stats=stats)
+    stage = load_stage(path, 0, config.num_layers, dtype=dtype, device=device, progress=progress, stats=stats)
+    return LocalModel(head, stage)
