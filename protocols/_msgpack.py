@@ -205,13 +205,21 @@ def packb(obj: Any) -> bytes:
 # --------------------------------------------------------------------------- decoding
 
 
-class _Reader:
-    __slots__ = ("buf", "end", "objects_left", "pos")
+# Bodies up to this size are copied to ``bytes`` once so that strings decode from bytes
+# slices (about 3x faster than from memoryview slices); bins still view the original.
+_COPY_FOR_SPEED_BYTES = 65536
 
-    def __init__(self, buf: memoryview, max_objects: int) -> None:
-        self.buf = buf
+
+class _Reader:
+    __slots__ = ("end", "objects_left", "pos", "raw", "view")
+
+    def __init__(self, view: memoryview, max_objects: int) -> None:
+        self.view = view  # bin values are slices of this: zero copy
+        self.raw: bytes | memoryview = view.obj if type(view.obj) is bytes and len(view.obj) == len(view) else view
+        if type(self.raw) is not bytes and len(view) <= _COPY_FOR_SPEED_BYTES:
+            self.raw = bytes(view)
         self.pos = 0
-        self.end = len(buf)
+        self.end = len(view)
         self.objects_left = max_objects
 
     def take(self, n: int) -> int:
@@ -226,18 +234,23 @@ class _Reader:
         self.objects_left -= 1
         if self.objects_left < 0:
             raise _malformed(f"more than {MAX_OBJECTS} msgpack objects in one frame")
-        buf = self.buf
-        code = buf[self.take(1)]
+        pos = self.pos
+        if pos >= self.end:
+            raise _malformed(f"truncated: need 1 byte at offset {pos}, 0 left")
+        raw = self.raw
+        code = raw[pos]
+        self.pos = pos + 1
+        # The fixed-size forms first: they are nearly everything in an envelope.
         if code <= 0x7F:  # positive fixint
             return code
-        if code >= 0xE0:  # negative fixint
-            return code - 0x100
         if 0xA0 <= code <= 0xBF:  # fixstr
             return self.read_str(code & 0x1F)
-        if 0x90 <= code <= 0x9F:  # fixarray
-            return self.read_array(code & 0x0F, depth)
+        if code >= 0xE0:  # negative fixint
+            return code - 0x100
         if 0x80 <= code <= 0x8F:  # fixmap
             return self.read_map(code & 0x0F, depth)
+        if 0x90 <= code <= 0x9F:  # fixarray
+            return self.read_array(code & 0x0F, depth)
         if code == 0xC0:
             return None
         if code == 0xC2:
@@ -245,60 +258,64 @@ class _Reader:
         if code == 0xC3:
             return True
         if code == 0xC4:
-            return self.read_bin(buf[self.take(1)])
+            return self.read_bin(raw[self.take(1)])
         if code == 0xC5:
-            return self.read_bin(_U16.unpack_from(buf, self.take(2))[0])
+            return self.read_bin(_U16.unpack_from(raw, self.take(2))[0])
         if code == 0xC6:
-            return self.read_bin(_U32.unpack_from(buf, self.take(4))[0])
+            return self.read_bin(_U32.unpack_from(raw, self.take(4))[0])
         if code == 0xCA:
-            return _F32.unpack_from(buf, self.take(4))[0]
+            return _F32.unpack_from(raw, self.take(4))[0]
         if code == 0xCB:
-            return _F64.unpack_from(buf, self.take(8))[0]
+            return _F64.unpack_from(raw, self.take(8))[0]
         if code == 0xCC:
-            return buf[self.take(1)]
+            return raw[self.take(1)]
         if code == 0xCD:
-            return _U16.unpack_from(buf, self.take(2))[0]
+            return _U16.unpack_from(raw, self.take(2))[0]
         if code == 0xCE:
-            return _U32.unpack_from(buf, self.take(4))[0]
+            return _U32.unpack_from(raw, self.take(4))[0]
         if code == 0xCF:
-            return _U64.unpack_from(buf, self.take(8))[0]
+            return _U64.unpack_from(raw, self.take(8))[0]
         if code == 0xD0:
-            return _I8.unpack_from(buf, self.take(1))[0]
+            return _I8.unpack_from(raw, self.take(1))[0]
         if code == 0xD1:
-            return _I16.unpack_from(buf, self.take(2))[0]
+            return _I16.unpack_from(raw, self.take(2))[0]
         if code == 0xD2:
-            return _I32.unpack_from(buf, self.take(4))[0]
+            return _I32.unpack_from(raw, self.take(4))[0]
         if code == 0xD3:
-            return _I64.unpack_from(buf, self.take(8))[0]
+            return _I64.unpack_from(raw, self.take(8))[0]
         if code == 0xD9:
-            return self.read_str(buf[self.take(1)])
+            return self.read_str(raw[self.take(1)])
         if code == 0xDA:
-            return self.read_str(_U16.unpack_from(buf, self.take(2))[0])
+            return self.read_str(_U16.unpack_from(raw, self.take(2))[0])
         if code == 0xDB:
-            return self.read_str(_U32.unpack_from(buf, self.take(4))[0])
+            return self.read_str(_U32.unpack_from(raw, self.take(4))[0])
         if code == 0xDC:
-            return self.read_array(_U16.unpack_from(buf, self.take(2))[0], depth)
+            return self.read_array(_U16.unpack_from(raw, self.take(2))[0], depth)
         if code == 0xDD:
-            return self.read_array(_U32.unpack_from(buf, self.take(4))[0], depth)
+            return self.read_array(_U32.unpack_from(raw, self.take(4))[0], depth)
         if code == 0xDE:
-            return self.read_map(_U16.unpack_from(buf, self.take(2))[0], depth)
+            return self.read_map(_U16.unpack_from(raw, self.take(2))[0], depth)
         if code == 0xDF:
-            return self.read_map(_U32.unpack_from(buf, self.take(4))[0], depth)
+            return self.read_map(_U32.unpack_from(raw, self.take(4))[0], depth)
         if code == 0xC1:
-            raise _malformed(f"byte 0xc1 (never used in msgpack) at offset {self.pos - 1}")
+            raise _malformed(f"byte 0xc1 (never used in msgpack) at offset {pos}")
         # 0xc7-0xc9 ext 8/16/32, 0xd4-0xd8 fixext
-        raise _malformed(f"msgpack ext type (0x{code:02x}) at offset {self.pos - 1} is not used here")
+        raise _malformed(f"msgpack ext type (0x{code:02x}) at offset {pos} is not used here")
 
     def read_str(self, n: int) -> str:
-        start = self.take(n)
+        start = self.pos
+        stop = start + n
+        if stop > self.end:
+            raise _malformed(f"truncated: str of {n} bytes at offset {start}, {self.end - start} left")
+        self.pos = stop
         try:
-            return str(self.buf[start : start + n], "utf-8")
+            return str(self.raw[start:stop], "utf-8")
         except UnicodeDecodeError as exc:
             raise _malformed(f"invalid UTF-8 in str at offset {start}") from exc
 
     def read_bin(self, n: int) -> memoryview:
         start = self.take(n)
-        return self.buf[start : start + n]
+        return self.view[start : start + n]
 
     def check_count(self, n: int, min_bytes_each: int, depth: int) -> None:
         # Checked before building the container: each element needs at least one byte, so a
@@ -312,21 +329,23 @@ class _Reader:
 
     def read_array(self, n: int, depth: int) -> list[Any]:
         self.check_count(n, 1, depth)
-        return [self.read(depth + 1) for _ in range(n)]
+        read = self.read
+        depth += 1
+        return [read(depth) for _ in range(n)]
 
     def read_map(self, n: int, depth: int) -> dict[str, Any]:
         self.check_count(n, 2, depth)
         result: dict[str, Any] = {}
+        read = self.read
+        depth += 1
         for _ in range(n):
             key_at = self.pos
-            key = self.read(depth + 1)
+            key = read(depth)
             if type(key) is not str:
-                raise _malformed(
-                    f"map key at offset {key_at} is {type(key).__name__}; only str keys are used"
-                )
+                raise _malformed(f"map key at offset {key_at} is {type(key).__name__}; only str keys are used")
             if key in result:
                 raise _malformed(f"duplicate map key {key!r} at offset {key_at}")
-            result[key] = self.read(depth + 1)
+            result[key] = read(depth)
         return result
 
 

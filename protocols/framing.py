@@ -73,11 +73,7 @@ def decode_message(body: bytes | memoryview, max_frame_bytes: int = DEFAULT_MAX_
         raise _malformed(f"envelope must be a map, got {type(envelope).__name__}")
     # The version comes first: a different major may change everything else.
     version = envelope.get("v")
-    if (
-        type(version) is not list
-        or len(version) != 2
-        or not all(type(part) is int and part >= 0 for part in version)
-    ):
+    if type(version) is not list or len(version) != 2 or not all(type(part) is int and part >= 0 for part in version):
         raise _malformed(f'envelope "v" must be [major, minor] non-negative ints, got {version!r:.80}')
     check_version((version[0], version[1]))
     type_name, fields = envelope.get("t"), envelope.get("b")
@@ -88,9 +84,7 @@ def decode_message(body: bytes | memoryview, max_frame_bytes: int = DEFAULT_MAX_
     return message_from_wire(type_name, fields)
 
 
-async def read_message(
-    reader: asyncio.StreamReader, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-) -> Message:
+async def read_message(reader: asyncio.StreamReader, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
     """Read one frame from ``reader`` and decode it.
 
     Raises EOFError when the stream ends cleanly at a frame boundary (the normal end of a
@@ -160,8 +154,10 @@ class FrameDecoder:
                 end = offset + HEADER_BYTES + size
                 if len(buffer) < end:
                     break
-                # Own copy: the message's tensors view it, and the buffer will change.
-                body = bytes(buffer[offset + HEADER_BYTES : end])
+                # One copy into an owned body: the message's tensors view it, and the buffer
+                # will change. The views are released before the buffer is resized below.
+                with memoryview(buffer) as whole, whole[offset + HEADER_BYTES : end] as part:
+                    body = bytes(part)
                 offset = end
                 messages.append(decode_message(body, self.max_frame_bytes))
         except ProtocolError as exc:
