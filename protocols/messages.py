@@ -95,9 +95,7 @@ def _check_version(msg: object, name: str) -> None:
         or len(value) != 2
         or not all(type(part) is int and 0 <= part <= MAX_VERSION_PART for part in value)
     ):
-        raise _invalid(
-            f"{_where(msg, name)} must be a (major, minor) pair of ints in [0, 65535], got {value!r}"
-        )
+        raise _invalid(f"{_where(msg, name)} must be a (major, minor) pair of ints in [0, 65535], got {value!r}")
 
 
 def _check_span(msg: ForwardRequest | BackwardRequest | InferenceOpen) -> None:
@@ -225,9 +223,7 @@ class InfoResponse:
             )
         _check_str(self, "dtype")
         if self.dtype not in ALLOWED_DTYPES:
-            raise _invalid(
-                f"info_response.dtype must be one of {', '.join(ALLOWED_DTYPES)}, got {self.dtype!r}"
-            )
+            raise _invalid(f"info_response.dtype must be one of {', '.join(ALLOWED_DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch_tokens", "max_session_length", "cache_tokens_free", "cache_tokens_total"):
             _check_int(self, name)
         _check_str(self, "state")

@@ -132,9 +132,7 @@ class WireTensor:
             expected = n * ITEM_BYTES[self.dtype]
         else:
             if self.dtype not in FLOAT_DTYPES:
-                raise _bad(
-                    f"compression {self.compression.value} applies only to float dtypes, not {self.dtype}"
-                )
+                raise _bad(f"compression {self.compression.value} applies only to float dtypes, not {self.dtype}")
             expected = 2 * n if self.compression is Compression.FLOAT16 else n
         if data.nbytes != expected:
             raise _bad(

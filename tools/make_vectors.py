@@ -123,9 +123,7 @@ def valid_cases() -> list[tuple[str, Message]]:
             "backward_request",
             BackwardRequest(
                 hidden=encode_array(hidden),
-                grad_output=encode_array(
-                    _ramp((1, 2, 4), step=0.25, offset=3), compression=Compression.BLOCKWISE8
-                ),
+                grad_output=encode_array(_ramp((1, 2, 4), step=0.25, offset=3), compression=Compression.BLOCKWISE8),
                 start=10,
                 end=20,
                 request_id=3,
@@ -150,16 +148,12 @@ def valid_cases() -> list[tuple[str, Message]]:
         ("inference_opened", InferenceOpened(session_id=bytes(range(16)), cache_tokens_reserved=1024)),
         (
             "inference_step_blockwise8",
-            InferenceStep(
-                hidden=encode_array(long, compression=Compression.BLOCKWISE8), position=0, step_id=0
-            ),
+            InferenceStep(hidden=encode_array(long, compression=Compression.BLOCKWISE8), position=0, step_id=0),
         ),
         (
             "inference_step_bfloat16_blockwise8",
             InferenceStep(
-                hidden=encode_array(
-                    float32_to_bf16_bits(long), dtype="bfloat16", compression=Compression.BLOCKWISE8
-                ),
+                hidden=encode_array(float32_to_bf16_bits(long), dtype="bfloat16", compression=Compression.BLOCKWISE8),
                 position=70,
                 step_id=1,
             ),
