@@ -69,7 +69,9 @@ def _add_swarm_args(p: argparse.ArgumentParser, *, need_peers: bool) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model id (e.g. smollm2-135m) or HF-format folder")
     p.add_argument("--model-id", default=None, help="name the swarm knows the model by (default: id or folder name)")
     p.add_argument("--cache-dir", default=None, help="peerd cache root (default: $PEERD_CACHE_DIR or ~/.cache/peerd)")
-    p.add_argument("--swarm", default="public", help="swarm name; peers in different swarms never mix (default: public)")
+    p.add_argument(
+        "--swarm", default="public", help="swarm name; peers in different swarms never mix (default: public)"
+    )
     p.add_argument(
         "--initial-peers",
         nargs="+",
@@ -95,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", default="127.0.0.1", help="libp2p listen address (default 127.0.0.1)")
     run.add_argument("--port", type=int, default=0, help="libp2p listen port (default 0: any free port)")
     run.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR", help="public multiaddrs to advertise")
-    run.add_argument("--identity", default="~/.config/peerd/identity.key", help="identity key file (0600, created on first run)")
+    run.add_argument(
+        "--identity",
+        default="~/.config/peerd/identity.key",
+        help="identity key file (0600, created on first run)",
+    )
     run.add_argument("--name", default="", help="public name shown in status tables")
     run.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)")
     run.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weights dtype")

@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import sys
-
 from pathlib import Path
 
 from peerd.cli import install_stop_handlers, resolve, write_ready_file
@@ -56,14 +55,22 @@ async def cmd_run(args: argparse.Namespace) -> int:
         await peer.startup()
         maddrs = await peer.visible_maddrs()
         assert peer.stage is not None
-        print(f"peer {peer.peer_id} serving {config.model_id} blocks {peer.stage.start}:{peer.stage.end}", flush=True)
+        print(
+            f"peer {peer.peer_id} serving {config.model_id} blocks {peer.stage.start}:{peer.stage.end}",
+            flush=True,
+        )
         print("others can join with:  --initial-peers " + " ".join(maddrs), flush=True)
         if peer.http_port is not None:
             print(f"metrics and health page: http://{config.http_host}:{peer.http_port}/", flush=True)
         write_ready_file(
             args.ready_file,
-            {"peer_id": peer.peer_id, "maddrs": maddrs, "http_port": peer.http_port,
-             "blocks": [peer.stage.start, peer.stage.end], "pid": __import__("os").getpid()},
+            {
+                "peer_id": peer.peer_id,
+                "maddrs": maddrs,
+                "http_port": peer.http_port,
+                "blocks": [peer.stage.start, peer.stage.end],
+                "pid": __import__("os").getpid(),
+            },
         )
         await peer.serve()
     finally:
@@ -95,7 +102,10 @@ async def cmd_bootstrap(args: argparse.Namespace) -> int:
     install_stop_handlers(stop.set)
     try:
         dht = await SwarmDHT.create(
-            p2p, private_key=key, prefix=swarm_prefix(args.swarm, model_id), num_blocks=num_blocks,
+            p2p,
+            private_key=key,
+            prefix=swarm_prefix(args.swarm, model_id),
+            num_blocks=num_blocks,
             initial_peers=args.initial_peers,
         )
         try:
@@ -115,9 +125,7 @@ async def _connect(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from peerd.client import SwarmClient
 
     model_id, path = resolve(args.model, args.cache_dir)
-    return await SwarmClient.connect(
-        args.initial_peers, path, model_id=args.model_id or model_id, swarm=args.swarm
-    )
+    return await SwarmClient.connect(args.initial_peers, path, model_id=args.model_id or model_id, swarm=args.swarm)
 
 
 async def cmd_generate(args: argparse.Namespace) -> int:
@@ -159,5 +167,3 @@ async def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(format_status(status))
     return 0 if not status["gaps"] else 3
-
-

@@ -77,8 +77,18 @@ class LocalSwarm:
         return self.initial_peers
 
     def start_peer(self, name: str, blocks: tuple[int, int], extra: list[str] | None = None) -> _Proc:
-        args = ["run", "--blocks", f"{blocks[0]}:{blocks[1]}", "--identity", str(self.workdir / f"{name}.key"),
-                "--name", name, "--initial-peers", *self.initial_peers, *(extra or [])]
+        args = [
+            "run",
+            "--blocks",
+            f"{blocks[0]}:{blocks[1]}",
+            "--identity",
+            str(self.workdir / f"{name}.key"),
+            "--name",
+            name,
+            "--initial-peers",
+            *self.initial_peers,
+            *(extra or []),
+        ]
         return self._spawn(name, args)
 
     def wait_ready(self, procs: list[_Proc], timeout_s: float, on_ready=None) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
@@ -98,8 +108,10 @@ class LocalSwarm:
                     raise RuntimeError(f"{name} exited with code {proc.popen.returncode}:\n{proc.log_tail()}")
             if pending and time.monotonic() > deadline:
                 names = ", ".join(pending)
-                raise TimeoutError(f"{names} not ready after {timeout_s:.0f}s; last log lines:\n"
-                                   + "\n".join(p.log_tail(5) for p in pending.values()))
+                raise TimeoutError(
+                    f"{names} not ready after {timeout_s:.0f}s; last log lines:\n"
+                    + "\n".join(p.log_tail(5) for p in pending.values())
+                )
             time.sleep(0.2)
         return [results[p.name] for p in procs]
 
@@ -140,20 +152,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     num_blocks = ModelConfig.from_pretrained(path).num_layers
     spans = split_blocks(num_blocks, args.peers)
     threads = max(1, (os.cpu_count() or 2) // args.peers)
-    print(f"peerd demo: {model_id} ({num_blocks} blocks) over {args.peers} local peers: "
-          + ", ".join(f"{a}:{b}" for a, b in spans), flush=True)
+    print(
+        f"peerd demo: {model_id} ({num_blocks} blocks) over {args.peers} local peers: "
+        + ", ".join(f"{a}:{b}" for a, b in spans),
+        flush=True,
+    )
     with LocalSwarm(args.model, cache_dir=args.cache_dir) as swarm:
         print("[1/4] starting the bootstrap node ...", flush=True)
         swarm.start_bootstrap()
         print(f"      {swarm.initial_peers[0]}", flush=True)
-        print(f"[2/4] starting {args.peers} peers (each loads only its blocks, then measures itself) ...", flush=True)
+        print(
+            f"[2/4] starting {args.peers} peers (each loads only its blocks, then measures itself) ...",
+            flush=True,
+        )
         started = time.monotonic()
-        procs = [swarm.start_peer(f"peer{i + 1}", span, ["--torch-threads", str(threads)])
-                 for i, span in enumerate(spans)]
+        procs = [
+            swarm.start_peer(f"peer{i + 1}", span, ["--torch-threads", str(threads)]) for i, span in enumerate(spans)
+        ]
 
         def on_ready(proc: _Proc, info: dict[str, object]) -> None:
             blocks = info.get("blocks")
-            print(f"      {proc.name} online: blocks {blocks} after {time.monotonic() - started:.1f}s", flush=True)
+            print(
+                f"      {proc.name} online: blocks {blocks} after {time.monotonic() - started:.1f}s",
+                flush=True,
+            )
 
         swarm.wait_ready(procs, timeout_s=300, on_ready=on_ready)
         return run_async(_chat(args, swarm.initial_peers, model_id, path))

@@ -48,9 +48,7 @@ def load_or_create_identity(path: Path) -> RSAPrivateKey:
             f.write(blob)
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
-        raise IdentityError(
-            f"identity file {path} is readable by others (mode {mode:o}); run `chmod 600 {path}`"
-        )
+        raise IdentityError(f"identity file {path} is readable by others (mode {mode:o}); run `chmod 600 {path}`")
     try:
         proto = crypto_pb2.PrivateKey.FromString(path.read_bytes())
         if proto.key_type != crypto_pb2.KeyType.RSA:

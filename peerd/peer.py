@@ -108,9 +108,7 @@ class Peer:
             self.capacity.decode_tokens_per_s,
             self.capacity.prefill_tokens_per_s,
         )
-        budget = CacheBudget(
-            cfg.cache_tokens, cache_bytes_per_token(self.model_config, end - start, stage.dtype)
-        )
+        budget = CacheBudget(cfg.cache_tokens, cache_bytes_per_token(self.model_config, end - start, stage.dtype))
         self.servicer = BlockServicer(
             stage=stage,
             model_id=cfg.model_id,
@@ -198,8 +196,10 @@ class Peer:
     def record(self) -> ServerRecord:
         hw = self.hardware or probe_hardware(self.config.device)
         cap = self.capacity or Capacity(0.0, 0.0)
-        start, end = (self.stage.start, self.stage.end) if self.stage is not None else (
-            self.config.blocks or (0, self.model_config.num_layers)
+        start, end = (
+            (self.stage.start, self.stage.end)
+            if self.stage is not None
+            else (self.config.blocks or (0, self.model_config.num_layers))
         )
         return ServerRecord(
             peer_id=self.peer_id,

@@ -86,7 +86,10 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     text = [f"model {status['model_id']}: {len(peers)} peer(s), {status['num_blocks']} blocks", ""]
     text.append(
-        _table(["NAME", "PEER", "STATE", "BLOCKS", "TOK/S/BLOCK", "DEVICE", "DTYPE", "CACHE FREE", "VERSION"], rows)
+        _table(
+            ["NAME", "PEER", "STATE", "BLOCKS", "TOK/S/BLOCK", "DEVICE", "DTYPE", "CACHE FREE", "VERSION"],
+            rows,
+        )
     )
     text += ["", "coverage (online peers per block; '.' = gap):"]
     text.append("  " + "".join(str(min(c["peers"], 9)) if c["peers"] else "." for c in status["coverage"]))

@@ -28,10 +28,8 @@ def to_wire(tensor: torch.Tensor, compression: Compression = Compression.NONE) -
     if name is None:
         raise ValueError(f"dtype {tensor.dtype} cannot be sent; allowed: {sorted(TORCH_DTYPES)}")
     cpu = tensor.detach().to("cpu").contiguous()
-    if tensor.dtype is torch.bfloat16:
-        array = cpu.view(torch.int16).numpy().view(np.uint16)  # raw bf16 bits
-    else:
-        array = cpu.numpy()
+    # bf16 travels as its raw 16-bit pattern (numpy has no bfloat16)
+    array = cpu.view(torch.int16).numpy().view(np.uint16) if tensor.dtype is torch.bfloat16 else cpu.numpy()
     return encode_array(array, dtype=name, compression=compression)
 
 
@@ -49,7 +47,7 @@ def from_wire(wire: WireTensor) -> torch.Tensor:
     shape = tuple(wire.shape)
     if array.size == 0:
         return torch.empty(shape, dtype=dtype)
-    buffer = memoryview(np.ascontiguousarray(array)).cast("B")
+    buffer = memoryview(np.ascontiguousarray(array).data).cast("B")
     with warnings.catch_warnings():
         # received frames are immutable bytes; torch warns that it cannot mark the tensor read-only.
         # Nothing downstream writes into inputs, and copying every activation would cost bandwidth.

@@ -50,11 +50,9 @@ def servers_by_peer(views: Iterable[BlockView]) -> dict[str, ServerRecord]:
     return out
 
 
-def missing_blocks(
-    servers: Mapping[str, ServerRecord], start: int, end: int, banned: Iterable[str] = ()
-) -> list[int]:
+def missing_blocks(servers: Mapping[str, ServerRecord], start: int, end: int, banned: Iterable[str] = ()) -> list[int]:
     banned = set(banned)
-    covered = set()
+    covered: set[int] = set()
     for record in servers.values():
         if record.peer_id not in banned:
             covered.update(range(record.start, record.end))
@@ -74,7 +72,8 @@ def plan_inference_route(
     banned = set(banned)
     rtt_ms = rtt_ms or {}
     usable = [
-        r for r in servers.values()
+        r
+        for r in servers.values()
         if r.peer_id not in banned and r.cache_tokens_free >= min_cache_tokens and r.decode_tokens_per_s > 0
     ]
     # edges[s] = list of (e, cost_ms, record)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from peerd.client.errors import NoRouteError, PeerError, PeerUnavailable, PeerdClientError
+from peerd.client.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable
 from peerd.client.routing import Span
 from peerd.client.transport import InferenceStream
 
@@ -60,7 +60,8 @@ class InferenceSession:
         self.length = 0
         self.spans: list[_SpanState] = []
         self.stalls_s: list[float] = []  # how long each failover stalled the session
-        self.hop_ms: list[list[float]] = []  # per step, per span: wall time of the hop
+        self.hop_ms: list[list[float]] = []  # per step, per span: client-side wall time of the hop
+        self.hop_compute_ms: list[list[float]] = []  # per step, per span: server compute time reported
         self._session_ids: set[bytes] = set()
 
     @property
@@ -118,7 +119,7 @@ class InferenceSession:
                 f"(session holds {self.length}, max_length {self.max_length})"
             )
         x = hidden
-        timings = []
+        timings, computes = [], []
         i = 0
         while i < len(self.spans):
             state = self.spans[i]
@@ -137,9 +138,11 @@ class InferenceSession:
                 continue  # retry the same position of the chain on the replacement span(s)
             state.history.append((position, x))
             timings.append((time.perf_counter() - started) * 1e3)
+            computes.append(state.stream.last_compute_ms)
             x = out
             i += 1
         self.hop_ms.append(timings)
+        self.hop_compute_ms.append(computes)
         self.length = position + hidden.shape[1]
         return x
 

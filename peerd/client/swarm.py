@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from hivemind.p2p import P2P
 from hivemind.utils.crypto import RSAPrivateKey
+from tokenizers import Tokenizer
 
 from peerd.client.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable, SwarmConnectError
 from peerd.client.routing import (
@@ -38,6 +39,8 @@ from protocols import Compression
 
 __all__ = ["BanList", "GenerationResult", "SwarmClient"]
 
+GREEDY = SamplingParams()
+
 logger = logging.getLogger(__name__)
 
 
@@ -47,14 +50,14 @@ class BanList:
     def __init__(self, base_s: float = 5.0, max_s: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.base_s = base_s
         self.max_s = max_s
-        self.clock = clock
+        self.clock: Callable[[], float] = clock
         self._until: dict[str, float] = {}
         self._strikes: dict[str, int] = {}
 
     def ban(self, peer_id: str) -> float:
         strikes = self._strikes.get(peer_id, 0) + 1
         self._strikes[peer_id] = strikes
-        duration = min(self.max_s, self.base_s * 2 ** (strikes - 1))
+        duration = min(self.max_s, self.base_s * 2.0 ** (strikes - 1))
         self._until[peer_id] = self.clock() + duration
         return duration
 
@@ -78,7 +81,8 @@ class GenerationResult:
     total_s: float
     route: list[Span]
     stalls_s: list[float] = field(default_factory=list)
-    hop_ms: list[list[float]] = field(default_factory=list)
+    hop_ms: list[list[float]] = field(default_factory=list)  # per step, per span: wall ms at the client
+    hop_compute_ms: list[list[float]] = field(default_factory=list)  # per step, per span: server compute ms
 
     @property
     def tokens_per_s(self) -> float:
@@ -98,7 +102,7 @@ class SwarmClient:
         model_id: str,
         model_config: ModelConfig,
         head: ClientHead,
-        tokenizer: object | None,
+        tokenizer: Tokenizer | None,
         request_timeout_s: float,
         dht_timeout_s: float,
         route_wait_s: float,
@@ -144,8 +148,6 @@ class SwarmClient:
         head = await asyncio.to_thread(load_client_head, model_path, dtype=dtype, progress=False)
         tokenizer = None
         if (model_path / "tokenizer.json").exists():
-            from tokenizers import Tokenizer
-
             tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
         if not initial_peers:
             raise SwarmConnectError("no initial peers given: pass the multiaddr a peer printed at start-up")
@@ -230,19 +232,19 @@ class SwarmClient:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise PeerdClientError("this model folder has no tokenizer.json; pass token ids instead of text")
-        return list(self.tokenizer.encode(text).ids)  # type: ignore[attr-defined]
+        return list(self.tokenizer.encode(text).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
             return " ".join(map(str, ids))
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))  # type: ignore[attr-defined]
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     async def generate(
         self,
         prompt: str | Sequence[int],
         *,
         max_new_tokens: int = 64,
-        sampling: SamplingParams = SamplingParams(),
+        sampling: SamplingParams = GREEDY,
         stop_on_eos: bool = True,
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
@@ -261,7 +263,7 @@ class SwarmClient:
         prompt: str | Sequence[int],
         *,
         max_new_tokens: int = 64,
-        sampling: SamplingParams = SamplingParams(),
+        sampling: SamplingParams = GREEDY,
         stop_on_eos: bool = True,
     ) -> AsyncIterator[str]:
         """Async iterator of text pieces as they are generated."""
@@ -300,13 +302,14 @@ class SwarmClient:
                 text = self.decode(generated)
                 # hold back a trailing replacement char: a multi-byte character may be incomplete
                 if len(text) > len(emitted) and not text.endswith("\ufffd"):
-                    yield text[len(emitted):]
+                    yield text[len(emitted) :]
                     emitted = text
                 step_ids = torch.tensor([[token]], dtype=torch.long)
             route, stalls, hops = session.route, list(session.stalls_s), list(session.hop_ms)
+            computes = list(session.hop_compute_ms)
         text = self.decode(generated)
         if len(text) > len(emitted):
-            yield text[len(emitted):]
+            yield text[len(emitted) :]
         yield GenerationResult(
             token_ids=generated,
             text=text,
@@ -316,6 +319,7 @@ class SwarmClient:
             route=route,
             stalls_s=stalls,
             hop_ms=hops,
+            hop_compute_ms=computes,
         )
 
     # --- stateless forward --------------------------------------------------------------------------
@@ -338,7 +342,9 @@ class SwarmClient:
                 attempts += 1
                 self.ban(span.peer_id, reason=str(exc))
                 if attempts > self.max_retries:
-                    raise PeerdClientError(f"forward through blocks {block}:{end} failed {attempts} times: {exc}") from exc
+                    raise PeerdClientError(
+                        f"forward through blocks {block}:{end} failed {attempts} times: {exc}"
+                    ) from exc
                 continue
             block = span.end
         return x

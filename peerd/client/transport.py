@@ -57,9 +57,7 @@ class PeerClient:
         self._hello = Hello(PROTOCOL_VERSION, model_id, client_name)
 
     @asynccontextmanager
-    async def _stream(
-        self, peer_id: str, rpc: str
-    ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    async def _stream(self, peer_id: str, rpc: str) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
         try:
             async with asyncio.timeout(self.timeout_s):
                 _, reader, writer = await self.p2p.call_binary_stream_handler(
@@ -110,7 +108,12 @@ class PeerClient:
             return await self._receive(peer_id, reader, InfoResponse)
 
     async def forward(
-        self, peer_id: str, hidden: torch.Tensor, start: int, end: int, compression: Compression = Compression.NONE
+        self,
+        peer_id: str,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        compression: Compression = Compression.NONE,
     ) -> torch.Tensor:
         async with self._stream(peer_id, "forward") as (reader, writer):
             request = ForwardRequest(to_wire(hidden, compression), start, end, response_compression=compression)
@@ -128,7 +131,10 @@ class PeerClient:
     ) -> torch.Tensor:
         async with self._stream(peer_id, "backward") as (reader, writer):
             request = BackwardRequest(
-                to_wire(hidden, compression), to_wire(grad_output, compression), start, end,
+                to_wire(hidden, compression),
+                to_wire(grad_output, compression),
+                start,
+                end,
                 response_compression=compression,
             )
             await self._send(peer_id, writer, self._hello, request)
@@ -186,7 +192,9 @@ class InferenceStream:
             raise PeerUnavailable(self.peer_id, "session stream already closed")
         self._step_id += 1
         await self.client._send(
-            self.peer_id, self._writer, InferenceStep(to_wire(hidden, self._compression), position, self._step_id)
+            self.peer_id,
+            self._writer,
+            InferenceStep(to_wire(hidden, self._compression), position, self._step_id),
         )
         result = await self.client._receive(self.peer_id, self._reader, InferenceStepResult)
         if result.step_id != self._step_id:

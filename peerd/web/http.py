@@ -28,7 +28,14 @@ class HttpResponse:
 
 
 Route = Callable[[], Awaitable[HttpResponse]]
-_REASONS = {200: "OK", 503: "Service Unavailable", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error"}
+_REASONS = {
+    200: "OK",
+    503: "Service Unavailable",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+}
 
 
 class HttpServer:
@@ -57,11 +64,12 @@ class HttpServer:
             response = HttpResponse(b"bad request\n", status=400)
         try:
             reason = _REASONS.get(response.status, "Unknown")
-            writer.write(
+            status_head = (
                 f"HTTP/1.1 {response.status} {reason}\r\nContent-Type: {response.content_type}\r\n"
-                f"Content-Length: {len(response.body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n".encode()
-                + response.body
+                f"Content-Length: {len(response.body)}\r\nCache-Control: no-store\r\n"
+                "Connection: close\r\n\r\n"
             )
+            writer.write(status_head.encode() + response.body)
             await writer.drain()
         except ConnectionError:
             pass

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ class Swarm:
     workdir: Path
     peers: list[Peer]
     initial_peers: tuple[str, ...] = ()
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def config(self, name: str, blocks: tuple[int, int], **overrides: object) -> PeerConfig:
         base = PeerConfig(
@@ -54,6 +56,7 @@ class Swarm:
         peer = Peer(self.config(name, blocks, **overrides))
         self.peers.append(peer)
         await peer.startup()
+        self.tasks.append(asyncio.create_task(peer.serve()))  # the re-announce loop, as `peerd run` has
         if not self.initial_peers:
             self.initial_peers = tuple(await peer.visible_maddrs())
         return peer
@@ -79,3 +82,4 @@ async def make_swarm(tiny_ckpt: Path, tmp_path: Path) -> AsyncIterator[object]:
     for swarm in swarms:
         for peer in swarm.peers:
             await peer.shutdown()
+        await asyncio.gather(*swarm.tasks)

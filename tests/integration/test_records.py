@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
 
 from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import CompositeValidator

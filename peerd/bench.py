@@ -1,0 +1,196 @@
+"""`make bench`: side-by-side measurements on this machine, printed as ratios and written to JSON.
+
+These machines are shared and noisy, so nothing here trusts one absolute time: the swarm and the
+local baseline run interleaved in the same process, several rounds each, and we report medians
+and their ratio. Run with ``python -m peerd.bench [--model ID] [--tokens N] [--rounds R]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["main"]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def local_decode(model: Any, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
+    """Greedy decode with the whole model in this process; returns (tokens, decode tokens/s)."""
+    head, stage = model.head, model.stage
+    with torch.inference_mode():
+        cache = stage.allocate_cache(1, len(prompt) + new_tokens)
+        hidden = stage.forward(head.embed(torch.tensor([prompt])), cache=cache, position=0)
+        token = int(head.logits(hidden[:, -1:])[0, -1].argmax())
+        tokens = [token]
+        started = time.perf_counter()
+        for i in range(new_tokens - 1):
+            hidden = stage.forward(head.embed(torch.tensor([[token]])), cache=cache, position=len(prompt) + i)
+            token = int(head.logits(hidden)[0, -1].argmax())
+            tokens.append(token)
+        elapsed = time.perf_counter() - started
+    return tokens, (new_tokens - 1) / elapsed
+
+
+def codec_ratio(size_mib: int = 16, rounds: int = 5) -> dict[str, float]:
+    """Tensor codec encode+decode throughput versus a plain memory copy of the same bytes."""
+    from protocols import ForwardRequest, decode_message, encode_array, encode_message
+
+    array = np.random.default_rng(0).standard_normal(size_mib * 1024 * 1024 // 4).astype(np.float32)
+    nbytes = array.nbytes
+    codec_s, copy_s = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        body = encode_message(ForwardRequest(encode_array(array.reshape(1, -1, 1024)), 0, 1))
+        decoded = decode_message(body)
+        assert isinstance(decoded, ForwardRequest)
+        codec_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        copy = bytearray(memoryview(array.data).cast("B"))
+        copy_s.append(time.perf_counter() - t0)
+        del copy
+    codec = nbytes / statistics.median(codec_s) / 1e9
+    memcpy = nbytes / statistics.median(copy_s) / 1e9
+    return {"codec_gb_per_s": codec, "memcpy_gb_per_s": memcpy, "codec_vs_memcpy": codec / memcpy}
+
+
+async def swarm_decode(initial_peers: list[str], path: Path, model_id: str, prompt: list[int], new_tokens: int):  # type: ignore[no-untyped-def]
+    from peerd.client import SwarmClient
+
+    client = await SwarmClient.connect(initial_peers, path, model_id=model_id)
+    try:
+        await client.wait_for_route(timeout_s=60)
+        return await client.generate(prompt, max_new_tokens=new_tokens, stop_on_eos=False)
+    finally:
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peerd.bench", description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--tokens", type=int, default=48, help="new tokens per generation (default 48)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of local and swarm (default 3)")
+    parser.add_argument("--peers", type=int, default=3)
+    parser.add_argument("--out", default="bench-results/bench.json")
+    args = parser.parse_args(argv)
+
+    from peerd.cli import resolve, run_async
+    from peerd.demo import LocalSwarm, split_blocks
+    from peerd.model.chat import chat_prompt_ids, load_tokenizer
+    from peerd.model.config import ModelConfig
+    from peerd.model.loading import load_local_model
+
+    # one intra-op thread everywhere: each peer process gets one, and so does the local baseline,
+    # so the comparison is of the same compute with and without the network in between
+    torch.set_num_threads(1)
+    model_id, path = resolve(args.model, args.cache_dir)
+    config = ModelConfig.from_pretrained(path)
+    prompt = chat_prompt_ids(load_tokenizer(path), "Write a short story about a robot who learns to paint.")
+    print(
+        f"peerd bench: {model_id}, {config.num_layers} blocks, {args.peers} local peers, "
+        f"{args.tokens} new tokens, {args.rounds} rounds, 1 torch thread per process",
+        flush=True,
+    )
+
+    print("[1/4] tensor codec vs memcpy ...", flush=True)
+    codec = codec_ratio()
+    print("[2/4] loading the local baseline ...", flush=True)
+    local_model = load_local_model(path, progress=False)
+    local_decode(local_model, prompt, 4)  # warm-up
+
+    results: dict[str, Any] = {
+        "model": model_id,
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "codec": codec,
+    }
+    with LocalSwarm(args.model, cache_dir=args.cache_dir) as swarm:
+        print(
+            "[3/4] starting a bootstrap node and peers "
+            + ", ".join(f"{a}:{b}" for a, b in split_blocks(config.num_layers, args.peers))
+            + " ...",
+            flush=True,
+        )
+        t0 = time.monotonic()
+        swarm.start_bootstrap()
+        procs = [
+            swarm.start_peer(f"peer{i + 1}", span, ["--torch-threads", "1"])
+            for i, span in enumerate(split_blocks(config.num_layers, args.peers))
+        ]
+        swarm.wait_ready(procs, timeout_s=300)
+        results["swarm_start_s"] = time.monotonic() - t0
+        print(f"      ready after {results['swarm_start_s']:.1f}s", flush=True)
+        print("[4/4] interleaved rounds: local, swarm, local, swarm, ...", flush=True)
+        local_tps, swarm_tps, overheads, identical = [], [], [], True
+        for r in range(args.rounds):
+            tokens_local, tps = local_decode(local_model, prompt, args.tokens)
+            local_tps.append(tps)
+            res = run_async(swarm_decode(swarm.initial_peers, path, model_id, prompt, args.tokens))
+            swarm_tps.append(res.tokens_per_s)
+            identical &= res.token_ids == tokens_local
+            for hops, computes in zip(res.hop_ms[1:], res.hop_compute_ms[1:], strict=True):  # decode steps only
+                overheads += [h - c for h, c in zip(hops, computes, strict=True)]
+            print(
+                f"      round {r + 1}: local {tps:6.1f} tok/s   swarm {res.tokens_per_s:6.1f} tok/s   "
+                f"same tokens: {res.token_ids == tokens_local}",
+                flush=True,
+            )
+        text = load_tokenizer(path).decode(tokens_local, skip_special_tokens=True)
+
+    local_med, swarm_med = statistics.median(local_tps), statistics.median(swarm_tps)
+    results.update(
+        local_tokens_per_s=local_med,
+        swarm_tokens_per_s=swarm_med,
+        swarm_vs_local=swarm_med / local_med,
+        hop_overhead_ms_p50=_percentile(overheads, 50),
+        hop_overhead_ms_p99=_percentile(overheads, 99),
+        hops_measured=len(overheads),
+        outputs_identical=identical,
+        local_rounds=local_tps,
+        swarm_rounds=swarm_tps,
+        cpu_count=os.cpu_count(),
+        torch=torch.__version__,
+        sample_text=text,
+    )
+    rows = [
+        ("swarm generation", f"{swarm_med:.1f} tok/s", "median of rounds"),
+        ("local generation", f"{local_med:.1f} tok/s", "same model, same process"),
+        ("swarm / local", f"{results['swarm_vs_local']:.3f}", "target >= 0.85"),
+        (
+            "per-hop overhead p50",
+            f"{results['hop_overhead_ms_p50']:.2f} ms",
+            "decode step wall - server compute",
+        ),
+        ("per-hop overhead p99", f"{results['hop_overhead_ms_p99']:.2f} ms", f"{len(overheads)} hops"),
+        (
+            "codec / memcpy",
+            f"{codec['codec_vs_memcpy']:.3f}",
+            f"{codec['codec_gb_per_s']:.2f} vs {codec['memcpy_gb_per_s']:.2f} GB/s (16 MiB fp32)",
+        ),
+        ("outputs identical", str(identical), "swarm tokens == local tokens"),
+    ]
+    print()
+    width = max(len(r[0]) for r in rows)
+    for name, value, note in rows:
+        print(f"  {name.ljust(width)}  {value:>14}   {note}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
