@@ -23,13 +23,16 @@ class KVCache:
     """Keys and values of every block of one stage for a batch of sequences, preallocated to ``max_length``.
 
     ``keys`` and ``values`` are ``[num_blocks, batch, num_kv_heads, max_length,
-    head_dim]``; the block axis counts from the stage's first block. Entries at
-    positions not yet written are zeros and are never attended to by
-    :meth:`Stage.forward`, which only reads ``[0, position + n)``.
+    head_dim]``; the block axis counts from the stage's first block.
+    ``length`` counts the valid positions ``[0, length)``: :meth:`Stage.forward`
+    sets it to ``position + n`` after writing and refuses a position beyond it,
+    which would attend to never-written entries. It is one count for the whole
+    cache, so a session should keep to one block range.
     """
 
     keys: Tensor  # [num_blocks, batch, num_kv_heads, max_length, head_dim]
     values: Tensor  # same shape as keys
+    length: int = 0  # positions [0, length) hold keys/values of the current sequences
 
     def __post_init__(self) -> None:
         if self.keys.dim() != 5 or self.keys.shape != self.values.shape:
@@ -140,8 +143,11 @@ class Stage(nn.Module):
         self._check_window(max_length)
         c = self.config
         shape = (self.num_blocks, batch_size, c.num_kv_heads, max_length, c.head_dim)
-        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # Normal tensors even when called under inference_mode, so that the cache can be
+        # written in place both inside and outside inference mode (an inference tensor can't).
+        with torch.inference_mode(False):
+            keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return KVCache(keys, values)
 
     def forward(
@@ -158,8 +164,9 @@ class Stage(nn.Module):
         cache, they attend causally among themselves only (a stateless forward,
         differentiable w.r.t. ``hidden``). With a cache, their keys and values
         are written at ``[position, position + n)`` and they attend causally to
-        cache entries ``[0, position + n)``; a position below what was written
-        earlier rewinds the sequence. The cached path runs without autograd.
+        cache entries ``[0, position + n)``; a position below ``cache.length``
+        rewinds the sequence, one above it is refused. The cached path runs
+        without autograd.
         ``start``/``end`` are absolute block indices within the hosted range;
         the cache always spans the whole stage. Raises ``ValueError`` on a
         wrong shape, dtype, device, range, or a cache too short.
@@ -191,9 +198,13 @@ class Stage(nn.Module):
             raise ValueError(f"cache is {cache.keys.dtype} on {cache.keys.device}, stage is {self.dtype}")
         if position + n > cache.max_length:
             raise ValueError(f"tokens [{position}, {position + n}) do not fit a cache of max_length {cache.max_length}")
+        if position > cache.length:
+            raise ValueError(f"position {position} would leave a gap: the cache holds {cache.length} tokens")
         # Writing graph-tracked tensors into the cache would keep every step's graph alive.
         with torch.no_grad():
-            return self._run(hidden, cache, position, start, end, key_length=position + n)
+            out = self._run(hidden, cache, position, start, end, key_length=position + n)
+        cache.length = position + n
+        return out
 
     def _run(
         self, hidden: Tensor, cache: KVCache | None, position: int, start: int, end: int, key_length: int

@@ -74,7 +74,9 @@ def test_rewind_overwrites_the_cache(stage: Stage) -> None:
     sequence = torch.cat([old[:, :6], new[:, 6:]], dim=1)
     cache = stage.allocate_cache(1, 10)
     stage(old, cache, 0)
+    assert cache.length == 10
     tail = stage(sequence[:, 6:8], cache, 6)
+    assert cache.length == 8
     step = stage(sequence[:, 8:9], cache, 8)
     close(torch.cat([tail, step], dim=1), stage(sequence)[:, 6:9])
 
@@ -120,6 +122,8 @@ def test_invalid_calls_raise_clear_errors(stage: Stage) -> None:
         stage(hidden_states(1, 3).double())
     with pytest.raises(ValueError, match="position must be >= 0"):
         stage(hidden_states(1, 3), position=-1)
+    with pytest.raises(ValueError, match="position 2 would leave a gap: the cache holds 0 tokens"):
+        stage(hidden_states(1, 1), cache, 2)
     with pytest.raises(ValueError, match="cache has shape"):
         stage(hidden_states(2, 3), cache, 0)
     with pytest.raises(ValueError, match="must be a non-empty part"):
@@ -134,3 +138,11 @@ def test_sliding_window_limits_sequence_length() -> None:
     with pytest.raises(ValueError, match="sliding window of 8"):
         stage(hidden_states(1, 9))
     stage(hidden_states(1, 8))  # within the window it is plain attention
+
+
+def test_cache_from_inference_mode_is_usable_outside_it(stage: Stage) -> None:
+    with torch.inference_mode():
+        cache = stage.allocate_cache(1, 4)
+        stage(hidden_states(1, 2), cache, 0)
+    stage(hidden_states(1, 1), cache, 2)  # in-place writes to an inference tensor would raise here
+    assert cache.length == 3
