@@ -457,10 +457,7 @@ def test_format_chat_explicit_system_and_history():
 def test_format_chat_plain_chatml_and_no_generation_prompt():
     messages = [{"role": "user", "content": "Hi"}]
     assert chat.format_chat(messages, "chatml") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    assert (
-        chat.format_chat(messages, "ChatML", add_generation_prompt=False)
-        == "<|im_start|>user\nHi<|im_end|>\n"
-    )
+    assert chat.format_chat(messages, "ChatML", add_generation_prompt=False) == "<|im_start|>user\nHi<|im_end|>\n"
 
 
 @pytest.mark.parametrize(
