@@ -757,9 +757,7 @@ def fetch_model(
     """
     canonical = canonical_model_id(model_id)
     if canonical is None:
-        raise ModelNotFoundError(
-            f"`peerd model fetch` does not know model {model_id!r}. Known model ids:\n{_known_ids_text()}"
-        )
+        raise ModelNotFoundError(f"unknown model {model_id!r}; known model ids:\n{_known_ids_text()}")
     known = KNOWN_MODELS[canonical]
     report = _Reporter(progress)
     target = model_dir(canonical, cache_dir)
@@ -817,7 +815,8 @@ def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="peerd cache root; models go to DIR/models/<id> (default: $PEERD_CACHE_DIR, else ~/.cache/peerd)",
+        help="peerd cache root; models go to DIR/models/<id> "
+        "(default: $PEERD_CACHE_DIR, else $XDG_CACHE_HOME/peerd, else ~/.cache/peerd)",
     )
     parser.add_argument("--force", action="store_true", help="download and convert again even if the model is present")
     parser.add_argument("--quiet", action="store_true", help="no step lines or progress bars")
