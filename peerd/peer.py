@@ -12,12 +12,10 @@ import logging
 import random
 import time
 from dataclasses import replace
-from typing import Any
 
 import torch
 from hivemind.p2p import P2P
 from hivemind.utils.crypto import RSAPrivateKey
-from prometheus_client import generate_latest
 
 from peerd import __version__
 from peerd.capacity import Capacity, Hardware, measure_throughput, probe_hardware
@@ -32,7 +30,8 @@ from peerd.server.runtime import ComputeRuntime
 from peerd.server.sessions import CacheBudget
 from peerd.swarm.dht import SwarmDHT
 from peerd.swarm.records import PeerState, ServerRecord, swarm_prefix
-from peerd.web.http import HttpResponse, HttpServer
+from peerd.web.http import HttpServer
+from peerd.web.routes import peer_routes
 from protocols import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION
 
 __all__ = ["Peer"]
@@ -130,7 +129,7 @@ class Peer:
             await self.p2p.add_binary_stream_handler(name, getattr(self.servicer, f"rpc_{rpc}"))
         self._set_static_metrics(budget)
         if cfg.http_port is not None:
-            self.http = HttpServer(self.http_routes())
+            self.http = HttpServer(peer_routes(self))
             self.http_port = await self.http.start(cfg.http_host, cfg.http_port)
         self.state = PeerState.ONLINE
         self.servicer.state = "online"
@@ -246,15 +245,3 @@ class Peer:
         m.cache_limit.set(budget.total_tokens * budget.bytes_per_token)
         m.throughput.labels(phase="decode").set(self.capacity.decode_tokens_per_s)
         m.throughput.labels(phase="prefill").set(self.capacity.prefill_tokens_per_s)
-
-    def http_routes(self) -> dict[str, Any]:
-        async def metrics() -> HttpResponse:
-            if self.dht is not None:
-                self.metrics.dht_peers.set(len(self.dht.node.protocol.routing_table.uid_to_peer_id))
-            return HttpResponse(generate_latest(self.metrics.registry), "text/plain; version=0.0.4; charset=utf-8")
-
-        async def healthz() -> HttpResponse:
-            ok = self.state is PeerState.ONLINE
-            return HttpResponse(b"ok\n" if ok else b"not ready\n", status=200 if ok else 503)
-
-        return {"/metrics": metrics, "/healthz": healthz}

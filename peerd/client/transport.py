@@ -16,7 +16,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 
 from peerd.client.errors import PeerError, PeerUnavailable
-from peerd.server_names import STREAM_NAMES
+from peerd.streams import STREAM_NAMES
 from peerd.tensors import from_wire, to_wire
 from protocols import (
     DEFAULT_MAX_FRAME_BYTES,

@@ -188,7 +188,8 @@ class Attention(nn.Module):
         # SDPA sees ordinary multi-head attention over kv_heads heads.
         q = q.reshape(batch, kv_heads, groups * n, dim)  # [batch, kv_heads, groups * n, dim]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [batch, kv_heads, groups * n, dim]
-        out = out.view(batch, heads, n, dim).transpose(1, 2)  # [batch, n, heads, dim]
+        # reshape, not view: CUDA kernels may return another memory layout than the CPU one.
+        out = out.reshape(batch, heads, n, dim).transpose(1, 2)  # [batch, n, heads, dim]
         out = out.reshape(batch, n, heads * dim)  # [batch, n, heads * dim]
         return self.o_proj(out)  # type: ignore[no-any-return]
 

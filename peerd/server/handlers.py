@@ -23,13 +23,12 @@ from peerd.metrics import PeerMetrics
 from peerd.model.stage import KVCache, Stage
 from peerd.server.runtime import ComputeRuntime, RuntimeClosed
 from peerd.server.sessions import CacheBudget, ServerSession
-from peerd.server_names import STREAM_NAMES
+from peerd.streams import STREAM_NAMES
 from peerd.tensors import from_wire, to_wire
 from protocols import (
     PROTOCOL_VERSION,
     BackwardRequest,
     BackwardResponse,
-    Error,
     ErrorCode,
     ForwardRequest,
     ForwardResponse,
@@ -43,6 +42,7 @@ from protocols import (
     InfoResponse,
     Message,
     ProtocolError,
+    error_from_exception,
     read_message,
     write_message,
 )
@@ -106,7 +106,7 @@ class BlockServicer:
     async def _send_error(self, writer: asyncio.StreamWriter, exc: ProtocolError) -> None:
         self.metrics.errors.labels(code=str(int(exc.code))).inc()
         try:
-            await self._send(writer, Error(int(exc.code), exc.message, exc.code.retryable))
+            await self._send(writer, error_from_exception(exc))
         except (OSError, TimeoutError, ConnectionError, ProtocolError):
             pass  # the client is gone; nothing else to tell it
 
