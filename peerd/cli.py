@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swarm_args(status, need_peers=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    finetune = sub.add_parser("finetune", help="train a soft prompt / adapters through a swarm (blocks stay frozen)")
+    _add_swarm_args(finetune, need_peers=True)
+    from peerd.finetune import add_finetune_arguments
+
+    add_finetune_arguments(finetune)
+
     model = sub.add_parser("model", help="manage model files")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     fetch = model_sub.add_parser("fetch", help="download and convert the embedded default model (idempotent)")
@@ -178,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from peerd.commands import cmd_generate
 
             return run_async(cmd_generate(args))
+        if args.command == "finetune":
+            from peerd.finetune import cmd_finetune
+
+            return run_async(cmd_finetune(args))
         if args.command == "status":
             from peerd.commands import cmd_status
 
