@@ -1,69 +1,181 @@
 """Prometheus metrics of one peer: one registry per Peer object (never module globals).
 
-Names follow Prometheus conventions: ``peerd_`` prefix, base units as suffixes, ``_total`` counters.
+Names follow Prometheus conventions: ``peerd_`` prefix, base units as suffixes (``_seconds``,
+``_bytes``), ``_total`` on counters (prometheus-client appends it). Label sets that are known in
+advance (rpcs, token phases, error codes) are created at zero, so a dashboard query over a quiet
+peer returns 0 rather than nothing. docs/operating.md lists every series.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["PeerMetrics"]
+from protocols import ErrorCode
+
+__all__ = ["RPCS", "STEP_PHASES", "TOKEN_PHASES", "PeerMetrics"]
+
+RPCS = ("info", "forward", "backward", "inference")
+TOKEN_PHASES = ("prefill", "decode", "forward", "backward")
+STEP_PHASES = ("prefill", "decode")  # a decode step is one token per sequence: its latency is per-token latency
+PEER_STATES = ("offline", "joining", "online")
 
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
+# inference requests last a whole session (seconds to minutes), so they get longer buckets
+_REQUEST_BUCKETS_S = (*_LATENCY_BUCKETS_S, 60, 120, 300, 600)
 
 
 class _ProcessCollector(Collector):
-    """Resident memory and CPU time of this process, read on each scrape (works for many peers per process)."""
+    """Resident memory, CPU time and threads of this process, read on each scrape.
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    prometheus-client's own ProcessCollector reads /proc (Linux only) and is usually registered
+    globally; this one uses psutil (macOS and Windows volunteers too) and lives in the peer's
+    registry. Several peers in one process (tests) report the same process, which is the truth.
+    """
+
+    def __init__(self) -> None:
         import psutil
 
-        proc = psutil.Process(os.getpid())
-        mem = GaugeMetricFamily("peerd_process_resident_memory_bytes", "Resident set size of the daemon process")
-        mem.add_metric([], float(proc.memory_info().rss))
-        cpu = GaugeMetricFamily("peerd_process_cpu_seconds", "User+system CPU time of the daemon process")
-        times = proc.cpu_times()
-        cpu.add_metric([], float(times.user + times.system))
-        yield mem
-        yield cpu
+        self._process = psutil.Process(os.getpid())
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        proc = self._process
+        with proc.oneshot():
+            rss = float(proc.memory_info().rss)
+            times = proc.cpu_times()
+            threads = float(proc.num_threads())
+        yield GaugeMetricFamily(
+            "peerd_process_resident_memory_bytes", "Resident set size of the daemon process", value=rss
+        )
+        yield CounterMetricFamily(
+            "peerd_process_cpu_seconds",
+            "User plus system CPU time of the daemon process",
+            value=times.user + times.system,
+        )
+        yield GaugeMetricFamily("peerd_process_threads", "OS threads of the daemon process", value=threads)
 
 
 class PeerMetrics:
-    """All series a peer exports; handlers call the small helpers below."""
+    """All series one peer exports. Handlers update them through the attributes and helpers below;
+    values that are cheaper to read than to track (state, DHT size, swarm view) are set at scrape
+    time by ``peerd.web.routes``."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # --- requests --------------------------------------------------------------------------
         self.requests = Counter("peerd_requests", "RPC requests by rpc and outcome", ["rpc", "outcome"], registry=r)
         self.request_latency = Histogram(
-            "peerd_request_duration_seconds", "RPC latency", ["rpc"], buckets=_LATENCY_BUCKETS_S, registry=r
+            "peerd_request_duration_seconds",
+            "RPC latency from stream open to answer (inference: the whole session)",
+            ["rpc"],
+            buckets=_REQUEST_BUCKETS_S,
+            registry=r,
         )
         self.step_latency = Histogram(
             "peerd_inference_step_duration_seconds",
-            "Server time of one inference step (read to reply)",
+            "Server time of one inference step, read to reply; phase=decode is the per-token latency",
+            ["phase"],
             buckets=_LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.tokens = Counter("peerd_tokens_processed", "Tokens through the hosted blocks", ["phase"], registry=r)
-        self.errors = Counter("peerd_errors", "Protocol errors sent, by code", ["code"], registry=r)
+        self.tokens = Counter(
+            "peerd_tokens_processed", "Tokens (x batch) through the hosted blocks, by phase", ["phase"], registry=r
+        )
+        self.errors = Counter(
+            "peerd_errors", "Protocol errors answered to clients, by code", ["code", "name"], registry=r
+        )
+        self.bytes_in = Counter(
+            "peerd_network_received_bytes", "Protocol frame bytes received by the RPC handlers", registry=r
+        )
+        self.bytes_out = Counter(
+            "peerd_network_sent_bytes", "Protocol frame bytes sent by the RPC handlers", registry=r
+        )
+        # --- sessions and cache ----------------------------------------------------------------
         self.sessions_active = Gauge("peerd_sessions_active", "Open inference sessions", registry=r)
+        self.sessions_opened = Counter("peerd_sessions_opened", "Inference sessions admitted", registry=r)
+        self.sessions_limit = Gauge("peerd_sessions_limit", "Most concurrent inference sessions", registry=r)
         self.cache_used = Gauge("peerd_kv_cache_used_bytes", "KV cache bytes reserved by sessions", registry=r)
         self.cache_limit = Gauge("peerd_kv_cache_limit_bytes", "KV cache budget", registry=r)
+        # --- what this peer serves -------------------------------------------------------------
         self.blocks_start = Gauge("peerd_hosted_block_start", "First hosted block", registry=r)
         self.blocks_end = Gauge("peerd_hosted_block_end", "One past the last hosted block", registry=r)
         self.blocks_hosted = Gauge("peerd_hosted_blocks", "Number of hosted blocks", registry=r)
         self.throughput = Gauge(
             "peerd_throughput_tokens_per_second", "Measured per-block throughput", ["phase"], registry=r
         )
-        self.dht_peers = Gauge("peerd_dht_known_peers", "Peers in this node's DHT routing table", registry=r)
-        self.bytes_in = Counter("peerd_network_received_bytes", "Frame bytes received", registry=r)
-        self.bytes_out = Counter("peerd_network_sent_bytes", "Frame bytes sent", registry=r)
         self.moves = Counter("peerd_rebalance_moves", "Times this peer moved to other blocks", registry=r)
+        self.state = Gauge(
+            "peerd_peer_state", "1 for the state this peer is in, 0 for the others", ["state"], registry=r
+        )
+        self.info = Info("peerd_peer", "Identity of this peer (value is always 1)", registry=r)
         self.start_time = Gauge("peerd_start_time_seconds", "Unix time the daemon started", registry=r)
         self.start_time.set(time.time())
+        # --- the swarm as this peer's DHT node sees it -----------------------------------------
+        self.dht_peers = Gauge("peerd_dht_known_peers", "Peers in this node's DHT routing table", registry=r)
+        self.swarm_peers = Gauge(
+            "peerd_swarm_peers", "Peers announcing this model in the DHT, by state", ["state"], registry=r
+        )
+        self.swarm_blocks = Gauge("peerd_swarm_blocks", "Transformer blocks of the model", registry=r)
+        self.swarm_block_servers = Gauge(
+            "peerd_swarm_block_servers", "Online peers serving each block (DHT view)", ["block"], registry=r
+        )
+        self.swarm_blocks_uncovered = Gauge(
+            "peerd_swarm_blocks_uncovered", "Blocks no online peer serves (DHT view)", registry=r
+        )
         r.register(_ProcessCollector())
+        self._initialise_children()
+
+    def _initialise_children(self) -> None:
+        for rpc in RPCS:
+            self.requests.labels(rpc=rpc, outcome="ok")
+            self.request_latency.labels(rpc=rpc)
+        for phase in TOKEN_PHASES:
+            self.tokens.labels(phase=phase)
+        for phase in STEP_PHASES:
+            self.step_latency.labels(phase=phase)
+        for code in ErrorCode:
+            self.errors.labels(code=str(int(code)), name=code.name.lower())
+        for phase in ("decode", "prefill"):
+            self.throughput.labels(phase=phase)
+        self.set_state("offline")
+        for state in PEER_STATES:
+            self.swarm_peers.labels(state=state)
+
+    # --- helpers the daemon calls ------------------------------------------------------------------
+
+    def count_error(self, code: int) -> None:
+        """One error answered with ``code`` (unknown numbers are counted under name "unknown")."""
+        try:
+            name = ErrorCode(code).name.lower()
+        except ValueError:
+            name = "unknown"
+        self.errors.labels(code=str(int(code)), name=name).inc()
+
+    def set_state(self, state: str) -> None:
+        for s in PEER_STATES:
+            self.state.labels(state=s).set(1.0 if s == state else 0.0)
+
+    def set_identity(self, **labels: str) -> None:
+        """Labels of ``peerd_peer_info`` (peer id, name, model, version, device, dtype)."""
+        self.info.info({k: str(v) for k, v in labels.items()})
+
+    def set_blocks(self, start: int, end: int) -> None:
+        self.blocks_start.set(start)
+        self.blocks_end.set(end)
+        self.blocks_hosted.set(end - start)
+
+    def set_swarm_view(self, num_blocks: int, peers: Sequence[Mapping[str, Any]], block_servers: Sequence[int]) -> None:
+        """The swarm as last read from the DHT: peers by state and online servers per block."""
+        self.swarm_blocks.set(num_blocks)
+        for state in PEER_STATES:
+            self.swarm_peers.labels(state=state).set(sum(1 for p in peers if p.get("state") == state))
+        for block, servers in enumerate(block_servers):
+            self.swarm_block_servers.labels(block=str(block)).set(servers)
+        self.swarm_blocks_uncovered.set(sum(1 for s in block_servers if s == 0))

@@ -15,6 +15,7 @@ from protocols.framing import (
     decode_message,
     encode_frame,
     encode_message,
+    read_frame,
     read_message,
     write_message,
 )
@@ -119,6 +120,7 @@ __all__ = [
     "message_to_wire",
     "raise_if_error",
     "raw_payload",
+    "read_frame",
     "read_message",
     "write_message",
 ]

@@ -93,6 +93,15 @@ async def read_message(reader: asyncio.StreamReader, max_frame_bytes: int = DEFA
     before reading it. Transport errors (ConnectionError...) pass through unchanged. No
     timeout here: wrap the call in ``asyncio.timeout``.
     """
+    return decode_message(await read_frame(reader, max_frame_bytes), max_frame_bytes)
+
+
+async def read_frame(reader: asyncio.StreamReader, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
+    """Read one frame's body (without its 4 header bytes) and do not decode it.
+
+    The first half of :func:`read_message`, with the same errors, for callers that also
+    need the frame's size (a server counting the bytes it receives).
+    """
     try:
         header = await reader.readexactly(HEADER_BYTES)
     except asyncio.IncompleteReadError as exc:
@@ -106,7 +115,7 @@ async def read_message(reader: asyncio.StreamReader, max_frame_bytes: int = DEFA
         body = await reader.readexactly(size)
     except asyncio.IncompleteReadError as exc:
         raise _malformed(f"stream ended inside a frame body ({len(exc.partial)} of {size} bytes)") from None
-    return decode_message(body, max_frame_bytes)
+    return body
 
 
 async def write_message(

@@ -26,6 +26,7 @@ from peerd.server.sessions import CacheBudget, ServerSession
 from peerd.streams import STREAM_NAMES
 from peerd.tensors import from_wire, to_wire
 from protocols import (
+    HEADER_BYTES,
     PROTOCOL_VERSION,
     BackwardRequest,
     BackwardResponse,
@@ -42,9 +43,10 @@ from protocols import (
     InfoResponse,
     Message,
     ProtocolError,
+    decode_message,
+    encode_frame,
     error_from_exception,
-    read_message,
-    write_message,
+    read_frame,
 )
 
 __all__ = ["STREAM_NAMES", "BlockServicer", "Limits"]
@@ -97,14 +99,19 @@ class BlockServicer:
 
     async def _read(self, reader: asyncio.StreamReader, timeout_s: float | None = None) -> Message:
         async with asyncio.timeout(timeout_s or self.limits.request_timeout_s):
-            return await read_message(reader, self.limits.max_frame_bytes)
+            body = await read_frame(reader, self.limits.max_frame_bytes)
+        self.metrics.bytes_in.inc(HEADER_BYTES + len(body))
+        return decode_message(body, self.limits.max_frame_bytes)
 
     async def _send(self, writer: asyncio.StreamWriter, msg: Message) -> None:
+        frame = encode_frame(msg, self.limits.max_frame_bytes)
         async with asyncio.timeout(self.limits.request_timeout_s):
-            await write_message(writer, msg, self.limits.max_frame_bytes)
+            writer.write(frame)
+            await writer.drain()
+        self.metrics.bytes_out.inc(len(frame))
 
     async def _send_error(self, writer: asyncio.StreamWriter, exc: ProtocolError) -> None:
-        self.metrics.errors.labels(code=str(int(exc.code))).inc()
+        self.metrics.count_error(exc.code)
         try:
             await self._send(writer, error_from_exception(exc))
         except (OSError, TimeoutError, ConnectionError, ProtocolError):
@@ -344,6 +351,7 @@ class BlockServicer:
             reserved_tokens=tokens,
         )
         self.sessions[session.session_id] = session
+        self.metrics.sessions_opened.inc()
         self._update_session_gauges()
         return session
 
@@ -413,7 +421,7 @@ class BlockServicer:
                 writer,
                 InferenceStepResult(to_wire(out, opened.response_compression), msg.step_id, compute_ms),
             )
-            self.metrics.step_latency.observe(time.perf_counter() - started)
+            self.metrics.step_latency.labels(phase=phase).observe(time.perf_counter() - started)
 
     def _step(self, hidden: torch.Tensor, cache: KVCache, position: int, start: int, end: int) -> torch.Tensor:
         """One inference step on the compute thread: the cache is written in place."""
