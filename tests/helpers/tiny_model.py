@@ -9,7 +9,9 @@ first call costs its import (several seconds), later calls well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +189,18 @@ def hf_blocks_forward(hf_model: Any, start: int, end: int, hidden: torch.Tensor,
         for handle in handles:
             handle.remove()
     return captured[0]
+
+
+@contextlib.contextmanager
+def single_torch_thread() -> Iterator[None]:
+    """Run torch ops on one intra-op thread, then restore the previous count.
+
+    Tiny tensors gain nothing from threads, and on a loaded 2-core runner two
+    spinning OpenMP threads made tiny-model tests about 10x slower.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,15 @@ from safetensors.torch import load_file, save_file
 
 import peerd.model.loading as loading
 from peerd.model import LoadStats, default_dtype_for, load_client_head, load_local_model, load_stage
-from tests.helpers.tiny_model import make_tiny_checkpoint
+from tests.helpers.tiny_model import make_tiny_checkpoint, single_torch_thread
 
 TENSORS_PER_BLOCK = 9  # q, k, v, o, gate, up, down, two norms
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module", params=["single", "sharded"])

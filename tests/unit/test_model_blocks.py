@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from peerd.model import load_stage
-from tests.helpers.tiny_model import hf_blocks_forward, load_hf_model, make_tiny_checkpoint
+from tests.helpers.tiny_model import hf_blocks_forward, load_hf_model, make_tiny_checkpoint, single_torch_thread
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -30,6 +31,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "linear-rope": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
 }
 TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 import torch
 
 from peerd.model import KVCache, ModelConfig, Stage, cache_bytes_per_token
+from tests.helpers.tiny_model import single_torch_thread
 
 CONFIG = ModelConfig(
     vocab_size=64,
@@ -18,6 +22,12 @@ CONFIG = ModelConfig(
     rms_norm_eps=1e-6,
 )
 TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +156,29 @@ def test_cache_from_inference_mode_is_usable_outside_it(stage: Stage) -> None:
         stage(hidden_states(1, 2), cache, 0)
     stage(hidden_states(1, 1), cache, 2)  # in-place writes to an inference tensor would raise here
     assert cache.length == 3
+
+
+def test_attention_accepts_any_output_layout_of_sdpa(stage: Stage, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CUDA's SDPA kernels return [batch, heads, n, dim] in a heads-inner memory layout;
+    # a .view() on it failed on the GPU only. Reproduce that layout on CPU.
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def heads_inner_sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = real_sdpa(*args, **kwargs)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+
+    hidden = hidden_states(2, 6, seed=8)
+    expected = stage(hidden)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", heads_inner_sdpa)
+    close(stage(hidden), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.inference_mode()
+def test_cuda_cached_decode_equals_cpu(stage: Stage) -> None:
+    gpu = Stage.random(CONFIG, 1, 4, std=0.1, seed=7, device="cuda")
+    hidden = hidden_states(2, 9, seed=9)
+    cache = gpu.allocate_cache(2, 9)
+    outputs = [gpu(hidden[:, :5].cuda(), cache, 0)]
+    outputs += [gpu(hidden[:, t : t + 1].cuda(), cache, t) for t in range(5, 9)]
+    torch.testing.assert_close(torch.cat(outputs, dim=1).cpu(), stage(hidden), atol=1e-4, rtol=0)

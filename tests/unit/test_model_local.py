@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,11 +10,17 @@ import pytest
 import torch
 
 from peerd.model import LocalModel, load_client_head, load_local_model, load_stage
-from tests.helpers.tiny_model import load_hf_model, make_tiny_checkpoint
+from tests.helpers.tiny_model import load_hf_model, make_tiny_checkpoint, single_torch_thread
 
 # Logits here reach ~30 (tied std-1 embeddings), so besides 1e-5 absolute, allow 1e-5
 # relative: float32 summation order alone moves values of that size by ~1e-6 to 1e-5.
 ATOL = RTOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module", params=["single", "sharded", "qwen2-tied"])
