@@ -2,7 +2,7 @@
 
 Deliberately tiny: the daemon serves a handful of read-only routes, and pulling a web framework
 into every volunteer's peer for that is not worth its weight. Requests are bounded in size and
-time; anything unexpected gets a 4xx and the connection is closed.
+time; anything unexpected gets a 4xx and the connection is closed. One request per connection.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 MAX_REQUEST_HEAD_BYTES = 16 * 1024
 READ_TIMEOUT_S = 10.0
+WRITE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -25,16 +26,17 @@ class HttpResponse:
     body: bytes
     content_type: str = "text/plain; charset=utf-8"
     status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()  # extra headers, e.g. a Content-Security-Policy
 
 
 Route = Callable[[], Awaitable[HttpResponse]]
 _REASONS = {
     200: "OK",
-    503: "Service Unavailable",
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
     500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 
@@ -46,7 +48,7 @@ class HttpServer:
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._handle, host, port)
+        self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_REQUEST_HEAD_BYTES)
         sock = self._server.sockets[0]
         return int(sock.getsockname()[1])
 
@@ -56,22 +58,26 @@ class HttpServer:
             await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head_only = False
         try:
             async with asyncio.timeout(READ_TIMEOUT_S):
                 head = await reader.readuntil(b"\r\n\r\n")
+            head_only = head.startswith(b"HEAD ")
             response = await self._respond(head)
         except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             response = HttpResponse(b"bad request\n", status=400)
         try:
             reason = _REASONS.get(response.status, "Unknown")
+            extra = "".join(f"{name}: {value}\r\n" for name, value in response.headers)
             status_head = (
                 f"HTTP/1.1 {response.status} {reason}\r\nContent-Type: {response.content_type}\r\n"
                 f"Content-Length: {len(response.body)}\r\nCache-Control: no-store\r\n"
-                "Connection: close\r\n\r\n"
+                f"X-Content-Type-Options: nosniff\r\n{extra}Connection: close\r\n\r\n"
             )
-            writer.write(status_head.encode() + response.body)
-            await writer.drain()
-        except ConnectionError:
+            writer.write(status_head.encode() + (b"" if head_only else response.body))
+            async with asyncio.timeout(WRITE_TIMEOUT_S):
+                await writer.drain()
+        except (ConnectionError, TimeoutError):
             pass
         finally:
             writer.close()
@@ -84,7 +90,7 @@ class HttpServer:
         except (UnicodeDecodeError, ValueError):
             return HttpResponse(b"bad request line\n", status=400)
         if method not in ("GET", "HEAD"):
-            return HttpResponse(b"only GET\n", status=405)
+            return HttpResponse(b"only GET\n", status=405, headers=(("Allow", "GET, HEAD"),))
         route = self.routes.get(target.split("?", 1)[0])
         if route is None:
             return HttpResponse(b"not found\n", status=404)

@@ -1,28 +1,180 @@
-"""HTTP routes a peer serves: Prometheus metrics and a readiness probe."""
+"""HTTP routes a peer serves: Prometheus metrics, a readiness probe, the swarm health page and its JSON.
+
+``/``                the health page (static HTML/JS/CSS shipped in ``peerd/web/static``; no build step,
+                     nothing fetched from elsewhere, so it works on an offline LAN)
+``/api/v1/swarm``    what the page shows, as JSON: this peer, and per model the peers in the DHT,
+                     per-block coverage and gaps (``peerd.status.status_from_views``) plus RTTs
+``/metrics``         Prometheus text format, from this peer's own registry
+``/healthz``         200 while the peer is online, 503 otherwise (container health checks)
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+import logging
+import time
+from importlib import resources
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import generate_latest
 
+from peerd import __version__
+from peerd.status import status_from_views
 from peerd.swarm.records import PeerState
 from peerd.web.http import HttpResponse, Route
+from peerd.web.swarm import RttProbe, SwarmView
 
 if TYPE_CHECKING:
     from peerd.peer import Peer
 
-__all__ = ["peer_routes"]
+__all__ = ["API_CACHE_S", "DHT_READ_TIMEOUT_S", "peer_routes", "refresh_peer_gauges", "swarm_document"]
+
+logger = logging.getLogger(__name__)
+
+API_CACHE_S = 2.0  # page refreshes and several viewers share one DHT read per this many seconds
+METRICS_VIEW_MAX_AGE_S = 10.0  # a scrape may show a swarm view this old (scrapes are 15 s apart)
+DHT_READ_TIMEOUT_S = 3.0
+RTT_TTL_S = 30.0
+RTT_TIMEOUT_S = 2.0
+# the text format generate_latest writes; Prometheus 2.x and 3.x both accept it
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# The page only loads its own files and calls its own API: say so, so a hostile peer name can
+# never pull in script from elsewhere even if the page had an escaping bug.
+_PAGE_HEADERS = (
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    ("Referrer-Policy", "no-referrer"),
+)
+_STATIC_TYPES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+
+
+def _static(name: str) -> HttpResponse:
+    body = resources.files("peerd.web").joinpath("static", name).read_bytes()
+    return HttpResponse(body, _STATIC_TYPES[name], headers=_PAGE_HEADERS)
+
+
+def refresh_peer_gauges(peer: Peer) -> None:
+    """Set the gauges that are read from the peer rather than tracked as events."""
+    m = peer.metrics
+    m.set_state(peer.state.value)
+    if peer.stage is not None:
+        m.set_blocks(peer.stage.start, peer.stage.end)
+    if peer.servicer is not None:
+        budget = peer.servicer.budget
+        m.cache_limit.set(budget.total_tokens * budget.bytes_per_token)
+        m.cache_used.set(budget.used_tokens * budget.bytes_per_token)
+        m.sessions_active.set(len(peer.servicer.sessions))
+        m.sessions_limit.set(peer.servicer.limits.max_sessions)
+    if peer.capacity is not None:
+        m.throughput.labels(phase="decode").set(peer.capacity.decode_tokens_per_s)
+        m.throughput.labels(phase="prefill").set(peer.capacity.prefill_tokens_per_s)
+    if peer.dht is not None:
+        m.dht_peers.set(len(peer.dht.node.protocol.routing_table.uid_to_peer_id))
+    m.set_identity(
+        peer_id=peer.peer_id,
+        name=peer.config.public_name,
+        model=peer.config.model_id,
+        swarm=peer.config.swarm,
+        version=__version__,
+        device=peer.hardware.device if peer.hardware is not None else peer.config.device,
+        dtype=str(peer.stage.dtype).removeprefix("torch.") if peer.stage is not None else "",
+    )
+
+
+def _self_summary(peer: Peer) -> dict[str, Any]:
+    return {
+        "peer_id": peer.peer_id,
+        "name": peer.config.public_name,
+        "state": peer.state.value,
+        "version": __version__,
+        "model_id": peer.config.model_id,
+        "swarm": peer.config.swarm,
+        "blocks": [peer.stage.start, peer.stage.end] if peer.stage is not None else None,
+        "http_port": peer.http_port,
+    }
+
+
+async def swarm_document(peer: Peer, rtt: RttProbe | None = None) -> dict[str, Any]:
+    """Read the DHT now and build the ``/api/v1/swarm`` document (one model: the one this peer serves).
+
+    ``models`` is a list so that the page and API stay the same once a daemon can see several.
+    """
+    if peer.dht is None:
+        raise RuntimeError("peer has not joined the swarm yet")
+    views = await peer.dht.read_blocks(timeout_s=DHT_READ_TIMEOUT_S)
+    status = status_from_views(peer.config.model_id, peer.model_config.num_layers, views)
+    status["swarm"] = peer.config.swarm
+    others = [p["peer_id"] for p in status["peers"] if p["state"] == "online" and p["peer_id"] != peer.peer_id]
+    rtts = await rtt.rtts_ms(others) if rtt is not None else {}
+    for p in status["peers"]:
+        p["self"] = p["peer_id"] == peer.peer_id
+        p["rtt_ms"] = 0.0 if p["self"] else rtts.get(p["peer_id"])
+    return {"generated_at": time.time(), "self": _self_summary(peer), "models": [status]}
 
 
 def peer_routes(peer: Peer) -> dict[str, Route]:
+    """Routes for one peer; each peer gets its own swarm cache and RTT probe (nothing global)."""
+    rtt: RttProbe | None = None
+    if peer.p2p is not None:
+        from peerd.client.transport import PeerClient  # the same info RPC a client uses
+
+        info_client = PeerClient(peer.p2p, peer.config.model_id, timeout_s=RTT_TIMEOUT_S, client_name="peerd-health")
+        rtt = RttProbe(info_client.info, ttl_s=RTT_TTL_S, timeout_s=RTT_TIMEOUT_S)
+
+    async def read() -> dict[str, Any]:
+        return await swarm_document(peer, rtt)
+
+    view = SwarmView(read, max_age_s=API_CACHE_S)
+
     async def metrics() -> HttpResponse:
+        refresh_peer_gauges(peer)
         if peer.dht is not None:
-            peer.metrics.dht_peers.set(len(peer.dht.node.protocol.routing_table.uid_to_peer_id))
-        return HttpResponse(generate_latest(peer.metrics.registry), "text/plain; version=0.0.4; charset=utf-8")
+            try:
+                doc = await view.get(max_age_s=METRICS_VIEW_MAX_AGE_S)
+            except Exception:  # a DHT hiccup must not fail the scrape of everything else
+                logger.warning("swarm view for /metrics failed", exc_info=True)
+            else:
+                model = doc["models"][0]
+                peer.metrics.set_swarm_view(
+                    model["num_blocks"], model["peers"], [c["peers"] for c in model["coverage"]]
+                )
+        return HttpResponse(generate_latest(peer.metrics.registry), METRICS_CONTENT_TYPE)
 
     async def healthz() -> HttpResponse:
         ok = peer.state is PeerState.ONLINE
         return HttpResponse(b"ok\n" if ok else b"not ready\n", status=200 if ok else 503)
 
-    return {"/metrics": metrics, "/healthz": healthz}
+    async def api_swarm() -> HttpResponse:
+        if peer.dht is None:
+            return HttpResponse(b'{"error": "not joined yet"}\n', "application/json", status=503)
+        doc = await view.get()
+        return HttpResponse(json.dumps(doc).encode(), "application/json")
+
+    def static(name: str) -> Route:
+        response = _static(name)  # read once: the files are small and never change while running
+
+        async def serve() -> HttpResponse:
+            return response
+
+        return serve
+
+    return {
+        "/": static("index.html"),
+        "/index.html": static("index.html"),
+        "/static/app.js": static("app.js"),
+        "/static/style.css": static("style.css"),
+        "/static/favicon.svg": static("favicon.svg"),
+        "/favicon.ico": static("favicon.svg"),
+        "/api/v1/swarm": api_swarm,
+        "/metrics": metrics,
+        "/healthz": healthz,
+    }
