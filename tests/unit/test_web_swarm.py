@@ -1,0 +1,83 @@
+"""SwarmView shares one DHT read per cache window; RttProbe caches per peer and survives failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from peerd.web.swarm import RttProbe, SwarmView
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_swarm_view_reads_once_per_window_and_shares_a_read_in_flight() -> None:
+    clock = FakeClock()
+    release = asyncio.Event()
+    calls = 0
+
+    async def read() -> dict[str, object]:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return {"read": calls}
+
+    view = SwarmView(read, max_age_s=2.0, clock=clock)
+    assert view.last is None
+    waiting = [asyncio.create_task(view.get()) for _ in range(5)]
+    await asyncio.sleep(0)
+    release.set()
+    assert [await t for t in waiting] == [{"read": 1}] * 5
+    clock.now += 1.9
+    assert await view.get() == {"read": 1}
+    assert await view.get(max_age_s=1.0) == {"read": 2}  # a caller may ask for fresher data
+    clock.now += 2.0
+    assert await view.get() == {"read": 3}
+    assert view.reads == calls == 3
+
+
+async def test_swarm_view_keeps_the_last_value_when_a_read_fails() -> None:
+    clock = FakeClock()
+    fail = False
+
+    async def read() -> dict[str, object]:
+        if fail:
+            raise TimeoutError("dht")
+        return {"ok": True}
+
+    view = SwarmView(read, max_age_s=1.0, clock=clock)
+    assert await view.get() == {"ok": True}
+    fail, clock.now = True, clock.now + 5
+    with pytest.raises(TimeoutError):
+        await view.get()
+    assert view.last == {"ok": True}
+    fail = False
+    assert await view.get() == {"ok": True}
+
+
+async def test_rtt_probe_caches_per_peer_and_reports_failures_as_unknown() -> None:
+    clock = FakeClock()
+    pinged: list[str] = []
+
+    async def ping(peer_id: str) -> None:
+        pinged.append(peer_id)
+        if peer_id == "down":
+            raise ConnectionError("refused")
+        if peer_id == "slow":
+            await asyncio.sleep(10)
+
+    probe = RttProbe(ping, ttl_s=30.0, timeout_s=0.05, clock=clock)
+    rtts = await probe.rtts_ms(["a", "down", "slow"])
+    assert rtts["down"] is None and rtts["slow"] is None
+    assert rtts["a"] is not None and rtts["a"] >= 0
+    assert await probe.rtts_ms(["a", "b"]) == {"a": rtts["a"], "b": pytest.approx(0, abs=50)}
+    assert pinged == ["a", "down", "slow", "b"]  # "a" came from the cache; gone peers are forgotten
+    clock.now += 30
+    await probe.rtts_ms(["a"])
+    assert pinged[-1] == "a"
