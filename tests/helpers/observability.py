@@ -104,11 +104,14 @@ def http_swarm(
         yield swarm, peers
 
 
-def stop_peer(swarm: LocalSwarm, name: str, timeout_s: float = 30.0) -> None:
-    """SIGTERM one peer we started (it drains and announces offline) and wait for it to exit."""
-    (proc,) = [p for p in swarm.procs if p.name == name]
-    proc.popen.send_signal(signal.SIGTERM)
-    proc.popen.wait(timeout_s)
+def stop_peers(swarm: LocalSwarm, names: Sequence[str], timeout_s: float = 30.0) -> None:
+    """SIGTERM peers we started (they drain and announce offline, all at once) and wait for them to exit."""
+    procs = [p for p in swarm.procs if p.name in names]
+    assert len(procs) == len(names), f"unknown peers in {names}"
+    for proc in procs:
+        proc.popen.send_signal(signal.SIGTERM)
+    for proc in procs:
+        proc.popen.wait(timeout_s)
 
 
 def prometheus_config_for(targets: Sequence[str], scrape_interval: str = "1s") -> dict[str, Any]:

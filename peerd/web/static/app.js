@@ -45,17 +45,21 @@
     return STATES.includes(peer.state) ? peer.state : "unknown";
   }
 
+  function runs(blocks) {
+    // sorted block indices -> [first, last] of each run of consecutive ones: [4, 5, 7] -> [[4, 5], [7, 7]]
+    const out = [];
+    for (const b of blocks) {
+      if (out.length && out[out.length - 1][1] === b - 1) out[out.length - 1][1] = b;
+      else out.push([b, b]);
+    }
+    return out;
+  }
+
   function ranges(blocks) {
     // [4, 5, 7] -> "4–5, 7"
-    const out = [];
-    let i = 0;
-    while (i < blocks.length) {
-      let j = i;
-      while (j + 1 < blocks.length && blocks[j + 1] === blocks[j] + 1) j += 1;
-      out.push(i === j ? `${blocks[i]}` : `${blocks[i]}–${blocks[j]}`);
-      i = j + 1;
-    }
-    return out.join(", ");
+    return runs(blocks)
+      .map(([first, last]) => (first === last ? `${first}` : `${first}–${last}`))
+      .join(", ");
   }
 
   function coverageClass(servers) {
@@ -102,11 +106,12 @@
     grid.style.gridTemplateColumns = `minmax(8rem, 13rem) repeat(${n}, minmax(0, 1fr))`;
     grid.style.gridTemplateRows = `auto 1.8rem repeat(${peers.length}, 1.9rem)`;
 
-    for (const block of model.gaps) {
+    for (const [first, last] of runs(model.gaps)) {
+      const title = first === last ? `block ${first}: no online peer` : `blocks ${first}–${last}: no online peer`;
       grid.append(
         place(
-          el("div", { class: "gap-col", "data-gap-block": block, title: `block ${block}: no online peer` }),
-          `${block + 2}`,
+          el("div", { class: "gap-col", "data-gap-start": first, "data-gap-end": last + 1, title }),
+          `${first + 2} / ${last + 3}`,
           `1 / ${rows + 1}`,
         ),
       );
