@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 PIP_FLAGS ?= --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test test-fast lint format bench clean
+.PHONY: setup model demo test test-fast lint format bench image clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ test-fast: setup
 
 bench: model
 	$(PY) -m peerd.bench
+
+# The container image (Dockerfile); needs a Docker engine and network access to PyPI and the
+# PyTorch CPU wheel index. `docker compose -f deploy/docker-compose.yml up` runs a whole swarm.
+image:
+	docker build -t peerd:latest .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
