@@ -148,3 +148,5 @@ async def test_health_page_api_and_probe(make_swarm) -> None:
     assert status == 200 and body == b"" and int(headers["content-length"]) > 0
     assert (await http_request(port, "/nope"))[0] == 404
     assert (await http_request(port, "/metrics", method="POST"))[0] == 405
+    assert (await http_request(port, "/" + "x" * 20_000))[0] == 400  # request head over the 16 KiB limit
+    assert (await http_request(port, "/metrics"))[0] == 200  # and the server keeps serving
