@@ -19,6 +19,7 @@ from hivemind.p2p import P2P
 from hivemind.utils.crypto import RSAPrivateKey
 from tokenizers import Tokenizer
 
+from peerd.client.adapters import ClientAdapter
 from peerd.client.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable, SwarmConnectError
 from peerd.client.routing import (
     Span,
@@ -247,10 +248,15 @@ class SwarmClient:
         sampling: SamplingParams = GREEDY,
         stop_on_eos: bool = True,
         on_text: Callable[[str], None] | None = None,
+        adapter: ClientAdapter | None = None,
     ) -> GenerationResult:
-        """Generate up to ``max_new_tokens`` after ``prompt``; ``on_text`` receives text as it appears."""
+        """Generate up to ``max_new_tokens`` after ``prompt``; ``on_text`` receives text as it appears.
+
+        ``adapter`` (a trained soft prompt / LoRA from ``peerd finetune``) replaces the plain embeddings
+        and LM head.
+        """
         result: GenerationResult | None = None
-        async for piece in self._generate(prompt, max_new_tokens, sampling, stop_on_eos):
+        async for piece in self._generate(prompt, max_new_tokens, sampling, stop_on_eos, adapter=adapter):
             if isinstance(piece, GenerationResult):
                 result = piece
             elif on_text is not None:
@@ -265,14 +271,21 @@ class SwarmClient:
         max_new_tokens: int = 64,
         sampling: SamplingParams = GREEDY,
         stop_on_eos: bool = True,
+        adapter: ClientAdapter | None = None,
     ) -> AsyncIterator[str]:
         """Async iterator of text pieces as they are generated."""
-        async for piece in self._generate(prompt, max_new_tokens, sampling, stop_on_eos):
+        async for piece in self._generate(prompt, max_new_tokens, sampling, stop_on_eos, adapter=adapter):
             if isinstance(piece, str):
                 yield piece
 
     async def _generate(
-        self, prompt: str | Sequence[int], max_new_tokens: int, sampling: SamplingParams, stop_on_eos: bool
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        stop_on_eos: bool,
+        *,
+        adapter: ClientAdapter | None = None,
     ) -> AsyncIterator[str | GenerationResult]:
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
@@ -285,14 +298,20 @@ class SwarmClient:
         first_token_s = 0.0
         generated: list[int] = []
         emitted = ""
-        async with self.inference_session(max_length=len(ids) + max_new_tokens) as session:
+        # a soft prompt occupies positions in front of the prompt, so the session must hold them too
+        prefix = adapter.prefix_length if adapter is not None else 0
+        async with self.inference_session(max_length=prefix + len(ids) + max_new_tokens) as session:
             step_ids = torch.tensor([ids], dtype=torch.long)
             for i in range(max_new_tokens):
                 with torch.inference_mode():
-                    hidden = self.head.embed(step_ids)
+                    if adapter is None:
+                        hidden = self.head.embed(step_ids)
+                    else:  # the soft prompt goes in front of the first step only
+                        hidden = adapter.embed(step_ids, with_prompt=i == 0)
                 out = await session.step(hidden)
                 with torch.inference_mode():
-                    logits = self.head.logits(out[:, -1:])[:, -1]  # [1, vocab]
+                    local = self.head if adapter is None else adapter
+                    logits = local.logits(out[:, -1:])[:, -1]  # [1, vocab]
                 token = int(sample_next(logits, sampling, generator)[0])
                 if i == 0:
                     first_token_s = time.perf_counter() - started

@@ -21,6 +21,7 @@ import torch
 from peerd import __version__
 from peerd.metrics import PeerMetrics
 from peerd.model.stage import KVCache, Stage
+from peerd.server.memory import ActivationMeter
 from peerd.server.runtime import ComputeRuntime, RuntimeClosed
 from peerd.server.sessions import CacheBudget, ServerSession
 from peerd.streams import STREAM_NAMES
@@ -94,6 +95,7 @@ class BlockServicer:
         self.state = "joining"
         self.draining = False
         self.sessions: dict[bytes, ServerSession] = {}
+        self.memory = ActivationMeter(stage.parameters(), stage.device)  # activations of backward requests
 
     # --- plumbing shared by all handlers ---------------------------------------------------------
 
@@ -219,7 +221,12 @@ class BlockServicer:
             protocol_version=PROTOCOL_VERSION,
             package_version=__version__,
             public_name=self.public_name,
-            extra={"sessions": len(self.sessions), "max_sessions": self.limits.max_sessions},
+            extra={
+                "sessions": len(self.sessions),
+                "max_sessions": self.limits.max_sessions,
+                "compute_busy_s": self.runtime.busy_s,  # lets a client measure pipeline bubbles
+                "memory": self.memory.snapshot(),
+            },
         )
 
     async def rpc_info(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -275,12 +282,12 @@ class BlockServicer:
                     f"grad_output must be a float tensor shaped like hidden {list(hidden.shape)}, "
                     f"got {grad_output.dtype} {list(grad_output.shape)}",
                 )
-            stage, start, end = self.stage, request.start, request.end
+            stage, start, end, meter = self.stage, request.start, request.end, self.memory
 
             def compute() -> torch.Tensor:
                 # Activation checkpointing: recompute the forward here instead of keeping activations
                 # between requests, so server memory does not grow with clients in flight.
-                with torch.enable_grad():
+                with torch.enable_grad(), meter.track():
                     x = hidden.to(stage.device, stage.dtype).requires_grad_(True)
                     y = stage.forward(x, start=start, end=end)
                     (grad,) = torch.autograd.grad(y, x, grad_output.to(stage.device, stage.dtype))
