@@ -81,7 +81,9 @@ class ActivationMeter:
                     request_peak[0] = max(request_peak[0], self.live_bytes - start_live)
                 else:
                     ref[0] += 1
-            return _Saved(tensor, self, key)
+            # A detached alias (same storage, same version counter): holding the tensor itself would
+            # tie a saved *output* to its own grad_fn, a cycle through C++ that no gc can break.
+            return _Saved(tensor.detach(), self, key)
 
         def unpack(saved: Any) -> Tensor:
             return saved.tensor if isinstance(saved, _Saved) else saved  # type: ignore[no-any-return]
