@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--session-idle-timeout", type=float, default=60.0, help="seconds before an idle session is freed")
     run.add_argument("--http-port", type=int, default=None, help="serve /metrics and the health page on this port")
     run.add_argument("--http-host", default="127.0.0.1", help="address for the HTTP port (default 127.0.0.1)")
+    run.add_argument(
+        "--drain-timeout", type=float, default=10.0, help="on SIGTERM, seconds open sessions get to finish"
+    )
     run.add_argument("--announce-period", type=float, default=30.0, help="seconds between DHT announcements")
     run.add_argument("--no-measure", action="store_true", help="skip the start-up throughput benchmark (tests)")
     run.add_argument("--step-delay", type=float, default=0.0, help="test/ops knob: extra seconds per inference step")

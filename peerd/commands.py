@@ -40,6 +40,7 @@ def peer_config_from_args(args: argparse.Namespace) -> PeerConfig:
         http_port=args.http_port,
         http_host=args.http_host,
         announce_period_s=args.announce_period,
+        drain_timeout_s=args.drain_timeout,
         measure_throughput=not args.no_measure,
         step_delay_s=args.step_delay,
     )

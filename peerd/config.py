@@ -33,6 +33,7 @@ class PeerConfig:
     max_sessions: int = 64  # concurrent inference sessions in total
     session_idle_timeout_s: float = 60.0  # idle sessions are closed and their cache freed
     request_timeout_s: float = 30.0  # every read from a client stream has this deadline
+    drain_timeout_s: float = 10.0  # on SIGTERM, how long open sessions may finish before being handed back
     announce_period_s: float = 30.0  # how often records are refreshed (expiry = 2x this)
     http_port: int | None = None  # /metrics and the health page; None = no HTTP server
     http_host: str = "127.0.0.1"

@@ -70,8 +70,9 @@ class LocalSwarm:
         self.procs.append(proc)
         return proc
 
-    def start_bootstrap(self, timeout_s: float = 60.0) -> list[str]:
-        proc = self._spawn("bootstrap", ["bootstrap", "--identity", str(self.workdir / "bootstrap.key")])
+    def start_bootstrap(self, timeout_s: float = 60.0, extra: list[str] | None = None) -> list[str]:
+        args = ["bootstrap", "--identity", str(self.workdir / "bootstrap.key"), *(extra or [])]
+        proc = self._spawn("bootstrap", args)
         info = self.wait_ready([proc], timeout_s)[0]
         self.initial_peers = [str(m) for m in info["maddrs"]]  # type: ignore[attr-defined]
         return self.initial_peers

@@ -150,32 +150,46 @@ class Peer:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def shutdown(self, deadline_s: float = 10.0) -> None:
-        """Announce offline, stop serving, release the runtime, the DHT node and p2pd (idempotent)."""
+    async def shutdown(self, deadline_s: float | None = None) -> None:
+        """Drain, announce offline, release the runtime, the DHT node and p2pd (idempotent).
+
+        Draining (SIGTERM, Ctrl-C): new sessions are refused with DRAINING at once and the peer
+        announces itself offline so clients stop routing here; open sessions get up to
+        ``drain_timeout_s`` to finish, then each is handed back to its client with a DRAINING
+        error, which the client answers by failing over (replaying its inputs elsewhere).
+        """
         self._stop.set()
         if self._shut_down:
             return
         self._shut_down = True
+        deadline_s = self.config.drain_timeout_s if deadline_s is None else deadline_s
+        if self.servicer is not None:
+            self.servicer.draining = True
         if self.dht is not None and self.state is not PeerState.OFFLINE:
             self.state = PeerState.OFFLINE
-            if self.servicer is not None:
-                self.servicer.draining = True
             try:
-                await self.announce(timeout_s=min(5.0, deadline_s))
+                await self.announce(timeout_s=min(5.0, max(deadline_s, 1.0)))
             except Exception:
                 logger.warning("could not announce offline; records will expire on their own", exc_info=True)
+        if self.servicer is not None and self.servicer.sessions:
+            logger.info("draining %d session(s) for up to %.1fs", len(self.servicer.sessions), deadline_s)
+            await self.servicer.drain(deadline_s)
         if self.http is not None:
             await self.http.close()
-        if self.p2p is not None:
+        p2p_alive = self.p2p is not None and self.p2p.is_alive
+        if self.p2p is not None and p2p_alive:
             for name in STREAM_NAMES.values():
                 try:
-                    await self.p2p.remove_binary_stream_handler(name)
+                    await asyncio.wait_for(self.p2p.remove_binary_stream_handler(name), 2.0)
                 except Exception:
                     pass
         if self.runtime is not None:
-            await asyncio.to_thread(self.runtime.close, deadline_s)
-        if self.dht is not None:
-            await self.dht.shutdown()
+            await asyncio.to_thread(self.runtime.close, max(deadline_s, 1.0))
+        if self.dht is not None and p2p_alive:
+            try:
+                await asyncio.wait_for(self.dht.shutdown(), 5.0)
+            except Exception:  # p2pd may already be gone (crash, kill); nothing left to release there
+                logger.debug("DHT shutdown failed", exc_info=True)
         if self.p2p is not None:
             await self.p2p.shutdown()
 

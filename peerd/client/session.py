@@ -9,6 +9,7 @@ one are untouched, because the replacement produces the same hidden states.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -52,11 +53,10 @@ class InferenceSession:
     index of the first token of each step; it defaults to "right after what was sent so far".
     """
 
-    def __init__(self, client: SwarmClient, *, max_length: int, batch_size: int = 1, max_retries: int = 3) -> None:
+    def __init__(self, client: SwarmClient, *, max_length: int, batch_size: int = 1) -> None:
         self.client = client
         self.max_length = max_length
         self.batch_size = batch_size
-        self.max_retries = max_retries
         self.length = 0
         self.spans: list[_SpanState] = []
         self.stalls_s: list[float] = []  # how long each failover stalled the session
@@ -156,18 +156,29 @@ class InferenceSession:
         self.spans[index : index + 1] = replacements
 
     async def _replace_one(self, failed: _SpanState) -> list[_SpanState]:
+        """Re-plan the failed span's blocks, open replacements and replay its inputs into them.
+
+        Keeps trying (a fresh DHT view each time, failed replacements banned) until the client's
+        ``failover_timeout_s`` runs out, so a peer that joins within that window rescues the
+        session; after it, raises NoRouteError naming the blocks nobody serves. Every RPC has its
+        own timeout, so this never hangs.
+        """
+        deadline = time.monotonic() + self.client.failover_timeout_s
         last_error: Exception | None = None
-        for attempt in range(self.max_retries + 1):
+        while True:
             try:
                 route = await self.client.plan_inference(
                     failed.span.start, failed.span.end, self.max_length * self.batch_size, refresh=True
                 )
             except NoRouteError as exc:
-                last_error = exc
-                if attempt < self.max_retries:
-                    await self.client.wait_before_retry(attempt)
-                    continue
-                raise
+                if time.monotonic() >= deadline:
+                    raise NoRouteError(
+                        exc.missing_blocks,
+                        f"{exc} (waited {self.client.failover_timeout_s:.0f}s for a replacement; "
+                        f"last failure: {last_error})",
+                    ) from last_error
+                await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                continue
             new_states = [_SpanState(span) for span in route]
             try:
                 inputs = failed.replay_inputs()
@@ -179,17 +190,18 @@ class InferenceSession:
                         inputs = out
                 return new_states
             except (PeerUnavailable, PeerError) as exc:
+                if isinstance(exc, PeerError) and not _worth_failover(exc):
+                    raise
                 last_error = exc
-                peer = getattr(exc, "peer_id", None)
-                if peer:
-                    self.client.ban(peer, reason=str(exc))
+                self.client.ban(exc.peer_id, reason=str(exc))
                 for state in new_states:
                     if state.stream is not None:
                         await state.stream.close()
-        raise PeerdClientError(
-            f"could not replace blocks {failed.span.start}:{failed.span.end} after {self.max_retries + 1} "
-            f"attempts: {last_error}"
-        )
+                if time.monotonic() >= deadline:
+                    raise PeerdClientError(
+                        f"could not replace blocks {failed.span.start}:{failed.span.end} within "
+                        f"{self.client.failover_timeout_s:.0f}s: {last_error}"
+                    ) from exc
 
 
 def _worth_failover(exc: PeerError) -> bool:

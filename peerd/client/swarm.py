@@ -109,6 +109,7 @@ class SwarmClient:
         route_wait_s: float,
         max_retries: int,
         compression: Compression,
+        failover_timeout_s: float = 30.0,
     ) -> None:
         self.p2p = p2p
         self.dht = dht
@@ -122,6 +123,7 @@ class SwarmClient:
         self.route_wait_s = route_wait_s
         self.max_retries = max_retries
         self.compression = compression
+        self.failover_timeout_s = failover_timeout_s  # how long a session waits for a replacement peer
         self.bans = BanList()
         self._servers: dict[str, ServerRecord] = {}
         self._servers_at = 0.0
@@ -141,6 +143,7 @@ class SwarmClient:
         max_retries: int = 3,
         compression: Compression = Compression.NONE,
         dtype: torch.dtype = torch.float32,
+        failover_timeout_s: float = 30.0,
     ) -> SwarmClient:
         """Join the swarm through ``initial_peers`` and load the client-side model pieces."""
         model_path = Path(model_path)
@@ -180,6 +183,7 @@ class SwarmClient:
             route_wait_s=route_wait_s,
             max_retries=max_retries,
             compression=compression,
+            failover_timeout_s=failover_timeout_s,
         )
 
     async def close(self) -> None:
@@ -206,9 +210,6 @@ class SwarmClient:
         duration = self.bans.ban(peer_id)
         logger.info("banned peer %s for %.0fs: %s", peer_id[:16], duration, reason)
 
-    async def wait_before_retry(self, attempt: int) -> None:
-        await asyncio.sleep(min(5.0, 0.25 * 2**attempt))
-
     async def plan_inference(self, start: int, end: int, cache_tokens: int, refresh: bool = False) -> list[Span]:
         servers = await self.servers(refresh=refresh)
         return plan_inference_route(servers, start, end, banned=self.bans.banned(), min_cache_tokens=cache_tokens)
@@ -228,7 +229,7 @@ class SwarmClient:
 
     def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
         """A stateful session through the swarm (use with ``async with``)."""
-        return InferenceSession(self, max_length=max_length, batch_size=batch_size, max_retries=self.max_retries)
+        return InferenceSession(self, max_length=max_length, batch_size=batch_size)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -248,15 +249,16 @@ class SwarmClient:
         sampling: SamplingParams = GREEDY,
         stop_on_eos: bool = True,
         on_text: Callable[[str], None] | None = None,
+        on_token: Callable[[int], None] | None = None,
         adapter: ClientAdapter | None = None,
     ) -> GenerationResult:
-        """Generate up to ``max_new_tokens`` after ``prompt``; ``on_text`` receives text as it appears.
+        """Generate up to ``max_new_tokens`` after ``prompt``.
 
-        ``adapter`` (a trained soft prompt / LoRA from ``peerd finetune``) replaces the plain embeddings
-        and LM head.
+        ``on_text`` receives text as it appears; ``on_token`` each new token id. ``adapter`` (a trained
+        soft prompt / LoRA from ``peerd finetune``) replaces the plain embeddings and LM head.
         """
         result: GenerationResult | None = None
-        async for piece in self._generate(prompt, max_new_tokens, sampling, stop_on_eos, adapter=adapter):
+        async for piece in self._generate(prompt, max_new_tokens, sampling, stop_on_eos, on_token, adapter=adapter):
             if isinstance(piece, GenerationResult):
                 result = piece
             elif on_text is not None:
@@ -284,6 +286,7 @@ class SwarmClient:
         max_new_tokens: int,
         sampling: SamplingParams,
         stop_on_eos: bool,
+        on_token: Callable[[int], None] | None = None,
         *,
         adapter: ClientAdapter | None = None,
     ) -> AsyncIterator[str | GenerationResult]:
@@ -318,6 +321,8 @@ class SwarmClient:
                 if token in eos:
                     break
                 generated.append(token)
+                if on_token is not None:
+                    on_token(token)
                 text = self.decode(generated)
                 # hold back a trailing replacement char: a multi-byte character may be incomplete
                 if len(text) > len(emitted) and not text.endswith("\ufffd"):

@@ -9,6 +9,7 @@ and one client's bad request never touches another client's state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -95,6 +96,8 @@ class BlockServicer:
         self.state = "joining"
         self.draining = False
         self.sessions: dict[bytes, ServerSession] = {}
+        self._no_sessions = asyncio.Event()  # set whenever no session is open (drain waits on it)
+        self._no_sessions.set()
         self.memory = ActivationMeter(stage.parameters(), stage.device)  # activations of backward requests
 
     # --- plumbing shared by all handlers ---------------------------------------------------------
@@ -107,6 +110,9 @@ class BlockServicer:
 
     async def _send(self, writer: asyncio.StreamWriter, msg: Message) -> None:
         frame = encode_frame(msg, self.limits.max_frame_bytes)
+        if writer.is_closing():
+            # the stream was closed under us (client gone, or the session handed back while draining)
+            raise ConnectionResetError("stream already closed")
         async with asyncio.timeout(self.limits.request_timeout_s):
             writer.write(frame)
             await writer.drain()
@@ -302,6 +308,18 @@ class BlockServicer:
 
         await self._serve("backward", stream_info, reader, writer, body)
 
+    async def drain(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for open sessions to end, then hand the rest back with DRAINING."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_sessions.wait(), timeout_s)
+        error = ProtocolError(ErrorCode.DRAINING, "peer is leaving the swarm; continue the session on another peer")
+        for session in list(self.sessions.values()):
+            if session.writer is not None:
+                # one write of a whole frame: never interleaves with a step result on the same stream
+                await self._send_error(session.writer, error)
+                session.writer.close()
+            self._close_session(session)
+
     # --- inference (stateful, one stream per session) --------------------------------------------
 
     async def rpc_inference(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -316,6 +334,7 @@ class BlockServicer:
                     ErrorCode.UNEXPECTED_MESSAGE, f"expected inference_open, got {type(first).__name__}"
                 )
             session = await self._open_session(owner, first)
+            session.writer = writer
             try:
                 await self._send(writer, InferenceOpened(session.session_id, session.reserved_tokens))
                 await self._session_loop(session, first, reader, writer)
@@ -368,6 +387,10 @@ class BlockServicer:
         self._update_session_gauges()
 
     def _update_session_gauges(self) -> None:
+        if self.sessions:
+            self._no_sessions.clear()
+        else:
+            self._no_sessions.set()
         self.metrics.sessions_active.set(len(self.sessions))
         self.metrics.cache_used.set(self.budget.used_tokens * self.budget.bytes_per_token)
 

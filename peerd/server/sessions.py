@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -55,3 +56,4 @@ class ServerSession:
     length: int = 0  # tokens currently in the cache (the next append position)
     steps: int = 0
     last_active: float = field(default_factory=time.monotonic)
+    writer: asyncio.StreamWriter | None = None  # to hand the session back with an error when draining

@@ -10,7 +10,7 @@ import pytest
 from hivemind.p2p import PeerID
 
 from peerd.model.local import LocalModel
-from peerd.server_names import STREAM_NAMES
+from peerd.streams import STREAM_NAMES
 from protocols import (
     PROTOCOL_VERSION,
     Error,

@@ -1,0 +1,164 @@
+"""Fault tolerance against real `peerd run` processes: kill -9, SIGTERM, and a peer joining in time.
+
+Each test starts 3-4 OS processes (about 30-40 s on a 2-core machine), so the module is marked
+slow: opt-in locally, always run in CI. tests/integration/test_failover_inprocess.py covers the
+same client logic quickly with in-process peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from peerd.client import NoRouteError, SwarmClient
+from peerd.demo import LocalSwarm
+from peerd.model.local import LocalModel
+
+pytestmark = pytest.mark.slow
+
+PROMPT = [3, 14, 15, 92, 65, 35]
+MODEL_ID = "tiny"
+# short announce period so records of killed peers expire quickly; no start-up benchmark
+PEER_ARGS = ["--no-measure", "--torch-threads", "1", "--announce-period", "2", "--model-id", MODEL_ID]
+
+
+@pytest.fixture
+def process_swarm(tiny_ckpt: Path, tmp_path: Path) -> Iterator[LocalSwarm]:
+    swarm = LocalSwarm(str(tiny_ckpt), workdir=tmp_path)
+    try:
+        swarm.start_bootstrap(extra=["--model-id", MODEL_ID])
+        yield swarm
+    finally:
+        swarm.stop()
+
+
+def start_peers(swarm: LocalSwarm, spans: dict[str, tuple[int, int]], extra: list[str] | None = None) -> dict[str, int]:
+    procs = [swarm.start_peer(name, span, PEER_ARGS + (extra or [])) for name, span in spans.items()]
+    infos = swarm.wait_ready(procs, timeout_s=120)
+    return {p.name: int(info["pid"]) for p, info in zip(procs, infos, strict=True)}  # type: ignore[call-overload]
+
+
+async def connect(swarm: LocalSwarm, ckpt: Path, **kwargs: object) -> SwarmClient:
+    client = await SwarmClient.connect(swarm.initial_peers, ckpt, model_id=MODEL_ID, **kwargs)  # type: ignore[arg-type]
+    await client.wait_for_route(timeout_s=30)
+    return client
+
+
+def pid_of_route_peer(client_route, pids: dict[str, int], candidates: set[str]) -> tuple[str, int]:  # type: ignore[no-untyped-def]
+    for span in client_route:
+        if span.record.public_name in candidates:
+            return span.record.public_name, pids[span.record.public_name]
+    raise AssertionError(f"none of {candidates} in the route")
+
+
+async def generate_with_fault(client: SwarmClient, fault_at: int, fault) -> tuple[list[int], list[float]]:  # type: ignore[no-untyped-def]
+    """Greedy 128 tokens; ``fault(session_route)`` runs once after ``fault_at`` tokens."""
+    fired = False
+    route_holder: list = []
+
+    def on_token(_: int) -> None:
+        nonlocal fired
+        route_holder.append(None)
+        if len(route_holder) == fault_at and not fired:
+            fired = True
+            fault()
+
+    result = await client.generate(PROMPT, max_new_tokens=128, stop_on_eos=False, on_token=on_token)
+    assert fired
+    return result.token_ids, result.stalls_s
+
+
+async def test_kill_9_mid_generation_gives_identical_output(process_swarm, tiny_ckpt, local_model: LocalModel) -> None:
+    pids = start_peers(process_swarm, {"a1": (0, 3), "a2": (0, 3), "b": (3, 6)})
+    client = await connect(process_swarm, tiny_ckpt)
+    try:
+        route = await client.wait_for_route()
+        victim, pid = pid_of_route_peer(route, pids, {"a1", "a2"})
+        tokens, stalls = await generate_with_fault(client, 40, lambda: os.kill(pid, signal.SIGKILL))
+        assert tokens == local_model.generate_greedy(PROMPT, 128, eos_token_ids=[])
+        assert len(stalls) == 1, stalls  # exactly one failover, and it was timed
+        assert 0 < stalls[0] < 30
+        print(f"killed {victim}: failover stalled generation for {stalls[0] * 1e3:.0f} ms")
+    finally:
+        await client.close()
+
+
+async def test_sigterm_mid_generation_drains_without_a_wrong_token(
+    process_swarm, tiny_ckpt, local_model: LocalModel
+) -> None:
+    pids = start_peers(process_swarm, {"a1": (0, 3), "a2": (0, 3), "b": (3, 6)}, ["--drain-timeout", "0.5"])
+    client = await connect(process_swarm, tiny_ckpt)
+    try:
+        route = await client.wait_for_route()
+        victim, pid = pid_of_route_peer(route, pids, {"a1", "a2"})
+        tokens, stalls = await generate_with_fault(client, 30, lambda: os.kill(pid, signal.SIGTERM))
+        assert tokens == local_model.generate_greedy(PROMPT, 128, eos_token_ids=[])
+        assert len(stalls) == 1
+        proc = next(p for p in process_swarm.procs if p.name == victim)
+        assert proc.popen.wait(30) == 0  # a clean exit after draining
+        assert "draining" in proc.log_tail(40) or "shutting down" in proc.log_tail(40)
+    finally:
+        await client.close()
+
+
+async def test_only_peer_of_blocks_killed_fails_fast_naming_the_blocks(process_swarm, tiny_ckpt) -> None:
+    pids = start_peers(process_swarm, {"a": (0, 3), "b": (3, 6)})
+    client = await connect(process_swarm, tiny_ckpt, failover_timeout_s=3.0)
+    try:
+        started = 0.0
+
+        def kill_b() -> None:
+            nonlocal started
+            started = time.monotonic()
+            os.kill(pids["b"], signal.SIGKILL)
+
+        with pytest.raises(NoRouteError) as info:
+            await generate_with_fault(client, 20, kill_b)
+        elapsed = time.monotonic() - started
+        assert info.value.missing_blocks == [3, 4, 5]
+        assert "3:6" in str(info.value)
+        assert elapsed < 20, f"took {elapsed:.1f}s to give up"
+    finally:
+        await client.close()
+
+
+async def test_peer_joining_within_the_retry_window_rescues_generation(
+    process_swarm, tiny_ckpt, local_model: LocalModel
+) -> None:
+    pids = start_peers(process_swarm, {"a": (0, 3), "b": (3, 6)})
+    client = await connect(process_swarm, tiny_ckpt, failover_timeout_s=90.0)
+    try:
+
+        def replace_b() -> None:
+            os.kill(pids["b"], signal.SIGKILL)
+            process_swarm.start_peer("b2", (3, 6), PEER_ARGS)
+
+        tokens, stalls = await generate_with_fault(client, 20, replace_b)
+        assert tokens == local_model.generate_greedy(PROMPT, 128, eos_token_ids=[])
+        assert len(stalls) == 1
+    finally:
+        await client.close()
+
+
+async def test_restarted_peer_with_same_identity_is_usable_at_once(process_swarm, tiny_ckpt, local_model) -> None:
+    pids = start_peers(process_swarm, {"a": (0, 3), "b": (3, 6)})
+    os.kill(pids["b"], signal.SIGKILL)
+    proc = next(p for p in process_swarm.procs if p.name == "b")
+    proc.popen.wait(10)
+    proc.ready_file.unlink()
+    restarted = process_swarm.start_peer("b", (3, 6), PEER_ARGS)  # same name -> same identity key file
+    info = process_swarm.wait_ready([restarted], timeout_s=120)[0]
+    client = await connect(process_swarm, tiny_ckpt)
+    try:
+        result = await client.generate(PROMPT, max_new_tokens=16, stop_on_eos=False)
+        assert result.token_ids == local_model.generate_greedy(PROMPT, 16, eos_token_ids=[])
+        assert info["peer_id"] in {s.peer_id for s in result.route}
+    finally:
+        await client.close()
+    await asyncio.sleep(0)
