@@ -77,6 +77,12 @@ def dockerfile_stages() -> list[list[tuple[str, str]]]:
     return stages
 
 
+def image_env() -> dict[str, str]:
+    """ENV of the final stage (KEY=value pairs)."""
+    final = dockerfile_stages()[-1]
+    return {k: v for name, args in final if name == "ENV" for k, v in re.findall(r"(\w+)=(\S+)", args)}
+
+
 def test_dockerfile_final_stage_is_non_root_peerd_with_volume_and_healthcheck() -> None:
     stages = dockerfile_stages()
     assert len(stages) >= 2, "build tools and the model converter must stay out of the final image"
@@ -173,6 +179,9 @@ def test_compose_peer_commands_parse_and_agree_with_the_join_script(compose: dic
         assert args.command == "run" and args.name == name
         assert args.host == "0.0.0.0" and args.http_host == "0.0.0.0", "Prometheus reaches peers over the network"
         assert any(p.endswith(f":{args.http_port}") for p in service["ports"])
+        # the image's HEALTHCHECK probes $PEERD_HTTP_PORT: the peer must serve HTTP there
+        env = {**image_env(), **service.get("environment", {})}
+        assert "healthcheck" not in service and str(args.http_port) == env["PEERD_HTTP_PORT"]
         assert args.identity.startswith("/var/lib/peerd/") and args.identity != boot.identity
         assert service["depends_on"]["bootstrap"]["condition"] == "service_healthy"
         spans.append(args.blocks)
