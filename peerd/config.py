@@ -31,6 +31,9 @@ class PeerConfig:
     max_session_length: int = 2048  # longest inference session (prompt + generated) a client may open
     max_batch_tokens: int = 8192  # cap on batch x tokens of one request
     max_sessions: int = 64  # concurrent inference sessions in total
+    max_sessions_per_peer: int = 16  # concurrent inference sessions of one remote peer id
+    max_inflight_per_peer: int = 8  # concurrent info/forward/backward requests of one remote peer id
+    allowed_peers: frozenset[str] | None = None  # private peer: serve only these peer ids (None = anyone)
     session_idle_timeout_s: float = 60.0  # idle sessions are closed and their cache freed
     request_timeout_s: float = 30.0  # every read from a client stream has this deadline
     drain_timeout_s: float = 10.0  # on SIGTERM, how long open sessions may finish before being handed back

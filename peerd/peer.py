@@ -120,10 +120,13 @@ class Peer:
                 max_sessions=cfg.max_sessions,
                 request_timeout_s=cfg.request_timeout_s,
                 session_idle_timeout_s=cfg.session_idle_timeout_s,
+                max_sessions_per_peer=cfg.max_sessions_per_peer,
+                max_inflight_per_peer=cfg.max_inflight_per_peer,
             ),
             metrics=self.metrics,
             public_name=cfg.public_name,
             step_delay_s=cfg.step_delay_s,
+            allowed_peers=cfg.allowed_peers,
         )
         for rpc, name in STREAM_NAMES.items():
             await self.p2p.add_binary_stream_handler(name, getattr(self.servicer, f"rpc_{rpc}"))

@@ -9,6 +9,7 @@ and one client's bad request never touches another client's state.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -68,6 +69,9 @@ class Limits:
     max_sessions: int
     request_timeout_s: float
     session_idle_timeout_s: float
+    # Per remote peer id (libp2p-authenticated, so one client cannot spend another's share):
+    max_sessions_per_peer: int = 16  # open inference sessions of one client
+    max_inflight_per_peer: int = 8  # concurrent info/forward/backward streams of one client
 
 
 class BlockServicer:
@@ -84,6 +88,7 @@ class BlockServicer:
         metrics: PeerMetrics,
         public_name: str = "",
         step_delay_s: float = 0.0,
+        allowed_peers: frozenset[str] | None = None,
     ) -> None:
         self.stage = stage
         self.model_id = model_id
@@ -95,7 +100,12 @@ class BlockServicer:
         self.step_delay_s = step_delay_s
         self.state = "joining"
         self.draining = False
+        self.allowed_peers = allowed_peers  # None = serve anyone (a public swarm)
         self.sessions: dict[bytes, ServerSession] = {}
+        # sessions per owner, counted from admission (before the cache is allocated) to close
+        self._owner_sessions: collections.Counter[str] = collections.Counter()
+        self._inflight: collections.Counter[str] = collections.Counter()  # stateless streams per owner
+        self._opening: set[bytes] = set()  # session ids admitted whose cache is being allocated
         self._no_sessions = asyncio.Event()  # set whenever no session is open (drain waits on it)
         self._no_sessions.set()
         self.memory = ActivationMeter(stage.parameters(), stage.device)  # activations of backward requests
@@ -182,7 +192,20 @@ class BlockServicer:
         owner = str(stream_info.peer_id) if stream_info is not None else ""
         started = time.perf_counter()
         outcome = "ok"
+        counted = False
         try:
+            # Both checks come before reading anything, so a refused client costs one small write.
+            if self.allowed_peers is not None and owner not in self.allowed_peers:
+                raise ProtocolError(ErrorCode.NOT_ALLOWED, "this is a private peer; your peer id is not allowed")
+            if rpc != "inference":
+                if self._inflight[owner] >= self.limits.max_inflight_per_peer:
+                    raise ProtocolError(
+                        ErrorCode.OVERLOADED,
+                        f"{self._inflight[owner]} requests of yours are already in flight here "
+                        f"(limit {self.limits.max_inflight_per_peer}); wait for them or use another peer",
+                    )
+                self._inflight[owner] += 1
+                counted = True
             await self._expect_hello(reader)
             await body(owner, reader, writer)
         except ProtocolError as exc:
@@ -206,6 +229,10 @@ class BlockServicer:
             outcome = "internal"
             await self._send_error(writer, ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
         finally:
+            if counted:
+                self._inflight[owner] -= 1
+                if not self._inflight[owner]:
+                    del self._inflight[owner]  # no entry per client ever seen: the counter stays small
             self.metrics.requests.labels(rpc=rpc, outcome=outcome).inc()
             self.metrics.request_latency.labels(rpc=rpc).observe(time.perf_counter() - started)
             writer.close()
@@ -347,7 +374,7 @@ class BlockServicer:
         if self.draining:
             raise ProtocolError(ErrorCode.DRAINING, "peer is leaving the swarm; open the session elsewhere")
         self._check_range(request.start, request.end)
-        if request.session_id in self.sessions:
+        if request.session_id in self.sessions or request.session_id in self._opening:
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, "session id already in use; pick a fresh random id")
         if not 1 <= request.max_length <= self.limits.max_session_length:
             raise ProtocolError(
@@ -356,16 +383,28 @@ class BlockServicer:
             )
         if not request.batch_size * request.max_length >= 1 or request.batch_size < 1:
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, "batch_size must be >= 1")
-        if len(self.sessions) >= self.limits.max_sessions:
-            raise ProtocolError(ErrorCode.TOO_MANY_SESSIONS, f"this peer already serves {len(self.sessions)} sessions")
+        open_sessions = sum(self._owner_sessions.values())
+        if open_sessions >= self.limits.max_sessions:
+            raise ProtocolError(ErrorCode.TOO_MANY_SESSIONS, f"this peer already serves {open_sessions} sessions")
+        if self._owner_sessions[owner] >= self.limits.max_sessions_per_peer:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_SESSIONS,
+                f"you already have {self._owner_sessions[owner]} sessions open here "
+                f"(limit {self.limits.max_sessions_per_peer} per client)",
+            )
         tokens = request.batch_size * request.max_length
         self.budget.reserve(tokens)
+        self._owner_sessions[owner] += 1  # counted now: concurrent opens must not all pass the check
+        self._opening.add(request.session_id)
         try:
             stage, batch, length = self.stage, request.batch_size, request.max_length
             cache = await self.runtime.run(lambda: stage.allocate_cache(batch, length), owner)
         except BaseException:
             self.budget.release(tokens)
+            self._release_owner(owner)
             raise
+        finally:
+            self._opening.discard(request.session_id)
         session = ServerSession(
             session_id=request.session_id,
             owner=owner,
@@ -384,7 +423,13 @@ class BlockServicer:
     def _close_session(self, session: ServerSession) -> None:
         if self.sessions.pop(session.session_id, None) is not None:
             self.budget.release(session.reserved_tokens)
+            self._release_owner(session.owner)
         self._update_session_gauges()
+
+    def _release_owner(self, owner: str) -> None:
+        self._owner_sessions[owner] -= 1
+        if self._owner_sessions[owner] <= 0:
+            del self._owner_sessions[owner]
 
     def _update_session_gauges(self) -> None:
         if self.sessions:
