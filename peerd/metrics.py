@@ -107,6 +107,7 @@ class PeerMetrics:
         self.blocks_start = Gauge("peerd_hosted_block_start", "First hosted block", registry=r)
         self.blocks_end = Gauge("peerd_hosted_block_end", "One past the last hosted block", registry=r)
         self.blocks_hosted = Gauge("peerd_hosted_blocks", "Number of hosted blocks", registry=r)
+        self.weights = Gauge("peerd_hosted_weights_bytes", "Bytes of the hosted blocks' parameters", registry=r)
         self.throughput = Gauge(
             "peerd_throughput_tokens_per_second", "Measured per-block throughput", ["phase"], registry=r
         )

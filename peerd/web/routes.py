@@ -68,6 +68,8 @@ def refresh_peer_gauges(peer: Peer) -> None:
     m.set_state(peer.state.value)
     if peer.stage is not None:
         m.set_blocks(peer.stage.start, peer.stage.end)
+        # with the cache gauge this gives the daemon's own overhead: resident - weights - cache
+        m.weights.set(sum(p.numel() * p.element_size() for p in peer.stage.parameters()))
     if peer.servicer is not None:
         budget = peer.servicer.budget
         m.cache_limit.set(budget.total_tokens * budget.bytes_per_token)

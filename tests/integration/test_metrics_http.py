@@ -91,6 +91,8 @@ async def test_metrics_count_tokens_sessions_bytes_and_errors(make_swarm) -> Non
         assert value(m, "peerd_hosted_block_start") == peer.stage.start
         assert value(m, "peerd_hosted_block_end") == peer.stage.end
         assert value(m, "peerd_hosted_blocks") == 2
+        weights = sum(p.numel() * p.element_size() for p in peer.stage.parameters())
+        assert value(m, "peerd_hosted_weights_bytes") == weights > 0
         assert value(m, "peerd_throughput_tokens_per_second", phase="decode") > 0
         assert value(m, "peerd_peer_state", state="online") == 1
         assert value(m, "peerd_peer_state", state="offline") == 0
