@@ -57,6 +57,18 @@ def parse_blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
+def parse_size(text: str) -> int:
+    """``"6GB"``/``"512MiB"``/``"1000000"`` -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+    stripped = text.strip().lower()
+    number = stripped.rstrip("abcdefghijklmnopqrstuvwxyz")
+    try:
+        return int(float(number) * units[stripped[len(number) :].strip()])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 6GB or 512MiB)") from None
+
+
 def resolve(model: str, cache_dir: str | None) -> tuple[str, Path]:
     """(model id the swarm uses, local folder) for a known model id or a path."""
     from peerd.model.fetch import canonical_model_id, resolve_model
@@ -93,7 +105,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a peer that hosts a slice of the model's blocks")
     _add_swarm_args(run, need_peers=False)
-    run.add_argument("--blocks", type=parse_blocks, default=None, help="blocks to host, START:END (default: all)")
+    run.add_argument(
+        "--blocks",
+        type=parse_blocks,
+        default=None,
+        help="blocks to host, START:END (default: placed automatically where the swarm is weakest)",
+    )
+    run.add_argument("--max-blocks", type=int, default=None, help="host at most this many blocks (automatic placement)")
+    run.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        default=None,
+        help="memory for weights + KV cache, e.g. 6GB (default: 80%% of free memory)",
+    )
+    run.add_argument(
+        "--placement-jitter", type=float, default=3.0, help="test/ops knob: max random delay before choosing blocks"
+    )
+    run.add_argument(
+        "--placement-settle", type=float, default=1.0, help="test/ops knob: wait before re-checking the choice"
+    )
+    run.add_argument(
+        "--rebalance-period", type=float, default=120.0, help="seconds between move checks (0 = never move)"
+    )
+    run.add_argument(
+        "--rebalance-threshold",
+        type=float,
+        default=0.2,
+        help="move only if the swarm bottleneck rises by this fraction",
+    )
     run.add_argument("--host", default="127.0.0.1", help="libp2p listen address (default 127.0.0.1)")
     run.add_argument("--port", type=int, default=0, help="libp2p listen port (default 0: any free port)")
     run.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR", help="public multiaddrs to advertise")

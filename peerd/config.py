@@ -27,6 +27,12 @@ class PeerConfig:
     device: str = "cpu"  # torch device for the hosted blocks
     dtype: str | None = None  # weights dtype; None = float32 on CPU, bfloat16 on CUDA
     torch_threads: int | None = None  # intra-op threads for torch; None = torch's default
+    max_blocks: int | None = None  # placement: host at most this many blocks (None = as many as fit)
+    memory_budget_bytes: int | None = None  # placement: weights + KV cache budget; None = 80% of free memory
+    placement_jitter_s: float = 3.0  # random delay before choosing blocks, so simultaneous starts spread
+    placement_settle_s: float = 1.0  # wait between announcing JOINING and re-checking for collisions
+    rebalance_period_s: float = 120.0  # how often an auto-placed peer considers moving (0 = never)
+    rebalance_threshold: float = 0.2  # move only if the swarm bottleneck rises by more than this fraction
     cache_tokens: int = 8192  # KV cache budget in tokens (batch 1) across all sessions
     max_session_length: int = 2048  # longest inference session (prompt + generated) a client may open
     max_batch_tokens: int = 8192  # cap on batch x tokens of one request

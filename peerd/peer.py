@@ -19,12 +19,22 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from peerd import __version__
 from peerd.capacity import Capacity, Hardware, measure_throughput, probe_hardware
+from peerd.client.transport import PeerClient
 from peerd.config import PeerConfig
 from peerd.identity import load_or_create_identity, peer_id_of_public_key
 from peerd.metrics import PeerMetrics
 from peerd.model.config import ModelConfig
+from peerd.model.llama import Block
 from peerd.model.loading import default_dtype_for, load_stage
 from peerd.model.stage import Stage, cache_bytes_per_token
+from peerd.placement import (
+    PlacedPeer,
+    Placement,
+    blocks_that_fit,
+    choose_placement,
+    decide_move,
+    recheck_after_joining,
+)
 from peerd.server.handlers import STREAM_NAMES, BlockServicer, Limits
 from peerd.server.runtime import ComputeRuntime
 from peerd.server.sessions import CacheBudget
@@ -35,6 +45,9 @@ from peerd.web.routes import peer_routes
 from protocols import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION
 
 __all__ = ["Peer"]
+
+PLACEMENT_RECHECKS = 3  # look again this many times after announcing JOINING (see placement.py)
+MAX_RTT_TARGETS = 8  # next-hop peers whose RTT we measure and publish
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +71,11 @@ class Peer:
         self.http: HttpServer | None = None
         self.http_port: int | None = None
         self._private_key: RSAPrivateKey | None = None
+        self.peers: PeerClient | None = None  # this peer as a client of others (RTT probes)
+        self.dtype = torch.float32
+        # the blocks we host or are about to host (placement fixes it during startup)
+        self.blocks: tuple[int, int] = config.blocks or (0, self.model_config.num_layers)
+        self.next_rtts_ms: dict[str, float] = {}
         self._stop = asyncio.Event()
         self._shut_down = False
         self.peer_id = ""
@@ -66,7 +84,7 @@ class Peer:
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        """Join the swarm, load blocks, measure, start handlers, announce online."""
+        """Join the swarm, choose and load blocks, start handlers, announce online."""
         cfg = self.config
         self._private_key = load_or_create_identity(cfg.identity_path)
         self.peer_id = peer_id_of_public_key(self._private_key.get_public_key())
@@ -86,27 +104,18 @@ class Peer:
             num_blocks=self.model_config.num_layers,
             initial_peers=cfg.initial_peers,
         )
-        start, end = cfg.blocks if cfg.blocks is not None else (0, self.model_config.num_layers)
-        if not 0 <= start < end <= self.model_config.num_layers:
-            raise ValueError(f"--blocks {start}:{end} outside the model's 0:{self.model_config.num_layers}")
+        self.peers = PeerClient(self.p2p, cfg.model_id, timeout_s=5.0, client_name=f"peerd-peer/{__version__}")
         self.hardware = probe_hardware(cfg.device)
         self.runtime = ComputeRuntime(torch_threads=cfg.torch_threads)
+        self.dtype = getattr(torch, cfg.dtype) if cfg.dtype else default_dtype_for(cfg.device)
+        self.capacity = await self._measure_capacity()
         self.state = PeerState.JOINING
-        await self.announce()
-        dtype = getattr(torch, cfg.dtype) if cfg.dtype else default_dtype_for(cfg.device)
-        logger.info("loading blocks %d:%d of %s (%s, %s)", start, end, cfg.model_id, cfg.device, dtype)
-        path = cfg.model_path
+        await self._choose_blocks()
+        start, end = self.blocks
+        logger.info("loading blocks %d:%d of %s (%s, %s)", start, end, cfg.model_id, cfg.device, self.dtype)
+        path, dtype = cfg.model_path, self.dtype
         self.stage = await self.runtime.run(lambda: load_stage(path, start, end, dtype=dtype, device=cfg.device))
         stage = self.stage
-        if cfg.measure_throughput:
-            self.capacity = await self.runtime.run(lambda: measure_throughput(stage))
-        else:
-            self.capacity = Capacity(decode_tokens_per_s=1000.0, prefill_tokens_per_s=10000.0)
-        logger.info(
-            "throughput per block: %.0f tok/s decode, %.0f tok/s prefill",
-            self.capacity.decode_tokens_per_s,
-            self.capacity.prefill_tokens_per_s,
-        )
         budget = CacheBudget(cfg.cache_tokens, cache_bytes_per_token(self.model_config, end - start, stage.dtype))
         self.servicer = BlockServicer(
             stage=stage,
@@ -138,17 +147,190 @@ class Peer:
         self.servicer.state = "online"
         await self.announce()
 
+    async def _measure_capacity(self) -> Capacity:
+        """Per-block throughput, measured on one random block before any weights are loaded.
+
+        Every block of a model has the same shape, so one block tells the truth about all of them,
+        and knowing it *before* loading lets placement use it. The test/ops knob ``step_delay_s``
+        is folded in, so an artificially slowed peer also advertises itself as slow.
+        """
+        cfg = self.config
+        assert self.runtime is not None
+        if cfg.measure_throughput:
+            config, dtype, device = self.model_config, self.dtype, cfg.device
+            probe = await self.runtime.run(lambda: Stage.random(config, 0, 1, dtype=dtype, device=device))
+            capacity = await self.runtime.run(lambda: measure_throughput(probe))
+            del probe
+        else:
+            capacity = Capacity(decode_tokens_per_s=1000.0, prefill_tokens_per_s=10000.0)
+        if cfg.step_delay_s > 0:
+            # a step through n blocks takes n / tps + delay; spread the delay over a typical span
+            blocks = cfg.blocks[1] - cfg.blocks[0] if cfg.blocks else cfg.max_blocks or self.model_config.num_layers
+            step_s = blocks / capacity.decode_tokens_per_s + cfg.step_delay_s
+            capacity = replace(capacity, decode_tokens_per_s=blocks / step_s)
+        logger.info(
+            "throughput per block: %.0f tok/s decode, %.0f tok/s prefill",
+            capacity.decode_tokens_per_s,
+            capacity.prefill_tokens_per_s,
+        )
+        return capacity
+
+    def _blocks_that_fit(self) -> int:
+        cfg = self.config
+        with torch.device("meta"):
+            params = sum(p.numel() for p in Block(self.model_config, 0).parameters())
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        assert self.hardware is not None
+        budget = cfg.memory_budget_bytes or int(0.8 * self.hardware.memory_free_bytes)
+        fit = blocks_that_fit(
+            budget_bytes=budget,
+            bytes_per_block=params * itemsize,
+            cache_bytes_per_block=cfg.cache_tokens * cache_bytes_per_token(self.model_config, 1, self.dtype),
+            reserve_bytes=min(512 << 20, budget // 10),
+            num_blocks=self.model_config.num_layers,
+        )
+        if fit < 1:
+            raise ValueError(
+                f"not even one block fits the memory budget of {budget / 2**30:.1f} GiB with a KV cache of "
+                f"{cfg.cache_tokens} tokens; lower --cache-tokens or raise --memory-budget"
+            )
+        return min(fit, cfg.max_blocks or fit)
+
+    async def _swarm_peers(self) -> list[PlacedPeer]:
+        """Other peers serving or about to serve, as placement sees them (latest record each)."""
+        assert self.dht is not None
+        views = await self.dht.read_blocks(timeout_s=5.0)
+        latest: dict[str, ServerRecord] = {}
+        for view in views:
+            for r in view.records:
+                if r.state is PeerState.OFFLINE or r.peer_id == self.peer_id:
+                    continue
+                if r.peer_id not in latest or r.announced_at > latest[r.peer_id].announced_at:
+                    latest[r.peer_id] = r
+        return [PlacedPeer(r.peer_id, r.start, r.end, r.decode_tokens_per_s) for r in latest.values()]
+
+    def _me(self) -> PlacedPeer:
+        assert self.capacity is not None
+        return PlacedPeer(self.peer_id, self.blocks[0], self.blocks[1], self.capacity.decode_tokens_per_s)
+
+    async def _choose_blocks(self) -> None:
+        """Fix ``self.blocks``: the operator's ``--blocks``, or placement against the swarm (then re-checked)."""
+        cfg = self.config
+        num_blocks = self.model_config.num_layers
+        if cfg.blocks is not None:
+            start, end = cfg.blocks
+            if not 0 <= start < end <= num_blocks:
+                raise ValueError(f"--blocks {start}:{end} outside the model's 0:{num_blocks}")
+            self.blocks = (start, end)
+            await self.announce()
+            return
+        assert self.capacity is not None
+        length = self._blocks_that_fit()
+        # peers started at the same moment would all see the same swarm: a random delay spreads them
+        await asyncio.sleep(random.uniform(0, cfg.placement_jitter_s))
+        choice = choose_placement(
+            await self._swarm_peers(),
+            num_blocks=num_blocks,
+            length=length,
+            tokens_per_s=self.capacity.decode_tokens_per_s,
+        )
+        logger.info("placement: blocks %d:%d (%d fit in memory): %s", choice.start, choice.end, length, choice.reason)
+        self.blocks = (choice.start, choice.end)
+        await self.announce()
+        for _ in range(PLACEMENT_RECHECKS):
+            await asyncio.sleep(cfg.placement_settle_s * random.uniform(1.0, 1.5))
+            me = self._me()
+            move = recheck_after_joining([*await self._swarm_peers(), me], me, num_blocks=num_blocks)
+            if move is None:
+                continue
+            logger.info("placement: re-placed to blocks %d:%d: %s", move.start, move.end, move.reason)
+            old, self.blocks = self.blocks, (move.start, move.end)
+            await self.announce()
+            await self._release_blocks(old)
+
+    async def _release_blocks(self, old: tuple[int, int]) -> None:
+        """Mark blocks of ``old`` that we no longer host as offline for us, so nobody routes there."""
+        assert self.dht is not None
+        gone = [b for b in range(*old) if not self.blocks[0] <= b < self.blocks[1]]
+        if not gone:
+            return
+        record = replace(self.record(), state=PeerState.OFFLINE, start=old[0], end=old[1], cache_tokens_free=0)
+        await self.dht.announce(record, expiration_s=2 * self.config.announce_period_s, blocks=gone)
+
     async def serve(self) -> None:
-        """Re-announce every period (with jitter, so a swarm's peers do not beat in step) until stopped."""
-        while not self._stop.is_set():
-            period = self.config.announce_period_s * random.uniform(0.9, 1.0)
+        """Keep records fresh and (for auto-placed peers) rebalance, until stopped."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._announce_loop())
+            if self.config.blocks is None and self.config.rebalance_period_s > 0:
+                tasks.create_task(self._rebalance_loop())
+
+    async def _sleep_or_stop(self, seconds: float) -> bool:
+        """Sleep ``seconds``; True if the peer was asked to stop meanwhile."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _announce_loop(self) -> None:
+        # jitter, so a swarm's peers do not beat in step
+        while not await self._sleep_or_stop(self.config.announce_period_s * random.uniform(0.9, 1.0)):
             try:
-                await asyncio.wait_for(self._stop.wait(), timeout=period)
-            except TimeoutError:
-                try:
-                    await self.announce()
-                except Exception:  # the DHT being briefly unreachable must not kill the daemon
-                    logger.warning("announce failed; will retry next period", exc_info=True)
+                await self._measure_next_rtts()
+                await self.announce()
+            except Exception:  # the DHT being briefly unreachable must not kill the daemon
+                logger.warning("announce failed; will retry next period", exc_info=True)
+
+    async def _measure_next_rtts(self) -> None:
+        """RTT to the peers serving the block right after ours (published in our record for routing)."""
+        assert self.dht is not None and self.peers is not None
+        end = self.blocks[1]
+        if end >= self.model_config.num_layers:
+            self.next_rtts_ms = {}
+            return
+        (view,) = await self.dht.read_blocks(end, end + 1, timeout_s=5.0)
+        targets = [r.peer_id for r in view.online() if r.peer_id != self.peer_id][:MAX_RTT_TARGETS]
+        rtts = await asyncio.gather(*(self.peers.rtt_ms(peer) for peer in targets))
+        self.next_rtts_ms = {peer: rtt for peer, rtt in zip(targets, rtts, strict=True) if rtt is not None}
+
+    async def _rebalance_loop(self) -> None:
+        cfg = self.config
+        while not await self._sleep_or_stop(cfg.rebalance_period_s * random.uniform(0.8, 1.2)):
+            try:
+                me = self._me()
+                move = decide_move(
+                    [*await self._swarm_peers(), me],
+                    me,
+                    num_blocks=self.model_config.num_layers,
+                    threshold=cfg.rebalance_threshold,
+                )
+                if move is not None:
+                    await self._move(move)
+            except Exception:
+                logger.warning("rebalancing check failed; staying where we are", exc_info=True)
+
+    async def _move(self, move: Placement) -> None:
+        """Host ``move``'s blocks instead: load what is new (keeping blocks that stay), drain, switch."""
+        assert self.runtime is not None and self.servicer is not None and self.stage is not None
+        cfg = self.config
+        logger.info("rebalancing: %s", move.reason)
+        old_stage, path, dtype = self.stage, cfg.model_path, self.dtype
+        new_stage = await self.runtime.run(
+            lambda: load_stage(path, move.start, move.end, dtype=dtype, device=cfg.device, reuse=old_stage)
+        )
+        self.servicer.draining = True  # new sessions go elsewhere while we switch
+        await self.servicer.drain(cfg.drain_timeout_s)
+        budget = CacheBudget(
+            cfg.cache_tokens, cache_bytes_per_token(self.model_config, move.end - move.start, new_stage.dtype)
+        )
+        self.stage = self.servicer.stage = new_stage
+        self.servicer.budget = budget
+        old, self.blocks = self.blocks, (move.start, move.end)
+        self.servicer.draining = False
+        await self.announce()
+        await self._release_blocks(old)
+        self.metrics.moves.inc()
+        self._set_static_metrics(budget)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -212,11 +394,7 @@ class Peer:
     def record(self) -> ServerRecord:
         hw = self.hardware or probe_hardware(self.config.device)
         cap = self.capacity or Capacity(0.0, 0.0)
-        start, end = (
-            (self.stage.start, self.stage.end)
-            if self.stage is not None
-            else (self.config.blocks or (0, self.model_config.num_layers))
-        )
+        start, end = self.blocks
         return ServerRecord(
             peer_id=self.peer_id,
             state=self.state,
@@ -232,6 +410,7 @@ class Peer:
             protocol_version=PROTOCOL_VERSION,
             package_version=__version__,
             public_name=self.config.public_name,
+            next_rtts_ms=dict(self.next_rtts_ms),
         )
 
     async def announce(self, timeout_s: float = 10.0) -> bool:

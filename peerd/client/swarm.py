@@ -41,6 +41,10 @@ from protocols import Compression
 __all__ = ["BanList", "GenerationResult", "SwarmClient"]
 
 GREEDY = SamplingParams()
+RTT_TTL_S = 60.0  # re-measure a peer's RTT after this long
+RTT_PROBE_TIMEOUT_S = 2.0
+MAX_RTT_PROBES = 32  # per planning round, so a huge swarm does not stall planning
+UNREACHABLE_RTT_MS = 10_000.0
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +130,9 @@ class SwarmClient:
         self.failover_timeout_s = failover_timeout_s  # how long a session waits for a replacement peer
         self.bans = BanList()
         self._servers: dict[str, ServerRecord] = {}
+        self.rtts_ms: dict[str, float] = {}  # measured client <-> peer round trips
+        self._rtt_measured_at: dict[str, float] = {}
+        self._rtt_probe = PeerClient(p2p, model_id, timeout_s=RTT_PROBE_TIMEOUT_S)
         self._servers_at = 0.0
         self.view_ttl_s = 5.0
 
@@ -211,8 +218,28 @@ class SwarmClient:
         logger.info("banned peer %s for %.0fs: %s", peer_id[:16], duration, reason)
 
     async def plan_inference(self, start: int, end: int, cache_tokens: int, refresh: bool = False) -> list[Span]:
+        """Lowest-latency route for [start, end) with room for ``cache_tokens`` (see routing.py)."""
         servers = await self.servers(refresh=refresh)
-        return plan_inference_route(servers, start, end, banned=self.bans.banned(), min_cache_tokens=cache_tokens)
+        banned = self.bans.banned()
+        await self.measure_rtts([p for p in servers if p not in banned])
+        return plan_inference_route(
+            servers, start, end, banned=banned, min_cache_tokens=cache_tokens, rtt_ms=self.rtts_ms
+        )
+
+    async def measure_rtts(self, peer_ids: Sequence[str]) -> None:
+        """Measure RTT to candidate peers whose measurement is missing or stale (concurrently, bounded).
+
+        Each hop of an inference route is a client <-> peer round trip, so these RTTs are the
+        network part of a route's per-token cost. An unreachable peer gets a prohibitive RTT.
+        """
+        now = time.monotonic()
+        stale = [p for p in peer_ids if now - self._rtt_measured_at.get(p, -1e9) > RTT_TTL_S][:MAX_RTT_PROBES]
+        if not stale:
+            return
+        results = await asyncio.gather(*(self._rtt_probe.rtt_ms(p, samples=2) for p in stale))
+        for peer_id, rtt in zip(stale, results, strict=True):
+            self.rtts_ms[peer_id] = UNREACHABLE_RTT_MS if rtt is None else rtt
+            self._rtt_measured_at[peer_id] = now
 
     async def wait_for_route(self, timeout_s: float | None = None) -> list[Span]:
         """Poll the DHT until a full route exists (or raise NoRouteError after ``timeout_s``)."""

@@ -8,6 +8,7 @@ and reads the answer under a deadline. Stream errors, timeouts and garbage becom
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -101,6 +102,19 @@ class PeerClient:
         if not isinstance(msg, expected):
             raise PeerUnavailable(peer_id, f"answered {type(msg).__name__}, expected {expected.__name__}")
         return msg
+
+    async def rtt_ms(self, peer_id: str, samples: int = 2) -> float | None:
+        """Round trip of an ``info`` request (stream open included), best of ``samples``; None if unreachable."""
+        best: float | None = None
+        for _ in range(samples):
+            started = time.perf_counter()
+            try:
+                await self.info(peer_id)
+            except (PeerUnavailable, PeerError):
+                return best
+            elapsed = (time.perf_counter() - started) * 1e3
+            best = elapsed if best is None else min(best, elapsed)
+        return best
 
     async def info(self, peer_id: str) -> InfoResponse:
         async with self._stream(peer_id, "info") as (reader, writer):

@@ -132,13 +132,16 @@ def load_stage(
     device: str | torch.device = "cpu",
     progress: bool = True,
     stats: LoadStats | None = None,
+    reuse: Stage | None = None,
 ) -> Stage:
     """Load blocks ``[start, end)`` of the checkpoint folder ``path``, reading only their tensors.
 
     ``dtype`` defaults to :func:`default_dtype_for` the device. ``stats``, when
-    given, records every tensor read. Raises ``ValueError`` for an unsupported
-    config, a block range outside the model, or missing/mis-shaped tensors
-    (naming them and the file set).
+    given, records every tensor read. ``reuse``: a stage already in memory (same
+    dtype and device) whose blocks inside ``[start, end)`` are taken as they are
+    instead of read again -- a peer that moves keeps the blocks that stay. Raises
+    ``ValueError`` for an unsupported config, a block range outside the model, or
+    missing/mis-shaped tensors (naming them and the file set).
     """
     path = Path(path)
     config = ModelConfig.from_pretrained(path)
@@ -147,15 +150,18 @@ def load_stage(
     with torch.device("meta"):
         stage = Stage(config, start, end)  # validates the range; no memory yet
     local_names = list(stage.state_dict())
+    kept: dict[str, Tensor] = {}
+    if reuse is not None and reuse.dtype == dtype and reuse.device == torch.device(device):
+        kept = {name: t for name, t in reuse.state_dict().items() if name in set(local_names)}
     read = files.read(
-        ("model." + name for name in local_names),
+        ("model." + name for name in local_names if name not in kept),
         dtype=dtype,
         device=device,
         progress=progress,
         description=f"blocks {start}:{end}",
         stats=stats,
     )
-    state = {name: read["model." + name] for name in local_names}
+    state = {name: kept[name] if name in kept else read["model." + name] for name in local_names}
     _check_shapes(stage, state, "model.", files)
     stage.load_state_dict(state, assign=True)
     return stage.requires_grad_(False).eval()

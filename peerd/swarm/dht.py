@@ -75,10 +75,20 @@ class SwarmDHT:
         )
         return cls(node, private_key, prefix, num_blocks)
 
-    async def announce(self, record: ServerRecord, *, expiration_s: float, timeout_s: float = 10.0) -> bool:
-        """Store ``record`` under each block key it covers; True if every store was accepted."""
+    async def announce(
+        self,
+        record: ServerRecord,
+        *,
+        expiration_s: float,
+        timeout_s: float = 10.0,
+        blocks: Sequence[int] | None = None,
+    ) -> bool:
+        """Store ``record`` under each block key it covers (or only ``blocks`` of them); True if all accepted."""
         now = get_dht_time()
-        keys = [block_uid(self.prefix, i) for i in range(record.start, record.end)]
+        indices = range(record.start, record.end) if blocks is None else blocks
+        keys = [block_uid(self.prefix, i) for i in indices]
+        if not keys:
+            return True
         value = record.to_wire()
         value["at"] = float(now)
         result = await asyncio.wait_for(

@@ -1,0 +1,86 @@
+"""Route planning and the ban list, on synthetic records (no sockets)."""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import pytest
+
+from peerd.client.errors import NoRouteError
+from peerd.client.routing import plan_inference_route, plan_load_balanced_route
+from peerd.client.swarm import BanList
+from peerd.swarm.records import PeerState, ServerRecord
+
+
+def rec(peer: str, start: int, end: int, tps: float = 100.0, cache: int = 10_000) -> ServerRecord:
+    return ServerRecord(
+        peer_id=peer, state=PeerState.ONLINE, start=start, end=end, decode_tokens_per_s=tps,
+        prefill_tokens_per_s=tps * 10, device="cpu", memory_total_bytes=1, memory_free_bytes=1, dtype="float32",
+        cache_tokens_free=cache, protocol_version=(1, 0), package_version="0", public_name=peer,
+    )  # fmt: skip
+
+
+def servers(*records: ServerRecord) -> dict[str, ServerRecord]:
+    return {r.peer_id: r for r in records}
+
+
+def test_picks_the_faster_replica() -> None:
+    swarm = servers(rec("slow", 0, 6, tps=10.0), rec("fast", 0, 6, tps=1000.0))
+    route = plan_inference_route(swarm, 0, 6)
+    assert [s.peer_id for s in route] == ["fast"]
+
+
+def test_fewer_hops_win_when_compute_is_equal() -> None:
+    swarm = servers(rec("a", 0, 3), rec("b", 3, 6), rec("whole", 0, 6))
+    assert [s.peer_id for s in plan_inference_route(swarm, 0, 6)] == ["whole"]
+
+
+def test_measured_rtt_steers_the_route() -> None:
+    swarm = servers(rec("a", 0, 3), rec("b", 3, 6), rec("whole", 0, 6))
+    # the one-hop peer is far away (e.g. another continent); two nearby hops are cheaper
+    route = plan_inference_route(swarm, 0, 6, rtt_ms={"a": 1.0, "b": 1.0, "whole": 200.0})
+    assert [(s.peer_id, s.start, s.end) for s in route] == [("a", 0, 3), ("b", 3, 6)]
+
+
+def test_sub_spans_of_a_peer_are_used() -> None:
+    swarm = servers(rec("wide", 0, 6, tps=1000.0), rec("mid", 2, 4, tps=1.0))
+    route = plan_inference_route(swarm, 2, 5)
+    assert [(s.peer_id, s.start, s.end) for s in route] == [("wide", 2, 5)]
+
+
+def test_avoids_peers_without_cache_for_the_session() -> None:
+    swarm = servers(rec("full", 0, 6, tps=1000.0, cache=10), rec("roomy", 0, 6, tps=10.0, cache=5000))
+    assert [s.peer_id for s in plan_inference_route(swarm, 0, 6, min_cache_tokens=100)] == ["roomy"]
+    with pytest.raises(NoRouteError):
+        plan_inference_route(swarm, 0, 6, min_cache_tokens=10_000)
+
+
+def test_banned_peers_are_skipped_and_gaps_named() -> None:
+    swarm = servers(rec("a", 0, 3), rec("b", 3, 6))
+    with pytest.raises(NoRouteError) as info:
+        plan_inference_route(swarm, 0, 6, banned={"b"})
+    assert info.value.missing_blocks == [3, 4, 5]
+    assert "3:6" in str(info.value)
+
+
+def test_load_balanced_routes_follow_throughput() -> None:
+    swarm = servers(rec("big", 0, 6, tps=300.0), rec("small", 0, 6, tps=100.0))
+    rng = random.Random(0)
+    counts = collections.Counter(plan_load_balanced_route(swarm, 0, 6, rng=rng)[0].peer_id for _ in range(4000))
+    assert counts["big"] / counts["small"] == pytest.approx(3.0, rel=0.15)
+
+
+def test_ban_backoff_doubles_and_expires() -> None:
+    now = [0.0]
+    bans = BanList(base_s=5.0, max_s=40.0, clock=lambda: now[0])
+    assert bans.ban("p") == 5.0
+    assert bans.banned() == {"p"}
+    now[0] = 5.1
+    assert bans.banned() == set()
+    assert bans.ban("p") == 10.0
+    assert bans.ban("p") == 20.0
+    assert bans.ban("p") == 40.0
+    assert bans.ban("p") == 40.0  # capped
+    bans.forgive("p")
+    assert bans.banned() == set()
