@@ -93,6 +93,15 @@ def format_status(status: dict[str, Any]) -> str:
     )
     text += ["", "coverage (online peers per block; '.' = gap):"]
     text.append("  " + "".join(str(min(c["peers"], 9)) if c["peers"] else "." for c in status["coverage"]))
+    groups: list[list[Any]] = []  # runs of consecutive blocks with the same peers and throughput
+    for c in status["coverage"]:
+        key = (c["peers"], round(c["decode_tokens_per_s"], 1))
+        if groups and groups[-1][2] == key:
+            groups[-1][1] = c["block"] + 1
+        else:
+            groups.append([c["block"], c["block"] + 1, key])
+    rows = [[f"{a}:{b}", str(peers), f"{tps:.0f}", "GAP" if peers == 0 else ""] for a, b, (peers, tps) in groups]
+    text += ["", _table(["BLOCKS", "PEERS", "TOTAL TOK/S", ""], rows)]
     if status["gaps"]:
         from peerd.client.errors import _ranges
 

@@ -39,7 +39,7 @@ class Swarm:
     initial_peers: tuple[str, ...] = ()
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def config(self, name: str, blocks: tuple[int, int], **overrides: object) -> PeerConfig:
+    def config(self, name: str, blocks: tuple[int, int] | None, **overrides: object) -> PeerConfig:
         base = PeerConfig(
             model_path=self.ckpt,
             model_id=MODEL_ID,
@@ -52,7 +52,7 @@ class Swarm:
         )
         return replace(base, **overrides)  # type: ignore[arg-type]
 
-    async def add_peer(self, name: str, blocks: tuple[int, int], **overrides: object) -> Peer:
+    async def add_peer(self, name: str, blocks: tuple[int, int] | None, **overrides: object) -> Peer:
         peer = Peer(self.config(name, blocks, **overrides))
         self.peers.append(peer)
         await peer.startup()
