@@ -148,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         text = load_tokenizer(path).decode(tokens_local, skip_special_tokens=True)
+        print("[+] training: forward+backward, micro-batches pipelined vs stage by stage ...", flush=True)
+        from peerd.bench_train import run_training_bench, training_rows
+
+        results["training"] = run_training_bench(
+            swarm.initial_peers, path, model_id, batch_size=4, seq_len=64, rounds=2
+        )
 
     local_med, swarm_med = statistics.median(local_tps), statistics.median(swarm_tps)
     results.update(
@@ -181,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("outputs identical", str(identical), "swarm tokens == local tokens"),
     ]
+    rows += training_rows(results["training"])
     print()
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
