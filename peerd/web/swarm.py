@@ -67,11 +67,14 @@ class RttProbe:
         *,
         ttl_s: float = 30.0,
         timeout_s: float = 2.0,
+        max_probes: int = 32,
         clock: Clock = time.monotonic,
     ) -> None:
         self._ping = ping
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
+        # anyone can put records in the DHT: never open more than this many streams per call
+        self.max_probes = max_probes
         self._clock = clock
         self._cache: dict[str, tuple[float, float | None]] = {}  # peer id -> (measured at, rtt ms)
 
@@ -85,10 +88,13 @@ class RttProbe:
         return (time.perf_counter() - started) * 1e3
 
     async def rtts_ms(self, peer_ids: Iterable[str]) -> dict[str, float | None]:
-        """RTT of each of ``peer_ids``; stale or unknown ones are probed now, concurrently."""
+        """RTT of each of ``peer_ids``; up to ``max_probes`` stale or unknown ones are probed now,
+        concurrently (never-measured first), the rest on later calls (None until then)."""
         wanted = list(dict.fromkeys(peer_ids))
         now = self._clock()
         stale = [p for p in wanted if p not in self._cache or now - self._cache[p][0] >= self.ttl_s]
+        stale.sort(key=lambda p: self._cache[p][0] if p in self._cache else float("-inf"))
+        stale = stale[: self.max_probes]
         if stale:
             results = await asyncio.gather(*(self._measure(p) for p in stale))
             measured_at = self._clock()
@@ -97,4 +103,4 @@ class RttProbe:
         # forget peers that left, so a long-lived daemon does not accumulate every peer it ever saw
         for gone in set(self._cache) - set(wanted):
             del self._cache[gone]
-        return {p: self._cache[p][1] for p in wanted}
+        return {p: self._cache[p][1] if p in self._cache else None for p in wanted}

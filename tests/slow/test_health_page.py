@@ -1,6 +1,6 @@
 """The swarm health page in headless Chromium, served by a real `peerd run` process: every peer and
 the coverage of every block appear in the rendered DOM, and a gap is shown once peers leave.
-Screenshots go to artifacts/ (gitignored; CI keeps them)."""
+Screenshots go to artifacts/ (gitignored): look at them after a run."""
 
 from __future__ import annotations
 

@@ -81,3 +81,22 @@ async def test_rtt_probe_caches_per_peer_and_reports_failures_as_unknown() -> No
     clock.now += 30
     await probe.rtts_ms(["a"])
     assert pinged[-1] == "a"
+
+
+async def test_rtt_probe_opens_at_most_max_probes_streams_per_call() -> None:
+    clock = FakeClock()
+    pinged: list[str] = []
+
+    async def ping(peer_id: str) -> None:
+        pinged.append(peer_id)
+
+    probe = RttProbe(ping, max_probes=3, clock=clock)
+    peers = [f"p{i}" for i in range(7)]
+    first = await probe.rtts_ms(peers)
+    assert pinged == ["p0", "p1", "p2"] and [first[p] is None for p in peers] == [False] * 3 + [True] * 4
+    await probe.rtts_ms(peers)
+    last = await probe.rtts_ms(peers)
+    assert pinged == peers and all(rtt is not None for rtt in last.values())  # the rest on the next calls
+    clock.now += 30
+    await probe.rtts_ms(peers)
+    assert pinged[7:] == ["p0", "p1", "p2"]  # all stale again: still at most 3 streams
