@@ -195,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--adapter", default=None, help="adapter file written by `peerd finetune`")
 
     status = sub.add_parser("status", help="show the peers of a swarm and the coverage of every block")
     _add_swarm_args(status, need_peers=True)

@@ -147,11 +147,17 @@ async def cmd_generate(args: argparse.Namespace) -> int:
         route = await client.wait_for_route()
         print("route: " + " -> ".join(str(s) for s in route), file=sys.stderr, flush=True)
         prompt = args.prompt if args.raw or client.tokenizer is None else chat_prompt_ids(client.tokenizer, args.prompt)
+        adapter = None
+        if args.adapter:
+            from peerd.client.adapters import ClientAdapter
+
+            adapter = ClientAdapter.load(args.adapter, client.head)
         result = await client.generate(
             prompt,
             max_new_tokens=args.max_new_tokens,
             sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
             on_text=lambda piece: print(piece, end="", flush=True),
+            adapter=adapter,
         )
         print(flush=True)
         print(
