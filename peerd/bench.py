@@ -8,8 +8,10 @@ and their ratio. Run with ``python -m peerd.bench [--model ID] [--tokens N] [--r
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -74,6 +76,75 @@ async def swarm_decode(initial_peers: list[str], path: Path, model_id: str, prom
         return await client.generate(prompt, max_new_tokens=new_tokens, stop_on_eos=False)
     finally:
         await client.close()
+
+
+class _KillAt:
+    """``on_token`` callback that SIGKILLs the named peer process after ``at_token`` tokens."""
+
+    def __init__(self, swarm: Any, name: str, at_token: int) -> None:
+        self.swarm, self.name, self.at_token, self.seen = swarm, name, at_token, 0
+
+    def on_token(self, _: int) -> None:
+        self.seen += 1
+        if self.seen == self.at_token:
+            proc = next(p for p in reversed(self.swarm.procs) if p.name == self.name)
+            os.kill(int(proc.ready()["pid"]), signal.SIGKILL)
+
+
+async def _time_to_serve(swarm: Any, name: str, span: tuple[int, int], client: Any, hidden: int) -> float:
+    """Seconds from spawning `peerd run` until the new peer answers a forward request."""
+    started = time.monotonic()
+    proc = swarm.start_peer(name, span, ["--torch-threads", "1"])
+    info = await asyncio.to_thread(swarm.wait_ready, [proc], 300)
+    x = torch.zeros(1, 1, hidden)
+    while True:
+        try:
+            await client.peers.forward(str(info[0]["peer_id"]), x, span[0], span[1])
+            return time.monotonic() - started
+        except Exception:
+            await asyncio.sleep(0.05)
+
+
+async def failover_rounds(  # type: ignore[no-untyped-def]
+    swarm, span: tuple[int, int], path: Path, model_id: str, prompt: list[int], expected: list[int], rounds: int
+) -> dict[str, Any]:
+    """Add a replica of ``span``, then per round: kill whichever replica the route uses at token 10,
+    record the stall, check the output, and restart the killed peer (timing until it serves)."""
+    from peerd.client import SwarmClient
+
+    client = await SwarmClient.connect(swarm.initial_peers, path, model_id=model_id, failover_timeout_s=120.0)
+    stalls, serve_s, identical = [], [], True
+    try:
+        hidden = client.config.hidden_size
+        serve_s.append(await _time_to_serve(swarm, "replica", span, client, hidden))
+        for r in range(rounds):
+            await client.wait_for_route(timeout_s=60)
+            client.bans = type(client.bans)()  # restarted peers are healthy again
+            route = await client.plan_inference(0, client.num_blocks, len(prompt) + len(expected))
+            killer = _KillAt(swarm, route[0].record.public_name, at_token=10)
+            result = await client.generate(
+                prompt, max_new_tokens=len(expected), stop_on_eos=False, on_token=killer.on_token
+            )
+            identical &= result.token_ids == expected
+            stalls += [s * 1e3 for s in result.stalls_s]
+            stall_ms = result.stalls_s[0] * 1e3 if result.stalls_s else float("nan")
+            print(
+                f"      round {r + 1}: killed {killer.name}, stall {stall_ms:.0f} ms, "
+                f"same tokens: {result.token_ids == expected}",
+                flush=True,
+            )
+            killed = [killer.name]
+            next(p for p in reversed(swarm.procs) if p.name == killed[0]).ready_file.unlink()
+            serve_s.append(await _time_to_serve(swarm, killed[0], span, client, hidden))
+    finally:
+        await client.close()
+    return {
+        "failover_stalls_ms": stalls,
+        "failover_stall_ms_p50": _percentile(stalls, 50),
+        "failover_outputs_identical": identical,
+        "time_to_serve_s": serve_s,
+        "time_to_serve_s_p50": _percentile(serve_s, 50),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         results["training"] = run_training_bench(
             swarm.initial_peers, path, model_id, batch_size=4, seq_len=64, rounds=2
         )
+        print("[5/5] failover: kill the peer serving block 0 mid-generation (a replica takes over) ...", flush=True)
+        spans = split_blocks(config.num_layers, args.peers)
+        failover = run_async(
+            failover_rounds(swarm, spans[0], path, model_id, prompt, tokens_local[: args.tokens], rounds=3)
+        )
+        results.update(failover)
 
     local_med, swarm_med = statistics.median(local_tps), statistics.median(swarm_tps)
     results.update(
@@ -186,6 +263,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{codec['codec_gb_per_s']:.2f} vs {codec['memcpy_gb_per_s']:.2f} GB/s (16 MiB fp32)",
         ),
         ("outputs identical", str(identical), "swarm tokens == local tokens"),
+        (
+            "failover stall p50",
+            f"{results['failover_stall_ms_p50']:.0f} ms",
+            f"{len(results['failover_stalls_ms'])} kills; output identical: {results['failover_outputs_identical']}",
+        ),
+        (
+            "new peer serves after",
+            f"{results['time_to_serve_s_p50']:.1f} s",
+            "p50 from `peerd run` to its first forward answered",
+        ),
     ]
     rows += training_rows(results["training"])
     print()
