@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import threading
 import time
@@ -16,10 +17,11 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from peerd.cli import build_parser
 from peerd.client import SwarmClient
 from peerd.client.adapters import ClientAdapter
 from peerd.client.autograd import RemoteBlocks, RemotePipeline
-from peerd.finetune import TokenBatches, train_step
+from peerd.finetune import TokenBatches, cmd_finetune, train_step
 from peerd.model.local import LocalModel
 from peerd.peer import Peer
 
@@ -88,7 +90,7 @@ async def test_gradients_through_three_peers_equal_local_autograd(make_swarm, lo
         await client.close()
 
 
-async def test_prompt_tuning_through_the_swarm_lowers_the_loss(make_swarm) -> None:
+async def test_prompt_tuning_through_the_swarm_lowers_the_loss(make_swarm, tmp_path) -> None:
     swarm = await make_swarm()
     client = await swarm.client()
     try:
@@ -108,6 +110,18 @@ async def test_prompt_tuning_through_the_swarm_lowers_the_loss(make_swarm) -> No
         assert tuned.token_ids != plain.token_ids
     finally:
         await client.close()
+
+    # the CLI body end to end on the same swarm: trains, saves, plots, and generates with the result
+    out = tmp_path / "ft"
+    argv = ["finetune", "--initial-peers", *swarm.initial_peers, "--model", str(swarm.ckpt), "--model-id", "tiny"]
+    argv += ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--prompt-tokens", "4", "--head-rank", "2"]
+    argv += ["--out", str(out), "--sample-prompt", "Q: hello"]
+    args = build_parser().parse_args(argv)
+    assert await cmd_finetune(args) == 0
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(json.loads((out / "losses.json").read_text())["losses"]) == 4
+    loaded = ClientAdapter.load(out / "adapter.safetensors", client.head)
+    assert (loaded.prompt_tokens, loaded.head_rank) == (4, 2)
 
 
 async def kill_while_serving(swarm, victim: Peer, work: asyncio.Future[object]) -> float:  # type: ignore[no-untyped-def]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,13 @@ def test_shipped_training_text_and_loss_plot(tmp_path: Path) -> None:
     assert DEFAULT_DATA.is_file() and len(DEFAULT_DATA.read_text(encoding="utf-8")) > 2000
     path = plot_losses([3.0, 2.5, 2.6, 2.0, 1.8], tmp_path / "loss.png", title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finetune_without_matplotlib_fails_clearly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from peerd.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert main(["finetune", "--initial-peers", "/ip4/127.0.0.1/tcp/1"]) == 2  # before any connection
+    assert "pip install 'peerd[finetune]'" in capsys.readouterr().err
