@@ -1,10 +1,12 @@
-"""peerd client SDK: join a swarm, plan routes through peers, generate and run forward passes.
+"""peerd client SDK: join a swarm, plan routes through peers, generate, run forward passes, and train.
 
 Imports protocols/ and shared model code only, never server code.
 """
 
 from __future__ import annotations
 
+from peerd.client.adapters import ClientAdapter
+from peerd.client.autograd import RemoteBlocks, RemotePipeline
 from peerd.client.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable, SwarmConnectError
 from peerd.client.routing import Span
 from peerd.client.sampling import SamplingParams
@@ -13,12 +15,15 @@ from peerd.client.swarm import BanList, GenerationResult, SwarmClient
 
 __all__ = [
     "BanList",
+    "ClientAdapter",
     "GenerationResult",
     "InferenceSession",
     "NoRouteError",
     "PeerError",
     "PeerUnavailable",
     "PeerdClientError",
+    "RemoteBlocks",
+    "RemotePipeline",
     "SamplingParams",
     "Span",
     "SwarmClient",
