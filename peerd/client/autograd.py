@@ -214,6 +214,7 @@ class RemotePipeline:
         budget = _Budget(self.max_failures)
         stages, out = await self._forward_range(index, hidden, self.start, self.end, budget, trace, servers)
         trace.stages[index] = stages
+        assert out is not None  # need_output=True always returns the output
         return out
 
     async def _backward_micro_batch(self, index: int, trace: PipelineTrace, grad: Tensor) -> Tensor:
@@ -233,16 +234,23 @@ class RemotePipeline:
         budget: _Budget,
         trace: PipelineTrace,
         servers: dict[str, ServerRecord] | None = None,
-    ) -> tuple[list[StageInput], Tensor]:
+        *,
+        need_output: bool = True,
+    ) -> tuple[list[StageInput], Tensor | None]:
         """Run ``hidden`` through blocks [start, end); returns each stage's input and the output.
 
         A failed stage is redone from its own input on a freshly drawn route for the blocks left.
+        Without ``need_output`` the last stage is planned but not called (its input is all a
+        backward needs), and the output is None.
         """
         stages: list[StageInput] = []
         route = await self._plan(start, end, servers)
         x, block = hidden, start
         while block < end:
             span = route[0]
+            if span.end == end and not need_output:
+                stages.append(StageInput(span, x))
+                return stages, None
             try:
                 y = await self._call(index, "forward", span, trace, self.client.peers.forward, x)
             except (PeerUnavailable, PeerError) as exc:
@@ -260,14 +268,17 @@ class RemotePipeline:
 
         First on the peer that ran the forward. If it fails, the stage's blocks are re-planned
         (possibly over several peers): their intermediate inputs are recomputed by forward calls
-        from the saved stage input, then the gradient goes back through them in reverse.
+        from the saved stage input, then the gradient goes back through them in reverse. A single
+        replacement peer for the whole stage needs no forward call at all.
         """
         span = stage.span
         try:
             return await self._call(index, "backward", span, trace, self.client.peers.backward, stage.hidden, grad)
         except (PeerUnavailable, PeerError) as exc:
             self._on_failure(span, exc, budget, f"micro-batch {index} backward through {span}", trace)
-        sub_stages, _ = await self._forward_range(index, stage.hidden, span.start, span.end, budget, trace)
+        sub_stages, _ = await self._forward_range(
+            index, stage.hidden, span.start, span.end, budget, trace, need_output=False
+        )
         for sub in reversed(sub_stages):
             grad = await self._backward_stage(index, sub, grad, budget, trace)
         return grad
