@@ -85,7 +85,7 @@ def http_swarm(
     """A bootstrap node and one `peerd run` process per span, each with an HTTP port."""
     workdir.mkdir(parents=True, exist_ok=True)
     with LocalSwarm(str(model_path), workdir=workdir) as swarm:
-        swarm.start_bootstrap()
+        swarm.start_bootstrap(timeout_s=180)  # generous: CI boxes are small and busy
         extra = [
             "--no-measure",
             "--http-port",
