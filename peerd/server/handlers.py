@@ -235,7 +235,7 @@ class BlockServicer:
                     del self._inflight[owner]  # no entry per client ever seen: the counter stays small
             self.metrics.requests.labels(rpc=rpc, outcome=outcome).inc()
             self.metrics.request_latency.labels(rpc=rpc).observe(time.perf_counter() - started)
-            writer.close()
+            await _linger_and_close(reader, writer)
 
     # --- info --------------------------------------------------------------------------------------
 
@@ -505,3 +505,22 @@ class BlockServicer:
             x = hidden.to(stage.device, stage.dtype)
             out = stage.forward(x, cache=cache, position=position, start=start, end=end)
             return out.to("cpu", hidden.dtype)
+
+
+LINGER_S = 2.0  # how long a finished stream waits for the client to close its end
+
+
+async def _linger_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Close a stream only after the client has read everything.
+
+    p2pd resets a libp2p stream whose local end closes while bytes are still in flight, which cut a
+    large backward answer mid-frame in a benchmark run. So the handler waits (bounded) for the
+    client to close its side first -- our client closes right after reading the answer -- and
+    discards anything else a misbehaving client sends meanwhile.
+    """
+    if not writer.is_closing():
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(LINGER_S):
+                while await reader.read(1 << 16):
+                    pass
+    writer.close()
