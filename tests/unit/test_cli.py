@@ -1,0 +1,50 @@
+"""The `peerd` command line: help works, options parse into the config the daemon gets."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from peerd.cli import build_parser, parse_blocks, parse_size
+from peerd.demo import split_blocks
+
+
+def test_peerd_help_runs_as_a_program() -> None:
+    out = subprocess.run([sys.executable, "-m", "peerd", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for command in ("run", "bootstrap", "demo", "generate", "status", "finetune", "model"):
+        assert command in out.stdout
+
+
+def test_run_options_parse() -> None:
+    args = build_parser().parse_args(
+        ["run", "--blocks", "3:7", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm", "--memory-budget", "6GB",
+         "--max-blocks", "4", "--step-delay", "0.1", "--http-port", "0"]
+    )  # fmt: skip
+    assert args.blocks == (3, 7)
+    assert args.memory_budget == 6 * 10**9
+    assert args.max_blocks == 4 and args.step_delay == 0.1 and args.http_port == 0
+
+
+@pytest.mark.parametrize("text", ["7", "3:", "5:2", "a:b", "-1:3"])
+def test_bad_block_ranges_are_refused_with_a_hint(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="START:END|START < END"):
+        parse_blocks(text)
+
+
+def test_sizes() -> None:
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("1000") == 1000
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size("lots")
+
+
+def test_demo_splits_blocks_evenly() -> None:
+    assert split_blocks(30, 3) == [(0, 10), (10, 20), (20, 30)]
+    spans = split_blocks(7, 3)
+    assert spans[0][0] == 0 and spans[-1][1] == 7
+    assert all(a < b for a, b in spans) and all(spans[i][1] == spans[i + 1][0] for i in range(2))
