@@ -31,7 +31,7 @@ def test_run_options_parse() -> None:
 
 @pytest.mark.parametrize("text", ["7", "3:", "5:2", "a:b", "-1:3"])
 def test_bad_block_ranges_are_refused_with_a_hint(text: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError, match="START:END|START < END"):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"START:END|START < END"):
         parse_blocks(text)
 
 
