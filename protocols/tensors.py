@@ -119,6 +119,10 @@ class WireTensor:
         n = num_elements(self.shape)
         if n > MAX_TENSOR_ELEMENTS:
             raise _bad(f"shape {self.shape} has {n} elements; at most {MAX_TENSOR_ELEMENTS} allowed")
+        if n == 0 and num_elements(tuple(d for d in self.shape if d)) > MAX_TENSOR_ELEMENTS:
+            # an empty tensor's other dims still size numpy's and torch's bookkeeping (found by fuzzing:
+            # numpy refuses to even reshape an empty array to [0, 46, 1304, 7222, 45947, 115846])
+            raise _bad(f"shape {self.shape}: the non-zero dims multiply to over {MAX_TENSOR_ELEMENTS}")
         if not isinstance(self.compression, Compression):
             raise _bad(f"compression must be a Compression, got {self.compression!r}")
         data = _as_bytes_view(self.data, "data")
@@ -178,7 +182,7 @@ def float32_to_bf16_bits(x: npt.ArrayLike) -> npt.NDArray[np.uint16]:
     bits = values.view(np.uint32)
     # Adding 0x7FFF plus the lowest kept bit, then truncating, rounds to nearest even.
     rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-    result = rounded.astype(np.uint16)
+    result = np.array(rounded, dtype=np.uint16)  # an array even for 0-d input (ufuncs give scalars there)
     nan = np.isnan(values)
     if nan.any():
         result[nan] = ((bits[nan] >> np.uint32(16)) & np.uint32(0x8000)).astype(np.uint16) | np.uint16(0x7FC0)

@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
+
+# HYPOTHESIS_PROFILE=ci (set by .ci/run): no per-example deadline on a loaded CI machine; the fuzz
+# tests (tests/fuzz) also read it to run their large case counts.
+settings.register_profile("ci", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

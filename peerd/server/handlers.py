@@ -33,6 +33,7 @@ from protocols import (
     PROTOCOL_VERSION,
     BackwardRequest,
     BackwardResponse,
+    Compression,
     ErrorCode,
     ForwardRequest,
     ForwardResponse,
@@ -46,6 +47,7 @@ from protocols import (
     InfoResponse,
     Message,
     ProtocolError,
+    WireTensor,
     decode_message,
     encode_frame,
     error_from_exception,
@@ -294,7 +296,8 @@ class BlockServicer:
 
             out = await self.runtime.run(compute, owner)
             self.metrics.tokens.labels(phase="forward").inc(hidden.shape[0] * hidden.shape[1])
-            await self._send(writer, ForwardResponse(to_wire(out, request.response_compression), request.request_id))
+            response = ForwardResponse(_result_to_wire(out, request.response_compression), request.request_id)
+            await self._send(writer, response)
 
         await self._serve("forward", stream_info, reader, writer, body)
 
@@ -330,7 +333,7 @@ class BlockServicer:
             self.metrics.tokens.labels(phase="backward").inc(hidden.shape[0] * hidden.shape[1])
             await self._send(
                 writer,
-                BackwardResponse(to_wire(grad_input, request.response_compression), request.request_id),
+                BackwardResponse(_result_to_wire(grad_input, request.response_compression), request.request_id),
             )
 
         await self._serve("backward", stream_info, reader, writer, body)
@@ -494,7 +497,7 @@ class BlockServicer:
             self.metrics.tokens.labels(phase=phase).inc(n_tokens * session.batch_size)
             await self._send(
                 writer,
-                InferenceStepResult(to_wire(out, opened.response_compression), msg.step_id, compute_ms),
+                InferenceStepResult(_result_to_wire(out, opened.response_compression), msg.step_id, compute_ms),
             )
             self.metrics.step_latency.labels(phase=phase).observe(time.perf_counter() - started)
 
@@ -505,6 +508,20 @@ class BlockServicer:
             x = hidden.to(stage.device, stage.dtype)
             out = stage.forward(x, cache=cache, position=position, start=start, end=end)
             return out.to("cpu", hidden.dtype)
+
+
+def _result_to_wire(tensor: torch.Tensor, compression: Compression) -> WireTensor:
+    """Encode a result with the client's compression, or float16 where blockwise8 cannot carry it.
+
+    blockwise8 has no code for NaN or infinity, which a client can provoke by sending them (found by
+    fuzzing: this was an INTERNAL error); the tensor's own compression field tells the client.
+    """
+    try:
+        return to_wire(tensor, compression)
+    except ValueError:
+        if compression is not Compression.BLOCKWISE8:
+            raise
+        return to_wire(tensor, Compression.FLOAT16)
 
 
 LINGER_S = 2.0  # how long a finished stream waits for the client to close its end
