@@ -32,6 +32,7 @@ the loop thread raises a clear error instead of deadlocking.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -173,14 +174,22 @@ class RemotePipeline:
     # --- public API --------------------------------------------------------------------------------
 
     async def forward(self, hidden: Tensor) -> tuple[Tensor, PipelineTrace]:
-        """Output hidden states of blocks ``[start, end)`` for ``hidden [batch, n, hidden_size]``, and the trace."""
-        if hidden.dim() != 3:
-            raise ValueError(f"hidden states must be [batch, n, hidden_size], got {tuple(hidden.shape)}")
-        pieces = [p.contiguous() for p in hidden.detach().tensor_split(min(self.micro_batches, hidden.shape[0]))]
+        """Output hidden states of blocks ``[start, end)`` for ``hidden [batch, n, hidden_size]``, and the trace.
+
+        The output and the trace's saved inputs are CPU tensors whatever ``hidden``'s device.
+        """
+        if hidden.dim() != 3 or hidden.shape[2] != self.client.config.hidden_size or 0 in hidden.shape:
+            raise ValueError(
+                f"hidden states must be [batch, n, {self.client.config.hidden_size}] with batch, n >= 1, "
+                f"got {tuple(hidden.shape)}"
+            )
+        # on the CPU: the wire takes them from there, and a GPU client's memory is spared the saved inputs
+        cpu = hidden.detach().to("cpu")
+        pieces = [p.contiguous() for p in cpu.tensor_split(min(self.micro_batches, hidden.shape[0]))]
         trace = PipelineTrace(stages=[[] for _ in pieces], rows=[p.shape[0] for p in pieces])
         servers = await self.client.servers()
         outs = await self._gather(
-            [self._forward_micro_batch(i, piece, servers, trace) for i, piece in enumerate(pieces)]
+            [functools.partial(self._forward_micro_batch, i, piece, servers, trace) for i, piece in enumerate(pieces)]
         )
         return torch.cat(outs, dim=0), trace
 
@@ -190,22 +199,31 @@ class RemotePipeline:
             raise ValueError(f"grad_output has batch {grad_output.shape[0]}, the forward had {sum(trace.rows)}")
         grads = [g.contiguous() for g in torch.split(grad_output.detach(), trace.rows, dim=0)]
         outs = await self._gather(
-            [self._backward_micro_batch(i, trace, g) for i, g in enumerate(grads)],
+            [functools.partial(self._backward_micro_batch, i, trace, g) for i, g in enumerate(grads)]
         )
         return torch.cat(outs, dim=0)
 
     # --- micro-batches ------------------------------------------------------------------------------
 
-    async def _gather(self, coros: list[Coroutine[Any, Any, T]]) -> list[T]:
-        """Run the micro-batches concurrently, at most ``max_in_flight`` at a time, results in order."""
-        limit = asyncio.Semaphore(self.max_in_flight or len(coros))
+    async def _gather(self, jobs: list[Callable[[], Coroutine[Any, Any, T]]]) -> list[T]:
+        """Run the micro-batches concurrently, at most ``max_in_flight`` at a time, results in order.
 
-        async def limited(coro: Coroutine[Any, Any, T]) -> T:
+        Jobs are factories: a coroutine is created only once its turn comes, so one that never
+        starts (the group was cancelled by another's failure) leaves nothing un-awaited behind.
+        """
+        limit = asyncio.Semaphore(self.max_in_flight or len(jobs))
+
+        async def limited(job: Callable[[], Coroutine[Any, Any, T]]) -> T:
             async with limit:
-                return await coro
+                return await job()
 
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(limited(c)) for c in coros]
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(limited(job)) for job in jobs]
+        except BaseExceptionGroup as group:
+            # one failed micro-batch fails the pass (the others are cancelled): raise its error as
+            # itself, so callers catch PeerError / PeerdClientError rather than an exception group
+            raise group.exceptions[0] from None
         return [t.result() for t in tasks]
 
     async def _forward_micro_batch(
@@ -342,7 +360,7 @@ class _RemoteBlocksFunction(torch.autograd.Function):
         ctx.module = module
         ctx.trace = trace
         module.last_trace = trace
-        return out.to(hidden.dtype)
+        return out.to(hidden.device, hidden.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:
@@ -350,7 +368,7 @@ class _RemoteBlocksFunction(torch.autograd.Function):
         trace: PipelineTrace = ctx.trace
         grad = module.run_sync(lambda: module.pipeline.backward(trace, grad_output))
         ctx.trace = None  # free the saved stage inputs as soon as they are used
-        return grad.to(grad_output.dtype), None
+        return grad.to(grad_output.device, grad_output.dtype), None
 
 
 class RemoteBlocks(nn.Module):

@@ -18,12 +18,13 @@ import pytest
 import torch
 
 from peerd.cli import build_parser
-from peerd.client import SwarmClient
+from peerd.client import PeerError, SwarmClient
 from peerd.client.adapters import ClientAdapter
 from peerd.client.autograd import RemoteBlocks, RemotePipeline
 from peerd.finetune import TokenBatches, cmd_finetune, train_step
 from peerd.model.local import LocalModel
 from peerd.peer import Peer
+from protocols import ErrorCode
 
 # fp32 throughout. Micro-batching changes the matmul shapes, so sums are rounded in another
 # order than in one local pass: gradients agree to float32 rounding, not bit for bit.
@@ -86,6 +87,14 @@ async def test_gradients_through_three_peers_equal_local_autograd(make_swarm, lo
             for a in calls
             for b in calls
         )
+
+        # a request no peer will take (over every peer's batch x tokens limit) fails as itself, at once,
+        # and bans nobody: another peer would refuse it too
+        pipeline = RemotePipeline(client, micro_batches=2)
+        with pytest.raises(PeerError) as refused:
+            await pipeline.forward(torch.zeros(2, 8200, client.config.hidden_size))
+        assert refused.value.code is ErrorCode.REQUEST_TOO_LARGE
+        assert client.bans.banned() == set()
     finally:
         await client.close()
 
