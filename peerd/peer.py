@@ -326,10 +326,10 @@ class Peer:
         self.stage = self.servicer.stage = new_stage
         self.servicer.budget = budget
         old, self.blocks = self.blocks, (move.start, move.end)
+        self.metrics.moves.inc()  # counted at the switch, together with the new range
         self.servicer.draining = False
         await self.announce()
         await self._release_blocks(old)
-        self.metrics.moves.inc()
         self._set_static_metrics(budget)
 
     def request_stop(self) -> None:
