@@ -37,13 +37,26 @@ class _SpanState:
     span: Span
     stream: InferenceStream | None = None
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, hidden [b, n, h])
+    outputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # what the peer answered to each
 
     def replay_inputs(self) -> torch.Tensor | None:
         """The effective input sequence now in the peer's cache (later steps overwrite rewinds)."""
-        buf: torch.Tensor | None = None
-        for position, hidden in self.history:
-            buf = hidden if buf is None or position == 0 else torch.cat([buf[:, :position], hidden], dim=1)
-        return buf
+        return _effective(self.history)
+
+    def replay_outputs(self) -> torch.Tensor | None:
+        """The peer's answers for the same positions (what spot checks compare)."""
+        return _effective(self.outputs)
+
+    def record(self, position: int, hidden: torch.Tensor, out: torch.Tensor) -> None:
+        self.history.append((position, hidden))
+        self.outputs.append((position, out))
+
+
+def _effective(steps: list[tuple[int, torch.Tensor]]) -> torch.Tensor | None:
+    buf: torch.Tensor | None = None
+    for position, hidden in steps:
+        buf = hidden if buf is None or position == 0 else torch.cat([buf[:, :position], hidden], dim=1)
+    return buf
 
 
 class InferenceSession:
@@ -63,6 +76,9 @@ class InferenceSession:
         self.hop_ms: list[list[float]] = []  # per step, per span: client-side wall time of the hop
         self.hop_compute_ms: list[list[float]] = []  # per step, per span: server compute time reported
         self._session_ids: set[bytes] = set()
+        # set when a spot check replaced wrong outputs of earlier steps: (first position, corrected
+        # last-span outputs from there on), for the caller to re-sample its tokens (take_correction)
+        self._correction: tuple[int, torch.Tensor] | None = None
 
     @property
     def route(self) -> list[Span]:
@@ -97,6 +113,7 @@ class InferenceSession:
                 state.stream = None
 
     async def _open_stream(self, span: Span) -> InferenceStream:
+        await self.client.check_peer(span)
         session_id = os.urandom(16)
         return await self.client.peers.open_inference(
             span.peer_id,
@@ -118,7 +135,7 @@ class InferenceSession:
                 f"step of {hidden.shape[1]} tokens at position {position} does not fit "
                 f"(session holds {self.length}, max_length {self.max_length})"
             )
-        x = hidden
+        x, at = hidden, position  # input of the next span and its position (a correction moves it back)
         timings, computes = [], []
         i = 0
         while i < len(self.spans):
@@ -127,7 +144,7 @@ class InferenceSession:
             try:
                 if state.stream is None:
                     raise PeerUnavailable(state.span.peer_id, "no open stream")
-                out = await state.stream.step(x, position)
+                out = await state.stream.step(x, at)
             except (PeerUnavailable, PeerError) as exc:
                 if isinstance(exc, PeerError) and not _worth_failover(exc):
                     raise
@@ -136,17 +153,59 @@ class InferenceSession:
                 await self._failover(i, exc)
                 self.stalls_s.append(time.perf_counter() - stall_started)
                 continue  # retry the same position of the chain on the replacement span(s)
-            state.history.append((position, x))
+            state.record(at, x, out)
             timings.append((time.perf_counter() - started) * 1e3)
             computes.append(state.stream.last_compute_ms)
+            checker = self.client.checker
+            if checker.should_check():
+                corrected = await self._spot_check(i, position)
+                if corrected is not None:
+                    replaced, x, at = corrected
+                    i += replaced
+                    continue
             x = out
             i += 1
         self.hop_ms.append(timings)
         self.hop_compute_ms.append(computes)
         self.length = position + hidden.shape[1]
-        return x
+        if at < position:  # earlier outputs of the last span changed too: tell the caller
+            self._correction = (at, x)
+        return x[:, position - at :]
 
-    async def _failover(self, index: int, exc: Exception) -> None:
+    def take_correction(self) -> tuple[int, torch.Tensor] | None:
+        """After ``step``: None, or (first position, the last span's corrected outputs from it on).
+
+        Set when a spot check found that a peer had returned wrong hidden states at earlier steps;
+        the session has already replaced that peer and rebuilt every later span's cache, but tokens
+        the caller chose from the wrong outputs must be chosen again (``generate`` does this).
+        """
+        correction, self._correction = self._correction, None
+        return correction
+
+    async def _spot_check(self, index: int, position: int) -> tuple[int, torch.Tensor, int] | None:
+        """Spot-check span ``index`` over its whole history; on a wrong answer, replace the peer.
+
+        Returns None if its answers stand, else (number of replacement spans, their corrected outputs
+        from the first wrong position on, that position): the caller feeds these to the next span,
+        which rewinds its cache to that position.
+        """
+        state = self.spans[index]
+        inputs, outputs = state.replay_inputs(), state.replay_outputs()
+        assert inputs is not None and outputs is not None  # recorded just before the check
+        verdict = await self.client.checker.verify(state.span, inputs, outputs)
+        if not verdict.span_peer_wrong:
+            return None
+        # resend from the first wrong position, and at least the whole current step (which starts at
+        # ``position``): the next span needs all of it
+        first_bad = min(verdict.first_bad_position or 0, position)
+        stall_started = time.perf_counter()
+        replacements = await self._failover(index, PeerUnavailable(state.span.peer_id, "failed a spot check"))
+        self.stalls_s.append(time.perf_counter() - stall_started)
+        corrected = replacements[-1].replay_outputs()
+        assert corrected is not None  # the replacements replayed the whole input
+        return len(replacements), corrected[:, first_bad:], first_bad
+
+    async def _failover(self, index: int, exc: Exception) -> list[_SpanState]:
         failed = self.spans[index]
         self.client.ban(failed.span.peer_id, reason=str(exc))
         if failed.stream is not None:
@@ -154,6 +213,7 @@ class InferenceSession:
             failed.stream = None
         replacements = await self._replace_one(failed)
         self.spans[index : index + 1] = replacements
+        return replacements
 
     async def _replace_one(self, failed: _SpanState) -> list[_SpanState]:
         """Re-plan the failed span's blocks, open replacements and replay its inputs into them.
@@ -186,7 +246,7 @@ class InferenceSession:
                     state.stream = await self._open_stream(state.span)
                     if inputs is not None:
                         out = await state.stream.step(inputs, 0)
-                        state.history.append((0, inputs))
+                        state.record(0, inputs, out)
                         inputs = out
                 return new_states
             except (PeerUnavailable, PeerError) as exc:

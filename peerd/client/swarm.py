@@ -10,7 +10,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from peerd.client.routing import (
 from peerd.client.sampling import SamplingParams, sample_next
 from peerd.client.session import InferenceSession
 from peerd.client.transport import PeerClient
+from peerd.client.verify import LIAR_BAN_S, Incident, SpotChecker
 from peerd.config import DEFAULT_SWARM
 from peerd.model.config import ModelConfig
 from peerd.model.head import ClientHead
@@ -59,12 +60,13 @@ class BanList:
         self._until: dict[str, float] = {}
         self._strikes: dict[str, int] = {}
 
-    def ban(self, peer_id: str) -> float:
+    def ban(self, peer_id: str, duration_s: float | None = None) -> float:
+        """Ban ``peer_id`` for ``duration_s`` (default: the doubling failure ban); a longer ban stays."""
         strikes = self._strikes.get(peer_id, 0) + 1
         self._strikes[peer_id] = strikes
-        duration = min(self.max_s, self.base_s * 2.0 ** (strikes - 1))
-        self._until[peer_id] = self.clock() + duration
-        return duration
+        duration = min(self.max_s, self.base_s * 2.0 ** (strikes - 1)) if duration_s is None else duration_s
+        self._until[peer_id] = max(self._until.get(peer_id, 0.0), self.clock() + duration)
+        return self._until[peer_id] - self.clock()
 
     def banned(self) -> set[str]:
         now = self.clock()
@@ -88,6 +90,8 @@ class GenerationResult:
     stalls_s: list[float] = field(default_factory=list)
     hop_ms: list[list[float]] = field(default_factory=list)  # per step, per span: wall ms at the client
     hop_compute_ms: list[list[float]] = field(default_factory=list)  # per step, per span: server compute ms
+    incidents: list[Incident] = field(default_factory=list)  # spot checks that failed during this generation
+    rewound_tokens: int = 0  # tokens taken back after a spot check found earlier outputs wrong
 
     @property
     def tokens_per_s(self) -> float:
@@ -114,6 +118,10 @@ class SwarmClient:
         max_retries: int,
         compression: Compression,
         failover_timeout_s: float = 30.0,
+        model_path: Path | None = None,
+        spot_check_rate: float = 0.0,
+        spot_check_local_blocks: int = 0,
+        allowed_peers: Iterable[str] | None = None,
     ) -> None:
         self.p2p = p2p
         self.dht = dht
@@ -135,6 +143,12 @@ class SwarmClient:
         self._rtt_probe = PeerClient(p2p, model_id, timeout_s=RTT_PROBE_TIMEOUT_S)
         self._servers_at = 0.0
         self.view_ttl_s = 5.0
+        # private swarm: use only these peers (None = any peer the DHT lists)
+        self.allowed_peers = frozenset(allowed_peers) if allowed_peers is not None else None
+        self.checker = SpotChecker(
+            self, rate=spot_check_rate, local_max_blocks=spot_check_local_blocks, model_path=model_path
+        )
+        self._info_checked: dict[str, tuple[int, int, str]] = {}  # peer -> record fields its `info` confirmed
 
     @classmethod
     async def connect(
@@ -151,8 +165,18 @@ class SwarmClient:
         compression: Compression = Compression.NONE,
         dtype: torch.dtype = torch.float32,
         failover_timeout_s: float = 30.0,
+        spot_check_rate: float = 0.0,
+        spot_check_local_blocks: int = 0,
+        allowed_peers: Iterable[str] | None = None,
     ) -> SwarmClient:
-        """Join the swarm through ``initial_peers`` and load the client-side model pieces."""
+        """Join the swarm through ``initial_peers`` and load the client-side model pieces.
+
+        Security options (docs/security.md): ``spot_check_rate`` is the probability that a span's
+        result is recomputed elsewhere and compared (a peer caught lying is banned and its work
+        redone); ``spot_check_local_blocks`` lets the client recompute spans of up to that many
+        blocks itself, from ``model_path``'s weights, as the judge when two peers disagree;
+        ``allowed_peers`` restricts routing to those peer ids (a private swarm).
+        """
         model_path = Path(model_path)
         model_id = model_id or model_path.name
         model_config = ModelConfig.from_pretrained(model_path)
@@ -191,6 +215,10 @@ class SwarmClient:
             max_retries=max_retries,
             compression=compression,
             failover_timeout_s=failover_timeout_s,
+            model_path=model_path,
+            spot_check_rate=spot_check_rate,
+            spot_check_local_blocks=spot_check_local_blocks,
+            allowed_peers=allowed_peers,
         )
 
     async def close(self) -> None:
@@ -209,13 +237,50 @@ class SwarmClient:
         """Online peers by id, from a DHT view at most ``view_ttl_s`` old."""
         if refresh or not self._servers or time.monotonic() - self._servers_at > self.view_ttl_s:
             views = await self.dht.read_blocks(timeout_s=self.dht_timeout_s)
-            self._servers = servers_by_peer(views)
+            servers = servers_by_peer(views)
+            if self.allowed_peers is not None:
+                servers = {p: r for p, r in servers.items() if p in self.allowed_peers}
+            self._servers = servers
             self._servers_at = time.monotonic()
         return self._servers
 
-    def ban(self, peer_id: str, reason: str = "") -> None:
-        duration = self.bans.ban(peer_id)
+    def ban(self, peer_id: str, reason: str = "", duration_s: float | None = None) -> None:
+        duration = self.bans.ban(peer_id, duration_s)
         logger.info("banned peer %s for %.0fs: %s", peer_id[:16], duration, reason)
+
+    @property
+    def incidents(self) -> list[Incident]:
+        """Every failed spot check of this client so far (see ``peerd.client.verify``)."""
+        return self.checker.incidents
+
+    async def check_peer(self, span: Span) -> None:
+        """Before first using a peer, ask its ``info`` and compare with its DHT record (cached).
+
+        A record is signed by its owner, but only the peer knows what it really loaded: a peer
+        whose own answer disagrees with what it announced (another model or model size, or blocks it
+        does not serve) is announcing falsely -- to attract traffic it cannot serve, or to see
+        activations -- and is banned for a long time. Raises PeerUnavailable after banning it.
+        """
+        record = span.record
+        claimed = (record.start, record.end, record.dtype)
+        if self._info_checked.get(span.peer_id) == claimed:
+            return
+        info = await self.peers.info(span.peer_id)
+        problems = []
+        if info.model_id != self.model_id or info.num_blocks_total != self.num_blocks:
+            problems.append(f"serves {info.model_id!r} with {info.num_blocks_total} blocks")
+        if (info.block_start, info.block_end) != (record.start, record.end):
+            problems.append(f"serves blocks {info.block_start}:{info.block_end}, announced {record.start}:{record.end}")
+        if info.dtype != record.dtype and record.dtype:
+            problems.append(f"computes in {info.dtype}, announced {record.dtype}")
+        if problems:
+            reason = "info disagrees with its DHT record: " + "; ".join(problems)
+            # A peer that is moving its blocks announces the new range within one period, so a range
+            # mismatch gets an ordinary ban (it may be stale); another model is never innocent.
+            wrong_model = info.model_id != self.model_id or info.num_blocks_total != self.num_blocks
+            self.ban(span.peer_id, reason=reason, duration_s=LIAR_BAN_S if wrong_model else None)
+            raise PeerUnavailable(span.peer_id, reason)
+        self._info_checked[span.peer_id] = claimed
 
     async def plan_inference(self, start: int, end: int, cache_tokens: int, refresh: bool = False) -> list[Span]:
         """Lowest-latency route for [start, end) with room for ``cache_tokens`` (see routing.py)."""
@@ -330,24 +395,43 @@ class SwarmClient:
         emitted = ""
         # a soft prompt occupies positions in front of the prompt, so the session must hold them too
         prefix = adapter.prefix_length if adapter is not None else 0
+        incidents_before = len(self.incidents)
+        rewound = 0
+        sampled_at: list[int] = []  # sampled_at[j]: session position whose output gave generated[j]
+        local = self.head if adapter is None else adapter
         async with self.inference_session(max_length=prefix + len(ids) + max_new_tokens) as session:
             step_ids = torch.tensor([ids], dtype=torch.long)
-            for i in range(max_new_tokens):
+            position: int | None = None  # None: right after what the session holds
+            i = 0
+            while len(generated) < max_new_tokens:
                 with torch.inference_mode():
                     if adapter is None:
                         hidden = self.head.embed(step_ids)
                     else:  # the soft prompt goes in front of the first step only
                         hidden = adapter.embed(step_ids, with_prompt=i == 0)
-                out = await session.step(hidden)
+                out = await session.step(hidden, position)
                 with torch.inference_mode():
-                    local = self.head if adapter is None else adapter
                     logits = local.logits(out[:, -1:])[:, -1]  # [1, vocab]
                 token = int(sample_next(logits, sampling, generator)[0])
-                if i == 0:
+                at = session.length - 1
+                correction = session.take_correction()
+                if correction is not None:
+                    # a spot check found a peer's earlier outputs wrong: tokens sampled from them are
+                    # re-sampled from the corrected hidden states, and generation resumes at the first
+                    # token that changes (the rest were conditioned on it)
+                    redo = self._first_changed_token(correction, generated, sampled_at, local, sampling, generator)
+                    if redo is not None:
+                        j, token, at = redo
+                        rewound += len(generated) - j
+                        del generated[j:], sampled_at[j:]
+                position = at + 1
+                i += 1
+                if i == 1:
                     first_token_s = time.perf_counter() - started
                 if token in eos:
                     break
                 generated.append(token)
+                sampled_at.append(at)
                 if on_token is not None:
                     on_token(token)
                 text = self.decode(generated)
@@ -371,7 +455,32 @@ class SwarmClient:
             stalls_s=stalls,
             hop_ms=hops,
             hop_compute_ms=computes,
+            incidents=self.incidents[incidents_before:],
+            rewound_tokens=rewound,
         )
+
+    @staticmethod
+    def _first_changed_token(
+        correction: tuple[int, torch.Tensor],
+        generated: list[int],
+        sampled_at: list[int],
+        local: ClientHead | ClientAdapter,
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> tuple[int, int, int] | None:
+        """(index, new token, its position) of the first generated token a correction changes."""
+        first, final = correction  # final: corrected last-span outputs for positions first.. [1, n, h]
+        for j, at in enumerate(sampled_at):
+            if at < first:
+                continue
+            with torch.inference_mode():
+                logits = local.logits(final[:, at - first : at - first + 1])[:, -1]  # [1, vocab]
+            token = int(sample_next(logits, sampling, generator)[0])
+            # greedy: keep tokens the correction does not change; sampling: every draw from a wrong
+            # distribution is redrawn, so the output is a sample of the right one
+            if token != generated[j] or sampling.temperature > 0:
+                return j, token, at
+        return None
 
     # --- stateless forward --------------------------------------------------------------------------
 
@@ -386,7 +495,10 @@ class SwarmClient:
             route = plan_load_balanced_route(servers, block, end, banned=self.bans.banned(), rng=random.Random())
             span = route[0]
             try:
-                x = await self.peers.forward(span.peer_id, x, span.start, span.end, self.compression)
+                await self.check_peer(span)
+                out = await self.peers.forward(span.peer_id, x, span.start, span.end, self.compression)
+                if self.checker.should_check() and (await self.checker.verify(span, x, out)).span_peer_wrong:
+                    raise PeerUnavailable(span.peer_id, "failed a spot check")  # banned by the checker
             except (PeerUnavailable, PeerError) as exc:
                 if isinstance(exc, PeerError) and not exc.retryable:
                     raise
@@ -397,6 +509,7 @@ class SwarmClient:
                         f"forward through blocks {block}:{end} failed {attempts} times: {exc}"
                     ) from exc
                 continue
+            x = out
             block = span.end
         return x
 

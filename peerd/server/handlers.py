@@ -108,6 +108,8 @@ class BlockServicer:
         self._owner_sessions: collections.Counter[str] = collections.Counter()
         self._inflight: collections.Counter[str] = collections.Counter()  # stateless streams per owner
         self._opening: set[bytes] = set()  # session ids admitted whose cache is being allocated
+        self._waiting: collections.Counter[str] = collections.Counter()  # requests queued for a slot
+        self._slots = asyncio.Condition()  # notified whenever an in-flight request ends
         self._no_sessions = asyncio.Event()  # set whenever no session is open (drain waits on it)
         self._no_sessions.set()
         self.memory = ActivationMeter(stage.parameters(), stage.device)  # activations of backward requests
@@ -200,13 +202,7 @@ class BlockServicer:
             if self.allowed_peers is not None and owner not in self.allowed_peers:
                 raise ProtocolError(ErrorCode.NOT_ALLOWED, "this is a private peer; your peer id is not allowed")
             if rpc != "inference":
-                if self._inflight[owner] >= self.limits.max_inflight_per_peer:
-                    raise ProtocolError(
-                        ErrorCode.OVERLOADED,
-                        f"{self._inflight[owner]} requests of yours are already in flight here "
-                        f"(limit {self.limits.max_inflight_per_peer}); wait for them or use another peer",
-                    )
-                self._inflight[owner] += 1
+                await self._admit(owner)
                 counted = True
             await self._expect_hello(reader)
             await body(owner, reader, writer)
@@ -235,9 +231,42 @@ class BlockServicer:
                 self._inflight[owner] -= 1
                 if not self._inflight[owner]:
                     del self._inflight[owner]  # no entry per client ever seen: the counter stays small
+                async with self._slots:
+                    self._slots.notify_all()
             self.metrics.requests.labels(rpc=rpc, outcome=outcome).inc()
             self.metrics.request_latency.labels(rpc=rpc).observe(time.perf_counter() - started)
             await _linger_and_close(reader, writer)
+
+    async def _admit(self, owner: str) -> None:
+        """Take one of ``owner``'s in-flight slots, waiting a little for one; else OVERLOADED.
+
+        A client over its limit first waits (bounded) for one of its own requests to finish, so an
+        honest client that pipelines a little more than allowed is slowed, not refused. Past that
+        many waiting, refusals come after a delay: a flooder that retries at once would otherwise
+        turn cheap refusals into a stream-opening flood that costs this peer more than the work.
+        """
+        limit = self.limits.max_inflight_per_peer
+        if self._inflight[owner] >= limit:
+            if self._waiting[owner] >= limit:
+                await asyncio.sleep(OVERLOAD_TARPIT_S)
+                raise ProtocolError(
+                    ErrorCode.OVERLOADED,
+                    f"{limit} requests of yours are in flight here and {limit} more waiting; "
+                    "wait for them or use another peer",
+                )
+            self._waiting[owner] += 1
+            try:
+                async with asyncio.timeout(OVERLOAD_WAIT_S), self._slots:
+                    await self._slots.wait_for(lambda: self._inflight[owner] < limit)
+            except TimeoutError:
+                raise ProtocolError(
+                    ErrorCode.OVERLOADED, f"no slot freed within {OVERLOAD_WAIT_S:.0f}s (limit {limit} per client)"
+                ) from None
+            finally:
+                self._waiting[owner] -= 1
+                if not self._waiting[owner]:
+                    del self._waiting[owner]
+        self._inflight[owner] += 1
 
     # --- info --------------------------------------------------------------------------------------
 
@@ -524,6 +553,8 @@ def _result_to_wire(tensor: torch.Tensor, compression: Compression) -> WireTenso
         return to_wire(tensor, Compression.FLOAT16)
 
 
+OVERLOAD_WAIT_S = 5.0  # how long a request over its client's in-flight limit may wait for a slot
+OVERLOAD_TARPIT_S = 1.0  # delay before refusing a client that has its limit in flight and waiting
 LINGER_S = 2.0  # how long a finished stream waits for the client to close its end
 
 

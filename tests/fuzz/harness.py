@@ -253,7 +253,7 @@ class Harness:
         s = self.servicer
         _check(not s.sessions and not s._owner_sessions and not s._opening, "a session outlived its stream")
         _check(self.budget.used_tokens == 0, f"{self.budget.used_tokens} cache tokens leaked")
-        _check(not s._inflight, "an in-flight count leaked")
+        _check(not s._inflight and not s._waiting, "an in-flight count leaked")
         return replies
 
 

@@ -52,8 +52,11 @@ class Swarm:
         )
         return replace(base, **overrides)  # type: ignore[arg-type]
 
-    async def add_peer(self, name: str, blocks: tuple[int, int] | None, **overrides: object) -> Peer:
-        peer = Peer(self.config(name, blocks, **overrides))
+    async def add_peer(
+        self, name: str, blocks: tuple[int, int] | None, *, peer_class: type[Peer] = Peer, **overrides: object
+    ) -> Peer:
+        """Start a peer; ``peer_class`` injects a test-only subclass (e.g. one that lies)."""
+        peer = peer_class(self.config(name, blocks, **overrides))
         self.peers.append(peer)
         await peer.startup()
         self.tasks.append(asyncio.create_task(peer.serve()))  # the re-announce loop, as `peerd run` has

@@ -1,0 +1,239 @@
+"""Spot checks of remote work: recompute a span's output elsewhere and compare (docs/security.md).
+
+A peer can return wrong hidden states (a bug, a bad GPU, or on purpose) and nothing in the protocol
+can tell. With ``spot_check_rate = p`` the client, after a span's step, recomputes that span's output
+with probability p on *other* peers serving the same blocks (a stateless ``forward`` over the span's
+whole input so far, which the client keeps for failover anyway) and/or locally when it has the
+weights, and compares every position within a dtype-aware tolerance. Because each check covers the
+span's whole history, a peer that lied at any earlier step of a session is caught by any later check
+while it still serves that session.
+
+Two opinions that disagree need a third: the client's own computation when local checks are enabled
+(``local_max_blocks``; the client then trusts itself), else a third chain of peers (majority). When
+there is no third opinion the incident is ``unresolved``: both sides get an ordinary failure ban and
+the work moves on without either, so a wrong answer is never knowingly kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from peerd.client.errors import NoRouteError, PeerError, PeerUnavailable
+from peerd.client.routing import Span, plan_load_balanced_route
+from protocols import Compression
+
+if TYPE_CHECKING:
+    from peerd.client.swarm import SwarmClient
+    from peerd.model.stage import Stage
+
+__all__ = ["Incident", "SpotChecker", "Verdict", "first_mismatch", "relative_errors", "tolerance_for"]
+
+logger = logging.getLogger(__name__)
+
+LIAR_BAN_S = 24 * 3600.0  # a peer caught returning wrong numbers is not used again by this client
+
+# Relative L2 error per position allowed between two honest computations of the same blocks. Honest
+# peers differ by kernel choice, batching (a KV-cache step vs a whole-sequence forward) and
+# hardware (TF32 on GPUs): float32 agrees to ~1e-5 on one CPU, ~1e-3 across devices.
+_DTYPE_TOLERANCE = {"float32": 5e-3, "float16": 2e-2, "bfloat16": 5e-2}
+_COMPRESSION_TOLERANCE = {Compression.NONE: 0.0, Compression.FLOAT16: 2e-3, Compression.BLOCKWISE8: 4e-2}
+
+
+def tolerance_for(dtypes: Iterable[str], compression: Compression) -> float:
+    """Relative error two honest results may show, for peers computing in ``dtypes``."""
+    base = max((_DTYPE_TOLERANCE.get(d, 5e-2) for d in dtypes), default=5e-2)
+    return base + 2 * _COMPRESSION_TOLERANCE[compression]  # both results went through the codec
+
+
+def relative_errors(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Per position [n]: the largest over the batch of ||got - want|| / ||want||; inf where not finite."""
+    got, want = got.float(), want.float()  # [b, n, h]
+    diff = torch.linalg.vector_norm(got - want, dim=-1)  # [b, n]
+    scale = torch.linalg.vector_norm(want, dim=-1).clamp_min(1e-6)  # [b, n]
+    err = diff / scale
+    err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
+    return err.amax(dim=0)  # [n]
+
+
+def first_mismatch(got: torch.Tensor, want: torch.Tensor, tol: float) -> int | None:
+    """Index of the first position where ``got`` is off by more than ``tol`` (None: all agree)."""
+    if got.shape != want.shape:
+        return 0
+    bad = (relative_errors(got, want) > tol).nonzero()
+    return int(bad[0, 0]) if len(bad) else None
+
+
+@dataclass(frozen=True)
+class Incident:
+    """A spot check that failed, as reported on the client and in ``GenerationResult.incidents``."""
+
+    peer_ids: tuple[str, ...]  # who was found wrong ("lied") or disputed ("unresolved")
+    start: int  # blocks checked
+    end: int
+    verdict: str  # "lied": a judge agreed with the other side; "unresolved": no third opinion
+    error: float  # largest relative error between the span's answer and the check
+    first_bad_position: int  # first session position whose output was wrong (0 for stateless calls)
+    judge: str  # "local", "peers" or "" (unresolved)
+    at: float  # time.time() of the check
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of one spot check of one span."""
+
+    checked: bool  # False: no second opinion was available (counted, not an incident)
+    span_peer_wrong: bool  # the checked peer's answer must not be used (lied, or disputed)
+    first_bad_position: int | None  # into the checked outputs
+    incident: Incident | None = None
+
+
+_LOCAL = "local"
+
+
+class SpotChecker:
+    """Decides when to check and runs the checks for one client (see module doc)."""
+
+    def __init__(
+        self,
+        client: SwarmClient,
+        *,
+        rate: float,
+        local_max_blocks: int = 0,
+        model_path: Path | None = None,
+        tolerance: float | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"spot_check_rate must be in [0, 1], got {rate}")
+        self.client = client
+        self.rate = rate
+        self.local_max_blocks = local_max_blocks if model_path is not None else 0
+        self.model_path = model_path
+        self.tolerance = tolerance
+        self.rng = rng or random.Random()
+        self.incidents: list[Incident] = []
+        self.checks = 0  # checks run with a second opinion
+        self.unchecked = 0  # checks skipped: nobody else serves those blocks and no local weights
+        self._stages: dict[tuple[int, int], Stage] = {}
+
+    def should_check(self) -> bool:
+        return self.rate > 0 and self.rng.random() < self.rate
+
+    def _tolerance(self, peers: Iterable[str]) -> float:
+        if self.tolerance is not None:
+            return self.tolerance
+        known = self.client._servers
+        dtypes = [known[p].dtype for p in peers if p in known and known[p].dtype] or ["bfloat16"]
+        return tolerance_for(dtypes, self.client.compression)
+
+    async def verify(self, span: Span, inputs: torch.Tensor, outputs: torch.Tensor) -> Verdict:
+        """Check ``outputs`` = blocks [span.start, span.end) applied to ``inputs`` (both [b, n, h])."""
+        first = await self._opinion(span, inputs, exclude={span.peer_id})
+        if first is None:
+            self.unchecked += 1
+            return Verdict(checked=False, span_peer_wrong=False, first_bad_position=None)
+        self.checks += 1
+        reference, checkers = first
+        tol = self._tolerance([span.peer_id, *checkers])
+        bad = first_mismatch(outputs, reference, tol)
+        if bad is None:
+            return Verdict(checked=True, span_peer_wrong=False, first_bad_position=None)
+        error = float(relative_errors(outputs, reference).max()) if outputs.shape == reference.shape else float("inf")
+        if checkers == (_LOCAL,):  # the client's own computation is the judge
+            return self._report(span, (span.peer_id,), "lied", error, bad, _LOCAL, wrong=True)
+        arbiter = await self._opinion(span, inputs, exclude={span.peer_id, *checkers}, local_first=True)
+        if arbiter is not None:
+            judged, judge = arbiter
+            tol = self._tolerance([span.peer_id, *checkers, *judge])
+            span_ok = first_mismatch(outputs, judged, tol) is None
+            checker_ok = first_mismatch(reference, judged, tol) is None
+            kind = _LOCAL if judge == (_LOCAL,) else "peers"
+            if checker_ok and not span_ok:
+                return self._report(span, (span.peer_id,), "lied", error, bad, kind, wrong=True)
+            if span_ok and not checker_ok:
+                self._report(span, checkers, "lied", error, 0, kind, wrong=False)
+                return Verdict(checked=True, span_peer_wrong=False, first_bad_position=None)
+        return self._report(span, (span.peer_id, *checkers), "unresolved", error, bad, "", wrong=True)
+
+    def _report(
+        self, span: Span, peers: tuple[str, ...], verdict: str, error: float, bad: int, judge: str, *, wrong: bool
+    ) -> Verdict:
+        peers = tuple(p for p in peers if p != _LOCAL)
+        incident = Incident(peers, span.start, span.end, verdict, error, bad, judge, time.time())
+        self.incidents.append(incident)
+        logger.warning(
+            "spot check of blocks %d:%d: %s %s (relative error %.3g)",
+            span.start,
+            span.end,
+            ", ".join(p[:16] for p in peers),
+            verdict,
+            error,
+        )
+        for peer in peers:
+            if verdict == "lied":
+                self.client.ban(peer, reason=f"wrong result for blocks {span.start}:{span.end}", duration_s=LIAR_BAN_S)
+            else:
+                self.client.ban(peer, reason=f"disputed result for blocks {span.start}:{span.end}")
+        return Verdict(checked=True, span_peer_wrong=wrong, first_bad_position=bad, incident=incident)
+
+    async def _opinion(
+        self, span: Span, inputs: torch.Tensor, *, exclude: set[str], local_first: bool = False
+    ) -> tuple[torch.Tensor, tuple[str, ...]] | None:
+        """Another computation of the span: (outputs, who computed them), or None if nobody can."""
+        local = self.local_max_blocks >= span.end - span.start
+        order = ["local", "remote"] if local_first else ["remote", "local"]
+        for source in order:
+            if source == "local":
+                if local:
+                    return await self._local(span, inputs)  # the client's own weights always answer
+            else:
+                result = await self._remote(span, inputs, exclude)
+                if result is not None:
+                    return result
+        return None
+
+    async def _remote(
+        self, span: Span, inputs: torch.Tensor, exclude: set[str]
+    ) -> tuple[torch.Tensor, tuple[str, ...]] | None:
+        client = self.client
+        servers = await client.servers()
+        try:
+            route = plan_load_balanced_route(
+                servers, span.start, span.end, banned=client.bans.banned() | exclude, rng=self.rng
+            )
+        except NoRouteError:
+            return None
+        x = inputs
+        try:
+            for hop in route:
+                x = await client.peers.forward(hop.peer_id, x, hop.start, hop.end, client.compression)
+        except (PeerUnavailable, PeerError) as exc:
+            client.ban(exc.peer_id, reason=f"failed a spot check request: {exc}")
+            return None
+        return x, tuple(hop.peer_id for hop in route)
+
+    async def _local(self, span: Span, inputs: torch.Tensor) -> tuple[torch.Tensor, tuple[str, ...]]:
+        from peerd.model.loading import load_stage
+
+        key = (span.start, span.end)
+        stage = self._stages.get(key)
+        if stage is None:
+            assert self.model_path is not None  # local_max_blocks is 0 without it
+            path = self.model_path
+            stage = await asyncio.to_thread(load_stage, path, span.start, span.end, torch.float32, "cpu", False)
+            self._stages[key] = stage
+
+        def compute() -> torch.Tensor:
+            with torch.inference_mode():
+                return stage.forward(inputs.to(torch.float32)).to(inputs.dtype)
+
+        return await asyncio.to_thread(compute), (_LOCAL,)
