@@ -12,11 +12,13 @@ from peerd.client.routing import Span
 from peerd.client.sampling import SamplingParams
 from peerd.client.session import InferenceSession
 from peerd.client.swarm import BanList, GenerationResult, SwarmClient
+from peerd.client.verify import Incident
 
 __all__ = [
     "BanList",
     "ClientAdapter",
     "GenerationResult",
+    "Incident",
     "InferenceSession",
     "NoRouteError",
     "PeerError",
