@@ -1,11 +1,11 @@
-"""Configuration of a peer daemon and of a client, as frozen dataclasses (parsing lives in cli.py)."""
+"""Configuration of a peer daemon as a frozen dataclass (parsing lives in cli.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ClientConfig", "PeerConfig"]
+__all__ = ["DEFAULT_SWARM", "PeerConfig"]
 
 DEFAULT_SWARM = "public"
 
@@ -48,17 +48,3 @@ class PeerConfig:
     http_host: str = "127.0.0.1"
     measure_throughput: bool = True  # False = skip the start-up benchmark (tests); rough estimate used
     step_delay_s: float = 0.0  # test/ops knob: added latency per inference step (simulates a slow peer)
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """How a client reaches a swarm and how patient it is."""
-
-    initial_peers: tuple[str, ...]
-    model_id: str
-    swarm: str = DEFAULT_SWARM
-    dht_timeout_s: float = 5.0  # each DHT read
-    request_timeout_s: float = 30.0  # each RPC round trip
-    connect_timeout_s: float = 30.0  # bootstrap into the swarm
-    max_retries: int = 3  # per step, before giving up with a clear error
-    route_wait_s: float = 30.0  # how long to wait for a full route when the swarm is incomplete

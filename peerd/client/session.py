@@ -21,6 +21,7 @@ import torch
 from peerd.client.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable
 from peerd.client.routing import Span
 from peerd.client.transport import InferenceStream
+from protocols import ErrorCode
 
 if TYPE_CHECKING:
     from peerd.client.swarm import SwarmClient
@@ -266,6 +267,4 @@ class InferenceSession:
 
 def _worth_failover(exc: PeerError) -> bool:
     """Error codes that mean "this peer can't do it" rather than "your request is wrong"."""
-    from protocols import ErrorCode
-
     return exc.retryable or exc.code in (ErrorCode.BLOCKS_NOT_SERVED, ErrorCode.WRONG_MODEL)
