@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import struct
 
-import numpy as np
 import pytest
 from hivemind.p2p import PeerID
 
@@ -20,38 +19,15 @@ from protocols import (
     InferenceOpen,
     InferenceOpened,
     InferenceStep,
-    Message,
-    encode_array,
-    encode_frame,
     read_message,
 )
+from tests.helpers.raw_stream import error_code as _code
+from tests.helpers.raw_stream import exchange as _exchange
+from tests.helpers.raw_stream import frames as _frames
+from tests.helpers.raw_stream import zero_hidden as _hidden
 
 HIDDEN = 64  # tiny model's hidden size
 GOOD_HELLO = Hello(PROTOCOL_VERSION, "tiny", "hostile-test")
-
-
-def _hidden(shape: tuple[int, ...], dtype: str = "float32"):
-    array = np.zeros(shape, dtype=np.float32 if dtype == "float32" else np.int64)
-    return encode_array(array, dtype=dtype)
-
-
-async def _exchange(p2p, peer_id: str, rpc: str, payload: bytes, replies: int = 1) -> list[Message]:
-    _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), STREAM_NAMES[rpc])
-    try:
-        writer.write(payload)
-        await writer.drain()
-        return [await asyncio.wait_for(read_message(reader), 10) for _ in range(replies)]
-    finally:
-        writer.close()
-
-
-def _frames(*msgs: Message) -> bytes:
-    return b"".join(encode_frame(m) for m in msgs)
-
-
-def _code(msg: Message) -> ErrorCode:
-    assert isinstance(msg, Error), f"expected an error frame, got {msg}"
-    return ErrorCode(msg.code)
 
 
 async def test_bad_requests_get_typed_errors_while_a_good_client_is_served(make_swarm, local_model: LocalModel) -> None:
@@ -129,7 +105,7 @@ async def test_bad_requests_get_typed_errors_while_a_good_client_is_served(make_
             ),
         ]
         for name, rpc, payload, expected in cases:
-            (reply,) = await _exchange(p2p, pid, rpc, payload)
+            reply = await _exchange(p2p, pid, rpc, payload)
             assert _code(reply) == expected, name
 
         result = await good_run
@@ -143,7 +119,7 @@ async def test_bad_requests_get_typed_errors_while_a_good_client_is_served(make_
             await writer.drain()
             held.append((reader, writer))
             assert isinstance(await asyncio.wait_for(read_message(reader), 10), InferenceOpened)
-        (reply,) = await _exchange(p2p, pid, "inference", _frames(GOOD_HELLO, InferenceOpen(b"z" * 16, 0, 2, 8, 1)))
+        reply = await _exchange(p2p, pid, "inference", _frames(GOOD_HELLO, InferenceOpen(b"z" * 16, 0, 2, 8, 1)))
         assert _code(reply) == ErrorCode.CACHE_FULL
 
         # a bad step inside an open session is answered and the session survives

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from hivemind.p2p import PeerID
@@ -34,18 +33,19 @@ from peerd.streams import STREAM_NAMES
 from peerd.swarm.records import ServerRecord
 from protocols import (
     PROTOCOL_VERSION,
-    Error,
     ErrorCode,
     ForwardRequest,
     Hello,
     InferenceOpen,
     InferenceOpened,
     InferenceStep,
-    Message,
-    encode_array,
     encode_frame,
     read_message,
 )
+from tests.helpers.raw_stream import error_code as _code
+from tests.helpers.raw_stream import exchange as _exchange
+from tests.helpers.raw_stream import frames as _frames
+from tests.helpers.raw_stream import zero_hidden as _hidden
 
 HIDDEN = 64  # the tiny model's hidden size
 HELLO = Hello(PROTOCOL_VERSION, "tiny", "hostile")
@@ -60,29 +60,6 @@ PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 # meaningful: a FIFO runtime would put each step behind the 4 admitted flood jobs (about 100 ms, 14x),
 # and without the refusal delay the stream churn alone made it 31x.
 LATENCY_FACTOR = 10.0
-
-
-def _frames(*msgs: Message) -> bytes:
-    return b"".join(encode_frame(m) for m in msgs)
-
-
-def _hidden(shape: tuple[int, ...], dtype: str = "float32") -> Any:
-    return encode_array(np.zeros(shape, dtype=np.float32 if dtype == "float32" else np.int64), dtype=dtype)
-
-
-async def _exchange(p2p, peer_id: str, rpc: str, payload: bytes) -> Message:
-    _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), STREAM_NAMES[rpc])
-    try:
-        writer.write(payload)
-        await writer.drain()
-        return await asyncio.wait_for(read_message(reader), 10)
-    finally:
-        writer.close()
-
-
-def _code(msg: Message) -> ErrorCode:
-    assert isinstance(msg, Error), f"expected an error frame, got {type(msg).__name__}"
-    return ErrorCode(msg.code)
 
 
 BAD_INPUTS: list[tuple[str, str, bytes, ErrorCode]] = [
