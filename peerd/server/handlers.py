@@ -372,6 +372,11 @@ class BlockServicer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._no_sessions.wait(), timeout_s)
         error = ProtocolError(ErrorCode.DRAINING, "peer is leaving the swarm; continue the session on another peer")
+        # Operators (and the drain tests) read which way drain went: this line is its outcome.
+        if self.sessions:
+            logger.info("drain: handing %d session(s) back to their clients", len(self.sessions))
+        else:
+            logger.info("drain: every session finished in time")
         for session in list(self.sessions.values()):
             if session.writer is not None:
                 # one write of a whole frame: never interleaves with a step result on the same stream
