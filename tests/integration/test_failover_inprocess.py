@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -29,13 +30,25 @@ async def test_vanished_peer_mid_generation_changes_no_token(make_swarm, local_m
     try:
         route = await client.wait_for_route()
         victim = next(p for p in swarm.peers if p.peer_id == route[0].peer_id)
+        tail = swarm.peers[2]  # 3:6, on every route
+        assert tail.runtime is not None
+        gate = threading.Event()
         tasks: list[asyncio.Task[None]] = []
         seen: list[int] = []
+
+        async def crash_then_release() -> None:
+            try:
+                await crash(victim)
+            finally:
+                gate.set()
 
         def on_token(token: int) -> None:
             seen.append(token)
             if len(seen) == 25:
-                tasks.append(asyncio.create_task(crash(victim)))
+                # the next step waits at the tail until the victim is gone: on a fast machine the
+                # remaining 39 tokens could otherwise finish before its p2pd has shut down
+                tail.runtime.submit(gate.wait, "test-gate")
+                tasks.append(asyncio.create_task(crash_then_release()))
 
         result = await client.generate(PROMPT, max_new_tokens=64, stop_on_eos=False, on_token=on_token)
         await asyncio.gather(*tasks)

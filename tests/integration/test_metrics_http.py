@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from peerd.client.errors import PeerError
 from peerd.client.transport import PeerClient
+from peerd.web.routes import API_CACHE_S
 from protocols import ErrorCode
 
 PROMPT = [1, 5, 9, 23, 42, 7]
@@ -126,6 +127,7 @@ async def test_health_page_api_and_probe(make_swarm) -> None:
         status, headers, body = await http_request(port, path)
         assert status == 200 and headers["content-type"].startswith(kind) and len(body) > 1000
 
+    first_asked = time.monotonic()
     status, headers, body = await http_request(port, "/api/v1/swarm")
     assert status == 200 and headers["content-type"] == "application/json"
     doc = json.loads(body)
@@ -140,9 +142,11 @@ async def test_health_page_api_and_probe(make_swarm) -> None:
     for other in ("peer1", "peer2"):
         rtt = by_name[other]["rtt_ms"]
         assert rtt is not None and 0 < rtt < 5000
-    # a second look within the cache window reuses the same DHT read
+    # a second look within the cache window reuses the same DHT read; the window is wall time, so
+    # judge only when both looks fit in it (tests/unit/test_web_swarm.py covers it with a fake clock)
     _, _, again = await http_request(port, "/api/v1/swarm")
-    assert json.loads(again)["generated_at"] == doc["generated_at"]
+    if time.monotonic() - first_asked < API_CACHE_S:
+        assert json.loads(again)["generated_at"] == doc["generated_at"]
 
     status, _, body = await http_request(port, "/healthz")
     assert (status, body) == (200, b"ok\n")

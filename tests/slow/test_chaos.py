@@ -31,6 +31,10 @@ MODEL_ID = "tiny"
 GROUPS = {"a": (0, 3), "b": (3, 6)}  # three peers per group
 PEER_ARGS = ["--no-measure", "--torch-threads", "1", "--announce-period", "2", "--model-id", MODEL_ID]
 REQUESTS, CLIENTS, NEW_TOKENS = 40, 4, 48
+# --step-delay is a floor under the clients' work, so the killer strikes while they generate on any
+# machine: each request is >= 47 steps through 2 peers of 10 ms each, so the 4 clients are busy for
+# >= 40 * 47 * 2 * 0.01 / 4 = 9.4 s, against the killer's first strike after at most 2.5 s.
+PEER_ARGS += ["--step-delay", "0.01"]
 
 
 @pytest.mark.timeout(900)

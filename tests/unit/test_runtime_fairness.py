@@ -9,10 +9,18 @@ from peerd.server.runtime import ComputeRuntime
 
 def test_a_flooding_owner_does_not_starve_another() -> None:
     runtime = ComputeRuntime(name="fairness-test")
-    gate = threading.Event()
+    running, gate = threading.Event(), threading.Event()
     order: list[str] = []
+
+    def block() -> None:
+        running.set()
+        gate.wait()
+
     try:
-        blocker = runtime.submit(gate.wait, "flooder")  # holds the thread while the queues fill
+        # holds the thread while the queues fill; wait until it runs, so the flooder's queue below
+        # starts empty whether or not the thread woke before this test thread went on
+        blocker = runtime.submit(block, "flooder")
+        assert running.wait(timeout=10)
         flood = [runtime.submit(lambda: order.append("flooder"), "flooder") for _ in range(100)]
         polite = [runtime.submit(lambda: order.append("polite"), "polite") for _ in range(3)]
         gate.set()
@@ -20,6 +28,7 @@ def test_a_flooding_owner_does_not_starve_another() -> None:
             future.result(timeout=10)
     finally:
         runtime.close()
-    # the polite peer's jobs alternate with the flooder's instead of waiting behind all 100
-    assert [i for i, who in enumerate(order) if who == "polite"] == [0, 2, 4]
+    # the polite peer's jobs alternate with the flooder's instead of waiting behind all 100: the
+    # flooder queued first, so it goes first, then each polite job waits for exactly one flood job
+    assert [i for i, who in enumerate(order) if who == "polite"] == [1, 3, 5]
     assert runtime.queued == 0
