@@ -40,7 +40,7 @@ test-fast: setup
 	$(PY) -m pytest -x -q $(PYTEST_ARGS)
 
 bench: model
-	$(PY) -m peerd.bench
+	$(PY) -m peerd.cli.bench
 
 # The container image (Dockerfile); needs a Docker engine and network access to PyPI and the
 # PyTorch CPU wheel index. `docker compose -f deploy/docker-compose.yml up` runs a whole swarm.

@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from peerd.client.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable
 from peerd.client.routing import Span, plan_load_balanced_route
+from peerd.rpc.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable
 from peerd.swarm.records import ServerRecord
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from peerd.client.errors import NoRouteError
+from peerd.rpc.errors import NoRouteError
 from peerd.swarm.dht import BlockView
 from peerd.swarm.records import PeerState, ServerRecord
 

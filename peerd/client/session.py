@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from peerd.client.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable
 from peerd.client.routing import Span
-from peerd.client.transport import InferenceStream
+from peerd.rpc.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable
+from peerd.rpc.transport import InferenceStream
 from protocols import ErrorCode
 
 if TYPE_CHECKING:

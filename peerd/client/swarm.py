@@ -20,7 +20,6 @@ from hivemind.utils.crypto import RSAPrivateKey
 from tokenizers import Tokenizer
 
 from peerd.client.adapters import ClientAdapter
-from peerd.client.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable, SwarmConnectError
 from peerd.client.routing import (
     Span,
     plan_inference_route,
@@ -29,12 +28,13 @@ from peerd.client.routing import (
 )
 from peerd.client.sampling import SamplingParams, sample_next
 from peerd.client.session import InferenceSession
-from peerd.client.transport import PeerClient
 from peerd.client.verify import LIAR_BAN_S, Incident, SpotChecker
 from peerd.config import DEFAULT_SWARM
 from peerd.model.config import ModelConfig
 from peerd.model.head import ClientHead
 from peerd.model.loading import load_client_head
+from peerd.rpc.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable, SwarmConnectError
+from peerd.rpc.transport import PeerClient
 from peerd.swarm.dht import SwarmDHT
 from peerd.swarm.records import ServerRecord, swarm_prefix
 from protocols import Compression

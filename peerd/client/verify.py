@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from peerd.client.errors import NoRouteError, PeerError, PeerUnavailable
 from peerd.client.routing import Span, plan_load_balanced_route
+from peerd.rpc.errors import NoRouteError, PeerError, PeerUnavailable
 from protocols import Compression
 
 if TYPE_CHECKING:

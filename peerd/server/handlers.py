@@ -21,13 +21,13 @@ from typing import Any
 import torch
 
 from peerd import __version__
-from peerd.metrics import PeerMetrics
 from peerd.model.stage import KVCache, Stage
+from peerd.rpc.streams import STREAM_NAMES
+from peerd.rpc.tensors import from_wire, to_wire
 from peerd.server.memory import ActivationMeter
+from peerd.server.metrics import PeerMetrics
 from peerd.server.runtime import ComputeRuntime, RuntimeClosed
 from peerd.server.sessions import CacheBudget, ServerSession
-from peerd.streams import STREAM_NAMES
-from peerd.tensors import from_wire, to_wire
 from protocols import (
     HEADER_BYTES,
     PROTOCOL_VERSION,

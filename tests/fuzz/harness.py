@@ -28,13 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from peerd.metrics import PeerMetrics
 from peerd.model.config import ModelConfig
 from peerd.model.stage import Stage, cache_bytes_per_token
+from peerd.rpc.tensors import from_wire
 from peerd.server.handlers import BlockServicer, Limits
+from peerd.server.metrics import PeerMetrics
 from peerd.server.runtime import ComputeRuntime
 from peerd.server.sessions import CacheBudget
-from peerd.tensors import from_wire
 from protocols import (
     PROTOCOL_VERSION,
     BackwardRequest,

@@ -286,6 +286,6 @@ def test_seed_corpus_is_current() -> None:
 
 
 def test_handler_targets_cover_every_stream() -> None:
-    from peerd.streams import STREAM_NAMES
+    from peerd.rpc.streams import STREAM_NAMES
 
     assert set(HANDLER_TARGETS) == set(STREAM_NAMES)

@@ -11,9 +11,9 @@ import pytest
 
 from peerd.client import SwarmClient
 from peerd.config import PeerConfig
+from peerd.daemon.peer import Peer
 from peerd.model.loading import load_local_model
 from peerd.model.local import LocalModel
-from peerd.peer import Peer
 from tests.helpers.tiny_model import make_tiny_checkpoint
 
 MODEL_ID = "tiny"

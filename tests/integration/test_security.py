@@ -26,10 +26,10 @@ from hivemind.p2p import PeerID
 
 from peerd.client import PeerUnavailable
 from peerd.client.routing import Span
+from peerd.daemon.peer import Peer
 from peerd.identity import load_or_create_identity, peer_id_of_public_key
 from peerd.model.local import LocalModel
-from peerd.peer import Peer
-from peerd.streams import STREAM_NAMES
+from peerd.rpc.streams import STREAM_NAMES
 from peerd.swarm.records import ServerRecord
 from protocols import (
     PROTOCOL_VERSION,

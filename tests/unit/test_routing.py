@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from peerd.client.errors import NoRouteError
 from peerd.client.routing import plan_inference_route, plan_load_balanced_route
 from peerd.client.swarm import BanList
+from peerd.rpc.errors import NoRouteError
 from peerd.swarm.records import PeerState, ServerRecord
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from peerd.swarm.status import block_ranges
 from protocols import ErrorCode
 
 __all__ = ["NoRouteError", "PeerError", "PeerUnavailable", "PeerdClientError", "SwarmConnectError"]
@@ -20,7 +21,7 @@ class NoRouteError(PeerdClientError):
 
     def __init__(self, missing_blocks: list[int], message: str | None = None) -> None:
         self.missing_blocks = missing_blocks
-        spans = _ranges(missing_blocks)
+        spans = block_ranges(missing_blocks)
         super().__init__(
             message
             or f"no live peer serves block(s) {spans}; start a peer with `peerd run --blocks ...` for them "
@@ -48,18 +49,3 @@ class PeerError(PeerdClientError):
     def retryable(self) -> bool:
         """True when another peer may succeed where this one failed."""
         return self.code.retryable
-
-
-def _ranges(blocks: list[int]) -> str:
-    if not blocks:
-        return "-"
-    out = []
-    first = prev = blocks[0]
-    for b in blocks[1:]:
-        if b == prev + 1:
-            prev = b
-            continue
-        out.append(f"{first}" if first == prev else f"{first}:{prev + 1}")
-        first = prev = b
-    out.append(f"{first}" if first == prev else f"{first}:{prev + 1}")
-    return ", ".join(out)

@@ -18,16 +18,9 @@ from hivemind.p2p import P2P
 from hivemind.utils.crypto import RSAPrivateKey
 
 from peerd import __version__
-from peerd.capacity import Capacity, Hardware, measure_throughput, probe_hardware
-from peerd.client.transport import PeerClient
 from peerd.config import PeerConfig
-from peerd.identity import load_or_create_identity, peer_id_of_public_key
-from peerd.metrics import PeerMetrics
-from peerd.model.config import ModelConfig
-from peerd.model.llama import Block
-from peerd.model.loading import default_dtype_for, load_stage
-from peerd.model.stage import Stage, cache_bytes_per_token
-from peerd.placement import (
+from peerd.daemon.capacity import Capacity, Hardware, measure_throughput, probe_hardware
+from peerd.daemon.placement import (
     PlacedPeer,
     Placement,
     blocks_that_fit,
@@ -35,13 +28,20 @@ from peerd.placement import (
     decide_move,
     recheck_after_joining,
 )
+from peerd.daemon.routes import peer_routes
+from peerd.identity import load_or_create_identity, peer_id_of_public_key
+from peerd.model.config import ModelConfig
+from peerd.model.llama import Block
+from peerd.model.loading import default_dtype_for, load_stage
+from peerd.model.stage import Stage, cache_bytes_per_token
+from peerd.rpc.transport import PeerClient
 from peerd.server.handlers import STREAM_NAMES, BlockServicer, Limits
+from peerd.server.metrics import PeerMetrics
 from peerd.server.runtime import ComputeRuntime
 from peerd.server.sessions import CacheBudget
 from peerd.swarm.dht import SwarmDHT
 from peerd.swarm.records import PeerState, ServerRecord, swarm_prefix
 from peerd.web.http import HttpServer
-from peerd.web.routes import peer_routes
 from protocols import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION
 
 __all__ = ["Peer"]

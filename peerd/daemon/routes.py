@@ -3,7 +3,7 @@
 ``/``                the health page (static HTML/JS/CSS shipped in ``peerd/web/static``; no build step,
                      nothing fetched from elsewhere, so it works on an offline LAN)
 ``/api/v1/swarm``    what the page shows, as JSON: this peer, and per model the peers in the DHT,
-                     per-block coverage and gaps (``peerd.status.status_from_views``) plus RTTs
+                     per-block coverage and gaps (``peerd.swarm.status.status_from_views``) plus RTTs
 ``/metrics``         Prometheus text format, from this peer's own registry
 ``/healthz``         200 while the peer is online, 503 otherwise (container health checks)
 """
@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import generate_latest
 
 from peerd import __version__
-from peerd.status import status_from_views
 from peerd.swarm.records import PeerState
+from peerd.swarm.status import status_from_views
 from peerd.web.http import HttpResponse, Route
 from peerd.web.swarm import RttProbe, SwarmView
 
 if TYPE_CHECKING:
-    from peerd.peer import Peer
+    from peerd.daemon.peer import Peer
 
 __all__ = ["API_CACHE_S", "DHT_READ_TIMEOUT_S", "peer_routes", "refresh_peer_gauges", "swarm_document"]
 
@@ -127,7 +127,7 @@ def peer_routes(peer: Peer) -> dict[str, Route]:
     """Routes for one peer; each peer gets its own swarm cache and RTT probe (nothing global)."""
     rtt: RttProbe | None = None
     if peer.p2p is not None:
-        from peerd.client.transport import PeerClient  # the same info RPC a client uses
+        from peerd.rpc.transport import PeerClient  # the same info RPC a client uses
 
         info_client = PeerClient(peer.p2p, peer.config.model_id, timeout_s=RTT_TIMEOUT_S, client_name="peerd-health")
         rtt = RttProbe(info_client.info, ttl_s=RTT_TTL_S, timeout_s=RTT_TIMEOUT_S)

@@ -16,8 +16,8 @@ our requests is outstanding on it, network included) and as the servers' compute
 request: the activation bytes each server's backward recompute saved (``info`` ``memory``), which
 must return to zero after every request, and on CUDA the allocator's exact peak for the request.
 
-Standalone: ``python -m peerd.bench_train [--model ID] [--peers 3] [--device cpu]`` starts its own
-local swarm; ``peerd.bench`` calls :func:`run_training_bench` on the swarm it already runs.
+Standalone: ``python -m peerd.cli.bench_train [--model ID] [--peers 3] [--device cpu]`` starts its own
+local swarm; ``peerd.cli.bench`` calls :func:`run_training_bench` on the swarm it already runs.
 """
 
 from __future__ import annotations
@@ -182,9 +182,9 @@ def run_training_bench(
 ) -> dict[str, Any]:
     """Measure forward+backward through a running swarm (see the module docstring); returns a dict.
 
-    Starts its own event loop (call it from synchronous code, as ``peerd.bench`` does).
+    Starts its own event loop (call it from synchronous code, as ``peerd.cli.bench`` does).
     """
-    from peerd.cli import run_async
+    from peerd.cli.helpers import run_async
 
     return run_async(
         run_training_bench_async(
@@ -246,7 +246,7 @@ def training_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peerd.bench_train", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m peerd.cli.bench_train", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--peers", type=int, default=3)
@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench-results/train.json")
     args = parser.parse_args(argv)
 
-    from peerd.cli import resolve
-    from peerd.demo import LocalSwarm, split_blocks
+    from peerd.cli.demo import LocalSwarm, split_blocks
+    from peerd.cli.helpers import resolve
     from peerd.model.config import ModelConfig
 
     torch.set_num_threads(1)

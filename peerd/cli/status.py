@@ -1,61 +1,22 @@
-"""Swarm status as data (for `peerd status`, the health page and its JSON API) and as a table."""
+"""`peerd status`: the peers of a swarm and the coverage of every block, as a table or JSON."""
 
 from __future__ import annotations
 
+import argparse
+import json
 from typing import TYPE_CHECKING, Any
 
-from peerd.swarm.dht import BlockView
-from peerd.swarm.records import PeerState
+from peerd.cli.helpers import connect_client
+from peerd.swarm.status import block_ranges, status_from_views
 
 if TYPE_CHECKING:
-    from peerd.client.swarm import SwarmClient
+    from peerd.client import SwarmClient
 
-__all__ = ["format_status", "gather_status", "status_from_views"]
-
-
-def status_from_views(model_id: str, num_blocks: int, views: list[BlockView]) -> dict[str, Any]:
-    """Peers (latest record each) and per-block coverage by online peers; gaps listed."""
-    peers: dict[str, Any] = {}
-    for view in views:
-        for r in view.records:
-            current = peers.get(r.peer_id)
-            if current is None or r.announced_at > current["announced_at"]:
-                peers[r.peer_id] = {
-                    "peer_id": r.peer_id,
-                    "name": r.public_name,
-                    "state": r.state.value,
-                    "start": r.start,
-                    "end": r.end,
-                    "decode_tokens_per_s": r.decode_tokens_per_s,
-                    "prefill_tokens_per_s": r.prefill_tokens_per_s,
-                    "device": r.device,
-                    "dtype": r.dtype,
-                    "cache_tokens_free": r.cache_tokens_free,
-                    "version": r.package_version,
-                    "rtts_ms": dict(r.next_rtts_ms),
-                    "announced_at": r.announced_at,
-                }
-    coverage = []
-    for view in views:
-        online = [r for r in view.records if r.state is PeerState.ONLINE]
-        coverage.append(
-            {
-                "block": view.index,
-                "peers": len(online),
-                "decode_tokens_per_s": sum(r.decode_tokens_per_s for r in online),
-            }
-        )
-    gaps = [c["block"] for c in coverage if c["peers"] == 0]
-    return {
-        "model_id": model_id,
-        "num_blocks": num_blocks,
-        "peers": sorted(peers.values(), key=lambda p: (p["start"], p["peer_id"])),
-        "coverage": coverage,
-        "gaps": gaps,
-    }
+__all__ = ["cmd_status", "format_status", "gather_status"]
 
 
 async def gather_status(client: SwarmClient) -> dict[str, Any]:
+    """The swarm's status as the client's DHT view shows it now."""
     views = await client.dht.read_blocks(timeout_s=client.dht_timeout_s)
     return status_from_views(client.model_id, client.num_blocks, views)
 
@@ -103,9 +64,20 @@ def format_status(status: dict[str, Any]) -> str:
     rows = [[f"{a}:{b}", str(peers), f"{tps:.0f}", "GAP" if peers == 0 else ""] for a, b, (peers, tps) in groups]
     text += ["", _table(["BLOCKS", "PEERS", "TOTAL TOK/S", ""], rows)]
     if status["gaps"]:
-        from peerd.client.errors import _ranges
-
-        text.append(f"GAPS: block(s) {_ranges(status['gaps'])} have no online peer")
+        text.append(f"GAPS: block(s) {block_ranges(status['gaps'])} have no online peer")
     else:
         text.append("every block is served")
     return "\n".join(text)
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    client = await connect_client(args)
+    try:
+        status = await gather_status(client)
+    finally:
+        await client.close()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status))
+    return 0 if not status["gaps"] else 3

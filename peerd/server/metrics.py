@@ -64,7 +64,7 @@ class _ProcessCollector(Collector):
 class PeerMetrics:
     """All series one peer exports. Handlers update them through the attributes and helpers below;
     values that are cheaper to read than to track (state, DHT size, swarm view) are set at scrape
-    time by ``peerd.web.routes``."""
+    time by ``peerd.daemon.routes``."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)

@@ -16,9 +16,9 @@ from typing import TypeVar
 import torch
 from hivemind.p2p import P2P, PeerID
 
-from peerd.client.errors import PeerError, PeerUnavailable
-from peerd.streams import STREAM_NAMES
-from peerd.tensors import from_wire, to_wire
+from peerd.rpc.errors import PeerError, PeerUnavailable
+from peerd.rpc.streams import STREAM_NAMES
+from peerd.rpc.tensors import from_wire, to_wire
 from protocols import (
     DEFAULT_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,

@@ -2,7 +2,7 @@
 
 These machines are shared and noisy, so nothing here trusts one absolute time: the swarm and the
 local baseline run interleaved in the same process, several rounds each, and we report medians
-and their ratio. Run with ``python -m peerd.bench [--model ID] [--tokens N] [--rounds R]``.
+and their ratio. Run with ``python -m peerd.cli.bench [--model ID] [--tokens N] [--rounds R]``.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ async def failover_rounds(  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peerd.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m peerd.cli.bench", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per generation (default 48)")
@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench-results/bench.json")
     args = parser.parse_args(argv)
 
-    from peerd.cli import resolve, run_async
-    from peerd.demo import LocalSwarm, split_blocks
+    from peerd.cli.demo import LocalSwarm, split_blocks
+    from peerd.cli.helpers import resolve, run_async
     from peerd.model.chat import chat_prompt_ids, load_tokenizer
     from peerd.model.config import ModelConfig
     from peerd.model.loading import load_local_model
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         text = load_tokenizer(path).decode(tokens_local, skip_special_tokens=True)
         print("[+] training: forward+backward, micro-batches pipelined vs stage by stage ...", flush=True)
-        from peerd.bench_train import run_training_bench, training_rows
+        from peerd.cli.bench_train import run_training_bench, training_rows
 
         results["training"] = run_training_bench(
             swarm.initial_peers, path, model_id, batch_size=4, seq_len=64, rounds=2
