@@ -27,6 +27,7 @@ lint: setup
 	$(VENV)/bin/ruff check peerd protocols tests
 	$(VENV)/bin/ruff format --check peerd protocols tests
 	$(VENV)/bin/mypy peerd protocols
+	$(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff format peerd protocols tests

@@ -110,7 +110,7 @@ async def failover_rounds(  # type: ignore[no-untyped-def]
 ) -> dict[str, Any]:
     """Add a replica of ``span``, then per round: kill whichever replica the route uses at token 10,
     record the stall, check the output, and restart the killed peer (timing until it serves)."""
-    from peerd.client import SwarmClient
+    from peerd.client import BanList, SwarmClient
 
     client = await SwarmClient.connect(swarm.initial_peers, path, model_id=model_id, failover_timeout_s=120.0)
     stalls, serve_s, identical = [], [], True
@@ -119,8 +119,8 @@ async def failover_rounds(  # type: ignore[no-untyped-def]
         serve_s.append(await _time_to_serve(swarm, "replica", span, client, hidden))
         for r in range(rounds):
             await client.wait_for_route(timeout_s=60)
-            client.bans = type(client.bans)()  # restarted peers are healthy again
-            route = await client.plan_inference(0, client.num_blocks, len(prompt) + len(expected))
+            client.router.bans = BanList()  # restarted peers are healthy again
+            route = await client.router.plan_inference(0, client.num_blocks, len(prompt) + len(expected))
             killer = _KillAt(swarm, route[0].record.public_name, at_token=10)
             result = await client.generate(
                 prompt, max_new_tokens=len(expected), stop_on_eos=False, on_token=killer.on_token

@@ -17,7 +17,7 @@ __all__ = ["cmd_status", "format_status", "gather_status"]
 
 async def gather_status(client: SwarmClient) -> dict[str, Any]:
     """The swarm's status as the client's DHT view shows it now."""
-    views = await client.dht.read_blocks(timeout_s=client.dht_timeout_s)
+    views = await client.dht.read_blocks(timeout_s=client.router.dht_timeout_s)
     return status_from_views(client.model_id, client.num_blocks, views)
 
 

@@ -38,19 +38,28 @@ import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from peerd.client.routing import Span, plan_load_balanced_route
-from peerd.rpc.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable
+from peerd.client.router import Router
+from peerd.client.routing import Span
+from peerd.model.config import ModelConfig
+from peerd.rpc.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable, worth_failover
+from peerd.rpc.transport import PeerClient
 from peerd.swarm.records import ServerRecord
+from protocols import Compression
 
-if TYPE_CHECKING:
-    from peerd.client.swarm import SwarmClient
-
-__all__ = ["PipelineTrace", "RemoteBlocks", "RemotePipeline", "StageCall", "StageInput", "bubble_fraction"]
+__all__ = [
+    "PipelineClient",
+    "PipelineTrace",
+    "RemoteBlocks",
+    "RemotePipeline",
+    "StageCall",
+    "StageInput",
+    "bubble_fraction",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +132,23 @@ def bubble_fraction(calls: Sequence[StageCall], wall_s: float, peers: Sequence[s
     return max(0.0, 1.0 - busy / (len(by_peer) * wall_s))
 
 
+class PipelineClient(Protocol):
+    """What the pipeline uses of a client (``SwarmClient`` has it): a router, a transport, settings."""
+
+    @property
+    def router(self) -> Router: ...
+    @property
+    def peers(self) -> PeerClient: ...
+    @property
+    def compression(self) -> Compression: ...
+    @property
+    def config(self) -> ModelConfig: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def max_retries(self) -> int: ...
+
+
 class _Budget:
     """Failed stage calls one micro-batch may still absorb before giving up."""
 
@@ -149,7 +175,7 @@ class RemotePipeline:
 
     def __init__(
         self,
-        client: SwarmClient,
+        client: PipelineClient,
         *,
         start: int = 0,
         end: int | None = None,
@@ -187,7 +213,7 @@ class RemotePipeline:
         cpu = hidden.detach().to("cpu")
         pieces = [p.contiguous() for p in cpu.tensor_split(min(self.micro_batches, hidden.shape[0]))]
         trace = PipelineTrace(stages=[[] for _ in pieces], rows=[p.shape[0] for p in pieces])
-        servers = await self.client.servers()
+        servers = await self.client.router.servers()
         outs = await self._gather(
             [functools.partial(self._forward_micro_batch, i, piece, servers, trace) for i, piece in enumerate(pieces)]
         )
@@ -315,6 +341,7 @@ class RemotePipeline:
         try:
             out = await rpc(span.peer_id, *tensors, span.start, span.end, self.client.compression)
             ok = True
+            self.client.router.succeeded(span.peer_id)
             return out
         finally:
             trace.calls.append(
@@ -324,26 +351,26 @@ class RemotePipeline:
     def _on_failure(
         self, span: Span, exc: PeerUnavailable | PeerError, budget: _Budget, what: str, trace: PipelineTrace
     ) -> None:
-        if isinstance(exc, PeerError) and not exc.retryable:
+        if not worth_failover(exc):
             raise exc
         trace.retries += 1
         # Several micro-batches in flight on a dead peer all fail at once: one ban, not one per call
         # (each repeat would double the ban's length).
-        if span.peer_id not in self.client.bans.banned():
-            self.client.ban(span.peer_id, reason=str(exc))
+        router = self.client.router
+        if not router.bans.is_banned(span.peer_id):
+            router.ban(span.peer_id, reason=str(exc))
         logger.warning("%s failed (%s); retrying that stage elsewhere", what, exc)
         budget.spend(what, exc)
 
     async def _plan(
         self, start: int, end: int, servers: dict[str, ServerRecord] | None = None, refresh: bool = False
     ) -> list[Span]:
-        """A load-balanced route for [start, end), waiting up to the client's ``route_wait_s`` for one."""
-        deadline = time.monotonic() + self.client.route_wait_s
+        """A load-balanced route for [start, end), waiting up to the router's ``route_wait_s`` for one."""
+        router = self.client.router
+        deadline = time.monotonic() + router.route_wait_s
         while True:
-            if servers is None or refresh:
-                servers = await self.client.servers(refresh=refresh)
             try:
-                return plan_load_balanced_route(servers, start, end, banned=self.client.bans.banned(), rng=self.rng)
+                return await router.plan_load_balanced(start, end, rng=self.rng, refresh=refresh, servers=servers)
             except NoRouteError:
                 if time.monotonic() >= deadline:
                     raise
@@ -383,7 +410,7 @@ class RemoteBlocks(nn.Module):
 
     def __init__(
         self,
-        client: SwarmClient,
+        client: PipelineClient,
         *,
         loop: asyncio.AbstractEventLoop | None = None,
         **pipeline_kwargs: Any,

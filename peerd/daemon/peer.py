@@ -34,15 +34,16 @@ from peerd.model.config import ModelConfig
 from peerd.model.llama import Block
 from peerd.model.loading import default_dtype_for, load_stage
 from peerd.model.stage import Stage, cache_bytes_per_token
+from peerd.rpc.rtt import RTT_TIMEOUT_S, RttProbe
 from peerd.rpc.transport import PeerClient
 from peerd.server.handlers import STREAM_NAMES, BlockServicer, Limits
 from peerd.server.metrics import PeerMetrics
 from peerd.server.runtime import ComputeRuntime
 from peerd.server.sessions import CacheBudget
 from peerd.swarm.dht import SwarmDHT
-from peerd.swarm.records import PeerState, ServerRecord, swarm_prefix
+from peerd.swarm.records import PeerState, ServerRecord, latest_per_peer, swarm_prefix
 from peerd.web.http import HttpServer
-from protocols import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION
+from protocols import PROTOCOL_VERSION
 
 __all__ = ["Peer"]
 
@@ -71,7 +72,7 @@ class Peer:
         self.http: HttpServer | None = None
         self.http_port: int | None = None
         self._private_key: RSAPrivateKey | None = None
-        self.peers: PeerClient | None = None  # this peer as a client of others (RTT probes)
+        self.rtt: RttProbe | None = None  # this peer's RTTs to others (published for clients' routing)
         self.dtype = torch.float32
         # the blocks we host or are about to host (placement fixes it during startup)
         self.blocks: tuple[int, int] = config.blocks or (0, self.model_config.num_layers)
@@ -104,7 +105,8 @@ class Peer:
             num_blocks=self.model_config.num_layers,
             initial_peers=cfg.initial_peers,
         )
-        self.peers = PeerClient(self.p2p, cfg.model_id, timeout_s=5.0, client_name=f"peerd-peer/{__version__}")
+        peers = PeerClient(self.p2p, cfg.model_id, timeout_s=RTT_TIMEOUT_S, client_name=f"peerd-peer/{__version__}")
+        self.rtt = RttProbe(peers.info)
         self.hardware = probe_hardware(cfg.device)
         self.runtime = ComputeRuntime(torch_threads=cfg.torch_threads)
         self.dtype = getattr(torch, cfg.dtype) if cfg.dtype else default_dtype_for(cfg.device)
@@ -122,16 +124,7 @@ class Peer:
             model_id=cfg.model_id,
             runtime=self.runtime,
             budget=budget,
-            limits=Limits(
-                max_frame_bytes=DEFAULT_MAX_FRAME_BYTES,
-                max_batch_tokens=cfg.max_batch_tokens,
-                max_session_length=cfg.max_session_length,
-                max_sessions=cfg.max_sessions,
-                request_timeout_s=cfg.request_timeout_s,
-                session_idle_timeout_s=cfg.session_idle_timeout_s,
-                max_sessions_per_peer=cfg.max_sessions_per_peer,
-                max_inflight_per_peer=cfg.max_inflight_per_peer,
-            ),
+            limits=Limits.from_config(cfg),
             metrics=self.metrics,
             public_name=cfg.public_name,
             step_delay_s=cfg.step_delay_s,
@@ -200,13 +193,10 @@ class Peer:
         """Other peers serving or about to serve, as placement sees them (latest record each)."""
         assert self.dht is not None
         views = await self.dht.read_blocks(timeout_s=5.0)
-        latest: dict[str, ServerRecord] = {}
-        for view in views:
-            for r in view.records:
-                if r.state is PeerState.OFFLINE or r.peer_id == self.peer_id:
-                    continue
-                if r.peer_id not in latest or r.announced_at > latest[r.peer_id].announced_at:
-                    latest[r.peer_id] = r
+        latest = latest_per_peer(
+            (r for view in views for r in view.records),
+            lambda r: r.state is not PeerState.OFFLINE and r.peer_id != self.peer_id,
+        )
         return [PlacedPeer(r.peer_id, r.start, r.end, r.decode_tokens_per_s) for r in latest.values()]
 
     def _me(self) -> PlacedPeer:
@@ -283,15 +273,15 @@ class Peer:
 
     async def _measure_next_rtts(self) -> None:
         """RTT to the peers serving the block right after ours (published in our record for routing)."""
-        assert self.dht is not None and self.peers is not None
+        assert self.dht is not None and self.rtt is not None
         end = self.blocks[1]
         if end >= self.model_config.num_layers:
             self.next_rtts_ms = {}
             return
         (view,) = await self.dht.read_blocks(end, end + 1, timeout_s=5.0)
         targets = [r.peer_id for r in view.online() if r.peer_id != self.peer_id][:MAX_RTT_TARGETS]
-        rtts = await asyncio.gather(*(self.peers.rtt_ms(peer) for peer in targets))
-        self.next_rtts_ms = {peer: rtt for peer, rtt in zip(targets, rtts, strict=True) if rtt is not None}
+        rtts = await self.rtt.rtts_ms(targets)
+        self.next_rtts_ms = {peer: rtt for peer, rtt in rtts.items() if rtt is not None}
 
     async def _rebalance_loop(self) -> None:
         cfg = self.config
@@ -416,7 +406,8 @@ class Peer:
     async def announce(self, timeout_s: float = 10.0) -> bool:
         assert self.dht is not None  # internal invariant, not remote input
         record = self.record()
-        # an offline record only needs to outlive readers' caches; a live one two periods
+        # live and offline records alike last two periods: an offline record must outlive the live
+        # one it replaces, or readers would fall back to that stale live record
         expiration_s = 2 * self.config.announce_period_s
         if record.state is PeerState.OFFLINE:
             record = replace(record, cache_tokens_free=0)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from peerd.swarm.status import block_ranges
 from protocols import ErrorCode
 
-__all__ = ["NoRouteError", "PeerError", "PeerUnavailable", "PeerdClientError", "SwarmConnectError"]
+__all__ = [
+    "NoRouteError",
+    "PeerError",
+    "PeerUnavailable",
+    "PeerdClientError",
+    "SwarmConnectError",
+    "worth_failover",
+]
 
 
 class PeerdClientError(Exception):
@@ -49,3 +56,21 @@ class PeerError(PeerdClientError):
     def retryable(self) -> bool:
         """True when another peer may succeed where this one failed."""
         return self.code.retryable
+
+
+# Codes that are not retryable as such (asking the same peer again would fail the same way) but
+# mean "this peer cannot serve that" rather than "your request is wrong": a peer that just moved
+# its blocks answers BLOCKS_NOT_SERVED until its new record reaches us, and one serving another
+# model answers WRONG_MODEL. Another peer may well succeed.
+_NOT_HERE = frozenset({ErrorCode.BLOCKS_NOT_SERVED, ErrorCode.WRONG_MODEL})
+
+
+def worth_failover(exc: PeerUnavailable | PeerError) -> bool:
+    """True when another peer may succeed where this one failed: the one failover policy.
+
+    Every client path (inference sessions, stateless forward, training) asks this before banning
+    a peer and trying elsewhere; False means the request itself is at fault, so it is raised.
+    """
+    if isinstance(exc, PeerUnavailable):
+        return True
+    return exc.retryable or exc.code in _NOT_HERE

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from peerd import __version__
+from peerd.config import PeerConfig
 from peerd.model.stage import KVCache, Stage
 from peerd.rpc.streams import STREAM_NAMES
 from peerd.rpc.tensors import from_wire, to_wire
@@ -29,6 +30,7 @@ from peerd.server.metrics import PeerMetrics
 from peerd.server.runtime import ComputeRuntime, RuntimeClosed
 from peerd.server.sessions import CacheBudget, ServerSession
 from protocols import (
+    DEFAULT_MAX_FRAME_BYTES,
     HEADER_BYTES,
     PROTOCOL_VERSION,
     BackwardRequest,
@@ -71,9 +73,24 @@ class Limits:
     max_sessions: int
     request_timeout_s: float
     session_idle_timeout_s: float
-    # Per remote peer id (libp2p-authenticated, so one client cannot spend another's share):
-    max_sessions_per_peer: int = 16  # open inference sessions of one client
-    max_inflight_per_peer: int = 8  # concurrent info/forward/backward streams of one client
+    # Per remote peer id (libp2p-authenticated, so one client cannot spend another's share); the
+    # defaults are PeerConfig's, the one place operator-facing defaults are written:
+    max_sessions_per_peer: int = PeerConfig.max_sessions_per_peer  # open inference sessions of one client
+    max_inflight_per_peer: int = PeerConfig.max_inflight_per_peer  # concurrent info/forward/backward streams
+
+    @classmethod
+    def from_config(cls, config: PeerConfig, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Limits:
+        """The limits a peer configured with ``config`` enforces."""
+        return cls(
+            max_frame_bytes=max_frame_bytes,
+            max_batch_tokens=config.max_batch_tokens,
+            max_session_length=config.max_session_length,
+            max_sessions=config.max_sessions,
+            request_timeout_s=config.request_timeout_s,
+            session_idle_timeout_s=config.session_idle_timeout_s,
+            max_sessions_per_peer=config.max_sessions_per_peer,
+            max_inflight_per_peer=config.max_inflight_per_peer,
+        )
 
 
 class BlockServicer:

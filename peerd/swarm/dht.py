@@ -129,5 +129,9 @@ class SwarmDHT:
             views.append(BlockView(index, tuple(records)))
         return views
 
+    def routing_table_size(self) -> int:
+        """How many DHT nodes this node knows (its Kademlia routing table)."""
+        return len(self.node.protocol.routing_table.uid_to_peer_id)
+
     async def shutdown(self) -> None:
         await self.node.shutdown()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,3 +152,23 @@ class ServerRecord:
             next_rtts_ms=rtts,
             announced_at=at,
         )
+
+
+def latest_per_peer(
+    records: Iterable[ServerRecord], keep: Callable[[ServerRecord], bool] = lambda _: True
+) -> dict[str, ServerRecord]:
+    """The newest record of each peer among ``records`` that ``keep`` accepts, by peer id.
+
+    A peer stores one record per hosted block, so a DHT read sees it several times; after a move,
+    its old blocks hold an OFFLINE record and its new ones an ONLINE one. Filtering with ``keep``
+    happens *before* picking the newest, so ``keep=lambda r: r.state is PeerState.ONLINE`` yields
+    the live record even when an OFFLINE one for abandoned blocks is newer.
+    """
+    out: dict[str, ServerRecord] = {}
+    for record in records:
+        if not keep(record):
+            continue
+        current = out.get(record.peer_id)
+        if current is None or record.announced_at > current.announced_at:
+            out[record.peer_id] = record
+    return out

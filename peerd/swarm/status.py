@@ -5,33 +5,32 @@ from __future__ import annotations
 from typing import Any
 
 from peerd.swarm.dht import BlockView
-from peerd.swarm.records import PeerState
+from peerd.swarm.records import PeerState, latest_per_peer
 
 __all__ = ["block_ranges", "status_from_views"]
 
 
 def status_from_views(model_id: str, num_blocks: int, views: list[BlockView]) -> dict[str, Any]:
     """Peers (latest record each) and per-block coverage by online peers; gaps listed."""
-    peers: dict[str, Any] = {}
-    for view in views:
-        for r in view.records:
-            current = peers.get(r.peer_id)
-            if current is None or r.announced_at > current["announced_at"]:
-                peers[r.peer_id] = {
-                    "peer_id": r.peer_id,
-                    "name": r.public_name,
-                    "state": r.state.value,
-                    "start": r.start,
-                    "end": r.end,
-                    "decode_tokens_per_s": r.decode_tokens_per_s,
-                    "prefill_tokens_per_s": r.prefill_tokens_per_s,
-                    "device": r.device,
-                    "dtype": r.dtype,
-                    "cache_tokens_free": r.cache_tokens_free,
-                    "version": r.package_version,
-                    "rtts_ms": dict(r.next_rtts_ms),
-                    "announced_at": r.announced_at,
-                }
+    latest = latest_per_peer(r for view in views for r in view.records)
+    peers = [
+        {
+            "peer_id": r.peer_id,
+            "name": r.public_name,
+            "state": r.state.value,
+            "start": r.start,
+            "end": r.end,
+            "decode_tokens_per_s": r.decode_tokens_per_s,
+            "prefill_tokens_per_s": r.prefill_tokens_per_s,
+            "device": r.device,
+            "dtype": r.dtype,
+            "cache_tokens_free": r.cache_tokens_free,
+            "version": r.package_version,
+            "rtts_ms": dict(r.next_rtts_ms),
+            "announced_at": r.announced_at,
+        }
+        for r in latest.values()
+    ]
     coverage = []
     for view in views:
         online = [r for r in view.records if r.state is PeerState.ONLINE]
@@ -46,7 +45,7 @@ def status_from_views(model_id: str, num_blocks: int, views: list[BlockView]) ->
     return {
         "model_id": model_id,
         "num_blocks": num_blocks,
-        "peers": sorted(peers.values(), key=lambda p: (p["start"], p["peer_id"])),
+        "peers": sorted(peers, key=lambda p: (p["start"], p["peer_id"])),
         "coverage": coverage,
         "gaps": gaps,
     }

@@ -326,7 +326,7 @@ async def test_private_peers_private_clients_and_isolated_swarms(make_swarm, loc
         ].peer_id == blue.peer_id
 
         # a peer whose own `info` disagrees with what it announced is dropped before any use
-        record = outsider._servers[public.peer_id]
+        record = outsider.router.known_records()[public.peer_id]
         forged: ServerRecord = type(record)(**{**record.__dict__, "start": 0, "end": 6, "dtype": "bfloat16"})
         with pytest.raises(PeerUnavailable, match="disagrees with its DHT record"):
             await outsider.check_peer(Span(public.peer_id, 0, 6, forged))
