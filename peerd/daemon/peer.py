@@ -35,8 +35,10 @@ from peerd.model.llama import Block
 from peerd.model.loading import default_dtype_for, load_stage
 from peerd.model.stage import Stage, cache_bytes_per_token
 from peerd.rpc.rtt import RTT_TIMEOUT_S, RttProbe
+from peerd.rpc.streams import STREAM_NAMES
 from peerd.rpc.transport import PeerClient
-from peerd.server.handlers import STREAM_NAMES, BlockServicer, Limits
+from peerd.server.handlers import BlockServicer
+from peerd.server.limits import Limits
 from peerd.server.metrics import PeerMetrics
 from peerd.server.runtime import ComputeRuntime
 from peerd.server.sessions import CacheBudget

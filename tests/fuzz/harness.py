@@ -31,7 +31,8 @@ import torch
 from peerd.model.config import ModelConfig
 from peerd.model.stage import Stage, cache_bytes_per_token
 from peerd.rpc.tensors import from_wire
-from peerd.server.handlers import BlockServicer, Limits
+from peerd.server.handlers import BlockServicer
+from peerd.server.limits import Limits
 from peerd.server.metrics import PeerMetrics
 from peerd.server.runtime import ComputeRuntime
 from peerd.server.sessions import CacheBudget
@@ -253,7 +254,7 @@ class Harness:
         s = self.servicer
         _check(not s.sessions and not s._owner_sessions and not s._opening, "a session outlived its stream")
         _check(self.budget.used_tokens == 0, f"{self.budget.used_tokens} cache tokens leaked")
-        _check(not s._inflight and not s._waiting, "an in-flight count leaked")
+        _check(not s.admission.inflight and not s.admission.waiting, "an in-flight count leaked")
         return replies
 
 

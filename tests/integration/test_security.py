@@ -205,7 +205,7 @@ async def test_flood_and_bad_input_get_error_codes_while_a_good_client_keeps_its
         # nothing leaks: sessions, cache reservations, in-flight counts and queued jobs all return to zero
         servicer = target.servicer
         deadline = time.monotonic() + 10
-        while servicer.sessions or servicer.budget.used_tokens or servicer._inflight or target.runtime.queued:
+        while servicer.sessions or servicer.budget.used_tokens or servicer.admission.inflight or target.runtime.queued:
             assert time.monotonic() < deadline, "state left behind after the flood"
             await asyncio.sleep(0.05)
         assert not servicer._owner_sessions
