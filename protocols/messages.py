@@ -13,152 +13,29 @@ later minor version must have a default so older senders stay valid.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
 from protocols.errors import ErrorCode, ProtocolError
+from protocols.fields import (
+    MAX_BLOCK_INDEX,
+    MAX_COMPUTE_MS,
+    MAX_ERROR_CODE,
+    MAX_EXTRA_ITEMS,
+    MAX_STRING_BYTES,
+    _check_bool,
+    _check_compression,
+    _check_float,
+    _check_int,
+    _check_plain,
+    _check_session_id,
+    _check_span,
+    _check_str,
+    _check_tensor,
+    _check_version,
+    _invalid,
+)
 from protocols.tensors import ALLOWED_DTYPES, Compression, WireTensor
-
-MAX_STRING_BYTES = 4096
-"""Longest string field, in UTF-8 bytes (also the longest ``bytes`` value inside ``extra``)."""
-MAX_UINT = 2**63 - 1
-"""Largest value of any integer field (they all fit a signed 64-bit integer)."""
-MAX_BLOCK_INDEX = 100_000
-"""Block indices satisfy 0 <= start < end <= MAX_BLOCK_INDEX."""
-MAX_SESSION_ID_BYTES = 64
-MAX_VERSION_PART = 65535
-MAX_EXTRA_DEPTH = 8
-MAX_EXTRA_ITEMS = 4096
-MAX_ERROR_CODE = 65535
-MAX_COMPUTE_MS = 1e12
-
-
-def _invalid(message: str) -> ProtocolError:
-    return ProtocolError(ErrorCode.INVALID_MESSAGE, message)
-
-
-# --------------------------------------------------------------------------- field checks
-
-
-def _where(msg: object, name: str) -> str:
-    return f"{getattr(type(msg), 'TYPE', type(msg).__name__)}.{name}"
-
-
-def _check_int(msg: object, name: str, low: int = 0, high: int = MAX_UINT) -> None:
-    value = getattr(msg, name)
-    if type(value) is not int:
-        raise _invalid(f"{_where(msg, name)} must be an int, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise _invalid(f"{_where(msg, name)} must be in [{low}, {high}], got {value}")
-
-
-def _check_str(msg: object, name: str) -> None:
-    value = getattr(msg, name)
-    if type(value) is not str:
-        raise _invalid(f"{_where(msg, name)} must be a str, got {type(value).__name__}")
-    _check_utf8(value, _where(msg, name))
-
-
-def _check_utf8(value: str, where: str) -> None:
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise _invalid(f"{where} is not valid Unicode text (lone surrogate)") from exc
-    if size > MAX_STRING_BYTES:
-        raise _invalid(f"{where} is {size} UTF-8 bytes; at most {MAX_STRING_BYTES} allowed")
-
-
-def _check_bool(msg: object, name: str) -> None:
-    value = getattr(msg, name)
-    if type(value) is not bool:
-        raise _invalid(f"{_where(msg, name)} must be a bool, got {type(value).__name__}")
-
-
-def _check_float(msg: object, name: str, high: float) -> None:
-    value = getattr(msg, name)
-    if type(value) is int:  # 3 is a fine duration; store it as 3.0 so equality is by value
-        value = float(value)
-        object.__setattr__(msg, name, value)
-    if type(value) is not float:
-        raise _invalid(f"{_where(msg, name)} must be a float, got {type(value).__name__}")
-    if not (math.isfinite(value) and 0.0 <= value <= high):
-        raise _invalid(f"{_where(msg, name)} must be finite and in [0, {high}], got {value}")
-
-
-def _check_version(msg: object, name: str) -> None:
-    value = getattr(msg, name)
-    if (
-        type(value) is not tuple
-        or len(value) != 2
-        or not all(type(part) is int and 0 <= part <= MAX_VERSION_PART for part in value)
-    ):
-        raise _invalid(f"{_where(msg, name)} must be a (major, minor) pair of ints in [0, 65535], got {value!r}")
-
-
-def _check_span(msg: ForwardRequest | BackwardRequest | InferenceOpen) -> None:
-    _check_int(msg, "start", 0, MAX_BLOCK_INDEX)
-    _check_int(msg, "end", 0, MAX_BLOCK_INDEX)
-    start, end = msg.start, msg.end
-    if start >= end:
-        raise _invalid(f"{_where(msg, 'start')}..end must be a non-empty block range, got {start}..{end}")
-
-
-def _check_compression(msg: object, name: str) -> None:
-    value = getattr(msg, name)
-    if not isinstance(value, Compression):
-        raise _invalid(f"{_where(msg, name)} must be a Compression, got {value!r}")
-
-
-def _check_tensor(msg: object, name: str) -> None:
-    value = getattr(msg, name)
-    if not isinstance(value, WireTensor):
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"{_where(msg, name)} must be a WireTensor")
-
-
-def _check_session_id(msg: object, name: str) -> None:
-    value = getattr(msg, name)
-    if type(value) is not bytes or not 1 <= len(value) <= MAX_SESSION_ID_BYTES:
-        raise _invalid(f"{_where(msg, name)} must be 1..{MAX_SESSION_ID_BYTES} bytes, got {value!r:.80}")
-
-
-def _check_plain(value: object, where: str, depth: int, budget: list[int]) -> None:
-    """Check a JSON-like value (plus bytes) for ``extra``: bounded depth, size and types."""
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise _invalid(f"{where}: more than {MAX_EXTRA_ITEMS} items")
-    if value is None or type(value) is bool or type(value) is float:
-        return
-    if type(value) is int:
-        if not -(2**63) <= value < 2**64:
-            raise _invalid(f"{where}: int {value} does not fit 64 bits")
-        return
-    if type(value) is str:
-        _check_utf8(value, where)
-        return
-    if type(value) is bytes:
-        if len(value) > MAX_STRING_BYTES:
-            raise _invalid(f"{where}: bytes longer than {MAX_STRING_BYTES}")
-        return
-    if (type(value) is list or type(value) is dict) and depth >= MAX_EXTRA_DEPTH:
-        raise _invalid(f"{where}: nested deeper than {MAX_EXTRA_DEPTH}")
-    if type(value) is list:
-        for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]", depth + 1, budget)
-        return
-    if type(value) is dict:
-        for key, item in value.items():
-            if type(key) is not str:
-                raise _invalid(f"{where}: keys must be str, got {type(key).__name__}")
-            _check_utf8(key, where)
-            _check_plain(item, f"{where}[{key!r:.40}]", depth + 1, budget)
-        return
-    raise _invalid(
-        f"{where}: {type(value).__name__} is not allowed (use None, bool, int, float, str, bytes, list, dict)"
-    )
-
 
 # --------------------------------------------------------------------------- messages
 
@@ -475,125 +352,3 @@ def expect_message(msg: Message, cls: type[_M]) -> _M:
             f"expected {getattr(cls, 'TYPE', cls.__name__)}, got {type(msg).TYPE}",
         )
     return msg
-
-
-# --------------------------------------------------------------------------- wire form
-
-
-def tensor_to_wire(t: WireTensor) -> dict[str, Any]:
-    """The msgpack map of a tensor: dtype, shape, compression, data (+ scales for blockwise8)."""
-    wire: dict[str, Any] = {
-        "dtype": t.dtype,
-        "shape": list(t.shape),
-        "compression": t.compression.value,
-        "data": t.data,
-    }
-    if t.compression is Compression.BLOCKWISE8:
-        wire["scales"] = t.scales
-    return wire
-
-
-def tensor_from_wire(value: Any, where: str = "tensor") -> WireTensor:
-    """Build a WireTensor from its decoded msgpack map; anything wrong is BAD_TENSOR."""
-    if type(value) is not dict:
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where} must be a map, got {type(value).__name__}")
-    for key in ("dtype", "shape", "data"):
-        if key not in value:
-            raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where} is missing {key!r}")
-    shape, data = value["shape"], value["data"]
-    scales = value.get("scales", b"")
-    compression = value.get("compression", Compression.NONE.value)
-    if type(shape) is not list:
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where}.shape must be an array")
-    if not isinstance(data, memoryview | bytes) or not isinstance(scales, memoryview | bytes):
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where}.data and .scales must be bin")
-    try:
-        codec = Compression(compression) if type(compression) is str else None
-    except ValueError:
-        codec = None
-    if codec is None:
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where}.compression {compression!r:.40} is not known")
-    try:
-        return WireTensor(value["dtype"], tuple(shape), data, codec, scales)
-    except ProtocolError as exc:
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where}: {exc.message}") from None
-
-
-def _plain_from_wire(value: Any) -> Any:
-    # bin inside extra arrives as a view of the frame; own it so the frame can be freed.
-    if isinstance(value, memoryview):
-        return bytes(value)
-    if type(value) is list:
-        return [_plain_from_wire(item) for item in value]
-    if type(value) is dict:
-        return {key: _plain_from_wire(item) for key, item in value.items()}
-    return value
-
-
-def _decode_compression(where: str, value: Any) -> Any:
-    if type(value) is not str:
-        raise _invalid(f"{where} must be a str, got {type(value).__name__}")
-    try:
-        return Compression(value)
-    except ValueError:
-        raise _invalid(f"{where}: unknown compression {value!r:.40}") from None
-
-
-def _decode_dict(where: str, value: Any) -> Any:
-    if type(value) is not dict:
-        raise _invalid(f"{where} must be a map, got {type(value).__name__}")
-    return _plain_from_wire(value)
-
-
-# How each field type travels: (wire -> field value, field value -> wire). Type checks and
-# ranges are left to __post_init__, which sees local and remote values alike.
-_Codec = tuple[Callable[[str, Any], Any], Callable[[Any], Any]]
-_FIELD_CODECS: dict[str, _Codec] = {
-    "int": (lambda where, v: v, lambda v: v),
-    "str": (lambda where, v: v, lambda v: v),
-    "bool": (lambda where, v: v, lambda v: v),
-    "float": (lambda where, v: float(v) if type(v) is int else v, lambda v: v),
-    "bytes": (lambda where, v: bytes(v) if isinstance(v, memoryview) else v, lambda v: v),
-    "tuple[int, int]": (lambda where, v: tuple(v) if type(v) is list else v, list),
-    "Compression": (_decode_compression, lambda v: v.value),
-    "WireTensor": (lambda where, v: tensor_from_wire(v, where), tensor_to_wire),
-    "dict[str, Any]": (_decode_dict, lambda v: v),
-}
-
-# Per message class: (field name, wire->value, value->wire, required).
-_FieldSpec = tuple[str, Callable[[str, Any], Any], Callable[[Any], Any], bool]
-_SPECS: dict[type[Message], tuple[_FieldSpec, ...]] = {
-    cls: tuple(
-        (
-            f.name,
-            *_FIELD_CODECS[str(f.type)],
-            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-        )
-        for f in dataclasses.fields(cls)
-    )
-    for cls in MESSAGE_TYPES.values()
-}
-
-
-def message_to_wire(msg: Message) -> dict[str, Any]:
-    """The body map of ``msg`` (field name -> msgpack-ready value), in field order."""
-    return {name: to_wire(getattr(msg, name)) for name, _, to_wire, _ in _SPECS[type(msg)]}
-
-
-def message_from_wire(type_name: str, body: dict[str, Any]) -> Message:
-    """Build the message named ``type_name`` from its decoded body map.
-
-    Unknown fields are ignored. Raises ProtocolError: UNKNOWN_MESSAGE for an unknown
-    type name, INVALID_MESSAGE for a missing / mistyped / out-of-range field, BAD_TENSOR
-    for a bad tensor.
-    """
-    cls = MESSAGE_TYPES.get(type_name)
-    if cls is None:
-        raise ProtocolError(ErrorCode.UNKNOWN_MESSAGE, f"unknown message type {type_name!r:.80}")
-    kwargs: dict[str, Any] = {}
-    for name, from_wire, _, required in _SPECS[cls]:
-        if name in body:
-            kwargs[name] = from_wire(f"{type_name}.{name}", body[name])
-        elif required:
-            raise _invalid(f"{type_name} is missing required field {name!r}")
-    return cls(**kwargs)

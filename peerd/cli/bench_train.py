@@ -56,7 +56,7 @@ async def _bench(
     rounds: int,
 ) -> dict[str, Any]:
     from peerd.client import SwarmClient
-    from peerd.client.autograd import RemotePipeline, bubble_fraction
+    from peerd.client.pipeline import RemotePipeline, bubble_fraction
 
     client = await SwarmClient.connect(initial_peers, model_path, model_id=model_id, request_timeout_s=300.0)
     try:

@@ -8,9 +8,10 @@ re-exported here.
 from __future__ import annotations
 
 from peerd.client.adapters import ClientAdapter
-from peerd.client.autograd import RemoteBlocks, RemotePipeline
+from peerd.client.autograd import RemoteBlocks
 from peerd.client.bans import BanList
 from peerd.client.generation import GenerationResult
+from peerd.client.pipeline import RemotePipeline
 from peerd.client.routing import Span
 from peerd.client.sampling import SamplingParams
 from peerd.client.session import InferenceSession

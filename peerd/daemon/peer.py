@@ -19,11 +19,10 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from peerd import __version__
 from peerd.config import PeerConfig
-from peerd.daemon.capacity import Capacity, Hardware, measure_throughput, probe_hardware
+from peerd.daemon.capacity import Capacity, Hardware, blocks_fitting_memory, measure_capacity, probe_hardware
 from peerd.daemon.placement import (
     PlacedPeer,
     Placement,
-    blocks_that_fit,
     choose_placement,
     decide_move,
     recheck_after_joining,
@@ -31,7 +30,6 @@ from peerd.daemon.placement import (
 from peerd.daemon.routes import peer_routes
 from peerd.identity import load_or_create_identity, peer_id_of_public_key
 from peerd.model.config import ModelConfig
-from peerd.model.llama import Block
 from peerd.model.loading import default_dtype_for, load_stage
 from peerd.model.stage import Stage, cache_bytes_per_token
 from peerd.rpc.rtt import RTT_TIMEOUT_S, RttProbe
@@ -143,52 +141,25 @@ class Peer:
         await self.announce()
 
     async def _measure_capacity(self) -> Capacity:
-        """Per-block throughput, measured on one random block before any weights are loaded.
-
-        Every block of a model has the same shape, so one block tells the truth about all of them,
-        and knowing it *before* loading lets placement use it. The test/ops knob ``step_delay_s``
-        is folded in, so an artificially slowed peer also advertises itself as slow.
-        """
         cfg = self.config
         assert self.runtime is not None
-        if cfg.measure_throughput:
-            config, dtype, device = self.model_config, self.dtype, cfg.device
-            probe = await self.runtime.run(lambda: Stage.random(config, 0, 1, dtype=dtype, device=device))
-            capacity = await self.runtime.run(lambda: measure_throughput(probe))
-            del probe
-        else:
-            capacity = Capacity(decode_tokens_per_s=1000.0, prefill_tokens_per_s=10000.0)
-        if cfg.step_delay_s > 0:
-            # a step through n blocks takes n / tps + delay; spread the delay over a typical span
-            blocks = cfg.blocks[1] - cfg.blocks[0] if cfg.blocks else cfg.max_blocks or self.model_config.num_layers
-            step_s = blocks / capacity.decode_tokens_per_s + cfg.step_delay_s
-            capacity = replace(capacity, decode_tokens_per_s=blocks / step_s)
-        logger.info(
-            "throughput per block: %.0f tok/s decode, %.0f tok/s prefill",
-            capacity.decode_tokens_per_s,
-            capacity.prefill_tokens_per_s,
+        # the step delay is spread over a typical span: ours if fixed, else the most we would host
+        span_blocks = cfg.blocks[1] - cfg.blocks[0] if cfg.blocks else cfg.max_blocks or self.model_config.num_layers
+        return await measure_capacity(
+            self.runtime,
+            self.model_config,
+            self.dtype,
+            cfg.device,
+            measure=cfg.measure_throughput,
+            step_delay_s=cfg.step_delay_s,
+            span_blocks=span_blocks,
         )
-        return capacity
 
     def _blocks_that_fit(self) -> int:
-        cfg = self.config
-        with torch.device("meta"):
-            params = sum(p.numel() for p in Block(self.model_config, 0).parameters())
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
         assert self.hardware is not None
+        cfg = self.config
         budget = cfg.memory_budget_bytes or int(0.8 * self.hardware.memory_free_bytes)
-        fit = blocks_that_fit(
-            budget_bytes=budget,
-            bytes_per_block=params * itemsize,
-            cache_bytes_per_block=cfg.cache_tokens * cache_bytes_per_token(self.model_config, 1, self.dtype),
-            reserve_bytes=min(512 << 20, budget // 10),
-            num_blocks=self.model_config.num_layers,
-        )
-        if fit < 1:
-            raise ValueError(
-                f"not even one block fits the memory budget of {budget / 2**30:.1f} GiB with a KV cache of "
-                f"{cfg.cache_tokens} tokens; lower --cache-tokens or raise --memory-budget"
-            )
+        fit = blocks_fitting_memory(self.model_config, self.dtype, budget_bytes=budget, cache_tokens=cfg.cache_tokens)
         return min(fit, cfg.max_blocks or fit)
 
     async def _swarm_peers(self) -> list[PlacedPeer]:
@@ -427,10 +398,6 @@ class Peer:
 
     def _set_static_metrics(self, budget: CacheBudget) -> None:
         assert self.stage is not None and self.capacity is not None
-        m = self.metrics
-        m.blocks_start.set(self.stage.start)
-        m.blocks_end.set(self.stage.end)
-        m.blocks_hosted.set(self.stage.end - self.stage.start)
-        m.cache_limit.set(budget.total_tokens * budget.bytes_per_token)
-        m.throughput.labels(phase="decode").set(self.capacity.decode_tokens_per_s)
-        m.throughput.labels(phase="prefill").set(self.capacity.prefill_tokens_per_s)
+        self.metrics.set_blocks(self.stage.start, self.stage.end)
+        self.metrics.cache_limit.set(budget.total_tokens * budget.bytes_per_token)
+        self.metrics.set_throughput(self.capacity.decode_tokens_per_s, self.capacity.prefill_tokens_per_s)

@@ -113,8 +113,7 @@ def refresh_peer_gauges(peer: ServingPeer) -> None:
         m.sessions_active.set(len(peer.servicer.sessions))
         m.sessions_limit.set(peer.servicer.limits.max_sessions)
     if peer.capacity is not None:
-        m.throughput.labels(phase="decode").set(peer.capacity.decode_tokens_per_s)
-        m.throughput.labels(phase="prefill").set(peer.capacity.prefill_tokens_per_s)
+        m.set_throughput(peer.capacity.decode_tokens_per_s, peer.capacity.prefill_tokens_per_s)
     if peer.dht is not None:
         m.dht_peers.set(peer.dht.routing_table_size())
     m.set_identity(

@@ -172,6 +172,10 @@ class PeerMetrics:
         self.blocks_end.set(end)
         self.blocks_hosted.set(end - start)
 
+    def set_throughput(self, decode_tokens_per_s: float, prefill_tokens_per_s: float) -> None:
+        self.throughput.labels(phase="decode").set(decode_tokens_per_s)
+        self.throughput.labels(phase="prefill").set(prefill_tokens_per_s)
+
     def set_swarm_view(self, num_blocks: int, peers: Sequence[Mapping[str, Any]], block_servers: Sequence[int]) -> None:
         """The swarm as last read from the DHT: peers by state and online servers per block."""
         self.swarm_blocks.set(num_blocks)

@@ -57,7 +57,7 @@ from protocols import (
     encode_array,
     encode_frame,
 )
-from protocols.messages import tensor_from_wire
+from protocols.wire import tensor_from_wire
 
 __all__ = [
     "CORPUS_DIR",
@@ -345,7 +345,7 @@ def seed_inputs() -> Iterator[tuple[str, str, bytes]]:
     yield "frame", "oversized_header", (MAX_FRAME_BYTES + 1).to_bytes(4, "big")
     yield "frame", "empty_body", b"\0\0\0\0"
     for name, t in (("f32", x), ("bf16", _hidden((2, 5), "bfloat16")), ("b8", grad)):
-        from protocols.messages import tensor_to_wire
+        from protocols.wire import tensor_to_wire
 
         yield "tensor", name, _msgpack.packb(tensor_to_wire(t))
     yield (

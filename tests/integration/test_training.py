@@ -21,7 +21,8 @@ from peerd.cli.finetune import cmd_finetune
 from peerd.cli.parser import build_parser
 from peerd.client import PeerError, SwarmClient
 from peerd.client.adapters import ClientAdapter
-from peerd.client.autograd import RemoteBlocks, RemotePipeline
+from peerd.client.autograd import RemoteBlocks
+from peerd.client.pipeline import RemotePipeline
 from peerd.client.training import TokenBatches, train_step
 from peerd.daemon.peer import Peer
 from peerd.model.local import LocalModel
