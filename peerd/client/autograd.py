@@ -13,9 +13,9 @@ asyncio event loop. The function therefore hands each remote call to the client'
 off the event loop, exactly as servers keep torch off theirs, and the loop keeps serving streams
 and heartbeats meanwhile. We rejected the alternatives: an explicit async forward/backward API
 would have the user wire gradients between local graph pieces by hand (``loss.backward()`` would
-not reach the soft prompt), and a hidden event-loop thread owned by the module is the pattern
-STYLE.md warns against (two loops, p2pd objects bound to the wrong one). Calling the module from
-the loop thread raises a clear error instead of deadlocking.
+not reach the soft prompt), and a hidden event-loop thread owned by the module (two loops, p2pd
+objects bound to the wrong one). Calling the module from the loop thread raises a clear error
+instead of deadlocking (see also docs/finetuning.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hostile peers and clients against real peers on 127.0.0.1 (issue 8; threat model in docs/security.md).
+"""Hostile peers and clients against real peers on 127.0.0.1 (threat model in docs/security.md).
 
 * a hostile client floods one peer and sends every class of bad input while a good client generates
   through it: each bad request gets its error code, the good output is exact, and the good client's
