@@ -84,6 +84,24 @@ class ServerRecord:
             "at": float(self.announced_at),
         }
 
+    def to_status(self) -> dict[str, Any]:
+        """The record as ``peerd status --json`` and the health page's ``/api/v1/swarm`` show it."""
+        return {
+            "peer_id": self.peer_id,
+            "name": self.public_name,
+            "state": self.state.value,
+            "start": self.start,
+            "end": self.end,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "device": self.device,
+            "dtype": self.dtype,
+            "cache_tokens_free": self.cache_tokens_free,
+            "version": self.package_version,
+            "rtts_ms": dict(self.next_rtts_ms),
+            "announced_at": self.announced_at,
+        }
+
     @classmethod
     def from_wire(cls, value: Any) -> ServerRecord:
         """Parse a record value; raises ValueError on anything malformed. Unknown keys are ignored."""

@@ -13,24 +13,7 @@ __all__ = ["block_ranges", "status_from_views"]
 def status_from_views(model_id: str, num_blocks: int, views: list[BlockView]) -> dict[str, Any]:
     """Peers (latest record each) and per-block coverage by online peers; gaps listed."""
     latest = latest_per_peer(r for view in views for r in view.records)
-    peers = [
-        {
-            "peer_id": r.peer_id,
-            "name": r.public_name,
-            "state": r.state.value,
-            "start": r.start,
-            "end": r.end,
-            "decode_tokens_per_s": r.decode_tokens_per_s,
-            "prefill_tokens_per_s": r.prefill_tokens_per_s,
-            "device": r.device,
-            "dtype": r.dtype,
-            "cache_tokens_free": r.cache_tokens_free,
-            "version": r.package_version,
-            "rtts_ms": dict(r.next_rtts_ms),
-            "announced_at": r.announced_at,
-        }
-        for r in latest.values()
-    ]
+    peers = [r.to_status() for r in latest.values()]
     coverage = []
     for view in views:
         online = [r for r in view.records if r.state is PeerState.ONLINE]
