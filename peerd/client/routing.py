@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from peerd.rpc.errors import NoRouteError
-from peerd.swarm.dht import BlockView
+from peerd.swarm.dht import BlockView, records_of
 from peerd.swarm.records import PeerState, ServerRecord, latest_per_peer
 
 __all__ = ["Span", "missing_blocks", "plan_inference_route", "plan_load_balanced_route", "servers_by_peer"]
@@ -39,7 +39,7 @@ class Span:
 
 def servers_by_peer(views: Iterable[BlockView]) -> dict[str, ServerRecord]:
     """Latest online record per peer id (a peer's records for its blocks are identical)."""
-    return latest_per_peer((r for view in views for r in view.records), lambda r: r.state is PeerState.ONLINE)
+    return latest_per_peer(records_of(views), lambda r: r.state is PeerState.ONLINE)
 
 
 def missing_blocks(servers: Mapping[str, ServerRecord], start: int, end: int, banned: Iterable[str] = ()) -> list[int]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from dataclasses import replace
 
 import torch
@@ -40,7 +39,7 @@ from peerd.server.limits import Limits
 from peerd.server.metrics import PeerMetrics
 from peerd.server.runtime import ComputeRuntime
 from peerd.server.sessions import CacheBudget
-from peerd.swarm.dht import SwarmDHT
+from peerd.swarm.dht import SwarmDHT, records_of
 from peerd.swarm.records import PeerState, ServerRecord, latest_per_peer, swarm_prefix
 from peerd.web.http import HttpServer
 from protocols import PROTOCOL_VERSION
@@ -80,7 +79,6 @@ class Peer:
         self._stop = asyncio.Event()
         self._shut_down = False
         self.peer_id = ""
-        self.started_at = time.monotonic()
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -167,8 +165,7 @@ class Peer:
         assert self.dht is not None
         views = await self.dht.read_blocks(timeout_s=5.0)
         latest = latest_per_peer(
-            (r for view in views for r in view.records),
-            lambda r: r.state is not PeerState.OFFLINE and r.peer_id != self.peer_id,
+            records_of(views), lambda r: r.state is not PeerState.OFFLINE and r.peer_id != self.peer_id
         )
         return [PlacedPeer(r.peer_id, r.start, r.end, r.decode_tokens_per_s) for r in latest.values()]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from peerd.swarm.dht import BlockView
+from peerd.swarm.dht import BlockView, records_of
 from peerd.swarm.records import PeerState, latest_per_peer
 
 __all__ = ["block_ranges", "status_from_views"]
@@ -12,7 +12,7 @@ __all__ = ["block_ranges", "status_from_views"]
 
 def status_from_views(model_id: str, num_blocks: int, views: list[BlockView]) -> dict[str, Any]:
     """Peers (latest record each) and per-block coverage by online peers; gaps listed."""
-    latest = latest_per_peer(r for view in views for r in view.records)
+    latest = latest_per_peer(records_of(views))
     peers = [r.to_status() for r in latest.values()]
     coverage = []
     for view in views:
