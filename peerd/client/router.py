@@ -68,6 +68,7 @@ class Router:
         self.bans = bans or BanList()
         self.rtt = rtt or RttProbe(peers.info)
         self.rtts_ms: dict[str, float] = {}  # measured client <-> peer round trips, for planning
+        self._rtt_read_at: dict[str, float] = {}  # the probe time each value of rtts_ms came from
         self._servers: dict[str, ServerRecord] = {}
         self._servers_at = 0.0
         self._vetted: dict[str, tuple[int, int, str]] = {}  # peer -> record fields its `info` confirmed
@@ -143,10 +144,13 @@ class Router:
         """
         measured = await self.rtt.rtts_ms(peer_ids)
         for peer_id, rtt in measured.items():
-            if rtt is not None:
-                self.rtts_ms[peer_id] = rtt
-            elif self.rtt.measured(peer_id):  # probed and silent; not yet probed keeps the default
-                self.rtts_ms[peer_id] = UNREACHABLE_RTT_MS
+            at = self.rtt.measured_at(peer_id)
+            # only new probes update the planning RTTs: a peer not probed yet keeps the default hop
+            # cost, and a value set here by hand (tests force equal RTTs) stays until the next probe
+            if at is None or self._rtt_read_at.get(peer_id) == at:
+                continue
+            self._rtt_read_at[peer_id] = at
+            self.rtts_ms[peer_id] = UNREACHABLE_RTT_MS if rtt is None else rtt
 
     async def plan_inference(self, start: int, end: int, cache_tokens: int, refresh: bool = False) -> list[Span]:
         """Lowest-latency route for [start, end) with room for ``cache_tokens`` (see routing.py)."""

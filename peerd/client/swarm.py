@@ -174,6 +174,11 @@ class SwarmClient:
         self.router.allowed_peers = frozenset(peer_ids) if peer_ids is not None else None
 
     @property
+    def rtts_ms(self) -> dict[str, float]:
+        """Measured client <-> peer round trips that route planning uses (see ``Router.measure_rtts``)."""
+        return self.router.rtts_ms
+
+    @property
     def incidents(self) -> list[Incident]:
         """Every failed spot check of this client so far (see ``peerd.client.verify``)."""
         return self.checker.incidents

@@ -44,9 +44,10 @@ class RttProbe:
         self._clock = clock
         self._cache: dict[str, tuple[float, float | None]] = {}  # peer id -> (measured at, rtt ms)
 
-    def measured(self, peer_id: str) -> bool:
-        """True once ``peer_id`` has been probed (its RTT may still be None: it did not answer)."""
-        return peer_id in self._cache
+    def measured_at(self, peer_id: str) -> float | None:
+        """When ``peer_id`` was last probed (its RTT may still be None: it did not answer); None: never."""
+        entry = self._cache.get(peer_id)
+        return entry[0] if entry is not None else None
 
     async def _measure(self, peer_id: str) -> float | None:
         started = time.perf_counter()

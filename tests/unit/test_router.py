@@ -70,3 +70,11 @@ async def test_a_success_resets_the_failure_ban_doubling() -> None:
     now[0] = 100.0
     router.succeeded("a")
     assert router.bans.ban("a") == router.bans.base_s
+
+
+async def test_planning_rtts_change_only_with_a_new_probe() -> None:
+    router, _, _ = make_router([FakePeer(record("a", 0, 4)), FakePeer(record("b", 0, 4))])
+    await router.measure_rtts(["a", "b"])
+    router.rtts_ms["a"] = 1.0  # set by hand (tests force equal RTTs this way)
+    await router.measure_rtts(["a", "b"])  # both still fresh: nothing re-probed, nothing overwritten
+    assert router.rtts_ms["a"] == 1.0
