@@ -12,6 +12,31 @@ from typing import Any
 from protocols.errors import ErrorCode, ProtocolError
 from protocols.tensors import Compression, WireTensor
 
+__all__ = [
+    "MAX_BLOCK_INDEX",
+    "MAX_COMPUTE_MS",
+    "MAX_ERROR_CODE",
+    "MAX_EXTRA_DEPTH",
+    "MAX_EXTRA_ITEMS",
+    "MAX_SESSION_ID_BYTES",
+    "MAX_STRING_BYTES",
+    "MAX_UINT",
+    "MAX_VERSION_PART",
+    "check_bool",
+    "check_compression",
+    "check_float",
+    "check_int",
+    "check_plain",
+    "check_session_id",
+    "check_span",
+    "check_str",
+    "check_tensor",
+    "check_utf8",
+    "check_version_pair",
+    "invalid",
+    "where_of",
+]
+
 MAX_STRING_BYTES = 4096
 """Longest string field, in UTF-8 bytes (also the longest ``bytes`` value inside ``extra``)."""
 MAX_UINT = 2**63 - 1
@@ -26,125 +51,125 @@ MAX_ERROR_CODE = 65535
 MAX_COMPUTE_MS = 1e12
 
 
-def _invalid(message: str) -> ProtocolError:
+def invalid(message: str) -> ProtocolError:
     return ProtocolError(ErrorCode.INVALID_MESSAGE, message)
 
 
 # --------------------------------------------------------------------------- field checks
 
 
-def _where(msg: object, name: str) -> str:
+def where_of(msg: object, name: str) -> str:
     return f"{getattr(type(msg), 'TYPE', type(msg).__name__)}.{name}"
 
 
-def _check_int(msg: object, name: str, low: int = 0, high: int = MAX_UINT) -> None:
+def check_int(msg: object, name: str, low: int = 0, high: int = MAX_UINT) -> None:
     value = getattr(msg, name)
     if type(value) is not int:
-        raise _invalid(f"{_where(msg, name)} must be an int, got {type(value).__name__}")
+        raise invalid(f"{where_of(msg, name)} must be an int, got {type(value).__name__}")
     if not low <= value <= high:
-        raise _invalid(f"{_where(msg, name)} must be in [{low}, {high}], got {value}")
+        raise invalid(f"{where_of(msg, name)} must be in [{low}, {high}], got {value}")
 
 
-def _check_str(msg: object, name: str) -> None:
+def check_str(msg: object, name: str) -> None:
     value = getattr(msg, name)
     if type(value) is not str:
-        raise _invalid(f"{_where(msg, name)} must be a str, got {type(value).__name__}")
-    _check_utf8(value, _where(msg, name))
+        raise invalid(f"{where_of(msg, name)} must be a str, got {type(value).__name__}")
+    check_utf8(value, where_of(msg, name))
 
 
-def _check_utf8(value: str, where: str) -> None:
+def check_utf8(value: str, where: str) -> None:
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError as exc:
-        raise _invalid(f"{where} is not valid Unicode text (lone surrogate)") from exc
+        raise invalid(f"{where} is not valid Unicode text (lone surrogate)") from exc
     if size > MAX_STRING_BYTES:
-        raise _invalid(f"{where} is {size} UTF-8 bytes; at most {MAX_STRING_BYTES} allowed")
+        raise invalid(f"{where} is {size} UTF-8 bytes; at most {MAX_STRING_BYTES} allowed")
 
 
-def _check_bool(msg: object, name: str) -> None:
+def check_bool(msg: object, name: str) -> None:
     value = getattr(msg, name)
     if type(value) is not bool:
-        raise _invalid(f"{_where(msg, name)} must be a bool, got {type(value).__name__}")
+        raise invalid(f"{where_of(msg, name)} must be a bool, got {type(value).__name__}")
 
 
-def _check_float(msg: object, name: str, high: float) -> None:
+def check_float(msg: object, name: str, high: float) -> None:
     value = getattr(msg, name)
     if type(value) is int:  # 3 is a fine duration; store it as 3.0 so equality is by value
         value = float(value)
         object.__setattr__(msg, name, value)
     if type(value) is not float:
-        raise _invalid(f"{_where(msg, name)} must be a float, got {type(value).__name__}")
+        raise invalid(f"{where_of(msg, name)} must be a float, got {type(value).__name__}")
     if not (math.isfinite(value) and 0.0 <= value <= high):
-        raise _invalid(f"{_where(msg, name)} must be finite and in [0, {high}], got {value}")
+        raise invalid(f"{where_of(msg, name)} must be finite and in [0, {high}], got {value}")
 
 
-def _check_version(msg: object, name: str) -> None:
+def check_version_pair(msg: object, name: str) -> None:
     value = getattr(msg, name)
     if (
         type(value) is not tuple
         or len(value) != 2
         or not all(type(part) is int and 0 <= part <= MAX_VERSION_PART for part in value)
     ):
-        raise _invalid(f"{_where(msg, name)} must be a (major, minor) pair of ints in [0, 65535], got {value!r}")
+        raise invalid(f"{where_of(msg, name)} must be a (major, minor) pair of ints in [0, 65535], got {value!r}")
 
 
-def _check_span(msg: Any) -> None:
-    _check_int(msg, "start", 0, MAX_BLOCK_INDEX)
-    _check_int(msg, "end", 0, MAX_BLOCK_INDEX)
+def check_span(msg: Any) -> None:
+    check_int(msg, "start", 0, MAX_BLOCK_INDEX)
+    check_int(msg, "end", 0, MAX_BLOCK_INDEX)
     start, end = msg.start, msg.end
     if start >= end:
-        raise _invalid(f"{_where(msg, 'start')}..end must be a non-empty block range, got {start}..{end}")
+        raise invalid(f"{where_of(msg, 'start')}..end must be a non-empty block range, got {start}..{end}")
 
 
-def _check_compression(msg: object, name: str) -> None:
+def check_compression(msg: object, name: str) -> None:
     value = getattr(msg, name)
     if not isinstance(value, Compression):
-        raise _invalid(f"{_where(msg, name)} must be a Compression, got {value!r}")
+        raise invalid(f"{where_of(msg, name)} must be a Compression, got {value!r}")
 
 
-def _check_tensor(msg: object, name: str) -> None:
+def check_tensor(msg: object, name: str) -> None:
     value = getattr(msg, name)
     if not isinstance(value, WireTensor):
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"{_where(msg, name)} must be a WireTensor")
+        raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where_of(msg, name)} must be a WireTensor")
 
 
-def _check_session_id(msg: object, name: str) -> None:
+def check_session_id(msg: object, name: str) -> None:
     value = getattr(msg, name)
     if type(value) is not bytes or not 1 <= len(value) <= MAX_SESSION_ID_BYTES:
-        raise _invalid(f"{_where(msg, name)} must be 1..{MAX_SESSION_ID_BYTES} bytes, got {value!r:.80}")
+        raise invalid(f"{where_of(msg, name)} must be 1..{MAX_SESSION_ID_BYTES} bytes, got {value!r:.80}")
 
 
-def _check_plain(value: object, where: str, depth: int, budget: list[int]) -> None:
+def check_plain(value: object, where: str, depth: int, budget: list[int]) -> None:
     """Check a JSON-like value (plus bytes) for ``extra``: bounded depth, size and types."""
     budget[0] -= 1
     if budget[0] < 0:
-        raise _invalid(f"{where}: more than {MAX_EXTRA_ITEMS} items")
+        raise invalid(f"{where}: more than {MAX_EXTRA_ITEMS} items")
     if value is None or type(value) is bool or type(value) is float:
         return
     if type(value) is int:
         if not -(2**63) <= value < 2**64:
-            raise _invalid(f"{where}: int {value} does not fit 64 bits")
+            raise invalid(f"{where}: int {value} does not fit 64 bits")
         return
     if type(value) is str:
-        _check_utf8(value, where)
+        check_utf8(value, where)
         return
     if type(value) is bytes:
         if len(value) > MAX_STRING_BYTES:
-            raise _invalid(f"{where}: bytes longer than {MAX_STRING_BYTES}")
+            raise invalid(f"{where}: bytes longer than {MAX_STRING_BYTES}")
         return
     if (type(value) is list or type(value) is dict) and depth >= MAX_EXTRA_DEPTH:
-        raise _invalid(f"{where}: nested deeper than {MAX_EXTRA_DEPTH}")
+        raise invalid(f"{where}: nested deeper than {MAX_EXTRA_DEPTH}")
     if type(value) is list:
         for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]", depth + 1, budget)
+            check_plain(item, f"{where}[{i}]", depth + 1, budget)
         return
     if type(value) is dict:
         for key, item in value.items():
             if type(key) is not str:
-                raise _invalid(f"{where}: keys must be str, got {type(key).__name__}")
-            _check_utf8(key, where)
-            _check_plain(item, f"{where}[{key!r:.40}]", depth + 1, budget)
+                raise invalid(f"{where}: keys must be str, got {type(key).__name__}")
+            check_utf8(key, where)
+            check_plain(item, f"{where}[{key!r:.40}]", depth + 1, budget)
         return
-    raise _invalid(
+    raise invalid(
         f"{where}: {type(value).__name__} is not allowed (use None, bool, int, float, str, bytes, list, dict)"
     )

@@ -23,17 +23,17 @@ from protocols.fields import (
     MAX_ERROR_CODE,
     MAX_EXTRA_ITEMS,
     MAX_STRING_BYTES,
-    _check_bool,
-    _check_compression,
-    _check_float,
-    _check_int,
-    _check_plain,
-    _check_session_id,
-    _check_span,
-    _check_str,
-    _check_tensor,
-    _check_version,
-    _invalid,
+    check_bool,
+    check_compression,
+    check_float,
+    check_int,
+    check_plain,
+    check_session_id,
+    check_span,
+    check_str,
+    check_tensor,
+    check_version_pair,
+    invalid,
 )
 from protocols.tensors import ALLOWED_DTYPES, Compression, WireTensor
 
@@ -50,9 +50,9 @@ class Hello:
     client_name: str = ""
 
     def __post_init__(self) -> None:
-        _check_version(self, "protocol_version")
-        _check_str(self, "model_id")
-        _check_str(self, "client_name")
+        check_version_pair(self, "protocol_version")
+        check_str(self, "model_id")
+        check_str(self, "client_name")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,27 +89,27 @@ class InfoResponse:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_str(self, "model_id")
-        _check_int(self, "block_start", 0, MAX_BLOCK_INDEX)
-        _check_int(self, "block_end", 0, MAX_BLOCK_INDEX)
-        _check_int(self, "num_blocks_total", 0, MAX_BLOCK_INDEX)
+        check_str(self, "model_id")
+        check_int(self, "block_start", 0, MAX_BLOCK_INDEX)
+        check_int(self, "block_end", 0, MAX_BLOCK_INDEX)
+        check_int(self, "num_blocks_total", 0, MAX_BLOCK_INDEX)
         if not self.block_start <= self.block_end <= self.num_blocks_total:
-            raise _invalid(
+            raise invalid(
                 f"info_response needs block_start <= block_end <= num_blocks_total, got "
                 f"{self.block_start}, {self.block_end}, {self.num_blocks_total}"
             )
-        _check_str(self, "dtype")
+        check_str(self, "dtype")
         if self.dtype not in ALLOWED_DTYPES:
-            raise _invalid(f"info_response.dtype must be one of {', '.join(ALLOWED_DTYPES)}, got {self.dtype!r}")
+            raise invalid(f"info_response.dtype must be one of {', '.join(ALLOWED_DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch_tokens", "max_session_length", "cache_tokens_free", "cache_tokens_total"):
-            _check_int(self, name)
-        _check_str(self, "state")
-        _check_version(self, "protocol_version")
-        _check_str(self, "package_version")
-        _check_str(self, "public_name")
+            check_int(self, name)
+        check_str(self, "state")
+        check_version_pair(self, "protocol_version")
+        check_str(self, "package_version")
+        check_str(self, "public_name")
         if type(self.extra) is not dict:
-            raise _invalid(f"info_response.extra must be a dict, got {type(self.extra).__name__}")
-        _check_plain(self.extra, "info_response.extra", 0, [MAX_EXTRA_ITEMS])
+            raise invalid(f"info_response.extra must be a dict, got {type(self.extra).__name__}")
+        check_plain(self.extra, "info_response.extra", 0, [MAX_EXTRA_ITEMS])
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +124,10 @@ class ForwardRequest:
     response_compression: Compression = Compression.NONE
 
     def __post_init__(self) -> None:
-        _check_tensor(self, "hidden")
-        _check_span(self)
-        _check_int(self, "request_id")
-        _check_compression(self, "response_compression")
+        check_tensor(self, "hidden")
+        check_span(self)
+        check_int(self, "request_id")
+        check_compression(self, "response_compression")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +139,8 @@ class ForwardResponse:
     request_id: int = 0
 
     def __post_init__(self) -> None:
-        _check_tensor(self, "hidden")
-        _check_int(self, "request_id")
+        check_tensor(self, "hidden")
+        check_int(self, "request_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,11 +156,11 @@ class BackwardRequest:
     response_compression: Compression = Compression.NONE
 
     def __post_init__(self) -> None:
-        _check_tensor(self, "hidden")
-        _check_tensor(self, "grad_output")
-        _check_span(self)
-        _check_int(self, "request_id")
-        _check_compression(self, "response_compression")
+        check_tensor(self, "hidden")
+        check_tensor(self, "grad_output")
+        check_span(self)
+        check_int(self, "request_id")
+        check_compression(self, "response_compression")
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +172,8 @@ class BackwardResponse:
     request_id: int = 0
 
     def __post_init__(self) -> None:
-        _check_tensor(self, "grad_input")
-        _check_int(self, "request_id")
+        check_tensor(self, "grad_input")
+        check_int(self, "request_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,11 +189,11 @@ class InferenceOpen:
     response_compression: Compression = Compression.NONE
 
     def __post_init__(self) -> None:
-        _check_session_id(self, "session_id")
-        _check_span(self)
-        _check_int(self, "max_length", 1)
-        _check_int(self, "batch_size", 1)
-        _check_compression(self, "response_compression")
+        check_session_id(self, "session_id")
+        check_span(self)
+        check_int(self, "max_length", 1)
+        check_int(self, "batch_size", 1)
+        check_compression(self, "response_compression")
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +205,8 @@ class InferenceOpened:
     cache_tokens_reserved: int
 
     def __post_init__(self) -> None:
-        _check_session_id(self, "session_id")
-        _check_int(self, "cache_tokens_reserved")
+        check_session_id(self, "session_id")
+        check_int(self, "cache_tokens_reserved")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,9 +221,9 @@ class InferenceStep:
     step_id: int
 
     def __post_init__(self) -> None:
-        _check_tensor(self, "hidden")
-        _check_int(self, "position")
-        _check_int(self, "step_id")
+        check_tensor(self, "hidden")
+        check_int(self, "position")
+        check_int(self, "step_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,9 +236,9 @@ class InferenceStepResult:
     compute_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_tensor(self, "hidden")
-        _check_int(self, "step_id")
-        _check_float(self, "compute_ms", MAX_COMPUTE_MS)
+        check_tensor(self, "hidden")
+        check_int(self, "step_id")
+        check_float(self, "compute_ms", MAX_COMPUTE_MS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,9 +259,9 @@ class Error:
     retryable: bool = False
 
     def __post_init__(self) -> None:
-        _check_int(self, "code", 0, MAX_ERROR_CODE)
-        _check_str(self, "message")
-        _check_bool(self, "retryable")
+        check_int(self, "code", 0, MAX_ERROR_CODE)
+        check_str(self, "message")
+        check_bool(self, "retryable")
 
 
 Message: TypeAlias = (

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from protocols.errors import ErrorCode, ProtocolError
-from protocols.fields import _invalid
+from protocols.fields import invalid
 from protocols.messages import MESSAGE_TYPES, Message
 from protocols.tensors import Compression, WireTensor
 
@@ -72,16 +72,16 @@ def _plain_from_wire(value: Any) -> Any:
 
 def _decode_compression(where: str, value: Any) -> Any:
     if type(value) is not str:
-        raise _invalid(f"{where} must be a str, got {type(value).__name__}")
+        raise invalid(f"{where} must be a str, got {type(value).__name__}")
     try:
         return Compression(value)
     except ValueError:
-        raise _invalid(f"{where}: unknown compression {value!r:.40}") from None
+        raise invalid(f"{where}: unknown compression {value!r:.40}") from None
 
 
 def _decode_dict(where: str, value: Any) -> Any:
     if type(value) is not dict:
-        raise _invalid(f"{where} must be a map, got {type(value).__name__}")
+        raise invalid(f"{where} must be a map, got {type(value).__name__}")
     return _plain_from_wire(value)
 
 
@@ -135,5 +135,5 @@ def message_from_wire(type_name: str, body: dict[str, Any]) -> Message:
         if name in body:
             kwargs[name] = from_wire(f"{type_name}.{name}", body[name])
         elif required:
-            raise _invalid(f"{type_name} is missing required field {name!r}")
+            raise invalid(f"{type_name} is missing required field {name!r}")
     return cls(**kwargs)
