@@ -27,6 +27,7 @@ lint: setup
 	$(VENV)/bin/ruff check peerd protocols tests
 	$(VENV)/bin/ruff format --check peerd protocols tests
 	$(VENV)/bin/mypy peerd protocols
+	$(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff format peerd protocols tests
@@ -40,7 +41,7 @@ test-fast: setup
 	$(PY) -m pytest -x -q $(PYTEST_ARGS)
 
 bench: model
-	$(PY) -m peerd.bench
+	$(PY) -m peerd.cli.bench
 
 # The container image (Dockerfile); needs a Docker engine and network access to PyPI and the
 # PyTorch CPU wheel index. `docker compose -f deploy/docker-compose.yml up` runs a whole swarm.

@@ -2,6 +2,6 @@ from __future__ import annotations
 
 import sys
 
-from peerd.cli import main
+from peerd.cli.main import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""Configuration of a peer daemon as a frozen dataclass (parsing lives in cli.py)."""
+"""Configuration of a peer daemon as a frozen dataclass (parsing lives in peerd/cli/parser.py)."""
 
 from __future__ import annotations
 

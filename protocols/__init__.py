@@ -7,6 +7,7 @@ with golden vectors in protocols/vectors/) can be implemented in any language.
 from __future__ import annotations
 
 from protocols.errors import ErrorCode, ProtocolError, is_retryable
+from protocols.fields import MAX_BLOCK_INDEX, MAX_SESSION_ID_BYTES, MAX_STRING_BYTES, MAX_UINT
 from protocols.framing import (
     DEFAULT_MAX_FRAME_BYTES,
     HEADER,
@@ -20,10 +21,6 @@ from protocols.framing import (
     write_message,
 )
 from protocols.messages import (
-    MAX_BLOCK_INDEX,
-    MAX_SESSION_ID_BYTES,
-    MAX_STRING_BYTES,
-    MAX_UINT,
     MESSAGE_TYPES,
     BackwardRequest,
     BackwardResponse,
@@ -41,8 +38,6 @@ from protocols.messages import (
     Message,
     error_from_exception,
     expect_message,
-    message_from_wire,
-    message_to_wire,
     raise_if_error,
 )
 from protocols.tensors import (
@@ -60,6 +55,7 @@ from protocols.tensors import (
     raw_payload,
 )
 from protocols.version import PROTOCOL_VERSION, check_version
+from protocols.wire import message_from_wire, message_to_wire
 
 STREAM_INFO = "peerd/info/1"
 STREAM_FORWARD = "peerd/forward/1"

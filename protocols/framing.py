@@ -15,8 +15,9 @@ from typing import Any
 
 from protocols import _msgpack
 from protocols.errors import ErrorCode, ProtocolError
-from protocols.messages import Message, message_from_wire, message_to_wire
+from protocols.messages import Message
 from protocols.version import PROTOCOL_VERSION, check_version
+from protocols.wire import message_from_wire, message_to_wire
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 """Default limit on a frame's body (the 4 header bytes are not counted)."""

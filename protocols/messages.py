@@ -13,152 +13,29 @@ later minor version must have a default so older senders stay valid.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
 from protocols.errors import ErrorCode, ProtocolError
+from protocols.fields import (
+    MAX_BLOCK_INDEX,
+    MAX_COMPUTE_MS,
+    MAX_ERROR_CODE,
+    MAX_EXTRA_ITEMS,
+    MAX_STRING_BYTES,
+    check_bool,
+    check_compression,
+    check_float,
+    check_int,
+    check_plain,
+    check_session_id,
+    check_span,
+    check_str,
+    check_tensor,
+    check_version_pair,
+    invalid,
+)
 from protocols.tensors import ALLOWED_DTYPES, Compression, WireTensor
-
-MAX_STRING_BYTES = 4096
-"""Longest string field, in UTF-8 bytes (also the longest ``bytes`` value inside ``extra``)."""
-MAX_UINT = 2**63 - 1
-"""Largest value of any integer field (they all fit a signed 64-bit integer)."""
-MAX_BLOCK_INDEX = 100_000
-"""Block indices satisfy 0 <= start < end <= MAX_BLOCK_INDEX."""
-MAX_SESSION_ID_BYTES = 64
-MAX_VERSION_PART = 65535
-MAX_EXTRA_DEPTH = 8
-MAX_EXTRA_ITEMS = 4096
-MAX_ERROR_CODE = 65535
-MAX_COMPUTE_MS = 1e12
-
-
-def _invalid(message: str) -> ProtocolError:
-    return ProtocolError(ErrorCode.INVALID_MESSAGE, message)
-
-
-# --------------------------------------------------------------------------- field checks
-
-
-def _where(msg: object, name: str) -> str:
-    return f"{getattr(type(msg), 'TYPE', type(msg).__name__)}.{name}"
-
-
-def _check_int(msg: object, name: str, low: int = 0, high: int = MAX_UINT) -> None:
-    value = getattr(msg, name)
-    if type(value) is not int:
-        raise _invalid(f"{_where(msg, name)} must be an int, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise _invalid(f"{_where(msg, name)} must be in [{low}, {high}], got {value}")
-
-
-def _check_str(msg: object, name: str) -> None:
-    value = getattr(msg, name)
-    if type(value) is not str:
-        raise _invalid(f"{_where(msg, name)} must be a str, got {type(value).__name__}")
-    _check_utf8(value, _where(msg, name))
-
-
-def _check_utf8(value: str, where: str) -> None:
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise _invalid(f"{where} is not valid Unicode text (lone surrogate)") from exc
-    if size > MAX_STRING_BYTES:
-        raise _invalid(f"{where} is {size} UTF-8 bytes; at most {MAX_STRING_BYTES} allowed")
-
-
-def _check_bool(msg: object, name: str) -> None:
-    value = getattr(msg, name)
-    if type(value) is not bool:
-        raise _invalid(f"{_where(msg, name)} must be a bool, got {type(value).__name__}")
-
-
-def _check_float(msg: object, name: str, high: float) -> None:
-    value = getattr(msg, name)
-    if type(value) is int:  # 3 is a fine duration; store it as 3.0 so equality is by value
-        value = float(value)
-        object.__setattr__(msg, name, value)
-    if type(value) is not float:
-        raise _invalid(f"{_where(msg, name)} must be a float, got {type(value).__name__}")
-    if not (math.isfinite(value) and 0.0 <= value <= high):
-        raise _invalid(f"{_where(msg, name)} must be finite and in [0, {high}], got {value}")
-
-
-def _check_version(msg: object, name: str) -> None:
-    value = getattr(msg, name)
-    if (
-        type(value) is not tuple
-        or len(value) != 2
-        or not all(type(part) is int and 0 <= part <= MAX_VERSION_PART for part in value)
-    ):
-        raise _invalid(f"{_where(msg, name)} must be a (major, minor) pair of ints in [0, 65535], got {value!r}")
-
-
-def _check_span(msg: ForwardRequest | BackwardRequest | InferenceOpen) -> None:
-    _check_int(msg, "start", 0, MAX_BLOCK_INDEX)
-    _check_int(msg, "end", 0, MAX_BLOCK_INDEX)
-    start, end = msg.start, msg.end
-    if start >= end:
-        raise _invalid(f"{_where(msg, 'start')}..end must be a non-empty block range, got {start}..{end}")
-
-
-def _check_compression(msg: object, name: str) -> None:
-    value = getattr(msg, name)
-    if not isinstance(value, Compression):
-        raise _invalid(f"{_where(msg, name)} must be a Compression, got {value!r}")
-
-
-def _check_tensor(msg: object, name: str) -> None:
-    value = getattr(msg, name)
-    if not isinstance(value, WireTensor):
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"{_where(msg, name)} must be a WireTensor")
-
-
-def _check_session_id(msg: object, name: str) -> None:
-    value = getattr(msg, name)
-    if type(value) is not bytes or not 1 <= len(value) <= MAX_SESSION_ID_BYTES:
-        raise _invalid(f"{_where(msg, name)} must be 1..{MAX_SESSION_ID_BYTES} bytes, got {value!r:.80}")
-
-
-def _check_plain(value: object, where: str, depth: int, budget: list[int]) -> None:
-    """Check a JSON-like value (plus bytes) for ``extra``: bounded depth, size and types."""
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise _invalid(f"{where}: more than {MAX_EXTRA_ITEMS} items")
-    if value is None or type(value) is bool or type(value) is float:
-        return
-    if type(value) is int:
-        if not -(2**63) <= value < 2**64:
-            raise _invalid(f"{where}: int {value} does not fit 64 bits")
-        return
-    if type(value) is str:
-        _check_utf8(value, where)
-        return
-    if type(value) is bytes:
-        if len(value) > MAX_STRING_BYTES:
-            raise _invalid(f"{where}: bytes longer than {MAX_STRING_BYTES}")
-        return
-    if (type(value) is list or type(value) is dict) and depth >= MAX_EXTRA_DEPTH:
-        raise _invalid(f"{where}: nested deeper than {MAX_EXTRA_DEPTH}")
-    if type(value) is list:
-        for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]", depth + 1, budget)
-        return
-    if type(value) is dict:
-        for key, item in value.items():
-            if type(key) is not str:
-                raise _invalid(f"{where}: keys must be str, got {type(key).__name__}")
-            _check_utf8(key, where)
-            _check_plain(item, f"{where}[{key!r:.40}]", depth + 1, budget)
-        return
-    raise _invalid(
-        f"{where}: {type(value).__name__} is not allowed (use None, bool, int, float, str, bytes, list, dict)"
-    )
-
 
 # --------------------------------------------------------------------------- messages
 
@@ -173,9 +50,9 @@ class Hello:
     client_name: str = ""
 
     def __post_init__(self) -> None:
-        _check_version(self, "protocol_version")
-        _check_str(self, "model_id")
-        _check_str(self, "client_name")
+        check_version_pair(self, "protocol_version")
+        check_str(self, "model_id")
+        check_str(self, "client_name")
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,27 +89,27 @@ class InfoResponse:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_str(self, "model_id")
-        _check_int(self, "block_start", 0, MAX_BLOCK_INDEX)
-        _check_int(self, "block_end", 0, MAX_BLOCK_INDEX)
-        _check_int(self, "num_blocks_total", 0, MAX_BLOCK_INDEX)
+        check_str(self, "model_id")
+        check_int(self, "block_start", 0, MAX_BLOCK_INDEX)
+        check_int(self, "block_end", 0, MAX_BLOCK_INDEX)
+        check_int(self, "num_blocks_total", 0, MAX_BLOCK_INDEX)
         if not self.block_start <= self.block_end <= self.num_blocks_total:
-            raise _invalid(
+            raise invalid(
                 f"info_response needs block_start <= block_end <= num_blocks_total, got "
                 f"{self.block_start}, {self.block_end}, {self.num_blocks_total}"
             )
-        _check_str(self, "dtype")
+        check_str(self, "dtype")
         if self.dtype not in ALLOWED_DTYPES:
-            raise _invalid(f"info_response.dtype must be one of {', '.join(ALLOWED_DTYPES)}, got {self.dtype!r}")
+            raise invalid(f"info_response.dtype must be one of {', '.join(ALLOWED_DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch_tokens", "max_session_length", "cache_tokens_free", "cache_tokens_total"):
-            _check_int(self, name)
-        _check_str(self, "state")
-        _check_version(self, "protocol_version")
-        _check_str(self, "package_version")
-        _check_str(self, "public_name")
+            check_int(self, name)
+        check_str(self, "state")
+        check_version_pair(self, "protocol_version")
+        check_str(self, "package_version")
+        check_str(self, "public_name")
         if type(self.extra) is not dict:
-            raise _invalid(f"info_response.extra must be a dict, got {type(self.extra).__name__}")
-        _check_plain(self.extra, "info_response.extra", 0, [MAX_EXTRA_ITEMS])
+            raise invalid(f"info_response.extra must be a dict, got {type(self.extra).__name__}")
+        check_plain(self.extra, "info_response.extra", 0, [MAX_EXTRA_ITEMS])
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,10 +124,10 @@ class ForwardRequest:
     response_compression: Compression = Compression.NONE
 
     def __post_init__(self) -> None:
-        _check_tensor(self, "hidden")
-        _check_span(self)
-        _check_int(self, "request_id")
-        _check_compression(self, "response_compression")
+        check_tensor(self, "hidden")
+        check_span(self)
+        check_int(self, "request_id")
+        check_compression(self, "response_compression")
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,8 +139,8 @@ class ForwardResponse:
     request_id: int = 0
 
     def __post_init__(self) -> None:
-        _check_tensor(self, "hidden")
-        _check_int(self, "request_id")
+        check_tensor(self, "hidden")
+        check_int(self, "request_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,11 +156,11 @@ class BackwardRequest:
     response_compression: Compression = Compression.NONE
 
     def __post_init__(self) -> None:
-        _check_tensor(self, "hidden")
-        _check_tensor(self, "grad_output")
-        _check_span(self)
-        _check_int(self, "request_id")
-        _check_compression(self, "response_compression")
+        check_tensor(self, "hidden")
+        check_tensor(self, "grad_output")
+        check_span(self)
+        check_int(self, "request_id")
+        check_compression(self, "response_compression")
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,8 +172,8 @@ class BackwardResponse:
     request_id: int = 0
 
     def __post_init__(self) -> None:
-        _check_tensor(self, "grad_input")
-        _check_int(self, "request_id")
+        check_tensor(self, "grad_input")
+        check_int(self, "request_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,11 +189,11 @@ class InferenceOpen:
     response_compression: Compression = Compression.NONE
 
     def __post_init__(self) -> None:
-        _check_session_id(self, "session_id")
-        _check_span(self)
-        _check_int(self, "max_length", 1)
-        _check_int(self, "batch_size", 1)
-        _check_compression(self, "response_compression")
+        check_session_id(self, "session_id")
+        check_span(self)
+        check_int(self, "max_length", 1)
+        check_int(self, "batch_size", 1)
+        check_compression(self, "response_compression")
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,8 +205,8 @@ class InferenceOpened:
     cache_tokens_reserved: int
 
     def __post_init__(self) -> None:
-        _check_session_id(self, "session_id")
-        _check_int(self, "cache_tokens_reserved")
+        check_session_id(self, "session_id")
+        check_int(self, "cache_tokens_reserved")
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,9 +221,9 @@ class InferenceStep:
     step_id: int
 
     def __post_init__(self) -> None:
-        _check_tensor(self, "hidden")
-        _check_int(self, "position")
-        _check_int(self, "step_id")
+        check_tensor(self, "hidden")
+        check_int(self, "position")
+        check_int(self, "step_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,9 +236,9 @@ class InferenceStepResult:
     compute_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_tensor(self, "hidden")
-        _check_int(self, "step_id")
-        _check_float(self, "compute_ms", MAX_COMPUTE_MS)
+        check_tensor(self, "hidden")
+        check_int(self, "step_id")
+        check_float(self, "compute_ms", MAX_COMPUTE_MS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,9 +259,9 @@ class Error:
     retryable: bool = False
 
     def __post_init__(self) -> None:
-        _check_int(self, "code", 0, MAX_ERROR_CODE)
-        _check_str(self, "message")
-        _check_bool(self, "retryable")
+        check_int(self, "code", 0, MAX_ERROR_CODE)
+        check_str(self, "message")
+        check_bool(self, "retryable")
 
 
 Message: TypeAlias = (
@@ -475,125 +352,3 @@ def expect_message(msg: Message, cls: type[_M]) -> _M:
             f"expected {getattr(cls, 'TYPE', cls.__name__)}, got {type(msg).TYPE}",
         )
     return msg
-
-
-# --------------------------------------------------------------------------- wire form
-
-
-def tensor_to_wire(t: WireTensor) -> dict[str, Any]:
-    """The msgpack map of a tensor: dtype, shape, compression, data (+ scales for blockwise8)."""
-    wire: dict[str, Any] = {
-        "dtype": t.dtype,
-        "shape": list(t.shape),
-        "compression": t.compression.value,
-        "data": t.data,
-    }
-    if t.compression is Compression.BLOCKWISE8:
-        wire["scales"] = t.scales
-    return wire
-
-
-def tensor_from_wire(value: Any, where: str = "tensor") -> WireTensor:
-    """Build a WireTensor from its decoded msgpack map; anything wrong is BAD_TENSOR."""
-    if type(value) is not dict:
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where} must be a map, got {type(value).__name__}")
-    for key in ("dtype", "shape", "data"):
-        if key not in value:
-            raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where} is missing {key!r}")
-    shape, data = value["shape"], value["data"]
-    scales = value.get("scales", b"")
-    compression = value.get("compression", Compression.NONE.value)
-    if type(shape) is not list:
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where}.shape must be an array")
-    if not isinstance(data, memoryview | bytes) or not isinstance(scales, memoryview | bytes):
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where}.data and .scales must be bin")
-    try:
-        codec = Compression(compression) if type(compression) is str else None
-    except ValueError:
-        codec = None
-    if codec is None:
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where}.compression {compression!r:.40} is not known")
-    try:
-        return WireTensor(value["dtype"], tuple(shape), data, codec, scales)
-    except ProtocolError as exc:
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where}: {exc.message}") from None
-
-
-def _plain_from_wire(value: Any) -> Any:
-    # bin inside extra arrives as a view of the frame; own it so the frame can be freed.
-    if isinstance(value, memoryview):
-        return bytes(value)
-    if type(value) is list:
-        return [_plain_from_wire(item) for item in value]
-    if type(value) is dict:
-        return {key: _plain_from_wire(item) for key, item in value.items()}
-    return value
-
-
-def _decode_compression(where: str, value: Any) -> Any:
-    if type(value) is not str:
-        raise _invalid(f"{where} must be a str, got {type(value).__name__}")
-    try:
-        return Compression(value)
-    except ValueError:
-        raise _invalid(f"{where}: unknown compression {value!r:.40}") from None
-
-
-def _decode_dict(where: str, value: Any) -> Any:
-    if type(value) is not dict:
-        raise _invalid(f"{where} must be a map, got {type(value).__name__}")
-    return _plain_from_wire(value)
-
-
-# How each field type travels: (wire -> field value, field value -> wire). Type checks and
-# ranges are left to __post_init__, which sees local and remote values alike.
-_Codec = tuple[Callable[[str, Any], Any], Callable[[Any], Any]]
-_FIELD_CODECS: dict[str, _Codec] = {
-    "int": (lambda where, v: v, lambda v: v),
-    "str": (lambda where, v: v, lambda v: v),
-    "bool": (lambda where, v: v, lambda v: v),
-    "float": (lambda where, v: float(v) if type(v) is int else v, lambda v: v),
-    "bytes": (lambda where, v: bytes(v) if isinstance(v, memoryview) else v, lambda v: v),
-    "tuple[int, int]": (lambda where, v: tuple(v) if type(v) is list else v, list),
-    "Compression": (_decode_compression, lambda v: v.value),
-    "WireTensor": (lambda where, v: tensor_from_wire(v, where), tensor_to_wire),
-    "dict[str, Any]": (_decode_dict, lambda v: v),
-}
-
-# Per message class: (field name, wire->value, value->wire, required).
-_FieldSpec = tuple[str, Callable[[str, Any], Any], Callable[[Any], Any], bool]
-_SPECS: dict[type[Message], tuple[_FieldSpec, ...]] = {
-    cls: tuple(
-        (
-            f.name,
-            *_FIELD_CODECS[str(f.type)],
-            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-        )
-        for f in dataclasses.fields(cls)
-    )
-    for cls in MESSAGE_TYPES.values()
-}
-
-
-def message_to_wire(msg: Message) -> dict[str, Any]:
-    """The body map of ``msg`` (field name -> msgpack-ready value), in field order."""
-    return {name: to_wire(getattr(msg, name)) for name, _, to_wire, _ in _SPECS[type(msg)]}
-
-
-def message_from_wire(type_name: str, body: dict[str, Any]) -> Message:
-    """Build the message named ``type_name`` from its decoded body map.
-
-    Unknown fields are ignored. Raises ProtocolError: UNKNOWN_MESSAGE for an unknown
-    type name, INVALID_MESSAGE for a missing / mistyped / out-of-range field, BAD_TENSOR
-    for a bad tensor.
-    """
-    cls = MESSAGE_TYPES.get(type_name)
-    if cls is None:
-        raise ProtocolError(ErrorCode.UNKNOWN_MESSAGE, f"unknown message type {type_name!r:.80}")
-    kwargs: dict[str, Any] = {}
-    for name, from_wire, _, required in _SPECS[cls]:
-        if name in body:
-            kwargs[name] = from_wire(f"{type_name}.{name}", body[name])
-        elif required:
-            raise _invalid(f"{type_name} is missing required field {name!r}")
-    return cls(**kwargs)

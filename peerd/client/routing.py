@@ -14,9 +14,9 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from peerd.client.errors import NoRouteError
-from peerd.swarm.dht import BlockView
-from peerd.swarm.records import PeerState, ServerRecord
+from peerd.rpc.errors import NoRouteError
+from peerd.swarm.dht import BlockView, records_of
+from peerd.swarm.records import PeerState, ServerRecord, latest_per_peer
 
 __all__ = ["Span", "missing_blocks", "plan_inference_route", "plan_load_balanced_route", "servers_by_peer"]
 
@@ -39,15 +39,7 @@ class Span:
 
 def servers_by_peer(views: Iterable[BlockView]) -> dict[str, ServerRecord]:
     """Latest online record per peer id (a peer's records for its blocks are identical)."""
-    out: dict[str, ServerRecord] = {}
-    for view in views:
-        for record in view.records:
-            if record.state is not PeerState.ONLINE:
-                continue
-            current = out.get(record.peer_id)
-            if current is None or record.announced_at > current.announced_at:
-                out[record.peer_id] = record
-    return out
+    return latest_per_peer(records_of(views), lambda r: r.state is PeerState.ONLINE)
 
 
 def missing_blocks(servers: Mapping[str, ServerRecord], start: int, end: int, banned: Iterable[str] = ()) -> list[int]:

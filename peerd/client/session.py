@@ -14,17 +14,15 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-from peerd.client.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable
+from peerd.client.router import Router
 from peerd.client.routing import Span
-from peerd.client.transport import InferenceStream
-from protocols import ErrorCode
-
-if TYPE_CHECKING:
-    from peerd.client.swarm import SwarmClient
+from peerd.client.verify import SpotChecker
+from peerd.rpc.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable, worth_failover
+from peerd.rpc.transport import InferenceStream, PeerClient
+from protocols import Compression
 
 __all__ = ["InferenceSession"]
 
@@ -65,10 +63,26 @@ class InferenceSession:
 
     Use as ``async with client.inference_session(max_length=...) as session``. ``position`` is the
     index of the first token of each step; it defaults to "right after what was sent so far".
+    The session plans and bans through ``router``, talks to peers through ``peers``, lets
+    ``checker`` spot-check spans, and waits up to ``failover_timeout_s`` for a replacement peer.
     """
 
-    def __init__(self, client: SwarmClient, *, max_length: int, batch_size: int = 1) -> None:
-        self.client = client
+    def __init__(
+        self,
+        router: Router,
+        peers: PeerClient,
+        *,
+        max_length: int,
+        batch_size: int = 1,
+        compression: Compression = Compression.NONE,
+        failover_timeout_s: float = 30.0,
+        checker: SpotChecker | None = None,
+    ) -> None:
+        self.router = router
+        self.peers = peers
+        self.compression = compression
+        self.failover_timeout_s = failover_timeout_s
+        self.checker = checker
         self.max_length = max_length
         self.batch_size = batch_size
         self.length = 0
@@ -93,7 +107,7 @@ class InferenceSession:
         await self.close()
 
     async def open(self) -> None:
-        route = await self.client.plan_inference(0, self.client.num_blocks, self.max_length * self.batch_size)
+        route = await self.router.plan_inference(0, self.router.num_blocks, self.max_length * self.batch_size)
         self.spans = []
         for span in route:
             state = _SpanState(span)
@@ -101,10 +115,10 @@ class InferenceSession:
                 state.stream = await self._open_stream(span)
                 self.spans.append(state)
             except (PeerUnavailable, PeerError) as exc:
-                if isinstance(exc, PeerError) and not _worth_failover(exc):
+                if not worth_failover(exc):
                     raise
                 # a peer failing at open is handled like one failing mid-session
-                self.client.ban(span.peer_id, reason=str(exc))
+                self.router.ban(span.peer_id, reason=str(exc))
                 self.spans.extend(await self._replace_one(state))
 
     async def close(self) -> None:
@@ -114,16 +128,16 @@ class InferenceSession:
                 state.stream = None
 
     async def _open_stream(self, span: Span) -> InferenceStream:
-        await self.client.check_peer(span)
+        await self.router.check_peer(span)
         session_id = os.urandom(16)
-        return await self.client.peers.open_inference(
+        return await self.peers.open_inference(
             span.peer_id,
             session_id=session_id,
             start=span.start,
             end=span.end,
             max_length=self.max_length,
             batch_size=self.batch_size,
-            compression=self.client.compression,
+            compression=self.compression,
         )
 
     async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
@@ -147,7 +161,7 @@ class InferenceSession:
                     raise PeerUnavailable(state.span.peer_id, "no open stream")
                 out = await state.stream.step(x, at)
             except (PeerUnavailable, PeerError) as exc:
-                if isinstance(exc, PeerError) and not _worth_failover(exc):
+                if not worth_failover(exc):
                     raise
                 stall_started = time.perf_counter()
                 logger.warning("span %s failed (%s); failing over", state.span, exc)
@@ -155,10 +169,10 @@ class InferenceSession:
                 self.stalls_s.append(time.perf_counter() - stall_started)
                 continue  # retry the same position of the chain on the replacement span(s)
             state.record(at, x, out)
+            self.router.succeeded(state.span.peer_id)
             timings.append((time.perf_counter() - started) * 1e3)
             computes.append(state.stream.last_compute_ms)
-            checker = self.client.checker
-            if checker.should_check():
+            if self.checker is not None and self.checker.should_check():
                 corrected = await self._spot_check(i, position)
                 if corrected is not None:
                     replaced, x, at = corrected
@@ -193,7 +207,8 @@ class InferenceSession:
         state = self.spans[index]
         inputs, outputs = state.replay_inputs(), state.replay_outputs()
         assert inputs is not None and outputs is not None  # recorded just before the check
-        verdict = await self.client.checker.verify(state.span, inputs, outputs)
+        assert self.checker is not None  # only called after checker.should_check()
+        verdict = await self.checker.verify(state.span, inputs, outputs)
         if not verdict.span_peer_wrong:
             return None
         # resend from the first wrong position, and at least the whole current step (which starts at
@@ -208,7 +223,7 @@ class InferenceSession:
 
     async def _failover(self, index: int, exc: Exception) -> list[_SpanState]:
         failed = self.spans[index]
-        self.client.ban(failed.span.peer_id, reason=str(exc))
+        self.router.ban(failed.span.peer_id, reason=str(exc))
         if failed.stream is not None:
             await failed.stream.close()
             failed.stream = None
@@ -219,24 +234,23 @@ class InferenceSession:
     async def _replace_one(self, failed: _SpanState) -> list[_SpanState]:
         """Re-plan the failed span's blocks, open replacements and replay its inputs into them.
 
-        Keeps trying (a fresh DHT view each time, failed replacements banned) until the client's
+        Keeps trying (a fresh DHT view each time, failed replacements banned) until
         ``failover_timeout_s`` runs out, so a peer that joins within that window rescues the
         session; after it, raises NoRouteError naming the blocks nobody serves. Every RPC has its
         own timeout, so this never hangs.
         """
-        deadline = time.monotonic() + self.client.failover_timeout_s
+        deadline = time.monotonic() + self.failover_timeout_s
         last_error: Exception | None = None
         while True:
             try:
-                route = await self.client.plan_inference(
+                route = await self.router.plan_inference(
                     failed.span.start, failed.span.end, self.max_length * self.batch_size, refresh=True
                 )
             except NoRouteError as exc:
                 if time.monotonic() >= deadline:
                     raise NoRouteError(
                         exc.missing_blocks,
-                        f"{exc} (waited {self.client.failover_timeout_s:.0f}s for a replacement; "
-                        f"last failure: {last_error})",
+                        f"{exc} (waited {self.failover_timeout_s:.0f}s for a replacement; last failure: {last_error})",
                     ) from last_error
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 continue
@@ -251,20 +265,15 @@ class InferenceSession:
                         inputs = out
                 return new_states
             except (PeerUnavailable, PeerError) as exc:
-                if isinstance(exc, PeerError) and not _worth_failover(exc):
+                if not worth_failover(exc):
                     raise
                 last_error = exc
-                self.client.ban(exc.peer_id, reason=str(exc))
+                self.router.ban(exc.peer_id, reason=str(exc))
                 for state in new_states:
                     if state.stream is not None:
                         await state.stream.close()
                 if time.monotonic() >= deadline:
                     raise PeerdClientError(
                         f"could not replace blocks {failed.span.start}:{failed.span.end} within "
-                        f"{self.client.failover_timeout_s:.0f}s: {last_error}"
+                        f"{self.failover_timeout_s:.0f}s: {last_error}"
                     ) from exc
-
-
-def _worth_failover(exc: PeerError) -> bool:
-    """Error codes that mean "this peer can't do it" rather than "your request is wrong"."""
-    return exc.retryable or exc.code in (ErrorCode.BLOCKS_NOT_SERVED, ErrorCode.WRONG_MODEL)

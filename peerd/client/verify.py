@@ -23,23 +23,21 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from peerd.client.errors import NoRouteError, PeerError, PeerUnavailable
-from peerd.client.routing import Span, plan_load_balanced_route
+from peerd.client.bans import LIAR_BAN_S
+from peerd.client.router import Router
+from peerd.client.routing import Span
+from peerd.model.loading import load_stage
+from peerd.model.stage import Stage
+from peerd.rpc.errors import NoRouteError, PeerError, PeerUnavailable
+from peerd.rpc.transport import PeerClient
 from protocols import Compression
-
-if TYPE_CHECKING:
-    from peerd.client.swarm import SwarmClient
-    from peerd.model.stage import Stage
 
 __all__ = ["Incident", "SpotChecker", "Verdict", "first_mismatch", "relative_errors", "tolerance_for"]
 
 logger = logging.getLogger(__name__)
-
-LIAR_BAN_S = 24 * 3600.0  # a peer caught returning wrong numbers is not used again by this client
 
 # Relative L2 error per position allowed between two honest computations of the same blocks. Honest
 # peers differ by kernel choice, batching (a KV-cache step vs a whole-sequence forward) and
@@ -100,13 +98,19 @@ _LOCAL = "local"
 
 
 class SpotChecker:
-    """Decides when to check and runs the checks for one client (see module doc)."""
+    """Decides when to check and runs the checks for one client (see module doc).
+
+    Second opinions come from other peers through ``router`` (which also bans the culprits) and
+    ``peers``, or from the client's own weights at ``model_path``.
+    """
 
     def __init__(
         self,
-        client: SwarmClient,
+        router: Router,
+        peers: PeerClient,
         *,
         rate: float,
+        compression: Compression = Compression.NONE,
         local_max_blocks: int = 0,
         model_path: Path | None = None,
         tolerance: float | None = None,
@@ -114,15 +118,15 @@ class SpotChecker:
     ) -> None:
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"spot_check_rate must be in [0, 1], got {rate}")
-        self.client = client
+        self.router = router
+        self.peers = peers
+        self.compression = compression
         self.rate = rate
         self.local_max_blocks = local_max_blocks if model_path is not None else 0
         self.model_path = model_path
         self.tolerance = tolerance
         self.rng = rng or random.Random()
         self.incidents: list[Incident] = []
-        self.checks = 0  # checks run with a second opinion
-        self.unchecked = 0  # checks skipped: nobody else serves those blocks and no local weights
         self._stages: dict[tuple[int, int], Stage] = {}
 
     def should_check(self) -> bool:
@@ -131,17 +135,15 @@ class SpotChecker:
     def _tolerance(self, peers: Iterable[str]) -> float:
         if self.tolerance is not None:
             return self.tolerance
-        known = self.client._servers
+        known = self.router.known_records()
         dtypes = [known[p].dtype for p in peers if p in known and known[p].dtype] or ["bfloat16"]
-        return tolerance_for(dtypes, self.client.compression)
+        return tolerance_for(dtypes, self.compression)
 
     async def verify(self, span: Span, inputs: torch.Tensor, outputs: torch.Tensor) -> Verdict:
         """Check ``outputs`` = blocks [span.start, span.end) applied to ``inputs`` (both [b, n, h])."""
         first = await self._opinion(span, inputs, exclude={span.peer_id})
-        if first is None:
-            self.unchecked += 1
+        if first is None:  # nobody else serves those blocks and no local weights
             return Verdict(checked=False, span_peer_wrong=False, first_bad_position=None)
-        self.checks += 1
         reference, checkers = first
         tol = self._tolerance([span.peer_id, *checkers])
         bad = first_mismatch(outputs, reference, tol)
@@ -180,9 +182,9 @@ class SpotChecker:
         )
         for peer in peers:
             if verdict == "lied":
-                self.client.ban(peer, reason=f"wrong result for blocks {span.start}:{span.end}", duration_s=LIAR_BAN_S)
+                self.router.ban(peer, reason=f"wrong result for blocks {span.start}:{span.end}", duration_s=LIAR_BAN_S)
             else:
-                self.client.ban(peer, reason=f"disputed result for blocks {span.start}:{span.end}")
+                self.router.ban(peer, reason=f"disputed result for blocks {span.start}:{span.end}")
         return Verdict(checked=True, span_peer_wrong=wrong, first_bad_position=bad, incident=incident)
 
     async def _opinion(
@@ -204,26 +206,20 @@ class SpotChecker:
     async def _remote(
         self, span: Span, inputs: torch.Tensor, exclude: set[str]
     ) -> tuple[torch.Tensor, tuple[str, ...]] | None:
-        client = self.client
-        servers = await client.servers()
         try:
-            route = plan_load_balanced_route(
-                servers, span.start, span.end, banned=client.bans.banned() | exclude, rng=self.rng
-            )
+            route = await self.router.plan_load_balanced(span.start, span.end, rng=self.rng, exclude=exclude)
         except NoRouteError:
             return None
         x = inputs
         try:
             for hop in route:
-                x = await client.peers.forward(hop.peer_id, x, hop.start, hop.end, client.compression)
+                x = await self.peers.forward(hop.peer_id, x, hop.start, hop.end, self.compression)
         except (PeerUnavailable, PeerError) as exc:
-            client.ban(exc.peer_id, reason=f"failed a spot check request: {exc}")
+            self.router.ban(exc.peer_id, reason=f"failed a spot check request: {exc}")
             return None
         return x, tuple(hop.peer_id for hop in route)
 
     async def _local(self, span: Span, inputs: torch.Tensor) -> tuple[torch.Tensor, tuple[str, ...]]:
-        from peerd.model.loading import load_stage
-
         key = (span.start, span.end)
         stage = self._stages.get(key)
         if stage is None:

@@ -15,29 +15,38 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from peerd import __version__
-from peerd.metrics import PeerMetrics
-from peerd.model.stage import KVCache, Stage
+from peerd.model.stage import Stage
+from peerd.rpc.tensors import from_wire
+from peerd.server.admission import Admission
+from peerd.server.compute import backward as compute_backward
+from peerd.server.compute import forward as compute_forward
+from peerd.server.compute import inference_step
+from peerd.server.frames import linger_and_close, read_request, result_to_wire, send_error, send_message
+from peerd.server.limits import Limits
 from peerd.server.memory import ActivationMeter
+from peerd.server.metrics import PeerMetrics
 from peerd.server.runtime import ComputeRuntime, RuntimeClosed
 from peerd.server.sessions import CacheBudget, ServerSession
-from peerd.streams import STREAM_NAMES
-from peerd.tensors import from_wire, to_wire
+from peerd.server.validation import (
+    check_grad_output,
+    check_hello,
+    check_hidden,
+    check_open,
+    check_range,
+    check_step,
+)
 from protocols import (
-    HEADER_BYTES,
     PROTOCOL_VERSION,
     BackwardRequest,
     BackwardResponse,
-    Compression,
     ErrorCode,
     ForwardRequest,
     ForwardResponse,
-    Hello,
     InferenceClose,
     InferenceOpen,
     InferenceOpened,
@@ -47,33 +56,11 @@ from protocols import (
     InfoResponse,
     Message,
     ProtocolError,
-    WireTensor,
-    decode_message,
-    encode_frame,
-    error_from_exception,
-    read_frame,
 )
 
-__all__ = ["STREAM_NAMES", "BlockServicer", "Limits"]
+__all__ = ["BlockServicer"]
 
 logger = logging.getLogger(__name__)
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one peer accepts; advertised through ``info`` so clients can plan within it."""
-
-    max_frame_bytes: int
-    max_batch_tokens: int
-    max_session_length: int
-    max_sessions: int
-    request_timeout_s: float
-    session_idle_timeout_s: float
-    # Per remote peer id (libp2p-authenticated, so one client cannot spend another's share):
-    max_sessions_per_peer: int = 16  # open inference sessions of one client
-    max_inflight_per_peer: int = 8  # concurrent info/forward/backward streams of one client
 
 
 class BlockServicer:
@@ -106,10 +93,8 @@ class BlockServicer:
         self.sessions: dict[bytes, ServerSession] = {}
         # sessions per owner, counted from admission (before the cache is allocated) to close
         self._owner_sessions: collections.Counter[str] = collections.Counter()
-        self._inflight: collections.Counter[str] = collections.Counter()  # stateless streams per owner
+        self.admission = Admission(limits.max_inflight_per_peer)  # stateless streams per owner
         self._opening: set[bytes] = set()  # session ids admitted whose cache is being allocated
-        self._waiting: collections.Counter[str] = collections.Counter()  # requests queued for a slot
-        self._slots = asyncio.Condition()  # notified whenever an in-flight request ends
         self._no_sessions = asyncio.Event()  # set whenever no session is open (drain waits on it)
         self._no_sessions.set()
         self.memory = ActivationMeter(stage.parameters(), stage.device)  # activations of backward requests
@@ -117,72 +102,16 @@ class BlockServicer:
     # --- plumbing shared by all handlers ---------------------------------------------------------
 
     async def _read(self, reader: asyncio.StreamReader, timeout_s: float | None = None) -> Message:
-        async with asyncio.timeout(timeout_s or self.limits.request_timeout_s):
-            body = await read_frame(reader, self.limits.max_frame_bytes)
-        self.metrics.bytes_in.inc(HEADER_BYTES + len(body))
-        return decode_message(body, self.limits.max_frame_bytes)
+        return await read_request(reader, self.limits, self.metrics, timeout_s)
 
     async def _send(self, writer: asyncio.StreamWriter, msg: Message) -> None:
-        frame = encode_frame(msg, self.limits.max_frame_bytes)
-        if writer.is_closing():
-            # the stream was closed under us (client gone, or the session handed back while draining)
-            raise ConnectionResetError("stream already closed")
-        async with asyncio.timeout(self.limits.request_timeout_s):
-            writer.write(frame)
-            await writer.drain()
-        self.metrics.bytes_out.inc(len(frame))
+        await send_message(writer, msg, self.limits, self.metrics)
 
     async def _send_error(self, writer: asyncio.StreamWriter, exc: ProtocolError) -> None:
-        self.metrics.count_error(exc.code)
-        try:
-            await self._send(writer, error_from_exception(exc))
-        except (OSError, TimeoutError, ConnectionError, ProtocolError):
-            pass  # the client is gone; nothing else to tell it
+        await send_error(writer, exc, self.limits, self.metrics)
 
     async def _expect_hello(self, reader: asyncio.StreamReader) -> None:
-        hello = await self._read(reader)
-        if not isinstance(hello, Hello):
-            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"expected hello, got {type(hello).__name__}")
-        if hello.protocol_version[0] != PROTOCOL_VERSION[0]:
-            raise ProtocolError(
-                ErrorCode.UNSUPPORTED_VERSION,
-                f"client speaks protocol {hello.protocol_version}, this peer {PROTOCOL_VERSION}",
-            )
-        if hello.model_id != self.model_id:
-            raise ProtocolError(ErrorCode.WRONG_MODEL, f"this peer serves {self.model_id!r}, not {hello.model_id!r}")
-
-    def _check_range(self, start: int, end: int) -> None:
-        if not (self.stage.start <= start < end <= self.stage.end):
-            raise ProtocolError(
-                ErrorCode.BLOCKS_NOT_SERVED,
-                f"blocks {start}:{end} requested, this peer serves {self.stage.start}:{self.stage.end}",
-            )
-
-    def _check_hidden(self, hidden: torch.Tensor, *, batch_size: int | None = None) -> None:
-        if hidden.dtype not in _FLOAT_DTYPES:
-            raise ProtocolError(ErrorCode.WRONG_DTYPE, f"hidden states must be float, got {hidden.dtype}")
-        hidden_size = self.stage.config.hidden_size
-        if hidden.ndim != 3 or hidden.shape[2] != hidden_size or hidden.shape[1] == 0 or hidden.shape[0] == 0:
-            raise ProtocolError(
-                ErrorCode.WRONG_SHAPE,
-                f"hidden states must be [batch, tokens, {hidden_size}] with batch, tokens >= 1, "
-                f"got {list(hidden.shape)}",
-            )
-        if batch_size is not None and hidden.shape[0] != batch_size:
-            raise ProtocolError(
-                ErrorCode.WRONG_SHAPE, f"session batch is {batch_size}, step has batch {hidden.shape[0]}"
-            )
-        if hidden.shape[0] * hidden.shape[1] > self.limits.max_batch_tokens:
-            raise ProtocolError(
-                ErrorCode.REQUEST_TOO_LARGE,
-                f"batch x tokens = {hidden.shape[0] * hidden.shape[1]} over this peer's limit "
-                f"{self.limits.max_batch_tokens}; split the request",
-            )
-        if hidden.shape[1] > self.limits.max_session_length:
-            raise ProtocolError(
-                ErrorCode.SESSION_TOO_LONG,
-                f"{hidden.shape[1]} tokens over this peer's max length {self.limits.max_session_length}",
-            )
+        check_hello(await self._read(reader), self.model_id)
 
     async def _serve(
         self,
@@ -202,7 +131,7 @@ class BlockServicer:
             if self.allowed_peers is not None and owner not in self.allowed_peers:
                 raise ProtocolError(ErrorCode.NOT_ALLOWED, "this is a private peer; your peer id is not allowed")
             if rpc != "inference":
-                await self._admit(owner)
+                await self.admission.admit(owner)
                 counted = True
             await self._expect_hello(reader)
             await body(owner, reader, writer)
@@ -228,45 +157,10 @@ class BlockServicer:
             await self._send_error(writer, ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
         finally:
             if counted:
-                self._inflight[owner] -= 1
-                if not self._inflight[owner]:
-                    del self._inflight[owner]  # no entry per client ever seen: the counter stays small
-                async with self._slots:
-                    self._slots.notify_all()
+                await self.admission.release(owner)
             self.metrics.requests.labels(rpc=rpc, outcome=outcome).inc()
             self.metrics.request_latency.labels(rpc=rpc).observe(time.perf_counter() - started)
-            await _linger_and_close(reader, writer)
-
-    async def _admit(self, owner: str) -> None:
-        """Take one of ``owner``'s in-flight slots, waiting a little for one; else OVERLOADED.
-
-        A client over its limit first waits (bounded) for one of its own requests to finish, so an
-        honest client that pipelines a little more than allowed is slowed, not refused. Past that
-        many waiting, refusals come after a delay: a flooder that retries at once would otherwise
-        turn cheap refusals into a stream-opening flood that costs this peer more than the work.
-        """
-        limit = self.limits.max_inflight_per_peer
-        if self._inflight[owner] >= limit:
-            if self._waiting[owner] >= limit:
-                await asyncio.sleep(OVERLOAD_TARPIT_S)
-                raise ProtocolError(
-                    ErrorCode.OVERLOADED,
-                    f"{limit} requests of yours are in flight here and {limit} more waiting; "
-                    "wait for them or use another peer",
-                )
-            self._waiting[owner] += 1
-            try:
-                async with asyncio.timeout(OVERLOAD_WAIT_S), self._slots:
-                    await self._slots.wait_for(lambda: self._inflight[owner] < limit)
-            except TimeoutError:
-                raise ProtocolError(
-                    ErrorCode.OVERLOADED, f"no slot freed within {OVERLOAD_WAIT_S:.0f}s (limit {limit} per client)"
-                ) from None
-            finally:
-                self._waiting[owner] -= 1
-                if not self._waiting[owner]:
-                    del self._waiting[owner]
-        self._inflight[owner] += 1
+            await linger_and_close(reader, writer)
 
     # --- info --------------------------------------------------------------------------------------
 
@@ -313,19 +207,13 @@ class BlockServicer:
                 raise ProtocolError(
                     ErrorCode.UNEXPECTED_MESSAGE, f"expected forward_request, got {type(request).__name__}"
                 )
-            self._check_range(request.start, request.end)
+            check_range(self.stage, request.start, request.end)
             hidden = from_wire(request.hidden)
-            self._check_hidden(hidden)
-            stage, start, end = self.stage, request.start, request.end
-
-            def compute() -> torch.Tensor:
-                with torch.inference_mode():
-                    x = hidden.to(stage.device, stage.dtype)
-                    return stage.forward(x, start=start, end=end).to("cpu", hidden.dtype)
-
+            check_hidden(hidden, self.stage, self.limits)
+            compute = functools.partial(compute_forward, self.stage, hidden, request.start, request.end)
             out = await self.runtime.run(compute, owner)
             self.metrics.tokens.labels(phase="forward").inc(hidden.shape[0] * hidden.shape[1])
-            response = ForwardResponse(_result_to_wire(out, request.response_compression), request.request_id)
+            response = ForwardResponse(result_to_wire(out, request.response_compression), request.request_id)
             await self._send(writer, response)
 
         await self._serve("forward", stream_info, reader, writer, body)
@@ -337,32 +225,19 @@ class BlockServicer:
                 raise ProtocolError(
                     ErrorCode.UNEXPECTED_MESSAGE, f"expected backward_request, got {type(request).__name__}"
                 )
-            self._check_range(request.start, request.end)
+            check_range(self.stage, request.start, request.end)
             hidden = from_wire(request.hidden)
             grad_output = from_wire(request.grad_output)
-            self._check_hidden(hidden)
-            if grad_output.shape != hidden.shape or grad_output.dtype not in _FLOAT_DTYPES:
-                raise ProtocolError(
-                    ErrorCode.WRONG_SHAPE,
-                    f"grad_output must be a float tensor shaped like hidden {list(hidden.shape)}, "
-                    f"got {grad_output.dtype} {list(grad_output.shape)}",
-                )
-            stage, start, end, meter = self.stage, request.start, request.end, self.memory
-
-            def compute() -> torch.Tensor:
-                # Activation checkpointing: recompute the forward here instead of keeping activations
-                # between requests, so server memory does not grow with clients in flight.
-                with torch.enable_grad(), meter.track():
-                    x = hidden.to(stage.device, stage.dtype).requires_grad_(True)
-                    y = stage.forward(x, start=start, end=end)
-                    (grad,) = torch.autograd.grad(y, x, grad_output.to(stage.device, stage.dtype))
-                return grad.to("cpu", hidden.dtype)
-
+            check_hidden(hidden, self.stage, self.limits)
+            check_grad_output(grad_output, hidden)
+            compute = functools.partial(
+                compute_backward, self.stage, self.memory, hidden, grad_output, request.start, request.end
+            )
             grad_input = await self.runtime.run(compute, owner)
             self.metrics.tokens.labels(phase="backward").inc(hidden.shape[0] * hidden.shape[1])
             await self._send(
                 writer,
-                BackwardResponse(_result_to_wire(grad_input, request.response_compression), request.request_id),
+                BackwardResponse(result_to_wire(grad_input, request.response_compression), request.request_id),
             )
 
         await self._serve("backward", stream_info, reader, writer, body)
@@ -410,25 +285,15 @@ class BlockServicer:
     async def _open_session(self, owner: str, request: InferenceOpen) -> ServerSession:
         if self.draining:
             raise ProtocolError(ErrorCode.DRAINING, "peer is leaving the swarm; open the session elsewhere")
-        self._check_range(request.start, request.end)
+        check_range(self.stage, request.start, request.end)
         if request.session_id in self.sessions or request.session_id in self._opening:
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, "session id already in use; pick a fresh random id")
-        if not 1 <= request.max_length <= self.limits.max_session_length:
-            raise ProtocolError(
-                ErrorCode.SESSION_TOO_LONG,
-                f"max_length {request.max_length} outside 1..{self.limits.max_session_length}",
-            )
-        if not request.batch_size * request.max_length >= 1 or request.batch_size < 1:
-            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "batch_size must be >= 1")
-        open_sessions = sum(self._owner_sessions.values())
-        if open_sessions >= self.limits.max_sessions:
-            raise ProtocolError(ErrorCode.TOO_MANY_SESSIONS, f"this peer already serves {open_sessions} sessions")
-        if self._owner_sessions[owner] >= self.limits.max_sessions_per_peer:
-            raise ProtocolError(
-                ErrorCode.TOO_MANY_SESSIONS,
-                f"you already have {self._owner_sessions[owner]} sessions open here "
-                f"(limit {self.limits.max_sessions_per_peer} per client)",
-            )
+        check_open(
+            request,
+            self.limits,
+            open_sessions=sum(self._owner_sessions.values()),
+            owner_sessions=self._owner_sessions[owner],
+        )
         tokens = request.batch_size * request.max_length
         self.budget.reserve(tokens)
         self._owner_sessions[owner] += 1  # counted now: concurrent opens must not all pass the check
@@ -502,23 +367,13 @@ class BlockServicer:
             started = time.perf_counter()
             try:
                 hidden = from_wire(msg.hidden)
-                self._check_hidden(hidden, batch_size=session.batch_size)
+                check_hidden(hidden, self.stage, self.limits, batch_size=session.batch_size)
                 n_tokens = hidden.shape[1]
-                if msg.position > session.length:
-                    raise ProtocolError(
-                        ErrorCode.INVALID_MESSAGE,
-                        f"step at position {msg.position} would leave a hole: the cache holds {session.length} tokens",
-                    )
-                if msg.position + n_tokens > session.max_length:
-                    raise ProtocolError(
-                        ErrorCode.SESSION_TOO_LONG,
-                        f"step to position {msg.position + n_tokens} past the session's "
-                        f"max_length {session.max_length}",
-                    )
+                check_step(msg.position, n_tokens, length=session.length, max_length=session.max_length)
             except ProtocolError as exc:
                 await self._send_error(writer, exc)  # bad step: answer it, keep the session
                 continue
-            compute = functools.partial(self._step, hidden, session.cache, msg.position, session.start, session.end)
+            compute = functools.partial(self._step, hidden, session, msg.position)
             compute_started = time.perf_counter()
             out = await self.runtime.run(compute, session.owner)
             compute_ms = (time.perf_counter() - compute_started) * 1e3
@@ -531,49 +386,10 @@ class BlockServicer:
             self.metrics.tokens.labels(phase=phase).inc(n_tokens * session.batch_size)
             await self._send(
                 writer,
-                InferenceStepResult(_result_to_wire(out, opened.response_compression), msg.step_id, compute_ms),
+                InferenceStepResult(result_to_wire(out, opened.response_compression), msg.step_id, compute_ms),
             )
             self.metrics.step_latency.labels(phase=phase).observe(time.perf_counter() - started)
 
-    def _step(self, hidden: torch.Tensor, cache: KVCache, position: int, start: int, end: int) -> torch.Tensor:
-        """One inference step on the compute thread: the cache is written in place."""
-        stage = self.stage
-        with torch.inference_mode():
-            x = hidden.to(stage.device, stage.dtype)
-            out = stage.forward(x, cache=cache, position=position, start=start, end=end)
-            return out.to("cpu", hidden.dtype)
-
-
-def _result_to_wire(tensor: torch.Tensor, compression: Compression) -> WireTensor:
-    """Encode a result with the client's compression, or float16 where blockwise8 cannot carry it.
-
-    blockwise8 has no code for NaN or infinity, which a client can provoke by sending them (found by
-    fuzzing: this was an INTERNAL error); the tensor's own compression field tells the client.
-    """
-    try:
-        return to_wire(tensor, compression)
-    except ValueError:
-        if compression is not Compression.BLOCKWISE8:
-            raise
-        return to_wire(tensor, Compression.FLOAT16)
-
-
-OVERLOAD_WAIT_S = 5.0  # how long a request over its client's in-flight limit may wait for a slot
-OVERLOAD_TARPIT_S = 1.0  # delay before refusing a client that has its limit in flight and waiting
-LINGER_S = 2.0  # how long a finished stream waits for the client to close its end
-
-
-async def _linger_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Close a stream only after the client has read everything.
-
-    p2pd resets a libp2p stream whose local end closes while bytes are still in flight, which cut a
-    large backward answer mid-frame in a benchmark run. So the handler waits (bounded) for the
-    client to close its side first -- our client closes right after reading the answer -- and
-    discards anything else a misbehaving client sends meanwhile.
-    """
-    if not writer.is_closing():
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(LINGER_S):
-                while await reader.read(1 << 16):
-                    pass
-    writer.close()
+    def _step(self, hidden: torch.Tensor, session: ServerSession, position: int) -> torch.Tensor:
+        """One inference step on the compute thread, on the stage hosted *now* (a move swaps it)."""
+        return inference_step(self.stage, hidden, session.cache, position, session.start, session.end)

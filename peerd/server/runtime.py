@@ -46,7 +46,6 @@ class ComputeRuntime:
         self._closed = False
         self._torch_threads = torch_threads
         self.busy_s = 0.0  # total time spent computing (for utilisation metrics)
-        self.jobs_done = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -77,7 +76,6 @@ class ComputeRuntime:
                 job.future.set_result(result)
             finally:
                 self.busy_s += time.perf_counter() - started
-                self.jobs_done += 1
 
     def submit(self, fn: Callable[[], T], owner: str = "") -> Future[T]:
         """Queue ``fn`` for the compute thread on behalf of ``owner`` (a remote peer id)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from hivemind.dht.node import DHTNode
@@ -20,7 +20,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from peerd.swarm.records import PeerState, ServerRecord, block_uid
 from peerd.swarm.validation import make_validators, owner_subkey
 
-__all__ = ["BlockView", "SwarmDHT"]
+__all__ = ["BlockView", "SwarmDHT", "records_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,11 @@ class BlockView:
 
     def online(self) -> tuple[ServerRecord, ...]:
         return tuple(r for r in self.records if r.state is PeerState.ONLINE)
+
+
+def records_of(views: Iterable[BlockView]) -> Iterator[ServerRecord]:
+    """Every record of every view (a peer appears once per block it serves)."""
+    return (r for view in views for r in view.records)
 
 
 class SwarmDHT:
@@ -128,6 +133,10 @@ class SwarmDHT:
                         logger.debug("dropping malformed record for block %d: %s", index, exc)
             views.append(BlockView(index, tuple(records)))
         return views
+
+    def routing_table_size(self) -> int:
+        """How many DHT nodes this node knows (its Kademlia routing table)."""
+        return len(self.node.protocol.routing_table.uid_to_peer_id)
 
     async def shutdown(self) -> None:
         await self.node.shutdown()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,24 @@ class ServerRecord:
             "at": float(self.announced_at),
         }
 
+    def to_status(self) -> dict[str, Any]:
+        """The record as ``peerd status --json`` and the health page's ``/api/v1/swarm`` show it."""
+        return {
+            "peer_id": self.peer_id,
+            "name": self.public_name,
+            "state": self.state.value,
+            "start": self.start,
+            "end": self.end,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "device": self.device,
+            "dtype": self.dtype,
+            "cache_tokens_free": self.cache_tokens_free,
+            "version": self.package_version,
+            "rtts_ms": dict(self.next_rtts_ms),
+            "announced_at": self.announced_at,
+        }
+
     @classmethod
     def from_wire(cls, value: Any) -> ServerRecord:
         """Parse a record value; raises ValueError on anything malformed. Unknown keys are ignored."""
@@ -152,3 +170,23 @@ class ServerRecord:
             next_rtts_ms=rtts,
             announced_at=at,
         )
+
+
+def latest_per_peer(
+    records: Iterable[ServerRecord], keep: Callable[[ServerRecord], bool] = lambda _: True
+) -> dict[str, ServerRecord]:
+    """The newest record of each peer among ``records`` that ``keep`` accepts, by peer id.
+
+    A peer stores one record per hosted block, so a DHT read sees it several times; after a move,
+    its old blocks hold an OFFLINE record and its new ones an ONLINE one. Filtering with ``keep``
+    happens *before* picking the newest, so ``keep=lambda r: r.state is PeerState.ONLINE`` yields
+    the live record even when an OFFLINE one for abandoned blocks is newer.
+    """
+    out: dict[str, ServerRecord] = {}
+    for record in records:
+        if not keep(record):
+            continue
+        current = out.get(record.peer_id)
+        if current is None or record.announced_at > current.announced_at:
+            out[record.peer_id] = record
+    return out

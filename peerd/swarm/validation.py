@@ -4,10 +4,12 @@ Three layers, all run by every DHT node before it stores or returns a record:
 
 1. hivemind's ``RSASignatureValidator``: a record whose subkey carries ``[owner:<key>]`` must be
    signed by that key, so nobody can overwrite another peer's announcement.
-2. hivemind's ``SchemaValidator`` with a pydantic schema of our block keys: strict types only.
-3. :class:`ServerRecordValidator`: semantics the schema cannot say -- the record's ``peer_id`` is the
-   hash of the signing key (so a peer cannot speak *as* another peer id), the block named by the key
-   lies inside the announced range, and values are sane (see ``ServerRecord.from_wire``).
+2. hivemind's ``SchemaValidator`` over our block keys: each is a dictionary of owner-signed
+   subkeys whose values parse as records. The value type is derived from the record schema itself
+   (``ServerRecord.from_wire``, the one definition of the wire form), not written out again.
+3. :class:`ServerRecordValidator`: what a schema cannot say -- the record's ``peer_id`` is the hash
+   of the signing key (so a peer cannot speak *as* another peer id) and the block named by the key
+   lies inside the announced range.
 
 DHT validators only see hashed keys, so a node validates the models it was told about; records
 under keys it does not know pass through unvalidated (documented in docs/security.md).
@@ -16,7 +18,7 @@ under keys it does not know pass through unvalidated (documented in docs/securit
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pydantic.v1 as pydantic
@@ -28,7 +30,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.crypto import RSAPrivateKey
 
 from peerd.identity import peer_id_of_public_key, public_key_of_owner_marker
-from peerd.swarm.records import MAX_BLOCKS, ServerRecord, block_uid
+from peerd.swarm.records import ServerRecord, block_uid
 
 __all__ = ["ServerRecordValidator", "make_validators", "owner_subkey"]
 
@@ -36,27 +38,20 @@ MAX_RECORD_VALUE_BYTES = 8192
 _OWNER_RE = re.compile(rb"\[owner:(.+?)\]")
 
 
-class _RecordValueSchema(pydantic.BaseModel):
-    """Strict types of the known fields; extra fields are allowed (newer peers may add some)."""
+class _RecordValue:
+    """A pydantic field type accepting exactly the values ``ServerRecord.from_wire`` accepts.
 
-    v: pydantic.StrictInt
-    peer_id: pydantic.StrictStr
-    state: pydantic.StrictStr
-    start: pydantic.conint(strict=True, ge=0, le=MAX_BLOCKS)  # type: ignore[valid-type]
-    end: pydantic.conint(strict=True, ge=1, le=MAX_BLOCKS)  # type: ignore[valid-type]
-    decode_tps: pydantic.StrictFloat
-    prefill_tps: pydantic.StrictFloat
-    device: pydantic.StrictStr
-    mem_total: pydantic.conint(strict=True, ge=0)  # type: ignore[valid-type]
-    mem_free: pydantic.conint(strict=True, ge=0)  # type: ignore[valid-type]
-    dtype: pydantic.StrictStr
-    cache_free: pydantic.conint(strict=True, ge=0)  # type: ignore[valid-type]
-    proto: list[pydantic.StrictInt]
-    version: pydantic.StrictStr
-    name: pydantic.StrictStr
+    Strict types, ranges and unknown-field tolerance are all defined once, by the record's parser.
+    """
 
-    class Config:
-        extra = pydantic.Extra.allow
+    @classmethod
+    def __get_validators__(cls) -> Iterator[Callable[[Any], Any]]:
+        yield cls.validate
+
+    @classmethod
+    def validate(cls, value: Any) -> Any:
+        ServerRecord.from_wire(value)  # ValueError on anything malformed: pydantic reports it
+        return value
 
 
 def owner_subkey(private_key: RSAPrivateKey) -> bytes:
@@ -66,7 +61,7 @@ def owner_subkey(private_key: RSAPrivateKey) -> bytes:
 
 def _schema_for(prefix: str, num_blocks: int) -> type[pydantic.BaseModel]:
     fields: dict[str, Any] = {
-        f"block_{i}": (dict[BytesWithPublicKey, _RecordValueSchema] | None, None) for i in range(num_blocks)
+        f"block_{i}": (dict[BytesWithPublicKey, _RecordValue] | None, None) for i in range(num_blocks)
     }
     return pydantic.create_model(f"BlockRecords_{abs(hash(prefix))}", **fields)
 

@@ -1,1 +1,4 @@
-"""The daemon's HTTP side: /metrics for Prometheus, the swarm health page and its JSON API."""
+"""Generic HTTP plumbing: a small HTTP server, a cached async view, and the health page's static files.
+
+Nothing here knows about peers; the daemon's routes (``peerd.daemon.routes``) are built on it.
+"""

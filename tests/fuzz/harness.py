@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from peerd.metrics import PeerMetrics
 from peerd.model.config import ModelConfig
 from peerd.model.stage import Stage, cache_bytes_per_token
-from peerd.server.handlers import BlockServicer, Limits
+from peerd.rpc.tensors import from_wire
+from peerd.server.handlers import BlockServicer
+from peerd.server.limits import Limits
+from peerd.server.metrics import PeerMetrics
 from peerd.server.runtime import ComputeRuntime
 from peerd.server.sessions import CacheBudget
-from peerd.tensors import from_wire
 from protocols import (
     PROTOCOL_VERSION,
     BackwardRequest,
@@ -56,7 +57,7 @@ from protocols import (
     encode_array,
     encode_frame,
 )
-from protocols.messages import tensor_from_wire
+from protocols.wire import tensor_from_wire
 
 __all__ = [
     "CORPUS_DIR",
@@ -253,7 +254,7 @@ class Harness:
         s = self.servicer
         _check(not s.sessions and not s._owner_sessions and not s._opening, "a session outlived its stream")
         _check(self.budget.used_tokens == 0, f"{self.budget.used_tokens} cache tokens leaked")
-        _check(not s._inflight and not s._waiting, "an in-flight count leaked")
+        _check(not s.admission.inflight and not s.admission.waiting, "an in-flight count leaked")
         return replies
 
 
@@ -344,7 +345,7 @@ def seed_inputs() -> Iterator[tuple[str, str, bytes]]:
     yield "frame", "oversized_header", (MAX_FRAME_BYTES + 1).to_bytes(4, "big")
     yield "frame", "empty_body", b"\0\0\0\0"
     for name, t in (("f32", x), ("bf16", _hidden((2, 5), "bfloat16")), ("b8", grad)):
-        from protocols.messages import tensor_to_wire
+        from protocols.wire import tensor_to_wire
 
         yield "tensor", name, _msgpack.packb(tensor_to_wire(t))
     yield (

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocols import MESSAGE_TYPES, PROTOCOL_VERSION, Compression, _msgpack, encode_array, float32_to_bf16_bits
-from protocols.messages import tensor_to_wire
+from protocols.wire import tensor_to_wire
 from tests.fuzz.harness import (
     HANDLER_TARGETS,
     HIDDEN,
@@ -286,6 +286,6 @@ def test_seed_corpus_is_current() -> None:
 
 
 def test_handler_targets_cover_every_stream() -> None:
-    from peerd.streams import STREAM_NAMES
+    from peerd.rpc.streams import STREAM_NAMES
 
     assert set(HANDLER_TARGETS) == set(STREAM_NAMES)

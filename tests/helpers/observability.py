@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from peerd.demo import LocalSwarm
+from peerd.cli.demo import LocalSwarm
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from hivemind.p2p import PeerID
 
-from peerd.streams import STREAM_NAMES
+from peerd.rpc.streams import STREAM_NAMES
 from protocols import Error, ErrorCode, Message, WireTensor, encode_array, encode_frame, read_message
 
 

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from hivemind.p2p import P2P, PeerID
 
-from peerd.streams import STREAM_NAMES
+from peerd.rpc.streams import STREAM_NAMES
 from protocols import PROTOCOL_VERSION, Error, ForwardRequest, Hello, encode_array, encode_frame, read_message
 
 

@@ -9,7 +9,7 @@ import pytest
 from hivemind.p2p import PeerID
 
 from peerd.model.local import LocalModel
-from peerd.streams import STREAM_NAMES
+from peerd.rpc.streams import STREAM_NAMES
 from protocols import (
     PROTOCOL_VERSION,
     Error,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from peerd.cli.demo import LocalSwarm
 from peerd.client import NoRouteError, SwarmClient
-from peerd.demo import LocalSwarm
 from peerd.model.local import LocalModel
 
 pytestmark = pytest.mark.slow

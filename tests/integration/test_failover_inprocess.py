@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from peerd.client import NoRouteError
+from peerd.daemon.peer import Peer
 from peerd.model.local import LocalModel
-from peerd.peer import Peer
 from peerd.swarm.records import PeerState
 
 PROMPT = [7, 1, 8, 2, 8, 1, 8]

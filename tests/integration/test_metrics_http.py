@@ -9,9 +9,9 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from peerd.client.errors import PeerError
-from peerd.client.transport import PeerClient
-from peerd.web.routes import API_CACHE_S
+from peerd.daemon.routes import API_CACHE_S
+from peerd.rpc.errors import PeerError
+from peerd.rpc.transport import PeerClient
 from protocols import ErrorCode
 
 PROMPT = [1, 5, 9, 23, 42, 7]

@@ -1,4 +1,4 @@
-"""Hostile peers and clients against real peers on 127.0.0.1 (issue 8; threat model in docs/security.md).
+"""Hostile peers and clients against real peers on 127.0.0.1 (threat model in docs/security.md).
 
 * a hostile client floods one peer and sends every class of bad input while a good client generates
   through it: each bad request gets its error code, the good output is exact, and the good client's
@@ -27,11 +27,11 @@ from hivemind.p2p import PeerID
 
 from peerd.client import PeerUnavailable
 from peerd.client.routing import Span
+from peerd.daemon.peer import Peer
 from peerd.identity import load_or_create_identity, peer_id_of_public_key
 from peerd.model.local import LocalModel
-from peerd.peer import Peer
-from peerd.server.handlers import OVERLOAD_TARPIT_S
-from peerd.streams import STREAM_NAMES
+from peerd.rpc.streams import STREAM_NAMES
+from peerd.server.admission import OVERLOAD_TARPIT_S
 from peerd.swarm.records import ServerRecord
 from protocols import (
     PROTOCOL_VERSION,
@@ -276,7 +276,7 @@ async def test_flood_and_bad_input_get_error_codes_while_a_good_client_keeps_its
         # nothing leaks: sessions, cache reservations, in-flight counts and queued jobs all return to zero
         servicer = target.servicer
         deadline = time.monotonic() + 10
-        while servicer.sessions or servicer.budget.used_tokens or servicer._inflight or target.runtime.queued:
+        while servicer.sessions or servicer.budget.used_tokens or servicer.admission.inflight or target.runtime.queued:
             assert time.monotonic() < deadline, "state left behind after the flood"
             await asyncio.sleep(0.05)
         assert not servicer._owner_sessions
@@ -406,7 +406,7 @@ async def test_private_peers_private_clients_and_isolated_swarms(make_swarm, loc
         ].peer_id == blue.peer_id
 
         # a peer whose own `info` disagrees with what it announced is dropped before any use
-        record = outsider._servers[public.peer_id]
+        record = outsider.router.known_records()[public.peer_id]
         forged: ServerRecord = type(record)(**{**record.__dict__, "start": 0, "end": 6, "dtype": "bfloat16"})
         with pytest.raises(PeerUnavailable, match="disagrees with its DHT record"):
             await outsider.check_peer(Span(public.peer_id, 0, 6, forged))

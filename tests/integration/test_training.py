@@ -17,13 +17,15 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from peerd.cli import build_parser
+from peerd.cli.finetune import cmd_finetune
+from peerd.cli.parser import build_parser
 from peerd.client import PeerError, SwarmClient
 from peerd.client.adapters import ClientAdapter
-from peerd.client.autograd import RemoteBlocks, RemotePipeline
-from peerd.finetune import TokenBatches, cmd_finetune, train_step
+from peerd.client.autograd import RemoteBlocks
+from peerd.client.pipeline import RemotePipeline
+from peerd.client.training import TokenBatches, train_step
+from peerd.daemon.peer import Peer
 from peerd.model.local import LocalModel
-from peerd.peer import Peer
 from protocols import ErrorCode
 
 # fp32 throughout. Micro-batching changes the matmul shapes, so sums are rounded in another

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from peerd.cli.demo import LocalSwarm
 from peerd.client import SwarmClient
-from peerd.demo import LocalSwarm
 from peerd.model.loading import load_local_model
 from tests.helpers.tiny_model import make_tiny_checkpoint
 

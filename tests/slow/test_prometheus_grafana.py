@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from peerd.client import SwarmClient
-from peerd.client.errors import PeerError
-from peerd.client.transport import PeerClient
+from peerd.rpc.errors import PeerError
+from peerd.rpc.transport import PeerClient
 from protocols import ErrorCode
 from tests.helpers.observability import ROOT, Prometheus, RunningPeer, http_swarm, prometheus_config_for, wait_until
 from tests.helpers.tiny_model import make_tiny_checkpoint

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from peerd.model import chat
-from peerd.model.fetch import (
+from peerd.model.fetch import fetch_model
+from peerd.model.registry import (
     KNOWN_MODELS,
     default_cache_dir,
-    fetch_model,
     read_manifest,
     resolve_model,
     verify_model_dir,

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from peerd.cli.finetune import plot_losses
 from peerd.client.adapters import ClientAdapter
-from peerd.finetune import DEFAULT_DATA, TokenBatches, lm_loss, plot_losses, train_step
+from peerd.client.training import DEFAULT_DATA, TokenBatches, lm_loss, train_step
 from peerd.model.config import ModelConfig
 from peerd.model.head import ClientHead
 from peerd.model.stage import Stage
@@ -123,7 +124,7 @@ def test_shipped_training_text_and_loss_plot(tmp_path: Path) -> None:
 def test_finetune_without_matplotlib_fails_clearly(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from peerd.cli import main
+    from peerd.cli.main import main
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert main(["finetune", "--initial-peers", "/ip4/127.0.0.1/tcp/1"]) == 2  # before any connection

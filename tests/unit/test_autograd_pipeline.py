@@ -8,7 +8,8 @@ import types
 import pytest
 import torch
 
-from peerd.client.autograd import RemoteBlocks, StageCall, bubble_fraction
+from peerd.client.autograd import RemoteBlocks
+from peerd.client.pipeline import StageCall, bubble_fraction
 from peerd.model.config import ModelConfig
 from peerd.model.stage import Stage
 from peerd.server.memory import ActivationMeter

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from peerd.cli import build_parser, parse_blocks, parse_size
-from peerd.demo import split_blocks
+from peerd.cli.demo import split_blocks
+from peerd.cli.parser import build_parser, parse_blocks, parse_size
 
 
 def test_peerd_help_runs_as_a_program() -> None:

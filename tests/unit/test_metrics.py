@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from peerd.metrics import RPCS, TOKEN_PHASES, PeerMetrics
+from peerd.server.metrics import RPCS, TOKEN_PHASES, PeerMetrics
 from protocols import ErrorCode
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from peerd.placement import (
+from peerd.daemon.placement import (
     PlacedPeer,
     block_throughputs,
     blocks_that_fit,
@@ -55,7 +55,7 @@ def test_without_gaps_strengthens_the_bottleneck() -> None:
     assert (choice.start, choice.end) == (15, 30)
 
 
-RECHECKS = 3  # the daemon's JOINING re-checks (peerd.peer.Peer._choose_blocks)
+RECHECKS = 3  # the daemon's JOINING re-checks (peerd.daemon.peer.Peer._choose_blocks)
 
 
 def simulate_simultaneous_join(

@@ -45,7 +45,7 @@ from protocols import (
     is_retryable,
     raise_if_error,
 )
-from protocols.messages import MAX_STRING_BYTES
+from protocols.fields import MAX_STRING_BYTES
 
 # --------------------------------------------------------------------------- strategies
 

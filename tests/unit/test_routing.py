@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from peerd.client.errors import NoRouteError
+from peerd.client.bans import BanList
 from peerd.client.routing import plan_inference_route, plan_load_balanced_route
-from peerd.client.swarm import BanList
+from peerd.rpc.errors import NoRouteError
 from peerd.swarm.records import PeerState, ServerRecord
 
 
@@ -84,3 +84,16 @@ def test_ban_backoff_doubles_and_expires() -> None:
     assert bans.ban("p") == 40.0  # capped
     bans.forgive("p")
     assert bans.banned() == set()
+
+
+def test_a_success_forgets_strikes_but_not_a_ban_in_force() -> None:
+    now = [0.0]
+    bans = BanList(base_s=5.0, max_s=40.0, clock=lambda: now[0])
+    assert bans.ban("p") == 5.0
+    bans.succeeded("p")  # a request in flight when it failed came back fine: the ban stays
+    assert bans.banned() == {"p"}
+    now[0] = 6.0
+    assert bans.ban("p") == 10.0  # a second strike doubles
+    now[0] = 20.0
+    bans.succeeded("p")  # served well after the ban ran out: strikes forgotten
+    assert bans.ban("p") == 5.0  # back to the base ban, not 20 s

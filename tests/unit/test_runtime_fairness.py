@@ -1,4 +1,4 @@
-"""ComputeRuntime serves remote peers round robin: a flooding peer delays only itself (issue 8)."""
+"""ComputeRuntime serves remote peers round robin: a flooding peer delays only itself."""
 
 from __future__ import annotations
 

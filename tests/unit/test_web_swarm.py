@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from peerd.web.swarm import RttProbe, SwarmView
+from peerd.rpc.rtt import RttProbe
+from peerd.web.view import SwarmView
 
 
 class FakeClock:

@@ -64,7 +64,7 @@ class _ProcessCollector(Collector):
 class PeerMetrics:
     """All series one peer exports. Handlers update them through the attributes and helpers below;
     values that are cheaper to read than to track (state, DHT size, swarm view) are set at scrape
-    time by ``peerd.web.routes``."""
+    time by ``peerd.daemon.routes``."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -171,6 +171,10 @@ class PeerMetrics:
         self.blocks_start.set(start)
         self.blocks_end.set(end)
         self.blocks_hosted.set(end - start)
+
+    def set_throughput(self, decode_tokens_per_s: float, prefill_tokens_per_s: float) -> None:
+        self.throughput.labels(phase="decode").set(decode_tokens_per_s)
+        self.throughput.labels(phase="prefill").set(prefill_tokens_per_s)
 
     def set_swarm_view(self, num_blocks: int, peers: Sequence[Mapping[str, Any]], block_servers: Sequence[int]) -> None:
         """The swarm as last read from the DHT: peers by state and online servers per block."""

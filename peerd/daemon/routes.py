@@ -3,7 +3,7 @@
 ``/``                the health page (static HTML/JS/CSS shipped in ``peerd/web/static``; no build step,
                      nothing fetched from elsewhere, so it works on an offline LAN)
 ``/api/v1/swarm``    what the page shows, as JSON: this peer, and per model the peers in the DHT,
-                     per-block coverage and gaps (``peerd.status.status_from_views``) plus RTTs
+                     per-block coverage and gaps (``peerd.swarm.status.status_from_views``) plus RTTs
 ``/metrics``         Prometheus text format, from this peer's own registry
 ``/healthz``         200 while the peer is online, 503 otherwise (container health checks)
 """
@@ -14,18 +14,25 @@ import json
 import logging
 import time
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from hivemind.p2p import P2P
 from prometheus_client import generate_latest
 
 from peerd import __version__
-from peerd.status import status_from_views
+from peerd.config import PeerConfig
+from peerd.daemon.capacity import Capacity, Hardware
+from peerd.model.config import ModelConfig
+from peerd.model.stage import Stage
+from peerd.rpc.rtt import RTT_TIMEOUT_S, RttProbe
+from peerd.rpc.transport import PeerClient
+from peerd.server.handlers import BlockServicer
+from peerd.server.metrics import PeerMetrics
+from peerd.swarm.dht import SwarmDHT
 from peerd.swarm.records import PeerState
+from peerd.swarm.status import status_from_views
 from peerd.web.http import HttpResponse, Route
-from peerd.web.swarm import RttProbe, SwarmView
-
-if TYPE_CHECKING:
-    from peerd.peer import Peer
+from peerd.web.view import SwarmView
 
 __all__ = ["API_CACHE_S", "DHT_READ_TIMEOUT_S", "peer_routes", "refresh_peer_gauges", "swarm_document"]
 
@@ -34,8 +41,6 @@ logger = logging.getLogger(__name__)
 API_CACHE_S = 2.0  # page refreshes and several viewers share one DHT read per this many seconds
 METRICS_VIEW_MAX_AGE_S = 10.0  # a scrape may show a swarm view this old (scrapes are 15 s apart)
 DHT_READ_TIMEOUT_S = 3.0
-RTT_TTL_S = 30.0
-RTT_TIMEOUT_S = 2.0
 # the text format generate_latest writes; Prometheus 2.x and 3.x both accept it
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -49,6 +54,37 @@ _PAGE_HEADERS = (
     ),
     ("Referrer-Policy", "no-referrer"),
 )
+
+
+class ServingPeer(Protocol):
+    """What the routes read from a peer (``peerd.daemon.peer.Peer`` has it): state, parts, config."""
+
+    @property
+    def peer_id(self) -> str: ...
+    @property
+    def config(self) -> PeerConfig: ...
+    @property
+    def model_config(self) -> ModelConfig: ...
+    @property
+    def state(self) -> PeerState: ...
+    @property
+    def metrics(self) -> PeerMetrics: ...
+    @property
+    def p2p(self) -> P2P | None: ...
+    @property
+    def dht(self) -> SwarmDHT | None: ...
+    @property
+    def stage(self) -> Stage | None: ...
+    @property
+    def servicer(self) -> BlockServicer | None: ...
+    @property
+    def hardware(self) -> Hardware | None: ...
+    @property
+    def capacity(self) -> Capacity | None: ...
+    @property
+    def http_port(self) -> int | None: ...
+
+
 _STATIC_TYPES = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
@@ -62,7 +98,7 @@ def _static(name: str) -> HttpResponse:
     return HttpResponse(body, _STATIC_TYPES[name], headers=_PAGE_HEADERS)
 
 
-def refresh_peer_gauges(peer: Peer) -> None:
+def refresh_peer_gauges(peer: ServingPeer) -> None:
     """Set the gauges that are read from the peer rather than tracked as events."""
     m = peer.metrics
     m.set_state(peer.state.value)
@@ -77,10 +113,9 @@ def refresh_peer_gauges(peer: Peer) -> None:
         m.sessions_active.set(len(peer.servicer.sessions))
         m.sessions_limit.set(peer.servicer.limits.max_sessions)
     if peer.capacity is not None:
-        m.throughput.labels(phase="decode").set(peer.capacity.decode_tokens_per_s)
-        m.throughput.labels(phase="prefill").set(peer.capacity.prefill_tokens_per_s)
+        m.set_throughput(peer.capacity.decode_tokens_per_s, peer.capacity.prefill_tokens_per_s)
     if peer.dht is not None:
-        m.dht_peers.set(len(peer.dht.node.protocol.routing_table.uid_to_peer_id))
+        m.dht_peers.set(peer.dht.routing_table_size())
     m.set_identity(
         peer_id=peer.peer_id,
         name=peer.config.public_name,
@@ -92,7 +127,7 @@ def refresh_peer_gauges(peer: Peer) -> None:
     )
 
 
-def _self_summary(peer: Peer) -> dict[str, Any]:
+def _self_summary(peer: ServingPeer) -> dict[str, Any]:
     return {
         "peer_id": peer.peer_id,
         "name": peer.config.public_name,
@@ -105,7 +140,7 @@ def _self_summary(peer: Peer) -> dict[str, Any]:
     }
 
 
-async def swarm_document(peer: Peer, rtt: RttProbe | None = None) -> dict[str, Any]:
+async def swarm_document(peer: ServingPeer, rtt: RttProbe | None = None) -> dict[str, Any]:
     """Read the DHT now and build the ``/api/v1/swarm`` document (one model: the one this peer serves).
 
     ``models`` is a list so that the page and API stay the same once a daemon can see several.
@@ -123,14 +158,13 @@ async def swarm_document(peer: Peer, rtt: RttProbe | None = None) -> dict[str, A
     return {"generated_at": time.time(), "self": _self_summary(peer), "models": [status]}
 
 
-def peer_routes(peer: Peer) -> dict[str, Route]:
+def peer_routes(peer: ServingPeer) -> dict[str, Route]:
     """Routes for one peer; each peer gets its own swarm cache and RTT probe (nothing global)."""
     rtt: RttProbe | None = None
     if peer.p2p is not None:
-        from peerd.client.transport import PeerClient  # the same info RPC a client uses
-
+        # the same info RPC a client uses
         info_client = PeerClient(peer.p2p, peer.config.model_id, timeout_s=RTT_TIMEOUT_S, client_name="peerd-health")
-        rtt = RttProbe(info_client.info, ttl_s=RTT_TTL_S, timeout_s=RTT_TIMEOUT_S)
+        rtt = RttProbe(info_client.info)
 
     async def read() -> dict[str, Any]:
         return await swarm_document(peer, rtt)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from peerd.swarm.status import block_ranges
 from protocols import ErrorCode
 
-__all__ = ["NoRouteError", "PeerError", "PeerUnavailable", "PeerdClientError", "SwarmConnectError"]
+__all__ = [
+    "NoRouteError",
+    "PeerError",
+    "PeerUnavailable",
+    "PeerdClientError",
+    "SwarmConnectError",
+    "worth_failover",
+]
 
 
 class PeerdClientError(Exception):
@@ -20,7 +28,7 @@ class NoRouteError(PeerdClientError):
 
     def __init__(self, missing_blocks: list[int], message: str | None = None) -> None:
         self.missing_blocks = missing_blocks
-        spans = _ranges(missing_blocks)
+        spans = block_ranges(missing_blocks)
         super().__init__(
             message
             or f"no live peer serves block(s) {spans}; start a peer with `peerd run --blocks ...` for them "
@@ -50,16 +58,19 @@ class PeerError(PeerdClientError):
         return self.code.retryable
 
 
-def _ranges(blocks: list[int]) -> str:
-    if not blocks:
-        return "-"
-    out = []
-    first = prev = blocks[0]
-    for b in blocks[1:]:
-        if b == prev + 1:
-            prev = b
-            continue
-        out.append(f"{first}" if first == prev else f"{first}:{prev + 1}")
-        first = prev = b
-    out.append(f"{first}" if first == prev else f"{first}:{prev + 1}")
-    return ", ".join(out)
+# Codes that are not retryable as such (asking the same peer again would fail the same way) but
+# mean "this peer cannot serve that" rather than "your request is wrong": a peer that just moved
+# its blocks answers BLOCKS_NOT_SERVED until its new record reaches us, and one serving another
+# model answers WRONG_MODEL. Another peer may well succeed.
+_NOT_HERE = frozenset({ErrorCode.BLOCKS_NOT_SERVED, ErrorCode.WRONG_MODEL})
+
+
+def worth_failover(exc: PeerUnavailable | PeerError) -> bool:
+    """True when another peer may succeed where this one failed: the one failover policy.
+
+    Every client path (inference sessions, stateless forward, training) asks this before banning
+    a peer and trying elsewhere; False means the request itself is at fault, so it is raised.
+    """
+    if isinstance(exc, PeerUnavailable):
+        return True
+    return exc.retryable or exc.code in _NOT_HERE

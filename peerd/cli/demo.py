@@ -139,9 +139,10 @@ class LocalSwarm:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from peerd.cli import resolve, run_async
+    from peerd.cli.helpers import resolve, run_async
     from peerd.model.config import ModelConfig
-    from peerd.model.fetch import ModelNotFoundError, canonical_model_id, fetch_model
+    from peerd.model.fetch import fetch_model
+    from peerd.model.registry import ModelNotFoundError, canonical_model_id
 
     try:
         model_id, path = resolve(args.model, args.cache_dir)

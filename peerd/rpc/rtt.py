@@ -1,10 +1,8 @@
-"""The swarm as one peer sees it, for the health page, its JSON API and the swarm gauges.
+"""Round-trip times to other peers: the one RTT probe clients and peers use, with one TTL.
 
-Reading the DHT costs one lookup per block, so a page that refreshes every few seconds (or a
-few operators looking at once, or Prometheus scraping) must not turn into a stream of DHT reads:
-:class:`SwarmView` keeps the last answer for ``max_age_s`` and lets concurrent callers share one
-read. :class:`RttProbe` measures the round trip from this peer to others with an ``info`` call,
-at most once per peer per ``ttl_s``.
+A client weighs route hops by RTT, a peer publishes its RTT to the peers serving the next blocks
+(for clients' routing), and the health page shows RTTs: all three measure the same way (one
+``info`` round trip, stream open included) and cache each peer's value for :data:`RTT_TTL_S`.
 """
 
 from __future__ import annotations
@@ -12,46 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
 
-__all__ = ["RttProbe", "SwarmView"]
+__all__ = ["MAX_RTT_PROBES", "RTT_TIMEOUT_S", "RTT_TTL_S", "RttProbe"]
+
+RTT_TTL_S = 30.0  # re-measure a peer's RTT after this long (about one announce period)
+RTT_TIMEOUT_S = 2.0  # a peer slower than this to answer `info` counts as unreachable for now
+MAX_RTT_PROBES = 32  # streams opened per call at most: anyone can put records in the DHT
 
 Clock = Callable[[], float]
-
-
-class SwarmView:
-    """Caches the result of ``read`` (an async callable) for ``max_age_s`` seconds.
-
-    Concurrent ``get`` calls wait for the same read instead of starting their own. A failed read
-    raises to the callers of that read and leaves the previous value in place for later ones.
-    """
-
-    def __init__(
-        self, read: Callable[[], Awaitable[dict[str, Any]]], *, max_age_s: float = 2.0, clock: Clock = time.monotonic
-    ) -> None:
-        self._read = read
-        self.max_age_s = max_age_s
-        self._clock = clock
-        self._lock = asyncio.Lock()
-        self._value: dict[str, Any] | None = None
-        self._read_at = 0.0
-        self.reads = 0  # how many times the DHT was actually read (tests and debugging)
-
-    @property
-    def last(self) -> dict[str, Any] | None:
-        """The last value read, however old (None before the first read)."""
-        return self._value
-
-    async def get(self, max_age_s: float | None = None) -> dict[str, Any]:
-        """The cached value if younger than ``max_age_s`` (default: the view's), else a fresh read."""
-        limit = self.max_age_s if max_age_s is None else max_age_s
-        async with self._lock:
-            if self._value is not None and self._clock() - self._read_at < limit:
-                return self._value
-            value = await self._read()
-            self.reads += 1
-            self._value, self._read_at = value, self._clock()
-            return value
 
 
 class RttProbe:
@@ -65,9 +31,9 @@ class RttProbe:
         self,
         ping: Callable[[str], Awaitable[object]],
         *,
-        ttl_s: float = 30.0,
-        timeout_s: float = 2.0,
-        max_probes: int = 32,
+        ttl_s: float = RTT_TTL_S,
+        timeout_s: float = RTT_TIMEOUT_S,
+        max_probes: int = MAX_RTT_PROBES,
         clock: Clock = time.monotonic,
     ) -> None:
         self._ping = ping
@@ -77,6 +43,11 @@ class RttProbe:
         self.max_probes = max_probes
         self._clock = clock
         self._cache: dict[str, tuple[float, float | None]] = {}  # peer id -> (measured at, rtt ms)
+
+    def measured_at(self, peer_id: str) -> float | None:
+        """When ``peer_id`` was last probed (its RTT may still be None: it did not answer); None: never."""
+        entry = self._cache.get(peer_id)
+        return entry[0] if entry is not None else None
 
     async def _measure(self, peer_id: str) -> float | None:
         started = time.perf_counter()

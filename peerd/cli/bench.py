@@ -2,7 +2,7 @@
 
 These machines are shared and noisy, so nothing here trusts one absolute time: the swarm and the
 local baseline run interleaved in the same process, several rounds each, and we report medians
-and their ratio. Run with ``python -m peerd.bench [--model ID] [--tokens N] [--rounds R]``.
+and their ratio. Run with ``python -m peerd.cli.bench [--model ID] [--tokens N] [--rounds R]``.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ async def failover_rounds(  # type: ignore[no-untyped-def]
 ) -> dict[str, Any]:
     """Add a replica of ``span``, then per round: kill whichever replica the route uses at token 10,
     record the stall, check the output, and restart the killed peer (timing until it serves)."""
-    from peerd.client import SwarmClient
+    from peerd.client import BanList, SwarmClient
 
     client = await SwarmClient.connect(swarm.initial_peers, path, model_id=model_id, failover_timeout_s=120.0)
     stalls, serve_s, identical = [], [], True
@@ -119,8 +119,8 @@ async def failover_rounds(  # type: ignore[no-untyped-def]
         serve_s.append(await _time_to_serve(swarm, "replica", span, client, hidden))
         for r in range(rounds):
             await client.wait_for_route(timeout_s=60)
-            client.bans = type(client.bans)()  # restarted peers are healthy again
-            route = await client.plan_inference(0, client.num_blocks, len(prompt) + len(expected))
+            client.router.bans = BanList()  # restarted peers are healthy again
+            route = await client.router.plan_inference(0, client.num_blocks, len(prompt) + len(expected))
             killer = _KillAt(swarm, route[0].record.public_name, at_token=10)
             result = await client.generate(
                 prompt, max_new_tokens=len(expected), stop_on_eos=False, on_token=killer.on_token
@@ -147,18 +147,22 @@ async def failover_rounds(  # type: ignore[no-untyped-def]
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peerd.bench", description=__doc__)
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m peerd.cli.bench", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per generation (default 48)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of local and swarm (default 3)")
     parser.add_argument("--peers", type=int, default=3)
     parser.add_argument("--out", default="bench-results/bench.json")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from peerd.cli import resolve, run_async
-    from peerd.demo import LocalSwarm, split_blocks
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+
+    from peerd.cli.demo import LocalSwarm, split_blocks
+    from peerd.cli.helpers import resolve, run_async
     from peerd.model.chat import chat_prompt_ids, load_tokenizer
     from peerd.model.config import ModelConfig
     from peerd.model.loading import load_local_model
@@ -194,33 +198,14 @@ def main(argv: list[str] | None = None) -> int:
             + " ...",
             flush=True,
         )
-        t0 = time.monotonic()
-        swarm.start_bootstrap()
-        procs = [
-            swarm.start_peer(f"peer{i + 1}", span, ["--torch-threads", "1"])
-            for i, span in enumerate(split_blocks(config.num_layers, args.peers))
-        ]
-        swarm.wait_ready(procs, timeout_s=300)
-        results["swarm_start_s"] = time.monotonic() - t0
+        results["swarm_start_s"] = _start_swarm(swarm, split_blocks(config.num_layers, args.peers))
         print(f"      ready after {results['swarm_start_s']:.1f}s", flush=True)
         print("[4/4] interleaved rounds: local, swarm, local, swarm, ...", flush=True)
-        local_tps, swarm_tps, overheads, identical = [], [], [], True
-        for r in range(args.rounds):
-            tokens_local, tps = local_decode(local_model, prompt, args.tokens)
-            local_tps.append(tps)
-            res = run_async(swarm_decode(swarm.initial_peers, path, model_id, prompt, args.tokens))
-            swarm_tps.append(res.tokens_per_s)
-            identical &= res.token_ids == tokens_local
-            for hops, computes in zip(res.hop_ms[1:], res.hop_compute_ms[1:], strict=True):  # decode steps only
-                overheads += [h - c for h, c in zip(hops, computes, strict=True)]
-            print(
-                f"      round {r + 1}: local {tps:6.1f} tok/s   swarm {res.tokens_per_s:6.1f} tok/s   "
-                f"same tokens: {res.token_ids == tokens_local}",
-                flush=True,
-            )
+        rounds = _interleaved_rounds(local_model, swarm.initial_peers, path, model_id, prompt, args)
+        tokens_local = rounds["tokens_local"]
         text = load_tokenizer(path).decode(tokens_local, skip_special_tokens=True)
         print("[+] training: forward+backward, micro-batches pipelined vs stage by stage ...", flush=True)
-        from peerd.bench_train import run_training_bench, training_rows
+        from peerd.cli.bench_train import run_training_bench
 
         results["training"] = run_training_bench(
             swarm.initial_peers, path, model_id, batch_size=4, seq_len=64, rounds=2
@@ -232,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         results.update(failover)
 
+    local_tps, swarm_tps, overheads = rounds["local_tps"], rounds["swarm_tps"], rounds["overheads"]
     local_med, swarm_med = statistics.median(local_tps), statistics.median(swarm_tps)
     results.update(
         local_tokens_per_s=local_med,
@@ -240,13 +226,65 @@ def main(argv: list[str] | None = None) -> int:
         hop_overhead_ms_p50=_percentile(overheads, 50),
         hop_overhead_ms_p99=_percentile(overheads, 99),
         hops_measured=len(overheads),
-        outputs_identical=identical,
+        outputs_identical=rounds["identical"],
         local_rounds=local_tps,
         swarm_rounds=swarm_tps,
         cpu_count=os.cpu_count(),
         torch=torch.__version__,
         sample_text=text,
     )
+    _report(results, codec, len(overheads), args.out)
+    return 0
+
+
+def _start_swarm(swarm: Any, spans: list[tuple[int, int]]) -> float:
+    """Start a bootstrap node and one single-threaded peer per span; seconds until all serve."""
+    t0 = time.monotonic()
+    swarm.start_bootstrap()
+    procs = [swarm.start_peer(f"peer{i + 1}", span, ["--torch-threads", "1"]) for i, span in enumerate(spans)]
+    swarm.wait_ready(procs, timeout_s=300)
+    return time.monotonic() - t0
+
+
+def _interleaved_rounds(
+    local_model: Any, initial_peers: list[str], path: Path, model_id: str, prompt: list[int], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Local and swarm generation alternated ``args.rounds`` times, so machine drift hits both alike."""
+    from peerd.cli.helpers import run_async
+
+    local_tps: list[float] = []
+    swarm_tps: list[float] = []
+    overheads: list[float] = []
+    identical = True
+    tokens_local: list[int] = []
+    for r in range(args.rounds):
+        tokens_local, tps = local_decode(local_model, prompt, args.tokens)
+        local_tps.append(tps)
+        res = run_async(swarm_decode(initial_peers, path, model_id, prompt, args.tokens))
+        swarm_tps.append(res.tokens_per_s)
+        identical &= res.token_ids == tokens_local
+        for hops, computes in zip(res.hop_ms[1:], res.hop_compute_ms[1:], strict=True):  # decode steps only
+            overheads += [h - c for h, c in zip(hops, computes, strict=True)]
+        print(
+            f"      round {r + 1}: local {tps:6.1f} tok/s   swarm {res.tokens_per_s:6.1f} tok/s   "
+            f"same tokens: {res.token_ids == tokens_local}",
+            flush=True,
+        )
+    return {
+        "local_tps": local_tps,
+        "swarm_tps": swarm_tps,
+        "overheads": overheads,
+        "identical": identical,
+        "tokens_local": tokens_local,
+    }
+
+
+def _report(results: dict[str, Any], codec: dict[str, float], hops: int, out_path: str) -> None:
+    """Print the summary table and write ``results`` as JSON to ``out_path``."""
+    from peerd.cli.bench_train import training_rows
+
+    swarm_med, local_med = results["swarm_tokens_per_s"], results["local_tokens_per_s"]
+    identical = results["outputs_identical"]
     rows = [
         ("swarm generation", f"{swarm_med:.1f} tok/s", "median of rounds"),
         ("local generation", f"{local_med:.1f} tok/s", "same model, same process"),
@@ -256,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{results['hop_overhead_ms_p50']:.2f} ms",
             "decode step wall - server compute",
         ),
-        ("per-hop overhead p99", f"{results['hop_overhead_ms_p99']:.2f} ms", f"{len(overheads)} hops"),
+        ("per-hop overhead p99", f"{results['hop_overhead_ms_p99']:.2f} ms", f"{hops} hops"),
         (
             "codec / memcpy",
             f"{codec['codec_vs_memcpy']:.3f}",
@@ -279,11 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
         print(f"  {name.ljust(width)}  {value:>14}   {note}")
-    out = Path(args.out)
+    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwritten to {out}")
-    return 0
 
 
 if __name__ == "__main__":

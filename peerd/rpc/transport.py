@@ -8,7 +8,6 @@ and reads the answer under a deadline. Stream errors, timeouts and garbage becom
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -16,9 +15,9 @@ from typing import TypeVar
 import torch
 from hivemind.p2p import P2P, PeerID
 
-from peerd.client.errors import PeerError, PeerUnavailable
-from peerd.streams import STREAM_NAMES
-from peerd.tensors import from_wire, to_wire
+from peerd.rpc.errors import PeerError, PeerUnavailable
+from peerd.rpc.streams import STREAM_NAMES
+from peerd.rpc.tensors import from_wire, to_wire
 from protocols import (
     DEFAULT_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -26,7 +25,6 @@ from protocols import (
     BackwardResponse,
     Compression,
     Error,
-    ErrorCode,
     ForwardRequest,
     ForwardResponse,
     Hello,
@@ -40,6 +38,7 @@ from protocols import (
     Message,
     ProtocolError,
     encode_frame,
+    expect_message,
     read_message,
 )
 
@@ -93,28 +92,12 @@ class PeerClient:
             raise PeerUnavailable(peer_id, f"sent a malformed frame: {exc}") from exc
         except (OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
             raise PeerUnavailable(peer_id, f"stream broke: {exc!r}") from exc
-        if isinstance(msg, Error):
-            try:
-                code = ErrorCode(msg.code)
-            except ValueError:
-                code = ErrorCode.INTERNAL
-            raise PeerError(peer_id, code, msg.message)
-        if not isinstance(msg, expected):
-            raise PeerUnavailable(peer_id, f"answered {type(msg).__name__}, expected {expected.__name__}")
-        return msg
-
-    async def rtt_ms(self, peer_id: str, samples: int = 2) -> float | None:
-        """Round trip of an ``info`` request (stream open included), best of ``samples``; None if unreachable."""
-        best: float | None = None
-        for _ in range(samples):
-            started = time.perf_counter()
-            try:
-                await self.info(peer_id)
-            except (PeerUnavailable, PeerError):
-                return best
-            elapsed = (time.perf_counter() - started) * 1e3
-            best = elapsed if best is None else min(best, elapsed)
-        return best
+        try:
+            return expect_message(msg, expected)
+        except ProtocolError as exc:
+            if isinstance(msg, Error):  # the peer's own answer: it refused, and says why
+                raise PeerError(peer_id, exc.code, exc.message) from None
+            raise PeerUnavailable(peer_id, f"answered out of turn: {exc.message}") from None
 
     async def info(self, peer_id: str) -> InfoResponse:
         async with self._stream(peer_id, "info") as (reader, writer):

@@ -1,169 +1,24 @@
-"""`peerd finetune`: prompt tuning and client-side LoRA through a swarm whose blocks stay frozen.
+"""`peerd finetune`: train a soft prompt / adapters through a swarm, save them and a loss curve.
 
-The client embeds a batch of text windows (with a trainable soft prompt in front), sends the hidden
-states through the swarm in micro-batches (:class:`peerd.client.autograd.RemoteBlocks`), computes
-the next-token loss locally with the (LoRA-adapted) LM head, and calls ``loss.backward()``: the
-gradient returns through the same peers to the soft prompt and embedding adapter. Only the
-client's :class:`~peerd.client.adapters.ClientAdapter` changes; it is saved as safetensors, with
-a loss-curve PNG beside it. ``SwarmClient.generate(..., adapter=...)`` uses it afterwards.
-
-Each optimizer step runs in a worker thread (``asyncio.to_thread``), see peerd/client/autograd.py
-for why.
+The training itself is :mod:`peerd.client.training`; this module parses, prints and plots.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
+from peerd.cli.helpers import resolve
 from peerd.client.adapters import ClientAdapter
+from peerd.client.training import DEFAULT_DATA, TokenBatches, finetune
 
-if TYPE_CHECKING:
-    from peerd.client.swarm import SwarmClient
-
-__all__ = [
-    "DEFAULT_DATA",
-    "FinetuneResult",
-    "TokenBatches",
-    "add_finetune_arguments",
-    "cmd_finetune",
-    "finetune",
-    "lm_loss",
-    "plot_losses",
-    "train_step",
-]
-
-DEFAULT_DATA = Path(__file__).parent / "data" / "finetune_sample.txt"
-
-Blocks = Callable[[Tensor], Tensor]  # hidden [batch, n, hidden] -> hidden: RemoteBlocks, or a local Stage
-
-
-class TokenBatches:
-    """Random batches of ``seq_len``-token windows from one long token sequence (reproducible by seed).
-
-    Windows start every ``seq_len // 2`` tokens, so every token is seen in two contexts; a
-    sequence shorter than one window raises ValueError.
-    """
-
-    def __init__(self, ids: Sequence[int], *, seq_len: int, batch_size: int, seed: int = 0) -> None:
-        if seq_len < 2 or batch_size < 1:
-            raise ValueError("seq_len must be >= 2 and batch_size >= 1")
-        if len(ids) < seq_len:
-            raise ValueError(f"the training text has {len(ids)} tokens, fewer than one window of {seq_len}")
-        stride = max(1, seq_len // 2)
-        tokens = torch.tensor(list(ids), dtype=torch.int64)
-        self.windows = tokens.unfold(0, seq_len, stride)  # [num_windows, seq_len]
-        self.batch_size = batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return int(self.windows.shape[0])
-
-    def sample(self) -> Tensor:
-        """A batch ``[batch_size, seq_len]`` of windows drawn without replacement (with it if too few)."""
-        n = len(self)
-        if n >= self.batch_size:
-            rows = torch.randperm(n, generator=self.generator)[: self.batch_size]
-        else:
-            rows = torch.randint(0, n, (self.batch_size,), generator=self.generator)
-        return self.windows[rows]
-
-
-def lm_loss(adapter: ClientAdapter, blocks: Blocks, input_ids: Tensor) -> Tensor:
-    """Mean next-token cross-entropy of ``input_ids [batch, n]`` with the adapter's soft prompt in front.
-
-    With a soft prompt of length p, the output at position p - 1 (the prompt's last vector)
-    predicts the first real token, so every token of the window is a target; without one, the
-    first token is context only.
-    """
-    p = adapter.prefix_length
-    hidden = adapter.embed(input_ids)  # [batch, p + n, hidden]
-    out = blocks(hidden)  # [batch, p + n, hidden]
-    if p:
-        logits = adapter.logits(out[:, p - 1 : -1])  # [batch, n, vocab]
-        targets = input_ids  # [batch, n]
-    else:
-        logits = adapter.logits(out[:, :-1])  # [batch, n - 1, vocab]
-        targets = input_ids[:, 1:]  # [batch, n - 1]
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
-def train_step(adapter: ClientAdapter, blocks: Blocks, optimizer: torch.optim.Optimizer, input_ids: Tensor) -> float:
-    """One optimizer step on one batch (blocking: run it in a worker thread when ``blocks`` is remote)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss = lm_loss(adapter, blocks, input_ids)
-    loss.backward()  # type: ignore[no-untyped-call]
-    optimizer.step()
-    return float(loss.detach())
-
-
-@dataclass
-class FinetuneResult:
-    """What a training run produced."""
-
-    adapter: ClientAdapter
-    losses: list[float] = field(default_factory=list)  # one per step
-    tokens: int = 0  # tokens trained on (soft prompt excluded)
-    elapsed_s: float = 0.0
-    retries: int = 0  # remote stage calls redone on another peer
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-
-async def finetune(
-    client: SwarmClient,
-    batches: TokenBatches,
-    *,
-    steps: int,
-    adapter: ClientAdapter | None = None,
-    lr: float = 5e-3,
-    micro_batches: int = 4,
-    rng_seed: int | None = None,
-    on_step: Callable[[int, float], None] | None = None,
-) -> FinetuneResult:
-    """Train ``adapter`` (default: a 16-token soft prompt) for ``steps`` steps through the swarm.
-
-    Must be awaited on the client's event loop; each step runs in a worker thread. ``on_step``
-    gets (step, loss) after every step (progress bars).
-    """
-    import random
-
-    from peerd.client.autograd import RemoteBlocks
-
-    adapter = adapter or ClientAdapter(client.head, prompt_tokens=16)
-    params = list(adapter.trainable_parameters().values())
-    if not params:
-        raise ValueError("the adapter has nothing to train: give it prompt_tokens or a LoRA rank")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = random.Random(rng_seed) if rng_seed is not None else None
-    blocks = RemoteBlocks(client, micro_batches=micro_batches, rng=rng)
-    result = FinetuneResult(adapter=adapter)
-    started = time.perf_counter()
-    for step in range(steps):
-        ids = batches.sample()
-        loss = await asyncio.to_thread(train_step, adapter, blocks, optimizer, ids)
-        result.losses.append(loss)
-        result.tokens += ids.numel()
-        if blocks.last_trace is not None:
-            result.retries += blocks.last_trace.retries
-        if on_step is not None:
-            on_step(step, loss)
-    result.elapsed_s = time.perf_counter() - started
-    return result
+__all__ = ["add_finetune_arguments", "cmd_finetune", "plot_losses"]
 
 
 def plot_losses(losses: Sequence[float], path: str | Path, *, title: str = "") -> Path:
@@ -188,9 +43,6 @@ def plot_losses(losses: Sequence[float], path: str | Path, *, title: str = "") -
     fig.tight_layout()
     fig.savefig(path)
     return path
-
-
-# --- the CLI ----------------------------------------------------------------------------------------
 
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -227,7 +79,6 @@ async def cmd_finetune(args: argparse.Namespace) -> int:
     """Train, save ``adapter.safetensors``, ``loss.png`` and ``losses.json`` under ``--out``."""
     from tqdm import tqdm
 
-    from peerd.cli import resolve
     from peerd.client import SwarmClient
 
     problem = _require_matplotlib()

@@ -7,16 +7,23 @@ numbers of blocks compare directly.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 import torch
 
-from peerd.model.stage import Stage
+from peerd.daemon.placement import blocks_that_fit
+from peerd.model.config import ModelConfig
+from peerd.model.llama import Block
+from peerd.model.stage import Stage, cache_bytes_per_token
+from peerd.server.runtime import ComputeRuntime
 
-__all__ = ["Capacity", "Hardware", "measure_throughput", "probe_hardware"]
+__all__ = ["Capacity", "Hardware", "blocks_fitting_memory", "measure_capacity", "measure_throughput", "probe_hardware"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,3 +95,63 @@ def measure_throughput(
         decode_tokens_per_s=num_blocks / median_step_s,
         prefill_tokens_per_s=prefill_tokens * num_blocks / prefill_s,
     )
+
+
+def blocks_fitting_memory(
+    model_config: ModelConfig, dtype: torch.dtype, *, budget_bytes: int, cache_tokens: int
+) -> int:
+    """How many blocks of ``model_config`` in ``dtype`` fit ``budget_bytes`` with a ``cache_tokens`` KV cache.
+
+    Raises ValueError when not even one does, naming the options that would help.
+    """
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Block(model_config, 0).parameters())
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    fit = blocks_that_fit(
+        budget_bytes=budget_bytes,
+        bytes_per_block=params * itemsize,
+        cache_bytes_per_block=cache_tokens * cache_bytes_per_token(model_config, 1, dtype),
+        reserve_bytes=min(512 << 20, budget_bytes // 10),
+        num_blocks=model_config.num_layers,
+    )
+    if fit < 1:
+        raise ValueError(
+            f"not even one block fits the memory budget of {budget_bytes / 2**30:.1f} GiB with a KV cache of "
+            f"{cache_tokens} tokens; lower --cache-tokens or raise --memory-budget"
+        )
+    return fit
+
+
+async def measure_capacity(
+    runtime: ComputeRuntime,
+    model_config: ModelConfig,
+    dtype: torch.dtype,
+    device: str,
+    *,
+    measure: bool = True,
+    step_delay_s: float = 0.0,
+    span_blocks: int = 1,
+) -> Capacity:
+    """Per-block throughput, measured on one random block before any weights are loaded.
+
+    Every block of a model has the same shape, so one block tells the truth about all of them,
+    and knowing it *before* loading lets placement use it. The test/ops knob ``step_delay_s``
+    is folded in, spread over a span of ``span_blocks``, so an artificially slowed peer also
+    advertises itself as slow. ``measure=False`` (tests) skips the benchmark for a rough figure.
+    """
+    if measure:
+        probe = await runtime.run(lambda: Stage.random(model_config, 0, 1, dtype=dtype, device=device))
+        capacity = await runtime.run(lambda: measure_throughput(probe))
+        del probe
+    else:
+        capacity = Capacity(decode_tokens_per_s=1000.0, prefill_tokens_per_s=10000.0)
+    if step_delay_s > 0:
+        # a step through n blocks takes n / tps + delay
+        step_s = span_blocks / capacity.decode_tokens_per_s + step_delay_s
+        capacity = replace(capacity, decode_tokens_per_s=span_blocks / step_s)
+    logger.info(
+        "throughput per block: %.0f tok/s decode, %.0f tok/s prefill",
+        capacity.decode_tokens_per_s,
+        capacity.prefill_tokens_per_s,
+    )
+    return capacity

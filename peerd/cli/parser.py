@@ -1,48 +1,16 @@
-"""The `peerd` command: run a peer, start a demo swarm, generate, show swarm status, fetch models.
+"""The `peerd` argument parser: every subcommand and option, in one place.
 
-Parsing lives here and only here; everything below gets frozen config objects. The event loop is
-uvloop, chosen through ``asyncio.Runner(loop_factory=...)`` -- never by mutating a global policy.
+Parsing lives here and only here; the commands below get parsed arguments and build frozen
+config objects from them.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import logging
-import os
-import signal
-import sys
-from collections.abc import Coroutine, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
 
 from peerd import __version__
 
-__all__ = ["main"]
-
-T = TypeVar("T")
-logger = logging.getLogger("peerd")
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` on a fresh uvloop event loop."""
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    # hivemind logs every DHT hiccup at INFO/WARNING; operators care about ours
-    for noisy in ("hivemind", "hivemind.dht", "hivemind.p2p"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
-    os.environ.setdefault("HIVEMIND_LOGLEVEL", "DEBUG" if verbose else "ERROR")
+__all__ = ["build_parser", "parse_blocks", "parse_size"]
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -67,14 +35,6 @@ def parse_size(text: str) -> int:
         return int(float(number) * units[stripped[len(number) :].strip()])
     except (KeyError, ValueError):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 6GB or 512MiB)") from None
-
-
-def resolve(model: str, cache_dir: str | None) -> tuple[str, Path]:
-    """(model id the swarm uses, local folder) for a known model id or a path."""
-    from peerd.model.fetch import canonical_model_id, resolve_model
-
-    path = resolve_model(model, Path(cache_dir) if cache_dir else None)
-    return canonical_model_id(model) or path.resolve().name, path
 
 
 def _add_swarm_args(p: argparse.ArgumentParser, *, need_peers: bool) -> None:
@@ -203,79 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune = sub.add_parser("finetune", help="train a soft prompt / adapters through a swarm (blocks stay frozen)")
     _add_swarm_args(finetune, need_peers=True)
-    from peerd.finetune import add_finetune_arguments
+    from peerd.cli.finetune import add_finetune_arguments
 
     add_finetune_arguments(finetune)
 
     model = sub.add_parser("model", help="manage model files")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     fetch = model_sub.add_parser("fetch", help="download and convert the embedded default model (idempotent)")
-    from peerd.model.fetch import add_fetch_arguments
+    from peerd.cli.model import add_fetch_arguments
 
     add_fetch_arguments(fetch)
     return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "model":
-            from peerd.model.fetch import run_fetch_command
-
-            return run_fetch_command(args)
-        setup_logging(getattr(args, "verbose", False))
-        if args.command == "run":
-            from peerd.commands import cmd_run
-
-            return run_async(cmd_run(args))
-        if args.command == "bootstrap":
-            from peerd.commands import cmd_bootstrap
-
-            return run_async(cmd_bootstrap(args))
-        if args.command == "demo":
-            from peerd.demo import cmd_demo
-
-            return cmd_demo(args)
-        if args.command == "generate":
-            from peerd.commands import cmd_generate
-
-            return run_async(cmd_generate(args))
-        if args.command == "finetune":
-            from peerd.finetune import cmd_finetune
-
-            return run_async(cmd_finetune(args))
-        if args.command == "status":
-            from peerd.commands import cmd_status
-
-            return run_async(cmd_status(args))
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # the CLI's one place that turns errors into readable text
-        from peerd.client.errors import PeerdClientError
-        from peerd.model.fetch import ModelNotFoundError
-
-        if isinstance(exc, (PeerdClientError, ModelNotFoundError, ValueError, OSError)):
-            print(f"peerd: error: {exc}", file=sys.stderr)
-            return 1
-        raise
-    return 2
-
-
-def write_ready_file(path: str | None, data: dict[str, Any]) -> None:
-    """Atomically publish start-up facts for a supervising process (demo, tests)."""
-    if not path:
-        return
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
-
-
-def install_stop_handlers(stop: Any) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from dataclasses import replace
 
 import torch
@@ -18,31 +17,32 @@ from hivemind.p2p import P2P
 from hivemind.utils.crypto import RSAPrivateKey
 
 from peerd import __version__
-from peerd.capacity import Capacity, Hardware, measure_throughput, probe_hardware
-from peerd.client.transport import PeerClient
 from peerd.config import PeerConfig
-from peerd.identity import load_or_create_identity, peer_id_of_public_key
-from peerd.metrics import PeerMetrics
-from peerd.model.config import ModelConfig
-from peerd.model.llama import Block
-from peerd.model.loading import default_dtype_for, load_stage
-from peerd.model.stage import Stage, cache_bytes_per_token
-from peerd.placement import (
+from peerd.daemon.capacity import Capacity, Hardware, blocks_fitting_memory, measure_capacity, probe_hardware
+from peerd.daemon.placement import (
     PlacedPeer,
     Placement,
-    blocks_that_fit,
     choose_placement,
     decide_move,
     recheck_after_joining,
 )
-from peerd.server.handlers import STREAM_NAMES, BlockServicer, Limits
+from peerd.daemon.routes import peer_routes
+from peerd.identity import load_or_create_identity, peer_id_of_public_key
+from peerd.model.config import ModelConfig
+from peerd.model.loading import default_dtype_for, load_stage
+from peerd.model.stage import Stage, cache_bytes_per_token
+from peerd.rpc.rtt import RTT_TIMEOUT_S, RttProbe
+from peerd.rpc.streams import STREAM_NAMES
+from peerd.rpc.transport import PeerClient
+from peerd.server.handlers import BlockServicer
+from peerd.server.limits import Limits
+from peerd.server.metrics import PeerMetrics
 from peerd.server.runtime import ComputeRuntime
 from peerd.server.sessions import CacheBudget
-from peerd.swarm.dht import SwarmDHT
-from peerd.swarm.records import PeerState, ServerRecord, swarm_prefix
+from peerd.swarm.dht import SwarmDHT, records_of
+from peerd.swarm.records import PeerState, ServerRecord, latest_per_peer, swarm_prefix
 from peerd.web.http import HttpServer
-from peerd.web.routes import peer_routes
-from protocols import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION
+from protocols import PROTOCOL_VERSION
 
 __all__ = ["Peer"]
 
@@ -71,7 +71,7 @@ class Peer:
         self.http: HttpServer | None = None
         self.http_port: int | None = None
         self._private_key: RSAPrivateKey | None = None
-        self.peers: PeerClient | None = None  # this peer as a client of others (RTT probes)
+        self.rtt: RttProbe | None = None  # this peer's RTTs to others (published for clients' routing)
         self.dtype = torch.float32
         # the blocks we host or are about to host (placement fixes it during startup)
         self.blocks: tuple[int, int] = config.blocks or (0, self.model_config.num_layers)
@@ -79,7 +79,6 @@ class Peer:
         self._stop = asyncio.Event()
         self._shut_down = False
         self.peer_id = ""
-        self.started_at = time.monotonic()
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -104,7 +103,8 @@ class Peer:
             num_blocks=self.model_config.num_layers,
             initial_peers=cfg.initial_peers,
         )
-        self.peers = PeerClient(self.p2p, cfg.model_id, timeout_s=5.0, client_name=f"peerd-peer/{__version__}")
+        peers = PeerClient(self.p2p, cfg.model_id, timeout_s=RTT_TIMEOUT_S, client_name=f"peerd-peer/{__version__}")
+        self.rtt = RttProbe(peers.info)
         self.hardware = probe_hardware(cfg.device)
         self.runtime = ComputeRuntime(torch_threads=cfg.torch_threads)
         self.dtype = getattr(torch, cfg.dtype) if cfg.dtype else default_dtype_for(cfg.device)
@@ -122,16 +122,7 @@ class Peer:
             model_id=cfg.model_id,
             runtime=self.runtime,
             budget=budget,
-            limits=Limits(
-                max_frame_bytes=DEFAULT_MAX_FRAME_BYTES,
-                max_batch_tokens=cfg.max_batch_tokens,
-                max_session_length=cfg.max_session_length,
-                max_sessions=cfg.max_sessions,
-                request_timeout_s=cfg.request_timeout_s,
-                session_idle_timeout_s=cfg.session_idle_timeout_s,
-                max_sessions_per_peer=cfg.max_sessions_per_peer,
-                max_inflight_per_peer=cfg.max_inflight_per_peer,
-            ),
+            limits=Limits.from_config(cfg),
             metrics=self.metrics,
             public_name=cfg.public_name,
             step_delay_s=cfg.step_delay_s,
@@ -148,65 +139,34 @@ class Peer:
         await self.announce()
 
     async def _measure_capacity(self) -> Capacity:
-        """Per-block throughput, measured on one random block before any weights are loaded.
-
-        Every block of a model has the same shape, so one block tells the truth about all of them,
-        and knowing it *before* loading lets placement use it. The test/ops knob ``step_delay_s``
-        is folded in, so an artificially slowed peer also advertises itself as slow.
-        """
         cfg = self.config
         assert self.runtime is not None
-        if cfg.measure_throughput:
-            config, dtype, device = self.model_config, self.dtype, cfg.device
-            probe = await self.runtime.run(lambda: Stage.random(config, 0, 1, dtype=dtype, device=device))
-            capacity = await self.runtime.run(lambda: measure_throughput(probe))
-            del probe
-        else:
-            capacity = Capacity(decode_tokens_per_s=1000.0, prefill_tokens_per_s=10000.0)
-        if cfg.step_delay_s > 0:
-            # a step through n blocks takes n / tps + delay; spread the delay over a typical span
-            blocks = cfg.blocks[1] - cfg.blocks[0] if cfg.blocks else cfg.max_blocks or self.model_config.num_layers
-            step_s = blocks / capacity.decode_tokens_per_s + cfg.step_delay_s
-            capacity = replace(capacity, decode_tokens_per_s=blocks / step_s)
-        logger.info(
-            "throughput per block: %.0f tok/s decode, %.0f tok/s prefill",
-            capacity.decode_tokens_per_s,
-            capacity.prefill_tokens_per_s,
+        # the step delay is spread over a typical span: ours if fixed, else the most we would host
+        span_blocks = cfg.blocks[1] - cfg.blocks[0] if cfg.blocks else cfg.max_blocks or self.model_config.num_layers
+        return await measure_capacity(
+            self.runtime,
+            self.model_config,
+            self.dtype,
+            cfg.device,
+            measure=cfg.measure_throughput,
+            step_delay_s=cfg.step_delay_s,
+            span_blocks=span_blocks,
         )
-        return capacity
 
     def _blocks_that_fit(self) -> int:
-        cfg = self.config
-        with torch.device("meta"):
-            params = sum(p.numel() for p in Block(self.model_config, 0).parameters())
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
         assert self.hardware is not None
+        cfg = self.config
         budget = cfg.memory_budget_bytes or int(0.8 * self.hardware.memory_free_bytes)
-        fit = blocks_that_fit(
-            budget_bytes=budget,
-            bytes_per_block=params * itemsize,
-            cache_bytes_per_block=cfg.cache_tokens * cache_bytes_per_token(self.model_config, 1, self.dtype),
-            reserve_bytes=min(512 << 20, budget // 10),
-            num_blocks=self.model_config.num_layers,
-        )
-        if fit < 1:
-            raise ValueError(
-                f"not even one block fits the memory budget of {budget / 2**30:.1f} GiB with a KV cache of "
-                f"{cfg.cache_tokens} tokens; lower --cache-tokens or raise --memory-budget"
-            )
+        fit = blocks_fitting_memory(self.model_config, self.dtype, budget_bytes=budget, cache_tokens=cfg.cache_tokens)
         return min(fit, cfg.max_blocks or fit)
 
     async def _swarm_peers(self) -> list[PlacedPeer]:
         """Other peers serving or about to serve, as placement sees them (latest record each)."""
         assert self.dht is not None
         views = await self.dht.read_blocks(timeout_s=5.0)
-        latest: dict[str, ServerRecord] = {}
-        for view in views:
-            for r in view.records:
-                if r.state is PeerState.OFFLINE or r.peer_id == self.peer_id:
-                    continue
-                if r.peer_id not in latest or r.announced_at > latest[r.peer_id].announced_at:
-                    latest[r.peer_id] = r
+        latest = latest_per_peer(
+            records_of(views), lambda r: r.state is not PeerState.OFFLINE and r.peer_id != self.peer_id
+        )
         return [PlacedPeer(r.peer_id, r.start, r.end, r.decode_tokens_per_s) for r in latest.values()]
 
     def _me(self) -> PlacedPeer:
@@ -283,15 +243,15 @@ class Peer:
 
     async def _measure_next_rtts(self) -> None:
         """RTT to the peers serving the block right after ours (published in our record for routing)."""
-        assert self.dht is not None and self.peers is not None
+        assert self.dht is not None and self.rtt is not None
         end = self.blocks[1]
         if end >= self.model_config.num_layers:
             self.next_rtts_ms = {}
             return
         (view,) = await self.dht.read_blocks(end, end + 1, timeout_s=5.0)
         targets = [r.peer_id for r in view.online() if r.peer_id != self.peer_id][:MAX_RTT_TARGETS]
-        rtts = await asyncio.gather(*(self.peers.rtt_ms(peer) for peer in targets))
-        self.next_rtts_ms = {peer: rtt for peer, rtt in zip(targets, rtts, strict=True) if rtt is not None}
+        rtts = await self.rtt.rtts_ms(targets)
+        self.next_rtts_ms = {peer: rtt for peer, rtt in rtts.items() if rtt is not None}
 
     async def _rebalance_loop(self) -> None:
         cfg = self.config
@@ -416,7 +376,8 @@ class Peer:
     async def announce(self, timeout_s: float = 10.0) -> bool:
         assert self.dht is not None  # internal invariant, not remote input
         record = self.record()
-        # an offline record only needs to outlive readers' caches; a live one two periods
+        # live and offline records alike last two periods: an offline record must outlive the live
+        # one it replaces, or readers would fall back to that stale live record
         expiration_s = 2 * self.config.announce_period_s
         if record.state is PeerState.OFFLINE:
             record = replace(record, cache_tokens_free=0)
@@ -434,10 +395,6 @@ class Peer:
 
     def _set_static_metrics(self, budget: CacheBudget) -> None:
         assert self.stage is not None and self.capacity is not None
-        m = self.metrics
-        m.blocks_start.set(self.stage.start)
-        m.blocks_end.set(self.stage.end)
-        m.blocks_hosted.set(self.stage.end - self.stage.start)
-        m.cache_limit.set(budget.total_tokens * budget.bytes_per_token)
-        m.throughput.labels(phase="decode").set(self.capacity.decode_tokens_per_s)
-        m.throughput.labels(phase="prefill").set(self.capacity.prefill_tokens_per_s)
+        self.metrics.set_blocks(self.stage.start, self.stage.end)
+        self.metrics.cache_limit.set(budget.total_tokens * budget.bytes_per_token)
+        self.metrics.set_throughput(self.capacity.decode_tokens_per_s, self.capacity.prefill_tokens_per_s)

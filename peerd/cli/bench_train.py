@@ -16,8 +16,8 @@ our requests is outstanding on it, network included) and as the servers' compute
 request: the activation bytes each server's backward recompute saved (``info`` ``memory``), which
 must return to zero after every request, and on CUDA the allocator's exact peak for the request.
 
-Standalone: ``python -m peerd.bench_train [--model ID] [--peers 3] [--device cpu]`` starts its own
-local swarm; ``peerd.bench`` calls :func:`run_training_bench` on the swarm it already runs.
+Standalone: ``python -m peerd.cli.bench_train [--model ID] [--peers 3] [--device cpu]`` starts its own
+local swarm; ``peerd.cli.bench`` calls :func:`run_training_bench` on the swarm it already runs.
 """
 
 from __future__ import annotations
@@ -40,6 +40,58 @@ __all__ = ["main", "run_training_bench", "training_rows"]
 MODES = ("sequential", "micro_serial", "pipelined")
 
 
+async def _measure_rounds(
+    client: Any,
+    pipelines: dict[str, Any],
+    hidden: torch.Tensor,
+    grad_out: torch.Tensor,
+    peer_ids: list[str],
+    rounds: int,
+) -> dict[str, Any]:
+    """``rounds`` forward+backward passes per mode: wall times, bubbles, server memory, retries."""
+    from peerd.client.pipeline import bubble_fraction
+
+    walls: dict[str, list[float]] = {m: [] for m in MODES}
+    bubbles_client: list[float] = []
+    bubbles_compute: list[float] = []
+    memory: dict[str, dict[str, dict[str, Any]]] = {}
+    client_saved_bytes: dict[str, int] = {}
+    live_after: list[int] = []
+    retries = 0
+    for _ in range(rounds):
+        for mode in MODES:
+            pipeline = pipelines[mode]
+            before = await _server_counters(client, peer_ids)
+            started = time.perf_counter()
+            _, trace = await pipeline.forward(hidden)
+            grad_in = await pipeline.backward(trace, grad_out)
+            wall = time.perf_counter() - started
+            after = await _server_counters(client, peer_ids)
+            walls[mode].append(wall)
+            retries += trace.retries
+            client_saved_bytes[mode] = trace.saved_bytes()
+            assert grad_in.shape == hidden.shape
+            used = sorted({c.peer_id for c in trace.calls})
+            memory[mode] = {p: dict(after[p].get("memory", {})) for p in used}
+            live_after += [int(m.get("activation_live_bytes", 0)) for m in memory[mode].values()]
+            if mode == "pipelined":
+                bubbles_client.append(bubble_fraction(trace.calls, wall, peers=used))
+                busy = [
+                    float(after[p].get("compute_busy_s", 0.0)) - float(before[p].get("compute_busy_s", 0.0))
+                    for p in used
+                ]
+                bubbles_compute.append(max(0.0, 1.0 - sum(busy) / (len(used) * wall)))
+    return {
+        "walls": walls,
+        "bubbles_client": bubbles_client,
+        "bubbles_compute": bubbles_compute,
+        "memory": memory,
+        "client_saved_bytes": client_saved_bytes,
+        "live_after": live_after,
+        "retries": retries,
+    }
+
+
 async def _server_counters(client: Any, peer_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     infos = await asyncio.gather(*(client.peers.info(p) for p in peer_ids))
     return {p: dict(info.extra) for p, info in zip(peer_ids, infos, strict=True)}
@@ -56,7 +108,7 @@ async def _bench(
     rounds: int,
 ) -> dict[str, Any]:
     from peerd.client import SwarmClient
-    from peerd.client.autograd import RemotePipeline, bubble_fraction
+    from peerd.client.pipeline import RemotePipeline
 
     client = await SwarmClient.connect(initial_peers, model_path, model_id=model_id, request_timeout_s=300.0)
     try:
@@ -78,45 +130,17 @@ async def _bench(
             _, trace = await pipeline.forward(hidden)
             await pipeline.backward(trace, grad_out)
 
-        walls: dict[str, list[float]] = {m: [] for m in MODES}
-        bubbles_client: list[float] = []
-        bubbles_compute: list[float] = []
-        memory: dict[str, dict[str, dict[str, Any]]] = {}
-        client_saved_bytes: dict[str, int] = {}
-        live_after: list[int] = []
-        retries = 0
-        for _ in range(rounds):
-            for mode in MODES:
-                pipeline = pipelines[mode]
-                before = await _server_counters(client, peer_ids)
-                started = time.perf_counter()
-                _, trace = await pipeline.forward(hidden)
-                grad_in = await pipeline.backward(trace, grad_out)
-                wall = time.perf_counter() - started
-                after = await _server_counters(client, peer_ids)
-                walls[mode].append(wall)
-                retries += trace.retries
-                client_saved_bytes[mode] = trace.saved_bytes()
-                assert grad_in.shape == hidden.shape
-                used = sorted({c.peer_id for c in trace.calls})
-                memory[mode] = {p: dict(after[p].get("memory", {})) for p in used}
-                live_after += [int(m.get("activation_live_bytes", 0)) for m in memory[mode].values()]
-                if mode == "pipelined":
-                    bubbles_client.append(bubble_fraction(trace.calls, wall, peers=used))
-                    busy = [
-                        float(after[p].get("compute_busy_s", 0.0)) - float(before[p].get("compute_busy_s", 0.0))
-                        for p in used
-                    ]
-                    bubbles_compute.append(max(0.0, 1.0 - sum(busy) / (len(used) * wall)))
+        m = await _measure_rounds(client, pipelines, hidden, grad_out, peer_ids, rounds)
+        walls, memory = m["walls"], m["memory"]
         stages = len(route)
         tokens = batch_size * seq_len
         tps = {m: tokens / statistics.median(walls[m]) for m in MODES}
         per_request = {
-            mode: max((int(m.get("activation_last_request_bytes", 0)) for m in mem.values()), default=0)
+            mode: max((int(x.get("activation_last_request_bytes", 0)) for x in mem.values()), default=0)
             for mode, mem in memory.items()
         }
         device_peak = {
-            mode: max((int(m.get("device_last_request_peak_bytes", 0)) for m in mem.values()), default=0)
+            mode: max((int(x.get("device_last_request_peak_bytes", 0)) for x in mem.values()), default=0)
             for mode, mem in memory.items()
         }
         return {
@@ -132,17 +156,17 @@ async def _bench(
             "step_s": {m: statistics.median(walls[m]) for m in MODES},
             "pipelined_vs_sequential": tps["pipelined"] / tps["sequential"],
             "pipelined_vs_micro_serial": tps["pipelined"] / tps["micro_serial"],
-            "bubble_fraction_client": statistics.median(bubbles_client),
-            "bubble_fraction_compute": statistics.median(bubbles_compute),
+            "bubble_fraction_client": statistics.median(m["bubbles_client"]),
+            "bubble_fraction_compute": statistics.median(m["bubbles_compute"]),
             "bubble_fraction_gpipe_theory": (stages - 1) / (micro_batches + stages - 1),
             "server_activation_bytes_per_request": per_request,
             "server_device_peak_bytes_per_request": device_peak,
-            "server_activation_live_bytes_after_requests": max(live_after, default=0),
+            "server_activation_live_bytes_after_requests": max(m["live_after"], default=0),
             "server_activation_peak_bytes": {
-                p[:12]: int(m.get("activation_peak_bytes", 0)) for p, m in memory.get("sequential", {}).items()
+                p[:12]: int(x.get("activation_peak_bytes", 0)) for p, x in memory.get("sequential", {}).items()
             },
-            "client_saved_bytes": client_saved_bytes,
-            "retries": retries,
+            "client_saved_bytes": m["client_saved_bytes"],
+            "retries": m["retries"],
         }
     finally:
         await client.close()
@@ -182,9 +206,9 @@ def run_training_bench(
 ) -> dict[str, Any]:
     """Measure forward+backward through a running swarm (see the module docstring); returns a dict.
 
-    Starts its own event loop (call it from synchronous code, as ``peerd.bench`` does).
+    Starts its own event loop (call it from synchronous code, as ``peerd.cli.bench`` does).
     """
-    from peerd.cli import run_async
+    from peerd.cli.helpers import run_async
 
     return run_async(
         run_training_bench_async(
@@ -246,7 +270,7 @@ def training_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peerd.bench_train", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m peerd.cli.bench_train", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--peers", type=int, default=3)
@@ -259,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench-results/train.json")
     args = parser.parse_args(argv)
 
-    from peerd.cli import resolve
-    from peerd.demo import LocalSwarm, split_blocks
+    from peerd.cli.demo import LocalSwarm, split_blocks
+    from peerd.cli.helpers import resolve
     from peerd.model.config import ModelConfig
 
     torch.set_num_threads(1)

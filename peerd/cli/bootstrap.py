@@ -1,0 +1,53 @@
+"""`peerd bootstrap`: a DHT-only node that other peers join through."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from peerd.cli.helpers import install_stop_handlers, resolve, write_ready_file
+
+__all__ = ["cmd_bootstrap"]
+
+
+async def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from hivemind.p2p import P2P
+
+    from peerd.identity import load_or_create_identity
+    from peerd.model.config import ModelConfig
+    from peerd.swarm.dht import SwarmDHT
+    from peerd.swarm.records import swarm_prefix
+
+    model_id, path = resolve(args.model, args.cache_dir)
+    model_id = args.model_id or model_id
+    num_blocks = ModelConfig.from_pretrained(path).num_layers
+    identity = Path(args.identity).expanduser()
+    key = load_or_create_identity(identity)
+    p2p = await P2P.create(
+        initial_peers=args.initial_peers or None,
+        host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"],
+        identity_path=str(identity),
+        check_if_identity_free=False,
+    )
+    stop = asyncio.Event()
+    install_stop_handlers(stop.set)
+    try:
+        dht = await SwarmDHT.create(
+            p2p,
+            private_key=key,
+            prefix=swarm_prefix(args.swarm, model_id),
+            num_blocks=num_blocks,
+            initial_peers=args.initial_peers,
+        )
+        try:
+            maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
+            print(f"bootstrap node {p2p.peer_id} for swarm {args.swarm!r}, model {model_id}", flush=True)
+            print("peers join with:  --initial-peers " + " ".join(maddrs), flush=True)
+            write_ready_file(args.ready_file, {"peer_id": str(p2p.peer_id), "maddrs": maddrs})
+            await stop.wait()
+        finally:
+            await dht.shutdown()
+    finally:
+        await p2p.shutdown()
+    return 0

@@ -1,0 +1,42 @@
+"""`peerd generate`: connect to a swarm and stream a completion to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from peerd.cli.helpers import connect_client
+
+__all__ = ["cmd_generate"]
+
+
+async def cmd_generate(args: argparse.Namespace) -> int:
+    from peerd.client import SamplingParams
+    from peerd.model.chat import chat_prompt_ids
+
+    client = await connect_client(args)
+    try:
+        route = await client.wait_for_route()
+        print("route: " + " -> ".join(str(s) for s in route), file=sys.stderr, flush=True)
+        prompt = args.prompt if args.raw or client.tokenizer is None else chat_prompt_ids(client.tokenizer, args.prompt)
+        adapter = None
+        if args.adapter:
+            from peerd.client.adapters import ClientAdapter
+
+            adapter = ClientAdapter.load(args.adapter, client.head)
+        result = await client.generate(
+            prompt,
+            max_new_tokens=args.max_new_tokens,
+            sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
+            on_text=lambda piece: print(piece, end="", flush=True),
+            adapter=adapter,
+        )
+        print(flush=True)
+        print(
+            f"[{len(result.token_ids)} tokens, first token after {result.time_to_first_token_s * 1e3:.0f} ms, "
+            f"{result.tokens_per_s:.1f} tokens/s]",
+            file=sys.stderr,
+        )
+    finally:
+        await client.close()
+    return 0

@@ -1,0 +1,191 @@
+"""Token-by-token generation over an inference session: embed, step, sample, and take back tokens
+that a spot check proved were sampled from wrong hidden states.
+
+``SwarmClient.generate`` and ``stream`` run :func:`generate_pieces`; it depends on a session and
+the client-side model pieces only (the embeddings and LM head, or a trained adapter).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from peerd.client.adapters import ClientAdapter
+from peerd.client.routing import Span
+from peerd.client.sampling import SamplingParams, sample_next
+from peerd.client.session import InferenceSession
+from peerd.client.verify import Incident
+from peerd.model.head import ClientHead
+
+__all__ = ["GenerationResult", "generate_pieces"]
+
+
+@dataclass
+class GenerationResult:
+    """What ``generate`` produced, plus how it went."""
+
+    token_ids: list[int]  # generated ids only (prompt excluded)
+    text: str
+    prompt_tokens: int
+    time_to_first_token_s: float
+    total_s: float
+    route: list[Span]
+    stalls_s: list[float] = field(default_factory=list)
+    hop_ms: list[list[float]] = field(default_factory=list)  # per step, per span: wall ms at the client
+    hop_compute_ms: list[list[float]] = field(default_factory=list)  # per step, per span: server compute ms
+    incidents: list[Incident] = field(default_factory=list)  # spot checks that failed during this generation
+    rewound_tokens: int = 0  # tokens taken back after a spot check found earlier outputs wrong
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode rate after the first token (prefill excluded)."""
+        decode_s = self.total_s - self.time_to_first_token_s
+        return (len(self.token_ids) - 1) / decode_s if len(self.token_ids) > 1 and decode_s > 0 else 0.0
+
+
+class Generator(Protocol):
+    """What generation needs from a client (``SwarmClient`` has it)."""
+
+    @property
+    def head(self) -> ClientHead: ...
+    @property
+    def incidents(self) -> list[Incident]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession: ...
+
+
+@dataclass
+class _Output:
+    """Tokens generated so far, the session position each was sampled from, and the text emitted."""
+
+    decode: Callable[[Sequence[int]], str]
+    tokens: list[int] = field(default_factory=list)
+    sampled_at: list[int] = field(default_factory=list)  # sampled_at[j]: session position that gave tokens[j]
+    emitted: str = ""
+    rewound: int = 0
+
+    def append(self, token: int, at: int) -> str:
+        """Add ``token``; returns the new text to show ("" while a multi-byte character is incomplete)."""
+        self.tokens.append(token)
+        self.sampled_at.append(at)
+        text = self.decode(self.tokens)
+        # hold back a trailing replacement char: a multi-byte character may be incomplete
+        if len(text) > len(self.emitted) and not text.endswith("\ufffd"):
+            piece, self.emitted = text[len(self.emitted) :], text
+            return piece
+        return ""
+
+    def take_back(self, j: int) -> None:
+        self.rewound += len(self.tokens) - j
+        del self.tokens[j:], self.sampled_at[j:]
+
+
+@dataclass
+class _Sampler:
+    local: ClientHead | ClientAdapter  # what turns hidden states into logits
+    params: SamplingParams
+    generator: torch.Generator | None
+
+    def sample(self, hidden: torch.Tensor) -> int:
+        """Next token from the last position of ``hidden`` [1, n, h]."""
+        with torch.inference_mode():
+            logits = self.local.logits(hidden[:, -1:])[:, -1]  # [1, vocab]
+        return int(sample_next(logits, self.params, self.generator)[0])
+
+    def first_changed(self, correction: tuple[int, torch.Tensor], out: _Output) -> tuple[int, int, int] | None:
+        """(index, new token, its position) of the first generated token a correction changes."""
+        first, final = correction  # final: corrected last-span outputs for positions first.. [1, n, h]
+        for j, at in enumerate(out.sampled_at):
+            if at < first:
+                continue
+            token = self.sample(final[:, at - first : at - first + 1])
+            # greedy: keep tokens the correction does not change; sampling: every draw from a wrong
+            # distribution is redrawn, so the output is a sample of the right one
+            if token != out.tokens[j] or self.params.temperature > 0:
+                return j, token, at
+        return None
+
+
+async def _step(
+    session: InferenceSession,
+    head: ClientHead,
+    adapter: ClientAdapter | None,
+    sampler: _Sampler,
+    step_ids: torch.Tensor,
+    position: int | None,
+    out: _Output,
+) -> tuple[int, int]:
+    """One step through the swarm: (sampled token, the session position it was sampled from)."""
+    with torch.inference_mode():  # an adapter's soft prompt goes in front of the first step only
+        hidden = head.embed(step_ids) if adapter is None else adapter.embed(step_ids, with_prompt=position is None)
+    token = sampler.sample(await session.step(hidden, position))
+    at = session.length - 1
+    correction = session.take_correction()
+    if correction is not None:
+        # a spot check found a peer's earlier outputs wrong: tokens sampled from them are re-sampled
+        # from the corrected hidden states, and generation resumes at the first token that changes
+        # (the rest were conditioned on it)
+        redo = sampler.first_changed(correction, out)
+        if redo is not None:
+            j, token, at = redo
+            out.take_back(j)
+    return token, at
+
+
+async def generate_pieces(
+    client: Generator,
+    ids: list[int],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    eos: set[int],
+    on_token: Callable[[int], None] | None = None,
+    adapter: ClientAdapter | None = None,
+) -> AsyncIterator[str | GenerationResult]:
+    """Text pieces as they appear, then one :class:`GenerationResult`."""
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    sampler = _Sampler(client.head if adapter is None else adapter, sampling, generator)
+    started = time.perf_counter()
+    first_token_s = 0.0
+    out = _Output(client.decode)
+    # a soft prompt occupies positions in front of the prompt, so the session must hold them too
+    prefix = adapter.prefix_length if adapter is not None else 0
+    incidents_before = len(client.incidents)
+    async with client.inference_session(max_length=prefix + len(ids) + max_new_tokens) as session:
+        step_ids = torch.tensor([ids], dtype=torch.long)
+        position: int | None = None  # None: the first step, right after what the session holds
+        while len(out.tokens) < max_new_tokens:
+            token, at = await _step(session, client.head, adapter, sampler, step_ids, position, out)
+            if position is None:
+                first_token_s = time.perf_counter() - started
+            position = at + 1
+            if token in eos:
+                break
+            piece = out.append(token, at)
+            if on_token is not None:
+                on_token(token)
+            if piece:
+                yield piece
+            step_ids = torch.tensor([[token]], dtype=torch.long)
+        route, stalls, hops = session.route, list(session.stalls_s), list(session.hop_ms)
+        computes = list(session.hop_compute_ms)
+    text = client.decode(out.tokens)
+    if len(text) > len(out.emitted):
+        yield text[len(out.emitted) :]
+    yield GenerationResult(
+        token_ids=out.tokens,
+        text=text,
+        prompt_tokens=len(ids),
+        time_to_first_token_s=first_token_s,
+        total_s=time.perf_counter() - started,
+        route=route,
+        stalls_s=stalls,
+        hop_ms=hops,
+        hop_compute_ms=computes,
+        incidents=client.incidents[incidents_before:],
+        rewound_tokens=out.rewound,
+    )

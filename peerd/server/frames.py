@@ -1,0 +1,88 @@
+"""Frame I/O of the handlers: read and answer under the peer's limits and deadlines, count bytes,
+encode results, and close streams without cutting the last answer short."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import torch
+
+from peerd.rpc.tensors import to_wire
+from peerd.server.limits import Limits
+from peerd.server.metrics import PeerMetrics
+from protocols import (
+    HEADER_BYTES,
+    Compression,
+    Message,
+    ProtocolError,
+    WireTensor,
+    decode_message,
+    encode_frame,
+    error_from_exception,
+    read_frame,
+)
+
+__all__ = ["LINGER_S", "linger_and_close", "read_request", "result_to_wire", "send_error", "send_message"]
+
+LINGER_S = 2.0  # how long a finished stream waits for the client to close its end
+
+
+async def read_request(
+    reader: asyncio.StreamReader, limits: Limits, metrics: PeerMetrics, timeout_s: float | None = None
+) -> Message:
+    """The next message, within ``timeout_s`` (default: the request deadline) and the frame limit."""
+    async with asyncio.timeout(timeout_s or limits.request_timeout_s):
+        body = await read_frame(reader, limits.max_frame_bytes)
+    metrics.bytes_in.inc(HEADER_BYTES + len(body))
+    return decode_message(body, limits.max_frame_bytes)
+
+
+async def send_message(writer: asyncio.StreamWriter, msg: Message, limits: Limits, metrics: PeerMetrics) -> None:
+    frame = encode_frame(msg, limits.max_frame_bytes)
+    if writer.is_closing():
+        # the stream was closed under us (client gone, or the session handed back while draining)
+        raise ConnectionResetError("stream already closed")
+    async with asyncio.timeout(limits.request_timeout_s):
+        writer.write(frame)
+        await writer.drain()
+    metrics.bytes_out.inc(len(frame))
+
+
+async def send_error(writer: asyncio.StreamWriter, exc: ProtocolError, limits: Limits, metrics: PeerMetrics) -> None:
+    """Answer with an Error frame carrying ``exc``'s code; a client already gone is not an error."""
+    metrics.count_error(exc.code)
+    try:
+        await send_message(writer, error_from_exception(exc), limits, metrics)
+    except (OSError, TimeoutError, ConnectionError, ProtocolError):
+        pass  # the client is gone; nothing else to tell it
+
+
+def result_to_wire(tensor: torch.Tensor, compression: Compression) -> WireTensor:
+    """Encode a result with the client's compression, or float16 where blockwise8 cannot carry it.
+
+    blockwise8 has no code for NaN or infinity, which a client can provoke by sending them (found by
+    fuzzing: this was an INTERNAL error); the tensor's own compression field tells the client.
+    """
+    try:
+        return to_wire(tensor, compression)
+    except ValueError:
+        if compression is not Compression.BLOCKWISE8:
+            raise
+        return to_wire(tensor, Compression.FLOAT16)
+
+
+async def linger_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Close a stream only after the client has read everything.
+
+    p2pd resets a libp2p stream whose local end closes while bytes are still in flight, which cut a
+    large backward answer mid-frame in a benchmark run. So the handler waits (bounded) for the
+    client to close its side first -- our client closes right after reading the answer -- and
+    discards anything else a misbehaving client sends meanwhile.
+    """
+    if not writer.is_closing():
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(LINGER_S):
+                while await reader.read(1 << 16):
+                    pass
+    writer.close()

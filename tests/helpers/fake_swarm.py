@@ -1,0 +1,145 @@
+"""An in-memory swarm for client unit tests: fake peers, a fake DHT view and a fake transport.
+
+``FakeTransport`` stands in for ``peerd.rpc.transport.PeerClient`` and ``FakeDHT`` for
+``peerd.swarm.dht.SwarmDHT`` (as a ``Router``'s ``BlockReader``), so ``Router``,
+``InferenceSession`` and ``SpotChecker`` run without sockets, p2pd or torch models.
+
+A fake peer's blocks are a toy computation with a real KV cache: block ``b`` maps the hidden states
+at position ``t`` to ``x[t] + (b + 1) + 0.01 * sum(x[:t])``, so an output depends on every earlier
+input of the session, and a replacement peer gives the same answers only if the session replayed
+its history into it. ``reference(x, start, end)`` computes the honest answer for a whole sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from peerd.rpc.errors import PeerError, PeerUnavailable
+from peerd.swarm.dht import BlockView
+from peerd.swarm.records import PeerState, ServerRecord
+from protocols import PROTOCOL_VERSION, Compression, ErrorCode, InfoResponse
+
+MODEL_ID = "fake"
+HIDDEN = 4
+
+
+def reference(hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """The honest output of blocks [start, end) for a whole sequence ``hidden`` [b, n, h]."""
+    x = hidden.float()
+    for block in range(start, end):
+        before = torch.cumsum(x, dim=1) - x  # sum of the earlier positions, per position
+        x = x + (block + 1) + 0.01 * before
+    return x
+
+
+def record(peer_id: str, start: int, end: int, *, tps: float = 100.0, state: PeerState = PeerState.ONLINE):
+    return ServerRecord(
+        peer_id=peer_id, state=state, start=start, end=end, decode_tokens_per_s=tps, prefill_tokens_per_s=tps * 10,
+        device="cpu", memory_total_bytes=1, memory_free_bytes=1, dtype="float32", cache_tokens_free=10_000,
+        protocol_version=PROTOCOL_VERSION, package_version="0", public_name=peer_id,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass
+class FakePeer:
+    """One peer: its record, and knobs to make it fail or lie."""
+
+    record: ServerRecord
+    fail_after_steps: int | None = None  # inference steps it answers before its streams break
+    error: ErrorCode | None = None  # answer every request with this error code instead
+    lie: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied to every answer
+    model_id: str = MODEL_ID
+    steps: int = 0  # inference steps answered (all sessions)
+    forwards: int = 0
+
+    @property
+    def peer_id(self) -> str:
+        return self.record.peer_id
+
+    def answer(self, full_input: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        if self.error is not None:
+            raise PeerError(self.peer_id, self.error, "refused (fake)")
+        out = reference(full_input, start, end)
+        return self.lie(out) if self.lie is not None else out
+
+
+class FakeStream:
+    """An open inference session on a fake peer: keeps the inputs it was sent (its KV cache)."""
+
+    def __init__(self, peer: FakePeer, start: int, end: int) -> None:
+        self.peer, self.start, self.end = peer, start, end
+        self.peer_id = peer.peer_id
+        self.cache: torch.Tensor | None = None
+        self.closed = False
+        self.last_compute_ms = 0.0
+
+    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        peer = self.peer
+        if self.closed or (peer.fail_after_steps is not None and peer.steps >= peer.fail_after_steps):
+            raise PeerUnavailable(self.peer_id, "stream broke (fake)")
+        kept = self.cache[:, :position] if self.cache is not None else hidden[:, :0]
+        self.cache = torch.cat([kept, hidden], dim=1)
+        out = peer.answer(self.cache, self.start, self.end)[:, position:]
+        peer.steps += 1
+        return out
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakeTransport:
+    """``PeerClient``'s interface over fake peers; an unknown peer id is unreachable."""
+
+    def __init__(self, peers: list[FakePeer], num_blocks: int) -> None:
+        self.peers = {p.peer_id: p for p in peers}
+        self.num_blocks = num_blocks
+        self.opened: list[str] = []  # peer ids, in the order sessions were opened on them
+
+    def _peer(self, peer_id: str) -> FakePeer:
+        if peer_id not in self.peers:
+            raise PeerUnavailable(peer_id, "unreachable (fake)")
+        return self.peers[peer_id]
+
+    async def info(self, peer_id: str) -> InfoResponse:
+        peer = self._peer(peer_id)
+        r = peer.record
+        return InfoResponse(
+            model_id=peer.model_id, block_start=r.start, block_end=r.end, num_blocks_total=self.num_blocks,
+            dtype=r.dtype, max_batch_tokens=8192, max_session_length=2048, cache_tokens_free=10_000,
+            cache_tokens_total=10_000, state="online", protocol_version=PROTOCOL_VERSION, package_version="0",
+            public_name=peer_id,
+        )  # fmt: skip
+
+    async def forward(
+        self, peer_id: str, hidden: torch.Tensor, start: int, end: int, compression: Compression = Compression.NONE
+    ) -> torch.Tensor:
+        peer = self._peer(peer_id)
+        peer.forwards += 1
+        return peer.answer(hidden, start, end)
+
+    async def open_inference(self, peer_id: str, *, start: int, end: int, **_: object) -> FakeStream:
+        peer = self._peer(peer_id)
+        if peer.error is not None:
+            raise PeerError(peer_id, peer.error, "refused (fake)")
+        self.opened.append(peer_id)
+        return FakeStream(peer, start, end)
+
+
+class FakeDHT:
+    """The DHT as a ``Router`` reads it: every record of every peer, per block."""
+
+    def __init__(self, peers: list[FakePeer], num_blocks: int) -> None:
+        self.peers = peers
+        self.num_blocks = num_blocks
+        self.reads = 0
+
+    async def read_blocks(self, start: int = 0, end: int | None = None, *, timeout_s: float = 5.0) -> list[BlockView]:
+        self.reads += 1
+        end = self.num_blocks if end is None else end
+        return [
+            BlockView(b, tuple(p.record for p in self.peers if p.record.start <= b < p.record.end))
+            for b in range(start, end)
+        ]

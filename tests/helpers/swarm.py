@@ -1,0 +1,60 @@
+"""An in-process swarm for tests: real peers (each with its own p2pd and compute thread) on
+127.0.0.1 sharing the test's event loop, serving a tiny checkpoint; and clients of it.
+
+The ``make_swarm`` fixture (tests/integration/conftest.py) builds these and shuts them down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from peerd.client import SwarmClient
+from peerd.config import PeerConfig
+from peerd.daemon.peer import Peer
+
+__all__ = ["MODEL_ID", "Swarm"]
+
+MODEL_ID = "tiny"
+
+
+@dataclass
+class Swarm:
+    """In-process peers sharing the test's event loop (each still has its own p2pd and compute thread)."""
+
+    ckpt: Path
+    workdir: Path
+    peers: list[Peer]
+    initial_peers: tuple[str, ...] = ()
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def config(self, name: str, blocks: tuple[int, int] | None, **overrides: object) -> PeerConfig:
+        base = PeerConfig(
+            model_path=self.ckpt,
+            model_id=MODEL_ID,
+            blocks=blocks,
+            identity_path=self.workdir / f"{name}.key",
+            initial_peers=self.initial_peers,
+            public_name=name,
+            measure_throughput=False,
+            announce_period_s=5.0,
+        )
+        return replace(base, **overrides)  # type: ignore[arg-type]
+
+    async def add_peer(
+        self, name: str, blocks: tuple[int, int] | None, *, peer_class: type[Peer] = Peer, **overrides: object
+    ) -> Peer:
+        """Start a peer; ``peer_class`` injects a test-only subclass (e.g. one that lies)."""
+        peer = peer_class(self.config(name, blocks, **overrides))
+        self.peers.append(peer)
+        await peer.startup()
+        self.tasks.append(asyncio.create_task(peer.serve()))  # the re-announce loop, as `peerd run` has
+        if not self.initial_peers:
+            self.initial_peers = tuple(await peer.visible_maddrs())
+        return peer
+
+    async def client(self, **kwargs: object) -> SwarmClient:
+        client = await SwarmClient.connect(self.initial_peers, self.ckpt, model_id=MODEL_ID, **kwargs)  # type: ignore[arg-type]
+        await client.wait_for_route(timeout_s=20)
+        return client

@@ -1,0 +1,91 @@
+"""InferenceSession on an in-memory transport: failover with replay, and rewind after a spot check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peerd.client.router import Router
+from peerd.client.session import InferenceSession
+from peerd.client.verify import SpotChecker
+from peerd.rpc.errors import PeerError
+from protocols import ErrorCode
+from tests.helpers.fake_swarm import HIDDEN, MODEL_ID, FakeDHT, FakePeer, FakeTransport, record, reference
+
+NUM_BLOCKS = 4
+
+
+def setup(peers: list[FakePeer], *, checker_rate: float = 0.0) -> tuple[Router, FakeTransport, SpotChecker]:
+    transport, dht = FakeTransport(peers, NUM_BLOCKS), FakeDHT(peers, NUM_BLOCKS)
+    router = Router(dht, transport, model_id=MODEL_ID, num_blocks=NUM_BLOCKS)  # type: ignore[arg-type]
+    checker = SpotChecker(router, transport, rate=checker_rate)  # type: ignore[arg-type]
+    return router, transport, checker
+
+
+def session(router: Router, transport: FakeTransport, checker: SpotChecker | None = None) -> InferenceSession:
+    return InferenceSession(
+        router,
+        transport,
+        max_length=16,
+        failover_timeout_s=1.0,
+        checker=checker,  # type: ignore[arg-type]
+    )
+
+
+STEPS = [torch.randn(1, 3, HIDDEN, generator=torch.Generator().manual_seed(0))] + [
+    torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(i)) for i in range(1, 5)
+]
+EXPECTED = reference(torch.cat(STEPS, dim=1), 0, NUM_BLOCKS)
+
+
+async def run(s: InferenceSession) -> torch.Tensor:
+    async with s:
+        return torch.cat([await s.step(x) for x in STEPS], dim=1)
+
+
+async def test_a_peer_dying_mid_session_is_replaced_and_the_output_is_unchanged() -> None:
+    fast = FakePeer(record("fast", 0, 4, tps=1000.0), fail_after_steps=2)
+    router, transport, _ = setup([fast, FakePeer(record("slow", 0, 4))])
+    s = session(router, transport)
+    torch.testing.assert_close(await run(s), EXPECTED)
+    assert transport.opened == ["fast", "slow"]
+    assert [span.peer_id for span in s.route] == ["slow"] and len(s.stalls_s) == 1
+    assert "fast" in router.banned()
+
+
+@pytest.mark.parametrize("code", [ErrorCode.BLOCKS_NOT_SERVED, ErrorCode.WRONG_MODEL, ErrorCode.CACHE_FULL])
+async def test_a_peer_that_cannot_serve_is_routed_around(code: ErrorCode) -> None:
+    moved = FakePeer(record("moved", 0, 4, tps=1000.0), error=code)
+    router, transport, _ = setup([moved, FakePeer(record("other", 0, 4))])
+    torch.testing.assert_close(await run(session(router, transport)), EXPECTED)
+    assert "moved" in router.banned()
+
+
+async def test_a_request_the_peer_rejects_as_malformed_is_raised_not_retried() -> None:
+    router, transport, _ = setup([FakePeer(record("strict", 0, 4), error=ErrorCode.WRONG_SHAPE)])
+    with pytest.raises(PeerError) as info:
+        await run(session(router, transport))
+    assert info.value.code is ErrorCode.WRONG_SHAPE
+    assert router.banned() == set()
+
+
+async def test_a_spot_check_that_catches_a_liar_rewinds_to_its_first_wrong_output() -> None:
+    liar = FakePeer(record("liar", 0, 4, tps=1000.0), lie=lambda out: out + 1.0)
+    honest = [FakePeer(record(f"honest{i}", 0, 4)) for i in range(2)]
+    router, transport, checker = setup([liar, *honest], checker_rate=1.0)
+    checks = iter([False, False, True])  # the liar's first two answers reach the caller unchecked
+    checker.should_check = lambda: next(checks, False)  # type: ignore[method-assign]
+    s = session(router, transport, checker)
+    async with s:
+        outs = [await s.step(x) for x in STEPS[:3]]
+        correction = s.take_correction()
+        assert correction is not None
+        first, corrected = correction
+        assert first == 0  # it lied from the first step on
+        torch.testing.assert_close(corrected, reference(torch.cat(STEPS[:3], dim=1), 0, NUM_BLOCKS))
+        torch.testing.assert_close(outs[2], corrected[:, -1:])  # the step's own answer is the corrected one
+        assert s.take_correction() is None  # taken once
+        rest = [await s.step(x) for x in STEPS[3:]]
+    torch.testing.assert_close(torch.cat(rest, dim=1), EXPECTED[:, -2:])
+    assert "liar" in router.banned() and "liar" not in {span.peer_id for span in s.route}
+    assert [i.verdict for i in checker.incidents] == ["lied"] and checker.incidents[0].peer_ids == ("liar",)

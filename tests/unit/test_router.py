@@ -1,0 +1,80 @@
+"""Router on an in-memory swarm: the view, bans, vetting, RTTs and planning (no sockets)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from peerd.client.router import UNREACHABLE_RTT_MS, Router
+from peerd.client.routing import Span
+from peerd.rpc.errors import NoRouteError, PeerUnavailable
+from peerd.swarm.records import PeerState
+from tests.helpers.fake_swarm import MODEL_ID, FakeDHT, FakePeer, FakeTransport, record
+
+
+def make_router(peers: list[FakePeer], num_blocks: int = 4, **kwargs) -> tuple[Router, FakeTransport, FakeDHT]:
+    transport, dht = FakeTransport(peers, num_blocks), FakeDHT(peers, num_blocks)
+    return Router(dht, transport, model_id=MODEL_ID, num_blocks=num_blocks, **kwargs), transport, dht  # type: ignore[arg-type]
+
+
+async def test_the_view_keeps_online_peers_and_is_cached() -> None:
+    peers = [FakePeer(record("a", 0, 4)), FakePeer(record("gone", 0, 4, state=PeerState.OFFLINE))]
+    router, _, dht = make_router(peers)
+    assert set(await router.servers()) == {"a"}
+    await router.servers()
+    assert dht.reads == 1  # within view_ttl_s: no second DHT read
+    await router.servers(refresh=True)
+    assert dht.reads == 2
+
+
+async def test_allowed_peers_restrict_the_view() -> None:
+    router, _, _ = make_router([FakePeer(record("a", 0, 4)), FakePeer(record("b", 0, 4))], allowed_peers={"b"})
+    assert set(await router.servers()) == {"b"}
+
+
+async def test_plans_skip_banned_peers_until_none_is_left() -> None:
+    router, _, _ = make_router([FakePeer(record("fast", 0, 4, tps=1000.0)), FakePeer(record("slow", 0, 4))])
+    assert [s.peer_id for s in await router.plan_inference(0, 4, 1)] == ["fast"]
+    router.ban("fast", reason="test")
+    assert [s.peer_id for s in await router.plan_inference(0, 4, 1)] == ["slow"]
+    route = await router.plan_load_balanced(0, 4, rng=random.Random(0))
+    assert [s.peer_id for s in route] == ["slow"]
+    with pytest.raises(NoRouteError):
+        await router.plan_load_balanced(0, 4, rng=random.Random(0), exclude={"slow"})
+
+
+async def test_an_unreachable_peer_gets_a_prohibitive_rtt() -> None:
+    router, transport, _ = make_router([FakePeer(record("a", 0, 4)), FakePeer(record("ghost", 0, 4))])
+    del transport.peers["ghost"]  # in the DHT, but does not answer
+    await router.measure_rtts(["a", "ghost"])
+    assert router.rtts_ms["ghost"] == UNREACHABLE_RTT_MS
+    assert router.rtts_ms["a"] < UNREACHABLE_RTT_MS
+
+
+async def test_vetting_bans_a_peer_whose_info_disagrees_with_its_record() -> None:
+    honest, other_model = FakePeer(record("honest", 0, 4)), FakePeer(record("other", 0, 4), model_id="another")
+    router, _, _ = make_router([honest, other_model])
+    await router.check_peer(Span("honest", 0, 4, honest.record))  # agrees: vetted (and cached)
+    with pytest.raises(PeerUnavailable, match="disagrees with its DHT record"):
+        await router.check_peer(Span("other", 0, 4, other_model.record))
+    assert router.banned() == {"other"}
+    assert router.bans.ban("other") > 3600  # another model is a long ban, not a doubling one
+
+
+async def test_a_success_resets_the_failure_ban_doubling() -> None:
+    router, _, _ = make_router([FakePeer(record("a", 0, 4))])
+    now = [0.0]
+    router.bans.clock = lambda: now[0]
+    router.ban("a")
+    now[0] = 100.0
+    router.succeeded("a")
+    assert router.bans.ban("a") == router.bans.base_s
+
+
+async def test_planning_rtts_change_only_with_a_new_probe() -> None:
+    router, _, _ = make_router([FakePeer(record("a", 0, 4)), FakePeer(record("b", 0, 4))])
+    await router.measure_rtts(["a", "b"])
+    router.rtts_ms["a"] = 1.0  # set by hand (tests force equal RTTs this way)
+    await router.measure_rtts(["a", "b"])  # both still fresh: nothing re-probed, nothing overwritten
+    assert router.rtts_ms["a"] == 1.0
