@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_SWARM", "PeerConfig"]
+__all__ = ["ALL_INTERFACES", "DEFAULT_SWARM", "PeerConfig"]
 
 DEFAULT_SWARM = "public"
+ALL_INTERFACES = "0.0.0.0"  # the default listen host: every IPv4 interface, and every IPv6 one if any
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class PeerConfig:
     model_id: str  # name the swarm knows this model by (part of every DHT key)
     blocks: tuple[int, int] | None = None  # hosted block range [start, end); None = placement decides
     swarm: str = DEFAULT_SWARM  # swarm name: peers of different swarms never see each other's records
-    host: str = "127.0.0.1"  # listen address for libp2p
+    host: str = ALL_INTERFACES  # libp2p listen address; 0.0.0.0 = every interface, IPv6 included
     port: int = 0  # listen port for libp2p (0 = any free port)
     announce_maddrs: tuple[str, ...] = ()  # public multiaddrs to advertise (behind NAT/port forward)
     initial_peers: tuple[str, ...] = ()  # multiaddrs to join; empty = start a new swarm

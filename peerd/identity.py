@@ -7,8 +7,11 @@ that the record's owner marker carries.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import base58
@@ -17,13 +20,85 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-__all__ = ["IdentityError", "load_or_create_identity", "peer_id_of_public_key", "public_key_of_owner_marker"]
+__all__ = [
+    "IdentityError",
+    "IdentityInUse",
+    "IdentityLock",
+    "load_or_create_identity",
+    "lock_identity",
+    "peer_id_of_public_key",
+    "public_key_of_owner_marker",
+]
 
 _SHA2_256_MULTIHASH_PREFIX = bytes([0x12, 0x20])
 
 
 class IdentityError(Exception):
     """The identity file exists but cannot be used (wrong format, unsafe permissions)."""
+
+
+class IdentityInUse(IdentityError):
+    """Another running daemon holds this identity key (two daemons must never share a peer id)."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        self.path, self.holder = path, holder
+        super().__init__(
+            f"identity key {path} is in use by another peerd daemon ({holder}); two daemons with one key "
+            f"look like one peer that contradicts itself. Give this one its own key: --identity {path.parent}/"
+            f"<name>.key"
+        )
+
+
+class IdentityLock:
+    """An exclusive lock on an identity key, held for a daemon's lifetime (``release()`` ends it).
+
+    The lock is ``flock`` on a ``<key>.lock`` file beside the key: the kernel drops it when the
+    process dies, however it dies, so a restarted peer (same key, same peer id) never finds a
+    stale lock. The file records the holder's pid, so the refusal can say who holds it.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self._fd = path, fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # closing the descriptor releases the flock
+
+
+def lock_identity(path: Path) -> IdentityLock:
+    """Lock the identity key at ``path`` for this process; raise IdentityInUse if another holds it."""
+    path = path.expanduser()
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
+        os.close(fd)
+        raise IdentityInUse(path, holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+    return IdentityLock(path, fd)
+
+
+def _write_new_key(path: Path, blob: bytes) -> None:
+    """Write a new key atomically: a full disk or a crash leaves no file, or a whole one, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        # link, not rename: two daemons started at once must not both write (and disagree on) the key
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
 
 
 def load_or_create_identity(path: Path) -> RSAPrivateKey:
@@ -42,10 +117,7 @@ def load_or_create_identity(path: Path) -> RSAPrivateKey:
             serialization.NoEncryption(),
         )
         blob = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
-        # O_EXCL: two daemons started at once must not both write (and then disagree on) the key.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
+        _write_new_key(path, blob)
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         raise IdentityError(f"identity file {path} is readable by others (mode {mode:o}); run `chmod 600 {path}`")

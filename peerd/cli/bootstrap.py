@@ -14,8 +14,9 @@ __all__ = ["cmd_bootstrap"]
 async def cmd_bootstrap(args: argparse.Namespace) -> int:
     from hivemind.p2p import P2P
 
-    from peerd.identity import load_or_create_identity
+    from peerd.identity import load_or_create_identity, lock_identity
     from peerd.model.config import ModelConfig
+    from peerd.swarm.addresses import listen_maddrs, rank_maddrs
     from peerd.swarm.dht import SwarmDHT
     from peerd.swarm.records import swarm_prefix
 
@@ -23,10 +24,11 @@ async def cmd_bootstrap(args: argparse.Namespace) -> int:
     model_id = args.model_id or model_id
     num_blocks = ModelConfig.from_pretrained(path).num_layers
     identity = Path(args.identity).expanduser()
+    lock = lock_identity(identity)  # released when this process ends, however it ends
     key = load_or_create_identity(identity)
     p2p = await P2P.create(
         initial_peers=args.initial_peers or None,
-        host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"],
+        host_maddrs=listen_maddrs(args.host, args.port),
         identity_path=str(identity),
         check_if_identity_free=False,
     )
@@ -41,8 +43,9 @@ async def cmd_bootstrap(args: argparse.Namespace) -> int:
             initial_peers=args.initial_peers,
         )
         try:
-            maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
-            print(f"bootstrap node {p2p.peer_id} for swarm {args.swarm!r}, model {model_id}", flush=True)
+            maddrs = rank_maddrs([str(m) for m in await p2p.get_visible_maddrs()])
+            started = "started a new swarm" if args.new_swarm else "joined swarm"
+            print(f"bootstrap node {p2p.peer_id}: {started} {args.swarm!r}, model {model_id}", flush=True)
             print("peers join with:  --initial-peers " + " ".join(maddrs), flush=True)
             write_ready_file(args.ready_file, {"peer_id": str(p2p.peer_id), "maddrs": maddrs})
             await stop.wait()
@@ -50,4 +53,5 @@ async def cmd_bootstrap(args: argparse.Namespace) -> int:
             await dht.shutdown()
     finally:
         await p2p.shutdown()
+        lock.release()
     return 0

@@ -71,7 +71,9 @@ class LocalSwarm:
         return proc
 
     def start_bootstrap(self, timeout_s: float = 60.0, extra: list[str] | None = None) -> list[str]:
-        args = ["bootstrap", "--identity", str(self.workdir / "bootstrap.key"), *(extra or [])]
+        # a local swarm: loopback only, and a swarm of its own
+        args = ["bootstrap", "--new-swarm", "--host", "127.0.0.1", "--identity", str(self.workdir / "bootstrap.key")]
+        args += extra or []
         proc = self._spawn("bootstrap", args)
         info = self.wait_ready([proc], timeout_s)[0]
         self.initial_peers = [str(m) for m in info["maddrs"]]  # type: ignore[attr-defined]
@@ -86,6 +88,8 @@ class LocalSwarm:
             str(self.workdir / f"{name}.key"),
             "--name",
             name,
+            "--host",
+            "127.0.0.1",
             "--initial-peers",
             *self.initial_peers,
             *(extra or []),

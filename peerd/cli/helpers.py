@@ -19,7 +19,62 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from peerd.client import SwarmClient
 
-__all__ = ["connect_client", "install_stop_handlers", "resolve", "run_async", "setup_logging", "write_ready_file"]
+__all__ = [
+    "BOOTSTRAP_LIST",
+    "SwarmArgumentError",
+    "connect_client",
+    "install_stop_handlers",
+    "resolve",
+    "resolve_initial_peers",
+    "run_async",
+    "setup_logging",
+    "write_ready_file",
+]
+
+# the public swarm's bootstrap multiaddrs, shipped with the package (may be empty)
+BOOTSTRAP_LIST = Path(__file__).resolve().parents[1] / "data" / "bootstrap_peers.txt"
+
+
+class SwarmArgumentError(ValueError):
+    """The swarm to join is not named, or named in two contradicting ways."""
+
+
+def _shipped_bootstrap_peers() -> list[str]:
+    try:
+        lines = BOOTSTRAP_LIST.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def resolve_initial_peers(args: argparse.Namespace) -> list[str]:
+    """The peers to join: ``--initial-peers``, else ``$PEERD_INITIAL_PEERS``, else the shipped list.
+
+    ``--new-swarm`` (run, bootstrap) means none, on purpose. Joining nothing without saying so is
+    refused: a peer that silently starts its own swarm looks healthy while nobody can use it.
+    """
+    explicit = list(args.initial_peers or [])
+    new_swarm = bool(getattr(args, "new_swarm", False))
+    if new_swarm and explicit:
+        raise SwarmArgumentError(
+            "--new-swarm starts a swarm of its own, --initial-peers joins one: drop one of the two"
+        )
+    if new_swarm:
+        return []
+    peers = explicit or os.environ.get("PEERD_INITIAL_PEERS", "").replace(",", " ").split()
+    peers = peers or _shipped_bootstrap_peers()
+    if not peers:
+        start = (
+            ", or start a new swarm with --new-swarm"
+            if hasattr(args, "new_swarm")
+            else "; a new swarm starts with `peerd bootstrap --new-swarm` or `peerd run --new-swarm`"
+        )
+        raise SwarmArgumentError(
+            "no swarm to join: pass --initial-peers MADDR (the line a running peer or bootstrap node printed) "
+            f"or set PEERD_INITIAL_PEERS; the public bootstrap list ({BOOTSTRAP_LIST.name}) is empty{start}"
+        )
+    return peers
+
 
 T = TypeVar("T")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from peerd.cli.helpers import run_async, setup_logging
+from peerd.cli.helpers import SwarmArgumentError, resolve_initial_peers, run_async, setup_logging
 from peerd.cli.parser import build_parser
 
 __all__ = ["main"]
@@ -22,6 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from peerd.cli.model import run_fetch_command
 
             return run_fetch_command(args)
+        if hasattr(args, "initial_peers"):
+            args.initial_peers = resolve_initial_peers(args)
         setup_logging(getattr(args, "verbose", False))
         if args.command == "run":
             from peerd.cli.run import cmd_run
@@ -47,14 +49,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from peerd.cli.status import cmd_status
 
             return run_async(cmd_status(args))
+    except SwarmArgumentError as exc:
+        print(f"peerd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # the CLI's one place that turns errors into readable text
+        from peerd.identity import IdentityError
         from peerd.model.registry import ModelNotFoundError
         from peerd.rpc.errors import PeerdClientError
 
-        if isinstance(exc, (PeerdClientError, ModelNotFoundError, ValueError, OSError)):
+        if isinstance(exc, (PeerdClientError, ModelNotFoundError, IdentityError, ValueError, OSError)):
             print(f"peerd: error: {exc}", file=sys.stderr)
             return 1
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from peerd import __version__
+from peerd.config import ALL_INTERFACES
 
 __all__ = ["build_parser", "parse_blocks", "parse_size"]
 
@@ -48,10 +49,16 @@ def _add_swarm_args(p: argparse.ArgumentParser, *, need_peers: bool) -> None:
         "--initial-peers",
         nargs="+",
         default=[],
-        required=need_peers,
         metavar="MADDR",
-        help="multiaddrs of peers to join (printed by `peerd run` at start-up)",
+        help="multiaddrs of peers to join (printed by `peerd run` at start-up); default: $PEERD_INITIAL_PEERS, "
+        "else the public swarm's bootstrap list",
     )
+    if not need_peers:
+        p.add_argument(
+            "--new-swarm",
+            action="store_true",
+            help="start a new swarm instead of joining one (prints the --initial-peers line others join with)",
+        )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -93,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.2,
         help="move only if the swarm bottleneck rises by this fraction",
     )
-    run.add_argument("--host", default="127.0.0.1", help="libp2p listen address (default 127.0.0.1)")
+    run.add_argument(
+        "--host", default=ALL_INTERFACES, help="libp2p listen address (default 0.0.0.0: every interface, IPv6 too)"
+    )
     run.add_argument("--port", type=int, default=0, help="libp2p listen port (default 0: any free port)")
     run.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR", help="public multiaddrs to advertise")
     run.add_argument(
@@ -134,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     boot = sub.add_parser("bootstrap", help="run a DHT-only node other peers can join through")
     _add_swarm_args(boot, need_peers=False)
-    boot.add_argument("--host", default="127.0.0.1")
+    boot.add_argument(
+        "--host", default=ALL_INTERFACES, help="libp2p listen address (default 0.0.0.0: every interface, IPv6 too)"
+    )
     boot.add_argument("--port", type=int, default=0)
     boot.add_argument("--identity", default="~/.config/peerd/bootstrap.key")
     boot.add_argument("--ready-file", default=None)

@@ -8,6 +8,7 @@ stop; shutdown() announces the peer offline, drains and releases everything with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from dataclasses import replace
@@ -19,15 +20,9 @@ from hivemind.utils.crypto import RSAPrivateKey
 from peerd import __version__
 from peerd.config import PeerConfig
 from peerd.daemon.capacity import Capacity, Hardware, blocks_fitting_memory, measure_capacity, probe_hardware
-from peerd.daemon.placement import (
-    PlacedPeer,
-    Placement,
-    choose_placement,
-    decide_move,
-    recheck_after_joining,
-)
+from peerd.daemon.placement import PlacedPeer, Placement, choose_placement, decide_move, recheck_after_joining
 from peerd.daemon.routes import peer_routes
-from peerd.identity import load_or_create_identity, peer_id_of_public_key
+from peerd.identity import IdentityLock, load_or_create_identity, lock_identity, peer_id_of_public_key
 from peerd.model.config import ModelConfig
 from peerd.model.loading import default_dtype_for, load_stage
 from peerd.model.stage import Stage, cache_bytes_per_token
@@ -39,6 +34,7 @@ from peerd.server.limits import Limits
 from peerd.server.metrics import PeerMetrics
 from peerd.server.runtime import ComputeRuntime
 from peerd.server.sessions import CacheBudget
+from peerd.swarm.addresses import listen_maddrs, rank_maddrs
 from peerd.swarm.dht import SwarmDHT, records_of
 from peerd.swarm.records import PeerState, ServerRecord, latest_per_peer, swarm_prefix
 from peerd.web.http import HttpServer
@@ -78,6 +74,7 @@ class Peer:
         self.next_rtts_ms: dict[str, float] = {}
         self._stop = asyncio.Event()
         self._shut_down = False
+        self._identity_lock: IdentityLock | None = None
         self.peer_id = ""
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -85,11 +82,12 @@ class Peer:
     async def startup(self) -> None:
         """Join the swarm, choose and load blocks, start handlers, announce online."""
         cfg = self.config
+        self._identity_lock = lock_identity(cfg.identity_path)  # before anything else: one daemon per key
         self._private_key = load_or_create_identity(cfg.identity_path)
         self.peer_id = peer_id_of_public_key(self._private_key.get_public_key())
         self.p2p = await P2P.create(
             initial_peers=list(cfg.initial_peers) or None,
-            host_maddrs=[f"/ip4/{cfg.host}/tcp/{cfg.port}"],
+            host_maddrs=listen_maddrs(cfg.host, cfg.port),
             announce_maddrs=list(cfg.announce_maddrs) or None,
             identity_path=str(cfg.identity_path.expanduser()),
             # an identity "taken" check spins up a second p2pd just to ask; a restarted peer with
@@ -324,10 +322,8 @@ class Peer:
         p2p_alive = self.p2p is not None and self.p2p.is_alive
         if self.p2p is not None and p2p_alive:
             for name in STREAM_NAMES.values():
-                try:
+                with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.p2p.remove_binary_stream_handler(name), 2.0)
-                except Exception:
-                    pass
         if self.runtime is not None:
             await asyncio.to_thread(self.runtime.close, max(deadline_s, 1.0))
         if self.dht is not None and p2p_alive:
@@ -337,6 +333,8 @@ class Peer:
                 logger.debug("DHT shutdown failed", exc_info=True)
         if self.p2p is not None:
             await self.p2p.shutdown()
+        if self._identity_lock is not None:
+            self._identity_lock.release()
 
     async def __aenter__(self) -> Peer:
         try:
@@ -389,9 +387,9 @@ class Peer:
     # --- introspection ----------------------------------------------------------------------------
 
     async def visible_maddrs(self) -> list[str]:
-        """Multiaddrs (with /p2p/<peer id>) that others can pass as --initial-peers."""
+        """Multiaddrs (with /p2p/<peer id>) that others can pass as --initial-peers, best first."""
         assert self.p2p is not None
-        return [str(m) for m in await self.p2p.get_visible_maddrs()]
+        return rank_maddrs([str(m) for m in await self.p2p.get_visible_maddrs()])
 
     def _set_static_metrics(self, budget: CacheBudget) -> None:
         assert self.stage is not None and self.capacity is not None

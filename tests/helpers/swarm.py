@@ -37,6 +37,7 @@ class Swarm:
             identity_path=self.workdir / f"{name}.key",
             initial_peers=self.initial_peers,
             public_name=name,
+            host="127.0.0.1",  # tests never listen beyond loopback
             measure_throughput=False,
             announce_period_s=5.0,
         )

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from peerd.cli.demo import split_blocks
+from peerd.cli.main import main
 from peerd.cli.parser import build_parser, parse_blocks, parse_size
 
 
@@ -48,3 +49,38 @@ def test_demo_splits_blocks_evenly() -> None:
     spans = split_blocks(7, 3)
     assert spans[0][0] == 0 and spans[-1][1] == 7
     assert all(a < b for a, b in spans) and all(spans[i][1] == spans[i + 1][0] for i in range(2))
+
+
+# --- which swarm to join -------------------------------------------------------------------------
+
+
+def test_initial_peers_come_from_the_flag_then_the_environment_then_the_shipped_list(monkeypatch) -> None:
+    from peerd.cli import helpers
+
+    monkeypatch.delenv("PEERD_INITIAL_PEERS", raising=False)
+    flag = build_parser().parse_args(["status", "--initial-peers", "/ip4/10.1.1.1/tcp/1/p2p/QmA"])
+    monkeypatch.setenv("PEERD_INITIAL_PEERS", "/ip4/10.2.2.2/tcp/2/p2p/QmB,/ip4/10.3.3.3/tcp/3/p2p/QmC")
+    assert helpers.resolve_initial_peers(flag) == ["/ip4/10.1.1.1/tcp/1/p2p/QmA"]
+    bare = build_parser().parse_args(["status"])
+    assert helpers.resolve_initial_peers(bare) == ["/ip4/10.2.2.2/tcp/2/p2p/QmB", "/ip4/10.3.3.3/tcp/3/p2p/QmC"]
+    monkeypatch.delenv("PEERD_INITIAL_PEERS")
+    shipped = helpers._shipped_bootstrap_peers()
+    if shipped:
+        assert helpers.resolve_initial_peers(bare) == shipped
+    else:
+        with pytest.raises(helpers.SwarmArgumentError, match="no swarm to join"):
+            helpers.resolve_initial_peers(bare)
+
+
+def test_run_without_a_swarm_refuses_and_says_how_to_join_or_start_one(monkeypatch, capsys) -> None:
+    from peerd.cli import helpers
+
+    monkeypatch.delenv("PEERD_INITIAL_PEERS", raising=False)
+    monkeypatch.setattr(helpers, "BOOTSTRAP_LIST", helpers.BOOTSTRAP_LIST.with_name("no-such-list.txt"))
+    assert main(["run", "--model", "/nonexistent"]) == 2  # refused before any model or network work
+    err = capsys.readouterr().err
+    assert "no swarm to join" in err and "--initial-peers" in err and "--new-swarm" in err
+    assert main(["status"]) == 2
+    assert "peerd bootstrap --new-swarm" in capsys.readouterr().err
+    assert main(["bootstrap", "--new-swarm", "--initial-peers", "/ip4/10.1.1.1/tcp/1/p2p/QmA"]) == 2
+    assert "drop one of the two" in capsys.readouterr().err

@@ -161,7 +161,7 @@ def test_compose_peer_commands_parse_and_agree_with_the_join_script(compose: dic
     script = DEPLOY / "join-swarm.sh"
     defaults = script_defaults(script)
     boot = parse_cli(services["bootstrap"]["command"])
-    assert boot.command == "bootstrap" and boot.host == "0.0.0.0"
+    assert boot.command == "bootstrap" and boot.host == "0.0.0.0" and boot.new_swarm
     assert str(boot.port) == defaults["PEERD_BOOTSTRAP_PORT"]
     assert boot.ready_file == defaults["PEERD_BOOTSTRAP_READY_FILE"]
     assert boot.ready_file in " ".join(services["bootstrap"]["healthcheck"]["test"])
@@ -316,6 +316,7 @@ def test_systemd_unit_runs_peerd_as_its_own_user_and_its_command_parses() -> Non
     unit.read(DEPLOY / "systemd" / "peerd.service")
     service = unit["Service"]
     assert service["User"] not in ("root", "0") and service["KillSignal"] == "SIGTERM"
+    assert service["KillMode"] == "mixed", "SIGTERM must reach peerd alone, so it can drain before stopping p2pd"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     env_example = (DEPLOY / "systemd" / "peerd.env").read_text()
     peerd_args = re.search(r"^PEERD_ARGS=(.*)$", env_example, re.M)

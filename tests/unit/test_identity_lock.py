@@ -1,0 +1,60 @@
+"""One daemon per identity key: the key file is locked while in use, and created atomically."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from peerd.identity import IdentityInUse, load_or_create_identity, lock_identity, peer_id_of_public_key
+
+
+def test_a_second_lock_on_the_same_key_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    key = tmp_path / "identity.key"
+    held = lock_identity(key)
+    try:
+        with pytest.raises(IdentityInUse) as info:
+            lock_identity(key)
+        assert f"pid {os.getpid()}" in str(info.value)
+        assert "--identity" in str(info.value)  # says what to do next
+    finally:
+        held.release()
+    lock_identity(key).release()  # free again once released
+
+
+def test_the_lock_dies_with_its_process(tmp_path: Path) -> None:
+    key = tmp_path / "identity.key"
+    code = (
+        "import sys, time; from pathlib import Path; from peerd.identity import lock_identity; "
+        f"lock_identity(Path({str(key)!r})); print('locked', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(IdentityInUse, match=f"pid {holder.pid}"):
+            lock_identity(key)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(30)
+    deadline = time.monotonic() + 10
+    while True:  # the kernel drops a flock when its last descriptor closes, at process exit
+        try:
+            lock_identity(key).release()
+            break
+        except IdentityInUse:
+            assert time.monotonic() < deadline, "lock outlived its process"
+            time.sleep(0.05)
+
+
+def test_a_new_key_is_written_whole_and_stays_stable(tmp_path: Path) -> None:
+    key = tmp_path / "sub" / "identity.key"
+    first = peer_id_of_public_key(load_or_create_identity(key).get_public_key())
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in key.parent.iterdir()] == ["identity.key"]  # no temporary file left behind
+    again = peer_id_of_public_key(load_or_create_identity(key).get_public_key())
+    assert again == first
