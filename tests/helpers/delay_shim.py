@@ -1,0 +1,144 @@
+"""A TCP forwarder that delays every chunk by a fixed time in each direction (link delay emulation).
+
+``tc netem`` is not available on the test machines, so tests that need latency put this shim
+between two endpoints: it listens on ``listen``, opens a connection to ``target`` for each
+accepted client, and forwards bytes both ways, holding each chunk ``delay`` seconds after it was
+read before writing it on. Chunks leave in the order they arrived; EOF (half-close) is forwarded
+after the data before it, also delayed; a reset on either side aborts both. Buffering is bounded
+(``max_chunks`` chunks of at most ``chunk_size`` bytes per direction), so a slow receiver
+back-pressures the sender; note that this also caps throughput at about
+``max_chunks * chunk_size / delay`` (4 MiB / delay with the defaults).
+
+The file is standalone (standard library only) so it can run inside a namespace by path::
+
+    ip netns exec NS python3 tests/helpers/delay_shim.py --listen 10.200.0.2:9000 \\
+        --target 10.200.0.3:8000 --delay-ms 50
+
+It prints ``LISTENING <host> <port>`` once ready (port 0 picks a free port). From asyncio code::
+
+    server = await start_delay_shim(("127.0.0.1", 0), ("127.0.0.1", port), delay=0.05)
+    shim_port = server.sockets[0].getsockname()[1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+
+CHUNK_SIZE = 65536
+MAX_CHUNKS = 64
+
+
+async def _pipe(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    delay: float,
+    chunk_size: int,
+    max_chunks: int,
+) -> None:
+    """Copy reader -> writer, each chunk written ``delay`` s after it was read; forwards EOF."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(max_chunks)
+
+    async def receive() -> None:
+        while True:
+            data = await reader.read(chunk_size)
+            await queue.put((loop.time() + delay, data))  # b"" marks EOF
+            if not data:
+                return
+
+    async def send() -> None:
+        while True:
+            due, data = await queue.get()
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if not data:
+                if writer.can_write_eof():
+                    writer.write_eof()
+                await writer.drain()
+                return
+            writer.write(data)
+            await writer.drain()
+
+    # If either half fails (reset, broken pipe), the TaskGroup cancels the other and raises.
+    async with asyncio.TaskGroup() as group:
+        group.create_task(receive())
+        group.create_task(send())
+
+
+async def _handle(
+    client_reader: asyncio.StreamReader,
+    client_writer: asyncio.StreamWriter,
+    target: tuple[str, int],
+    delay: float,
+    chunk_size: int,
+    max_chunks: int,
+) -> None:
+    try:
+        up_reader, up_writer = await asyncio.open_connection(*target)
+    except OSError:
+        client_writer.transport.abort()
+        return
+    writers = (client_writer, up_writer)
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(_pipe(client_reader, up_writer, delay, chunk_size, max_chunks))
+            group.create_task(_pipe(up_reader, client_writer, delay, chunk_size, max_chunks))
+    except* (OSError, asyncio.IncompleteReadError):
+        for w in writers:
+            w.transport.abort()  # propagate the failure as a reset, like a real link would
+    finally:
+        for w in writers:
+            w.close()
+            with contextlib.suppress(OSError):
+                await w.wait_closed()
+
+
+async def start_delay_shim(
+    listen: tuple[str, int],
+    target: tuple[str, int],
+    delay: float,
+    *,
+    chunk_size: int = CHUNK_SIZE,
+    max_chunks: int = MAX_CHUNKS,
+) -> asyncio.Server:
+    """Start the shim in the running loop; close the returned server to stop accepting."""
+    if delay < 0:
+        raise ValueError("delay must be >= 0")
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _handle(reader, writer, target, delay, chunk_size, max_chunks)
+
+    return await asyncio.start_server(on_client, listen[0], listen[1], limit=chunk_size)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    server = await start_delay_shim(args.listen, args.target, args.delay_ms / 1000.0)
+    host, port = server.sockets[0].getsockname()[:2]
+    print(f"LISTENING {host} {port}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--listen", type=_hostport, required=True, help="HOST:PORT to accept on")
+    parser.add_argument("--target", type=_hostport, required=True, help="HOST:PORT to forward to")
+    parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay per direction")
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
