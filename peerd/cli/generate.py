@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from peerd.cli.helpers import connect_client
+from peerd.cli.helpers import connect_client, empty_swarm_reason
 
 __all__ = ["cmd_generate"]
 
@@ -16,6 +16,10 @@ async def cmd_generate(args: argparse.Namespace) -> int:
 
     client = await connect_client(args)
     try:
+        reason = await empty_swarm_reason(client, args.swarm)
+        if reason is not None:
+            print(f"peerd generate: error: {reason}", file=sys.stderr)
+            return 1
         route = await client.wait_for_route()
         print("route: " + " -> ".join(str(s) for s in route), file=sys.stderr, flush=True)
         prompt = args.prompt if args.raw or client.tokenizer is None else chat_prompt_ids(client.tokenizer, args.prompt)

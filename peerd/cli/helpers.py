@@ -23,6 +23,7 @@ __all__ = [
     "BOOTSTRAP_LIST",
     "SwarmArgumentError",
     "connect_client",
+    "empty_swarm_reason",
     "install_stop_handlers",
     "resolve",
     "resolve_initial_peers",
@@ -128,3 +129,25 @@ async def connect_client(args: argparse.Namespace) -> SwarmClient:
 
     model_id, path = resolve(args.model, args.cache_dir)
     return await SwarmClient.connect(args.initial_peers, path, model_id=args.model_id or model_id, swarm=args.swarm)
+
+
+async def empty_swarm_reason(client: SwarmClient, swarm: str, grace_s: float = 3.0) -> str | None:
+    """Why nothing can be served, if no peer announces this model at all; None once one does.
+
+    Looks for ``grace_s`` (records of a peer that just started take a moment to spread). Telling
+    "the swarm is empty" apart from "the bootstrap node is unreachable" (which connecting already
+    reports) saves a user the long wait for a route that cannot appear.
+    """
+    deadline = asyncio.get_running_loop().time() + grace_s
+    while True:
+        views = await client.dht.read_blocks(timeout_s=client.router.dht_timeout_s)
+        if any(view.records for view in views):
+            return None
+        if asyncio.get_running_loop().time() >= deadline:
+            break
+        await asyncio.sleep(0.5)
+    nodes = client.dht.routing_table_size()
+    return (
+        f"the swarm is reachable ({nodes} DHT node(s) known), but no peer announces model {client.model_id!r} "
+        f"in swarm {swarm!r}: check that --swarm and --model-id match the peers', or start one with `peerd run`"
+    )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import TYPE_CHECKING, Any
 
-from peerd.cli.helpers import connect_client
+from peerd.cli.helpers import connect_client, empty_swarm_reason
 from peerd.swarm.status import block_ranges, status_from_views
 
 if TYPE_CHECKING:
@@ -73,9 +74,12 @@ def format_status(status: dict[str, Any]) -> str:
 async def cmd_status(args: argparse.Namespace) -> int:
     client = await connect_client(args)
     try:
+        reason = await empty_swarm_reason(client, args.swarm)
         status = await gather_status(client)
     finally:
         await client.close()
+    if reason is not None:
+        print(f"peerd status: {reason}", file=sys.stderr)
     if args.json:
         print(json.dumps(status, indent=2))
     else:

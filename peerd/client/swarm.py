@@ -33,6 +33,7 @@ from peerd.model.head import ClientHead
 from peerd.model.loading import load_client_head
 from peerd.rpc.errors import PeerdClientError, PeerError, PeerUnavailable, SwarmConnectError, worth_failover
 from peerd.rpc.transport import PeerClient
+from peerd.swarm.addresses import probe_tcp
 from peerd.swarm.dht import SwarmDHT
 from peerd.swarm.records import ServerRecord, swarm_prefix
 from protocols import Compression
@@ -325,6 +326,13 @@ async def _join(initial_peers: Sequence[str], prefix: str, num_blocks: int) -> t
     """A client-mode P2P node and DHT node joined through ``initial_peers``; SwarmConnectError if not."""
     if not initial_peers:
         raise SwarmConnectError("no initial peers given: pass the multiaddr a peer printed at start-up")
+    answers = await probe_tcp(list(initial_peers))
+    if "ok" not in answers.values():
+        tried = "; ".join(f"{maddr}: {why}" for maddr, why in answers.items())
+        raise SwarmConnectError(
+            f"no initial peer accepts connections ({tried}): check the address, and that the node "
+            "you join through is running and reachable from here"
+        )
     try:
         p2p = await P2P.create(initial_peers=list(initial_peers), dht_mode="client")
     except Exception as exc:

@@ -8,12 +8,14 @@ address given to another machine can never work.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import socket
 
 from peerd.config import ALL_INTERFACES
 
-__all__ = ["listen_maddrs", "rank_maddrs"]
+__all__ = ["listen_maddrs", "probe_tcp", "rank_maddrs"]
 
 
 def _has_ipv6() -> bool:
@@ -61,3 +63,41 @@ def rank_maddrs(maddrs: list[str]) -> list[str]:
     usable = [m for m in maddrs if _rank(m) < 4]
     chosen = usable or [m for m in maddrs if _rank(m) == 4]
     return sorted(dict.fromkeys(chosen), key=_rank)
+
+
+def _tcp_endpoint(maddr: str) -> tuple[str, int] | None:
+    """The first (host, port) a multiaddr dials over TCP (a relay's, for a circuit address)."""
+    parts = maddr.split("/")
+    for i in range(1, len(parts) - 3):
+        if parts[i] in ("ip4", "ip6", "dns", "dns4", "dns6") and parts[i + 2] == "tcp":
+            try:
+                return parts[i + 1], int(parts[i + 3])
+            except ValueError:
+                return None
+    return None
+
+
+async def probe_tcp(maddrs: list[str], timeout_s: float = 3.0) -> dict[str, str]:
+    """Open (and close) one TCP connection to each address, all at once: {maddr: "ok" or why not}.
+
+    libp2p reports an unreachable bootstrap node only after its own long timeouts; a plain TCP
+    connect says within seconds whether anything listens there at all.
+    """
+
+    async def one(maddr: str) -> str:
+        endpoint = _tcp_endpoint(maddr)
+        if endpoint is None:
+            return "not a TCP address"
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(*endpoint), timeout_s)
+        except TimeoutError:
+            return f"no answer within {timeout_s:.0f} s"
+        except OSError as exc:
+            return exc.strerror or type(exc).__name__
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return "ok"
+
+    results = await asyncio.gather(*(one(m) for m in maddrs))
+    return dict(zip(maddrs, results, strict=True))
