@@ -14,6 +14,33 @@ from peerd.config import ALL_INTERFACES
 __all__ = ["build_parser", "parse_blocks", "parse_size"]
 
 
+def _ranged(kind: type[int] | type[float], low: float, high: float | None = None, *, above: bool = False):  # type: ignore[no-untyped-def]
+    """An argparse type: a number of ``kind`` in [low, high] (or (low, high] with ``above``).
+
+    A value out of range is refused at parse time with the range in the message, not found later
+    as a hang or a traceback deep in the daemon.
+    """
+    bounds = f"{'>' if above else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if value != value or (value <= low if above else value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {bounds}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = _ranged(int, 1)
+PORT = _ranged(int, 0, 65535)
+NON_NEGATIVE = _ranged(float, 0.0)
+POSITIVE = _ranged(float, 0.0, above=True)
+
+
 def parse_blocks(text: str) -> tuple[int, int]:
     """``"0:10"`` -> (0, 10); a clear argparse error otherwise."""
     try:
@@ -78,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="blocks to host, START:END (default: placed automatically where the swarm is weakest)",
     )
-    run.add_argument("--max-blocks", type=int, default=None, help="host at most this many blocks (automatic placement)")
+    run.add_argument(
+        "--max-blocks", type=POSITIVE_INT, default=None, help="host at most this many blocks (automatic placement)"
+    )
     run.add_argument(
         "--memory-budget",
         type=parse_size,
@@ -86,24 +115,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory for weights + KV cache, e.g. 6GB (default: 80%% of free memory)",
     )
     run.add_argument(
-        "--placement-jitter", type=float, default=3.0, help="test/ops knob: max random delay before choosing blocks"
+        "--placement-jitter",
+        type=NON_NEGATIVE,
+        default=3.0,
+        help="test/ops knob: max random delay before choosing blocks",
     )
     run.add_argument(
-        "--placement-settle", type=float, default=1.0, help="test/ops knob: wait before re-checking the choice"
+        "--placement-settle", type=NON_NEGATIVE, default=1.0, help="test/ops knob: wait before re-checking the choice"
     )
     run.add_argument(
-        "--rebalance-period", type=float, default=120.0, help="seconds between move checks (0 = never move)"
+        "--rebalance-period", type=NON_NEGATIVE, default=120.0, help="seconds between move checks (0 = never move)"
     )
     run.add_argument(
         "--rebalance-threshold",
-        type=float,
+        type=NON_NEGATIVE,
         default=0.2,
         help="move only if the swarm bottleneck rises by this fraction",
     )
     run.add_argument(
         "--host", default=ALL_INTERFACES, help="libp2p listen address (default 0.0.0.0: every interface, IPv6 too)"
     )
-    run.add_argument("--port", type=int, default=0, help="libp2p listen port (default 0: any free port)")
+    run.add_argument("--port", type=PORT, default=0, help="libp2p listen port (default 0: any free port)")
     run.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR", help="public multiaddrs to advertise")
     run.add_argument(
         "--identity",
@@ -113,15 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", default="", help="public name shown in status tables")
     run.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)")
     run.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weights dtype")
-    run.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
-    run.add_argument("--cache-tokens", type=int, default=8192, help="KV cache budget in tokens (default 8192)")
-    run.add_argument("--max-session-length", type=int, default=2048, help="longest session a client may open")
-    run.add_argument("--max-sessions", type=int, default=64, help="concurrent inference sessions")
+    run.add_argument("--torch-threads", type=POSITIVE_INT, default=None, help="torch intra-op threads")
+    run.add_argument("--cache-tokens", type=POSITIVE_INT, default=8192, help="KV cache budget in tokens (default 8192)")
+    run.add_argument("--max-session-length", type=POSITIVE_INT, default=2048, help="longest session a client may open")
+    run.add_argument("--max-sessions", type=POSITIVE_INT, default=64, help="concurrent inference sessions")
     run.add_argument(
-        "--max-sessions-per-peer", type=int, default=16, help="concurrent inference sessions of one client"
+        "--max-sessions-per-peer", type=POSITIVE_INT, default=16, help="concurrent inference sessions of one client"
     )
     run.add_argument(
-        "--max-inflight-per-peer", type=int, default=8, help="concurrent forward/backward/info requests of one client"
+        "--max-inflight-per-peer",
+        type=POSITIVE_INT,
+        default=8,
+        help="concurrent forward/backward/info requests of one client",
     )
     run.add_argument(
         "--allow-peers",
@@ -130,15 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PEER_ID",
         help="private peer: serve only these peer ids (others get NOT_ALLOWED); default: serve anyone",
     )
-    run.add_argument("--session-idle-timeout", type=float, default=60.0, help="seconds before an idle session is freed")
-    run.add_argument("--http-port", type=int, default=None, help="serve /metrics and the health page on this port")
+    run.add_argument(
+        "--session-idle-timeout", type=POSITIVE, default=60.0, help="seconds before an idle session is freed"
+    )
+    run.add_argument("--http-port", type=PORT, default=None, help="serve /metrics and the health page on this port")
     run.add_argument("--http-host", default="127.0.0.1", help="address for the HTTP port (default 127.0.0.1)")
     run.add_argument(
-        "--drain-timeout", type=float, default=10.0, help="on SIGTERM, seconds open sessions get to finish"
+        "--drain-timeout", type=NON_NEGATIVE, default=10.0, help="on SIGTERM, seconds open sessions get to finish"
     )
-    run.add_argument("--announce-period", type=float, default=30.0, help="seconds between DHT announcements")
+    run.add_argument("--announce-period", type=POSITIVE, default=30.0, help="seconds between DHT announcements")
     run.add_argument("--no-measure", action="store_true", help="skip the start-up throughput benchmark (tests)")
-    run.add_argument("--step-delay", type=float, default=0.0, help="test/ops knob: extra seconds per inference step")
+    run.add_argument(
+        "--step-delay", type=NON_NEGATIVE, default=0.0, help="test/ops knob: extra seconds per inference step"
+    )
     run.add_argument("--ready-file", default=None, help="write JSON {peer_id, maddrs, http_port} here once serving")
 
     boot = sub.add_parser("bootstrap", help="run a DHT-only node other peers can join through")
@@ -146,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument(
         "--host", default=ALL_INTERFACES, help="libp2p listen address (default 0.0.0.0: every interface, IPv6 too)"
     )
-    boot.add_argument("--port", type=int, default=0)
+    boot.add_argument("--port", type=PORT, default=0)
     boot.add_argument("--identity", default="~/.config/peerd/bootstrap.key")
     boot.add_argument("--ready-file", default=None)
 
@@ -154,16 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
     demo.add_argument("--model", default="smollm2-135m")
     demo.add_argument("--cache-dir", default=None)
-    demo.add_argument("--max-new-tokens", type=int, default=64)
-    demo.add_argument("--peers", type=int, default=3, help="number of peers the blocks are split over (default 3)")
+    demo.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
+    demo.add_argument(
+        "--peers", type=POSITIVE_INT, default=3, help="number of peers the blocks are split over (default 3)"
+    )
     demo.add_argument("-v", "--verbose", action="store_true")
 
     gen = sub.add_parser("generate", help="generate text through a running swarm")
     _add_swarm_args(gen, need_peers=True)
     gen.add_argument("prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
+    gen.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=_ranged(float, 0.0, 1.0, above=True), default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--adapter", default=None, help="adapter file written by `peerd finetune`")

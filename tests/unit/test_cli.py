@@ -84,3 +84,30 @@ def test_run_without_a_swarm_refuses_and_says_how_to_join_or_start_one(monkeypat
     assert "peerd bootstrap --new-swarm" in capsys.readouterr().err
     assert main(["bootstrap", "--new-swarm", "--initial-peers", "/ip4/10.1.1.1/tcp/1/p2p/QmA"]) == 2
     assert "drop one of the two" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--cache-tokens", "-5"], "--cache-tokens: -5 is out of range: must be >= 1"),
+        (["run", "--max-session-length", "0"], "--max-session-length: 0 is out of range: must be >= 1"),
+        (["run", "--port", "99999"], "--port: 99999 is out of range: must be >= 0 and <= 65535"),
+        (["bootstrap", "--port", "-1"], "--port: -1 is out of range"),
+        (["run", "--announce-period", "0"], "--announce-period: 0 is out of range: must be > 0"),
+        (["run", "--drain-timeout", "nan"], "--drain-timeout: nan is out of range: must be >= 0"),
+        (["run", "--torch-threads", "two"], "--torch-threads: not an integer: 'two'"),
+        (["generate", "hi", "--top-p", "1.5"], "--top-p: 1.5 is out of range: must be > 0 and <= 1"),
+        (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens: 0 is out of range"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_at_parse_time_with_the_range(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_numbers_in_range_parse_to_their_type() -> None:
+    args = build_parser().parse_args(["run", "--port", "65535", "--drain-timeout", "0", "--cache-tokens", "1"])
+    assert (args.port, args.drain_timeout, args.cache_tokens) == (65535, 0.0, 1)
+    assert isinstance(args.port, int) and isinstance(args.drain_timeout, float)
