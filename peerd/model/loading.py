@@ -10,13 +10,15 @@ slice itself plus one tensor.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -27,6 +29,7 @@ from peerd.model.stage import Stage
 
 __all__ = [
     "CheckpointFiles",
+    "DamagedWeightsError",
     "LoadStats",
     "default_dtype_for",
     "load_client_head",
@@ -52,6 +55,33 @@ class LoadStats:
     files_opened: set[str] = field(default_factory=set)
 
 
+class DamagedWeightsError(ValueError):
+    """A weights file cannot be read: truncated by an interrupted copy or download, or not safetensors."""
+
+    def __init__(self, file: Path, cause: Exception) -> None:
+        super().__init__(
+            f"weights file {file} is damaged or truncated ({cause}); delete it and run `peerd model fetch` "
+            "again (or copy the checkpoint anew)"
+        )
+
+
+@contextlib.contextmanager
+def _open_weights(file: Path) -> Iterator[Any]:
+    try:
+        handle = safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise DamagedWeightsError(file, exc) from exc
+    with handle as f:
+        yield f
+
+
+def _get_tensor(f: Any, file: Path, name: str) -> Tensor:
+    try:
+        return f.get_tensor(name)  # type: ignore[no-any-return]
+    except (SafetensorError, OSError) as exc:
+        raise DamagedWeightsError(file, exc) from exc
+
+
 class CheckpointFiles:
     """Which safetensors file of a checkpoint folder holds each tensor name (headers only, no data).
 
@@ -68,7 +98,7 @@ class CheckpointFiles:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             self.file_of = {name: self.path / file for name, file in weight_map.items()}
         elif single.is_file():
-            with safe_open(str(single), framework="pt") as f:
+            with _open_weights(single) as f:
                 self.file_of = dict.fromkeys(f.keys(), single)
         else:
             found = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
@@ -101,9 +131,9 @@ class CheckpointFiles:
         with tqdm(total=len(names), desc=description, unit="tensor", disable=not progress) as bar:
             for file, file_names in by_file.items():
                 # One open per shard; get_tensor reads a single tensor's bytes, never the file.
-                with safe_open(str(file), framework="pt") as f:
+                with _open_weights(file) as f:
                     for name in file_names:
-                        stored = f.get_tensor(name)
+                        stored = _get_tensor(f, file, name)
                         if stats is not None:
                             stats.tensor_names.append(name)
                             stats.bytes_read += stored.numel() * stored.element_size()

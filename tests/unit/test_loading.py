@@ -155,3 +155,21 @@ def test_progress_bar_reports_tensors(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "blocks 0:2" in capsys.readouterr().err
     load_stage(path, 0, 2, progress=False)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.001])
+def test_truncated_weights_are_one_clear_error_through_the_cli(tmp_path: Path, keep: float, capsys) -> None:
+    """An interrupted copy leaves a short file: the loader names it and says what to do, no traceback."""
+    from peerd.cli.main import main
+
+    path = make_tiny_checkpoint(tmp_path / "tiny", num_layers=2)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: max(1, int(len(data) * keep))])
+    with pytest.raises(loading.DamagedWeightsError, match="damaged or truncated"):
+        load_stage(path, 0, 2, progress=False)
+    capsys.readouterr()  # the checkpoint writer's progress bar
+    code = main(["status", "--model", str(path), "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"weights file {weights} is damaged or truncated" in err and "peerd model fetch" in err
