@@ -58,3 +58,23 @@ def test_a_new_key_is_written_whole_and_stays_stable(tmp_path: Path) -> None:
     assert [p.name for p in key.parent.iterdir()] == ["identity.key"]  # no temporary file left behind
     again = peer_id_of_public_key(load_or_create_identity(key).get_public_key())
     assert again == first
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "message"), [(b"\x00garbage", 0o600, "is not a libp2p RSA key"), (None, 0o644, "chmod 600")]
+)
+def test_a_corrupt_or_loose_key_file_is_one_clear_line(tmp_path: Path, content, mode, message, capsys) -> None:
+    from peerd.cli.main import main
+    from tests.helpers.tiny_model import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", num_layers=1)
+    key = tmp_path / "identity.key"
+    if content is None:
+        load_or_create_identity(key)
+    else:
+        key.write_bytes(content)
+    key.chmod(mode)
+    capsys.readouterr()
+    assert main(["bootstrap", "--new-swarm", "--identity", str(key), "--model", str(ckpt)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and str(key) in err, err
