@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 from pathlib import Path
 
 from peerd.cli.helpers import install_stop_handlers, resolve, write_ready_file
@@ -16,6 +17,7 @@ async def cmd_bootstrap(args: argparse.Namespace) -> int:
 
     from peerd.identity import load_or_create_identity, lock_identity
     from peerd.model.config import ModelConfig
+    from peerd.rpc.p2pd import P2PDaemonLost, wait_for_p2pd_exit
     from peerd.swarm.addresses import listen_maddrs, rank_maddrs
     from peerd.swarm.dht import SwarmDHT
     from peerd.swarm.records import swarm_prefix
@@ -34,6 +36,7 @@ async def cmd_bootstrap(args: argparse.Namespace) -> int:
     )
     stop = asyncio.Event()
     install_stop_handlers(stop.set)
+    lost: P2PDaemonLost | None = None
     try:
         dht = await SwarmDHT.create(
             p2p,
@@ -48,10 +51,14 @@ async def cmd_bootstrap(args: argparse.Namespace) -> int:
             print(f"bootstrap node {p2p.peer_id}: {started} {args.swarm!r}, model {model_id}", flush=True)
             print("peers join with:  --initial-peers " + " ".join(maddrs), flush=True)
             write_ready_file(args.ready_file, {"peer_id": str(p2p.peer_id), "maddrs": maddrs})
-            await stop.wait()
+            lost = await wait_for_p2pd_exit(p2p, stop)
         finally:
-            await dht.shutdown()
+            if p2p.is_alive and not lost:
+                with contextlib.suppress(Exception):  # bounded: a dying p2pd must not hang SIGTERM
+                    await asyncio.wait_for(dht.shutdown(), 5.0)
     finally:
         await p2p.shutdown()
         lock.release()
+    if lost is not None:
+        raise lost  # one line on stderr and exit status 1 (cli/main.py), for the supervisor
     return 0

@@ -88,4 +88,6 @@ async def cmd_run(args: argparse.Namespace) -> int:
     finally:
         logger.info("shutting down")
         await peer.shutdown()
+    if peer.network_lost is not None:
+        raise peer.network_lost  # one line on stderr and exit status 1 (cli/main.py), for the supervisor
     return 0

@@ -21,11 +21,12 @@ from peerd import __version__
 from peerd.config import PeerConfig
 from peerd.daemon.capacity import Capacity, Hardware, blocks_fitting_memory, measure_capacity, probe_hardware
 from peerd.daemon.placement import PlacedPeer, Placement, choose_placement, decide_move, recheck_after_joining
-from peerd.daemon.routes import peer_routes
+from peerd.daemon.routes import peer_routes, refresh_peer_gauges
 from peerd.identity import IdentityLock, load_or_create_identity, lock_identity, peer_id_of_public_key
 from peerd.model.config import ModelConfig
 from peerd.model.loading import default_dtype_for, load_stage
 from peerd.model.stage import Stage, cache_bytes_per_token
+from peerd.rpc.p2pd import P2PDaemonLost, wait_for_p2pd_exit
 from peerd.rpc.rtt import RTT_TIMEOUT_S, RttProbe
 from peerd.rpc.streams import STREAM_NAMES
 from peerd.rpc.transport import PeerClient
@@ -75,6 +76,7 @@ class Peer:
         self._stop = asyncio.Event()
         self._shut_down = False
         self._identity_lock: IdentityLock | None = None
+        self.network_lost: P2PDaemonLost | None = None  # set if p2pd died under us (see serve)
         self.peer_id = ""
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -128,7 +130,7 @@ class Peer:
         )
         for rpc, name in STREAM_NAMES.items():
             await self.p2p.add_binary_stream_handler(name, getattr(self.servicer, f"rpc_{rpc}"))
-        self._set_static_metrics(budget)
+        refresh_peer_gauges(self)
         if cfg.http_port is not None:
             self.http = HttpServer(peer_routes(self))
             self.http_port = await self.http.start(cfg.http_host, cfg.http_port)
@@ -219,8 +221,17 @@ class Peer:
         """Keep records fresh and (for auto-placed peers) rebalance, until stopped."""
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._announce_loop())
+            tasks.create_task(self._watch_p2pd())
             if self.config.blocks is None and self.config.rebalance_period_s > 0:
                 tasks.create_task(self._rebalance_loop())
+
+    async def _watch_p2pd(self) -> None:
+        """If p2pd dies on its own, stop the whole peer: without it there is no network to serve."""
+        assert self.p2p is not None
+        self.network_lost = await wait_for_p2pd_exit(self.p2p, self._stop)
+        if self.network_lost is not None:
+            logger.error("%s", self.network_lost)
+            self._stop.set()
 
     async def _sleep_or_stop(self, seconds: float) -> bool:
         """Sleep ``seconds``; True if the peer was asked to stop meanwhile."""
@@ -288,7 +299,7 @@ class Peer:
         self.servicer.draining = False
         await self.announce()
         await self._release_blocks(old)
-        self._set_static_metrics(budget)
+        refresh_peer_gauges(self)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -308,18 +319,18 @@ class Peer:
         deadline_s = self.config.drain_timeout_s if deadline_s is None else deadline_s
         if self.servicer is not None:
             self.servicer.draining = True
-        if self.dht is not None and self.state is not PeerState.OFFLINE:
+        if self.dht is not None and self.state is not PeerState.OFFLINE and self.network_lost is None:
             self.state = PeerState.OFFLINE
             try:
                 await self.announce(timeout_s=min(5.0, max(deadline_s, 1.0)))
             except Exception:
                 logger.warning("could not announce offline; records will expire on their own", exc_info=True)
-        if self.servicer is not None and self.servicer.sessions:
+        if self.servicer is not None and self.servicer.sessions and self.network_lost is None:
             logger.info("draining %d session(s) for up to %.1fs", len(self.servicer.sessions), deadline_s)
             await self.servicer.drain(deadline_s)
         if self.http is not None:
             await self.http.close()
-        p2p_alive = self.p2p is not None and self.p2p.is_alive
+        p2p_alive = self.p2p is not None and self.p2p.is_alive and self.network_lost is None
         if self.p2p is not None and p2p_alive:
             for name in STREAM_NAMES.values():
                 with contextlib.suppress(Exception):
@@ -346,8 +357,6 @@ class Peer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
-
-    # --- DHT records ------------------------------------------------------------------------------
 
     def record(self) -> ServerRecord:
         hw = self.hardware or probe_hardware(self.config.device)
@@ -384,15 +393,7 @@ class Peer:
             logger.warning("some DHT stores for blocks %d:%d were not accepted", record.start, record.end)
         return ok
 
-    # --- introspection ----------------------------------------------------------------------------
-
     async def visible_maddrs(self) -> list[str]:
         """Multiaddrs (with /p2p/<peer id>) that others can pass as --initial-peers, best first."""
         assert self.p2p is not None
         return rank_maddrs([str(m) for m in await self.p2p.get_visible_maddrs()])
-
-    def _set_static_metrics(self, budget: CacheBudget) -> None:
-        assert self.stage is not None and self.capacity is not None
-        self.metrics.set_blocks(self.stage.start, self.stage.end)
-        self.metrics.cache_limit.set(budget.total_tokens * budget.bytes_per_token)
-        self.metrics.set_throughput(self.capacity.decode_tokens_per_s, self.capacity.prefill_tokens_per_s)
