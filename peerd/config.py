@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ALL_INTERFACES", "DEFAULT_SWARM", "PeerConfig"]
+__all__ = ["ALL_INTERFACES", "DEFAULT_SWARM", "MAX_ANNOUNCE_PERIOD_S", "PeerConfig"]
 
 DEFAULT_SWARM = "public"
+# records live two announce periods; DHT nodes refuse longer-lived ones (swarm/validation.py), so a
+# captured record cannot be replayed for long, and the period is capped to fit
+MAX_ANNOUNCE_PERIOD_S = 300.0
 ALL_INTERFACES = "0.0.0.0"  # the default listen host: every IPv4 interface, and every IPv6 one if any
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from peerd import __version__
-from peerd.config import ALL_INTERFACES
+from peerd.config import ALL_INTERFACES, MAX_ANNOUNCE_PERIOD_S
 
 __all__ = ["build_parser", "parse_blocks", "parse_size"]
 
@@ -173,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--drain-timeout", type=NON_NEGATIVE, default=10.0, help="on SIGTERM, seconds open sessions get to finish"
     )
-    run.add_argument("--announce-period", type=POSITIVE, default=30.0, help="seconds between DHT announcements")
+    run.add_argument(
+        "--announce-period",
+        type=_ranged(float, 0.0, MAX_ANNOUNCE_PERIOD_S, above=True),
+        default=30.0,
+        help="seconds between DHT announcements",
+    )
     run.add_argument("--no-measure", action="store_true", help="skip the start-up throughput benchmark (tests)")
     run.add_argument(
         "--step-delay", type=NON_NEGATIVE, default=0.0, help="test/ops knob: extra seconds per inference step"

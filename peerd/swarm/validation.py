@@ -8,8 +8,9 @@ Three layers, all run by every DHT node before it stores or returns a record:
    subkeys whose values parse as records. The value type is derived from the record schema itself
    (``ServerRecord.from_wire``, the one definition of the wire form), not written out again.
 3. :class:`ServerRecordValidator`: what a schema cannot say -- the record's ``peer_id`` is the hash
-   of the signing key (so a peer cannot speak *as* another peer id) and the block named by the key
-   lies inside the announced range.
+   of the signing key (so a peer cannot speak *as* another peer id), the block named by the key
+   lies inside the announced range, and the record expires within ``MAX_RECORD_TTL_S`` (a record
+   set to live for years would make a dead peer, or a replayed capture of its record, look alive).
 
 DHT validators only see hashed keys, so a node validates the models it was told about; records
 under keys it does not know pass through unvalidated (documented in docs/security.md).
@@ -27,14 +28,18 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from peerd.config import MAX_ANNOUNCE_PERIOD_S
 from peerd.identity import peer_id_of_public_key, public_key_of_owner_marker
 from peerd.swarm.records import ServerRecord, block_uid
 
-__all__ = ["ServerRecordValidator", "make_validators", "owner_subkey"]
+__all__ = ["MAX_RECORD_TTL_S", "ServerRecordValidator", "make_validators", "owner_subkey"]
 
 MAX_RECORD_VALUE_BYTES = 8192
+# two of the longest announce periods, plus five minutes for clocks of DHT nodes that disagree
+MAX_RECORD_TTL_S = 2 * MAX_ANNOUNCE_PERIOD_S + 300.0
 _OWNER_RE = re.compile(rb"\[owner:(.+?)\]")
 
 
@@ -81,6 +86,8 @@ class ServerRecordValidator(RecordValidatorBase):  # type: ignore[misc]
         if block is None:
             return True  # not one of ours: the signature validator still protects owned records
         if len(record.value) > MAX_RECORD_VALUE_BYTES:
+            return False
+        if record.expiration_time > get_dht_time() + MAX_RECORD_TTL_S:
             return False
         if record.subkey in DHTProtocol.RESERVED_SUBKEYS:
             return False  # our block keys are always dictionaries keyed by owner

@@ -13,7 +13,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from peerd.identity import peer_id_of_public_key
 from peerd.swarm.records import PeerState, block_uid, swarm_prefix
-from peerd.swarm.validation import make_validators, owner_subkey
+from peerd.swarm.validation import MAX_RECORD_TTL_S, make_validators, owner_subkey
 
 PREFIX = swarm_prefix("public", "tiny")
 
@@ -69,7 +69,13 @@ async def test_forged_and_malformed_records_are_rejected(make_swarm) -> None:
         for value in bad_values:
             assert not await node.store(block_uid(PREFIX, 0), value, expiration, subkey=own), value
 
-        # 4. a well-formed record of the attacker's own is accepted (the validators are not just saying no)
+        # 4. a well-formed record set to live for a year: rejected (a dead peer would look alive, and a
+        # captured record could be replayed for that long)
+        year = get_dht_time() + 365 * 24 * 3600
+        assert not await node.store(block_uid(PREFIX, 0), base, year, subkey=own)
+        assert not await node.store(block_uid(PREFIX, 0), base, get_dht_time() + MAX_RECORD_TTL_S + 60, subkey=own)
+
+        # 5. a well-formed record of the attacker's own is accepted (the validators are not just saying no)
         assert await node.store(block_uid(PREFIX, 0), base, expiration, subkey=own)
 
         records = await _records_of_block(swarm.peers[1].dht.node, 0)
