@@ -155,6 +155,10 @@ async def swarm_document(peer: ServingPeer, rtt: RttProbe | None = None) -> dict
     for p in status["peers"]:
         p["self"] = p["peer_id"] == peer.peer_id
         p["rtt_ms"] = 0.0 if p["self"] else rtts.get(p["peer_id"])
+        # an online record of a peer that does not answer: crashed (its record lingers until it
+        # expires) or not reachable from here. None: not probed yet, or not online.
+        probed = rtt is not None and p["peer_id"] in rtts and rtt.measured_at(p["peer_id"]) is not None
+        p["reachable"] = True if p["self"] else (p["rtt_ms"] is not None if probed else None)
     return {"generated_at": time.time(), "self": _self_summary(peer), "models": [status]}
 
 

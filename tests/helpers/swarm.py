@@ -13,6 +13,7 @@ from pathlib import Path
 from peerd.client import SwarmClient
 from peerd.config import PeerConfig
 from peerd.daemon.peer import Peer
+from peerd.swarm.records import PeerState
 
 __all__ = ["MODEL_ID", "Swarm"]
 
@@ -59,3 +60,11 @@ class Swarm:
         client = await SwarmClient.connect(self.initial_peers, self.ckpt, model_id=MODEL_ID, **kwargs)  # type: ignore[arg-type]
         await client.wait_for_route(timeout_s=20)
         return client
+
+
+async def crash(peer: Peer) -> None:
+    """Make ``peer`` vanish as a killed process would: no goodbye, its p2pd gone."""
+    peer.state = PeerState.OFFLINE  # so the later fixture shutdown does not announce either
+    peer._stop.set()
+    assert peer.p2p is not None
+    await peer.p2p.shutdown()

@@ -9,19 +9,10 @@ import pytest
 import torch
 
 from peerd.client import NoRouteError
-from peerd.daemon.peer import Peer
 from peerd.model.local import LocalModel
-from peerd.swarm.records import PeerState
+from tests.helpers.swarm import crash
 
 PROMPT = [7, 1, 8, 2, 8, 1, 8]
-
-
-async def crash(peer: Peer) -> None:
-    """Make ``peer`` vanish as a killed process would: no goodbye, its p2pd gone."""
-    peer.state = PeerState.OFFLINE  # so the later fixture shutdown does not announce either
-    peer._stop.set()
-    assert peer.p2p is not None
-    await peer.p2p.shutdown()
 
 
 async def test_vanished_peer_mid_generation_changes_no_token(make_swarm, local_model: LocalModel) -> None:

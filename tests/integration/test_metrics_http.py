@@ -13,6 +13,7 @@ from peerd.daemon.routes import API_CACHE_S
 from peerd.rpc.errors import PeerError
 from peerd.rpc.transport import PeerClient
 from protocols import ErrorCode
+from tests.helpers.swarm import crash
 
 PROMPT = [1, 5, 9, 23, 42, 7]
 NEW_TOKENS = 8
@@ -156,3 +157,19 @@ async def test_health_page_api_and_probe(make_swarm) -> None:
     assert (await http_request(port, "/metrics", method="POST"))[0] == 405
     assert (await http_request(port, "/" + "x" * 20_000))[0] == 400  # request head over the 16 KiB limit
     assert (await http_request(port, "/metrics"))[0] == 200  # and the server keeps serving
+
+
+async def test_health_api_marks_an_online_record_that_does_not_answer_as_unreachable(make_swarm) -> None:
+    """A peer killed without a goodbye leaves an online record until it expires: the page must not
+    call it online. The API says ``reachable: false`` once its probe fails (the page shows
+    "unreachable"), while peers that answer are ``reachable: true``."""
+    swarm = await make_swarm(http_port=0)
+    watcher, victim = swarm.peers[0], swarm.peers[2]
+    await crash(victim)  # before the health page ever probed it
+    assert watcher.http_port is not None
+    _, _, body = await http_request(watcher.http_port, "/api/v1/swarm")
+    peers = {p["peer_id"]: p for p in json.loads(body)["models"][0]["peers"]}
+    assert peers[victim.peer_id]["state"] == "online"  # what its last record says
+    assert peers[victim.peer_id]["reachable"] is False and peers[victim.peer_id]["rtt_ms"] is None
+    assert peers[swarm.peers[1].peer_id]["reachable"] is True
+    assert peers[watcher.peer_id]["reachable"] is True

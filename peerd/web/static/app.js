@@ -6,7 +6,7 @@
 
 (() => {
   const REFRESH_S = 5;
-  const STATES = ["online", "joining", "offline"];
+  const STATES = ["online", "unreachable", "joining", "offline"];
   let timer = null;
   let inFlight = false;
 
@@ -42,6 +42,8 @@
   }
 
   function stateOf(peer) {
+    // announced online, but this peer's probe got no answer: crashed, or not reachable from here
+    if (peer.state === "online" && peer.reachable === false) return "unreachable";
     return STATES.includes(peer.state) ? peer.state : "unknown";
   }
 
@@ -69,7 +71,7 @@
   }
 
   function summary(model) {
-    const online = model.peers.filter((p) => p.state === "online").length;
+    const online = model.peers.filter((p) => stateOf(p) === "online").length;
     const gaps = model.gaps;
     const served = model.num_blocks - gaps.length;
     return el(
