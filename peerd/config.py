@@ -25,6 +25,7 @@ class PeerConfig:
     host: str = ALL_INTERFACES  # libp2p listen address; 0.0.0.0 = every interface, IPv6 included
     port: int = 0  # listen port for libp2p (0 = any free port)
     announce_maddrs: tuple[str, ...] = ()  # public multiaddrs to advertise (behind NAT/port forward)
+    reachability: str = "auto"  # auto: ask initial peers to dial back; direct / relayed: decided by the operator
     initial_peers: tuple[str, ...] = ()  # multiaddrs to join; empty = start a new swarm
     identity_path: Path = Path("~/.config/peerd/identity.key")  # created on first run, mode 0600
     public_name: str = ""  # shown on status pages; not authenticated

@@ -24,6 +24,8 @@ from protocols.messages import (
     MESSAGE_TYPES,
     BackwardRequest,
     BackwardResponse,
+    DialBackRequest,
+    DialBackResult,
     Error,
     ForwardRequest,
     ForwardResponse,
@@ -61,6 +63,7 @@ STREAM_INFO = "peerd/info/1"
 STREAM_FORWARD = "peerd/forward/1"
 STREAM_BACKWARD = "peerd/backward/1"
 STREAM_INFERENCE = "peerd/inference/1"
+STREAM_DIALBACK = "peerd/dialback/1"
 """libp2p stream (protocol handler) names: one stream per request, one per inference session."""
 
 __all__ = [
@@ -79,12 +82,15 @@ __all__ = [
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "STREAM_BACKWARD",
+    "STREAM_DIALBACK",
     "STREAM_FORWARD",
     "STREAM_INFERENCE",
     "STREAM_INFO",
     "BackwardRequest",
     "BackwardResponse",
     "Compression",
+    "DialBackRequest",
+    "DialBackResult",
     "Error",
     "ErrorCode",
     "ForwardRequest",

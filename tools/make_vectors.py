@@ -35,6 +35,8 @@ from protocols import (
     ForwardRequest,
     ForwardResponse,
     Hello,
+    DialBackRequest,
+    DialBackResult,
     InferenceClose,
     InferenceOpen,
     InferenceOpened,
@@ -82,6 +84,8 @@ def valid_cases() -> list[tuple[str, Message]]:
             Hello(protocol_version=PROTOCOL_VERSION, model_id="smollm2-135m", client_name="peerd-client/0.1"),
         ),
         ("info_request", InfoRequest()),
+        ("dial_back_request", DialBackRequest(port=31330)),
+        ("dial_back_result", DialBackResult(reachable=True, observed="203.0.113.7:31330")),
         (
             "info_response",
             InfoResponse(

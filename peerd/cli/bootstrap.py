@@ -13,14 +13,14 @@ __all__ = ["cmd_bootstrap"]
 
 
 async def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from hivemind.p2p import P2P
-
     from peerd.identity import load_or_create_identity, lock_identity
     from peerd.model.config import ModelConfig
-    from peerd.rpc.p2pd import P2PDaemonLost, wait_for_p2pd_exit
+    from peerd.rpc.dialback import DialBackService
+    from peerd.rpc.p2pd import P2PDaemonLost, start_p2p, wait_for_p2pd_exit
     from peerd.swarm.addresses import listen_maddrs, rank_maddrs
     from peerd.swarm.dht import SwarmDHT
     from peerd.swarm.records import swarm_prefix
+    from protocols import STREAM_DIALBACK
 
     model_id, path = resolve(args.model, args.cache_dir)
     model_id = args.model_id or model_id
@@ -28,12 +28,11 @@ async def cmd_bootstrap(args: argparse.Namespace) -> int:
     identity = Path(args.identity).expanduser()
     lock = lock_identity(identity)  # released when this process ends, however it ends
     key = load_or_create_identity(identity)
-    p2p = await P2P.create(
-        initial_peers=args.initial_peers or None,
-        host_maddrs=listen_maddrs(args.host, args.port),
-        identity_path=str(identity),
-        check_if_identity_free=False,
+    # a bootstrap node must be dialable: it serves dial-back tests and relays for NATed peers
+    p2p = await start_p2p(
+        host_maddrs=listen_maddrs(args.host, args.port), initial_peers=args.initial_peers, identity_path=str(identity)
     )
+    await p2p.add_binary_stream_handler(STREAM_DIALBACK, DialBackService().handle)
     stop = asyncio.Event()
     install_stop_handlers(stop.set)
     lost: P2PDaemonLost | None = None

@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--host", default=ALL_INTERFACES, help="libp2p listen address (default 0.0.0.0: every interface, IPv6 too)"
     )
+    run.add_argument(
+        "--reachability",
+        choices=["auto", "direct", "relayed"],
+        default="auto",
+        help="auto (default): ask the initial peers to dial back, and go through them as relays if nobody can; "
+        "direct: others can dial this peer (public address or port forward); relayed: always use relays",
+    )
     run.add_argument("--port", type=PORT, default=0, help="libp2p listen port (default 0: any free port)")
     run.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR", help="public multiaddrs to advertise")
     run.add_argument(

@@ -31,6 +31,7 @@ def peer_config_from_args(args: argparse.Namespace) -> PeerConfig:
         host=args.host,
         port=args.port,
         announce_maddrs=tuple(args.announce_maddrs),
+        reachability=args.reachability,
         initial_peers=tuple(args.initial_peers),
         identity_path=Path(args.identity),
         public_name=args.name,
@@ -82,6 +83,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 "http_port": peer.http_port,
                 "blocks": [peer.stage.start, peer.stage.end],
                 "pid": os.getpid(),
+                "reach": peer.reachability.reach,
             },
         )
         await peer.serve()

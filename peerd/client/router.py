@@ -82,6 +82,8 @@ class Router:
             servers = servers_by_peer(views)
             if self.allowed_peers is not None:
                 servers = {p: r for p, r in servers.items() if p in self.allowed_peers}
+            for peer_id, record in servers.items():
+                self.peers.learn_addresses(peer_id, record.addrs)  # peers behind NAT: their relay circuit
             self._servers = servers
             self._servers_at = time.monotonic()
         return self._servers

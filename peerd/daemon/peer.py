@@ -21,11 +21,13 @@ from peerd import __version__
 from peerd.config import PeerConfig
 from peerd.daemon.capacity import Capacity, Hardware, blocks_fitting_memory, measure_capacity, probe_hardware
 from peerd.daemon.placement import PlacedPeer, Placement, choose_placement, decide_move, recheck_after_joining
+from peerd.daemon.reachability import Reachability, dial_addresses, start_network
 from peerd.daemon.routes import peer_routes, refresh_peer_gauges
 from peerd.identity import IdentityLock, load_or_create_identity, lock_identity, peer_id_of_public_key
 from peerd.model.config import ModelConfig
 from peerd.model.loading import default_dtype_for, load_stage
 from peerd.model.stage import Stage, cache_bytes_per_token
+from peerd.rpc.dialback import DialBackService
 from peerd.rpc.p2pd import P2PDaemonLost, wait_for_p2pd_exit
 from peerd.rpc.rtt import RTT_TIMEOUT_S, RttProbe
 from peerd.rpc.streams import STREAM_NAMES
@@ -39,7 +41,7 @@ from peerd.swarm.addresses import listen_maddrs, rank_maddrs
 from peerd.swarm.dht import SwarmDHT, records_of
 from peerd.swarm.records import PeerState, ServerRecord, latest_per_peer, swarm_prefix
 from peerd.web.http import HttpServer
-from protocols import PROTOCOL_VERSION
+from protocols import PROTOCOL_VERSION, STREAM_DIALBACK
 
 __all__ = ["Peer"]
 
@@ -77,6 +79,9 @@ class Peer:
         self._shut_down = False
         self._identity_lock: IdentityLock | None = None
         self.network_lost: P2PDaemonLost | None = None  # set if p2pd died under us (see serve)
+        self.reachability = Reachability("unknown")  # how others reach us (startup finds out)
+        self.dial_addrs: tuple[str, ...] = ()  # the addresses our record gives for dialling us
+        self.peers: PeerClient | None = None  # our own client side: RTT probes of next hops
         self.peer_id = ""
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -87,28 +92,40 @@ class Peer:
         self._identity_lock = lock_identity(cfg.identity_path)  # before anything else: one daemon per key
         self._private_key = load_or_create_identity(cfg.identity_path)
         self.peer_id = peer_id_of_public_key(self._private_key.get_public_key())
-        self.p2p = await P2P.create(
-            initial_peers=list(cfg.initial_peers) or None,
+        self.p2p, self.reachability = await start_network(
             host_maddrs=listen_maddrs(cfg.host, cfg.port),
-            announce_maddrs=list(cfg.announce_maddrs) or None,
+            initial_peers=cfg.initial_peers,
             identity_path=str(cfg.identity_path.expanduser()),
-            # an identity "taken" check spins up a second p2pd just to ask; a restarted peer with
-            # the same key must be usable at once, so we rely on unique key files instead
-            check_if_identity_free=False,
+            announce_maddrs=cfg.announce_maddrs,
+            mode=cfg.reachability,
         )
+        await self.p2p.add_binary_stream_handler(STREAM_DIALBACK, DialBackService().handle)
         self.dht = await SwarmDHT.create(
             self.p2p,
             private_key=self._private_key,
             prefix=self.prefix,
             num_blocks=self.model_config.num_layers,
             initial_peers=cfg.initial_peers,
+            client_mode=self.reachability.reach == "relayed",  # nobody could dial our DHT node
         )
-        peers = PeerClient(self.p2p, cfg.model_id, timeout_s=RTT_TIMEOUT_S, client_name=f"peerd-peer/{__version__}")
-        self.rtt = RttProbe(peers.info)
+        self.peers = PeerClient(
+            self.p2p, cfg.model_id, timeout_s=RTT_TIMEOUT_S, client_name=f"peerd-peer/{__version__}"
+        )
+        self.rtt = RttProbe(self.peers.info)
         self.hardware = probe_hardware(cfg.device)
         self.runtime = ComputeRuntime(torch_threads=cfg.torch_threads)
         self.dtype = getattr(torch, cfg.dtype) if cfg.dtype else default_dtype_for(cfg.device)
-        self.capacity = await self._measure_capacity()
+        # a --step-delay is spread over a typical span: ours if fixed, else the most we would host
+        span = cfg.blocks[1] - cfg.blocks[0] if cfg.blocks else cfg.max_blocks or self.model_config.num_layers
+        self.capacity = await measure_capacity(
+            self.runtime,
+            self.model_config,
+            self.dtype,
+            cfg.device,
+            measure=cfg.measure_throughput,
+            step_delay_s=cfg.step_delay_s,
+            span_blocks=span,
+        )
         self.state = PeerState.JOINING
         await self._choose_blocks()
         start, end = self.blocks
@@ -137,21 +154,6 @@ class Peer:
         self.state = PeerState.ONLINE
         self.servicer.state = "online"
         await self.announce()
-
-    async def _measure_capacity(self) -> Capacity:
-        cfg = self.config
-        assert self.runtime is not None
-        # the step delay is spread over a typical span: ours if fixed, else the most we would host
-        span_blocks = cfg.blocks[1] - cfg.blocks[0] if cfg.blocks else cfg.max_blocks or self.model_config.num_layers
-        return await measure_capacity(
-            self.runtime,
-            self.model_config,
-            self.dtype,
-            cfg.device,
-            measure=cfg.measure_throughput,
-            step_delay_s=cfg.step_delay_s,
-            span_blocks=span_blocks,
-        )
 
     def _blocks_that_fit(self) -> int:
         assert self.hardware is not None
@@ -252,13 +254,15 @@ class Peer:
 
     async def _measure_next_rtts(self) -> None:
         """RTT to the peers serving the block right after ours (published in our record for routing)."""
-        assert self.dht is not None and self.rtt is not None
+        assert self.dht is not None and self.rtt is not None and self.peers is not None
         end = self.blocks[1]
         if end >= self.model_config.num_layers:
             self.next_rtts_ms = {}
             return
         (view,) = await self.dht.read_blocks(end, end + 1, timeout_s=5.0)
         targets = [r.peer_id for r in view.online() if r.peer_id != self.peer_id][:MAX_RTT_TARGETS]
+        for record in view.online():
+            self.peers.learn_addresses(record.peer_id, record.addrs)  # next hops behind NAT: their relay
         rtts = await self.rtt.rtts_ms(targets)
         self.next_rtts_ms = {peer: rtt for peer, rtt in rtts.items() if rtt is not None}
 
@@ -332,7 +336,7 @@ class Peer:
             await self.http.close()
         p2p_alive = self.p2p is not None and self.p2p.is_alive and self.network_lost is None
         if self.p2p is not None and p2p_alive:
-            for name in STREAM_NAMES.values():
+            for name in (*STREAM_NAMES.values(), STREAM_DIALBACK):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.p2p.remove_binary_stream_handler(name), 2.0)
         if self.runtime is not None:
@@ -346,17 +350,6 @@ class Peer:
             await self.p2p.shutdown()
         if self._identity_lock is not None:
             self._identity_lock.release()
-
-    async def __aenter__(self) -> Peer:
-        try:
-            await self.startup()
-        except BaseException:
-            await self.shutdown()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.shutdown()
 
     def record(self) -> ServerRecord:
         hw = self.hardware or probe_hardware(self.config.device)
@@ -378,10 +371,13 @@ class Peer:
             package_version=__version__,
             public_name=self.config.public_name,
             next_rtts_ms=dict(self.next_rtts_ms),
+            addrs=self.dial_addrs,
+            reach=self.reachability.reach,
         )
 
     async def announce(self, timeout_s: float = 10.0) -> bool:
-        assert self.dht is not None  # internal invariant, not remote input
+        assert self.dht is not None and self.p2p is not None  # internal invariant, not remote input
+        self.dial_addrs = await dial_addresses(self.p2p, self.reachability)
         record = self.record()
         # live and offline records alike last two periods: an offline record must outlive the live
         # one it replaces, or readers would fall back to that stale live record

@@ -10,11 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.multiaddr import Multiaddr
 
-__all__ = ["P2PDaemonLost", "p2pd_pid", "wait_for_p2pd_exit"]
+__all__ = ["RELAY_LIMITS", "P2PDaemonLost", "daemon_multiaddr", "p2pd_pid", "start_p2p", "wait_for_p2pd_exit"]
+
+# What a reachable peer gives others as a circuit relay (v2): p2pd's flags, stated here so they are
+# decided and documented rather than inherited. Each NATed peer holds one reservation per relay; a
+# relayed connection is reset after 4 GiB each way or 30 min (the client then fails over).
+RELAY_LIMITS: dict[str, object] = {
+    "relayMaxReservations": 64,  # NATed peers that may hold a slot here at once
+    "relayMaxCircuits": 16,  # relayed connections at once, per reserving peer
+    "relayDataLimit": 4 << 30,
+    "relayTimeLimit": "30m",
+}
 
 
 class P2PDaemonLost(ConnectionError):
@@ -55,3 +67,82 @@ async def wait_for_p2pd_exit(p2p: P2P, stop: asyncio.Event) -> P2PDaemonLost | N
     if stop.is_set() or child is None:
         return None
     return P2PDaemonLost(child.pid, child.returncode)
+
+
+async def start_p2p(
+    *,
+    host_maddrs: Sequence[str],
+    initial_peers: Sequence[str] = (),
+    identity_path: str | None = None,
+    announce_maddrs: Sequence[str] = (),
+    relays: Sequence[str] = (),
+) -> P2P:
+    """Start p2pd for a peer or bootstrap node.
+
+    Without ``relays`` the node is dialable: it offers circuit-relay service to NATed peers within
+    :data:`RELAY_LIMITS`. With ``relays`` (multiaddrs of reachable peers) it is not: it reserves a
+    slot on exactly those relays and nowhere else (no relay discovery: p2pd would otherwise pick
+    any relay-capable peer, and the circuit address we announce would not work), runs its libp2p
+    DHT as a client, and relays for nobody.
+    """
+    options: dict[str, object] = {}
+    if relays:
+        flags: dict[str, object] = {"relayDiscovery": False, "relayService": False}
+        # AutoNAT cannot judge private addresses, so we tell p2pd what dial-back found out
+        options = dict(
+            use_auto_relay=True, trusted_relays=list(relays), force_reachability="private", dht_mode="client"
+        )
+    else:
+        flags = {"relayService": True, **RELAY_LIMITS}
+
+    def process_args(*args: object, **kwargs: object) -> list[str]:
+        return P2P._make_process_args(*args, **{**kwargs, **flags})  # type: ignore[no-any-return]
+
+    # hivemind 1.1.12 exposes no way to pass these p2pd flags; its argument builder is overridden
+    # on a subclass (hivemind is pinned, and tests/slow/test_nat_swarm.py runs the result)
+    launcher: type[P2P] = type("PeerdP2P", (P2P,), {"_make_process_args": staticmethod(process_args)})
+    p2p: P2P = await launcher.create(
+        initial_peers=list(initial_peers) or None,
+        host_maddrs=list(host_maddrs),
+        announce_maddrs=list(announce_maddrs) or None,
+        identity_path=identity_path,
+        # an identity "taken" check spins up a second p2pd just to ask; a restarted peer with the
+        # same key must be usable at once, and the key file lock already rules out twins
+        check_if_identity_free=False,
+        **options,
+    )
+    return p2p
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_P2P_CODE, _CIRCUIT_CODE = 421, 290  # multicodec table: /p2p/<multihash>, /p2p-circuit
+
+
+def daemon_multiaddr(text: str) -> Multiaddr:
+    """A multiaddr as p2pd's control protocol wants it, e.g. ``/ip4/R/tcp/P/p2p/<relay>/p2p-circuit``.
+
+    hivemind's Python Multiaddr encodes a ``/p2p/<id>`` component as a CIDv1, which p2pd rejects
+    ("length greater than remaining number of bytes"); go-multiaddr expects the raw multihash.
+    """
+    head, _, rest = text.partition("/p2p/")
+    raw = Multiaddr(head).to_bytes() if head else b""
+    while rest:
+        peer, _, tail = rest.partition("/")
+        multihash = PeerID.from_base58(peer).to_bytes()
+        raw += _varint(_P2P_CODE) + _varint(len(multihash)) + multihash
+        rest = ""
+        if tail:
+            nxt, _, rest = ("/" + tail).partition("/p2p/")
+            if nxt == "/p2p-circuit":
+                raw += _varint(_CIRCUIT_CODE)
+            elif nxt:
+                raw += Multiaddr(nxt).to_bytes()
+    return Multiaddr(raw)

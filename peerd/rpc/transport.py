@@ -8,7 +8,8 @@ and reads the answer under a deadline. Stream errors, timeouts and garbage becom
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -16,6 +17,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 
 from peerd.rpc.errors import PeerError, PeerUnavailable
+from peerd.rpc.p2pd import daemon_multiaddr
 from peerd.rpc.streams import STREAM_NAMES
 from peerd.rpc.tensors import from_wire, to_wire
 from protocols import (
@@ -45,6 +47,9 @@ from protocols import (
 __all__ = ["InferenceStream", "PeerClient"]
 
 M = TypeVar("M", bound=Message)
+DIAL_TIMEOUT_S = 5.0  # connecting to a peer at its record's addresses (relayed: two hops)
+
+logger = logging.getLogger(__name__)
 
 
 class PeerClient:
@@ -55,17 +60,41 @@ class PeerClient:
         self.model_id = model_id
         self.timeout_s = timeout_s
         self._hello = Hello(PROTOCOL_VERSION, model_id, client_name)
+        # how to dial each peer, from its DHT record (learn_addresses): a peer behind NAT is only
+        # reachable through the relay circuit its record names, which libp2p routing never learns
+        self._addresses: dict[str, tuple[str, ...]] = {}
+        self._dialled: set[str] = set()
+
+    def learn_addresses(self, peer_id: str, addrs: Sequence[str]) -> None:
+        """Dial ``peer_id`` at ``addrs`` (best first) before the next stream to it."""
+        if tuple(addrs) != self._addresses.get(peer_id, ()):
+            self._addresses[peer_id] = tuple(addrs)
+            self._dialled.discard(peer_id)
+
+    async def _dial(self, peer_id: str) -> None:
+        addrs = self._addresses.get(peer_id)
+        if not addrs or peer_id in self._dialled:
+            return
+        try:
+            async with asyncio.timeout(min(self.timeout_s, DIAL_TIMEOUT_S)):
+                await self.p2p._client.connect(PeerID.from_base58(peer_id), [daemon_multiaddr(a) for a in addrs])
+            self._dialled.add(peer_id)
+        except Exception as exc:  # the stream open below may still find the peer; it reports failure
+            logger.debug("dialling %s at %s failed: %s", peer_id, addrs, exc)
 
     @asynccontextmanager
     async def _stream(self, peer_id: str, rpc: str) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
         try:
+            await self._dial(peer_id)
             async with asyncio.timeout(self.timeout_s):
                 _, reader, writer = await self.p2p.call_binary_stream_handler(
                     PeerID.from_base58(peer_id), STREAM_NAMES[rpc]
                 )
         except TimeoutError:
+            self._dialled.discard(peer_id)
             raise PeerUnavailable(peer_id, f"could not open a {rpc} stream within {self.timeout_s:.0f}s") from None
         except Exception as exc:
+            self._dialled.discard(peer_id)
             raise PeerUnavailable(peer_id, f"could not open a {rpc} stream: {exc}") from exc
         try:
             yield reader, writer

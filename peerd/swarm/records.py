@@ -20,6 +20,8 @@ MAX_THROUGHPUT_TOKENS_PER_S = 1e9
 MAX_BLOCKS = 100_000
 MAX_NAME_CHARS = 64
 MAX_RTT_ENTRIES = 64
+MAX_ADDRS = 8  # multiaddrs a record may list for dialling its peer
+REACH_VALUES = ("direct", "relayed", "unknown")
 
 
 class PeerState(enum.Enum):
@@ -61,6 +63,11 @@ class ServerRecord:
     # RTT in ms to peers serving the blocks right after ours (peer id -> ms); used by routing.
     next_rtts_ms: Mapping[str, float] = field(default_factory=dict)
     announced_at: float = 0.0  # DHT time of the announcement
+    # how to dial this peer (without the trailing /p2p/<peer id>), best first: its public addresses
+    # or, behind NAT, `<relay addr>/p2p/<relay id>/p2p-circuit`; and how it is reached ("direct",
+    # "relayed" through a circuit relay, or "unknown" for peers that do not say)
+    addrs: tuple[str, ...] = ()
+    reach: str = "unknown"
 
     def to_wire(self) -> dict[str, Any]:
         """Plain msgpack-able dict; ints stay ints and floats stay floats (the schema is strict)."""
@@ -82,6 +89,8 @@ class ServerRecord:
             "name": self.public_name,
             "rtts": {str(k): float(v) for k, v in list(self.next_rtts_ms.items())[:MAX_RTT_ENTRIES]},
             "at": float(self.announced_at),
+            "addrs": list(self.addrs[:MAX_ADDRS]),
+            "reach": self.reach,
         }
 
     def to_status(self) -> dict[str, Any]:
@@ -100,6 +109,8 @@ class ServerRecord:
             "version": self.package_version,
             "rtts_ms": dict(self.next_rtts_ms),
             "announced_at": self.announced_at,
+            "reach": self.reach,
+            "addrs": list(self.addrs),
         }
 
     @classmethod
@@ -152,6 +163,14 @@ class ServerRecord:
         except ValueError:
             raise ValueError(f"unknown state {strings['state']!r}") from None
         at = float(get("at", (int, float))) if "at" in value else 0.0
+        addrs = value.get("addrs", [])
+        if not isinstance(addrs, (list, tuple)) or len(addrs) > MAX_ADDRS:
+            raise ValueError("bad addrs")
+        if not all(isinstance(a, str) and a.startswith("/") and len(a) <= 256 for a in addrs):
+            raise ValueError("bad addr entry")
+        reach = value.get("reach", "unknown")
+        if reach not in REACH_VALUES:
+            raise ValueError(f"unknown reach {reach!r:.20}")
         return cls(
             peer_id=strings["peer_id"],
             state=state,
@@ -169,6 +188,8 @@ class ServerRecord:
             public_name=strings["name"],
             next_rtts_ms=rtts,
             announced_at=at,
+            addrs=tuple(addrs),
+            reach=reach,
         )
 
 

@@ -97,6 +97,10 @@ class FakeTransport:
         self.peers = {p.peer_id: p for p in peers}
         self.num_blocks = num_blocks
         self.opened: list[str] = []  # peer ids, in the order sessions were opened on them
+        self.addresses: dict[str, tuple[str, ...]] = {}  # what the router told it, from records
+
+    def learn_addresses(self, peer_id: str, addrs: object) -> None:
+        self.addresses[peer_id] = tuple(addrs)  # type: ignore[call-overload]
 
     def _peer(self, peer_id: str) -> FakePeer:
         if peer_id not in self.peers:

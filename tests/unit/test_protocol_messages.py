@@ -22,6 +22,8 @@ from protocols import (
     BackwardRequest,
     BackwardResponse,
     Compression,
+    DialBackRequest,
+    DialBackResult,
     Error,
     ErrorCode,
     ForwardRequest,
@@ -150,6 +152,8 @@ MESSAGE_STRATEGIES = {
         InferenceStepResult, hidden=wire_tensors(), step_id=uints, compute_ms=st.floats(0, 1e6)
     ),
     "inference_close": st.just(InferenceClose()),
+    "dial_back_request": st.builds(DialBackRequest, port=st.integers(1, 65535)),
+    "dial_back_result": st.builds(DialBackResult, reachable=st.booleans(), observed=text),
     "error": st.builds(Error, code=st.integers(0, 65535), message=text, retryable=st.booleans()),
 }
 messages = st.one_of(*MESSAGE_STRATEGIES.values())
