@@ -43,13 +43,14 @@ def format_status(status: dict[str, Any]) -> str:
             p["dtype"],
             str(p["cache_tokens_free"]),
             p["version"],
+            p.get("reach", "unknown"),
         ]
         for p in peers
     ]
     text = [f"model {status['model_id']}: {len(peers)} peer(s), {status['num_blocks']} blocks", ""]
     text.append(
         _table(
-            ["NAME", "PEER", "STATE", "BLOCKS", "TOK/S/BLOCK", "DEVICE", "DTYPE", "CACHE FREE", "VERSION"],
+            ["NAME", "PEER", "STATE", "BLOCKS", "TOK/S/BLOCK", "DEVICE", "DTYPE", "CACHE FREE", "VERSION", "REACH"],
             rows,
         )
     )

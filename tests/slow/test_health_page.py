@@ -115,6 +115,7 @@ def test_health_page_shows_every_peer_and_block_then_the_gap(swarm) -> None:
     for p in peers:
         cells = [td.text() for td in rows[p.peer_id].find_all("td")]
         assert cells[0] == p.name and cells[2] == "online" and cells[3] == f"{p.blocks[0]}:{p.blocks[1]}"
+        assert cells[10] == "direct"  # the bootstrap node dialled each peer back on 127.0.0.1
         (span,) = section.find_all("div", data_peer_id=p.peer_id, data_start=str(p.blocks[0]))
         assert (
             span.tag == "div" and span.attrs["data-end"] == str(p.blocks[1]) and "state-online" in span.attrs["class"]

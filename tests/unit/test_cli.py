@@ -112,3 +112,22 @@ def test_numbers_in_range_parse_to_their_type() -> None:
     args = build_parser().parse_args(["run", "--port", "65535", "--drain-timeout", "0", "--cache-tokens", "1"])
     assert (args.port, args.drain_timeout, args.cache_tokens) == (65535, 0.0, 1)
     assert isinstance(args.port, int) and isinstance(args.drain_timeout, float)
+
+
+def test_status_table_shows_how_each_peer_is_reached() -> None:
+    from dataclasses import replace
+
+    from peerd.cli.status import format_status
+    from peerd.swarm.dht import BlockView
+    from peerd.swarm.status import status_from_views
+    from tests.helpers.fake_swarm import record
+
+    home = replace(record("home", 0, 2), reach="relayed", addrs=("/ip4/10.200.0.2/tcp/1/p2p/QmR/p2p-circuit",))
+    public = replace(record("public", 2, 4), reach="direct", addrs=("/ip4/203.0.113.7/tcp/31330",))
+    views = [BlockView(i, (home,) if i < 2 else (public,)) for i in range(4)]
+    status = status_from_views("tiny", 4, views)
+    assert {p["peer_id"]: p["reach"] for p in status["peers"]} == {"home": "relayed", "public": "direct"}
+    lines = format_status(status).splitlines()
+    header = next(line for line in lines if line.startswith("NAME"))
+    assert header.split()[-1] == "REACH"
+    assert next(line for line in lines if line.startswith("home")).split()[-1] == "relayed"

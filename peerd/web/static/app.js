@@ -194,6 +194,7 @@
       "RTT",
       "Cache free",
       "Announced",
+      "Reached",
     ];
     const body = model.peers.map((peer) => {
       const state = stateOf(peer);
@@ -218,6 +219,8 @@
         el("td", { class: "num" }, rtt),
         el("td", { class: "num" }, `${number.format(peer.cache_tokens_free)} tok`),
         el("td", { class: "num" }, peer.announced_at ? `${age.toFixed(0)} s ago` : "—"),
+        // "relayed": behind NAT, reached through a circuit relay; "direct": dialable; else unknown
+        el("td", { "data-reach": peer.reach || "unknown", title: (peer.addrs || []).join("\n") }, peer.reach || "—"),
       );
     });
     return el(
