@@ -22,6 +22,7 @@ from prometheus_client import generate_latest
 from peerd import __version__
 from peerd.config import PeerConfig
 from peerd.daemon.capacity import Capacity, Hardware
+from peerd.daemon.reachability import Reachability
 from peerd.model.config import ModelConfig
 from peerd.model.stage import Stage
 from peerd.rpc.rtt import RTT_TIMEOUT_S, RttProbe
@@ -68,6 +69,8 @@ class ServingPeer(Protocol):
     @property
     def state(self) -> PeerState: ...
     @property
+    def reachability(self) -> Reachability: ...
+    @property
     def metrics(self) -> PeerMetrics: ...
     @property
     def p2p(self) -> P2P | None: ...
@@ -102,6 +105,7 @@ def refresh_peer_gauges(peer: ServingPeer) -> None:
     """Set the gauges that are read from the peer rather than tracked as events."""
     m = peer.metrics
     m.set_state(peer.state.value)
+    m.set_reach(peer.reachability.reach)
     if peer.stage is not None:
         m.set_blocks(peer.stage.start, peer.stage.end)
         # with the cache gauge this gives the daemon's own overhead: resident - weights - cache

@@ -25,6 +25,7 @@ RPCS = ("info", "forward", "backward", "inference")
 TOKEN_PHASES = ("prefill", "decode", "forward", "backward")
 STEP_PHASES = ("prefill", "decode")  # a decode step is one token per sequence: its latency is per-token latency
 PEER_STATES = ("offline", "joining", "online")
+REACH_MODES = ("direct", "relayed", "unknown")
 
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 # inference requests last a whole session (seconds to minutes), so they get longer buckets
@@ -115,6 +116,12 @@ class PeerMetrics:
         self.state = Gauge(
             "peerd_peer_state", "1 for the state this peer is in, 0 for the others", ["state"], registry=r
         )
+        self.reach = Gauge(
+            "peerd_reach",
+            "1 for how others reach this peer (direct, relayed, unknown), 0 for the others",
+            ["reach"],
+            registry=r,
+        )
         self.info = Info("peerd_peer", "Identity of this peer (value is always 1)", registry=r)
         self.start_time = Gauge("peerd_start_time_seconds", "Unix time the daemon started", registry=r)
         self.start_time.set(time.time())
@@ -162,6 +169,10 @@ class PeerMetrics:
     def set_state(self, state: str) -> None:
         for s in PEER_STATES:
             self.state.labels(state=s).set(1.0 if s == state else 0.0)
+
+    def set_reach(self, reach: str) -> None:
+        for mode in REACH_MODES:
+            self.reach.labels(reach=mode).set(1.0 if mode == reach else 0.0)
 
     def set_identity(self, **labels: str) -> None:
         """Labels of ``peerd_peer_info`` (peer id, name, model, version, device, dtype)."""

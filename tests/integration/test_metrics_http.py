@@ -76,6 +76,9 @@ async def test_metrics_count_tokens_sessions_bytes_and_errors(make_swarm) -> Non
         assert value(m, "peerd_tokens_processed_total", phase="prefill") == len(PROMPT)
         assert value(m, "peerd_tokens_processed_total", phase="decode") == NEW_TOKENS - 1
         assert value(m, "peerd_tokens_processed_total", phase="forward") == 0
+        # the first peer had nobody to ask; the others were dialled back by it on 127.0.0.1
+        reach = "unknown" if peer is swarm.peers[0] else "direct"
+        assert value(m, "peerd_reach", reach=reach) == 1 and value(m, "peerd_reach", reach="relayed") == 0
         assert value(m, "peerd_inference_step_duration_seconds_count", phase="prefill") == 1
         assert value(m, "peerd_inference_step_duration_seconds_count", phase="decode") == NEW_TOKENS - 1
         assert 0 < value(m, "peerd_inference_step_duration_seconds_sum", phase="decode") < 30
