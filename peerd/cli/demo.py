@@ -58,14 +58,16 @@ class LocalSwarm:
         self.procs: list[_Proc] = []
         self.initial_peers: list[str] = []
 
-    def _spawn(self, name: str, args: list[str]) -> _Proc:
+    def _spawn(self, name: str, args: list[str], *, new_session: bool = False) -> _Proc:
         ready = self.workdir / f"{name}.ready.json"
         log = self.workdir / f"{name}.log"
         cmd = [sys.executable, "-m", "peerd", *args, "--model", self.model, "--ready-file", str(ready)]
         if self.cache_dir:
             cmd += ["--cache-dir", self.cache_dir]
         with log.open("wb") as out:
-            popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            popen = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=new_session
+            )
         proc = _Proc(name, popen, ready, log)
         self.procs.append(proc)
         return proc
@@ -79,7 +81,10 @@ class LocalSwarm:
         self.initial_peers = [str(m) for m in info["maddrs"]]  # type: ignore[attr-defined]
         return self.initial_peers
 
-    def start_peer(self, name: str, blocks: tuple[int, int], extra: list[str] | None = None) -> _Proc:
+    def start_peer(
+        self, name: str, blocks: tuple[int, int], extra: list[str] | None = None, *, new_session: bool = False
+    ) -> _Proc:
+        """Start `peerd run` for ``blocks``; ``new_session``: in a process group of its own (as a shell runs it)."""
         args = [
             "run",
             "--blocks",
@@ -94,7 +99,7 @@ class LocalSwarm:
             *self.initial_peers,
             *(extra or []),
         ]
-        return self._spawn(name, args)
+        return self._spawn(name, args, new_session=new_session)
 
     def wait_ready(self, procs: list[_Proc], timeout_s: float, on_ready=None) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
         """Poll until every process wrote its ready file; raise with its log tail if one dies."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ RELAY_LIMITS: dict[str, object] = {
     "relayDataLimit": 4 << 30,
     "relayTimeLimit": "30m",
 }
+# exec argv[1:] in a new session (same pid: the p2pd hivemind waits for is this process)
+_NEW_SESSION_EXEC = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
 
 
 class P2PDaemonLost(ConnectionError):
@@ -96,7 +99,11 @@ async def start_p2p(
         flags = {"relayService": True, **RELAY_LIMITS}
 
     def process_args(*args: object, **kwargs: object) -> list[str]:
-        return P2P._make_process_args(*args, **{**kwargs, **flags})  # type: ignore[no-any-return]
+        command: list[str] = P2P._make_process_args(*args, **{**kwargs, **flags})
+        # p2pd in a session of its own: Ctrl-C in a terminal (SIGINT to the foreground process group)
+        # or a SIGTERM to our process group reaches peerd alone, which drains, announces itself
+        # offline through p2pd, and only then stops it. (systemd: KillMode=mixed, see deploy/.)
+        return [sys.executable, "-c", _NEW_SESSION_EXEC, *command]
 
     # hivemind 1.1.12 exposes no way to pass these p2pd flags; its argument builder is overridden
     # on a subclass (hivemind is pinned, and tests/slow/test_nat_swarm.py runs the result)

@@ -38,8 +38,12 @@ def process_swarm(tiny_ckpt: Path, tmp_path: Path) -> Iterator[LocalSwarm]:
         swarm.stop()
 
 
-def start_peers(swarm: LocalSwarm, spans: dict[str, tuple[int, int]], extra: list[str] | None = None) -> dict[str, int]:
-    procs = [swarm.start_peer(name, span, PEER_ARGS + (extra or [])) for name, span in spans.items()]
+def start_peers(
+    swarm: LocalSwarm, spans: dict[str, tuple[int, int]], extra: list[str] | None = None, *, new_session: bool = False
+) -> dict[str, int]:
+    procs = [
+        swarm.start_peer(name, span, PEER_ARGS + (extra or []), new_session=new_session) for name, span in spans.items()
+    ]
     infos = swarm.wait_ready(procs, timeout_s=120)
     return {p.name: int(info["pid"]) for p, info in zip(procs, infos, strict=True)}  # type: ignore[call-overload]
 
@@ -99,15 +103,25 @@ def drain_outcome(log: str) -> str:
 
 
 async def sigterm_victim_mid_generation(
-    swarm: LocalSwarm, ckpt: Path, extra: list[str]
+    swarm: LocalSwarm, ckpt: Path, extra: list[str], *, whole_group: bool = False
 ) -> tuple[list[int], list[float], str]:
-    """SIGTERM the route's 0:3 peer after token 30 of 128; return tokens, stalls and the victim's drain outcome."""
-    pids = start_peers(swarm, {"a1": (0, 3), "a2": (0, 3), "b": (3, 6)}, extra)
+    """SIGTERM the route's 0:3 peer after token 30 of 128; return tokens, stalls and the victim's drain outcome.
+
+    ``whole_group``: each peer runs in a process group of its own and the signal goes to the whole
+    group, as Ctrl-C in a terminal or ``kill -TERM -PGID`` would send it."""
+    pids = start_peers(swarm, {"a1": (0, 3), "a2": (0, 3), "b": (3, 6)}, extra, new_session=whole_group)
     client = await connect(swarm, ckpt)
     try:
         route = await client.wait_for_route()
         victim, pid = pid_of_route_peer(route, pids, {"a1", "a2"})
-        tokens, stalls = await generate_with_fault(client, 30, lambda: os.kill(pid, signal.SIGTERM))
+
+        def stop() -> None:
+            if whole_group:
+                os.killpg(os.getpgid(pid), signal.SIGTERM)
+            else:
+                os.kill(pid, signal.SIGTERM)
+
+        tokens, stalls = await generate_with_fault(client, 30, stop)
     finally:
         await client.close()
     proc = next(p for p in swarm.procs if p.name == victim)
@@ -145,6 +159,22 @@ async def test_sigterm_hands_back_a_session_that_outlives_the_drain_window(
     assert tokens == local_model.generate_greedy(PROMPT, 128, eos_token_ids=[])
     assert len(stalls) == 1, stalls  # exactly one failover: the handed-back span moved to the other 0:3 peer
     assert 0 < stalls[0] < 30
+
+
+async def test_sigterm_to_the_whole_process_group_still_drains_and_announces_offline(
+    process_swarm, tiny_ckpt, local_model: LocalModel
+) -> None:
+    """Ctrl-C in a terminal signals the whole foreground process group. p2pd runs in a session of
+    its own, so the signal reaches peerd alone, which drains (here: hands back, forced with a step
+    delay), announces itself offline through a still-running p2pd, and exits cleanly."""
+    tokens, stalls, outcome = await sigterm_victim_mid_generation(
+        process_swarm, tiny_ckpt, ["--drain-timeout", "0.5", "--step-delay", "0.05"], whole_group=True
+    )
+    assert tokens == local_model.generate_greedy(PROMPT, 128, eos_token_ids=[])
+    assert outcome == "handed back" and len(stalls) == 1, (outcome, stalls)
+    victim = next(p for p in process_swarm.procs if p.name in ("a1", "a2") and p.popen.returncode is not None)
+    log = victim.log_tail(80)
+    assert "could not announce offline" not in log and "the libp2p daemon (p2pd" not in log, log
 
 
 async def test_sigterm_lets_a_session_finish_inside_a_generous_drain_window(
