@@ -26,6 +26,7 @@ from peerd.swarm.records import ServerRecord
 
 __all__ = ["UNREACHABLE_RTT_MS", "BlockReader", "Router"]
 
+OBSERVED_EWMA = 0.5  # weight of the newest forward/backward in a peer's observed throughput
 UNREACHABLE_RTT_MS = 10_000.0  # the planning cost of a hop to a peer that did not answer a probe
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class Router:
         self._servers: dict[str, ServerRecord] = {}
         self._servers_at = 0.0
         self._vetted: dict[str, tuple[int, int, str]] = {}  # peer -> record fields its `info` confirmed
+        self.observed_tps: dict[str, float] = {}  # peer -> block-tokens/s this client got from it
+        peers.observer = self.observe
 
     # --- the view ----------------------------------------------------------------------------------
 
@@ -176,7 +179,18 @@ class Router:
         """A throughput-weighted route for [start, end) avoiding banned and ``exclude`` peers (routing.py)."""
         if servers is None or refresh:
             servers = await self.servers(refresh=refresh)
-        return plan_load_balanced_route(servers, start, end, banned=self.banned() | set(exclude), rng=rng)
+        return plan_load_balanced_route(
+            servers, start, end, banned=self.banned() | set(exclude), rng=rng, observed_tps=self.observed_tps
+        )
+
+    def observe(self, peer_id: str, block_tokens: int, elapsed_s: float) -> None:
+        """A forward/backward answered: fold its speed (block-tokens per wall second) into the peer's
+        running estimate, which load-balanced routing uses instead of the claimed number."""
+        if block_tokens <= 0 or elapsed_s <= 0:
+            return
+        rate = block_tokens / elapsed_s
+        previous = self.observed_tps.get(peer_id)
+        self.observed_tps[peer_id] = rate if previous is None else (1 - OBSERVED_EWMA) * previous + OBSERVED_EWMA * rate
 
     async def wait_for_route(self, timeout_s: float | None = None) -> list[Span]:
         """Poll the DHT until a full route exists (or raise NoRouteError after ``timeout_s``)."""

@@ -113,13 +113,22 @@ def plan_load_balanced_route(
     *,
     banned: Iterable[str] = (),
     rng: random.Random | None = None,
+    observed_tps: Mapping[str, float] | None = None,
 ) -> list[Span]:
     """A route for forward/backward batches, each hop drawn in proportion to throughput.
 
     Walks from ``start``: among live peers hosting the current block, picks one with probability
-    proportional to its prefill throughput and rides it as far as it goes. Load spreads across
-    replicas instead of piling onto the single fastest peer.
+    proportional to its throughput and rides it as far as it goes. Load spreads across replicas
+    instead of piling onto the single fastest peer. The throughput is what this client *observed*
+    from the peer (``observed_tps``: block-tokens per second of wall time, network included, so a
+    peer on a slow uplink is drawn rarely for large batches) where it has measured it, and the
+    record's claimed prefill throughput until then.
     """
+    observed = observed_tps or {}
+
+    def weight(record: ServerRecord) -> float:
+        return observed.get(record.peer_id, record.prefill_tokens_per_s)
+
     rng = rng or random.Random()
     banned = set(banned)
     usable = [r for r in servers.values() if r.peer_id not in banned and r.prefill_tokens_per_s > 0]
@@ -129,7 +138,7 @@ def plan_load_balanced_route(
         candidates: Sequence[ServerRecord] = [r for r in usable if r.start <= block < r.end]
         if not candidates:
             raise NoRouteError(missing_blocks({r.peer_id: r for r in usable}, start, end))
-        record = rng.choices(candidates, weights=[r.prefill_tokens_per_s for r in candidates])[0]
+        record = rng.choices(candidates, weights=[weight(r) for r in candidates])[0]
         stop = min(record.end, end)
         route.append(Span(record.peer_id, block, stop, record))
         block = stop

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -64,6 +65,14 @@ class PeerClient:
         # reachable through the relay circuit its record names, which libp2p routing never learns
         self._addresses: dict[str, tuple[str, ...]] = {}
         self._dialled: set[str] = set()
+        # told (peer id, block-tokens, wall seconds) of every forward/backward answered: the speed a
+        # client actually gets from a peer, network included (the Router weighs routes by it)
+        self.observer: Callable[[str, int, float], None] | None = None
+
+    def _observed(self, peer_id: str, hidden: torch.Tensor, blocks: int, started: float) -> None:
+        if self.observer is not None:
+            tokens = hidden.shape[0] * hidden.shape[1] if hidden.dim() >= 2 else 1
+            self.observer(peer_id, tokens * blocks, time.perf_counter() - started)
 
     def learn_addresses(self, peer_id: str, addrs: Sequence[str]) -> None:
         """Dial ``peer_id`` at ``addrs`` (best first) before the next stream to it."""
@@ -141,10 +150,13 @@ class PeerClient:
         end: int,
         compression: Compression = Compression.NONE,
     ) -> torch.Tensor:
+        started = time.perf_counter()
         async with self._stream(peer_id, "forward") as (reader, writer):
             request = ForwardRequest(to_wire(hidden, compression), start, end, response_compression=compression)
             await self._send(peer_id, writer, self._hello, request)
-            return from_wire((await self._receive(peer_id, reader, ForwardResponse)).hidden)
+            out = from_wire((await self._receive(peer_id, reader, ForwardResponse)).hidden)
+        self._observed(peer_id, hidden, end - start, started)
+        return out
 
     async def backward(
         self,
@@ -155,6 +167,7 @@ class PeerClient:
         end: int,
         compression: Compression = Compression.NONE,
     ) -> torch.Tensor:
+        started = time.perf_counter()
         async with self._stream(peer_id, "backward") as (reader, writer):
             request = BackwardRequest(
                 to_wire(hidden, compression),
@@ -164,7 +177,9 @@ class PeerClient:
                 response_compression=compression,
             )
             await self._send(peer_id, writer, self._hello, request)
-            return from_wire((await self._receive(peer_id, reader, BackwardResponse)).grad_input)
+            grad = from_wire((await self._receive(peer_id, reader, BackwardResponse)).grad_input)
+        self._observed(peer_id, hidden, 2 * (end - start), started)  # backward recomputes the forward
+        return grad
 
     async def open_inference(
         self,

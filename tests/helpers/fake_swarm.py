@@ -98,6 +98,7 @@ class FakeTransport:
         self.num_blocks = num_blocks
         self.opened: list[str] = []  # peer ids, in the order sessions were opened on them
         self.addresses: dict[str, tuple[str, ...]] = {}  # what the router told it, from records
+        self.observer = None  # the router hooks in here (PeerClient reports forward/backward speeds)
 
     def learn_addresses(self, peer_id: str, addrs: object) -> None:
         self.addresses[peer_id] = tuple(addrs)  # type: ignore[call-overload]

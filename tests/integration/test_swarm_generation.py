@@ -58,3 +58,15 @@ async def test_four_concurrent_clients_all_get_correct_results(make_swarm, local
     finally:
         for c in clients:
             await c.close()
+
+
+async def test_forward_reports_the_speed_the_client_observed(make_swarm, local_model: LocalModel) -> None:
+    swarm = await make_swarm()
+    client = await swarm.client()
+    try:
+        await client.forward(torch.tensor([[5, 6, 7, 8]]))
+        observed = client.router.observed_tps
+        assert set(observed) == {p.peer_id for p in swarm.peers}  # one hop per peer of the 3-span swarm
+        assert all(rate > 0 for rate in observed.values())
+    finally:
+        await client.close()

@@ -78,3 +78,20 @@ async def test_planning_rtts_change_only_with_a_new_probe() -> None:
     router.rtts_ms["a"] = 1.0  # set by hand (tests force equal RTTs this way)
     await router.measure_rtts(["a", "b"])  # both still fresh: nothing re-probed, nothing overwritten
     assert router.rtts_ms["a"] == 1.0
+
+
+async def test_load_balanced_routes_follow_observed_speed_not_claims() -> None:
+    """Two replicas claim the same throughput; the client measured one at 50x the other (its uplink
+    is slow): forward batches go to the fast one, and an unmeasured peer keeps its claim."""
+    peers = [FakePeer(record("fast", 0, 4, tps=100.0)), FakePeer(record("slow-link", 0, 4, tps=100.0))]
+    router, transport, _ = make_router(peers)
+    assert transport.observer == router.observe  # the transport reports every forward/backward
+    router.observe("fast", 1000, 1.0)
+    router.observe("slow-link", 1000, 50.0)
+    rng = random.Random(7)
+    picks = [(await router.plan_load_balanced(0, 4, rng=rng))[0].peer_id for _ in range(400)]
+    assert picks.count("fast") > 0.95 * len(picks)
+    router.observe("fast", 3000, 1.0)  # a running average: half old, half new
+    assert router.observed_tps["fast"] == 2000.0
+    router.observe("fast", 0, 1.0)  # nothing measured: ignored
+    assert router.observed_tps["fast"] == 2000.0
