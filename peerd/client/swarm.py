@@ -10,6 +10,7 @@ bans, planning), the ``PeerClient`` transport, :class:`InferenceSession`, :class
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ from peerd.swarm.records import ServerRecord, swarm_prefix
 from protocols import Compression
 
 __all__ = ["BanList", "GenerationResult", "SwarmClient"]
+
+logger = logging.getLogger(__name__)
 
 GREEDY = SamplingParams()
 
@@ -302,6 +305,7 @@ class SwarmClient:
                 if not worth_failover(exc):
                     raise
                 attempts += 1
+                logger.warning("forward through %s failed (%s); trying elsewhere", span, exc)
                 self.router.ban(span.peer_id, reason=str(exc))
                 if attempts > self.max_retries:
                     raise PeerdClientError(

@@ -392,4 +392,6 @@ class Peer:
     async def visible_maddrs(self) -> list[str]:
         """Multiaddrs (with /p2p/<peer id>) that others can pass as --initial-peers, best first."""
         assert self.p2p is not None
+        if self.reachability.reach == "relayed":  # our own addresses cannot be dialled from outside
+            return [f"{a}/p2p/{self.peer_id}" for a in await dial_addresses(self.p2p, self.reachability)]
         return rank_maddrs([str(m) for m in await self.p2p.get_visible_maddrs()])

@@ -10,6 +10,8 @@ through JSON lines on stdout, one object per line with an ``event`` key:
   generation on one line from stdin, so the test can kill a peer of that route at a known point;
 * ``result``: ``tokens``, ``stalls_s``, the final ``route`` and ``connections`` (per route peer,
   the remote addresses of the client's open connections: a ``/p2p-circuit`` one is relayed);
+* ``forwards`` (with ``--forwards N``, instead of generating): per forward hop, the peer that
+  served it and the seconds it took, and the client's observed throughput per peer;
 * ``error``: ``type`` and ``message`` when anything failed (exit status 1).
 
 A span is described as ``{peer_id, name, start, end, reach, addrs}`` (``reach`` and ``addrs`` from
@@ -72,6 +74,26 @@ async def wait_for_peers(client: Any, peer_ids: set[str], timeout_s: float) -> N
         await asyncio.sleep(0.5)
 
 
+async def forward_batches(client: Any, args: argparse.Namespace) -> None:
+    """``--forwards`` stateless forward passes of a [batch, seq] batch; which peer served each hop."""
+    import torch
+
+    served: list[dict[str, Any]] = []
+    forward = client.peers.forward
+
+    async def recording_forward(peer_id: str, hidden: Any, start: int, end: int, *a: Any, **kw: Any) -> Any:
+        started = time.perf_counter()
+        out = await forward(peer_id, hidden, start, end, *a, **kw)
+        served.append({"peer_id": peer_id, "start": start, "end": end, "s": time.perf_counter() - started})
+        return out
+
+    client.peers.forward = recording_forward
+    hidden = torch.randn(args.batch, args.seq, client.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for _ in range(args.forwards):
+        await client.forward_hidden(hidden, args.start, args.end)
+    emit("forwards", served=served, observed_tps=dict(client.router.observed_tps))
+
+
 async def run(args: argparse.Namespace) -> None:
     from peerd.client import SwarmClient
 
@@ -79,6 +101,10 @@ async def run(args: argparse.Namespace) -> None:
         args.initial_peers, Path(args.ckpt), model_id=args.model_id, allowed_peers=args.allow or None
     )
     try:
+        if args.forwards:  # a part of the model only: no full route needed
+            await wait_for_peers(client, set(args.expect), args.route_timeout)
+            await forward_batches(client, args)
+            return
         route = await client.wait_for_route(timeout_s=args.route_timeout)
         if args.expect:
             await wait_for_peers(client, set(args.expect), args.route_timeout)
@@ -130,6 +156,11 @@ def main() -> int:
     parser.add_argument("--allow", nargs="*", default=[], help="route only through these peer ids")
     parser.add_argument("--expect", nargs="*", default=[], help="peer ids that must be online before generating")
     parser.add_argument("--route-timeout", type=float, default=60.0)
+    parser.add_argument("--forwards", type=int, default=0, help="run this many forward batches instead of generating")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--start", type=int, default=0, help="--forwards: first block")
+    parser.add_argument("--end", type=int, default=None, help="--forwards: one past the last block")
     args = parser.parse_args()
     try:
         asyncio.run(run(args))

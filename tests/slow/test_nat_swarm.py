@@ -54,7 +54,14 @@ PROMPT = [3, 14, 15, 92, 65, 35]
 MODEL_ID = "tiny"
 PEER_ARGS = ["--no-measure", "--torch-threads", "1", "--announce-period", "2", "--model-id", MODEL_ID]
 # name: (router, blocks); router None: a public host
-PEERS = {"a1": ("r1", (0, 3)), "b": ("r2", (3, 6)), "a2": ("r3", (0, 3)), "c": (None, (3, 6))}
+PEERS = {
+    "a1": ("r1", (0, 3)),
+    "b": ("r2", (3, 6)),
+    "a2": ("r3", (0, 3)),
+    "c": (None, (3, 6)),
+    "slowlink": (None, (3, 6)),  # public like c, same compute, but a 5 Mbit/s uplink (tc tbf)
+}
+SLOW_UPLINK = "5mbit"
 NATED = ("a1", "b", "a2")
 START_TIMEOUT_S = 180.0  # four peers importing torch at once on a 2-core machine, plus NAT discovery
 CLIENT_TIMEOUT_S = 150.0  # client start-up (torch import), route, relay dials, generation
@@ -163,6 +170,8 @@ def nat_swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatSwarm]:
             assert swarm.initial_peers, f"bootstrap announces no address on {boot.ip}: {maddrs}"
             for name, (router, (start, end)) in PEERS.items():
                 host = net.public_host(name) if router is None else routers[router].host(name)
+                if name == "slowlink":
+                    net.rate_limit(host, SLOW_UPLINK, direction="up")
                 args = ["run", "--blocks", f"{start}:{end}", "--host", "0.0.0.0"]
                 args += ["--initial-peers", *swarm.initial_peers, "--identity", str(workdir / f"{name}.key")]
                 swarm.spawn(name, host, [*args, "--name", name, *PEER_ARGS])
@@ -295,6 +304,47 @@ def test_public_peer_is_direct_and_mixes_with_a_relayed_hop(nat_swarm: NatSwarm)
         assert result["tokens"] == nat_swarm.expected[:16]
         assert [(s["name"], s["reach"]) for s in result["route"]] == [(first, "relayed"), ("c", "direct")]
         assert any(a.startswith(public) and "/p2p-circuit" not in a for a in result["route"][1]["addrs"])
+
+
+def test_forward_batches_avoid_the_peer_on_a_slow_uplink(nat_swarm: NatSwarm) -> None:
+    """(d) c and slowlink serve 3:6 with the same compute, but slowlink's uplink is 5 Mbit/s: an
+    8 x 128 batch's answer (256 KiB) takes it ~0.4 s to send. Load-balanced routes weigh peers by
+    the throughput the client observed, so after the first batches most go to c. The batches run
+    blocks 3:6 only (hidden states in, out): both candidates are public, so this measures routing by
+    bandwidth, not relaying."""
+    ids = {name: nat_swarm.info[name]["peer_id"] for name in ("c", "slowlink")}
+    client = ClientRun(
+        nat_swarm,
+        "client-d",
+        [
+            "--tokens",
+            "1",
+            "--forwards",
+            "24",
+            "--start",
+            "3",
+            "--end",
+            "6",
+            "--allow",
+            *ids.values(),
+            "--expect",
+            *ids.values(),
+        ],
+    )
+    try:
+        result = client.expect("forwards")
+    finally:
+        client.stop()
+    tail = [hop for hop in result["served"] if hop["start"] == 3][-16:]
+    by = {name: [h for h in tail if h["peer_id"] == pid] for name, pid in ids.items()}
+    seconds = {name: sum(h["s"] for h in hops) / max(1, len(hops)) for name, hops in by.items()}
+    print(f"\n(d) last 16 batches' 3:6 hop: c {len(by['c'])}, slowlink {len(by['slowlink'])}; mean s per hop {seconds}")
+    print(f"    observed block-tokens/s: {result['observed_tps']}")
+    with nat_swarm.explained(client.proc):
+        assert len(tail) == 16
+        # chance alone would split them evenly; with observed speeds about 10:1 in c's favour
+        assert len(by["c"]) >= 12, (len(by["c"]), len(by["slowlink"]))
+        assert result["observed_tps"][ids["c"]] > 3 * result["observed_tps"][ids["slowlink"]]
 
 
 def test_kill_9_behind_nat_fails_over_to_replica_behind_another_nat(nat_swarm: NatSwarm) -> None:
