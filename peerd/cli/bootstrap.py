@@ -13,7 +13,6 @@ __all__ = ["cmd_bootstrap"]
 
 
 async def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from peerd.daemon.reachability import loopback_only
     from peerd.identity import load_or_create_identity, lock_identity
     from peerd.model.config import ModelConfig
     from peerd.rpc.dialback import DialBackService
@@ -30,12 +29,8 @@ async def cmd_bootstrap(args: argparse.Namespace) -> int:
     lock = lock_identity(identity)  # released when this process ends, however it ends
     key = load_or_create_identity(identity)
     # a bootstrap node must be dialable: it serves dial-back tests and relays for NATed peers
-    host_maddrs = listen_maddrs(args.host, args.port)
     p2p = await start_p2p(
-        host_maddrs=host_maddrs,
-        initial_peers=args.initial_peers,
-        identity_path=str(identity),
-        public=not loopback_only(host_maddrs),
+        host_maddrs=listen_maddrs(args.host, args.port), initial_peers=args.initial_peers, identity_path=str(identity)
     )
     await p2p.add_binary_stream_handler(STREAM_DIALBACK, DialBackService().handle)
     stop = asyncio.Event()

@@ -22,7 +22,7 @@ from peerd.rpc.dialback import ask_dial_back
 from peerd.rpc.p2pd import start_p2p
 from peerd.swarm.addresses import rank_maddrs
 
-__all__ = ["REACH_MODES", "Reachability", "dial_addresses", "discover_reachability", "loopback_only", "start_network"]
+__all__ = ["REACH_MODES", "Reachability", "dial_addresses", "discover_reachability", "start_network"]
 
 REACH_MODES = ("auto", "direct", "relayed")
 MAX_ASKED = 3  # initial peers asked to dial back
@@ -88,11 +88,6 @@ async def dial_addresses(p2p: P2P, reachability: Reachability) -> tuple[str, ...
     return tuple(m.removesuffix(own) for m in ranked if "p2p-circuit" not in m)[:8]
 
 
-def loopback_only(host_maddrs: Sequence[str]) -> bool:
-    """Whether every listen address is on loopback (a local swarm: nobody elsewhere can use us as a relay)."""
-    return all(m.split("/")[2] in ("127.0.0.1", "::1") for m in host_maddrs)
-
-
 async def start_network(
     *,
     host_maddrs: Sequence[str],
@@ -111,7 +106,6 @@ async def start_network(
         initial_peers=initial_peers,
         identity_path=identity_path,
         announce_maddrs=announce_maddrs,
-        public=mode == "direct" and not loopback_only(host_maddrs),  # the operator knows: no second start
     )
     try:
         reachability = await discover_reachability(p2p, initial_peers, mode)
@@ -125,16 +119,6 @@ async def start_network(
             initial_peers=initial_peers,
             identity_path=identity_path,
             relays=reachability.relays,
-        )
-    elif reachability.reach == "direct" and mode == "auto" and not loopback_only(host_maddrs):
-        # dialable from elsewhere: say so to p2pd, or it relays for NATed peers with tiny limits
-        await p2p.shutdown()
-        p2p = await start_p2p(
-            host_maddrs=host_maddrs,
-            initial_peers=initial_peers,
-            identity_path=identity_path,
-            announce_maddrs=announce_maddrs,
-            public=True,
         )
     logger.info("reachability: %s%s", reachability.reach, f" ({reachability.detail})" if reachability.detail else "")
     if reachability.reach == "relayed":

@@ -79,16 +79,14 @@ async def start_p2p(
     identity_path: str | None = None,
     announce_maddrs: Sequence[str] = (),
     relays: Sequence[str] = (),
-    public: bool = False,
 ) -> P2P:
     """Start p2pd for a peer or bootstrap node.
 
     Without ``relays`` the node is dialable: it offers circuit-relay service to NATed peers within
-    :data:`RELAY_LIMITS` (with ``public``, p2pd is told it is dialable: see the comment below).
-    With ``relays`` (multiaddrs of reachable peers) it is not: it reserves a slot on exactly those
-    relays and nowhere else (no relay discovery: p2pd would otherwise pick any relay-capable peer,
-    and the circuit address we announce would not work), runs its libp2p DHT as a client, and
-    relays for nobody.
+    :data:`RELAY_LIMITS`. With ``relays`` (multiaddrs of reachable peers) it is not: it reserves a
+    slot on exactly those relays and nowhere else (no relay discovery: p2pd would otherwise pick
+    any relay-capable peer, and the circuit address we announce would not work), runs its libp2p
+    DHT as a client, and relays for nobody.
     """
     options: dict[str, object] = {}
     if relays:
@@ -99,11 +97,6 @@ async def start_p2p(
         )
     else:
         flags = {"relayService": True, **RELAY_LIMITS}
-        if public:
-            # AutoNAT never calls a private (LAN, test network) address public, and until something
-            # does, p2pd relays with go-libp2p's small default limits: payloads over ~64 KiB were
-            # reset. A node that dial-back found dialable is public for its relay clients.
-            options = {"force_reachability": "public"}
 
     def process_args(*args: object, **kwargs: object) -> list[str]:
         command: list[str] = P2P._make_process_args(*args, **{**kwargs, **flags})
