@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 PIP_FLAGS ?= --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test test-fast lint format bench image clean
+.PHONY: setup model demo test test-fast lint format bench bench-nat image clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ test-fast: setup
 
 bench: model
 	$(PY) -m peerd.cli.bench
+
+# NAT and weak links on an emulated internet of network namespaces (needs root and nftables)
+bench-nat: setup
+	$(PY) tools/bench_nat.py
 
 # The container image (Dockerfile); needs a Docker engine and network access to PyPI and the
 # PyTorch CPU wheel index. `docker compose -f deploy/docker-compose.yml up` runs a whole swarm.

@@ -96,9 +96,14 @@ async def forward_batches(client: Any, args: argparse.Namespace) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     from peerd.client import SwarmClient
+    from protocols import Compression
 
     client = await SwarmClient.connect(
-        args.initial_peers, Path(args.ckpt), model_id=args.model_id, allowed_peers=args.allow or None
+        args.initial_peers,
+        Path(args.ckpt),
+        model_id=args.model_id,
+        allowed_peers=args.allow or None,
+        compression=Compression(args.compression),
     )
     try:
         if args.forwards:  # a part of the model only: no full route needed
@@ -138,6 +143,7 @@ async def run(args: argparse.Namespace) -> None:
             "result",
             tokens=list(result.token_ids),
             stalls_s=list(result.stalls_s),
+            tokens_per_s=result.tokens_per_s,
             route=describe(result.route),
             connections=await connections(client, [s.peer_id for s in result.route]),
         )
@@ -159,6 +165,7 @@ def main() -> int:
     parser.add_argument("--forwards", type=int, default=0, help="run this many forward batches instead of generating")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--compression", default="none", help="wire compression of hidden states (none, blockwise8)")
     parser.add_argument("--start", type=int, default=0, help="--forwards: first block")
     parser.add_argument("--end", type=int, default=None, help="--forwards: one past the last block")
     args = parser.parse_args()
