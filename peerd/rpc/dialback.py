@@ -15,6 +15,7 @@ from typing import Any
 
 from hivemind.p2p import P2P, PeerID
 
+from peerd.swarm.addresses import tcp_connect
 from protocols import (
     STREAM_DIALBACK,
     DialBackRequest,
@@ -42,17 +43,6 @@ def observed_host(addr: object) -> str | None:
     if "p2p-circuit" in parts or len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
         return None
     return parts[2]
-
-
-async def _can_connect(host: str, port: int, timeout_s: float) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
 
 
 class DialBackService:
@@ -100,7 +90,7 @@ class DialBackService:
         if host is None:
             return DialBackResult(reachable=False, observed="")
         shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return DialBackResult(await _can_connect(host, port, self.dial_timeout_s), shown)
+        return DialBackResult(await tcp_connect(host, port, self.dial_timeout_s) == "ok", shown)
 
 
 async def ask_dial_back(p2p: P2P, peer_id: str, port: int, timeout_s: float = DIAL_TIMEOUT_S + 5.0) -> DialBackResult:

@@ -15,7 +15,7 @@ import socket
 
 from peerd.config import ALL_INTERFACES
 
-__all__ = ["listen_maddrs", "probe_tcp", "rank_maddrs"]
+__all__ = ["listen_maddrs", "probe_tcp", "rank_maddrs", "tcp_connect"]
 
 
 def _has_ipv6() -> bool:
@@ -77,6 +77,20 @@ def _tcp_endpoint(maddr: str) -> tuple[str, int] | None:
     return None
 
 
+async def tcp_connect(host: str, port: int, timeout_s: float) -> str:
+    """Open and close one TCP connection: "ok", or why not ("no answer within 3 s", "Connection refused")."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except TimeoutError:
+        return f"no answer within {timeout_s:.0f} s"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return "ok"
+
+
 async def probe_tcp(maddrs: list[str], timeout_s: float = 3.0) -> dict[str, str]:
     """Open (and close) one TCP connection to each address, all at once: {maddr: "ok" or why not}.
 
@@ -88,16 +102,7 @@ async def probe_tcp(maddrs: list[str], timeout_s: float = 3.0) -> dict[str, str]
         endpoint = _tcp_endpoint(maddr)
         if endpoint is None:
             return "not a TCP address"
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(*endpoint), timeout_s)
-        except TimeoutError:
-            return f"no answer within {timeout_s:.0f} s"
-        except OSError as exc:
-            return exc.strerror or type(exc).__name__
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return "ok"
+        return await tcp_connect(*endpoint, timeout_s)
 
     results = await asyncio.gather(*(one(m) for m in maddrs))
     return dict(zip(maddrs, results, strict=True))
