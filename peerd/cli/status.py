@@ -75,8 +75,11 @@ def format_status(status: dict[str, Any]) -> str:
 async def cmd_status(args: argparse.Namespace) -> int:
     client = await connect_client(args)
     try:
-        reason = await empty_swarm_reason(client, args.swarm)
         status = await gather_status(client)
+        reason = None
+        if not status["peers"]:  # nothing yet: give fresh records a moment, then say why
+            reason = await empty_swarm_reason(client, args.swarm)
+            status = await gather_status(client)
     finally:
         await client.close()
     if reason is not None:
