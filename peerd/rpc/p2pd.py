@@ -21,7 +21,8 @@ __all__ = ["RELAY_LIMITS", "P2PDaemonLost", "daemon_multiaddr", "p2pd_pid", "sta
 
 # What a reachable peer gives others as a circuit relay (v2): p2pd's flags, stated here so they are
 # decided and documented rather than inherited. Each NATed peer holds one reservation per relay; a
-# relayed connection is reset after 4 GiB each way or 30 min (the client then fails over).
+# relayed connection is meant to be reset after 4 GiB each way or 30 min (the client then fails
+# over), but on our test network it is reset far sooner: docs/operating.md, "Known limit".
 RELAY_LIMITS: dict[str, object] = {
     "relayMaxReservations": 64,  # NATed peers that may hold a slot here at once
     "relayMaxCircuits": 16,  # relayed connections at once, per reserving peer

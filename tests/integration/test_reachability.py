@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 
 import pytest
-from hivemind.p2p import P2P
 
 from peerd.daemon.reachability import dial_addresses, discover_reachability
 from peerd.rpc.dialback import DialBackService, ask_dial_back, observed_host
@@ -100,8 +99,3 @@ async def test_one_asker_gets_one_dial_at_a_time(pair) -> None:
     assert info.value.code is ErrorCode.OVERLOADED
     service._asking.clear()
     assert not (await ask_dial_back(asker, str(server.peer_id), _closed_port())).reachable
-
-
-async def test_hivemind_p2p_is_what_start_p2p_returns(pair) -> None:
-    server, _, _ = pair
-    assert isinstance(server, P2P)
