@@ -24,8 +24,6 @@ from protocols.messages import (
     MESSAGE_TYPES,
     BackwardRequest,
     BackwardResponse,
-    DialBackRequest,
-    DialBackResult,
     Error,
     ForwardRequest,
     ForwardResponse,
@@ -41,6 +39,14 @@ from protocols.messages import (
     error_from_exception,
     expect_message,
     raise_if_error,
+)
+from protocols.network import (
+    DialBackRequest,
+    DialBackResult,
+    RelayConnect,
+    RelayedStream,
+    RelayReserve,
+    RelayReserved,
 )
 from protocols.tensors import (
     ALLOWED_DTYPES,
@@ -64,6 +70,8 @@ STREAM_FORWARD = "peerd/forward/1"
 STREAM_BACKWARD = "peerd/backward/1"
 STREAM_INFERENCE = "peerd/inference/1"
 STREAM_DIALBACK = "peerd/dialback/1"
+STREAM_RELAY = "peerd/relay/1"  # served by reachable peers: reservations and relayed streams
+STREAM_RELAYED = "peerd/relayed/1"  # served by relayed peers: streams their relay opens for clients
 """libp2p stream (protocol handler) names: one stream per request, one per inference session."""
 
 __all__ = [
@@ -86,6 +94,8 @@ __all__ = [
     "STREAM_FORWARD",
     "STREAM_INFERENCE",
     "STREAM_INFO",
+    "STREAM_RELAY",
+    "STREAM_RELAYED",
     "BackwardRequest",
     "BackwardResponse",
     "Compression",
@@ -106,6 +116,10 @@ __all__ = [
     "InfoResponse",
     "Message",
     "ProtocolError",
+    "RelayConnect",
+    "RelayReserve",
+    "RelayReserved",
+    "RelayedStream",
     "WireTensor",
     "bf16_bits_to_float32",
     "check_version",

@@ -44,6 +44,7 @@ class ErrorCode(enum.IntEnum):
     # 4xx: peer state
     DRAINING = 400  # peer is leaving; client should move its work elsewhere
     NOT_ALLOWED = 401
+    NOT_REACHABLE = 402  # a relay holds no reservation for the peer asked for
     # 5xx
     INTERNAL = 500
 

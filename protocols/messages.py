@@ -35,6 +35,14 @@ from protocols.fields import (
     check_version_pair,
     invalid,
 )
+from protocols.network import (
+    DialBackRequest,
+    DialBackResult,
+    RelayConnect,
+    RelayedStream,
+    RelayReserve,
+    RelayReserved,
+)
 from protocols.tensors import ALLOWED_DTYPES, Compression, WireTensor
 
 # --------------------------------------------------------------------------- messages
@@ -249,38 +257,6 @@ class InferenceClose:
 
 
 @dataclass(frozen=True, slots=True)
-class DialBackRequest:
-    """Ask a peer to try to dial us back at ``port`` on the address it sees this stream come from.
-
-    Only the observed address is dialled, never one the asker names: otherwise anyone could use
-    peers to probe third parties. Answered by DialBackResult.
-    """
-
-    TYPE: ClassVar[str] = "dial_back_request"
-    port: int
-
-    def __post_init__(self) -> None:
-        check_int(self, "port", 1, 65535)
-
-
-@dataclass(frozen=True, slots=True)
-class DialBackResult:
-    """Whether a TCP connection to the asker's observed address and port succeeded.
-
-    ``observed`` is that address as ``host:port`` (``""`` when the stream arrived through a
-    relay, in which case ``reachable`` is false: nothing could be dialled).
-    """
-
-    TYPE: ClassVar[str] = "dial_back_result"
-    reachable: bool
-    observed: str
-
-    def __post_init__(self) -> None:
-        check_bool(self, "reachable")
-        check_str(self, "observed")
-
-
-@dataclass(frozen=True, slots=True)
 class Error:
     """A refusal or failure: an ErrorCode number (unknown numbers allowed), text, and
     whether the same request may succeed on another peer."""
@@ -311,6 +287,10 @@ Message: TypeAlias = (
     | InferenceClose
     | DialBackRequest
     | DialBackResult
+    | RelayReserve
+    | RelayReserved
+    | RelayConnect
+    | RelayedStream
     | Error
 )
 
@@ -331,6 +311,10 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         InferenceClose,
         DialBackRequest,
         DialBackResult,
+        RelayReserve,
+        RelayReserved,
+        RelayConnect,
+        RelayedStream,
         Error,
     )
 }

@@ -37,6 +37,10 @@ from protocols import (
     Hello,
     DialBackRequest,
     DialBackResult,
+    RelayConnect,
+    RelayedStream,
+    RelayReserve,
+    RelayReserved,
     InferenceClose,
     InferenceOpen,
     InferenceOpened,
@@ -86,6 +90,10 @@ def valid_cases() -> list[tuple[str, Message]]:
         ("info_request", InfoRequest()),
         ("dial_back_request", DialBackRequest(port=31330)),
         ("dial_back_result", DialBackResult(reachable=True, observed="203.0.113.7:31330")),
+        ("relay_reserve", RelayReserve()),
+        ("relay_reserved", RelayReserved(max_streams=32, data_limit_bytes=1 << 30, idle_timeout_s=300.0)),
+        ("relay_connect", RelayConnect(target="12D3KooWTarget", stream="peerd/inference/1")),
+        ("relayed_stream", RelayedStream(origin="12D3KooWOrigin", stream="peerd/inference/1")),
         (
             "info_response",
             InfoResponse(

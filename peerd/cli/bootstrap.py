@@ -13,6 +13,7 @@ __all__ = ["cmd_bootstrap"]
 
 
 async def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from peerd.daemon.relaying import serve_as_relay
     from peerd.identity import load_or_create_identity, lock_identity
     from peerd.model.config import ModelConfig
     from peerd.rpc.dialback import DialBackService
@@ -33,6 +34,7 @@ async def cmd_bootstrap(args: argparse.Namespace) -> int:
         host_maddrs=listen_maddrs(args.host, args.port), initial_peers=args.initial_peers, identity_path=str(identity)
     )
     await p2p.add_binary_stream_handler(STREAM_DIALBACK, DialBackService().handle)
+    await serve_as_relay(p2p)
     stop = asyncio.Event()
     install_stop_handlers(stop.set)
     lost: P2PDaemonLost | None = None

@@ -20,8 +20,10 @@ from hivemind.utils.crypto import RSAPrivateKey
 from peerd import __version__
 from peerd.config import PeerConfig
 from peerd.daemon.capacity import Capacity, Hardware, blocks_fitting_memory, measure_capacity, probe_hardware
+from peerd.daemon.nexthops import NextHops
 from peerd.daemon.placement import PlacedPeer, Placement, choose_placement, decide_move, recheck_after_joining
 from peerd.daemon.reachability import Reachability, dial_addresses, start_network
+from peerd.daemon.relaying import Relaying
 from peerd.daemon.routes import peer_routes, refresh_peer_gauges
 from peerd.identity import IdentityLock, load_or_create_identity, lock_identity, peer_id_of_public_key
 from peerd.model.config import ModelConfig
@@ -29,9 +31,7 @@ from peerd.model.loading import default_dtype_for, load_stage
 from peerd.model.stage import Stage, cache_bytes_per_token
 from peerd.rpc.dialback import DialBackService
 from peerd.rpc.p2pd import P2PDaemonLost, wait_for_p2pd_exit
-from peerd.rpc.rtt import RTT_TIMEOUT_S, RttProbe
 from peerd.rpc.streams import STREAM_NAMES
-from peerd.rpc.transport import PeerClient
 from peerd.server.handlers import BlockServicer
 from peerd.server.limits import Limits
 from peerd.server.metrics import PeerMetrics
@@ -46,7 +46,6 @@ from protocols import PROTOCOL_VERSION, STREAM_DIALBACK
 __all__ = ["Peer"]
 
 PLACEMENT_RECHECKS = 3  # look again this many times after announcing JOINING (see placement.py)
-MAX_RTT_TARGETS = 8  # next-hop peers whose RTT we measure and publish
 
 logger = logging.getLogger(__name__)
 
@@ -70,18 +69,17 @@ class Peer:
         self.http: HttpServer | None = None
         self.http_port: int | None = None
         self._private_key: RSAPrivateKey | None = None
-        self.rtt: RttProbe | None = None  # this peer's RTTs to others (published for clients' routing)
+        self.next_hops: NextHops | None = None  # RTTs to the peers after us (published for routing)
         self.dtype = torch.float32
         # the blocks we host or are about to host (placement fixes it during startup)
         self.blocks: tuple[int, int] = config.blocks or (0, self.model_config.num_layers)
-        self.next_rtts_ms: dict[str, float] = {}
         self._stop = asyncio.Event()
         self._shut_down = False
         self._identity_lock: IdentityLock | None = None
         self.network_lost: P2PDaemonLost | None = None  # set if p2pd died under us (see serve)
         self.reachability = Reachability("unknown")  # how others reach us (startup finds out)
         self.dial_addrs: tuple[str, ...] = ()  # the addresses our record gives for dialling us
-        self.peers: PeerClient | None = None  # our own client side: RTT probes of next hops
+        self.relaying: Relaying | None = None  # relay for others, or reservations on our relays
         self.peer_id = ""
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -108,10 +106,7 @@ class Peer:
             initial_peers=cfg.initial_peers,
             client_mode=self.reachability.reach == "relayed",  # nobody could dial our DHT node
         )
-        self.peers = PeerClient(
-            self.p2p, cfg.model_id, timeout_s=RTT_TIMEOUT_S, client_name=f"peerd-peer/{__version__}"
-        )
-        self.rtt = RttProbe(self.peers.info)
+        self.next_hops = NextHops(self.p2p, self.dht, cfg.model_id, self.model_config.num_layers)
         self.hardware = probe_hardware(cfg.device)
         self.runtime = ComputeRuntime(torch_threads=cfg.torch_threads)
         self.dtype = getattr(torch, cfg.dtype) if cfg.dtype else default_dtype_for(cfg.device)
@@ -145,8 +140,11 @@ class Peer:
             step_delay_s=cfg.step_delay_s,
             allowed_peers=cfg.allowed_peers,
         )
-        for rpc, name in STREAM_NAMES.items():
-            await self.p2p.add_binary_stream_handler(name, getattr(self.servicer, f"rpc_{rpc}"))
+        handlers = {name: getattr(self.servicer, f"rpc_{rpc}") for rpc, name in STREAM_NAMES.items()}
+        for name, handler in handlers.items():
+            await self.p2p.add_binary_stream_handler(name, handler)
+        self.relaying = Relaying(self.p2p, self.reachability, self.metrics.relay_bytes.inc)
+        await self.relaying.start(handlers)
         refresh_peer_gauges(self)
         if cfg.http_port is not None:
             self.http = HttpServer(peer_routes(self))
@@ -247,24 +245,11 @@ class Peer:
         # jitter, so a swarm's peers do not beat in step
         while not await self._sleep_or_stop(self.config.announce_period_s * random.uniform(0.9, 1.0)):
             try:
-                await self._measure_next_rtts()
+                assert self.next_hops is not None
+                await self.next_hops.measure(self.peer_id, self.blocks[1])
                 await self.announce()
             except Exception:  # the DHT being briefly unreachable must not kill the daemon
                 logger.warning("announce failed; will retry next period", exc_info=True)
-
-    async def _measure_next_rtts(self) -> None:
-        """RTT to the peers serving the block right after ours (published in our record for routing)."""
-        assert self.dht is not None and self.rtt is not None and self.peers is not None
-        end = self.blocks[1]
-        if end >= self.model_config.num_layers:
-            self.next_rtts_ms = {}
-            return
-        (view,) = await self.dht.read_blocks(end, end + 1, timeout_s=5.0)
-        targets = [r.peer_id for r in view.online() if r.peer_id != self.peer_id][:MAX_RTT_TARGETS]
-        for record in view.online():
-            self.peers.learn_addresses(record.peer_id, record.addrs)  # next hops behind NAT: their relay
-        rtts = await self.rtt.rtts_ms(targets)
-        self.next_rtts_ms = {peer: rtt for peer, rtt in rtts.items() if rtt is not None}
 
     async def _rebalance_loop(self) -> None:
         cfg = self.config
@@ -339,6 +324,8 @@ class Peer:
             for name in (*STREAM_NAMES.values(), STREAM_DIALBACK):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.p2p.remove_binary_stream_handler(name), 2.0)
+        if self.relaying is not None:
+            await self.relaying.close()
         if self.runtime is not None:
             await asyncio.to_thread(self.runtime.close, max(deadline_s, 1.0))
         if self.dht is not None and p2p_alive:
@@ -357,7 +344,8 @@ class Peer:
         start, end = self.blocks
         return ServerRecord(
             peer_id=self.peer_id,
-            state=self.state,
+            # a peer no relay will relay for cannot be reached: clients must not route to it
+            state=PeerState.OFFLINE if self.relaying is not None and self.relaying.unreachable else self.state,
             start=start,
             end=end,
             decode_tokens_per_s=cap.decode_tokens_per_s,
@@ -370,14 +358,14 @@ class Peer:
             protocol_version=PROTOCOL_VERSION,
             package_version=__version__,
             public_name=self.config.public_name,
-            next_rtts_ms=dict(self.next_rtts_ms),
+            next_rtts_ms=dict(self.next_hops.rtts_ms) if self.next_hops is not None else {},
             addrs=self.dial_addrs,
             reach=self.reachability.reach,
         )
 
     async def announce(self, timeout_s: float = 10.0) -> bool:
         assert self.dht is not None and self.p2p is not None  # internal invariant, not remote input
-        self.dial_addrs = await dial_addresses(self.p2p, self.reachability)
+        self.dial_addrs = await dial_addresses(self.p2p, self.reachability, self._relays())
         record = self.record()
         # live and offline records alike last two periods: an offline record must outlive the live
         # one it replaces, or readers would fall back to that stale live record
@@ -389,9 +377,14 @@ class Peer:
             logger.warning("some DHT stores for blocks %d:%d were not accepted", record.start, record.end)
         return ok
 
+    def _relays(self) -> tuple[str, ...]:
+        return self.relaying.active_relays() if self.relaying is not None else ()
+
     async def visible_maddrs(self) -> list[str]:
         """Multiaddrs (with /p2p/<peer id>) that others can pass as --initial-peers, best first."""
         assert self.p2p is not None
         if self.reachability.reach == "relayed":  # our own addresses cannot be dialled from outside
-            return [f"{a}/p2p/{self.peer_id}" for a in await dial_addresses(self.p2p, self.reachability)]
+            return [
+                f"{a}/p2p/{self.peer_id}" for a in await dial_addresses(self.p2p, self.reachability, self._relays())
+            ]
         return rank_maddrs([str(m) for m in await self.p2p.get_visible_maddrs()])

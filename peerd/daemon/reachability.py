@@ -79,10 +79,14 @@ async def discover_reachability(p2p: P2P, initial_peers: Sequence[str], mode: st
     return Reachability("unknown", (), "no peer answered the dial-back request")
 
 
-async def dial_addresses(p2p: P2P, reachability: Reachability) -> tuple[str, ...]:
-    """The addresses a record gives for dialling this peer (without /p2p/<own id>), best first."""
+async def dial_addresses(p2p: P2P, reachability: Reachability, relays: Sequence[str] = ()) -> tuple[str, ...]:
+    """The addresses a record gives for dialling this peer (without /p2p/<own id>), best first.
+
+    A relayed peer gives ``relays``, those holding a reservation for it now, as circuit addresses:
+    clients read its relays from them (none: nobody can reach it).
+    """
     if reachability.reach == "relayed":
-        return tuple(f"{relay}/p2p-circuit" for relay in reachability.relays)
+        return tuple(f"{relay}/p2p-circuit" for relay in relays)
     own = f"/p2p/{p2p.peer_id}"
     ranked = rank_maddrs([str(m) for m in await p2p.get_visible_maddrs()])
     return tuple(m.removesuffix(own) for m in ranked if "p2p-circuit" not in m)[:8]

@@ -23,6 +23,7 @@ from peerd import __version__
 from peerd.config import PeerConfig
 from peerd.daemon.capacity import Capacity, Hardware
 from peerd.daemon.reachability import Reachability
+from peerd.daemon.relaying import Relaying
 from peerd.model.config import ModelConfig
 from peerd.model.stage import Stage
 from peerd.rpc.rtt import RTT_TIMEOUT_S, RttProbe
@@ -71,6 +72,8 @@ class ServingPeer(Protocol):
     @property
     def reachability(self) -> Reachability: ...
     @property
+    def relaying(self) -> Relaying | None: ...
+    @property
     def metrics(self) -> PeerMetrics: ...
     @property
     def p2p(self) -> P2P | None: ...
@@ -106,6 +109,10 @@ def refresh_peer_gauges(peer: ServingPeer) -> None:
     m = peer.metrics
     m.set_state(peer.state.value)
     m.set_reach(peer.reachability.reach)
+    service = peer.relaying.service if peer.relaying is not None else None
+    if service is not None:
+        m.relay_streams.set(service.open_streams)
+        m.relay_reservations.set(len(service.reservations))
     if peer.stage is not None:
         m.set_blocks(peer.stage.start, peer.stage.end)
         # with the cache gauge this gives the daemon's own overhead: resident - weights - cache

@@ -19,10 +19,10 @@ from hivemind.utils.multiaddr import Multiaddr
 
 __all__ = ["RELAY_LIMITS", "P2PDaemonLost", "daemon_multiaddr", "p2pd_pid", "start_p2p", "wait_for_p2pd_exit"]
 
-# What a reachable peer gives others as a circuit relay (v2): p2pd's flags, stated here so they are
-# decided and documented rather than inherited. Each NATed peer holds one reservation per relay; a
-# relayed connection is meant to be reset after 4 GiB each way or 30 min (the client then fails
-# over), but on our test network it is reset far sooner: docs/operating.md, "Known limit".
+# p2pd's circuit-relay (v2) flags for a reachable peer. They reach only the relay go-libp2p starts
+# once AutoNAT finds a public address; p2pd also always runs one with go-libp2p's defaults (128 KiB,
+# 2 min per relayed connection), so peerd's own data never relies on circuits: it goes through
+# peerd/relay/1 (peerd/rpc/relay.py, docs/decisions.md section 8).
 RELAY_LIMITS: dict[str, object] = {
     "relayMaxReservations": 64,  # NATed peers that may hold a slot here at once
     "relayMaxCircuits": 16,  # relayed connections at once, per reserving peer

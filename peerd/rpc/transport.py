@@ -19,6 +19,7 @@ from hivemind.p2p import P2P, PeerID
 
 from peerd.rpc.errors import PeerError, PeerUnavailable
 from peerd.rpc.p2pd import daemon_multiaddr
+from peerd.rpc.relayed import open_via_relay, relay_of
 from peerd.rpc.streams import STREAM_NAMES
 from peerd.rpc.tensors import from_wire, to_wire
 from protocols import (
@@ -65,6 +66,8 @@ class PeerClient:
         # reachable through the relay circuit its record names, which libp2p routing never learns
         self._addresses: dict[str, tuple[str, ...]] = {}
         self._dialled: set[str] = set()
+        # how the last stream to each peer went: "direct", or "relay <relay peer id>" (peerd's relay)
+        self.paths: dict[str, str] = {}
         # told (peer id, block-tokens, wall seconds) of every forward/backward answered: the speed a
         # client actually gets from a peer, network included (the Router weighs routes by it)
         self.observer: Callable[[str, int, float], None] | None = None
@@ -84,21 +87,58 @@ class PeerClient:
         addrs = self._addresses.get(peer_id)
         if not addrs or peer_id in self._dialled:
             return
+        if await self._connect(peer_id, addrs):
+            self._dialled.add(peer_id)
+
+    async def _connect(self, peer_id: str, addrs: Sequence[str]) -> bool:
         try:
             async with asyncio.timeout(min(self.timeout_s, DIAL_TIMEOUT_S)):
                 await self.p2p._client.connect(PeerID.from_base58(peer_id), [daemon_multiaddr(a) for a in addrs])
-            self._dialled.add(peer_id)
+            return True
         except Exception as exc:  # the stream open below may still find the peer; it reports failure
             logger.debug("dialling %s at %s failed: %s", peer_id, addrs, exc)
+            return False
+
+    async def _relays_to_use(self, peer_id: str) -> list[tuple[str, str]]:
+        """The relays to reach ``peer_id`` through: those of its record if it is behind NAT and
+        we have no direct connection to it (hole punching may have made one)."""
+        addrs = self._addresses.get(peer_id, ())
+        relays = [r for r in (relay_of(a) for a in addrs) if r is not None]
+        if not relays or len(relays) < len(addrs):
+            return []
+        for info in await self.p2p.list_peers():
+            if str(info.peer_id) == peer_id and any("p2p-circuit" not in str(a) for a in info.addrs):
+                return []
+        return relays
+
+    async def _open(self, peer_id: str, rpc: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        relays = await self._relays_to_use(peer_id)
+        if not relays:
+            await self._dial(peer_id)
+            _, reader, writer = await self.p2p.call_binary_stream_handler(
+                PeerID.from_base58(peer_id), STREAM_NAMES[rpc]
+            )
+            self.paths[peer_id] = "direct"
+            return reader, writer
+        failure: Exception | None = None
+        for relay, relay_maddr in relays:
+            if relay not in self._dialled and await self._connect(relay, [relay_maddr.removesuffix(f"/p2p/{relay}")]):
+                self._dialled.add(relay)
+            try:
+                opened = await open_via_relay(self.p2p, relay, peer_id, STREAM_NAMES[rpc])
+                self.paths[peer_id] = f"relay {relay}"
+                return opened
+            except Exception as exc:
+                self._dialled.discard(relay)
+                failure = exc
+        assert failure is not None  # the loop ran at least once
+        raise failure
 
     @asynccontextmanager
     async def _stream(self, peer_id: str, rpc: str) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
         try:
-            await self._dial(peer_id)
             async with asyncio.timeout(self.timeout_s):
-                _, reader, writer = await self.p2p.call_binary_stream_handler(
-                    PeerID.from_base58(peer_id), STREAM_NAMES[rpc]
-                )
+                reader, writer = await self._open(peer_id, rpc)
         except TimeoutError:
             self._dialled.discard(peer_id)
             raise PeerUnavailable(peer_id, f"could not open a {rpc} stream within {self.timeout_s:.0f}s") from None

@@ -122,6 +122,13 @@ class PeerMetrics:
             ["reach"],
             registry=r,
         )
+        self.relay_bytes = Counter(
+            "peerd_relay_bytes", "Bytes this peer relayed for peers behind NAT (both ways)", registry=r
+        )
+        self.relay_streams = Gauge("peerd_relay_streams", "Streams this peer relays now", registry=r)
+        self.relay_reservations = Gauge(
+            "peerd_relay_reservations", "Peers behind NAT holding a reservation on this peer", registry=r
+        )
         self.info = Info("peerd_peer", "Identity of this peer (value is always 1)", registry=r)
         self.start_time = Gauge("peerd_start_time_seconds", "Unix time the daemon started", registry=r)
         self.start_time.set(time.time())

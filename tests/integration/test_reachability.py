@@ -56,7 +56,8 @@ async def test_auto_reachability_on_loopback_is_direct_with_own_addresses(pair) 
     assert addrs and all(a.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/" not in a for a in addrs)
     forced = await discover_reachability(asker, joins, "relayed")
     assert forced.reach == "relayed" and forced.relays == tuple(joins)
-    assert await dial_addresses(asker, forced) == tuple(f"{j}/p2p-circuit" for j in joins)
+    assert await dial_addresses(asker, forced, forced.relays) == tuple(f"{j}/p2p-circuit" for j in joins)
+    assert await dial_addresses(asker, forced) == ()  # no relay holds a reservation: no way in
     assert (await discover_reachability(asker, [], "auto")).reach == "unknown"  # nobody to ask
 
 

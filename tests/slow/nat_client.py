@@ -8,10 +8,12 @@ through JSON lines on stdout, one object per line with an ``event`` key:
 * ``token``: ``i`` (1-based) and ``token`` for every generated token;
 * ``paused``: after token ``--pause-after`` it prints the session's live route, then blocks the
   generation on one line from stdin, so the test can kill a peer of that route at a known point;
-* ``result``: ``tokens``, ``stalls_s``, the final ``route`` and ``connections`` (per route peer,
-  the remote addresses of the client's open connections: a ``/p2p-circuit`` one is relayed);
+* ``result``: ``tokens``, ``stalls_s``, the final ``route``, ``connections`` (per route peer,
+  the remote addresses of the client's open libp2p connections) and ``paths`` (per peer, how the
+  client's last stream went: "direct" or "relay <relay id>", peerd's relay);
 * ``forwards`` (with ``--forwards N``, instead of generating): per forward hop, the peer that
-  served it and the seconds it took, and the client's observed throughput per peer;
+  served it and the seconds it took, the client's observed throughput per peer, ``paths``, and
+  the largest absolute difference of any output from the local stage's (float32);
 * ``error``: ``type`` and ``message`` when anything failed (exit status 1).
 
 A span is described as ``{peer_id, name, start, end, reach, addrs}`` (``reach`` and ``addrs`` from
@@ -88,10 +90,23 @@ async def forward_batches(client: Any, args: argparse.Namespace) -> None:
         return out
 
     client.peers.forward = recording_forward
+    from peerd.model.loading import load_stage
+
     hidden = torch.randn(args.batch, args.seq, client.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    end = client.config.num_layers if args.end is None else args.end
+    with torch.no_grad():
+        expected = load_stage(args.ckpt, args.start, end, dtype=torch.float32).forward(hidden)
+    max_diff = 0.0
     for _ in range(args.forwards):
-        await client.forward_hidden(hidden, args.start, args.end)
-    emit("forwards", served=served, observed_tps=dict(client.router.observed_tps))
+        out = await client.forward_hidden(hidden, args.start, args.end)
+        max_diff = max(max_diff, float((out - expected).abs().max()))
+    emit(
+        "forwards",
+        served=served,
+        observed_tps=dict(client.router.observed_tps),
+        paths=dict(client.peers.paths),
+        max_abs_diff=max_diff,
+    )
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -146,6 +161,7 @@ async def run(args: argparse.Namespace) -> None:
             tokens_per_s=result.tokens_per_s,
             route=describe(result.route),
             connections=await connections(client, [s.peer_id for s in result.route]),
+            paths=dict(client.peers.paths),
         )
     finally:
         await asyncio.wait_for(client.close(), 30.0)

@@ -250,17 +250,13 @@ class ClientRun:
 
 
 def hops(result: dict[str, Any]) -> list[str]:
-    """One line per hop: name, blocks, the record's reach, and how the client's connection goes."""
+    """One line per hop: name, blocks, the record's reach, how the client's streams went (direct or
+    through peerd's relay) and its libp2p connections to the peer (a /p2p-circuit one is relayed)."""
     lines = []
     for span in result["route"]:
         conns = result["connections"].get(span["peer_id"], [])
-        if not conns:
-            path = "no open connection"
-        elif all("/p2p-circuit" in c for c in conns):
-            path = "relayed"
-        else:
-            path = "direct" + (" (+ relayed)" if any("/p2p-circuit" in c for c in conns) else "")
-        lines.append(f"{span['name']}[{span['start']}:{span['end']}] reach={span['reach']} connection={path} {conns}")
+        path = result["paths"].get(span["peer_id"], "?")
+        lines.append(f"{span['name']}[{span['start']}:{span['end']}] reach={span['reach']} streams={path} {conns}")
     return lines
 
 
@@ -285,6 +281,7 @@ def test_generation_between_three_nats_matches_local_greedy(nat_swarm: NatSwarm)
         circuit = f"/p2p/{nat_swarm.info['boot']['peer_id']}/p2p-circuit"
         for span in result["route"]:
             assert any(a.startswith(relay) and circuit in a for a in span["addrs"]), span
+            assert result["paths"][span["peer_id"]] == f"relay {nat_swarm.info['boot']['peer_id']}"
 
 
 def test_public_peer_is_direct_and_mixes_with_a_relayed_hop(nat_swarm: NatSwarm) -> None:
@@ -304,6 +301,27 @@ def test_public_peer_is_direct_and_mixes_with_a_relayed_hop(nat_swarm: NatSwarm)
         assert result["tokens"] == nat_swarm.expected[:16]
         assert [(s["name"], s["reach"]) for s in result["route"]] == [(first, "relayed"), ("c", "direct")]
         assert any(a.startswith(public) and "/p2p-circuit" not in a for a in result["route"][1]["addrs"])
+        assert result["paths"][ids[1]] == "direct" and result["paths"][ids[0]].startswith("relay ")
+
+
+def test_large_batches_through_the_relay(nat_swarm: NatSwarm) -> None:
+    """(e) 12 forward batches of 8 x 128 through a NATed peer: 256 KiB each way per batch, 3 MiB in
+    all, through the relay. libp2p's circuit relay in hivemind's p2pd resets a relayed connection
+    after 128 KiB; peerd's own relay must carry all of it, and every answer must be right."""
+    first = next(n for n in ("a2", "a1") if nat_swarm.procs[n].popen.poll() is None)  # (b) kills one
+    pid = nat_swarm.info[first]["peer_id"]
+    args = ["--tokens", "1", "--forwards", "12", "--start", "0", "--end", "3", "--allow", pid, "--expect", pid]
+    client = ClientRun(nat_swarm, "client-e", args)
+    try:
+        result = client.expect("forwards")
+    finally:
+        client.stop()
+    seconds = [round(h["s"], 3) for h in result["served"]]
+    print(f"\n(e) 12 x [8, 128] through {first} ({result['paths'].get(pid)}): seconds per batch {seconds}")
+    with nat_swarm.explained(client.proc):
+        assert [h["peer_id"] for h in result["served"]] == [pid] * 12
+        assert result["paths"][pid] == f"relay {nat_swarm.info['boot']['peer_id']}"
+        assert result["max_abs_diff"] < 1e-5
 
 
 def test_forward_batches_avoid_the_peer_on_a_slow_uplink(nat_swarm: NatSwarm) -> None:
@@ -344,7 +362,8 @@ def test_forward_batches_avoid_the_peer_on_a_slow_uplink(nat_swarm: NatSwarm) ->
         assert len(tail) == 16
         # chance alone would split them evenly; with observed speeds about 10:1 in c's favour
         assert len(by["c"]) >= 12, (len(by["c"]), len(by["slowlink"]))
-        assert result["observed_tps"][ids["c"]] > 3 * result["observed_tps"][ids["slowlink"]]
+        if ids["slowlink"] in result["observed_tps"]:  # the router may never have tried it at all
+            assert result["observed_tps"][ids["c"]] > 3 * result["observed_tps"][ids["slowlink"]]
 
 
 def test_kill_9_behind_nat_fails_over_to_replica_behind_another_nat(nat_swarm: NatSwarm) -> None:

@@ -37,6 +37,10 @@ from protocols import (
     InfoRequest,
     InfoResponse,
     ProtocolError,
+    RelayConnect,
+    RelayedStream,
+    RelayReserve,
+    RelayReserved,
     WireTensor,
     decode_array,
     decode_message,
@@ -154,6 +158,15 @@ MESSAGE_STRATEGIES = {
     "inference_close": st.just(InferenceClose()),
     "dial_back_request": st.builds(DialBackRequest, port=st.integers(1, 65535)),
     "dial_back_result": st.builds(DialBackResult, reachable=st.booleans(), observed=text),
+    "relay_reserve": st.builds(RelayReserve),
+    "relay_reserved": st.builds(
+        RelayReserved,
+        max_streams=st.integers(0, 1 << 20),
+        data_limit_bytes=st.integers(0, 1 << 40),
+        idle_timeout_s=st.floats(0, 86_400, allow_nan=False),
+    ),
+    "relay_connect": st.builds(RelayConnect, target=text, stream=text),
+    "relayed_stream": st.builds(RelayedStream, origin=text, stream=text),
     "error": st.builds(Error, code=st.integers(0, 65535), message=text, retryable=st.booleans()),
 }
 messages = st.one_of(*MESSAGE_STRATEGIES.values())
