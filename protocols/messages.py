@@ -45,6 +45,8 @@ from protocols.network import (
 )
 from protocols.tensors import ALLOWED_DTYPES, Compression, WireTensor
 
+MAX_INFO_PADDING_BYTES = 1 << 20
+
 # --------------------------------------------------------------------------- messages
 
 
@@ -65,9 +67,18 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class InfoRequest:
-    """Ask a peer to describe itself (answered by InfoResponse)."""
+    """Ask a peer to describe itself (answered by InfoResponse).
+
+    ``padding`` (ignored by the server, at most 1 MiB) lets a peer time an upload of known size:
+    that is how peers measure the uplink bandwidth they publish.
+    """
 
     TYPE: ClassVar[str] = "info_request"
+    padding: bytes = b""
+
+    def __post_init__(self) -> None:
+        if type(self.padding) is not bytes or len(self.padding) > MAX_INFO_PADDING_BYTES:
+            raise invalid(f"info_request.padding must be at most {MAX_INFO_PADDING_BYTES} bytes")
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,11 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _mbit(bytes_per_s: float) -> str:
+    """An uplink as people quote it (Mbit/s); "-" until the peer has measured it."""
+    return f"{bytes_per_s * 8 / 1e6:.0f} Mbit/s" if bytes_per_s > 0 else "-"
+
+
 def format_status(status: dict[str, Any]) -> str:
     peers = status["peers"]
     rows = [
@@ -43,6 +48,7 @@ def format_status(status: dict[str, Any]) -> str:
             p["dtype"],
             str(p["cache_tokens_free"]),
             p["version"],
+            _mbit(p.get("uplink_bytes_per_s", 0.0)),
             p.get("reach", "unknown"),
         ]
         for p in peers
@@ -50,7 +56,7 @@ def format_status(status: dict[str, Any]) -> str:
     text = [f"model {status['model_id']}: {len(peers)} peer(s), {status['num_blocks']} blocks", ""]
     text.append(
         _table(
-            ["NAME", "PEER", "STATE", "BLOCKS", "TOK/S/BLOCK", "DEVICE", "DTYPE", "CACHE FREE", "VERSION", "REACH"],
+            ["NAME", "PEER", "STATE", "BLOCKS", "TOK/S/BLOCK", "DEVICE", "DTYPE", "CACHE FREE", "VERSION", "UPLINK", "REACH"],
             rows,
         )
     )

@@ -27,13 +27,13 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor
 
+from peerd.client.compression import CompressionChoice, hop_compression
 from peerd.client.router import Router
 from peerd.client.routing import Span
 from peerd.model.config import ModelConfig
 from peerd.rpc.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable, worth_failover
 from peerd.rpc.transport import PeerClient
 from peerd.swarm.records import ServerRecord
-from protocols import Compression
 
 __all__ = [
     "PipelineClient",
@@ -123,7 +123,7 @@ class PipelineClient(Protocol):
     @property
     def peers(self) -> PeerClient: ...
     @property
-    def compression(self) -> Compression: ...
+    def compression(self) -> CompressionChoice: ...
     @property
     def config(self) -> ModelConfig: ...
     @property
@@ -322,7 +322,8 @@ class RemotePipeline:
         sent_at = time.perf_counter()
         ok = False
         try:
-            out = await rpc(span.peer_id, *tensors, span.start, span.end, self.client.compression)
+            codec = hop_compression(self.client.compression, span.record)
+            out = await rpc(span.peer_id, *tensors, span.start, span.end, codec)
             ok = True
             self.client.router.succeeded(span.peer_id)
             return out

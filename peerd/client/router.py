@@ -175,12 +175,20 @@ class Router:
         refresh: bool = False,
         exclude: Iterable[str] = (),
         servers: Mapping[str, ServerRecord] | None = None,
+        bytes_per_token: int = 0,
     ) -> list[Span]:
-        """A throughput-weighted route for [start, end) avoiding banned and ``exclude`` peers (routing.py)."""
+        """A throughput-weighted route for [start, end) avoiding banned and ``exclude`` peers (routing.py);
+        ``bytes_per_token``: the size of the answers per token, to weigh peers' uplinks."""
         if servers is None or refresh:
             servers = await self.servers(refresh=refresh)
         return plan_load_balanced_route(
-            servers, start, end, banned=self.banned() | set(exclude), rng=rng, observed_tps=self.observed_tps
+            servers,
+            start,
+            end,
+            banned=self.banned() | set(exclude),
+            rng=rng,
+            observed_tps=self.observed_tps,
+            bytes_per_token=bytes_per_token,
         )
 
     def observe(self, peer_id: str, block_tokens: int, elapsed_s: float) -> None:

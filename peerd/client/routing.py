@@ -18,7 +18,7 @@ from peerd.rpc.errors import NoRouteError
 from peerd.swarm.dht import BlockView, records_of
 from peerd.swarm.records import PeerState, ServerRecord, latest_per_peer
 
-__all__ = ["Span", "missing_blocks", "plan_inference_route", "plan_load_balanced_route", "servers_by_peer"]
+__all__ = ["Span", "hop_rate", "missing_blocks", "plan_inference_route", "plan_load_balanced_route", "servers_by_peer"]
 
 DEFAULT_HOP_MS = 2.0  # cost of one hop to a peer whose RTT we have not measured
 
@@ -106,6 +106,14 @@ def plan_inference_route(
     return route
 
 
+def hop_rate(record: ServerRecord, blocks: int, bytes_per_token: int) -> float:
+    """Block-tokens per second a hop over ``blocks`` of ``record``'s blocks is expected to give:
+    its claimed compute, plus sending back ``bytes_per_token`` per token over its published uplink."""
+    compute_s = blocks / record.prefill_tokens_per_s  # per token, all of the hop's blocks
+    transfer_s = bytes_per_token / record.uplink_bytes_per_s if record.uplink_bytes_per_s > 0 else 0.0
+    return blocks / (compute_s + transfer_s)
+
+
 def plan_load_balanced_route(
     servers: Mapping[str, ServerRecord],
     start: int,
@@ -114,6 +122,7 @@ def plan_load_balanced_route(
     banned: Iterable[str] = (),
     rng: random.Random | None = None,
     observed_tps: Mapping[str, float] | None = None,
+    bytes_per_token: int = 0,
 ) -> list[Span]:
     """A route for forward/backward batches, each hop drawn in proportion to throughput.
 
@@ -122,12 +131,15 @@ def plan_load_balanced_route(
     instead of piling onto the single fastest peer. The throughput is what this client *observed*
     from the peer (``observed_tps``: block-tokens per second of wall time, network included, so a
     peer on a slow uplink is drawn rarely for large batches) where it has measured it, and the
-    record's claimed prefill throughput until then.
+    record's claimed prefill throughput until then, slowed by the time its answer (``bytes_per_token``
+    per token) takes to cross the uplink the peer published, if it did.
     """
     observed = observed_tps or {}
 
-    def weight(record: ServerRecord) -> float:
-        return observed.get(record.peer_id, record.prefill_tokens_per_s)
+    def weight(record: ServerRecord, block: int) -> float:
+        if record.peer_id in observed:
+            return observed[record.peer_id]
+        return hop_rate(record, min(record.end, end) - block, bytes_per_token)
 
     rng = rng or random.Random()
     banned = set(banned)
@@ -138,7 +150,7 @@ def plan_load_balanced_route(
         candidates: Sequence[ServerRecord] = [r for r in usable if r.start <= block < r.end]
         if not candidates:
             raise NoRouteError(missing_blocks({r.peer_id: r for r in usable}, start, end))
-        record = rng.choices(candidates, weights=[weight(r) for r in candidates])[0]
+        record = rng.choices(candidates, weights=[weight(r, block) for r in candidates])[0]
         stop = min(record.end, end)
         route.append(Span(record.peer_id, block, stop, record))
         block = stop

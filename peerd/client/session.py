@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from peerd.client.compression import CompressionChoice, hop_compression
 from peerd.client.router import Router
 from peerd.client.routing import Span
 from peerd.client.verify import SpotChecker
@@ -74,7 +75,7 @@ class InferenceSession:
         *,
         max_length: int,
         batch_size: int = 1,
-        compression: Compression = Compression.NONE,
+        compression: CompressionChoice = Compression.NONE,
         failover_timeout_s: float = 30.0,
         checker: SpotChecker | None = None,
     ) -> None:
@@ -137,7 +138,7 @@ class InferenceSession:
             end=span.end,
             max_length=self.max_length,
             batch_size=self.batch_size,
-            compression=self.compression,
+            compression=hop_compression(self.compression, span.record),
         )
 
     async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:

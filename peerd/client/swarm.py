@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from peerd.client.adapters import ClientAdapter
 from peerd.client.bans import BanList
+from peerd.client.compression import CompressionChoice, hop_compression
 from peerd.client.generation import GenerationResult, generate_pieces
 from peerd.client.router import Router
 from peerd.client.routing import Span
@@ -62,7 +63,7 @@ class SwarmClient:
         dht_timeout_s: float,
         route_wait_s: float,
         max_retries: int,
-        compression: Compression,
+        compression: CompressionChoice,
         failover_timeout_s: float = 30.0,
         model_path: Path | None = None,
         spot_check_rate: float = 0.0,
@@ -110,7 +111,7 @@ class SwarmClient:
         dht_timeout_s: float = 5.0,
         route_wait_s: float = 30.0,
         max_retries: int = 3,
-        compression: Compression = Compression.NONE,
+        compression: CompressionChoice = Compression.NONE,
         dtype: torch.dtype = torch.float32,
         failover_timeout_s: float = 30.0,
         spot_check_rate: float = 0.0,
@@ -294,11 +295,14 @@ class SwarmClient:
         x = hidden
         attempts = 0
         while block < end:
-            route = await self.router.plan_load_balanced(block, end, rng=random.Random(), refresh=attempts > 0)
+            route = await self.router.plan_load_balanced(
+                block, end, rng=random.Random(), refresh=attempts > 0, bytes_per_token=x.shape[-1] * x.element_size()
+            )
             span = route[0]
             try:
                 await self.router.check_peer(span)
-                out = await self.peers.forward(span.peer_id, x, span.start, span.end, self.compression)
+                codec = hop_compression(self.compression, span.record)
+                out = await self.peers.forward(span.peer_id, x, span.start, span.end, codec)
                 if self.checker.should_check() and (await self.checker.verify(span, x, out)).span_peer_wrong:
                     raise PeerUnavailable(span.peer_id, "failed a spot check")  # banned by the checker
             except (PeerUnavailable, PeerError) as exc:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from peerd.client.bans import LIAR_BAN_S
+from peerd.client.compression import CompressionChoice, hop_compression, worst_case
 from peerd.client.router import Router
 from peerd.client.routing import Span
 from peerd.model.loading import load_stage
@@ -110,7 +111,7 @@ class SpotChecker:
         peers: PeerClient,
         *,
         rate: float,
-        compression: Compression = Compression.NONE,
+        compression: CompressionChoice = Compression.NONE,
         local_max_blocks: int = 0,
         model_path: Path | None = None,
         tolerance: float | None = None,
@@ -137,7 +138,7 @@ class SpotChecker:
             return self.tolerance
         known = self.router.known_records()
         dtypes = [known[p].dtype for p in peers if p in known and known[p].dtype] or ["bfloat16"]
-        return tolerance_for(dtypes, self.compression)
+        return tolerance_for(dtypes, worst_case(self.compression))
 
     async def verify(self, span: Span, inputs: torch.Tensor, outputs: torch.Tensor) -> Verdict:
         """Check ``outputs`` = blocks [span.start, span.end) applied to ``inputs`` (both [b, n, h])."""
@@ -213,7 +214,8 @@ class SpotChecker:
         x = inputs
         try:
             for hop in route:
-                x = await self.peers.forward(hop.peer_id, x, hop.start, hop.end, self.compression)
+                codec = hop_compression(self.compression, hop.record)
+                x = await self.peers.forward(hop.peer_id, x, hop.start, hop.end, codec)
         except (PeerUnavailable, PeerError) as exc:
             self.router.ban(exc.peer_id, reason=f"failed a spot check request: {exc}")
             return None

@@ -246,7 +246,7 @@ class Peer:
         while not await self._sleep_or_stop(self.config.announce_period_s * random.uniform(0.9, 1.0)):
             try:
                 assert self.next_hops is not None
-                await self.next_hops.measure(self.peer_id, self.blocks[1])
+                await self.next_hops.measure(self.peer_id, self.blocks)
                 await self.announce()
             except Exception:  # the DHT being briefly unreachable must not kill the daemon
                 logger.warning("announce failed; will retry next period", exc_info=True)
@@ -359,6 +359,7 @@ class Peer:
             package_version=__version__,
             public_name=self.config.public_name,
             next_rtts_ms=dict(self.next_hops.rtts_ms) if self.next_hops is not None else {},
+            uplink_bytes_per_s=self.next_hops.uplink_bytes_per_s if self.next_hops is not None else 0.0,
             addrs=self.dial_addrs,
             reach=self.reachability.reach,
         )

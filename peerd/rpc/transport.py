@@ -177,9 +177,10 @@ class PeerClient:
                 raise PeerError(peer_id, exc.code, exc.message) from None
             raise PeerUnavailable(peer_id, f"answered out of turn: {exc.message}") from None
 
-    async def info(self, peer_id: str) -> InfoResponse:
+    async def info(self, peer_id: str, padding_bytes: int = 0) -> InfoResponse:
+        """The peer's description; ``padding_bytes`` of filler ride along to time an upload."""
         async with self._stream(peer_id, "info") as (reader, writer):
-            await self._send(peer_id, writer, self._hello, InfoRequest())
+            await self._send(peer_id, writer, self._hello, InfoRequest(bytes(padding_bytes)))
             return await self._receive(peer_id, reader, InfoResponse)
 
     async def forward(

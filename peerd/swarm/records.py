@@ -21,6 +21,7 @@ MAX_BLOCKS = 100_000
 MAX_NAME_CHARS = 64
 MAX_RTT_ENTRIES = 64
 MAX_ADDRS = 8  # multiaddrs a record may list for dialling its peer
+MAX_UPLINK_BYTES_PER_S = 1e12  # 8 Tbit/s: more is a lie, not a fast link
 REACH_VALUES = ("direct", "relayed", "unknown")
 
 
@@ -68,6 +69,9 @@ class ServerRecord:
     # "relayed" through a circuit relay, or "unknown" for peers that do not say)
     addrs: tuple[str, ...] = ()
     reach: str = "unknown"
+    # bytes/s this peer could upload to other peers, as it timed it (0: not measured yet); a
+    # client sending large batches here expects the answers to come back no faster
+    uplink_bytes_per_s: float = 0.0
 
     def to_wire(self) -> dict[str, Any]:
         """Plain msgpack-able dict; ints stay ints and floats stay floats (the schema is strict)."""
@@ -91,6 +95,7 @@ class ServerRecord:
             "at": float(self.announced_at),
             "addrs": list(self.addrs[:MAX_ADDRS]),
             "reach": self.reach,
+            "uplink": float(self.uplink_bytes_per_s),
         }
 
     def to_status(self) -> dict[str, Any]:
@@ -111,6 +116,7 @@ class ServerRecord:
             "announced_at": self.announced_at,
             "reach": self.reach,
             "addrs": list(self.addrs),
+            "uplink_bytes_per_s": self.uplink_bytes_per_s,
         }
 
     @classmethod
@@ -171,6 +177,13 @@ class ServerRecord:
         reach = value.get("reach", "unknown")
         if reach not in REACH_VALUES:
             raise ValueError(f"unknown reach {reach!r:.20}")
+        uplink = value.get("uplink", 0.0)
+        if (
+            isinstance(uplink, bool)
+            or not isinstance(uplink, (int, float))
+            or not 0 <= uplink <= MAX_UPLINK_BYTES_PER_S
+        ):
+            raise ValueError("bad uplink")
         return cls(
             peer_id=strings["peer_id"],
             state=state,
@@ -190,6 +203,7 @@ class ServerRecord:
             announced_at=at,
             addrs=tuple(addrs),
             reach=reach,
+            uplink_bytes_per_s=float(uplink),
         )
 
 

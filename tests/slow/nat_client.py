@@ -12,8 +12,9 @@ through JSON lines on stdout, one object per line with an ``event`` key:
   the remote addresses of the client's open libp2p connections) and ``paths`` (per peer, how the
   client's last stream went: "direct" or "relay <relay id>", peerd's relay);
 * ``forwards`` (with ``--forwards N``, instead of generating): per forward hop, the peer that
-  served it and the seconds it took, the client's observed throughput per peer, ``paths``, and
-  the largest absolute difference of any output from the local stage's (float32);
+  served it and the seconds it took, the client's observed throughput per peer, ``paths``, the
+  largest absolute difference of any output from the local stage's (float32), and per known peer
+  its published ``uplinks`` (bytes/s) and the ``codecs`` the client's compression picks for it;
 * ``error``: ``type`` and ``message`` when anything failed (exit status 1).
 
 A span is described as ``{peer_id, name, start, end, reach, addrs}`` (``reach`` and ``addrs`` from
@@ -100,25 +101,30 @@ async def forward_batches(client: Any, args: argparse.Namespace) -> None:
     for _ in range(args.forwards):
         out = await client.forward_hidden(hidden, args.start, args.end)
         max_diff = max(max_diff, float((out - expected).abs().max()))
+    from peerd.client.compression import hop_compression
+
+    records = client.router.known_records()
     emit(
         "forwards",
         served=served,
         observed_tps=dict(client.router.observed_tps),
         paths=dict(client.peers.paths),
         max_abs_diff=max_diff,
+        uplinks={pid: r.uplink_bytes_per_s for pid, r in records.items()},
+        codecs={pid: hop_compression(client.compression, r).value for pid, r in records.items()},
     )
 
 
 async def run(args: argparse.Namespace) -> None:
     from peerd.client import SwarmClient
-    from protocols import Compression
+    from peerd.client.compression import parse_compression
 
     client = await SwarmClient.connect(
         args.initial_peers,
         Path(args.ckpt),
         model_id=args.model_id,
         allowed_peers=args.allow or None,
-        compression=Compression(args.compression),
+        compression=parse_compression(args.compression),
     )
     try:
         if args.forwards:  # a part of the model only: no full route needed
@@ -181,7 +187,9 @@ def main() -> int:
     parser.add_argument("--forwards", type=int, default=0, help="run this many forward batches instead of generating")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--compression", default="none", help="wire compression of hidden states (none, blockwise8)")
+    parser.add_argument(
+        "--compression", default="none", help="wire compression of hidden states (none, blockwise8, auto)"
+    )
     parser.add_argument("--start", type=int, default=0, help="--forwards: first block")
     parser.add_argument("--end", type=int, default=None, help="--forwards: one past the last block")
     args = parser.parse_args()

@@ -39,6 +39,7 @@ from typing import Any
 
 import pytest
 
+from peerd.client.compression import AUTO_BELOW_BYTES_PER_S
 from tests.helpers.netinet import Host, Internet, list_namespaces, missing_requirements
 
 pytestmark = [
@@ -358,12 +359,35 @@ def test_forward_batches_avoid_the_peer_on_a_slow_uplink(nat_swarm: NatSwarm) ->
     seconds = {name: sum(h["s"] for h in hops) / max(1, len(hops)) for name, hops in by.items()}
     print(f"\n(d) last 16 batches' 3:6 hop: c {len(by['c'])}, slowlink {len(by['slowlink'])}; mean s per hop {seconds}")
     print(f"    observed block-tokens/s: {result['observed_tps']}")
+    uplinks = {name: result["uplinks"].get(pid, 0.0) for name, pid in ids.items()}
+    print(f"    published uplinks (MB/s): { {k: round(v / 1e6, 2) for k, v in uplinks.items()} }")
     with nat_swarm.explained(client.proc):
+        # each measured its own uplink: 5 Mbit/s is 0.625 MB/s; c's is not limited
+        assert 0.2e6 < uplinks["slowlink"] < 1.5e6, uplinks
+        assert uplinks["c"] > max(10 * uplinks["slowlink"], AUTO_BELOW_BYTES_PER_S), uplinks
         assert len(tail) == 16
         # chance alone would split them evenly; with observed speeds about 10:1 in c's favour
         assert len(by["c"]) >= 12, (len(by["c"]), len(by["slowlink"]))
         if ids["slowlink"] in result["observed_tps"]:  # the router may never have tried it at all
             assert result["observed_tps"][ids["c"]] > 3 * result["observed_tps"][ids["slowlink"]]
+
+
+def test_auto_compression_picks_blockwise8_for_the_slow_uplink_only(nat_swarm: NatSwarm) -> None:
+    """(f) with ``compression="auto"`` a client sends 8-bit blockwise hidden states to a peer that
+    published a slow uplink (exact ones to fast peers, as c's uplink in (d) is): batches through
+    slowlink come back close to, but not exactly, the local result."""
+    slow = nat_swarm.info["slowlink"]["peer_id"]
+    args = ["--tokens", "1", "--forwards", "4", "--start", "3", "--end", "6", "--compression", "auto"]
+    client = ClientRun(nat_swarm, "client-f", [*args, "--allow", slow, "--expect", slow])
+    try:
+        result = client.expect("forwards")
+    finally:
+        client.stop()
+    print(f"\n(f) codecs {result['codecs']}; max |swarm - local| {result['max_abs_diff']:.4f}")
+    with nat_swarm.explained(client.proc):
+        assert result["codecs"] == {slow: "blockwise8"}, result["uplinks"]
+        assert [h["peer_id"] for h in result["served"]] == [slow] * 4
+        assert 0 < result["max_abs_diff"] < 0.1
 
 
 def test_kill_9_behind_nat_fails_over_to_replica_behind_another_nat(nat_swarm: NatSwarm) -> None:

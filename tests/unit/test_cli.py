@@ -123,6 +123,7 @@ def test_status_table_shows_how_each_peer_is_reached() -> None:
     from tests.helpers.fake_swarm import record
 
     home = replace(record("home", 0, 2), reach="relayed", addrs=("/ip4/10.200.0.2/tcp/1/p2p/QmR/p2p-circuit",))
+    home = replace(home, uplink_bytes_per_s=2.5e6)
     public = replace(record("public", 2, 4), reach="direct", addrs=("/ip4/203.0.113.7/tcp/31330",))
     views = [BlockView(i, (home,) if i < 2 else (public,)) for i in range(4)]
     status = status_from_views("tiny", 4, views)
@@ -130,4 +131,5 @@ def test_status_table_shows_how_each_peer_is_reached() -> None:
     lines = format_status(status).splitlines()
     header = next(line for line in lines if line.startswith("NAME"))
     assert header.split()[-1] == "REACH"
-    assert next(line for line in lines if line.startswith("home")).split()[-1] == "relayed"
+    assert next(line for line in lines if line.startswith("home")).split()[-3:] == ["20", "Mbit/s", "relayed"]
+    assert next(line for line in lines if line.startswith("public")).split()[-2:] == ["-", "direct"]

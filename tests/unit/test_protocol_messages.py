@@ -129,7 +129,7 @@ def _with_span(cls, **fields):
 
 MESSAGE_STRATEGIES = {
     "hello": st.builds(Hello, protocol_version=versions, model_id=text, client_name=text),
-    "info_request": st.just(InfoRequest()),
+    "info_request": st.builds(InfoRequest, padding=st.binary(max_size=64)),
     "info_response": info_responses(),
     "forward_request": _with_span(
         ForwardRequest, hidden=wire_tensors(), request_id=uints, response_compression=compressions

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import random
 
 import pytest
 
 from peerd.client.bans import BanList
-from peerd.client.routing import plan_inference_route, plan_load_balanced_route
+from peerd.client.compression import AUTO, AUTO_BELOW_BYTES_PER_S, hop_compression, parse_compression, worst_case
+from peerd.client.routing import hop_rate, plan_inference_route, plan_load_balanced_route
 from peerd.rpc.errors import NoRouteError
 from peerd.swarm.records import PeerState, ServerRecord
+from protocols import Compression
 
 
 def rec(peer: str, start: int, end: int, tps: float = 100.0, cache: int = 10_000) -> ServerRecord:
@@ -97,3 +100,42 @@ def test_a_success_forgets_strikes_but_not_a_ban_in_force() -> None:
     now[0] = 20.0
     bans.succeeded("p")  # served well after the ban ran out: strikes forgotten
     assert bans.ban("p") == 5.0  # back to the base ban, not 20 s
+
+
+def test_a_published_slow_uplink_weighs_in_for_large_answers() -> None:
+    """Equal compute; one uplink is 1 MB/s. With 4 KiB answers per token (hidden 1024, float32) the
+    slow one's hop takes 3/1000 s compute + 4096/1e6 s transfer per token: 3 / 0.007096 block-tokens/s
+    against 1000, so it is drawn 0.4228 as often. Without a size (or an uplink) nothing changes."""
+    fast = dataclasses.replace(rec("fast", 0, 3, tps=100.0), uplink_bytes_per_s=1e9)
+    slow = dataclasses.replace(rec("slowlink", 0, 3, tps=100.0), uplink_bytes_per_s=1e6)
+    assert hop_rate(slow, 3, 4096) == pytest.approx(3 / (3 / 1000 + 4096 / 1e6))
+    assert hop_rate(slow, 3, 0) == pytest.approx(1000.0)
+    assert hop_rate(rec("unknown", 0, 3, tps=100.0), 3, 4096) == pytest.approx(1000.0)  # unmeasured: compute only
+    rng = random.Random(1)
+    swarm = servers(fast, slow)
+    counts = collections.Counter(
+        plan_load_balanced_route(swarm, 0, 3, rng=rng, bytes_per_token=4096)[0].peer_id for _ in range(4000)
+    )
+    ratio = counts["slowlink"] / counts["fast"]
+    assert ratio == pytest.approx(hop_rate(slow, 3, 4096) / hop_rate(fast, 3, 4096), rel=0.15)
+    # what the client observed itself wins over any published number
+    observed = {"slowlink": 5000.0, "fast": 1000.0}
+    counts = collections.Counter(
+        plan_load_balanced_route(swarm, 0, 3, rng=rng, bytes_per_token=4096, observed_tps=observed)[0].peer_id
+        for _ in range(2000)
+    )
+    assert counts["slowlink"] > 3 * counts["fast"]
+
+
+def test_auto_compression_is_per_hop_by_published_uplink() -> None:
+    slow = dataclasses.replace(rec("s", 0, 3), uplink_bytes_per_s=AUTO_BELOW_BYTES_PER_S / 2)
+    fast = dataclasses.replace(rec("f", 0, 3), uplink_bytes_per_s=AUTO_BELOW_BYTES_PER_S * 2)
+    unknown = rec("u", 0, 3)  # not measured (yet): exact values
+    assert hop_compression(AUTO, slow) is Compression.BLOCKWISE8
+    assert hop_compression(AUTO, fast) is Compression.NONE
+    assert hop_compression(AUTO, unknown) is Compression.NONE
+    assert hop_compression(Compression.FLOAT16, slow) is Compression.FLOAT16  # a fixed choice is fixed
+    assert worst_case(AUTO) is Compression.BLOCKWISE8 and worst_case(Compression.NONE) is Compression.NONE
+    assert parse_compression("auto") == AUTO and parse_compression("blockwise8") is Compression.BLOCKWISE8
+    with pytest.raises(ValueError, match="choose one of auto, none"):
+        parse_compression("zip")

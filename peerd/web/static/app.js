@@ -194,6 +194,7 @@
       "RTT",
       "Cache free",
       "Announced",
+      "Uplink",
       "Reached",
     ];
     const body = model.peers.map((peer) => {
@@ -219,7 +220,9 @@
         el("td", { class: "num" }, rtt),
         el("td", { class: "num" }, `${number.format(peer.cache_tokens_free)} tok`),
         el("td", { class: "num" }, peer.announced_at ? `${age.toFixed(0)} s ago` : "—"),
-        // "relayed": behind NAT, reached through a circuit relay; "direct": dialable; else unknown
+        // the peer's own measurement of how fast it uploads to other peers ("—": not yet)
+        el("td", { class: "num" }, peer.uplink_bytes_per_s > 0 ? `${number.format(peer.uplink_bytes_per_s * 8e-6)} Mbit/s` : "—"),
+        // "relayed": behind NAT, reached through peerd's relay; "direct": dialable; else unknown
         el("td", { "data-reach": peer.reach || "unknown", title: (peer.addrs || []).join("\n") }, peer.reach || "—"),
       );
     });
