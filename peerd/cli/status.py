@@ -56,7 +56,19 @@ def format_status(status: dict[str, Any]) -> str:
     text = [f"model {status['model_id']}: {len(peers)} peer(s), {status['num_blocks']} blocks", ""]
     text.append(
         _table(
-            ["NAME", "PEER", "STATE", "BLOCKS", "TOK/S/BLOCK", "DEVICE", "DTYPE", "CACHE FREE", "VERSION", "UPLINK", "REACH"],
+            [
+                "NAME",
+                "PEER",
+                "STATE",
+                "BLOCKS",
+                "TOK/S/BLOCK",
+                "DEVICE",
+                "DTYPE",
+                "CACHE FREE",
+                "VERSION",
+                "UPLINK",
+                "REACH",
+            ],
             rows,
         )
     )
