@@ -65,6 +65,32 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 6GB or 512MiB)") from None
 
 
+def _maddr_list(text: str) -> list[str]:
+    """``"A,B"`` or ``"A B"`` -> [A, B]: one flag value holds several multiaddrs, so a positional
+    argument after ``--initial-peers MADDR`` is never taken for another address."""
+    return text.replace(",", " ").split()
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (as in the OpenAI API; the defaults are plain greedy decoding)")
+    g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="longest reply, in tokens")
+    g.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=_ranged(float, 0.0, 1.0, above=True), default=1.0, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=_ranged(int, 0), default=0, help="sample from the k likeliest tokens (0 = off)")
+    g.add_argument(
+        "--repetition-penalty", type=POSITIVE, default=1.0, help="> 1 discourages tokens already seen (1 = off)"
+    )
+    g.add_argument("--presence-penalty", type=_ranged(float, -2.0, 2.0), default=0.0, help="OpenAI's, -2..2")
+    g.add_argument("--frequency-penalty", type=_ranged(float, -2.0, 2.0), default=0.0, help="OpenAI's, -2..2")
+    g.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="end the reply before this text (repeatable)"
+    )
+    g.add_argument(
+        "--stop-token-id", type=_ranged(int, 0), action="append", default=[], help="end at this token (repeatable)"
+    )
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+
+
 def _add_swarm_args(p: argparse.ArgumentParser, *, need_peers: bool) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model id (e.g. smollm2-135m) or HF-format folder")
     p.add_argument("--model-id", default=None, help="name the swarm knows the model by (default: id or folder name)")
@@ -74,11 +100,12 @@ def _add_swarm_args(p: argparse.ArgumentParser, *, need_peers: bool) -> None:
     )
     p.add_argument(
         "--initial-peers",
-        nargs="+",
+        type=_maddr_list,
+        action="extend",
         default=[],
-        metavar="MADDR",
-        help="multiaddrs of peers to join (printed by `peerd run` at start-up); default: $PEERD_INITIAL_PEERS, "
-        "else the public swarm's bootstrap list",
+        metavar="MADDR[,MADDR...]",
+        help="multiaddrs of peers to join (printed by `peerd run` at start-up), comma-separated or the flag "
+        "repeated; default: $PEERD_INITIAL_PEERS, else the public swarm's bootstrap list",
     )
     if not need_peers:
         p.add_argument(
@@ -213,12 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text through a running swarm")
     _add_swarm_args(gen, need_peers=True)
-    gen.add_argument("prompt")
-    gen.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
-    gen.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=_ranged(float, 0.0, 1.0, above=True), default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("prompt", help="the question (in the model's chat template unless --raw)")
+    _add_sampling_args(gen)
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the model's chat template")
     gen.add_argument("--adapter", default=None, help="adapter file written by `peerd finetune`")
 
     status = sub.add_parser("status", help="show the peers of a swarm and the coverage of every block")
