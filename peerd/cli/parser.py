@@ -245,6 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the model's chat template")
     gen.add_argument("--adapter", default=None, help="adapter file written by `peerd finetune`")
 
+    chat = sub.add_parser("chat", help="chat with the model through a running swarm (multi-turn, streamed)")
+    _add_swarm_args(chat, need_peers=True)
+    _add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="a system message that starts every conversation")
+
+    api = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API and a web chat, as a client of a swarm")
+    _add_swarm_args(api, need_peers=True)
+    from peerd.cli.api import add_api_arguments
+
+    add_api_arguments(api, POSITIVE_INT, PORT)
+
     status = sub.add_parser("status", help="show the peers of a swarm and the coverage of every block")
     _add_swarm_args(status, need_peers=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")
