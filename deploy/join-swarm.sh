@@ -19,5 +19,5 @@ until [ -s "$ready" ]; do
     waited=$((waited + 1))
 done
 peer_id=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["peer_id"])' "$ready")
-# --initial-peers takes several values, so it goes last: `generate "prompt"` keeps its positional prompt
+# one --initial-peers value (comma-separated when several), so it can go anywhere on the line
 exec peerd "$@" --initial-peers "/dns4/${host}/tcp/${port}/p2p/${peer_id}"

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from peerd.cli.demo import LocalSwarm, split_blocks
     from peerd.cli.helpers import resolve, run_async
-    from peerd.model.chat import chat_prompt_ids, load_tokenizer
+    from peerd.model.chat import ChatTemplate, chat_prompt_ids, load_tokenizer
     from peerd.model.config import ModelConfig
     from peerd.model.loading import load_local_model
 
@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     model_id, path = resolve(args.model, args.cache_dir)
     config = ModelConfig.from_pretrained(path)
-    prompt = chat_prompt_ids(load_tokenizer(path), "Write a short story about a robot who learns to paint.")
+    story = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+    prompt = chat_prompt_ids(load_tokenizer(path), ChatTemplate.from_folder(path), story)
     print(
         f"peerd bench: {model_id}, {config.num_layers} blocks, {args.peers} local peers, "
         f"{args.tokens} new tokens, {args.rounds} rounds, 1 torch thread per process",

@@ -50,7 +50,7 @@ async def cmd_bootstrap(args: argparse.Namespace) -> int:
             maddrs = rank_maddrs([str(m) for m in await p2p.get_visible_maddrs()])
             started = "started a new swarm" if args.new_swarm else "joined swarm"
             print(f"bootstrap node {p2p.peer_id}: {started} {args.swarm!r}, model {model_id}", flush=True)
-            print("peers join with:  --initial-peers " + " ".join(maddrs), flush=True)
+            print("peers join with:  --initial-peers " + ",".join(maddrs), flush=True)
             write_ready_file(args.ready_file, {"peer_id": str(p2p.peer_id), "maddrs": maddrs})
             lost = await wait_for_p2pd_exit(p2p, stop)
         finally:

@@ -96,7 +96,7 @@ class LocalSwarm:
             "--host",
             "127.0.0.1",
             "--initial-peers",
-            *self.initial_peers,
+            ",".join(self.initial_peers),
             *(extra or []),
         ]
         return self._spawn(name, args, new_session=new_session)
@@ -194,7 +194,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 async def _chat(args: argparse.Namespace, initial_peers: list[str], model_id: str, path: Path) -> int:
     from peerd.client import SwarmClient
-    from peerd.model.chat import chat_prompt_ids
 
     print("[3/4] client joining the swarm and waiting for a full route ...", flush=True)
     client = await SwarmClient.connect(initial_peers, path, model_id=model_id)
@@ -202,9 +201,10 @@ async def _chat(args: argparse.Namespace, initial_peers: list[str], model_id: st
         route = await client.wait_for_route(timeout_s=60)
         print("      route: " + " -> ".join(str(s) for s in route), flush=True)
         print(f"[4/4] asking: {args.prompt}\n", flush=True)
-        prompt = chat_prompt_ids(client.tokenizer, args.prompt) if client.tokenizer is not None else args.prompt
-        result = await client.generate(
-            prompt, max_new_tokens=args.max_new_tokens, on_text=lambda t: print(t, end="", flush=True)
+        result = await client.chat(
+            [{"role": "user", "content": args.prompt}],
+            max_new_tokens=args.max_new_tokens,
+            on_text=lambda t: print(t, end="", flush=True),
         )
         print("\n", flush=True)
         print(f"route            {' -> '.join(str(s) for s in result.route)}")

@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from peerd.cli.helpers import connect_client, empty_swarm_reason
+from peerd.cli.helpers import connect_client, empty_swarm_reason, sampling_from_args
 
 __all__ = ["cmd_generate"]
 
 
 async def cmd_generate(args: argparse.Namespace) -> int:
-    from peerd.client import SamplingParams
-    from peerd.model.chat import chat_prompt_ids
-
     client = await connect_client(args)
     try:
         reason = await empty_swarm_reason(client, args.swarm)
@@ -22,7 +19,8 @@ async def cmd_generate(args: argparse.Namespace) -> int:
             return 1
         route = await client.wait_for_route()
         print("route: " + " -> ".join(str(s) for s in route), file=sys.stderr, flush=True)
-        prompt = args.prompt if args.raw or client.tokenizer is None else chat_prompt_ids(client.tokenizer, args.prompt)
+        # the same prompt the SDK's chat() and the API build: the model's own template
+        prompt = args.prompt if args.raw else client.chat_ids([{"role": "user", "content": args.prompt}])
         adapter = None
         if args.adapter:
             from peerd.client.adapters import ClientAdapter
@@ -31,7 +29,7 @@ async def cmd_generate(args: argparse.Namespace) -> int:
         result = await client.generate(
             prompt,
             max_new_tokens=args.max_new_tokens,
-            sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
+            sampling=sampling_from_args(args),
             on_text=lambda piece: print(piece, end="", flush=True),
             adapter=adapter,
         )

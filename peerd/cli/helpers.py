@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from peerd.client import SwarmClient
+    from peerd.client import SamplingParams, SwarmClient
 
 __all__ = [
     "BOOTSTRAP_LIST",
@@ -28,6 +28,7 @@ __all__ = [
     "resolve",
     "resolve_initial_peers",
     "run_async",
+    "sampling_from_args",
     "setup_logging",
     "write_ready_file",
 ]
@@ -127,8 +128,26 @@ async def connect_client(args: argparse.Namespace) -> SwarmClient:
     """A client of the swarm and model the common swarm arguments name."""
     from peerd.client import SwarmClient
 
-    model_id, path = resolve(args.model, args.cache_dir)
-    return await SwarmClient.connect(args.initial_peers, path, model_id=args.model_id or model_id, swarm=args.swarm)
+    return await SwarmClient.connect(
+        args.initial_peers, args.model, model_id=args.model_id, cache_dir=args.cache_dir, swarm=args.swarm
+    )
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    """The sampling options every generating command shares (``parser._add_sampling_args``)."""
+    from peerd.client import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        stop=tuple(args.stop),
+        stop_token_ids=tuple(args.stop_token_id),
+    )
 
 
 async def empty_swarm_reason(client: SwarmClient, swarm: str, grace_s: float = 3.0) -> str | None:

@@ -41,6 +41,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from peerd.cli.generate import cmd_generate
 
             return run_async(cmd_generate(args))
+        if args.command == "chat":
+            from peerd.cli.chat import cmd_chat
+
+            return run_async(cmd_chat(args))
+        if args.command == "api":
+            from peerd.cli.api import cmd_api
+
+            return run_async(cmd_api(args))
         if args.command == "finetune":
             from peerd.cli.finetune import cmd_finetune
 

@@ -11,7 +11,7 @@ import argparse
 from peerd import __version__
 from peerd.config import ALL_INTERFACES, MAX_ANNOUNCE_PERIOD_S
 
-__all__ = ["build_parser", "parse_blocks", "parse_size"]
+__all__ = ["all_parsers", "build_parser", "parse_blocks", "parse_size"]
 
 
 def _ranged(kind: type[int] | type[float], low: float, high: float | None = None, *, above: bool = False):  # type: ignore[no-untyped-def]
@@ -65,6 +65,32 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 6GB or 512MiB)") from None
 
 
+def _maddr_list(text: str) -> list[str]:
+    """``"A,B"`` or ``"A B"`` -> [A, B]: one flag value holds several multiaddrs, so a positional
+    argument after ``--initial-peers MADDR`` is never taken for another address."""
+    return text.replace(",", " ").split()
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (as in the OpenAI API; the defaults are plain greedy decoding)")
+    g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="longest reply, in tokens")
+    g.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=_ranged(float, 0.0, 1.0, above=True), default=1.0, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=_ranged(int, 0), default=0, help="sample from the k likeliest tokens (0 = off)")
+    g.add_argument(
+        "--repetition-penalty", type=POSITIVE, default=1.0, help="> 1 discourages tokens already seen (1 = off)"
+    )
+    g.add_argument("--presence-penalty", type=_ranged(float, -2.0, 2.0), default=0.0, help="OpenAI's, -2..2")
+    g.add_argument("--frequency-penalty", type=_ranged(float, -2.0, 2.0), default=0.0, help="OpenAI's, -2..2")
+    g.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="end the reply before this text (repeatable)"
+    )
+    g.add_argument(
+        "--stop-token-id", type=_ranged(int, 0), action="append", default=[], help="end at this token (repeatable)"
+    )
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+
+
 def _add_swarm_args(p: argparse.ArgumentParser, *, need_peers: bool) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model id (e.g. smollm2-135m) or HF-format folder")
     p.add_argument("--model-id", default=None, help="name the swarm knows the model by (default: id or folder name)")
@@ -74,11 +100,12 @@ def _add_swarm_args(p: argparse.ArgumentParser, *, need_peers: bool) -> None:
     )
     p.add_argument(
         "--initial-peers",
-        nargs="+",
+        type=_maddr_list,
+        action="extend",
         default=[],
-        metavar="MADDR",
-        help="multiaddrs of peers to join (printed by `peerd run` at start-up); default: $PEERD_INITIAL_PEERS, "
-        "else the public swarm's bootstrap list",
+        metavar="MADDR[,MADDR...]",
+        help="multiaddrs of peers to join (printed by `peerd run` at start-up), comma-separated or the flag "
+        "repeated; default: $PEERD_INITIAL_PEERS, else the public swarm's bootstrap list",
     )
     if not need_peers:
         p.add_argument(
@@ -97,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"peerd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a peer that hosts a slice of the model's blocks")
+    run = sub.add_parser(
+        "run",
+        help="run a peer that hosts a slice of the model's blocks",
+        epilog="Every option can also be set as PEERD_<OPTION> (e.g. PEERD_MAX_SESSIONS=32, PEERD_HTTP_PORT=9100, "
+        "PEERD_NO_MEASURE=1); a flag wins over the variable. The defaults shown include such variables.",
+    )
     _add_swarm_args(run, need_peers=False)
     run.add_argument(
         "--blocks",
@@ -197,29 +229,39 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument(
         "--host", default=ALL_INTERFACES, help="libp2p listen address (default 0.0.0.0: every interface, IPv6 too)"
     )
-    boot.add_argument("--port", type=PORT, default=0)
-    boot.add_argument("--identity", default="~/.config/peerd/bootstrap.key")
-    boot.add_argument("--ready-file", default=None)
+    boot.add_argument("--port", type=PORT, default=0, help="libp2p listen port (0: any free port)")
+    boot.add_argument("--identity", default="~/.config/peerd/bootstrap.key", help="identity key file")
+    boot.add_argument("--ready-file", default=None, help="write JSON {peer_id, maddrs} here once serving")
 
     demo = sub.add_parser("demo", help="start a local swarm of 3 peers and chat with the model through it")
-    demo.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
-    demo.add_argument("--model", default="smollm2-135m")
-    demo.add_argument("--cache-dir", default=None)
-    demo.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
     demo.add_argument(
-        "--peers", type=POSITIVE_INT, default=3, help="number of peers the blocks are split over (default 3)"
+        "prompt", nargs="?", default="What is the capital of France? Answer in one sentence.", help="the question"
     )
-    demo.add_argument("-v", "--verbose", action="store_true")
+    demo.add_argument("--model", default="smollm2-135m", help="model id or HF-format folder")
+    demo.add_argument(
+        "--cache-dir", default=None, help="peerd cache root (default: $PEERD_CACHE_DIR or ~/.cache/peerd)"
+    )
+    demo.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="longest reply, in tokens")
+    demo.add_argument("--peers", type=POSITIVE_INT, default=3, help="number of peers the blocks are split over")
+    demo.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     gen = sub.add_parser("generate", help="generate text through a running swarm")
     _add_swarm_args(gen, need_peers=True)
-    gen.add_argument("prompt")
-    gen.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
-    gen.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=_ranged(float, 0.0, 1.0, above=True), default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("prompt", help="the question (in the model's chat template unless --raw)")
+    _add_sampling_args(gen)
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the model's chat template")
     gen.add_argument("--adapter", default=None, help="adapter file written by `peerd finetune`")
+
+    chat = sub.add_parser("chat", help="chat with the model through a running swarm (multi-turn, streamed)")
+    _add_swarm_args(chat, need_peers=True)
+    _add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="a system message that starts every conversation")
+
+    api = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API and a web chat, as a client of a swarm")
+    _add_swarm_args(api, need_peers=True)
+    from peerd.cli.api import add_api_arguments
+
+    add_api_arguments(api, POSITIVE_INT, PORT)
 
     status = sub.add_parser("status", help="show the peers of a swarm and the coverage of every block")
     _add_swarm_args(status, need_peers=True)
@@ -237,4 +279,66 @@ def build_parser() -> argparse.ArgumentParser:
     from peerd.cli.model import add_fetch_arguments
 
     add_fetch_arguments(fetch)
+    _env_defaults(run)
+    for command in all_parsers(parser):
+        # every option's help ends with its default, so `--help` tells what happens when it is left out
+        command.formatter_class = _HelpFormatter
     return parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" unless the help already says what the default is, or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every subcommand parser below it."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += all_parsers(child)
+    return found
+
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+# read elsewhere already, under these names (the model cache root, and the peers every command joins)
+_ENV_READ_ELSEWHERE = frozenset({"cache_dir", "initial_peers"})
+
+
+def _env_defaults(command: argparse.ArgumentParser) -> None:
+    """Defaults from ``PEERD_<OPTION>`` (e.g. ``PEERD_MAX_SESSIONS=32``) for every option of ``command``.
+
+    A flag on the command line still wins. Values go through the option's own type check, so a
+    bad variable is refused like a bad flag, naming the variable.
+    """
+    import os
+
+    for action in command._actions:
+        if not action.option_strings or action.dest in ("help", "version", *_ENV_READ_ELSEWHERE):
+            continue
+        name = "PEERD_" + action.dest.upper()
+        text = os.environ.get(name)
+        if text is None:
+            continue
+        value: object
+        try:
+            if isinstance(action, argparse._StoreTrueAction):
+                if text.strip().lower() not in TRUE_WORDS | FALSE_WORDS:
+                    raise argparse.ArgumentTypeError(f"not a yes/no value: {text!r}")
+                value = text.strip().lower() in TRUE_WORDS
+            elif action.nargs in ("+", "*"):
+                value = [action.type(v) if action.type else v for v in text.replace(",", " ").split()]  # type: ignore[operator]
+            else:
+                value = action.type(text) if action.type else text  # type: ignore[operator]
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            command.error(f"${name}: {exc}")
+        if action.choices is not None and value not in action.choices:
+            command.error(f"${name}: {text!r} is not one of {', '.join(map(str, action.choices))}")
+        command.set_defaults(**{action.dest: value})

@@ -70,9 +70,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
         )
         if args.new_swarm:
             print(f"started a new swarm {config.swarm!r}; other peers join it with:", flush=True)
-            print(f"  peerd run --swarm {config.swarm} --initial-peers " + " ".join(maddrs[:2]), flush=True)
+            print(f"  peerd run --swarm {config.swarm} --initial-peers " + ",".join(maddrs[:2]), flush=True)
         else:
-            print("others can join with:  --initial-peers " + " ".join(maddrs), flush=True)
+            print("others can join with:  --initial-peers " + ",".join(maddrs), flush=True)
         if peer.http_port is not None:
             print(f"metrics and health page: http://{config.http_host}:{peer.http_port}/", flush=True)
         write_ready_file(

@@ -39,6 +39,7 @@ class GenerationResult:
     hop_compute_ms: list[list[float]] = field(default_factory=list)  # per step, per span: server compute ms
     incidents: list[Incident] = field(default_factory=list)  # spot checks that failed during this generation
     rewound_tokens: int = 0  # tokens taken back after a spot check found earlier outputs wrong
+    finish_reason: str = "length"  # "stop": EOS, a stop token or a stop string; "length": max_new_tokens
 
     @property
     def tokens_per_s(self) -> float:
@@ -60,13 +61,19 @@ class Generator(Protocol):
 
 @dataclass
 class _Output:
-    """Tokens generated so far, the session position each was sampled from, and the text emitted."""
+    """Tokens generated so far, the session position each was sampled from, and the text emitted.
+
+    Text that could be the start of a stop string is held back until it is known not to be one,
+    so a stop string never reaches a streaming caller.
+    """
 
     decode: Callable[[Sequence[int]], str]
+    stops: tuple[str, ...] = ()
     tokens: list[int] = field(default_factory=list)
     sampled_at: list[int] = field(default_factory=list)  # sampled_at[j]: session position that gave tokens[j]
     emitted: str = ""
     rewound: int = 0
+    stopped: bool = False  # a stop string appeared: the text ends before it
 
     def append(self, token: int, at: int) -> str:
         """Add ``token``; returns the new text to show ("" while a multi-byte character is incomplete)."""
@@ -74,10 +81,23 @@ class _Output:
         self.sampled_at.append(at)
         text = self.decode(self.tokens)
         # hold back a trailing replacement char: a multi-byte character may be incomplete
-        if len(text) > len(self.emitted) and not text.endswith("\ufffd"):
-            piece, self.emitted = text[len(self.emitted) :], text
+        if text.endswith("\ufffd"):
+            return ""
+        hits = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._emit(text[: min(hits)])
+        held = max((k for stop in self.stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+        return self._emit(text[: len(text) - held])
+
+    def _emit(self, visible: str) -> str:
+        if len(visible) > len(self.emitted):
+            piece, self.emitted = visible[len(self.emitted) :], visible
             return piece
         return ""
+
+    def final_text(self) -> str:
+        return self.emitted if self.stopped else self.decode(self.tokens)
 
     def take_back(self, j: int) -> None:
         self.rewound += len(self.tokens) - j
@@ -89,12 +109,13 @@ class _Sampler:
     local: ClientHead | ClientAdapter  # what turns hidden states into logits
     params: SamplingParams
     generator: torch.Generator | None
+    prompt: Sequence[int]  # the prompt's ids, for the repetition penalty
 
-    def sample(self, hidden: torch.Tensor) -> int:
-        """Next token from the last position of ``hidden`` [1, n, h]."""
+    def sample(self, hidden: torch.Tensor, output: Sequence[int]) -> int:
+        """Next token from the last position of ``hidden`` [1, n, h], after ``output`` tokens."""
         with torch.inference_mode():
             logits = self.local.logits(hidden[:, -1:])[:, -1]  # [1, vocab]
-        return int(sample_next(logits, self.params, self.generator)[0])
+            return int(sample_next(logits, self.params, self.generator, prompt=self.prompt, output=output)[0])
 
     def first_changed(self, correction: tuple[int, torch.Tensor], out: _Output) -> tuple[int, int, int] | None:
         """(index, new token, its position) of the first generated token a correction changes."""
@@ -102,7 +123,7 @@ class _Sampler:
         for j, at in enumerate(out.sampled_at):
             if at < first:
                 continue
-            token = self.sample(final[:, at - first : at - first + 1])
+            token = self.sample(final[:, at - first : at - first + 1], out.tokens[:j])
             # greedy: keep tokens the correction does not change; sampling: every draw from a wrong
             # distribution is redrawn, so the output is a sample of the right one
             if token != out.tokens[j] or self.params.temperature > 0:
@@ -122,7 +143,7 @@ async def _step(
     """One step through the swarm: (sampled token, the session position it was sampled from)."""
     with torch.inference_mode():  # an adapter's soft prompt goes in front of the first step only
         hidden = head.embed(step_ids) if adapter is None else adapter.embed(step_ids, with_prompt=position is None)
-    token = sampler.sample(await session.step(hidden, position))
+    token = sampler.sample(await session.step(hidden, position), out.tokens)
     at = session.length - 1
     correction = session.take_correction()
     if correction is not None:
@@ -148,10 +169,11 @@ async def generate_pieces(
 ) -> AsyncIterator[str | GenerationResult]:
     """Text pieces as they appear, then one :class:`GenerationResult`."""
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    sampler = _Sampler(client.head if adapter is None else adapter, sampling, generator)
+    sampler = _Sampler(client.head if adapter is None else adapter, sampling, generator, ids)
     started = time.perf_counter()
     first_token_s = 0.0
-    out = _Output(client.decode)
+    out = _Output(client.decode, sampling.stop)
+    finish_reason = "length"
     # a soft prompt occupies positions in front of the prompt, so the session must hold them too
     prefix = adapter.prefix_length if adapter is not None else 0
     incidents_before = len(client.incidents)
@@ -164,16 +186,20 @@ async def generate_pieces(
                 first_token_s = time.perf_counter() - started
             position = at + 1
             if token in eos:
+                finish_reason = "stop"
                 break
             piece = out.append(token, at)
             if on_token is not None:
                 on_token(token)
             if piece:
                 yield piece
+            if out.stopped:
+                finish_reason = "stop"
+                break
             step_ids = torch.tensor([[token]], dtype=torch.long)
         route, stalls, hops = session.route, list(session.stalls_s), list(session.hop_ms)
         computes = list(session.hop_compute_ms)
-    text = client.decode(out.tokens)
+    text = out.final_text()
     if len(text) > len(out.emitted):
         yield text[len(out.emitted) :]
     yield GenerationResult(
@@ -188,4 +214,5 @@ async def generate_pieces(
         hop_compute_ms=computes,
         incidents=client.incidents[incidents_before:],
         rewound_tokens=out.rewound,
+        finish_reason=finish_reason,
     )

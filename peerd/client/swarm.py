@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from hivemind.p2p import P2P
@@ -30,9 +31,11 @@ from peerd.client.sampling import SamplingParams
 from peerd.client.session import InferenceSession
 from peerd.client.verify import Incident, SpotChecker
 from peerd.config import DEFAULT_SWARM
+from peerd.model.chat import ChatTemplate, NoChatTemplateError, chat_prompt_ids
 from peerd.model.config import ModelConfig
 from peerd.model.head import ClientHead
 from peerd.model.loading import load_client_head
+from peerd.model.registry import canonical_model_id, resolve_model
 from peerd.rpc.errors import PeerdClientError, PeerError, PeerUnavailable, SwarmConnectError, worth_failover
 from peerd.rpc.transport import PeerClient
 from peerd.swarm.addresses import probe_tcp
@@ -69,6 +72,7 @@ class SwarmClient:
         spot_check_rate: float = 0.0,
         spot_check_local_blocks: int = 0,
         allowed_peers: Iterable[str] | None = None,
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         self.p2p = p2p
         self.dht = dht
@@ -77,6 +81,7 @@ class SwarmClient:
         self.num_blocks = model_config.num_layers
         self.head = head
         self.tokenizer = tokenizer
+        self.chat_template = chat_template  # None: a base model without one (send raw prompts)
         self.peers = PeerClient(p2p, model_id, timeout_s=request_timeout_s)
         self.max_retries = max_retries
         self.compression = compression
@@ -103,9 +108,10 @@ class SwarmClient:
     async def connect(
         cls,
         initial_peers: Sequence[str],
-        model_path: Path | str,
+        model: Path | str,
         *,
         model_id: str | None = None,
+        cache_dir: Path | str | None = None,
         swarm: str = DEFAULT_SWARM,
         request_timeout_s: float = 30.0,
         dht_timeout_s: float = 5.0,
@@ -120,19 +126,26 @@ class SwarmClient:
     ) -> SwarmClient:
         """Join the swarm through ``initial_peers`` and load the client-side model pieces.
 
+        ``model`` is what the CLI's ``--model`` takes: a known model id (e.g. ``smollm2-135m``, from
+        the cache under ``cache_dir`` that ``peerd model fetch`` fills) or a HF-format folder.
+        ``model_id`` is the name the swarm knows it by (default: the known id, or the folder's name).
         Security options (docs/security.md): ``spot_check_rate`` is the probability that a span's
         result is recomputed elsewhere and compared (a peer caught lying is banned and its work
         redone); ``spot_check_local_blocks`` lets the client recompute spans of up to that many
         blocks itself, from ``model_path``'s weights, as the judge when two peers disagree;
         ``allowed_peers`` restricts routing to those peer ids (a private swarm).
         """
-        model_path = Path(model_path)
-        model_id = model_id or model_path.name
+        model_path = resolve_model(str(model), Path(cache_dir) if cache_dir is not None else None)
+        model_id = model_id or canonical_model_id(str(model)) or model_path.resolve().name
         model_config = ModelConfig.from_pretrained(model_path)
         head = await asyncio.to_thread(load_client_head, model_path, dtype=dtype, progress=False)
         tokenizer = None
         if (model_path / "tokenizer.json").exists():
             tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
+        try:
+            chat_template: ChatTemplate | None = ChatTemplate.from_folder(model_path)
+        except NoChatTemplateError:
+            chat_template = None
         p2p, dht = await _join(initial_peers, swarm_prefix(swarm, model_id), model_config.num_layers)
         return cls(
             p2p=p2p,
@@ -151,6 +164,7 @@ class SwarmClient:
             spot_check_rate=spot_check_rate,
             spot_check_local_blocks=spot_check_local_blocks,
             allowed_peers=allowed_peers,
+            chat_template=chat_template,
         )
 
     async def close(self) -> None:
@@ -227,6 +241,22 @@ class SwarmClient:
             return " ".join(map(str, ids))
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Prompt ids of a conversation in the model's own chat template (ending where the reply starts).
+
+        Raises NoChatTemplateError for a model without a template or tokenizer (send raw text then),
+        ChatTemplateError for a conversation the template cannot render.
+        """
+        if self.chat_template is None or self.tokenizer is None:
+            raise NoChatTemplateError(f"model {self.model_id!r} has no chat template and tokenizer: send raw text")
+        return chat_prompt_ids(self.tokenizer, self.chat_template, messages)
+
+    async def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, on_text: Callable[[str], None] | None = None, **kwargs: Any
+    ) -> GenerationResult:
+        """The assistant's reply to ``messages`` ({"role", "content"} dicts): ``generate`` on ``chat_ids``."""
+        return await self.generate(self.chat_ids(messages), on_text=on_text, **kwargs)
+
     async def generate(
         self,
         prompt: str | Sequence[int],
@@ -266,6 +296,12 @@ class SwarmClient:
             if isinstance(piece, str):
                 yield piece
 
+    def events(
+        self, prompt: str | Sequence[int], *, max_new_tokens: int = 64, sampling: SamplingParams = GREEDY
+    ) -> AsyncIterator[str | GenerationResult]:
+        """Text pieces as they are generated, then one :class:`GenerationResult` (route, timings, usage)."""
+        return self._generate(prompt, max_new_tokens, sampling, True)
+
     def _generate(
         self,
         prompt: str | Sequence[int],
@@ -281,7 +317,7 @@ class SwarmClient:
             raise ValueError("empty prompt")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        eos = set(self.config.eos_token_ids) if stop_on_eos else set()
+        eos = (set(self.config.eos_token_ids) if stop_on_eos else set()) | set(sampling.stop_token_ids)
         return generate_pieces(
             self, ids, max_new_tokens=max_new_tokens, sampling=sampling, eos=eos, on_token=on_token, adapter=adapter
         )

@@ -1,100 +1,145 @@
-"""Chat prompts for clients that have only the `tokenizers` library (no transformers, no Jinja).
+"""Chat prompts from the model's own chat template (Jinja2, sandboxed), for the CLI, SDK and API alike.
 
-Models in the Llama family we serve use ChatML:
-
-    <|im_start|>system\\n{system}<|im_end|>\\n
-    <|im_start|>user\\n{text}<|im_end|>\\n
-    <|im_start|>assistant\\n            <- the generation prompt; the model answers here
-
-Templates are named rather than evaluated: `format_chat` reimplements each known
-HF chat template in plain Python, and the slow tests check it against
-transformers' `apply_chat_template` on the real model. SmolLM2's template adds a
-default system message when the first message is not a system message; plain
-`chatml` adds none.
+A Hugging Face model folder carries its prompt format as a Jinja template: ``chat_template.jinja``
+(transformers 5) or the ``chat_template`` key of ``tokenizer_config.json`` (older folders; a string,
+or a list of named templates of which we take ``default``). We render it the way transformers'
+``apply_chat_template`` does -- an immutable sandboxed environment with ``trim_blocks`` and
+``lstrip_blocks``, the ``loopcontrols`` extension, ``raise_exception``, ``strftime_now`` and a
+``tojson`` that keeps non-ASCII text -- so any model folder gets its own format and a template from
+a downloaded folder cannot reach Python objects beyond the data we hand it. The tests check our
+output against ``apply_chat_template`` for SmolLM2-, Llama-3- and Qwen2-style templates.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import jinja2
     import tokenizers
 
 __all__ = [
-    "CHAT_TEMPLATES",
-    "SMOLLM2_DEFAULT_SYSTEM",
     "ChatTemplate",
+    "ChatTemplateError",
+    "NoChatTemplateError",
     "chat_prompt_ids",
-    "chat_template_name",
     "eos_token_ids",
-    "format_chat",
     "load_tokenizer",
 ]
 
-# From SmolLM2-Instruct's chat template (GGUF key tokenizer.chat_template).
-SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# the special-token names a template may refer to, as tokenizer_config.json spells them
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+class ChatTemplateError(ValueError):
+    """The conversation cannot be rendered: malformed messages, or the template refused them."""
+
+
+class NoChatTemplateError(ChatTemplateError):
+    """The model folder has no chat template (a base model): send the prompt as is (``--raw``)."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: object) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    return None
 
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A ChatML variant: the markers around each turn and the system text used when none is given."""
+    """A model's chat template and the special tokens it may use; ``render`` turns messages into a prompt."""
 
-    name: str
-    default_system: str | None  # inserted before a conversation whose first message is not "system"
-    turn_start: str = "<|im_start|>"
-    turn_end: str = "<|im_end|>"
+    source: str  # the Jinja template text
+    special_tokens: Mapping[str, str] = field(default_factory=dict)  # e.g. {"bos_token": "<s>"}
+
+    @classmethod
+    def from_folder(cls, model_path: str | Path) -> ChatTemplate:
+        """The template of a HF-format folder; NoChatTemplateError when it has none."""
+        folder = Path(model_path)
+        config = _read_json(folder / "tokenizer_config.json")
+        tokens = {key: text for key in _SPECIAL_TOKEN_KEYS if (text := _token_text(config.get(key))) is not None}
+        jinja = folder / "chat_template.jinja"
+        # transformers 5 writes the template to its own file and prefers it over the config's copy
+        source: object = jinja.read_text(encoding="utf-8") if jinja.is_file() else config.get("chat_template")
+        if isinstance(source, list):  # named templates: [{"name": "default", "template": "..."}, ...]
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+            source = named.get("default")
+        if not isinstance(source, str) or not source.strip():
+            raise NoChatTemplateError(
+                f"{folder} has no chat template (neither chat_template.jinja nor tokenizer_config.json's "
+                "chat_template): it is probably a base model; send the prompt as is (--raw)"
+            )
+        return cls(source=source, special_tokens=tokens)
+
+    def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages`` ({"role", "content"} dicts), as ``apply_chat_template`` gives it.
+
+        ``add_generation_prompt`` ends the prompt where the assistant's reply starts. Raises
+        ChatTemplateError for an empty or malformed conversation, or one the template rejects
+        (many templates insist on alternating user/assistant turns).
+        """
+        import jinja2
+
+        if not messages:
+            raise ChatTemplateError("cannot format an empty conversation: give at least one message")
+        for index, message in enumerate(messages):
+            role, content = message.get("role"), message.get("content")
+            if not isinstance(role, str) or not role or not isinstance(content, str):
+                raise ChatTemplateError(f"message {index} needs a non-empty string 'role' and a string 'content'")
+        try:
+            return _compile(self.source).render(
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                documents=None,
+                **self.special_tokens,
+            )
+        except jinja2.TemplateError as exc:  # syntax errors, sandbox violations, raise_exception(...)
+            raise ChatTemplateError(f"the model's chat template refused this conversation: {exc}") from exc
 
 
-CHAT_TEMPLATES: dict[str, ChatTemplate] = {
-    "chatml": ChatTemplate(name="chatml", default_system=None),
-    "smollm2": ChatTemplate(name="smollm2", default_system=SMOLLM2_DEFAULT_SYSTEM),
-}
+def _raise_exception(message: str) -> None:
+    import jinja2
+
+    raise jinja2.TemplateError(message)
 
 
-def _template(template: str | ChatTemplate) -> ChatTemplate:
-    if isinstance(template, ChatTemplate):
-        return template
-    try:
-        return CHAT_TEMPLATES[template.lower()]
-    except KeyError:
-        known = ", ".join(sorted(CHAT_TEMPLATES))
-        raise ValueError(f"unknown chat template {template!r} (known: {known})") from None
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None) -> str:
+    # Jinja's own tojson escapes HTML characters and sorts keys; chat templates expect plain JSON
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators)
 
 
-def format_chat(
-    messages: Sequence[Mapping[str, str]],
-    template: str | ChatTemplate = "smollm2",
-    *,
-    add_generation_prompt: bool = True,
-) -> str:
-    """Render `messages` ({"role": ..., "content": ...} dicts) as a prompt string.
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
 
-    Equals HF `apply_chat_template(messages, add_generation_prompt=True,
-    tokenize=False)` for the named template: each turn is
-    `<|im_start|>{role}\\n{content}<|im_end|>\\n`, the template's default system
-    turn comes first when the first message is not a system message, and
-    `<|im_start|>assistant\\n` ends the prompt. Content is used verbatim, as in HF.
-    Raises ValueError for an empty list (as HF does), a malformed message or an
-    unknown template.
-    """
-    chat = _template(template)
-    if not messages:
-        raise ValueError("cannot format an empty conversation: give at least one message")
-    parts = []
-    for index, message in enumerate(messages):
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(role, str) or not role or not isinstance(content, str):
-            raise ValueError(f"message {index} needs a non-empty string 'role' and a string 'content'")
-        if index == 0 and role != "system" and chat.default_system is not None:
-            parts.append(f"{chat.turn_start}system\n{chat.default_system}{chat.turn_end}\n")
-        parts.append(f"{chat.turn_start}{role}\n{content}{chat.turn_end}\n")
-    if add_generation_prompt:
-        parts.append(f"{chat.turn_start}assistant\n")
-    return "".join(parts)
+
+@lru_cache(maxsize=16)
+def _compile(source: str) -> jinja2.Template:
+    """Compile once per template text (a server renders the same template for every request)."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
 
 
 def load_tokenizer(model_path: str | Path) -> tokenizers.Tokenizer:
@@ -105,32 +150,6 @@ def load_tokenizer(model_path: str | Path) -> tokenizers.Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; is {model_path} a converted model folder?")
     return tokenizers.Tokenizer.from_file(str(path))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else {}
-
-
-def chat_template_name(model_path: str | Path) -> str:
-    """Which named template a model folder uses: its peerd.json says, else its HF chat template.
-
-    Raises ValueError when the folder's template is not ChatML (we do not
-    evaluate arbitrary Jinja templates).
-    """
-    folder = Path(model_path)
-    name = _read_json(folder / "peerd.json").get("chat_template")
-    if isinstance(name, str) and name.lower() in CHAT_TEMPLATES:
-        return name.lower()
-    source = _read_json(folder / "tokenizer_config.json").get("chat_template")
-    jinja = folder / "chat_template.jinja"
-    if not isinstance(source, str) and jinja.is_file():
-        source = jinja.read_text(encoding="utf-8")
-    if isinstance(source, str) and "<|im_start|>" in source:
-        return "smollm2" if SMOLLM2_DEFAULT_SYSTEM in source else "chatml"
-    raise ValueError(f"{folder} has no ChatML chat template that peerd knows how to render")
 
 
 def eos_token_ids(model_path: str | Path) -> list[int]:
@@ -147,19 +166,14 @@ def eos_token_ids(model_path: str | Path) -> list[int]:
 
 def chat_prompt_ids(
     tokenizer: tokenizers.Tokenizer,
-    user_text: str,
-    system: str | None = None,
-    *,
-    template: str | ChatTemplate = "smollm2",
+    template: ChatTemplate,
+    messages: Sequence[Mapping[str, Any]],
 ) -> list[int]:
-    """Token ids of a one-turn chat prompt ending with the assistant generation prompt.
+    """Token ids of ``messages`` rendered by ``template``, ending with the assistant generation prompt.
 
-    With `system` None the template's default system message applies. Special
-    tokens are not added around the text (the template already has them), as HF's
-    `apply_chat_template(tokenize=True)` does.
+    Special tokens are not added around the text (the template already has them), as HF's
+    ``apply_chat_template(tokenize=True)`` does.
     """
-    messages = [] if system is None else [{"role": "system", "content": system}]
-    messages.append({"role": "user", "content": user_text})
-    prompt = format_chat(messages, template)
+    prompt = template.render(messages)
     ids: list[int] = tokenizer.encode(prompt, add_special_tokens=False).ids
     return ids

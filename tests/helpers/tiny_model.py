@@ -21,6 +21,11 @@ BOS_TOKEN_ID = 1
 EOS_TOKEN_ID = 2
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2
 
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 # Weights are re-drawn with this spread (not transformers' 0.02) so attention is far
 # from uniform and biases/norm gains are non-trivial: comparisons then test something.
 _WEIGHT_STD = 0.1
@@ -143,6 +148,8 @@ def write_tiny_tokenizer(path: str | Path, vocab_size: int) -> Path:
         "bos_token": "<s>",
         "eos_token": "</s>",
         "model_max_length": 2048,
+        # ChatML without a default system turn, so the CLI, SDK and API tests have a template to render
+        "chat_template": TINY_CHAT_TEMPLATE,
     }
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
     return path

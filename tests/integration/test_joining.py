@@ -42,7 +42,7 @@ def empty_swarm(tiny_ckpt: Path, tmp_path: Path):
 
 
 def test_an_empty_swarm_is_named_as_such(tiny_ckpt: Path, empty_swarm: list[str], capsys) -> None:
-    args = ["--model", str(tiny_ckpt), "--model-id", "tiny", "--initial-peers", *empty_swarm]
+    args = ["--model", str(tiny_ckpt), "--model-id", "tiny", "--initial-peers", ",".join(empty_swarm)]
     started = time.monotonic()
     assert main(["generate", "hello", *args]) == 1
     elapsed_s = time.monotonic() - started

@@ -124,7 +124,15 @@ async def test_prompt_tuning_through_the_swarm_lowers_the_loss(make_swarm, tmp_p
 
     # the CLI body end to end on the same swarm: trains, saves, plots, and generates with the result
     out = tmp_path / "ft"
-    argv = ["finetune", "--initial-peers", *swarm.initial_peers, "--model", str(swarm.ckpt), "--model-id", "tiny"]
+    argv = [
+        "finetune",
+        "--initial-peers",
+        ",".join(swarm.initial_peers),
+        "--model",
+        str(swarm.ckpt),
+        "--model-id",
+        "tiny",
+    ]
     argv += ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--prompt-tokens", "4", "--head-rank", "2"]
     argv += ["--out", str(out), "--sample-prompt", "Q: hello"]
     args = build_parser().parse_args(argv)

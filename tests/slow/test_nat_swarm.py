@@ -174,7 +174,7 @@ def nat_swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatSwarm]:
                 if name == "slowlink":
                     net.rate_limit(host, SLOW_UPLINK, direction="up")
                 args = ["run", "--blocks", f"{start}:{end}", "--host", "0.0.0.0"]
-                args += ["--initial-peers", *swarm.initial_peers, "--identity", str(workdir / f"{name}.key")]
+                args += ["--initial-peers", ",".join(swarm.initial_peers), "--identity", str(workdir / f"{name}.key")]
                 swarm.spawn(name, host, [*args, "--name", name, *PEER_ARGS])
             swarm.wait_ready(list(PEERS), START_TIMEOUT_S)
             yield swarm

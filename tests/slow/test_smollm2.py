@@ -77,8 +77,7 @@ def test_chat_formatting_matches_transformers(model_path):
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(model_path)
-    template = chat.chat_template_name(model_path)
-    assert template == "smollm2"
+    template = chat.ChatTemplate.from_folder(model_path)
     conversations = [
         [{"role": "user", "content": PROMPT}],
         [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Sky colour?"}],
@@ -90,13 +89,13 @@ def test_chat_formatting_matches_transformers(model_path):
     ]
     for messages in conversations:
         want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        assert chat.format_chat(messages, template) == want
+        assert template.render(messages) == want
 
     tokenizer = chat.load_tokenizer(model_path)
     want_ids = hf.apply_chat_template(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
-    assert chat.chat_prompt_ids(tokenizer, PROMPT) == list(want_ids)
+    assert chat.chat_prompt_ids(tokenizer, template, [{"role": "user", "content": PROMPT}]) == list(want_ids)
 
 
 def test_greedy_matches_transformers(model_path):
@@ -105,7 +104,9 @@ def test_greedy_matches_transformers(model_path):
     from peerd.model.loading import load_local_model
 
     tokenizer = chat.load_tokenizer(model_path)
-    prompt_ids = chat.chat_prompt_ids(tokenizer, PROMPT)
+    prompt_ids = chat.chat_prompt_ids(
+        tokenizer, chat.ChatTemplate.from_folder(model_path), [{"role": "user", "content": PROMPT}]
+    )
     eos = chat.eos_token_ids(model_path)
 
     reference = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32)

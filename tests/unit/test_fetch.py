@@ -1,4 +1,4 @@
-"""Model fetcher and chat formatting: fast, no network, no real model (the slow tests have that)."""
+"""Model fetcher: fast, no network, no real model (the slow tests have that)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import json
 import subprocess
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
 
 import pytest
 import torch
@@ -423,86 +421,3 @@ def test_public_names_exist():
     for module in (fetch, chat):
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.{name}"
-
-
-# --------------------------------------------------------------------------- chat formatting
-
-SMOLLM2_PROMPT = (
-    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-    "<|im_start|>assistant\n"
-)
-
-
-def test_format_chat_default_system():
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    assert chat.format_chat(messages, "smollm2") == SMOLLM2_PROMPT
-
-
-def test_format_chat_explicit_system_and_history():
-    messages = [
-        {"role": "system", "content": "Be terse."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": "Two\nlines"},
-    ]
-    assert chat.format_chat(messages, "smollm2") == (
-        "<|im_start|>system\nBe terse.<|im_end|>\n"
-        "<|im_start|>user\nHi<|im_end|>\n"
-        "<|im_start|>assistant\nHello.<|im_end|>\n"
-        "<|im_start|>user\nTwo\nlines<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
-
-
-def test_format_chat_plain_chatml_and_no_generation_prompt():
-    messages = [{"role": "user", "content": "Hi"}]
-    assert chat.format_chat(messages, "chatml") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    assert chat.format_chat(messages, "ChatML", add_generation_prompt=False) == "<|im_start|>user\nHi<|im_end|>\n"
-
-
-@pytest.mark.parametrize(
-    ("messages", "template", "match"),
-    [
-        ([], "smollm2", "empty conversation"),
-        ([{"role": "user"}], "smollm2", "content"),
-        ([{"role": "", "content": "x"}], "smollm2", "role"),
-        ([{"role": "user", "content": "x"}], "alpaca", "unknown chat template"),
-    ],
-)
-def test_format_chat_rejects(messages, template, match):
-    with pytest.raises(ValueError, match=match):
-        chat.format_chat(messages, template)
-
-
-def test_chat_prompt_ids_encodes_without_extra_special_tokens():
-    seen = []
-
-    class FakeTokenizer:
-        def encode(self, text, add_special_tokens=True):
-            seen.append((text, add_special_tokens))
-            return SimpleNamespace(ids=[1, 2, 3])
-
-    assert chat.chat_prompt_ids(cast(Any, FakeTokenizer()), "What is the capital of France?") == [1, 2, 3]
-    assert seen == [(SMOLLM2_PROMPT, False)]
-    chat.chat_prompt_ids(cast(Any, FakeTokenizer()), "Hi", system="Be terse.")
-    assert seen[-1][0].startswith("<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi")
-
-
-def test_chat_template_name_and_eos_from_folder(tmp_path):
-    (tmp_path / "peerd.json").write_text(json.dumps({"chat_template": "smollm2"}))
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
-    assert chat.chat_template_name(tmp_path) == "smollm2"
-    assert chat.eos_token_ids(tmp_path) == [2]
-
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ '<|im_start|>' }}"}))
-    (other / "config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
-    assert chat.chat_template_name(other) == "chatml"
-    assert chat.eos_token_ids(other) == [2, 0]
-
-    with pytest.raises(ValueError, match="ChatML"):
-        chat.chat_template_name(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json"):
-        chat.load_tokenizer(tmp_path)
