@@ -101,7 +101,7 @@ def main() -> int:
             joined: dict[str, float] = {}
             infos: dict[str, dict[str, Any]] = {}
             for name in ("nated", "public", "slowlink"):  # one at a time: start-up times stay comparable
-                args = ["run", "--blocks", "0:6", "--initial-peers", *boot, "--name", name, *PEER_ARGS]
+                args = ["run", "--blocks", "0:6", "--initial-peers", ",".join(boot), "--name", name, *PEER_ARGS]
                 proc, ready, started = spawn(name, hosts[name], [*args, "--identity", str(work / f"{name}.key")])
                 infos[name] = _wait_ready(ready, proc)
                 joined[name] = time.monotonic() - started
