@@ -157,9 +157,16 @@ class Router:
             self._rtt_read_at[peer_id] = at
             self.rtts_ms[peer_id] = UNREACHABLE_RTT_MS if rtt is None else rtt
 
-    async def plan_inference(self, start: int, end: int, cache_tokens: int, refresh: bool = False) -> list[Span]:
-        """Lowest-latency route for [start, end) with room for ``cache_tokens`` (see routing.py)."""
-        servers = await self.servers(refresh=refresh)
+    async def plan_inference(
+        self, start: int, end: int, cache_tokens: int, refresh: bool = False, *, last_view: bool = False
+    ) -> list[Span]:
+        """Lowest-latency route for [start, end) with room for ``cache_tokens`` (see routing.py).
+
+        ``last_view`` plans from the last view read, however old, without touching the DHT: a
+        failover's first try, because a DHT read can wait seconds on the very node that just hung
+        (it is a DHT node too), and the last view usually lists other replicas already.
+        """
+        servers = self._servers if last_view and self._servers else await self.servers(refresh=refresh)
         banned = self.banned()
         await self.measure_rtts([p for p in servers if p not in banned])
         return plan_inference_route(

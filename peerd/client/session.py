@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from peerd.client.deadlines import StepDeadline
 from peerd.client.router import Router
 from peerd.client.routing import Span
 from peerd.client.verify import SpotChecker
@@ -37,6 +38,7 @@ class _SpanState:
     stream: InferenceStream | None = None
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, hidden [b, n, h])
     outputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # what the peer answered to each
+    deadline: StepDeadline = field(default_factory=StepDeadline)  # this peer's own step times: hang detection
 
     def replay_inputs(self) -> torch.Tensor | None:
         """The effective input sequence now in the peer's cache (later steps overwrite rewinds)."""
@@ -159,17 +161,21 @@ class InferenceSession:
             try:
                 if state.stream is None:
                     raise PeerUnavailable(state.span.peer_id, "no open stream")
-                out = await state.stream.step(x, at)
+                # a peer that stops answering fails over after a multiple of its own step time, not
+                # after the transport's 30 s; the failover closes the stream, so a late answer is dropped
+                tokens = x.shape[1]
+                out = await state.stream.step(x, at, state.deadline.deadline_s(tokens, self.peers.timeout_s))
             except (PeerUnavailable, PeerError) as exc:
                 if not worth_failover(exc):
                     raise
-                stall_started = time.perf_counter()
                 logger.warning("span %s failed (%s); failing over", state.span, exc)
                 await self._failover(i, exc)
-                self.stalls_s.append(time.perf_counter() - stall_started)
+                # from the failed request on: a hang's wait is part of the stall the caller sees
+                self.stalls_s.append(time.perf_counter() - started)
                 continue  # retry the same position of the chain on the replacement span(s)
             state.record(at, x, out)
             self.router.succeeded(state.span.peer_id)
+            state.deadline.observe(tokens, time.perf_counter() - started)
             timings.append((time.perf_counter() - started) * 1e3)
             computes.append(state.stream.last_compute_ms)
             if self.checker is not None and self.checker.should_check():
@@ -234,19 +240,28 @@ class InferenceSession:
     async def _replace_one(self, failed: _SpanState) -> list[_SpanState]:
         """Re-plan the failed span's blocks, open replacements and replay its inputs into them.
 
-        Keeps trying (a fresh DHT view each time, failed replacements banned) until
+        Tries the last DHT view first (a read can wait seconds on a hung peer's own DHT node), then
+        keeps trying (a fresh DHT view each time, failed replacements banned) until
         ``failover_timeout_s`` runs out, so a peer that joins within that window rescues the
         session; after it, raises NoRouteError naming the blocks nobody serves. Every RPC has its
         own timeout, so this never hangs.
         """
         deadline = time.monotonic() + self.failover_timeout_s
         last_error: Exception | None = None
+        first = True
         while True:
             try:
                 route = await self.router.plan_inference(
-                    failed.span.start, failed.span.end, self.max_length * self.batch_size, refresh=True
+                    failed.span.start,
+                    failed.span.end,
+                    self.max_length * self.batch_size,
+                    refresh=not first,
+                    last_view=first,
                 )
             except NoRouteError as exc:
+                if first:
+                    first = False
+                    continue  # the last view knew no replacement: read the DHT
                 if time.monotonic() >= deadline:
                     raise NoRouteError(
                         exc.missing_blocks,
@@ -254,6 +269,7 @@ class InferenceSession:
                     ) from last_error
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 continue
+            first = False
             new_states = [_SpanState(span) for span in route]
             try:
                 inputs = failed.replay_inputs()
