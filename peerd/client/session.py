@@ -176,6 +176,9 @@ class InferenceSession:
             state.record(at, x, out)
             self.router.succeeded(state.span.peer_id)
             state.deadline.observe(tokens, time.perf_counter() - started)
+            self.router.speeds.observe(
+                state.span.peer_id, state.span.end - state.span.start, tokens, time.perf_counter() - started
+            )
             timings.append((time.perf_counter() - started) * 1e3)
             computes.append(state.stream.last_compute_ms)
             if self.checker is not None and self.checker.should_check():
@@ -185,13 +188,29 @@ class InferenceSession:
                     i += replaced
                     continue
             x = out
-            i += 1
+            i += 1 if not self._overclaiming(state) else len(await self._leave_overclaiming(i))
         self.hop_ms.append(timings)
         self.hop_compute_ms.append(computes)
         self.length = position + hidden.shape[1]
         if at < position:  # earlier outputs of the last span changed too: tell the caller
             self._correction = (at, x)
         return x[:, position - at :]
+
+    def _overclaiming(self, state: _SpanState) -> bool:
+        """Far slower than it claims, and someone else can take its blocks (see claims.py)."""
+        cache_tokens = self.max_length * self.batch_size
+        return self.router.speeds.overclaims(state.span.record) and self.router.has_alternative(
+            state.span, cache_tokens
+        )
+
+    async def _leave_overclaiming(self, index: int) -> list[_SpanState]:
+        """Move span ``index`` (its answers are good, only slow) to the best other route: failover
+        replays its history, so the replacement continues with the same cache."""
+        span = self.spans[index].span
+        observed = self.router.speeds.observed(span.peer_id) or 0.0
+        reason = f"observed {observed:.0f} tokens/s per block, claims {span.record.decode_tokens_per_s:.0f}"
+        logger.warning("span %s is overclaiming its speed (%s); moving it", span, reason)
+        return await self._failover(index, PeerUnavailable(span.peer_id, reason))
 
     def take_correction(self) -> tuple[int, torch.Tensor] | None:
         """After ``step``: None, or (first position, the last span's corrected outputs from it on).
