@@ -46,6 +46,7 @@ class PeerConfig:
     max_inflight_per_peer: int = 8  # concurrent info/forward/backward requests of one remote peer id
     allowed_peers: frozenset[str] | None = None  # private peer: serve only these peer ids (None = anyone)
     session_idle_timeout_s: float = 60.0  # idle sessions are closed and their cache freed
+    evict_idle_s: float = 2.0  # a session idle this long may lose its cache to one that needs it
     request_timeout_s: float = 30.0  # every read from a client stream has this deadline
     drain_timeout_s: float = 10.0  # on SIGTERM, how long open sessions may finish before being handed back
     announce_period_s: float = 30.0  # how often records are refreshed (expiry = 2x this)

@@ -207,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--session-idle-timeout", type=POSITIVE, default=60.0, help="seconds before an idle session is freed"
     )
+    run.add_argument(
+        "--evict-idle",
+        type=POSITIVE,
+        default=2.0,
+        help="seconds without a step after which a session may lose its cache to one that needs it",
+    )
     run.add_argument("--http-port", type=PORT, default=None, help="serve /metrics and the health page on this port")
     run.add_argument("--http-host", default="127.0.0.1", help="address for the HTTP port (default 127.0.0.1)")
     run.add_argument(

@@ -45,6 +45,7 @@ def peer_config_from_args(args: argparse.Namespace) -> PeerConfig:
         max_inflight_per_peer=args.max_inflight_per_peer,
         allowed_peers=frozenset(args.allow_peers) if args.allow_peers is not None else None,
         session_idle_timeout_s=args.session_idle_timeout,
+        evict_idle_s=args.evict_idle,
         http_port=args.http_port,
         http_host=args.http_host,
         announce_period_s=args.announce_period,

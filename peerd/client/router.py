@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 from peerd.client.bans import LIAR_BAN_S, BanList
+from peerd.client.claims import SpeedBook
 from peerd.client.routing import Span, plan_inference_route, plan_load_balanced_route, servers_by_peer
 from peerd.rpc.errors import NoRouteError, PeerUnavailable
 from peerd.rpc.rtt import RttProbe
@@ -74,6 +75,7 @@ class Router:
         self._servers_at = 0.0
         self._vetted: dict[str, tuple[int, int, str]] = {}  # peer -> record fields its `info` confirmed
         self.observed_tps: dict[str, float] = {}  # peer -> block-tokens/s this client got from it
+        self.speeds = SpeedBook()  # inference steps: observed decode speeds, and what planning believes
         peers.observer = self.observe
 
     # --- the view ----------------------------------------------------------------------------------
@@ -157,14 +159,41 @@ class Router:
             self._rtt_read_at[peer_id] = at
             self.rtts_ms[peer_id] = UNREACHABLE_RTT_MS if rtt is None else rtt
 
-    async def plan_inference(self, start: int, end: int, cache_tokens: int, refresh: bool = False) -> list[Span]:
-        """Lowest-latency route for [start, end) with room for ``cache_tokens`` (see routing.py)."""
-        servers = await self.servers(refresh=refresh)
+    async def plan_inference(
+        self, start: int, end: int, cache_tokens: int, refresh: bool = False, *, last_view: bool = False
+    ) -> list[Span]:
+        """Lowest-latency route for [start, end) with room for ``cache_tokens`` (see routing.py).
+
+        ``last_view`` plans from the last view read, however old, without touching the DHT: a
+        failover's first try, because a DHT read can wait seconds on the very node that just hung
+        (it is a DHT node too), and the last view usually lists other replicas already.
+        """
+        servers = self._servers if last_view and self._servers else await self.servers(refresh=refresh)
         banned = self.banned()
         await self.measure_rtts([p for p in servers if p not in banned])
         return plan_inference_route(
-            servers, start, end, banned=banned, min_cache_tokens=cache_tokens, rtt_ms=self.rtts_ms
+            servers,
+            start,
+            end,
+            banned=banned,
+            min_cache_tokens=cache_tokens,
+            rtt_ms=self.rtts_ms,
+            decode_tps=self.speeds.planning_speeds(servers),
         )
+
+    def has_alternative(self, span: Span, cache_tokens: int) -> bool:
+        """True if the last view has a route for ``span``'s blocks without its peer (no DHT read)."""
+        try:
+            plan_inference_route(
+                self._servers,
+                span.start,
+                span.end,
+                banned=self.banned() | {span.peer_id},
+                min_cache_tokens=cache_tokens,
+            )
+        except NoRouteError:
+            return False
+        return True
 
     async def plan_load_balanced(
         self,

@@ -59,10 +59,16 @@ def plan_inference_route(
     banned: Iterable[str] = (),
     min_cache_tokens: int = 0,
     rtt_ms: Mapping[str, float] | None = None,
+    decode_tps: Mapping[str, float] | None = None,
 ) -> list[Span]:
-    """Fastest chain of spans covering [start, end) for one-token steps; raises NoRouteError."""
+    """Fastest chain of spans covering [start, end) for one-token steps; raises NoRouteError.
+
+    ``decode_tps`` overrides a peer's per-block decode speed (the client's own measurement, or a
+    capped claim); without an entry, the record's claim is used.
+    """
     banned = set(banned)
     rtt_ms = rtt_ms or {}
+    speeds = decode_tps or {}
     usable = [
         r
         for r in servers.values()
@@ -72,7 +78,7 @@ def plan_inference_route(
     edges: dict[int, list[tuple[int, float, ServerRecord]]] = {}
     for record in usable:
         lo, hi = max(record.start, start), min(record.end, end)
-        per_block_ms = 1e3 / record.decode_tokens_per_s
+        per_block_ms = 1e3 / max(1e-6, speeds.get(record.peer_id, record.decode_tokens_per_s))
         hop_ms = rtt_ms.get(record.peer_id, DEFAULT_HOP_MS)
         for s in range(lo, hi):
             for e in range(s + 1, hi + 1):

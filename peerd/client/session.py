@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from peerd.client.compression import CompressionChoice, hop_compression
+from peerd.client.deadlines import StepDeadline
 from peerd.client.router import Router
 from peerd.client.routing import Span
 from peerd.client.verify import SpotChecker
@@ -38,6 +39,7 @@ class _SpanState:
     stream: InferenceStream | None = None
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, hidden [b, n, h])
     outputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # what the peer answered to each
+    deadline: StepDeadline = field(default_factory=StepDeadline)  # this peer's own step times: hang detection
 
     def replay_inputs(self) -> torch.Tensor | None:
         """The effective input sequence now in the peer's cache (later steps overwrite rewinds)."""
@@ -160,17 +162,24 @@ class InferenceSession:
             try:
                 if state.stream is None:
                     raise PeerUnavailable(state.span.peer_id, "no open stream")
-                out = await state.stream.step(x, at)
+                # a peer that stops answering fails over after a multiple of its own step time, not
+                # after the transport's 30 s; the failover closes the stream, so a late answer is dropped
+                tokens = x.shape[1]
+                out = await state.stream.step(x, at, state.deadline.deadline_s(tokens, self.peers.timeout_s))
             except (PeerUnavailable, PeerError) as exc:
                 if not worth_failover(exc):
                     raise
-                stall_started = time.perf_counter()
                 logger.warning("span %s failed (%s); failing over", state.span, exc)
                 await self._failover(i, exc)
-                self.stalls_s.append(time.perf_counter() - stall_started)
+                # from the failed request on: a hang's wait is part of the stall the caller sees
+                self.stalls_s.append(time.perf_counter() - started)
                 continue  # retry the same position of the chain on the replacement span(s)
             state.record(at, x, out)
             self.router.succeeded(state.span.peer_id)
+            state.deadline.observe(tokens, time.perf_counter() - started)
+            self.router.speeds.observe(
+                state.span.peer_id, state.span.end - state.span.start, tokens, time.perf_counter() - started
+            )
             timings.append((time.perf_counter() - started) * 1e3)
             computes.append(state.stream.last_compute_ms)
             if self.checker is not None and self.checker.should_check():
@@ -180,13 +189,29 @@ class InferenceSession:
                     i += replaced
                     continue
             x = out
-            i += 1
+            i += 1 if not self._overclaiming(state) else len(await self._leave_overclaiming(i))
         self.hop_ms.append(timings)
         self.hop_compute_ms.append(computes)
         self.length = position + hidden.shape[1]
         if at < position:  # earlier outputs of the last span changed too: tell the caller
             self._correction = (at, x)
         return x[:, position - at :]
+
+    def _overclaiming(self, state: _SpanState) -> bool:
+        """Far slower than it claims, and someone else can take its blocks (see claims.py)."""
+        cache_tokens = self.max_length * self.batch_size
+        return self.router.speeds.overclaims(state.span.record) and self.router.has_alternative(
+            state.span, cache_tokens
+        )
+
+    async def _leave_overclaiming(self, index: int) -> list[_SpanState]:
+        """Move span ``index`` (its answers are good, only slow) to the best other route: failover
+        replays its history, so the replacement continues with the same cache."""
+        span = self.spans[index].span
+        observed = self.router.speeds.observed(span.peer_id) or 0.0
+        reason = f"observed {observed:.0f} tokens/s per block, claims {span.record.decode_tokens_per_s:.0f}"
+        logger.warning("span %s is overclaiming its speed (%s); moving it", span, reason)
+        return await self._failover(index, PeerUnavailable(span.peer_id, reason))
 
     def take_correction(self) -> tuple[int, torch.Tensor] | None:
         """After ``step``: None, or (first position, the last span's corrected outputs from it on).
@@ -235,19 +260,28 @@ class InferenceSession:
     async def _replace_one(self, failed: _SpanState) -> list[_SpanState]:
         """Re-plan the failed span's blocks, open replacements and replay its inputs into them.
 
-        Keeps trying (a fresh DHT view each time, failed replacements banned) until
+        Tries the last DHT view first (a read can wait seconds on a hung peer's own DHT node), then
+        keeps trying (a fresh DHT view each time, failed replacements banned) until
         ``failover_timeout_s`` runs out, so a peer that joins within that window rescues the
         session; after it, raises NoRouteError naming the blocks nobody serves. Every RPC has its
         own timeout, so this never hangs.
         """
         deadline = time.monotonic() + self.failover_timeout_s
         last_error: Exception | None = None
+        first = True
         while True:
             try:
                 route = await self.router.plan_inference(
-                    failed.span.start, failed.span.end, self.max_length * self.batch_size, refresh=True
+                    failed.span.start,
+                    failed.span.end,
+                    self.max_length * self.batch_size,
+                    refresh=not first,
+                    last_view=first,
                 )
             except NoRouteError as exc:
+                if first:
+                    first = False
+                    continue  # the last view knew no replacement: read the DHT
                 if time.monotonic() >= deadline:
                     raise NoRouteError(
                         exc.missing_blocks,
@@ -255,6 +289,7 @@ class InferenceSession:
                     ) from last_error
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 continue
+            first = False
             new_states = [_SpanState(span) for span in route]
             try:
                 inputs = failed.replay_inputs()

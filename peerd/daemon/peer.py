@@ -354,7 +354,7 @@ class Peer:
             memory_total_bytes=hw.memory_total_bytes,
             memory_free_bytes=hw.memory_free_bytes,
             dtype=str(self.stage.dtype).removeprefix("torch.") if self.stage is not None else "",
-            cache_tokens_free=self.servicer.budget.free_tokens if self.servicer is not None else 0,
+            cache_tokens_free=self.servicer.table.available_tokens() if self.servicer is not None else 0,
             protocol_version=PROTOCOL_VERSION,
             package_version=__version__,
             public_name=self.config.public_name,

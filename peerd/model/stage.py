@@ -150,6 +150,22 @@ class Stage(nn.Module):
             values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return KVCache(keys, values)
 
+    def grow_cache(self, cache: KVCache, max_length: int) -> KVCache:
+        """``cache`` with room for ``max_length`` tokens per sequence, its valid positions kept.
+
+        Servers allocate a session's cache in chunks as the session grows instead of for its whole
+        announced length up front, so a session holds the memory it used, not what it asked for.
+        """
+        if max_length <= cache.max_length:
+            return cache
+        grown = self.allocate_cache(cache.batch_size, max_length)
+        n = cache.length
+        with torch.inference_mode(False):
+            grown.keys[:, :, :, :n] = cache.keys[:, :, :, :n]  # [blocks, batch, kv_heads, n, head_dim]
+            grown.values[:, :, :, :n] = cache.values[:, :, :, :n]
+        grown.length = n
+        return grown
+
     def forward(
         self,
         hidden: Tensor,

@@ -158,12 +158,15 @@ class PeerClient:
         except (OSError, ConnectionError, TimeoutError) as exc:
             raise PeerUnavailable(peer_id, f"send failed: {exc!r}") from exc
 
-    async def _receive(self, peer_id: str, reader: asyncio.StreamReader, expected: type[M]) -> M:
+    async def _receive(
+        self, peer_id: str, reader: asyncio.StreamReader, expected: type[M], timeout_s: float | None = None
+    ) -> M:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(timeout_s):
                 msg = await read_message(reader, DEFAULT_MAX_FRAME_BYTES)
         except TimeoutError:
-            raise PeerUnavailable(peer_id, f"no answer within {self.timeout_s:.0f}s") from None
+            raise PeerUnavailable(peer_id, f"no answer within {timeout_s:.1f}s") from None
         except EOFError:
             raise PeerUnavailable(peer_id, "stream closed") from None
         except ProtocolError as exc:
@@ -268,8 +271,12 @@ class InferenceStream:
         self.closed = False
         self.last_compute_ms = 0.0
 
-    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        """Run ``hidden`` [batch, n, hidden] at ``position`` through this peer's span."""
+    async def step(self, hidden: torch.Tensor, position: int, timeout_s: float | None = None) -> torch.Tensor:
+        """Run ``hidden`` [batch, n, hidden] at ``position`` through this peer's span.
+
+        ``timeout_s`` bounds the wait for the answer (default: the client's); after a timeout the
+        caller must close the stream, so that a late answer is never read as the next step's.
+        """
         if self.closed:
             raise PeerUnavailable(self.peer_id, "session stream already closed")
         self._step_id += 1
@@ -278,7 +285,7 @@ class InferenceStream:
             self._writer,
             InferenceStep(to_wire(hidden, self._compression), position, self._step_id),
         )
-        result = await self.client._receive(self.peer_id, self._reader, InferenceStepResult)
+        result = await self.client._receive(self.peer_id, self._reader, InferenceStepResult, timeout_s)
         if result.step_id != self._step_id:
             raise PeerUnavailable(self.peer_id, f"answered step {result.step_id}, expected {self._step_id}")
         self.last_compute_ms = result.compute_ms

@@ -9,8 +9,6 @@ and one client's bad request never touches another client's state.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import functools
 import logging
 import time
@@ -31,7 +29,7 @@ from peerd.server.limits import Limits
 from peerd.server.memory import ActivationMeter
 from peerd.server.metrics import PeerMetrics
 from peerd.server.runtime import ComputeRuntime, RuntimeClosed
-from peerd.server.sessions import CacheBudget, ServerSession
+from peerd.server.sessions import CacheBudget, ServerSession, SessionTable, chunked_length
 from peerd.server.validation import (
     check_grad_output,
     check_hello,
@@ -82,7 +80,6 @@ class BlockServicer:
         self.stage = stage
         self.model_id = model_id
         self.runtime = runtime
-        self.budget = budget
         self.limits = limits
         self.metrics = metrics
         self.public_name = public_name
@@ -90,14 +87,20 @@ class BlockServicer:
         self.state = "joining"
         self.draining = False
         self.allowed_peers = allowed_peers  # None = serve anyone (a public swarm)
-        self.sessions: dict[bytes, ServerSession] = {}
-        # sessions per owner, counted from admission (before the cache is allocated) to close
-        self._owner_sessions: collections.Counter[str] = collections.Counter()
+        self.table = SessionTable(budget, metrics, self._send_error, limits.evict_idle_s)
+        self.sessions = self.table.sessions
+        self._owner_sessions = self.table.owner_sessions
+        self._opening = self.table.opening
         self.admission = Admission(limits.max_inflight_per_peer)  # stateless streams per owner
-        self._opening: set[bytes] = set()  # session ids admitted whose cache is being allocated
-        self._no_sessions = asyncio.Event()  # set whenever no session is open (drain waits on it)
-        self._no_sessions.set()
         self.memory = ActivationMeter(stage.parameters(), stage.device)  # activations of backward requests
+
+    @property
+    def budget(self) -> CacheBudget:
+        return self.table.budget
+
+    @budget.setter
+    def budget(self, budget: CacheBudget) -> None:  # a block move brings a budget for the new range
+        self.table.budget = budget
 
     # --- plumbing shared by all handlers ---------------------------------------------------------
 
@@ -173,7 +176,7 @@ class BlockServicer:
             dtype=str(self.stage.dtype).removeprefix("torch."),
             max_batch_tokens=self.limits.max_batch_tokens,
             max_session_length=self.limits.max_session_length,
-            cache_tokens_free=self.budget.free_tokens,
+            cache_tokens_free=self.table.available_tokens(),
             cache_tokens_total=self.budget.total_tokens,
             state="offline" if self.draining else self.state,
             protocol_version=PROTOCOL_VERSION,
@@ -244,20 +247,7 @@ class BlockServicer:
 
     async def drain(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for open sessions to end, then hand the rest back with DRAINING."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._no_sessions.wait(), timeout_s)
-        error = ProtocolError(ErrorCode.DRAINING, "peer is leaving the swarm; continue the session on another peer")
-        # Operators (and the drain tests) read which way drain went: this line is its outcome.
-        if self.sessions:
-            logger.info("drain: handing %d session(s) back to their clients", len(self.sessions))
-        else:
-            logger.info("drain: every session finished in time")
-        for session in list(self.sessions.values()):
-            if session.writer is not None:
-                # one write of a whole frame: never interleaves with a step result on the same stream
-                await self._send_error(session.writer, error)
-                session.writer.close()
-            self._close_session(session)
+        await self.table.drain(timeout_s)
 
     # --- inference (stateful, one stream per session) --------------------------------------------
 
@@ -288,22 +278,28 @@ class BlockServicer:
         check_range(self.stage, request.start, request.end)
         if request.session_id in self.sessions or request.session_id in self._opening:
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, "session id already in use; pick a fresh random id")
+        await self.table.make_session_room(self.limits.max_sessions)
         check_open(
             request,
             self.limits,
             open_sessions=sum(self._owner_sessions.values()),
             owner_sessions=self._owner_sessions[owner],
         )
-        tokens = request.batch_size * request.max_length
-        self.budget.reserve(tokens)
+        if request.batch_size * request.max_length > self.budget.session_cap_tokens:
+            raise ProtocolError(
+                ErrorCode.CACHE_FULL,
+                f"a session may hold at most {self.budget.session_cap_tokens} cache tokens (batch x length) here",
+            )
+        stage, batch, length = self.stage, request.batch_size, chunked_length(1, request.max_length)
+        tokens = batch * length  # the first chunk: the rest is reserved as the session grows
+        await self.table.reserve(tokens)
         self._owner_sessions[owner] += 1  # counted now: concurrent opens must not all pass the check
         self._opening.add(request.session_id)
         try:
-            stage, batch, length = self.stage, request.batch_size, request.max_length
             cache = await self.runtime.run(lambda: stage.allocate_cache(batch, length), owner)
         except BaseException:
             self.budget.release(tokens)
-            self._release_owner(owner)
+            self.table.release_owner(owner)
             raise
         finally:
             self._opening.discard(request.session_id)
@@ -319,27 +315,20 @@ class BlockServicer:
         )
         self.sessions[session.session_id] = session
         self.metrics.sessions_opened.inc()
-        self._update_session_gauges()
+        self.table.update_gauges()
         return session
 
     def _close_session(self, session: ServerSession) -> None:
-        if self.sessions.pop(session.session_id, None) is not None:
-            self.budget.release(session.reserved_tokens)
-            self._release_owner(session.owner)
-        self._update_session_gauges()
+        self.table.close(session)
 
-    def _release_owner(self, owner: str) -> None:
-        self._owner_sessions[owner] -= 1
-        if self._owner_sessions[owner] <= 0:
-            del self._owner_sessions[owner]
-
-    def _update_session_gauges(self) -> None:
-        if self.sessions:
-            self._no_sessions.clear()
-        else:
-            self._no_sessions.set()
-        self.metrics.sessions_active.set(len(self.sessions))
-        self.metrics.cache_used.set(self.budget.used_tokens * self.budget.bytes_per_token)
+    async def _grow(self, session: ServerSession, needed: int) -> None:
+        """Reserve and allocate cache up to ``needed`` positions (a chunk at a time), or CACHE_FULL."""
+        length = chunked_length(needed, session.max_length)
+        extra = session.batch_size * (length - session.cache.max_length)
+        await self.table.reserve(extra)
+        session.reserved_tokens += extra  # charged now: a close during the copy releases it
+        stage, cache = self.stage, session.cache
+        session.cache = await self.runtime.run(lambda: stage.grow_cache(cache, length), session.owner)
 
     async def _session_loop(
         self,
@@ -364,31 +353,44 @@ class BlockServicer:
                     ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"expected inference_step, got {type(msg).__name__}"),
                 )
                 continue
-            started = time.perf_counter()
+            if session.evicted:  # evicted while this step was on its way: the stream is closed
+                return
+            session.busy = True  # from here to the answer, never evicted
             try:
-                hidden = from_wire(msg.hidden)
-                check_hidden(hidden, self.stage, self.limits, batch_size=session.batch_size)
-                n_tokens = hidden.shape[1]
-                check_step(msg.position, n_tokens, length=session.length, max_length=session.max_length)
-            except ProtocolError as exc:
-                await self._send_error(writer, exc)  # bad step: answer it, keep the session
-                continue
-            compute = functools.partial(self._step, hidden, session, msg.position)
-            compute_started = time.perf_counter()
-            out = await self.runtime.run(compute, session.owner)
-            compute_ms = (time.perf_counter() - compute_started) * 1e3
-            if self.step_delay_s:
-                await asyncio.sleep(self.step_delay_s)
-            session.length = msg.position + n_tokens
-            session.steps += 1
-            session.last_active = time.monotonic()
-            phase = "decode" if n_tokens == 1 else "prefill"
-            self.metrics.tokens.labels(phase=phase).inc(n_tokens * session.batch_size)
-            await self._send(
-                writer,
-                InferenceStepResult(result_to_wire(out, opened.response_compression), msg.step_id, compute_ms),
-            )
-            self.metrics.step_latency.labels(phase=phase).observe(time.perf_counter() - started)
+                await self._serve_step(session, msg, opened, writer)
+            finally:
+                session.busy = False
+
+    async def _serve_step(
+        self, session: ServerSession, msg: InferenceStep, opened: InferenceOpen, writer: asyncio.StreamWriter
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            hidden = from_wire(msg.hidden)
+            check_hidden(hidden, self.stage, self.limits, batch_size=session.batch_size)
+            n_tokens = hidden.shape[1]
+            check_step(msg.position, n_tokens, length=session.length, max_length=session.max_length)
+        except ProtocolError as exc:
+            await self._send_error(writer, exc)  # bad step: answer it, keep the session
+            return
+        if msg.position + n_tokens > session.cache.max_length:
+            await self._grow(session, msg.position + n_tokens)  # CACHE_FULL ends the session
+        compute = functools.partial(self._step, hidden, session, msg.position)
+        compute_started = time.perf_counter()
+        out = await self.runtime.run(compute, session.owner)
+        compute_ms = (time.perf_counter() - compute_started) * 1e3
+        if self.step_delay_s:
+            await asyncio.sleep(self.step_delay_s)
+        session.length = msg.position + n_tokens
+        session.steps += 1
+        session.stepped(n_tokens * session.batch_size, time.monotonic())
+        phase = "decode" if n_tokens == 1 else "prefill"
+        self.metrics.tokens.labels(phase=phase).inc(n_tokens * session.batch_size)
+        await self._send(
+            writer,
+            InferenceStepResult(result_to_wire(out, opened.response_compression), msg.step_id, compute_ms),
+        )
+        self.metrics.step_latency.labels(phase=phase).observe(time.perf_counter() - started)
 
     def _step(self, hidden: torch.Tensor, session: ServerSession, position: int) -> torch.Tensor:
         """One inference step on the compute thread, on the stage hosted *now* (a move swaps it)."""

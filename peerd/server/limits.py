@@ -24,6 +24,7 @@ class Limits:
     # defaults are PeerConfig's, the one place operator-facing defaults are written:
     max_sessions_per_peer: int = PeerConfig.max_sessions_per_peer  # open inference sessions of one client
     max_inflight_per_peer: int = PeerConfig.max_inflight_per_peer  # concurrent info/forward/backward streams
+    evict_idle_s: float = PeerConfig.evict_idle_s  # idle sessions may be evicted after this long
 
     @classmethod
     def from_config(cls, config: PeerConfig, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Limits:
@@ -37,4 +38,5 @@ class Limits:
             session_idle_timeout_s=config.session_idle_timeout_s,
             max_sessions_per_peer=config.max_sessions_per_peer,
             max_inflight_per_peer=config.max_inflight_per_peer,
+            evict_idle_s=config.evict_idle_s,
         )

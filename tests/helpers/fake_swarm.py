@@ -12,6 +12,7 @@ its history into it. ``reference(x, start, end)`` computes the honest answer for
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable
 
@@ -43,12 +44,16 @@ def record(peer_id: str, start: int, end: int, *, tps: float = 100.0, state: Pee
     )  # fmt: skip
 
 
+TRANSPORT_TIMEOUT_S = 30.0  # PeerClient's default read deadline
+
+
 @dataclasses.dataclass
 class FakePeer:
     """One peer: its record, and knobs to make it fail or lie."""
 
     record: ServerRecord
     fail_after_steps: int | None = None  # inference steps it answers before its streams break
+    hang_after_steps: int | None = None  # inference steps it answers before it stops answering at all
     error: ErrorCode | None = None  # answer every request with this error code instead
     lie: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied to every answer
     model_id: str = MODEL_ID
@@ -76,10 +81,17 @@ class FakeStream:
         self.closed = False
         self.last_compute_ms = 0.0
 
-    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    async def step(self, hidden: torch.Tensor, position: int, timeout_s: float | None = None) -> torch.Tensor:
         peer = self.peer
         if self.closed or (peer.fail_after_steps is not None and peer.steps >= peer.fail_after_steps):
             raise PeerUnavailable(self.peer_id, "stream broke (fake)")
+        if peer.hang_after_steps is not None and peer.steps >= peer.hang_after_steps:
+            # a frozen peer: the answer never comes, so only the caller's deadline ends the wait
+            try:
+                async with asyncio.timeout(TRANSPORT_TIMEOUT_S if timeout_s is None else timeout_s):
+                    await asyncio.Event().wait()
+            except TimeoutError:
+                raise PeerUnavailable(self.peer_id, f"no answer within {timeout_s}s (fake)") from None
         kept = self.cache[:, :position] if self.cache is not None else hidden[:, :0]
         self.cache = torch.cat([kept, hidden], dim=1)
         out = peer.answer(self.cache, self.start, self.end)[:, position:]
@@ -98,6 +110,7 @@ class FakeTransport:
         self.num_blocks = num_blocks
         self.opened: list[str] = []  # peer ids, in the order sessions were opened on them
         self.addresses: dict[str, tuple[str, ...]] = {}  # what the router told it, from records
+        self.timeout_s = TRANSPORT_TIMEOUT_S
         self.observer = None  # the router hooks in here (PeerClient reports forward/backward speeds)
 
     def learn_addresses(self, peer_id: str, addrs: object) -> None:

@@ -31,7 +31,9 @@ GOOD_HELLO = Hello(PROTOCOL_VERSION, "tiny", "hostile-test")
 
 
 async def test_bad_requests_get_typed_errors_while_a_good_client_is_served(make_swarm, local_model: LocalModel) -> None:
-    swarm = await make_swarm([(0, 2), (2, 6)], cache_tokens=256, max_session_length=128)
+    # no eviction of idle sessions here (tests/integration/test_cache_squatting.py covers it): the
+    # cache-exhaustion part below holds two idle sessions and expects the third to be refused
+    swarm = await make_swarm([(0, 2), (2, 6)], cache_tokens=256, max_session_length=128, evict_idle_s=3600.0)
     target = swarm.peers[0]
     good = await swarm.client()
     hostile = await swarm.client()

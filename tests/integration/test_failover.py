@@ -93,6 +93,41 @@ async def test_kill_9_mid_generation_gives_identical_output(process_swarm, tiny_
         await client.close()
 
 
+async def test_sigstop_mid_generation_stalls_under_two_seconds_and_the_late_answer_is_dropped(
+    process_swarm, tiny_ckpt, local_model: LocalModel
+) -> None:
+    """A frozen peer (SIGSTOP: its p2pd still accepts bytes, nobody answers) is left after its step
+    deadline, max(1 s, 10 x p99 of its decode steps), not the 30 s read deadline. It is woken again
+    a few tokens later, so its late answer to the frozen step really arrives: on a stream the client
+    has closed, so it can never be taken for another step's answer (tokens stay exact)."""
+    pids = start_peers(process_swarm, {"a1": (0, 3), "a2": (0, 3), "b": (3, 6)})
+    client = await connect(process_swarm, tiny_ckpt)
+    try:
+        route = await client.wait_for_route()
+        victim, pid = pid_of_route_peer(route, pids, {"a1", "a2"})
+        count = 0
+
+        def on_token(_: int) -> None:
+            nonlocal count
+            count += 1
+            if count == 20:
+                os.kill(pid, signal.SIGSTOP)
+            elif count == 25:
+                os.kill(pid, signal.SIGCONT)
+
+        try:
+            result = await client.generate(PROMPT, max_new_tokens=48, stop_on_eos=False, on_token=on_token)
+        finally:
+            os.kill(pid, signal.SIGCONT)  # never leave a stopped process behind
+        assert result.token_ids == local_model.generate_greedy(PROMPT, 48, eos_token_ids=[])
+        assert len(result.stalls_s) == 1, result.stalls_s
+        print(f"froze {victim}: generation stalled {result.stalls_s[0] * 1e3:.0f} ms (read deadline: 30 s)")
+        assert result.stalls_s[0] < 2.0
+        assert victim not in {s.record.public_name for s in result.route}
+    finally:
+        await client.close()
+
+
 def drain_outcome(log: str) -> str:
     """Which way a peer's drain went, from its log: 'handed back', 'finished' or 'none'."""
     if "drain: handing" in log:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -89,3 +91,17 @@ async def test_a_spot_check_that_catches_a_liar_rewinds_to_its_first_wrong_outpu
     torch.testing.assert_close(torch.cat(rest, dim=1), EXPECTED[:, -2:])
     assert "liar" in router.banned() and "liar" not in {span.peer_id for span in s.route}
     assert [i.verdict for i in checker.incidents] == ["lied"] and checker.incidents[0].peer_ids == ("liar",)
+
+
+async def test_a_peer_that_stops_answering_is_left_after_its_step_deadline_not_the_read_timeout() -> None:
+    """The hung peer answers 3 decode steps, then nothing: the session fails over after
+    max(1 s, 10 x p99) of its measured steps (1 s here), far before the 30 s read deadline."""
+    hung = FakePeer(record("hung", 0, 4, tps=1000.0), hang_after_steps=4)
+    router, transport, _ = setup([hung, FakePeer(record("other", 0, 4))])
+    s = session(router, transport)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    torch.testing.assert_close(await run(s), EXPECTED)
+    assert loop.time() - started < transport.timeout_s / 3
+    assert [span.peer_id for span in s.route] == ["other"] and len(s.stalls_s) == 1
+    assert "hung" in router.banned()
