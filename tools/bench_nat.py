@@ -8,7 +8,8 @@ run (these machines are noisy: compare the ratios, not the absolute times):
   (both include starting Python and torch; the difference is the dial-back and the p2pd restart);
 * decode step time through one relayed hop vs one direct hop (same compute, same client);
 * an 8 x 128 forward batch to a peer behind a 5 Mbit/s uplink (tc tbf), without and with the
-  wire codec's 8-bit blockwise compression, next to the same batch to an unshaped peer.
+  wire codec's 8-bit blockwise compression, next to the same batch to an unshaped public peer and
+  to the NATed peer (through peerd's relay).
 
 Hole punching is not measured: go-libp2p only punches once a peer has a public address, which a
 private test network never gives it (docs/decisions.md, section 8). Results: bench-results/nat.json.
@@ -119,7 +120,12 @@ def main() -> int:
             )
 
             transfer = {}
-            for name, codec in (("slowlink", "none"), ("slowlink", "blockwise8"), ("public", "none")):
+            for name, codec in (
+                ("slowlink", "none"),
+                ("slowlink", "blockwise8"),
+                ("public", "none"),
+                ("nated", "none"),
+            ):
                 args = ["--tokens", "1", "--forwards", "4", "--compression", codec, "--allow", ids[name]]
                 run = _client(net, hosts["client"], ckpt, boot, [*args, "--expect", ids[name]])
                 transfer[f"{name}_{codec}"] = round(min(h["s"] for h in run["served"]), 3)
@@ -127,6 +133,8 @@ def main() -> int:
             results["compression_speedup_on_5mbit"] = round(
                 transfer["slowlink_none"] / transfer["slowlink_blockwise8"], 2
             )
+            # 256 KiB each way through peerd's relay (libp2p's circuit relay resets after 128 KiB)
+            results["relayed_vs_direct_forward_8x128"] = round(transfer["nated_none"] / transfer["public_none"], 2)
         finally:
             for proc in procs:
                 net.stop(proc)

@@ -42,8 +42,15 @@ class Relaying:
     (in a task owned here) and serve the streams the relays open for clients.
     """
 
-    def __init__(self, p2p: P2P, reachability: Reachability, on_relayed: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        p2p: P2P,
+        reachability: Reachability,
+        on_relayed: Callable[[int], None] | None = None,
+        first_reservation_timeout_s: float = FIRST_RESERVATION_TIMEOUT_S,
+    ) -> None:
         self.p2p = p2p
+        self.first_reservation_timeout_s = first_reservation_timeout_s
         self.on_relayed = on_relayed
         self.relayed = reachability.reach == "relayed"
         self.service: RelayService | None = None
@@ -66,12 +73,12 @@ class Relaying:
         )
         self._task = asyncio.create_task(reservations.run(), name="relay-reservations")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(reservations.reserved.wait(), FIRST_RESERVATION_TIMEOUT_S)
+            await asyncio.wait_for(reservations.reserved.wait(), self.first_reservation_timeout_s)
         if not reservations.active:
             logger.error(
                 "no relay accepted a reservation within %.0fs: nobody can reach this peer yet; it announces "
                 "itself offline until a relay does (check that the peers in --initial-peers are up)",
-                FIRST_RESERVATION_TIMEOUT_S,
+                self.first_reservation_timeout_s,
             )
 
     def active_relays(self) -> tuple[str, ...]:

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from hivemind.p2p import P2P, PeerID
 
-from peerd.daemon.relaying import serve_as_relay
+from peerd.daemon.reachability import Reachability, dial_addresses
+from peerd.daemon.relaying import Relaying, serve_as_relay
 from peerd.rpc.p2pd import daemon_multiaddr, start_p2p
 from peerd.rpc.relay import RelayLimits, RelayService
 from peerd.rpc.relayed import RelayedStreams, RelayReservations, open_via_relay, relay_of
@@ -220,3 +221,23 @@ async def test_reservation_ends_when_the_reserving_peer_goes_and_comes_back(rela
     await _until(lambda: target not in relayed.service.reservations or relayed.reservations.active == {})
     # the keeper notices and reserves again (its first retry is after 1 s)
     await _until(lambda: target in relayed.service.reservations and relayed.reservations.reserved.is_set(), 15.0)
+
+
+async def test_a_relayed_peer_no_relay_accepts_is_unreachable_until_one_does(relayed: Relayed) -> None:
+    """The client's p2pd serves no relay protocol: a peer relying on it alone cannot be reached and
+    gives no address (the daemon then announces itself offline); the fixture's target, with the
+    real relay, has one."""
+    client_maddr = next(str(m) for m in await relayed.client.get_visible_maddrs())
+    reach = Reachability("relayed", (client_maddr,))
+    p2p = await start_p2p(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[client_maddr], relays=[client_maddr])
+    lonely = Relaying(p2p, reach, first_reservation_timeout_s=1.0)
+    try:
+        await lonely.start({})
+        assert lonely.unreachable and lonely.active_relays() == ()
+        assert await dial_addresses(p2p, reach, lonely.active_relays()) == ()
+    finally:
+        await lonely.close()
+        await p2p.shutdown()
+    assert relayed.reservations.active_maddrs() == [relayed.relay_maddr]
+    served = Relaying(relayed.relay, Reachability("direct"))
+    assert not served.unreachable and served.active_relays() == ()  # a dialable peer needs no relay
