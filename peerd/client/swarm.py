@@ -168,6 +168,7 @@ class SwarmClient:
         )
 
     async def close(self) -> None:
+        await self.peers.aclose()
         await self.dht.shutdown()
         await self.p2p.shutdown()
 

@@ -43,6 +43,10 @@ class NextHops:
         self.uplink_bytes_per_s = 0.0  # 0: not measured yet
         self._round = 0
 
+    async def aclose(self) -> None:
+        await self.peers.aclose()
+        await self._uploads.aclose()
+
     async def measure(self, own_id: str, span: tuple[int, int]) -> None:
         """Probe the peers serving the block after ``span`` (RTTs), then time one upload."""
         start, end = span

@@ -326,6 +326,8 @@ class Peer:
                     await asyncio.wait_for(self.p2p.remove_binary_stream_handler(name), 2.0)
         if self.relaying is not None:
             await self.relaying.close()
+        if self.next_hops is not None:
+            await self.next_hops.aclose()
         if self.runtime is not None:
             await asyncio.to_thread(self.runtime.close, max(deadline_s, 1.0))
         if self.dht is not None and p2p_alive:

@@ -68,6 +68,8 @@ class PeerClient:
         self._dialled: set[str] = set()
         # how the last stream to each peer went: "direct", or "relay <relay peer id>" (peerd's relay)
         self.paths: dict[str, str] = {}
+        self._circuits: set[str] = set()  # relayed peers we dialled through their libp2p circuit
+        self._background: set[asyncio.Task[bool]] = set()
         # told (peer id, block-tokens, wall seconds) of every forward/backward answered: the speed a
         # client actually gets from a peer, network included (the Router weighs routes by it)
         self.observer: Callable[[str, int, float], None] | None = None
@@ -111,6 +113,26 @@ class PeerClient:
                 return []
         return relays
 
+    def _invite_hole_punch(self, peer_id: str) -> None:
+        """Connect to a relayed peer through its libp2p circuit, once and in the background.
+
+        No data goes that way (libp2p's circuits are reset after 128 KiB), but an inbound relayed
+        connection is what makes the peer's p2pd try hole punching (DCUtR); where the internet lets
+        it through, the next stream finds a direct connection and skips the relay.
+        """
+        if peer_id in self._circuits:
+            return
+        self._circuits.add(peer_id)
+        task = asyncio.create_task(self._connect(peer_id, self._addresses.get(peer_id, ())))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        """Cancel background dials (the P2P instance itself belongs to the caller)."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
     async def _open(self, peer_id: str, rpc: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         relays = await self._relays_to_use(peer_id)
         if not relays:
@@ -120,6 +142,7 @@ class PeerClient:
             )
             self.paths[peer_id] = "direct"
             return reader, writer
+        self._invite_hole_punch(peer_id)
         failure: Exception | None = None
         for relay, relay_maddr in relays:
             if relay not in self._dialled and await self._connect(relay, [relay_maddr.removesuffix(f"/p2p/{relay}")]):

@@ -283,6 +283,9 @@ def test_generation_between_three_nats_matches_local_greedy(nat_swarm: NatSwarm)
         for span in result["route"]:
             assert any(a.startswith(relay) and circuit in a for a in span["addrs"]), span
             assert result["paths"][span["peer_id"]] == f"relay {nat_swarm.info['boot']['peer_id']}"
+            # ... and a libp2p circuit connection, made so that p2pd may punch a hole (DCUtR; it never
+            # does on private addresses, so the streams above stay relayed here)
+            assert any("/p2p-circuit" in c for c in result["connections"][span["peer_id"]]), result["connections"]
 
 
 def test_public_peer_is_direct_and_mixes_with_a_relayed_hop(nat_swarm: NatSwarm) -> None:
