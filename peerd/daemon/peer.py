@@ -24,7 +24,7 @@ from peerd.daemon.nexthops import NextHops
 from peerd.daemon.placement import PlacedPeer, Placement, choose_placement, decide_move, recheck_after_joining
 from peerd.daemon.reachability import Reachability, dial_addresses, start_network
 from peerd.daemon.relaying import Relaying
-from peerd.daemon.routes import peer_routes, refresh_peer_gauges
+from peerd.daemon.routes import peer_app, refresh_peer_gauges
 from peerd.identity import IdentityLock, load_or_create_identity, lock_identity, peer_id_of_public_key
 from peerd.model.config import ModelConfig
 from peerd.model.loading import default_dtype_for, load_stage
@@ -40,7 +40,7 @@ from peerd.server.sessions import CacheBudget
 from peerd.swarm.addresses import listen_maddrs, rank_maddrs
 from peerd.swarm.dht import SwarmDHT, records_of
 from peerd.swarm.records import PeerState, ServerRecord, latest_per_peer, swarm_prefix
-from peerd.web.http import HttpServer
+from peerd.web.server import AsgiServer
 from protocols import PROTOCOL_VERSION, STREAM_DIALBACK
 
 __all__ = ["Peer"]
@@ -66,7 +66,7 @@ class Peer:
         self.servicer: BlockServicer | None = None
         self.hardware: Hardware | None = None
         self.capacity: Capacity | None = None
-        self.http: HttpServer | None = None
+        self.http: AsgiServer | None = None
         self.http_port: int | None = None
         self._private_key: RSAPrivateKey | None = None
         self.next_hops: NextHops | None = None  # RTTs to the peers after us (published for routing)
@@ -147,7 +147,7 @@ class Peer:
         await self.relaying.start(handlers)
         refresh_peer_gauges(self)
         if cfg.http_port is not None:
-            self.http = HttpServer(peer_routes(self))
+            self.http = AsgiServer(peer_app(self))
             self.http_port = await self.http.start(cfg.http_host, cfg.http_port)
         self.state = PeerState.ONLINE
         self.servicer.state = "online"

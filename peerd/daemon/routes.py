@@ -13,11 +13,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, Protocol
 
 from hivemind.p2p import P2P
 from prometheus_client import generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from peerd import __version__
 from peerd.config import PeerConfig
@@ -33,12 +39,12 @@ from peerd.server.metrics import PeerMetrics
 from peerd.swarm.dht import SwarmDHT
 from peerd.swarm.records import PeerState
 from peerd.swarm.status import status_from_views
-from peerd.web.http import HttpResponse, Route
 from peerd.web.view import SwarmView
 
-__all__ = ["API_CACHE_S", "DHT_READ_TIMEOUT_S", "peer_routes", "refresh_peer_gauges", "swarm_document"]
+__all__ = ["API_CACHE_S", "DHT_READ_TIMEOUT_S", "peer_app", "refresh_peer_gauges", "swarm_document"]
 
 logger = logging.getLogger(__name__)
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 API_CACHE_S = 2.0  # page refreshes and several viewers share one DHT read per this many seconds
 METRICS_VIEW_MAX_AGE_S = 10.0  # a scrape may show a swarm view this old (scrapes are 15 s apart)
@@ -99,9 +105,26 @@ _STATIC_TYPES = {
 }
 
 
-def _static(name: str) -> HttpResponse:
+def _static(name: str) -> Response:
     body = resources.files("peerd.web").joinpath("static", name).read_bytes()
-    return HttpResponse(body, _STATIC_TYPES[name], headers=_PAGE_HEADERS)
+    return Response(body, media_type=_STATIC_TYPES[name], headers=dict(_PAGE_HEADERS))
+
+
+class _NoStore:
+    """Every answer: never cached (it is live state) and never sniffed as another type."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"cache-control"]
+                headers += [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def refresh_peer_gauges(peer: ServingPeer) -> None:
@@ -173,8 +196,8 @@ async def swarm_document(peer: ServingPeer, rtt: RttProbe | None = None) -> dict
     return {"generated_at": time.time(), "self": _self_summary(peer), "models": [status]}
 
 
-def peer_routes(peer: ServingPeer) -> dict[str, Route]:
-    """Routes for one peer; each peer gets its own swarm cache and RTT probe (nothing global)."""
+def peer_app(peer: ServingPeer) -> ASGIApp:
+    """The peer's HTTP app; each peer gets its own swarm cache and RTT probe (nothing global)."""
     rtt: RttProbe | None = None
     if peer.p2p is not None:
         # the same info RPC a client uses
@@ -186,7 +209,7 @@ def peer_routes(peer: ServingPeer) -> dict[str, Route]:
 
     view = SwarmView(read, max_age_s=API_CACHE_S)
 
-    async def metrics() -> HttpResponse:
+    async def metrics(_: Request) -> Response:
         refresh_peer_gauges(peer)
         if peer.dht is not None:
             try:
@@ -198,27 +221,27 @@ def peer_routes(peer: ServingPeer) -> dict[str, Route]:
                 peer.metrics.set_swarm_view(
                     model["num_blocks"], model["peers"], [c["peers"] for c in model["coverage"]]
                 )
-        return HttpResponse(generate_latest(peer.metrics.registry), METRICS_CONTENT_TYPE)
+        return Response(generate_latest(peer.metrics.registry), headers={"content-type": METRICS_CONTENT_TYPE})
 
-    async def healthz() -> HttpResponse:
+    async def healthz(_: Request) -> Response:
         ok = peer.state is PeerState.ONLINE
-        return HttpResponse(b"ok\n" if ok else b"not ready\n", status=200 if ok else 503)
+        return Response(b"ok\n" if ok else b"not ready\n", status_code=200 if ok else 503, media_type="text/plain")
 
-    async def api_swarm() -> HttpResponse:
+    async def api_swarm(_: Request) -> Response:
         if peer.dht is None:
-            return HttpResponse(b'{"error": "not joined yet"}\n', "application/json", status=503)
+            return Response(b'{"error": "not joined yet"}\n', status_code=503, media_type="application/json")
         doc = await view.get()
-        return HttpResponse(json.dumps(doc).encode(), "application/json")
+        return Response(json.dumps(doc).encode(), media_type="application/json")
 
-    def static(name: str) -> Route:
+    def static(name: str) -> Endpoint:
         response = _static(name)  # read once: the files are small and never change while running
 
-        async def serve() -> HttpResponse:
+        async def serve(_: Request) -> Response:
             return response
 
         return serve
 
-    return {
+    paths: dict[str, Endpoint] = {
         "/": static("index.html"),
         "/index.html": static("index.html"),
         "/static/app.js": static("app.js"),
@@ -229,3 +252,4 @@ def peer_routes(peer: ServingPeer) -> dict[str, Route]:
         "/metrics": metrics,
         "/healthz": healthz,
     }
+    return _NoStore(Starlette(routes=[Route(path, endpoint, methods=["GET"]) for path, endpoint in paths.items()]))

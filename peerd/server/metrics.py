@@ -1,7 +1,8 @@
 """Prometheus metrics of one peer: one registry per Peer object (never module globals).
 
 Names follow Prometheus conventions: ``peerd_`` prefix, base units as suffixes (``_seconds``,
-``_bytes``), ``_total`` on counters (prometheus-client appends it). Label sets that are known in
+``_bytes``), ``_total`` on counters (prometheus-client appends it), no ``*_created`` series, and the
+standard ``process_*`` series for the process. Label sets that are known in
 advance (rpcs, token phases, error codes) are created at zero, so a dashboard query over a quiet
 peer returns 0 rather than nothing. docs/operating.md lists every series.
 """
@@ -14,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import disable_created_metrics as _disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -33,11 +35,11 @@ _REQUEST_BUCKETS_S = (*_LATENCY_BUCKETS_S, 60, 120, 300, 600)
 
 
 class _ProcessCollector(Collector):
-    """Resident memory, CPU time and threads of this process, read on each scrape.
+    """The standard ``process_*`` series (what stock dashboards and alerts expect), read on each scrape.
 
-    prometheus-client's own ProcessCollector reads /proc (Linux only) and is usually registered
-    globally; this one uses psutil (macOS and Windows volunteers too) and lives in the peer's
-    registry. Several peers in one process (tests) report the same process, which is the truth.
+    prometheus-client's own ProcessCollector reads /proc (Linux only); this one uses psutil, so
+    macOS and Windows volunteers get the same series, and lives in the peer's registry. Several
+    peers in one process (tests) report the same process, which is the truth.
     """
 
     def __init__(self) -> None:
@@ -48,18 +50,22 @@ class _ProcessCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         proc = self._process
         with proc.oneshot():
-            rss = float(proc.memory_info().rss)
+            memory = proc.memory_info()
             times = proc.cpu_times()
             threads = float(proc.num_threads())
-        yield GaugeMetricFamily(
-            "peerd_process_resident_memory_bytes", "Resident set size of the daemon process", value=rss
-        )
+            started = proc.create_time()
+            fds = float(proc.num_fds()) if hasattr(proc, "num_fds") else None
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size in bytes.", value=memory.rss)
+        yield GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory size in bytes.", value=memory.vms)
         yield CounterMetricFamily(
-            "peerd_process_cpu_seconds",
-            "User plus system CPU time of the daemon process",
-            value=times.user + times.system,
+            "process_cpu_seconds", "Total user and system CPU time spent in seconds.", value=times.user + times.system
         )
-        yield GaugeMetricFamily("peerd_process_threads", "OS threads of the daemon process", value=threads)
+        yield GaugeMetricFamily(
+            "process_start_time_seconds", "Start time of the process since unix epoch in seconds.", value=started
+        )
+        yield GaugeMetricFamily("process_threads", "Number of OS threads in the process.", value=threads)
+        if fds is not None:
+            yield GaugeMetricFamily("process_open_fds", "Number of open file descriptors.", value=fds)
 
 
 class PeerMetrics:
@@ -68,6 +74,9 @@ class PeerMetrics:
     time by ``peerd.daemon.routes``."""
 
     def __init__(self) -> None:
+        # no *_created series: they double every counter's series and no dashboard reads them
+        # (process-wide and idempotent; `peerd api` does the same)
+        _disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         # --- requests --------------------------------------------------------------------------
@@ -90,7 +99,7 @@ class PeerMetrics:
             "peerd_tokens_processed", "Tokens (x batch) through the hosted blocks, by phase", ["phase"], registry=r
         )
         self.errors = Counter(
-            "peerd_errors", "Protocol errors answered to clients, by code", ["code", "name"], registry=r
+            "peerd_errors", "Protocol errors answered to clients, by code name (e.g. cache_full)", ["code"], registry=r
         )
         self.bytes_in = Counter(
             "peerd_network_received_bytes", "Protocol frame bytes received by the RPC handlers", registry=r
@@ -156,7 +165,7 @@ class PeerMetrics:
         for phase in STEP_PHASES:
             self.step_latency.labels(phase=phase)
         for code in ErrorCode:
-            self.errors.labels(code=str(int(code)), name=code.name.lower())
+            self.errors.labels(code=code.name.lower())
         for phase in ("decode", "prefill"):
             self.throughput.labels(phase=phase)
         self.set_state("offline")
@@ -166,12 +175,12 @@ class PeerMetrics:
     # --- helpers the daemon calls ------------------------------------------------------------------
 
     def count_error(self, code: int) -> None:
-        """One error answered with ``code`` (unknown numbers are counted under name "unknown")."""
+        """One error answered with ``code``, labelled by its name (numbers we do not know: "unknown")."""
         try:
             name = ErrorCode(code).name.lower()
         except ValueError:
             name = "unknown"
-        self.errors.labels(code=str(int(code)), name=name).inc()
+        self.errors.labels(code=name).inc()
 
     def set_state(self, state: str) -> None:
         for s in PEER_STATES:

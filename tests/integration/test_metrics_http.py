@@ -1,5 +1,6 @@
 """The daemon's HTTP side on real in-process peers: /metrics counts what happened, the health page,
-its JSON API and the probe answer, and the tiny server refuses what it does not serve."""
+its JSON API and the probe answer, and the HTTP server (Starlette on uvicorn) refuses what it does
+not serve."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ NEW_TOKENS = 8
 async def http_request(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
     try:
-        writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
         data = await asyncio.wait_for(reader.read(), 15)  # the server closes after one response
     finally:
         writer.close()
@@ -109,12 +110,12 @@ async def test_metrics_count_tokens_sessions_bytes_and_errors(make_swarm) -> Non
         assert value(m, "peerd_swarm_blocks") == 6
         assert value(m, "peerd_swarm_blocks_uncovered") == 0
         assert [value(m, "peerd_swarm_block_servers", block=str(b)) for b in range(6)] == [1] * 6
-        assert value(m, "peerd_process_resident_memory_bytes") > 50e6
-        assert value(m, "peerd_process_cpu_seconds_total") > 0
+        assert value(m, "process_resident_memory_bytes") > 50e6
+        assert value(m, "process_cpu_seconds_total") > 0
         assert value(m, "peerd_rebalance_moves_total") == 0
-        wrong_model = value(m, "peerd_errors_total", code="200", name="wrong_model")
+        wrong_model = value(m, "peerd_errors_total", code="wrong_model")
         assert wrong_model == (1 if peer is with_error else 0)
-        assert value(m, "peerd_errors_total", code="300", name="cache_full") == 0
+        assert value(m, "peerd_errors_total", code="cache_full") == 0
 
 
 async def test_health_page_api_and_probe(make_swarm) -> None:
@@ -158,7 +159,10 @@ async def test_health_page_api_and_probe(make_swarm) -> None:
     assert status == 200 and body == b"" and int(headers["content-length"]) > 0
     assert (await http_request(port, "/nope"))[0] == 404
     assert (await http_request(port, "/metrics", method="POST"))[0] == 405
-    assert (await http_request(port, "/" + "x" * 20_000))[0] == 400  # request head over the 16 KiB limit
+    try:  # a request head far over h11's 16 KiB limit: refused, or cut off while still being sent
+        assert (await http_request(port, "/" + "x" * 200_000))[0] == 400
+    except ConnectionResetError:
+        pass
     assert (await http_request(port, "/metrics"))[0] == 200  # and the server keeps serving
 
 

@@ -28,7 +28,14 @@ SPANS = [(0, 2), (2, 4), (4, 6)]
 GENERATIONS = [([1, 5, 9, 23, 42, 7], 6), ([3, 1, 4, 1, 5], 9), ([17, 2, 200, 31], 4)]  # (prompt, new tokens)
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "peerd-swarm.json"
 # What Grafana substitutes before a query reaches Prometheus ($instance: the "All" regex).
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$__interval": "15s", "$instance": ".*"}
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__range": "1h",
+    "$__interval": "15s",
+    "$instance": ".*",
+    "$swarm": ".*",
+    "$model": ".*",
+}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +96,7 @@ async def test_prometheus_sees_the_tokens_the_swarm_generated(scraped_swarm) -> 
         prom.by_instance('sum by (instance) (peerd_inference_step_duration_seconds_count{phase="decode"})') == expected
     )
     assert prom.by_instance('peerd_requests_total{rpc="inference", outcome="ok"}') == dict.fromkeys(expected, 3.0)
-    assert prom.by_instance('peerd_errors_total{name="wrong_model"}') == {
+    assert prom.by_instance('peerd_errors_total{code="wrong_model"}') == {
         instance(p): 1.0 if p is peers[1] else 0.0 for p in peers
     }
     assert prom.by_instance('peerd_requests_total{rpc="info", outcome="wrong_model"}') == {instance(peers[1]): 1.0}
@@ -106,7 +113,7 @@ async def test_prometheus_sees_the_tokens_the_swarm_generated(scraped_swarm) -> 
     assert {(m["swarm"], m["deployment"], m["model"]) for m in info_labels} == {("public", "compose", "tiny")}
     for value in prom.by_instance("peerd_kv_cache_limit_bytes").values():
         assert value > 0
-    for value in prom.by_instance("peerd_process_resident_memory_bytes").values():
+    for value in prom.by_instance("process_resident_memory_bytes").values():
         assert 50e6 < value < 8e9
     for value in prom.by_instance("peerd_network_received_bytes_total").values():
         assert value > 4 * 64 * (prompt_tokens + decode_tokens)  # float32 hidden states of width 64

@@ -295,7 +295,7 @@ def test_dashboard_queries_name_only_exported_series(path: Path) -> None:
         assert panel["targets"], panel["title"]
         for t in panel["targets"]:
             exprs.append(t["expr"])
-            for name in re.findall(r"\b(peerd_[a-z0-9_]+)", t["expr"]):
+            for name in re.findall(r"\b((?:peerd|process)_[a-z0-9_]+)", t["expr"]):
                 assert name in exported, f"{panel['title']!r} queries {name}, which no peer exports"
             for var in re.findall(r"\$(\w+)", t["expr"]):
                 assert var in variables or var.startswith("__"), f"undeclared variable ${var}"
