@@ -18,6 +18,10 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "simulate":
+            from peerd.cli.simulate import cmd_simulate
+
+            return cmd_simulate(args)
         if args.command == "model":
             from peerd.cli.model import run_fetch_command
 

@@ -279,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_finetune_arguments(finetune)
 
+    simulate = sub.add_parser("simulate", help="simulate a large swarm with the real placement and routing code")
+    from peerd.cli.simulate import add_simulate_arguments
+
+    add_simulate_arguments(simulate)
+
     model = sub.add_parser("model", help="manage model files")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     fetch = model_sub.add_parser("fetch", help="download and convert the embedded default model (idempotent)")

@@ -7,17 +7,49 @@ re-exported here.
 
 from __future__ import annotations
 
-from peerd.client.adapters import ClientAdapter
-from peerd.client.autograd import RemoteBlocks
-from peerd.client.bans import BanList
-from peerd.client.generation import GenerationResult
-from peerd.client.pipeline import RemotePipeline
-from peerd.client.routing import Span
-from peerd.client.sampling import SamplingParams
-from peerd.client.session import InferenceSession
-from peerd.client.swarm import SwarmClient
-from peerd.client.verify import Incident
-from peerd.rpc.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable, SwarmConnectError
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from peerd.client.adapters import ClientAdapter
+    from peerd.client.autograd import RemoteBlocks
+    from peerd.client.bans import BanList
+    from peerd.client.generation import GenerationResult
+    from peerd.client.pipeline import RemotePipeline
+    from peerd.client.routing import Span
+    from peerd.client.sampling import SamplingParams
+    from peerd.client.session import InferenceSession
+    from peerd.client.swarm import SwarmClient
+    from peerd.client.verify import Incident
+    from peerd.rpc.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable, SwarmConnectError
+
+# Names load on first use (PEP 562), so importing one pure module of the package, such as
+# ``peerd.client.routing`` in the swarm simulator, does not pull in torch and hivemind.
+_HOMES = {
+    "BanList": "peerd.client.bans",
+    "ClientAdapter": "peerd.client.adapters",
+    "GenerationResult": "peerd.client.generation",
+    "Incident": "peerd.client.verify",
+    "InferenceSession": "peerd.client.session",
+    "NoRouteError": "peerd.rpc.errors",
+    "PeerError": "peerd.rpc.errors",
+    "PeerUnavailable": "peerd.rpc.errors",
+    "PeerdClientError": "peerd.rpc.errors",
+    "RemoteBlocks": "peerd.client.autograd",
+    "RemotePipeline": "peerd.client.pipeline",
+    "SamplingParams": "peerd.client.sampling",
+    "Span": "peerd.client.routing",
+    "SwarmClient": "peerd.client.swarm",
+    "SwarmConnectError": "peerd.rpc.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'peerd.client' has no attribute {name!r}")
+    return getattr(import_module(home), name)
+
 
 __all__ = [
     "BanList",

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from peerd.rpc.errors import NoRouteError
-from peerd.swarm.dht import BlockView, records_of
 from peerd.swarm.records import PeerState, ServerRecord, latest_per_peer
+from peerd.swarm.views import BlockView, records_of
 
 __all__ = ["Span", "hop_rate", "missing_blocks", "plan_inference_route", "plan_load_balanced_route", "servers_by_peer"]
 
@@ -74,42 +74,85 @@ def plan_inference_route(
         for r in servers.values()
         if r.peer_id not in banned and r.cache_tokens_free >= min_cache_tokens and r.decode_tokens_per_s > 0
     ]
-    # edges[s] = list of (e, cost_ms, record)
-    edges: dict[int, list[tuple[int, float, ServerRecord]]] = {}
-    for record in usable:
-        lo, hi = max(record.start, start), min(record.end, end)
-        per_block_ms = 1e3 / max(1e-6, speeds.get(record.peer_id, record.decode_tokens_per_s))
-        hop_ms = rtt_ms.get(record.peer_id, DEFAULT_HOP_MS)
-        for s in range(lo, hi):
-            for e in range(s + 1, hi + 1):
-                edges.setdefault(s, []).append((e, hop_ms + (e - s) * per_block_ms, record))
-    best: dict[int, float] = {start: 0.0}
-    back: dict[int, tuple[int, ServerRecord]] = {}
+    hops = [
+        _Hop(
+            r,
+            max(r.start, start),
+            min(r.end, end),
+            rtt_ms.get(r.peer_id, DEFAULT_HOP_MS),
+            1e3 / max(1e-6, speeds.get(r.peer_id, r.decode_tokens_per_s)),
+        )
+        for r in usable
+    ]
+    back = _shortest_paths([h for h in hops if h.lo < h.hi], start, end)
+    if end not in back and start != end:
+        missing = missing_blocks({r.peer_id: r for r in usable}, start, end)
+        raise NoRouteError(missing or list(range(start, end)))
+    route: list[Span] = []
+    node: _Node = end
+    while node != start:
+        entered: _Node = node
+        while not isinstance(back[entered], int):  # walk back inside the hop to where it was entered
+            entered = back[entered]
+        assert isinstance(node, int) and isinstance(entered, tuple)
+        prev = back[entered]
+        assert isinstance(prev, int)
+        route.append(Span(hops[entered[0]].record.peer_id, prev, node, hops[entered[0]].record))
+        node = prev
+    route.reverse()
+    return route
+
+
+@dataclass(frozen=True)
+class _Hop:
+    record: ServerRecord
+    lo: int  # the blocks of [start, end) it can run: [lo, hi)
+    hi: int
+    hop_ms: float
+    per_block_ms: float
+
+
+# A node is a block boundary (int) or (hop index, boundary): inside that hop, blocks done up to there.
+_Node = int | tuple[int, int]
+
+
+def _shortest_paths(hops: Sequence[_Hop], start: int, end: int) -> dict[_Node, _Node]:
+    """Dijkstra from boundary ``start``; returns each reached node's predecessor.
+
+    Riding peer P from boundary s to e costs P's hop plus (e - s) x its per-block time. Instead of
+    one edge per (s, e) pair -- O(L^2) per peer, which made a plan over thousands of peers take
+    seconds -- the graph enters P (hop + one block), steps inside P one block at a time and may
+    leave at any boundary for free: O(L) per peer, and every path costs exactly the same.
+    """
+    entries: dict[int, list[int]] = {}
+    for index, hop in enumerate(hops):
+        for s in range(hop.lo, hop.hi):
+            entries.setdefault(s, []).append(index)
+    best: dict[_Node, float] = {start: 0.0}
+    back: dict[_Node, _Node] = {}
     tie = itertools.count()
-    heap = [(0.0, next(tie), start)]
+    heap: list[tuple[float, int, _Node]] = [(0.0, next(tie), start)]
+
+    def relax(node: _Node, cost: float, prev: _Node) -> None:
+        if cost < best.get(node, float("inf")):
+            best[node], back[node] = cost, prev
+            heapq.heappush(heap, (cost, next(tie), node))
+
     while heap:
         cost, _, node = heapq.heappop(heap)
         if node == end:
             break
         if cost > best.get(node, float("inf")):
             continue
-        for e, edge_cost, record in edges.get(node, ()):
-            total = cost + edge_cost
-            if total < best.get(e, float("inf")):
-                best[e] = total
-                back[e] = (node, record)
-                heapq.heappush(heap, (total, next(tie), e))
-    if end not in back and start != end:
-        missing = missing_blocks({r.peer_id: r for r in usable}, start, end)
-        raise NoRouteError(missing or list(range(start, end)))
-    route: list[Span] = []
-    node = end
-    while node != start:
-        prev, record = back[node]
-        route.append(Span(record.peer_id, prev, node, record))
-        node = prev
-    route.reverse()
-    return route
+        if isinstance(node, int):
+            for index in entries.get(node, ()):
+                relax((index, node + 1), cost + hops[index].hop_ms + hops[index].per_block_ms, node)
+        else:
+            index, boundary = node
+            relax(boundary, cost, node)
+            if boundary < hops[index].hi:
+                relax((index, boundary + 1), cost + hops[index].per_block_ms, node)
+    return back
 
 
 def hop_rate(record: ServerRecord, blocks: int, bytes_per_token: int) -> float:

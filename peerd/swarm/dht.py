@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import CompositeValidator
@@ -17,28 +16,13 @@ from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from peerd.swarm.records import PeerState, ServerRecord, block_uid
+from peerd.swarm.records import ServerRecord, block_uid
 from peerd.swarm.validation import make_validators, owner_subkey
+from peerd.swarm.views import BlockView, records_of
 
 __all__ = ["BlockView", "SwarmDHT", "records_of"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BlockView:
-    """What the DHT says about one block: the live records of the peers that serve it."""
-
-    index: int
-    records: tuple[ServerRecord, ...]
-
-    def online(self) -> tuple[ServerRecord, ...]:
-        return tuple(r for r in self.records if r.state is PeerState.ONLINE)
-
-
-def records_of(views: Iterable[BlockView]) -> Iterator[ServerRecord]:
-    """Every record of every view (a peer appears once per block it serves)."""
-    return (r for view in views for r in view.records)
 
 
 class SwarmDHT:

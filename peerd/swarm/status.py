@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from peerd.swarm.dht import BlockView, records_of
 from peerd.swarm.records import PeerState, latest_per_peer
+from peerd.swarm.views import BlockView, records_of
 
 __all__ = ["block_ranges", "status_from_views"]
 

@@ -1,0 +1,280 @@
+"""The event loop: peers join, place, rebalance and leave; clients open requests and fail over.
+
+Time advances in ticks of ``tick_s``. Discrete events (a peer joining, re-checking, moving,
+leaving, a crashed peer's record expiring, a client's failover) fire from a heap at their exact
+times; between them, requests progress as a fluid (``sessions.py``). Everything random comes from
+one seeded generator, so a seed gives the same run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from peerd.sim.clients import SimClient
+from peerd.sim.config import SimConfig
+from peerd.sim.sessions import Sessions
+from peerd.sim.swarm import PeerPhase, SimPeer, SimSwarm
+from peerd.sim.traffic import Request, Traffic
+
+__all__ = ["SimResult", "Simulation"]
+
+SAMPLE_S = 60.0  # one point of the time series per simulated minute
+
+
+@dataclass
+class SimResult:
+    summary: dict[str, Any]
+    series: dict[str, list[float]]
+
+
+class Simulation(Traffic):
+    """One run of ``config``; ``run()`` returns the summary and the per-minute series."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.cfg = config
+        self.rng = random.Random(config.seed)
+        self.gen = np.random.default_rng(config.seed)
+        self.swarm = SimSwarm(config, self.rng)
+        self.sessions = Sessions(config)
+        self.clients = [
+            SimClient(self.swarm, float(self.gen.random()), float(self.gen.random()), self.rng)
+            for _ in range(config.clients)
+        ]
+        self.requests: dict[int, Request] = {}
+        self.on_peer = np.zeros(0, dtype=np.int64)  # sessions holding a cache slot per peer
+        self._events: list[tuple[float, int, str, tuple[Any, ...]]] = []
+        self._seq = itertools.count()
+        self.online_tps = 0.0  # sum of decode speed over ONLINE peers (the bound's capacity)
+        self.now = 0.0
+        self.arrival_rate = 0.0
+        self.stats = {"requests": 0, "completed": 0, "failed": 0, "refusals": 0, "failovers": 0}
+        self.stalls: list[float] = []
+        self.series: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "t_s",
+                "tokens_per_s",
+                "bound_tokens_per_s",
+                "gap_blocks",
+                "failed",
+                "stalled",
+                "moves",
+                "dht_msgs_per_peer_per_min",
+                "peers",
+            )
+        }
+
+    # --- events --------------------------------------------------------------------------------
+    def at(self, when: float, kind: str, *args: Any) -> None:
+        heapq.heappush(self._events, (when, next(self._seq), kind, args))
+
+    def _fire(self, kind: str, args: tuple[Any, ...]) -> None:
+        getattr(self, f"_on_{kind}")(*args)
+
+    def _on_join(self, peer: SimPeer) -> None:
+        # the daemon waits a random jitter so peers started together see each other
+        self.at(self.now + self.rng.uniform(0, self.cfg.placement_jitter_s), "place", peer)
+
+    def _on_place(self, peer: SimPeer) -> None:
+        if peer.phase is PeerPhase.GONE:
+            return
+        choice = self.swarm.choose(peer)
+        self.swarm.publish(peer, choice.start, choice.end, self.cfg.sessions_per_peer)
+        self.at(self.now + self.cfg.placement_settle_s * self.rng.uniform(1.0, 1.5), "recheck", peer, 3)
+
+    def _on_recheck(self, peer: SimPeer, left: int) -> None:
+        if peer.phase is PeerPhase.GONE:
+            return
+        move = self.swarm.recheck(peer)
+        if move is not None:
+            self.swarm.publish(peer, move.start, move.end, self.cfg.sessions_per_peer)
+        if left > 1:
+            self.at(self.now + self.cfg.placement_settle_s * self.rng.uniform(1.0, 1.5), "recheck", peer, left - 1)
+        else:
+            self.at(self.now + peer.length * self.cfg.block_load_s, "online", peer)
+
+    def _on_online(self, peer: SimPeer) -> None:
+        if peer.phase is PeerPhase.GONE:
+            return
+        peer.phase = PeerPhase.ONLINE
+        self.online_tps += peer.decode_tps
+        self.swarm.refresh_record(peer, self.cfg.sessions_per_peer)
+        self._schedule_rebalance(peer)
+
+    def _schedule_rebalance(self, peer: SimPeer) -> None:
+        if self.cfg.rebalance_period_s > 0:
+            self.at(self.now + self.cfg.rebalance_period_s * self.rng.uniform(0.8, 1.2), "rebalance", peer)
+
+    def _on_rebalance(self, peer: SimPeer) -> None:
+        if peer.phase is not PeerPhase.ONLINE:
+            return
+        move = self.swarm.rebalance(peer)
+        if move is None:
+            self._schedule_rebalance(peer)
+            return
+        new_blocks = sum(1 for b in range(move.start, move.end) if not peer.start <= b < peer.end)
+        self.at(self.now + new_blocks * self.cfg.block_load_s, "switch", peer, move.start, move.end)
+
+    def _on_switch(self, peer: SimPeer, start: int, end: int) -> None:
+        if peer.phase is not PeerPhase.ONLINE:
+            return
+        self.swarm.moves += 1
+        self._hand_back(peer, crashed=False)  # its sessions are drained and handed back
+        self.swarm.publish(peer, start, end, self.cfg.sessions_per_peer)
+        self._schedule_rebalance(peer)
+
+    def _on_leave(self, peer: SimPeer) -> None:
+        if peer.phase is PeerPhase.GONE:
+            return
+        crashed = self.rng.random() < self.cfg.crash_fraction
+        if peer.phase is PeerPhase.ONLINE:
+            self.online_tps -= peer.decode_tps
+        peer.phase = PeerPhase.GONE
+        if crashed:  # the record stays until it expires: between 1 and 2 announce periods from now
+            period = self.cfg.announce_period_s
+            self.at(self.now + self.rng.uniform(period, 2 * period), "expire", peer)
+        else:
+            self.swarm.unpublish(peer)
+        self._hand_back(peer, crashed=crashed)
+        self.at(self.now + self.gen.exponential(self._churn_gap_s()), "leave", self._random_alive())
+        self.at(self.now, "join", self.swarm.new_peer(self.gen))  # churn keeps the swarm's size
+
+    def _on_expire(self, peer: SimPeer) -> None:
+        self.swarm.unpublish(peer)
+
+    def _churn_gap_s(self) -> float:
+        return 3600.0 / max(1e-9, self.cfg.churn_per_hour * self.cfg.peers)
+
+    def _random_alive(self) -> SimPeer:
+        alive = [p for p in self.swarm.peers[-4 * self.cfg.peers :] if p.phase is not PeerPhase.GONE]
+        return self.rng.choice(alive)
+
+    # --- the loop --------------------------------------------------------------------------------
+    def run(self, progress: Any = None) -> SimResult:
+        """Warm up (the first peers join), then simulate ``duration_s``; ``progress(done_fraction)``
+        is called every simulated minute."""
+        cfg, started = self.cfg, time.monotonic()
+        for _ in range(cfg.peers):
+            self.at(self.rng.uniform(0, cfg.warmup_s * 0.5), "join", self.swarm.new_peer(self.gen))
+        if cfg.churn_per_hour > 0:
+            self.at(cfg.warmup_s + self.gen.exponential(self._churn_gap_s()), "churn")
+        end, ticks = cfg.warmup_s + cfg.duration_s, 0
+        totals = {"delivered": 0.0, "bound": 0.0}
+        window = {"delivered": 0.0, "bound": 0.0, "failed": 0.0}
+        while self.now < end:
+            self.now = cfg.tick_s * ticks
+            ticks += 1
+            while self._events and self._events[0][0] <= self.now:
+                _, _, kind, args = heapq.heappop(self._events)
+                self._fire(kind, args)
+            if self.now < cfg.warmup_s:
+                continue
+            if self.arrival_rate == 0.0:
+                self.arrival_rate = self._base_arrival_rate()
+            self._announce_tick(ticks)
+            self._arrivals()
+            delivered, done = self.sessions.advance(self.now, cfg.tick_s, len(self.swarm.peers))
+            for row in done:
+                self._finish(int(row), failed=False)
+            bound = min(cfg.batch_gain * self.online_tps / cfg.num_blocks, self.sessions.demand())
+            for acc in (totals, window):
+                acc["delivered"] += delivered
+                acc["bound"] += bound * cfg.tick_s
+            if (self.now - cfg.warmup_s) % SAMPLE_S < cfg.tick_s and self.now > cfg.warmup_s:
+                self._sample(window)
+                if progress is not None:
+                    progress((self.now - cfg.warmup_s) / cfg.duration_s)
+        return SimResult(self._summary(totals, time.monotonic() - started), self.series)
+
+    def _on_churn(self) -> None:
+        self._on_leave(self._random_alive())
+        self.at(self.now + self.gen.exponential(self._churn_gap_s()), "churn")
+
+    def _base_arrival_rate(self) -> float:
+        """Requests/s that offer ``load`` x the central bound's capacity (decode-equivalent tokens)."""
+        cfg = self.cfg
+        per_request = (1 - cfg.forward_fraction) * cfg.session_tokens + cfg.forward_fraction * (
+            cfg.forward_tokens / cfg.prefill_gain
+        )
+        return cfg.load * cfg.batch_gain * self.online_tps / cfg.num_blocks / per_request
+
+    def _arrivals(self) -> None:
+        cfg, rate = self.cfg, self.arrival_rate
+        if cfg.spike_start_s <= self.now - cfg.warmup_s < cfg.spike_start_s + cfg.spike_duration_s:
+            rate *= cfg.spike_factor
+        for _ in range(int(self.gen.poisson(rate * cfg.tick_s))):
+            self._on_arrive()
+
+    def _announce_tick(self, tick: int) -> None:
+        """Every peer re-announces each period: its records' stores, and a fresh free-cache figure
+        (peers are spread over the period, one slice per tick)."""
+        cfg = self.cfg
+        slices = max(1, round(cfg.announce_period_s / cfg.tick_s))
+        self.swarm.dht_stores += int(self.swarm.records_in_dht / slices)
+        if self.on_peer.size < len(self.swarm.peers):
+            self.on_peer = np.concatenate([self.on_peer, np.zeros(len(self.swarm.peers) - self.on_peer.size, np.int64)])
+        for peer in self.swarm.peers[tick % slices :: slices]:
+            if peer.in_dht and peer.phase is PeerPhase.ONLINE:
+                free = max(0, cfg.sessions_per_peer - int(self.on_peer[peer.idx]))
+                self.swarm.refresh_record(peer, free)
+
+    def _dht_messages(self) -> float:
+        """Messages so far: each get or store is one Kademlia lookup of about log2(N) hops plus the
+        request itself (the model is in docs/scale.md)."""
+        alive = max(2, sum(1 for p in self.swarm.peers if p.phase is not PeerPhase.GONE))
+        return (self.swarm.dht_gets + self.swarm.dht_stores) * (math.ceil(math.log2(alive)) + 1)
+
+    def _sample(self, window: dict[str, float]) -> None:
+        cfg, s = self.cfg, self.series
+        online = [p for p in self.swarm.peers if p.phase is PeerPhase.ONLINE]
+        cover = np.zeros(cfg.num_blocks + 1)
+        np.add.at(cover, [p.start for p in online], 1)
+        np.add.at(cover, [p.end for p in online], -1)
+        messages = self._dht_messages()
+        previous = getattr(self, "_messages_before", 0.0)
+        self._messages_before = messages
+        s["t_s"].append(self.now - cfg.warmup_s)
+        s["tokens_per_s"].append(window["delivered"] / SAMPLE_S)
+        s["bound_tokens_per_s"].append(window["bound"] / SAMPLE_S)
+        s["gap_blocks"].append(float((np.cumsum(cover)[:-1] == 0).sum()))
+        s["failed"].append(float(self.stats["failed"]))
+        s["stalled"].append(float(sum(1 for r in self.requests.values() if r.stalled_since is not None)))
+        s["moves"].append(float(self.swarm.moves))
+        s["dht_msgs_per_peer_per_min"].append((messages - previous) / max(1, len(online)) / (SAMPLE_S / 60))
+        s["peers"].append(float(len(online)))
+        window.update(delivered=0.0, bound=0.0, failed=0.0)
+
+    def _summary(self, totals: dict[str, float], wall_s: float) -> dict[str, Any]:
+        cfg, stats = self.cfg, self.stats
+        ended = stats["completed"] + stats["failed"]
+        minutes = cfg.duration_s / 60
+        dht = self.series["dht_msgs_per_peer_per_min"]
+        stalls = np.array(self.stalls) if self.stalls else np.zeros(1)
+        return {
+            "throughput_ratio_to_bound": totals["delivered"] / totals["bound"] if totals["bound"] else 0.0,
+            "failed_request_fraction": stats["failed"] / ended if ended else 0.0,
+            "p99_stall_s": float(np.percentile(stalls, 99)),
+            "dht_messages_per_peer_per_min": float(np.mean(dht)) if dht else 0.0,
+            "wall_s": wall_s,
+            "tokens_per_s": totals["delivered"] / cfg.duration_s,
+            "bound_tokens_per_s": totals["bound"] / cfg.duration_s,
+            "requests": stats["requests"],
+            "completed": stats["completed"],
+            "failed": stats["failed"],
+            "refusals_cache_full": stats["refusals"],
+            "failovers": stats["failovers"],
+            "median_stall_s": float(np.median(stalls)),
+            "block_moves_per_hour": self.swarm.moves / (cfg.duration_s / 3600),
+            "mean_gap_blocks": float(np.mean(self.series["gap_blocks"])) if self.series["gap_blocks"] else 0.0,
+            "dht_records_read_per_peer_per_min": self.swarm.dht_records_read / max(1, cfg.peers) / minutes,
+            "route_plans": sum(c.plans for c in self.clients),
+            "config": dict(vars(cfg)),
+        }

@@ -1,0 +1,203 @@
+"""The simulated peers and what the DHT says about them; every placement decision is the daemon's.
+
+Placement reads the DHT and sums throughput per block. With thousands of peers the simulator hands
+the real functions an *equivalent* swarm instead of one entry per peer: one pseudo-peer per block
+carrying that block's total (``block_throughputs`` is a sum, so totals -- all that
+``choose_placement`` and ``decide_move`` look at -- are unchanged), plus the individual peers whose
+identity matters (``me``, and for ``recheck_after_joining`` the smallest-id peer overlapping me,
+which decides whether I must yield). Pseudo-peer ids start with "~", which sorts after every real
+id, so they are never anyone's rival.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import random
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from peerd.daemon.placement import PlacedPeer, Placement, choose_placement, decide_move, recheck_after_joining
+from peerd.sim.config import SimConfig
+from peerd.swarm.records import PeerState, ServerRecord
+
+__all__ = ["PeerPhase", "SimPeer", "SimSwarm"]
+
+
+class PeerPhase(enum.Enum):
+    JOINING = "joining"  # placed, announced, loading: not serving yet
+    ONLINE = "online"
+    GONE = "gone"  # left or crashed (a crashed peer's record lingers until it expires)
+
+
+@dataclass
+class SimPeer:
+    idx: int
+    peer_id: str
+    decode_tps: float
+    length: int  # blocks that fit its memory
+    uplink_bytes_per_s: float
+    x: float
+    y: float
+    phase: PeerPhase = PeerPhase.JOINING
+    start: int = 0
+    end: int = 0
+    in_dht: bool = False  # others can read a record of it (JOINING, ONLINE, or crashed but unexpired)
+    record: ServerRecord | None = None
+
+    def placed(self) -> PlacedPeer:
+        return PlacedPeer(self.peer_id, self.start, self.end, self.decode_tps)
+
+
+class SimSwarm:
+    """All peers ever created, the per-block throughput the DHT shows, and the DHT's traffic counters."""
+
+    def __init__(self, config: SimConfig, rng: random.Random) -> None:
+        self.config = config
+        self.rng = rng
+        self.peers: list[SimPeer] = []
+        self.totals = np.zeros(config.num_blocks)  # decode tok/s per block over records in the DHT
+        self._cover: list[list[int]] = [[] for _ in range(config.num_blocks)]  # heaps of peer idx (lazy)
+        self.version = 0  # bumped whenever a record others can read changes
+        self.moves = 0
+        self.dht_gets = 0  # key reads (each one Kademlia lookup)
+        self.dht_records_read = 0  # records those reads returned
+        self.dht_stores = 0
+        self.records_in_dht = 0  # one record per hosted block
+
+    # --- population --------------------------------------------------------------------------
+    def new_peer(self, gen: np.random.Generator) -> SimPeer:
+        cfg = self.config
+        idx = len(self.peers)
+        length = int(
+            np.clip(round(gen.lognormal(np.log(cfg.blocks_fit_median), cfg.blocks_fit_sigma)), 1, cfg.num_blocks)
+        )
+        peer = SimPeer(
+            idx=idx,
+            peer_id=f"p{idx:07d}",
+            decode_tps=float(gen.lognormal(np.log(cfg.decode_tps_median), cfg.decode_tps_sigma)),
+            length=length,
+            uplink_bytes_per_s=float(gen.lognormal(np.log(cfg.uplink_bytes_per_s_median), cfg.uplink_sigma)),
+            x=float(gen.random()),
+            y=float(gen.random()),
+        )
+        self.peers.append(peer)
+        return peer
+
+    def alive(self) -> list[SimPeer]:
+        return [p for p in self.peers if p.phase is not PeerPhase.GONE]
+
+    # --- what the DHT shows ------------------------------------------------------------------
+    def publish(self, peer: SimPeer, start: int, end: int, cache_free_sessions: int) -> None:
+        """``peer`` announces blocks [start, end) (replacing whatever it announced before)."""
+        if peer.in_dht:
+            self.totals[peer.start : peer.end] -= peer.decode_tps
+            self.records_in_dht -= peer.end - peer.start
+        peer.start, peer.end, peer.in_dht = start, end, True
+        self.records_in_dht += end - start
+        self.totals[start:end] += peer.decode_tps
+        for block in range(start, end):
+            heapq.heappush(self._cover[block], peer.idx)
+        self.refresh_record(peer, cache_free_sessions)
+        self.dht_stores += end - start
+
+    def refresh_record(self, peer: SimPeer, cache_free_sessions: int) -> None:
+        state = PeerState.ONLINE if peer.phase is not PeerPhase.JOINING else PeerState.JOINING
+        tokens = cache_free_sessions * self.config.session_tokens
+        if peer.record is None:
+            peer.record = ServerRecord(
+                peer_id=peer.peer_id,
+                state=state,
+                start=peer.start,
+                end=peer.end,
+                decode_tokens_per_s=peer.decode_tps,
+                prefill_tokens_per_s=peer.decode_tps * self.config.prefill_gain,
+                device="sim",
+                memory_total_bytes=0,
+                memory_free_bytes=0,
+                dtype="float16",
+                cache_tokens_free=tokens,
+                protocol_version=(1, 0),
+                package_version="sim",
+                uplink_bytes_per_s=peer.uplink_bytes_per_s,
+            )
+        else:
+            peer.record = replace(peer.record, state=state, start=peer.start, end=peer.end, cache_tokens_free=tokens)
+        self.version += 1
+
+    def unpublish(self, peer: SimPeer) -> None:
+        """The record is gone: an OFFLINE announce (graceful) or expiry (crash)."""
+        if peer.in_dht:
+            self.totals[peer.start : peer.end] -= peer.decode_tps
+            self.records_in_dht -= peer.end - peer.start
+            peer.in_dht = False
+            self.version += 1
+
+    def view(self) -> dict[str, ServerRecord]:
+        """What a client's DHT read returns now: online records by peer id (expired ones are gone)."""
+        return {
+            p.peer_id: p.record
+            for p in self.peers
+            if p.in_dht and p.record is not None and p.record.state is PeerState.ONLINE
+        }
+
+    def count_full_read(self) -> None:
+        """One reader fetched every block key (placement, a rebalance check, a client's view)."""
+        self.dht_gets += self.config.num_blocks
+        self.dht_records_read += self.records_in_dht
+
+    # --- the daemon's decisions (the real functions) -----------------------------------------
+    def _equivalent(self, *individual: SimPeer) -> list[PlacedPeer]:
+        """The swarm as placement sees it: per-block pseudo-peers for everyone but ``individual``."""
+        totals = self.totals.copy()
+        for peer in individual:
+            if peer.in_dht:
+                totals[peer.start : peer.end] -= peer.decode_tps
+        return [PlacedPeer(f"~{b:05d}", b, b + 1, float(max(0.0, t))) for b, t in enumerate(totals)]
+
+    def choose(self, peer: SimPeer) -> Placement:
+        self.count_full_read()
+        return choose_placement(
+            self._equivalent(peer),
+            num_blocks=self.config.num_blocks,
+            length=peer.length,
+            tokens_per_s=peer.decode_tps,
+            rng=self.rng,
+        )
+
+    def recheck(self, peer: SimPeer) -> Placement | None:
+        self.count_full_read()
+        rival = self._smallest_overlapping(peer)
+        individual = [peer] if rival is None else [peer, rival]
+        peers = [*self._equivalent(*individual), *(p.placed() for p in individual)]
+        return recheck_after_joining(peers, peer.placed(), num_blocks=self.config.num_blocks, rng=self.rng)
+
+    def rebalance(self, peer: SimPeer) -> Placement | None:
+        self.count_full_read()
+        peers = [*self._equivalent(peer), peer.placed()]
+        return decide_move(
+            peers,
+            peer.placed(),
+            num_blocks=self.config.num_blocks,
+            threshold=self.config.rebalance_threshold,
+            rng=self.rng,
+        )
+
+    def _smallest_overlapping(self, me: SimPeer) -> SimPeer | None:
+        best: SimPeer | None = None
+        for block in range(me.start, me.end):
+            heap, mine = self._cover[block], []
+            while heap:
+                other = self.peers[heap[0]]
+                if not (other.in_dht and other.start <= block < other.end):
+                    heapq.heappop(heap)  # stale: that peer left this block or the DHT
+                elif other is me:
+                    mine.append(heapq.heappop(heap))
+                else:
+                    if best is None or other.idx < best.idx:
+                        best = other
+                    break
+            for idx in mine:
+                heapq.heappush(heap, idx)
+        return best

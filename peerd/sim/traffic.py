@@ -1,0 +1,138 @@
+"""Requests from the simulated clients: open on a planned route, fail over, finish or fail.
+
+A refused open (``CACHE_FULL``) bans that peer for the request and re-plans, as the SDK does. A
+peer that drains (a graceful stop or a move) hands its sessions back at once; a crashed one is
+noticed only when the step deadline (``crash_detect_s``) passes. Then the client re-plans just
+that hop's blocks, without the failed peer, on its last view; a request that finds no route for
+``failover_timeout_s`` fails.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from peerd.client.routing import Span
+from peerd.rpc.errors import NoRouteError
+from peerd.sim.clients import SimClient
+from peerd.sim.config import SimConfig
+from peerd.sim.sessions import Sessions
+from peerd.sim.swarm import SimPeer, SimSwarm
+
+__all__ = ["Request", "Traffic"]
+
+MAX_REFUSALS = 8  # opens refused with CACHE_FULL before a request waits for the next view
+
+
+@dataclass
+class Request:
+    client: SimClient
+    forward: bool
+    route: list[tuple[Span, SimPeer, float]] = field(default_factory=list)
+    banned: set[str] = field(default_factory=set)
+    stalled_since: float | None = None  # no progress since (waiting for a route or a failover)
+    failed_hop: int | None = None  # the hop being replaced, or None for the whole route
+
+
+class Traffic:
+    """The request half of the simulation (``Simulation`` adds the peers' events and the loop)."""
+
+    cfg: SimConfig
+    rng: random.Random
+    gen: np.random.Generator
+    swarm: SimSwarm
+    sessions: Sessions
+    clients: list[SimClient]
+    requests: dict[int, Request]
+    on_peer: np.ndarray
+    now: float
+    stats: dict[str, int]
+    stalls: list[float]
+
+    def at(self, when: float, kind: str, *args: Any) -> None:
+        raise NotImplementedError
+
+    def _on_arrive(self) -> None:
+        client = self.rng.choice(self.clients)
+        forward = self.rng.random() < self.cfg.forward_fraction
+        tokens = self.cfg.forward_tokens if forward else self.cfg.session_tokens
+        row = self.sessions.open(tokens, 1.0 / self.cfg.prefill_gain if forward else 1.0)
+        self.requests[row] = Request(client, forward, stalled_since=self.now)
+        self.stats["requests"] += 1
+        self._route_or_wait(row)
+
+    def _plan(self, request: Request, start: int, end: int) -> list[Span]:
+        if request.forward:
+            return request.client.plan_forward(request.banned)
+        return request.client.plan(start, end, self.cfg.session_tokens, request.banned)
+
+    def _route_or_wait(self, row: int) -> None:
+        """Find (part of) a route for ``row``; wait for the next tick if there is none yet."""
+        request = self.requests[row]
+        request.client.refresh(self.now)
+        hop = request.failed_hop
+        first, last = 0, self.cfg.num_blocks
+        if hop is not None and not request.forward:  # only the failed hop's blocks are re-planned
+            first, last = request.route[hop][0].start, request.route[hop][0].end
+        for _ in range(MAX_REFUSALS):
+            try:
+                spans = self._plan(request, first, last)
+            except NoRouteError:
+                break
+            full = next((s for s in spans if self.on_peer[int(s.peer_id[1:])] >= self.cfg.sessions_per_peer), None)
+            if full is None:
+                self._install(row, request, spans)
+                return
+            self.stats["refusals"] += 1  # CACHE_FULL: ban it for this request, plan again
+            request.banned.add(full.peer_id)
+        assert request.stalled_since is not None
+        if self.now - request.stalled_since >= self.cfg.failover_timeout_s:
+            self._finish(row, failed=True)
+        else:
+            self.at(self.now + self.cfg.tick_s, "retry", row)
+
+    def _install(self, row: int, request: Request, spans: list[Span]) -> None:
+        hops = [(s, self.swarm.peers[int(s.peer_id[1:])], request.client.rtt[s.peer_id]) for s in spans]
+        for _, peer, _ in request.route:
+            self.on_peer[peer.idx] -= 1
+        hop = request.failed_hop
+        if hop is not None and not request.forward:
+            hops = [*request.route[:hop], *hops, *request.route[hop + 1 :]]
+        request.route, request.failed_hop = hops, None
+        for _, peer, _ in hops:
+            self.on_peer[peer.idx] += 1
+        self.sessions.set_route(row, hops, forward=request.forward)
+        self.sessions.resume_at[row] = self.now
+        if request.stalled_since is not None:
+            self.stalls.append(self.now - request.stalled_since)
+            request.stalled_since = None
+
+    def _on_retry(self, row: int) -> None:
+        if row in self.requests:
+            self._route_or_wait(row)
+
+    def _hand_back(self, peer: SimPeer, *, crashed: bool) -> None:
+        """Every request with a hop on ``peer`` stops and fails over after the detection delay."""
+        delay = self.cfg.crash_detect_s if crashed else self.cfg.handover_s
+        for row in self.sessions.on_peer(peer.idx):
+            request = self.requests[int(row)]
+            request.failed_hop = next(i for i, (_, p, _) in enumerate(request.route) if p is peer)
+            request.banned.add(peer.peer_id)
+            if request.stalled_since is None:
+                request.stalled_since = self.now
+            self.sessions.resume_at[row] = np.inf
+            self.stats["failovers"] += 1
+            self.at(self.now + delay, "retry", int(row))
+
+    def _finish(self, row: int, *, failed: bool) -> None:
+        request = self.requests.pop(row)
+        for _, peer, _ in request.route:
+            self.on_peer[peer.idx] -= 1
+        if failed and request.stalled_since is not None:
+            self.stalls.append(self.now - request.stalled_since)
+        self.sessions.active[row] = False
+        self.sessions.peer[row] = -1
+        self.stats["failed" if failed else "completed"] += 1

@@ -1,0 +1,80 @@
+"""The swarm simulator: deterministic, free of the network stack, and its findings kept as checks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from peerd.cli.main import main
+from peerd.client.routing import plan_inference_route
+from peerd.sim import SimConfig, Simulation
+from peerd.swarm.records import PeerState, ServerRecord
+
+SMALL = SimConfig(peers=30, duration_s=600.0, warmup_s=120.0, churn_per_hour=0.3, clients=4, seed=7)
+
+
+def _record(peer_id: str, start: int, end: int, tps: float) -> ServerRecord:
+    return ServerRecord(peer_id, PeerState.ONLINE, start, end, tps, tps, "cpu", 0, 0, "float32", 1000, (1, 0), "t")
+
+
+def test_same_seed_same_run_and_another_seed_differs() -> None:
+    first = Simulation(SMALL).run().summary
+    again = Simulation(SMALL).run().summary
+    other = Simulation(SimConfig(**{**vars(SMALL), "seed": 8})).run().summary
+    for summary in (first, again, other):
+        summary.pop("wall_s")
+    assert first == again
+    assert first != other
+    assert first["requests"] > 50 and first["completed"] > 0
+
+
+def test_the_simulator_does_not_load_torch_or_hivemind() -> None:
+    code = (
+        "import sys, peerd.sim, peerd.cli.simulate; print(sorted(m for m in ('torch', 'hivemind') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_routes_cost_what_the_exhaustive_dynamic_programme_finds() -> None:
+    """The O(L)-per-peer graph gives the same cost as trying every (start, end) ride of every peer."""
+    rng = random.Random(3)
+    for _ in range(30):
+        servers = {}
+        for i in range(rng.randint(1, 25)):
+            start = rng.randrange(12)
+            servers[f"p{i}"] = _record(f"p{i}", start, rng.randint(start + 1, 12), rng.uniform(5, 500))
+        rtt = {p: rng.uniform(1, 80) for p in servers}
+        best = [0.0] + [float("inf")] * 12  # best[e]: cheapest cover of [0, e)
+        for e in range(1, 13):
+            for r in servers.values():
+                for s in range(max(r.start, 0), min(r.end, e)):
+                    if r.end >= e:
+                        best[e] = min(best[e], best[s] + rtt[r.peer_id] + (e - s) * 1e3 / r.decode_tokens_per_s)
+        if best[12] == float("inf"):
+            continue
+        route = plan_inference_route(servers, 0, 12, rtt_ms=rtt)
+        cost = sum(rtt[s.peer_id] + (s.end - s.start) * 1e3 / s.record.decode_tokens_per_s for s in route)
+        assert abs(cost - best[12]) < 1e-6 * best[12]
+        assert next(s.start for s in route) == 0 and route[-1].end == 12
+        assert all(a.end == b.start for a, b in itertools.pairwise(route))
+
+
+def test_simulate_command_writes_summary_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = ["simulate", "--peers", "12", "--duration", "180", "--seed", "1", "--clients", "2", "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("throughput_ratio_to_bound", "failed_request_fraction", "p99_stall_s", "dht_messages_per_peer_per_min"):
+        assert key in summary
+    assert 0.0 < summary["throughput_ratio_to_bound"] <= 1.05
+    assert {p.name for p in out.glob("*.png")} >= {
+        "throughput.png",
+        "coverage_gaps.png",
+        "stalls.png",
+        "dht_messages.png",
+    }
