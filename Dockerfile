@@ -5,7 +5,11 @@
 #
 #   docker build -t peerd:latest .                              (or: make image)
 #   docker run -p 31330:31330 -p 9100:9100 peerd:latest run --initial-peers /ip4/.../p2p/...
+#   docker run -p 31330:31330 -p 9100:9100 peerd:latest bootstrap --new-swarm
 #   docker build --build-arg PEERD_MODEL= -t peerd:no-weights . (no model inside: mount a cache that has it)
+#
+# Ports, the HTTP side and the identity come from PEERD_* variables (below), so any `run` or
+# `bootstrap` command line gets them and the HEALTHCHECK finds /healthz; a flag still wins.
 #
 # Stages: `build` installs peerd into a virtualenv (torch pinned through constraints.txt, CPU wheel);
 # `weights` adds the converter (transformers + gguf, the `convert` extra) and runs `peerd model fetch`;
@@ -45,7 +49,10 @@ COPY --from=build /opt/peerd /opt/peerd
 COPY --from=weights --chown=peerd:peerd /cache /var/cache/peerd
 ENV PATH=/opt/peerd/bin:$PATH \
     PEERD_CACHE_DIR=/var/cache/peerd \
+    PEERD_PORT=31330 \
+    PEERD_HTTP_HOST=0.0.0.0 \
     PEERD_HTTP_PORT=9100 \
+    PEERD_IDENTITY=/var/lib/peerd/identity.key \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 USER peerd
@@ -54,10 +61,10 @@ WORKDIR /var/lib/peerd
 VOLUME ["/var/cache/peerd", "/var/lib/peerd"]
 # 31330: libp2p (publish it, or announce a relay, for others to reach you); 9100: metrics and health page
 EXPOSE 31330/tcp 9100/tcp
-# /healthz answers 200 once the peer serves its blocks (503 while joining or draining). Loading and
-# measuring can take minutes on a slow machine, hence the long start period. PEERD_HTTP_PORT must
-# match --http-port when the command is changed.
+# /healthz answers 200 once a peer serves its blocks (503 while joining or draining), or while a
+# bootstrap node has its network. Loading and measuring can take minutes on a slow machine, hence
+# the long start period. A --http-port flag on the command line must match PEERD_HTTP_PORT.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PEERD_HTTP_PORT', '9100'), timeout=4)"]
 ENTRYPOINT ["peerd"]
-CMD ["run", "--host", "0.0.0.0", "--port", "31330", "--http-host", "0.0.0.0", "--http-port", "9100", "--identity", "/var/lib/peerd/identity.key"]
+CMD ["run"]

@@ -237,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     boot.add_argument("--port", type=PORT, default=0, help="libp2p listen port (0: any free port)")
     boot.add_argument("--identity", default="~/.config/peerd/bootstrap.key", help="identity key file")
-    boot.add_argument("--ready-file", default=None, help="write JSON {peer_id, maddrs} here once serving")
+    boot.add_argument("--ready-file", default=None, help="write JSON {peer_id, maddrs, http_port} here once serving")
+    boot.add_argument("--http-port", type=PORT, default=None, help="serve /healthz on this port (container checks)")
+    boot.add_argument("--http-host", default="127.0.0.1", help="address for the HTTP port (default 127.0.0.1)")
 
     demo = sub.add_parser("demo", help="start a local swarm of 3 peers and chat with the model through it")
     demo.add_argument(
@@ -291,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_fetch_arguments(fetch)
     _env_defaults(run)
+    _env_defaults(boot)
     for command in all_parsers(parser):
         # every option's help ends with its default, so `--help` tells what happens when it is left out
         command.formatter_class = _HelpFormatter

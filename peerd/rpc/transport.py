@@ -8,6 +8,7 @@ and reads the answer under a deadline. Stream errors, timeouts and garbage becom
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -136,6 +137,13 @@ class PeerClient:
     async def _open(self, peer_id: str, rpc: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         relays = await self._relays_to_use(peer_id)
         if not relays:
+            names_relays = any(relay_of(a) for a in self._addresses.get(peer_id, ()))
+            if peer_id in self._circuits and not names_relays:
+                # its record no longer names relays: drop our circuit connection to it, or libp2p
+                # would see "connected" and send this stream over a circuit limited to 128 KiB
+                self._circuits.discard(peer_id)
+                with contextlib.suppress(Exception):
+                    await self.p2p._client.disconnect(PeerID.from_base58(peer_id))
             await self._dial(peer_id)
             _, reader, writer = await self.p2p.call_binary_stream_handler(
                 PeerID.from_base58(peer_id), STREAM_NAMES[rpc]

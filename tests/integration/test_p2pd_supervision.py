@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -33,9 +34,14 @@ def _kill_p2pd_and_wait_exit(swarm: LocalSwarm, name: str) -> tuple[int, str]:
 def test_peer_and_bootstrap_stop_when_their_p2pd_dies(tiny_ckpt: Path, tmp_path: Path) -> None:
     swarm = LocalSwarm(str(tiny_ckpt), workdir=tmp_path)
     try:
-        swarm.start_bootstrap(extra=["--model-id", "tiny"])
+        swarm.start_bootstrap(extra=["--model-id", "tiny", "--http-port", "0"])
         peer = swarm.start_peer("a", (0, 6), ["--no-measure", "--model-id", "tiny"])
         swarm.wait_ready([peer], timeout_s=120)
+        boot = next(p for p in swarm.procs if p.name == "bootstrap")
+        (info,) = swarm.wait_ready([boot], timeout_s=5)
+        # the container health check's URL: a bootstrap node answers it while it has its network
+        with urllib.request.urlopen(f"http://127.0.0.1:{info['http_port']}/healthz", timeout=10) as answer:
+            assert answer.status == 200 and answer.read() == b"ok\n"
         code, log = _kill_p2pd_and_wait_exit(swarm, "a")
         assert code == 1, log
         assert "the libp2p daemon (p2pd" in log and "exited with status -9" in log, log

@@ -143,8 +143,26 @@ async def test_peer_client_goes_through_the_relay_its_record_names_unless_it_has
         await _echo(direct_callers, info, reader, writer)
 
     await relayed.target.add_binary_stream_handler(STREAM_INFO, direct_echo)
+
+    async def connections() -> list[str]:
+        return [
+            str(a) for i in await relayed.client.list_peers() if i.peer_id == relayed.target.peer_id for a in i.addrs
+        ]
+
+    async def until_connections(check: Any, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not check(await connections()):
+            assert time.monotonic() < deadline, f"no {what} connection listed: {await connections()}"
+            await asyncio.sleep(0.05)
+
+    # the client also dialled the target's libp2p circuit (no data on it), so that p2pd may punch a hole
+    await until_connections(lambda conns: any("p2p-circuit" in c for c in conns), "circuit")
+    # replace it with a direct connection, as a punched hole would (connect() is a no-op while any
+    # connection exists, so drop the circuit first)
+    await relayed.client._client.disconnect(relayed.target.peer_id)
     maddrs = [daemon_multiaddr(str(m)) for m in await relayed.target.get_visible_maddrs()]
     await relayed.client._client.connect(relayed.target.peer_id, maddrs)
+    await until_connections(lambda conns: any("p2p-circuit" not in c for c in conns), "direct")
     async with peers._stream(target_id, "info") as (reader, writer):
         await _echo_through(reader, writer, 1024)
     assert peers.paths[target_id] == "direct" and direct_callers == [str(relayed.client.peer_id)]

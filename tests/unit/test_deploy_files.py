@@ -83,7 +83,7 @@ def image_env() -> dict[str, str]:
     return {k: v for name, args in final if name == "ENV" for k, v in re.findall(r"(\w+)=(\S+)", args)}
 
 
-def test_dockerfile_final_stage_is_non_root_peerd_with_volume_and_healthcheck() -> None:
+def test_dockerfile_final_stage_is_non_root_peerd_with_volume_and_healthcheck(monkeypatch: pytest.MonkeyPatch) -> None:
     stages = dockerfile_stages()
     assert len(stages) >= 2, "build tools and the model converter must stay out of the final image"
     final = stages[-1]
@@ -92,13 +92,21 @@ def test_dockerfile_final_stage_is_non_root_peerd_with_volume_and_healthcheck() 
     assert instr["USER"] not in ("root", "0") and not instr["USER"].startswith("0:")
     env = dict(re.findall(r"(\w+)=(\S+)", instr["ENV"]))
     assert json.loads(instr["VOLUME"])[0] == env["PEERD_CACHE_DIR"]
-    cmd = json.loads(instr["CMD"])
-    args = parse_cli(cmd)
-    assert args.command == "run" and args.http_host == "0.0.0.0" and args.host == "0.0.0.0"
-    assert str(args.http_port) == env["PEERD_HTTP_PORT"]
-    assert Path(args.identity).parent.as_posix() in json.loads(instr["VOLUME"]), "identity must outlive the container"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)  # as inside the container: PEERD_* variables set the defaults
     exposed = {int(p.split("/")[0]) for p in instr["EXPOSE"].split()}
-    assert {args.port, args.http_port} <= exposed
+    # the image's own CMD, and the header's examples (other command lines, same HTTP port and key)
+    header = [line.split("peerd:latest", 1)[1].split() for line in (ROOT / "Dockerfile").read_text().splitlines()
+              if line.startswith("#   docker run") and "peerd:latest" in line]  # fmt: skip
+    assert {h[0] for h in header} == {"run", "bootstrap"}
+    for argv in [json.loads(instr["CMD"]), *header]:
+        args = parse_cli(argv)
+        assert args.command in ("run", "bootstrap") and args.http_host == "0.0.0.0" and args.host == "0.0.0.0"
+        assert str(args.http_port) == env["PEERD_HTTP_PORT"], argv  # where the HEALTHCHECK looks
+        assert Path(args.identity).parent.as_posix() in json.loads(instr["VOLUME"]), (
+            "identity must outlive the container"
+        )
+        assert {args.port, args.http_port} <= exposed
     health = instr["HEALTHCHECK"]
     assert "/healthz" in health and "PEERD_HTTP_PORT" in health and "--start-period" in health
     global_args = dict(re.findall(r"^ARG (\w+)=(\S+)", (ROOT / "Dockerfile").read_text(), re.M))
