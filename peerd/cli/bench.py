@@ -185,12 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     print("[2/4] loading the local baseline ...", flush=True)
     local_model = load_local_model(path, progress=False)
     local_decode(local_model, prompt, 4)  # warm-up
+    print("[+] one peer's serving: batched vs unbatched sessions, decode under a max-size flood ...", flush=True)
+    from peerd.cli.bench_serving import run_serving_bench
+
+    serving = run_serving_bench(local_model.stage)
 
     results: dict[str, Any] = {
         "model": model_id,
         "tokens": args.tokens,
         "rounds": args.rounds,
         "codec": codec,
+        "serving": serving,
     }
     with LocalSwarm(args.model, cache_dir=args.cache_dir) as swarm:
         print(
@@ -314,6 +319,9 @@ def _report(results: dict[str, Any], codec: dict[str, float], hops: int, out_pat
         ),
     ]
     rows += training_rows(results["training"])
+    from peerd.cli.bench_serving import serving_rows
+
+    rows += serving_rows(results["serving"])
     print()
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:

@@ -171,12 +171,30 @@ class Attention(nn.Module):
         cache_values: Tensor | None = None,
         position: int = 0,
     ) -> Tensor:
-        batch, n, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self.attend(q, k, v, cos, sin, mask, cache_keys, cache_values, position))  # type: ignore[no-any-return]
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None = None,
+        cache_keys: Tensor | None = None,
+        cache_values: Tensor | None = None,
+        position: int = 0,
+    ) -> Tensor:
+        """Attention of projected ``q [batch, n, heads * dim]``, ``k``/``v [batch, n, kv_heads * dim]``,
+        before the output projection: ``[batch, n, heads * dim]``. Batched steps of several sessions
+        project all their tokens together and call this once per session, each with its own cache."""
+        batch, n, _ = q.shape
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         groups = heads // kv_heads
-        q = self.q_proj(x).view(batch, n, heads, dim).transpose(1, 2)  # [batch, heads, n, dim]
-        k = self.k_proj(x).view(batch, n, kv_heads, dim).transpose(1, 2)  # [batch, kv_heads, n, dim]
-        v = self.v_proj(x).view(batch, n, kv_heads, dim).transpose(1, 2)  # [batch, kv_heads, n, dim]
+        q = q.view(batch, n, heads, dim).transpose(1, 2)  # [batch, heads, n, dim]
+        k = k.view(batch, n, kv_heads, dim).transpose(1, 2)  # [batch, kv_heads, n, dim]
+        v = v.view(batch, n, kv_heads, dim).transpose(1, 2)  # [batch, kv_heads, n, dim]
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if cache_keys is not None and cache_values is not None:
@@ -190,8 +208,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [batch, kv_heads, groups * n, dim]
         # reshape, not view: CUDA kernels may return another memory layout than the CPU one.
         out = out.reshape(batch, heads, n, dim).transpose(1, 2)  # [batch, n, heads, dim]
-        out = out.reshape(batch, n, heads * dim)  # [batch, n, heads * dim]
-        return self.o_proj(out)  # type: ignore[no-any-return]
+        return out.reshape(batch, n, heads * dim)  # [batch, n, heads * dim]
 
 
 class MLP(nn.Module):

@@ -187,6 +187,20 @@ class Stage(nn.Module):
         the cache always spans the whole stage. Raises ``ValueError`` on a
         wrong shape, dtype, device, range, or a cache too short.
         """
+        start, end = self.check_step(hidden, cache, position, start, end)
+        if cache is None:
+            return self._run(hidden, None, position, start, end, key_length=hidden.shape[1])
+        n = hidden.shape[1]
+        # Writing graph-tracked tensors into the cache would keep every step's graph alive.
+        with torch.no_grad():
+            out = self._run(hidden, cache, position, start, end, key_length=position + n)
+        cache.length = position + n
+        return out
+
+    def check_step(
+        self, hidden: Tensor, cache: KVCache | None, position: int, start: int | None, end: int | None
+    ) -> tuple[int, int]:
+        """The checks of :meth:`forward` (``ValueError`` on failure); the block range, defaults filled in."""
         start = self.start if start is None else start
         end = self.end if end is None else end
         if not self.start <= start < end <= self.end:
@@ -206,7 +220,7 @@ class Stage(nn.Module):
             raise ValueError("hidden states hold no tokens")
         self._check_window(position + n)
         if cache is None:
-            return self._run(hidden, None, position, start, end, key_length=n)
+            return start, end
         expected = (self.num_blocks, batch, self.config.num_kv_heads, cache.max_length, self.config.head_dim)
         if tuple(cache.keys.shape) != expected:
             raise ValueError(f"cache has shape {tuple(cache.keys.shape)}, expected {expected} for this stage")
@@ -216,11 +230,7 @@ class Stage(nn.Module):
             raise ValueError(f"tokens [{position}, {position + n}) do not fit a cache of max_length {cache.max_length}")
         if position > cache.length:
             raise ValueError(f"position {position} would leave a gap: the cache holds {cache.length} tokens")
-        # Writing graph-tracked tensors into the cache would keep every step's graph alive.
-        with torch.no_grad():
-            out = self._run(hidden, cache, position, start, end, key_length=position + n)
-        cache.length = position + n
-        return out
+        return start, end
 
     def _run(
         self, hidden: Tensor, cache: KVCache | None, position: int, start: int, end: int, key_length: int

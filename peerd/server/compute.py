@@ -1,42 +1,126 @@
-"""The torch work of each RPC, as functions the compute runtime runs off the event loop."""
+"""The torch work of each RPC, as functions (or chunked generators) the compute runtime runs.
+
+Costs are tokens x blocks: what the runtime's fair queuing charges each client. Requests of more
+than :data:`CHUNK_TOKENS` tokens are done in chunks (a window of tokens through one block), so a
+client sending the largest requests a peer accepts holds the compute thread for one chunk at a time.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from dataclasses import dataclass
+
 import torch
 
+from peerd.model.batching import BACKWARD_COST_FACTOR, StepInput, backward_chunks, forward_batch, forward_chunks
 from peerd.model.stage import KVCache, Stage
 from peerd.server.memory import ActivationMeter
 
-__all__ = ["backward", "forward", "inference_step"]
+__all__ = [
+    "CHUNK_TOKENS",
+    "Step",
+    "backward",
+    "backward_cost",
+    "forward",
+    "forward_cost",
+    "inference_step",
+    "run_steps",
+]
+
+# Tokens of one chunk (through one block). Small enough that a chunk takes about as long as a
+# decode step through a few blocks, large enough that the dense parts still run as matrix products.
+CHUNK_TOKENS = 64
 
 
-def forward(stage: Stage, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """Blocks [start, end) applied to ``hidden``; the answer in the request's dtype, on the CPU."""
-    with torch.inference_mode():
-        x = hidden.to(stage.device, stage.dtype)
-        return stage.forward(x, start=start, end=end).to("cpu", hidden.dtype)
+def forward_cost(hidden: torch.Tensor, start: int, end: int) -> float:
+    """What a forward (or an inference step) of ``hidden [batch, n, _]`` over ``[start, end)`` costs."""
+    return float(hidden.shape[0] * hidden.shape[1] * (end - start))
+
+
+def backward_cost(hidden: torch.Tensor, start: int, end: int) -> float:
+    return BACKWARD_COST_FACTOR * forward_cost(hidden, start, end)
+
+
+def forward(
+    stage: Stage, hidden: torch.Tensor, start: int, end: int, chunk_tokens: int = CHUNK_TOKENS
+) -> Generator[float, None, torch.Tensor]:
+    """Blocks [start, end) applied to ``hidden``, chunk by chunk; the answer in the request's dtype."""
+    x = hidden.to(stage.device, stage.dtype)
+    if hidden.shape[0] * hidden.shape[1] <= chunk_tokens:
+        with torch.inference_mode():
+            out = stage.forward(x, start=start, end=end)
+        yield forward_cost(hidden, start, end)
+    else:
+        out = yield from forward_chunks(stage, x, None, 0, start, end, chunk_tokens)
+    return out.to("cpu", hidden.dtype)
 
 
 def backward(
-    stage: Stage, meter: ActivationMeter, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int
-) -> torch.Tensor:
+    stage: Stage,
+    meter: ActivationMeter,
+    hidden: torch.Tensor,
+    grad_output: torch.Tensor,
+    start: int,
+    end: int,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> Generator[float, None, torch.Tensor]:
     """Gradient w.r.t. ``hidden`` of blocks [start, end), given the gradient w.r.t. their output.
 
     Activation checkpointing: the forward is recomputed here instead of keeping activations between
-    requests, so server memory does not grow with clients in flight.
+    requests, so server memory does not grow with clients in flight. Rows are done a group at a
+    time (see ``backward_chunks``), each group tracked by the activation meter on its own.
     """
-    with torch.enable_grad(), meter.track():
-        x = hidden.to(stage.device, stage.dtype).requires_grad_(True)
-        y = stage.forward(x, start=start, end=end)
-        (grad,) = torch.autograd.grad(y, x, grad_output.to(stage.device, stage.dtype))
+    x = hidden.to(stage.device, stage.dtype)
+    g = grad_output.to(stage.device, stage.dtype)
+    grad = yield from backward_chunks(stage, x, g, start, end, chunk_tokens, meter.track)
     return grad.to("cpu", hidden.dtype)
 
 
 def inference_step(
-    stage: Stage, hidden: torch.Tensor, cache: KVCache, position: int, start: int, end: int
-) -> torch.Tensor:
-    """One inference step: the cache is written in place from ``position`` on."""
+    stage: Stage,
+    hidden: torch.Tensor,
+    cache: KVCache,
+    position: int,
+    start: int,
+    end: int,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> Generator[float, None, torch.Tensor]:
+    """A large prefill, chunk by chunk: the cache is written in place from ``position`` on."""
+    x = hidden.to(stage.device, stage.dtype)
+    out = yield from forward_chunks(stage, x, cache, position, start, end, chunk_tokens)
+    return out.to("cpu", hidden.dtype)
+
+
+@dataclass
+class Step:
+    """One session's step as queued for a batch: its input, cache, position and block range."""
+
+    hidden: torch.Tensor  # [batch, n, hidden_size], as received
+    cache: KVCache
+    position: int
+    start: int
+    end: int
+
+
+def run_steps(stage: Stage, steps: list[Step]) -> list[torch.Tensor | ValueError]:
+    """Steps of several sessions over the same blocks as one forward (see ``forward_batch``).
+
+    A lone step runs through :meth:`Stage.forward` itself, exactly as it would unbatched.
+    """
+    start, end = steps[0].start, steps[0].end
+    if any((s.start, s.end) != (start, end) for s in steps):
+        raise ValueError("steps of one batch must run the same blocks")
     with torch.inference_mode():
-        x = hidden.to(stage.device, stage.dtype)
-        out = stage.forward(x, cache=cache, position=position, start=start, end=end)
-        return out.to("cpu", hidden.dtype)
+        if len(steps) == 1:
+            step = steps[0]
+            try:
+                x = step.hidden.to(stage.device, stage.dtype)
+                out = stage.forward(x, cache=step.cache, position=step.position, start=start, end=end)
+            except ValueError as exc:
+                return [exc]
+            return [out.to("cpu", step.hidden.dtype)]
+        inputs = [StepInput(s.hidden.to(stage.device, stage.dtype), s.cache, s.position) for s in steps]
+        results = forward_batch(stage, inputs, start, end)
+    return [
+        r if isinstance(r, ValueError) else r.to("cpu", s.hidden.dtype) for r, s in zip(results, steps, strict=True)
+    ]

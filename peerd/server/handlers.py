@@ -21,9 +21,9 @@ from peerd import __version__
 from peerd.model.stage import Stage
 from peerd.rpc.tensors import from_wire
 from peerd.server.admission import Admission
+from peerd.server.compute import CHUNK_TOKENS, Step, forward_cost, inference_step, run_steps
 from peerd.server.compute import backward as compute_backward
 from peerd.server.compute import forward as compute_forward
-from peerd.server.compute import inference_step
 from peerd.server.frames import linger_and_close, read_request, result_to_wire, send_error, send_message
 from peerd.server.limits import Limits
 from peerd.server.memory import ActivationMeter
@@ -165,8 +165,6 @@ class BlockServicer:
             self.metrics.request_latency.labels(rpc=rpc).observe(time.perf_counter() - started)
             await linger_and_close(reader, writer)
 
-    # --- info --------------------------------------------------------------------------------------
-
     def info(self) -> InfoResponse:
         return InfoResponse(
             model_id=self.model_id,
@@ -214,7 +212,7 @@ class BlockServicer:
             hidden = from_wire(request.hidden)
             check_hidden(hidden, self.stage, self.limits)
             compute = functools.partial(compute_forward, self.stage, hidden, request.start, request.end)
-            out = await self.runtime.run(compute, owner)
+            out = await self.runtime.run_chunks(compute, owner)
             self.metrics.tokens.labels(phase="forward").inc(hidden.shape[0] * hidden.shape[1])
             response = ForwardResponse(result_to_wire(out, request.response_compression), request.request_id)
             await self._send(writer, response)
@@ -236,7 +234,7 @@ class BlockServicer:
             compute = functools.partial(
                 compute_backward, self.stage, self.memory, hidden, grad_output, request.start, request.end
             )
-            grad_input = await self.runtime.run(compute, owner)
+            grad_input = await self.runtime.run_chunks(compute, owner)
             self.metrics.tokens.labels(phase="backward").inc(hidden.shape[0] * hidden.shape[1])
             await self._send(
                 writer,
@@ -268,7 +266,7 @@ class BlockServicer:
                 await self._send(writer, InferenceOpened(session.session_id, session.reserved_tokens))
                 await self._session_loop(session, first, reader, writer)
             finally:
-                self._close_session(session)
+                self.table.close(session)
 
         await self._serve("inference", stream_info, reader, writer, body)
 
@@ -317,9 +315,6 @@ class BlockServicer:
         self.metrics.sessions_opened.inc()
         self.table.update_gauges()
         return session
-
-    def _close_session(self, session: ServerSession) -> None:
-        self.table.close(session)
 
     async def _grow(self, session: ServerSession, needed: int) -> None:
         """Reserve and allocate cache up to ``needed`` positions (a chunk at a time), or CACHE_FULL."""
@@ -375,9 +370,8 @@ class BlockServicer:
             return
         if msg.position + n_tokens > session.cache.max_length:
             await self._grow(session, msg.position + n_tokens)  # CACHE_FULL ends the session
-        compute = functools.partial(self._step, hidden, session, msg.position)
         compute_started = time.perf_counter()
-        out = await self.runtime.run(compute, session.owner)
+        out = await self._compute_step(hidden, session, msg.position)
         compute_ms = (time.perf_counter() - compute_started) * 1e3
         if self.step_delay_s:
             await asyncio.sleep(self.step_delay_s)
@@ -392,6 +386,14 @@ class BlockServicer:
         )
         self.metrics.step_latency.labels(phase=phase).observe(time.perf_counter() - started)
 
-    def _step(self, hidden: torch.Tensor, session: ServerSession, position: int) -> torch.Tensor:
-        """One inference step on the compute thread, on the stage hosted *now* (a move swaps it)."""
-        return inference_step(self.stage, hidden, session.cache, position, session.start, session.end)
+    async def _compute_step(self, hidden: torch.Tensor, session: ServerSession, position: int) -> torch.Tensor:
+        """A step on the stage hosted *now*: batched with ready steps over the same blocks, or chunked."""
+        start, end = session.start, session.end
+        if hidden.shape[0] * hidden.shape[1] > CHUNK_TOKENS:
+            return await self.runtime.run_chunks(
+                lambda: inference_step(self.stage, hidden, session.cache, position, start, end), session.owner
+            )
+        step, key = Step(hidden, session.cache, position, start, end), (id(self), start, end)
+        cost, runner = forward_cost(hidden, start, end), lambda steps: run_steps(self.stage, steps)
+        out: torch.Tensor = await self.runtime.run_step(step, runner, key, session.owner, cost=cost)
+        return out

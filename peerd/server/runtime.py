@@ -2,27 +2,44 @@
 
 One worker thread owns all compute, so torch's intra-op threads are never oversubscribed by
 concurrent requests, and the event loop stays free to read frames, answer ``info`` and heartbeat the
-DHT while a long prefill runs. Jobs are served fairly across remote peers: each peer id has its own
-FIFO, and the worker takes one job from each waiting peer in turn (round robin), so one client
-flooding a peer delays only itself.
+DHT while a long prefill runs.
+
+Fairness is by cost, not by job count: every job states its cost (tokens x blocks of work), and the
+worker serves remote peers by start-time fair queuing, the virtual-time form of weighted round robin
+(Goyal et al., "Start-time Fair Queueing", 1996). Each peer id carries a virtual time that grows by
+the cost of the work done for it; the worker always serves the waiting peer with the smallest one,
+and a peer that was idle starts at the virtual time of the work now running, so it goes next instead
+of waiting for a round. Long work comes as *chunked* jobs (generators that yield after each chunk of
+bounded cost), so a client sending the largest forwards holds the thread for one chunk at a time and
+another client's decode step waits for at most the chunk that is running.
+
+Within a peer's share, *urgent* jobs (inference steps) go before bulk work (forward, backward, cache
+growth). Steps that may share a forward (the same ``batch_key``) are gathered into one batch,
+taken from the waiting peers in fair order, each peer charged its own step's cost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["ComputeRuntime", "RuntimeClosed"]
+__all__ = ["BatchRunner", "ComputeRuntime", "RuntimeClosed"]
 
 T = TypeVar("T")
+
+# Runs the payloads of one batch together; one result (or the exception it raised) per payload.
+BatchRunner = Callable[[list[Any]], list[Any]]
+MAX_BATCH_STEPS = 64  # steps joined into one forward at most
+_PRUNE_AT = 4096  # forget idle owners' virtual times past this many entries
 
 
 class RuntimeClosed(Exception):
@@ -31,75 +48,215 @@ class RuntimeClosed(Exception):
 
 @dataclass
 class _Job:
-    fn: Callable[[], Any]
+    owner: str
     future: Future[Any]
+    cost: float
+    fn: Callable[[], Any] | None = None  # a plain job
+    chunks: Callable[[], Generator[float, None, Any]] | None = None  # a chunked job, made on the thread
+    gen: Generator[float, None, Any] | None = None  # the chunked job once started
+    batch_key: Hashable | None = None  # a step that may share a forward with others of the same key
+    payload: Any = None
+    runner: BatchRunner | None = None
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
-class ComputeRuntime:
-    """Runs callables on one dedicated thread, round-robin across submitters."""
+@dataclass
+class _Owner:
+    urgent: collections.deque[_Job] = field(default_factory=collections.deque)
+    bulk: collections.deque[_Job] = field(default_factory=collections.deque)
+    since: int = 0  # activation order: ties in virtual time go to the longer waiting
 
-    def __init__(self, *, torch_threads: int | None = None, name: str = "peerd-compute") -> None:
-        self._queues: dict[str, collections.deque[_Job]] = {}
-        self._order: collections.deque[str] = collections.deque()
+    def __len__(self) -> int:
+        return len(self.urgent) + len(self.bulk)
+
+
+class ComputeRuntime:
+    """Runs jobs on one dedicated thread, cost-fair across submitters (see the module docstring)."""
+
+    def __init__(
+        self, *, torch_threads: int | None = None, name: str = "peerd-compute", max_batch_steps: int = MAX_BATCH_STEPS
+    ) -> None:
+        self._owners: dict[str, _Owner] = {}  # owners with queued work
+        self._vtime: dict[str, float] = {}
+        self._clock = 0.0  # virtual time of the work started last
+        self._activations = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
         self._torch_threads = torch_threads
+        self.max_batch_steps = max_batch_steps  # 1 turns batching off (the benchmark's baseline)
         self.busy_s = 0.0  # total time spent computing (for utilisation metrics)
+        self.batches = 0  # forwards that ran two or more steps together
+        self.batched_steps = 0  # steps that ran in those forwards
+        self.on_start: Callable[[str], None] | None = None  # called with each owner whose work starts
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    # --- submitting --------------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[[], T], owner: str = "", *, cost: float = 1.0) -> Future[T]:
+        """Queue ``fn`` as bulk work of ``cost`` (tokens x blocks) on behalf of ``owner`` (a peer id)."""
+        return self._enqueue(_Job(owner, Future(), cost, fn=fn), urgent=False)
+
+    def submit_chunks(self, chunks: Callable[[], Generator[float, None, T]], owner: str = "") -> Future[T]:
+        """Queue a chunked job: ``chunks()`` is a generator that yields the cost of each chunk it did
+        and returns the result; other owners' work runs between its chunks."""
+        return self._enqueue(_Job(owner, Future(), 0.0, chunks=chunks), urgent=False)
+
+    def submit_step(
+        self, payload: Any, runner: BatchRunner, batch_key: Hashable, owner: str = "", *, cost: float = 1.0
+    ) -> Future[Any]:
+        """Queue an urgent step; ready steps of equal ``batch_key`` run together through ``runner``."""
+        job = _Job(owner, Future(), cost, batch_key=batch_key, payload=payload, runner=runner)
+        return self._enqueue(job, urgent=True)
+
+    def _enqueue(self, job: _Job, *, urgent: bool, front: bool = False) -> Future[Any]:
+        with self._cv:
+            if self._closed and job.gen is None:
+                raise RuntimeClosed("compute runtime is closed")
+            queues = self._owners.get(job.owner)
+            if queues is None:
+                queues = self._owners[job.owner] = _Owner(since=next(self._activations))
+                # an owner that was idle starts now: no credit saved up, no debt forgiven
+                self._vtime[job.owner] = max(self._vtime.get(job.owner, 0.0), self._clock)
+            queue = queues.urgent if urgent else queues.bulk
+            queue.appendleft(job) if front else queue.append(job)
+            self._cv.notify()
+        return job.future
+
+    async def run(self, fn: Callable[[], T], owner: str = "", *, cost: float = 1.0) -> T:
+        """Await ``fn`` computed on the compute thread; cancelling the await drops a queued job."""
+        return await _await(self.submit(fn, owner, cost=cost))
+
+    async def run_chunks(self, chunks: Callable[[], Generator[float, None, T]], owner: str = "") -> T:
+        """Await a chunked job; cancelling the await stops it at its next chunk boundary."""
+        job_future = self.submit_chunks(chunks, owner)
+        return await _await(job_future)
+
+    async def run_step(
+        self, payload: Any, runner: BatchRunner, batch_key: Hashable, owner: str = "", *, cost: float = 1.0
+    ) -> Any:
+        """Await one step, possibly batched with other owners' steps of the same key."""
+        return await _await(self.submit_step(payload, runner, batch_key, owner, cost=cost))
+
+    # --- the worker --------------------------------------------------------------------------------
+
+    def _pick(self) -> list[_Job] | None:
+        """Under the lock: the next job (or batch of steps), or None once closed and drained."""
+        while not self._owners and not self._closed:
+            self._cv.wait()
+        if not self._owners:
+            return None
+        owner = min(self._owners, key=lambda o: (self._vtime[o], self._owners[o].since))
+        self._clock = self._vtime[owner]
+        first = self._owners[owner]
+        job = first.urgent.popleft() if first.urgent else first.bulk.popleft()
+        jobs = [job]
+        if job.batch_key is not None:
+            jobs += self._gather(job.batch_key)
+        for taken in jobs:
+            self._vtime[taken.owner] += taken.cost  # a chunked job is charged per chunk, after it
+            queues = self._owners.get(taken.owner)
+            if queues is not None and not queues:  # a batch may take several steps of one owner
+                del self._owners[taken.owner]
+        if len(self._vtime) > _PRUNE_AT:
+            # an idle owner at or below the clock restarts at the clock anyway
+            self._vtime = {o: v for o, v in self._vtime.items() if o in self._owners or v > self._clock}
+        return jobs
+
+    def _gather(self, key: Hashable) -> list[_Job]:
+        """Other waiting steps of ``key``, one per owner per round in virtual-time order, up to the cap."""
+        taken: list[_Job] = []
+        order = sorted(self._owners, key=lambda o: (self._vtime[o], self._owners[o].since))
+        progress = True
+        while progress and len(taken) < self.max_batch_steps - 1:
+            progress = False
+            for owner in order:
+                urgent = self._owners[owner].urgent
+                match = next((j for j in urgent if j.batch_key == key), None)
+                if match is None:
+                    continue
+                urgent.remove(match)
+                taken.append(match)
+                progress = True
+                if len(taken) >= self.max_batch_steps - 1:
+                    break
+        return taken
 
     def _run(self) -> None:
         if self._torch_threads:
             torch.set_num_threads(self._torch_threads)
         while True:
             with self._cv:
-                while not self._order and not self._closed:
-                    self._cv.wait()
-                if not self._order:
-                    return  # closed and drained
-                owner = self._order.popleft()
-                queue = self._queues[owner]
-                job = queue.popleft()
-                if queue:
-                    self._order.append(owner)  # back of the line: others go first
-                else:
-                    del self._queues[owner]
-            if not job.future.set_running_or_notify_cancel():
+                jobs = self._pick()
+            if jobs is None:
+                return  # closed and drained
+            # A chunked job's future stays pending while it runs, so that a submitter who stops
+            # waiting can still cancel it: it then ends at its next chunk boundary.
+            jobs = [j for j in jobs if j.chunks is not None or j.future.set_running_or_notify_cancel()]
+            if not jobs:
                 continue
+            if self.on_start is not None:
+                for job in jobs:
+                    self.on_start(job.owner)
             started = time.perf_counter()
             try:
-                result = job.fn()
-            except BaseException as exc:
-                job.future.set_exception(exc)
-            else:
-                job.future.set_result(result)
+                if jobs[0].batch_key is not None:
+                    self._run_steps(jobs)
+                elif jobs[0].fn is not None:
+                    _settle(jobs[0].future, jobs[0].fn)
+                else:
+                    self._run_chunk(jobs[0])
             finally:
                 self.busy_s += time.perf_counter() - started
+            # Hand the GIL over between jobs and chunks: the event loop thread, which reads the next
+            # step's frame and answers the last one, otherwise waits for the interpreter's switch
+            # interval (5 ms) while this thread runs the Python glue between torch kernels.
+            time.sleep(0)
 
-    def submit(self, fn: Callable[[], T], owner: str = "") -> Future[T]:
-        """Queue ``fn`` for the compute thread on behalf of ``owner`` (a remote peer id)."""
-        future: Future[T] = Future()
+    def _run_steps(self, jobs: list[_Job]) -> None:
+        runner = jobs[0].runner
+        assert runner is not None  # set by submit_step, never by remote input
+        if len(jobs) > 1:
+            self.batches += 1
+            self.batched_steps += len(jobs)
+        try:
+            results = runner([j.payload for j in jobs])
+        except BaseException as exc:
+            results = [exc] * len(jobs)
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+
+    def _run_chunk(self, job: _Job) -> None:
+        """One chunk of a chunked job; the job goes back to the front of its owner's bulk queue."""
+        if job.future.cancelled():
+            if job.gen is not None:
+                job.gen.close()
+            return
+        try:
+            if job.gen is None:
+                assert job.chunks is not None  # set by submit_chunks
+                job.gen = job.chunks()
+            cost = next(job.gen)
+        except StopIteration as stop:
+            job.future.set_result(stop.value)
+            return
+        except BaseException as exc:
+            if job.gen is not None:
+                job.gen.close()
+            job.future.set_exception(exc)
+            return
         with self._cv:
-            if self._closed:
-                raise RuntimeClosed("compute runtime is closed")
-            queue = self._queues.get(owner)
-            if queue is None:
-                queue = self._queues[owner] = collections.deque()
-                self._order.append(owner)
-            queue.append(_Job(fn, future))
-            self._cv.notify()
-        return future
-
-    async def run(self, fn: Callable[[], T], owner: str = "") -> T:
-        """Await ``fn`` computed on the compute thread; cancelling the await drops a queued job."""
-        future = self.submit(fn, owner)
-        return await asyncio.wrap_future(future)
+            self._vtime[job.owner] = self._vtime.get(job.owner, self._clock) + cost
+        self._enqueue(job, urgent=False, front=True)
 
     @property
     def queued(self) -> int:
+        """Jobs waiting (a chunked job between two of its chunks counts as one)."""
         with self._cv:
-            return sum(len(q) for q in self._queues.values())
+            return sum(len(q) for q in self._owners.values())
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop accepting work, finish what is queued, and join the thread."""
@@ -107,3 +264,21 @@ class ComputeRuntime:
             self._closed = True
             self._cv.notify_all()
         self._thread.join(timeout_s)
+
+
+def _settle(future: Future[Any], fn: Callable[[], Any]) -> None:
+    try:
+        result = fn()
+    except BaseException as exc:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+async def _await(future: Future[T]) -> T:
+    """Await a job's future; on cancellation a queued job is dropped, a running chunked job stops."""
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise

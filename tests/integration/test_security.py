@@ -138,8 +138,9 @@ BAD_INPUTS: list[tuple[str, str, bytes, ErrorCode]] = [
 ]
 
 
-async def _start_flooder(maddr: str, peer_id: str, concurrency: int) -> asyncio.subprocess.Process:
-    """The flooding client, in its own process so that its own work does not load the test's loop."""
+async def _start_flooder(maddr: str, peer_id: str, concurrency: int, *shape: int) -> asyncio.subprocess.Process:
+    """The flooding client, in its own process so that its own work does not load the test's loop;
+    ``shape`` is (batch, tokens, identities) of its requests (see tests/integration/flooder.py)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -149,6 +150,7 @@ async def _start_flooder(maddr: str, peer_id: str, concurrency: int) -> asyncio.
         str(concurrency),
         "tiny",
         str(HIDDEN),
+        *(str(v) for v in shape),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         cwd=Path(__file__).resolve().parents[2],
@@ -193,16 +195,7 @@ async def test_flood_and_bad_input_get_error_codes_while_a_good_client_keeps_its
     good_owner = good.p2p.peer_id.to_base58()
     # which owner's job the compute thread starts, in order (the runtime's fairness, observed)
     started: list[str] = []
-    submit = runtime.submit
-
-    def recording_submit(fn: Any, owner: str = "") -> Any:
-        def job() -> Any:
-            started.append(owner)
-            return fn()
-
-        return submit(job, owner)
-
-    runtime.submit = recording_submit  # type: ignore[method-assign]
+    runtime.on_start = started.append
     refused = metrics.requests.labels(rpc="forward", outcome="overloaded")
     served_ok = metrics.requests.labels(rpc="forward", outcome="ok")
     try:
@@ -215,7 +208,7 @@ async def test_flood_and_bad_input_get_error_codes_while_a_good_client_keeps_its
             # full speed: the flooder has its 4 in flight and 4 waiting, and the rest are being refused
             await _poll(lambda: refused._value.get() >= 1, "a refusal of the flooder")
             # Fairness, forced: hold the compute thread until the flooder's 4 admitted requests wait
-            # there, then let the good client's first job queue behind them. Round robin starts it
+            # there, then let the good client's first job queue behind them. Fair queuing starts it
             # first or second; a FIFO would start it fifth.
             holding, gate = threading.Event(), threading.Event()
 

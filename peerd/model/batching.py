@@ -1,0 +1,184 @@
+"""Stage forwards for a serving peer: many sessions' steps in one forward, and long work in chunks.
+
+``forward_batch`` runs the steps of several sessions, each with its own KV cache, length and
+position, as one forward: every token of every step is one row of the dense parts (norms, q/k/v and
+output projections, MLP), which is where a step's time goes at small batch; attention then runs per
+session on that session's own cache. The caches stay where they are (no gather into a padded slab,
+no copy per step), so a session joins or leaves a batch between any two steps at no cost.
+
+``forward_chunks`` and ``backward_chunks`` are generators that do a large request one bounded chunk
+at a time (a window of tokens through one block), yielding the chunk's cost (tokens x blocks), so
+the peer's compute thread can run other clients' decode steps between chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Generator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from peerd.model.llama import Block, attention_mask
+from peerd.model.stage import KVCache, Stage
+
+__all__ = ["BACKWARD_COST_FACTOR", "StepInput", "backward_chunks", "forward_batch", "forward_chunks"]
+
+# A backward recomputes the forward, then runs autograd through it: about three forwards of work.
+BACKWARD_COST_FACTOR = 3.0
+
+
+@dataclass
+class StepInput:
+    """One session's step: ``hidden [batch, n, hidden_size]`` written to ``cache`` from ``position``."""
+
+    hidden: Tensor
+    cache: KVCache
+    position: int
+
+
+def forward_batch(stage: Stage, steps: Sequence[StepInput], start: int, end: int) -> list[Tensor | ValueError]:
+    """Blocks ``[start, end)`` applied to every step at once; per step its output, or the
+    ``ValueError`` :meth:`Stage.forward` would raise (a bad step never runs, the others do).
+
+    Equal to running the steps one by one through :meth:`Stage.forward` up to float rounding (the
+    dense parts see more rows; tested to 1e-5 in float32). Runs without autograd.
+    """
+    results: list[Tensor | ValueError] = []
+    good: list[int] = []
+    for i, step in enumerate(steps):
+        try:
+            stage.check_step(step.hidden, step.cache, step.position, start, end)
+        except ValueError as exc:
+            results.append(exc)
+        else:
+            results.append(step.hidden)  # replaced by its output below
+            good.append(i)
+    if not good:
+        return results
+    runs = [steps[i] for i in good]
+    with torch.no_grad():
+        outputs = _forward_rows(stage, runs, start, end)
+    for i, out in zip(good, outputs, strict=True):
+        results[i] = out
+        steps[i].cache.length = steps[i].position + steps[i].hidden.shape[1]
+    return results
+
+
+def _forward_rows(stage: Stage, steps: Sequence[StepInput], start: int, end: int) -> list[Tensor]:
+    hidden_size = stage.config.hidden_size
+    shapes = [(s.hidden.shape[0], s.hidden.shape[1]) for s in steps]
+    sizes = [b * n for b, n in shapes]
+    x = torch.cat([s.hidden.reshape(-1, hidden_size) for s in steps])  # [rows of all steps, hidden]
+    groups = stage.config.num_queries_per_kv
+    tables = []
+    for s, (_, n) in zip(steps, shapes, strict=True):
+        cos, sin = stage.rotary.cos_sin(s.position, n, dtype=x.dtype, device=x.device)
+        tables.append((cos, sin, attention_mask(n, s.position + n, groups, x.device)))
+    for index in range(start, end):
+        block = stage.layers[str(index)]
+        assert isinstance(block, Block)  # built by Stage; narrows the ModuleDict's type
+        attn = block.self_attn
+        h = block.input_layernorm(x)
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # [rows, width] each
+        parts = []
+        for s, (b, n), rows, (cos, sin, mask) in zip(steps, shapes, _slices(sizes), tables, strict=True):
+            slot = index - stage.start
+            qi, ki, vi = (t[rows].view(b, n, -1) for t in (q, k, v))  # [b, n, width]
+            ck, cv = s.cache.keys[slot], s.cache.values[slot]
+            parts.append(attn.attend(qi, ki, vi, cos, sin, mask, ck, cv, s.position).reshape(b * n, -1))
+        x = x + attn.o_proj(torch.cat(parts))  # [rows, hidden]
+        x = x + block.mlp(block.post_attention_layernorm(x))
+    return [x[rows].view(b, n, hidden_size) for rows, (b, n) in zip(_slices(sizes), shapes, strict=True)]
+
+
+def _slices(sizes: Sequence[int]) -> list[slice]:
+    out, offset = [], 0
+    for size in sizes:
+        out.append(slice(offset, offset + size))
+        offset += size
+    return out
+
+
+def forward_chunks(
+    stage: Stage,
+    hidden: Tensor,
+    cache: KVCache | None,
+    position: int,
+    start: int,
+    end: int,
+    chunk_tokens: int,
+) -> Generator[float, None, Tensor]:
+    """:meth:`Stage.forward` done a window of about ``chunk_tokens`` tokens (all rows) through one
+    block at a time; yields each chunk's cost (tokens x 1 block) and returns the output.
+
+    Without a cache (a stateless forward) a one-block scratch cache carries the earlier windows'
+    keys and values, so causal attention sees exactly what the whole-sequence forward sees. Each
+    chunk runs in inference mode on its own: nothing is left switched on while other work runs
+    between chunks.
+    """
+    start, end = stage.check_step(hidden, cache, position, start, end)
+    batch, n, _ = hidden.shape
+    window = max(1, chunk_tokens // batch)
+    groups = stage.config.num_queries_per_kv
+    if cache is None:
+        position = 0
+        config = stage.config
+        shape = (1, batch, config.num_kv_heads, n, config.head_dim)  # one block's keys, reused by each
+        cache = KVCache(
+            torch.zeros(shape, dtype=stage.dtype, device=stage.device),
+            torch.zeros(shape, dtype=stage.dtype, device=stage.device),
+        )
+        scratch = True
+    else:
+        scratch = False
+    x = hidden
+    for index in range(start, end):
+        out = torch.empty_like(x)
+        slot = 0 if scratch else index - stage.start
+        kv = cache
+        for w0 in range(0, n, window):
+            w1 = min(n, w0 + window)
+            p = position + w0
+            with torch.inference_mode():
+                cos, sin = stage.rotary.cos_sin(p, w1 - w0, dtype=x.dtype, device=x.device)
+                mask = attention_mask(w1 - w0, p + w1 - w0, groups, x.device)
+                block = stage.layers[str(index)]
+                out[:, w0:w1] = block(x[:, w0:w1], cos, sin, mask, kv.keys[slot], kv.values[slot], p)
+            yield float(batch * (w1 - w0))
+        x = out
+    if not scratch:
+        cache.length = position + n
+    return x
+
+
+def backward_chunks(
+    stage: Stage,
+    hidden: Tensor,
+    grad_output: Tensor,
+    start: int,
+    end: int,
+    chunk_tokens: int,
+    track: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+) -> Generator[float, None, Tensor]:
+    """Gradient of blocks ``[start, end)`` w.r.t. ``hidden``, a group of rows at a time.
+
+    Rows of a batch are independent, so each chunk recomputes the forward of about ``chunk_tokens``
+    tokens' worth of whole rows with autograd and takes their gradient (a single row longer than
+    that is one chunk: attention over a sequence does not split without storing its activations).
+    ``track`` wraps each chunk's autograd work (a server counts the activations it saves).
+    """
+    start, end = stage.check_step(hidden, None, 0, start, end)
+    batch, n, _ = hidden.shape
+    rows = max(1, chunk_tokens // n)
+    grads = []
+    for r0 in range(0, batch, rows):
+        with torch.enable_grad(), track():
+            x = hidden[r0 : r0 + rows].detach().requires_grad_(True)
+            y = stage.forward(x, start=start, end=end)
+            (grad,) = torch.autograd.grad(y, x, grad_output[r0 : r0 + rows])
+        grads.append(grad)
+        yield BACKWARD_COST_FACTOR * x.shape[0] * n * (end - start)
+    return torch.cat(grads)
