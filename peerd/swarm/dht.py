@@ -17,6 +17,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from peerd.swarm.records import ServerRecord, block_uid
+from peerd.swarm.storage import LOOKUP_KEYS_PER_CALL, install_bounded_storage
 from peerd.swarm.validation import make_validators, owner_subkey
 from peerd.swarm.views import BlockView, records_of
 
@@ -62,6 +63,8 @@ class SwarmDHT:
             ),
             timeout=bootstrap_timeout_s + 5,
         )
+        if not client_mode:  # a client-mode node stores nothing for others
+            await install_bounded_storage(node.protocol, p2p)
         return cls(node, private_key, prefix, num_blocks)
 
     async def announce(
@@ -95,13 +98,20 @@ class SwarmDHT:
         """Latest records for blocks [start, end); records that fail to parse are dropped."""
         end = self.num_blocks if end is None else end
         keys = [block_uid(self.prefix, i) for i in range(start, end)]
+        # a few keys per lookup: every node caps the bytes it keeps per key (storage.py), so no
+        # reply can exceed hivemind's 4 MiB message limit whatever other identities store
+        chunks = [keys[i : i + LOOKUP_KEYS_PER_CALL] for i in range(0, len(keys), LOOKUP_KEYS_PER_CALL)]
         try:
-            found = await asyncio.wait_for(
-                self.node.get_many(keys, sufficient_expiration_time=float("inf")), timeout=timeout_s
+            parts = await asyncio.wait_for(
+                asyncio.gather(
+                    *(self.node.get_many(chunk, sufficient_expiration_time=float("inf")) for chunk in chunks)
+                ),
+                timeout=timeout_s,
             )
         except TimeoutError:
             logger.warning("DHT read of blocks %d:%d timed out after %.1fs", start, end, timeout_s)
-            found = {}
+            parts = []
+        found = {key: entry for part in parts for key, entry in part.items()}
         now = get_dht_time()
         views = []
         for index, key in zip(range(start, end), keys, strict=True):

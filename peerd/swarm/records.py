@@ -23,6 +23,31 @@ MAX_RTT_ENTRIES = 64
 MAX_ADDRS = 8  # multiaddrs a record may list for dialling its peer
 MAX_UPLINK_BYTES_PER_S = 1e12  # 8 Tbit/s: more is a lie, not a fast link
 REACH_VALUES = ("direct", "relayed", "unknown")
+# the fields of this schema version (``to_wire``); validators bound the size of any others
+WIRE_FIELDS = frozenset(
+    [
+        "v",
+        "peer_id",
+        "state",
+        "start",
+        "end",
+        "decode_tps",
+        "prefill_tps",
+        "device",
+        "mem_total",
+        "mem_free",
+        "dtype",
+        "cache_free",
+        "proto",
+        "version",
+        "name",
+        "rtts",
+        "at",
+        "addrs",
+        "reach",
+        "uplink",
+    ]
+)
 
 
 class PeerState(enum.Enum):

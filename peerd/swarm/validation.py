@@ -9,8 +9,11 @@ Three layers, all run by every DHT node before it stores or returns a record:
    (``ServerRecord.from_wire``, the one definition of the wire form), not written out again.
 3. :class:`ServerRecordValidator`: what a schema cannot say -- the record's ``peer_id`` is the hash
    of the signing key (so a peer cannot speak *as* another peer id), the block named by the key
-   lies inside the announced range, and the record expires within ``MAX_RECORD_TTL_S`` (a record
-   set to live for years would make a dead peer, or a replayed capture of its record, look alive).
+   lies inside the announced range, the record carries its announce time ``at`` (not in the
+   future), expires within ``MAX_RECORD_TTL_S`` of now *and* within ``MAX_VALIDITY_S`` (two of
+   the longest announce periods) of ``at``, so a record set to live for years, or a replayed
+   capture of a dead peer's record, stops counting soon after the peer's last announcement; and
+   fields this version does not know take at most ``MAX_UNKNOWN_FIELDS_BYTES``.
 
 DHT validators only see hashed keys, so a node validates the models it was told about; records
 under keys it does not know pass through unvalidated (documented in docs/security.md).
@@ -33,13 +36,17 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from peerd.config import MAX_ANNOUNCE_PERIOD_S
 from peerd.identity import peer_id_of_public_key, public_key_of_owner_marker
-from peerd.swarm.records import ServerRecord, block_uid
+from peerd.swarm.records import WIRE_FIELDS, ServerRecord, block_uid
 
-__all__ = ["MAX_RECORD_TTL_S", "ServerRecordValidator", "make_validators", "owner_subkey"]
+__all__ = ["MAX_RECORD_TTL_S", "MAX_VALIDITY_S", "ServerRecordValidator", "make_validators", "owner_subkey"]
 
 MAX_RECORD_VALUE_BYTES = 8192
+MAX_UNKNOWN_FIELDS_BYTES = 512  # room for a future field or two, not for padding
 # two of the longest announce periods, plus five minutes for clocks of DHT nodes that disagree
 MAX_RECORD_TTL_S = 2 * MAX_ANNOUNCE_PERIOD_S + 300.0
+# a record is valid for at most two of the longest announce periods after it was announced
+MAX_VALIDITY_S = 2 * MAX_ANNOUNCE_PERIOD_S + 5.0
+CLOCK_SKEW_S = 60.0  # how far in the future an announce time may lie (clocks of nodes disagree)
 _OWNER_RE = re.compile(rb"\[owner:(.+?)\]")
 
 
@@ -69,6 +76,16 @@ def _schema_for(prefix: str, num_blocks: int) -> type[pydantic.BaseModel]:
         f"block_{i}": (dict[BytesWithPublicKey, _RecordValue] | None, None) for i in range(num_blocks)
     }
     return pydantic.create_model(f"BlockRecords_{abs(hash(prefix))}", **fields)
+
+
+def _fresh(announced_at: float, expiration_time: float) -> bool:
+    """An announce time not in the future, and an expiry within the validity window after it."""
+    return 0 < announced_at <= get_dht_time() + CLOCK_SKEW_S and expiration_time <= announced_at + MAX_VALIDITY_S
+
+
+def _small_unknowns(value: Any) -> bool:
+    unknown = {k: v for k, v in value.items() if k not in WIRE_FIELDS}
+    return not unknown or len(DHTProtocol.serializer.dumps(unknown)) <= MAX_UNKNOWN_FIELDS_BYTES
 
 
 class ServerRecordValidator(RecordValidatorBase):  # type: ignore[misc]
@@ -101,6 +118,8 @@ class ServerRecordValidator(RecordValidatorBase):  # type: ignore[misc]
         except Exception:  # any malformed remote input is simply a rejected record
             return False
         if parsed.peer_id != peer_id_of_public_key(public_key):
+            return False
+        if not _fresh(parsed.announced_at, record.expiration_time) or not _small_unknowns(value):
             return False
         return parsed.start <= block < parsed.end
 

@@ -6,14 +6,16 @@ import asyncio
 import time
 
 from hivemind.dht.node import DHTNode
-from hivemind.dht.validation import CompositeValidator
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import CompositeValidator, DHTRecord
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from peerd.identity import peer_id_of_public_key
 from peerd.swarm.records import PeerState, block_uid, swarm_prefix
-from peerd.swarm.validation import MAX_RECORD_TTL_S, make_validators, owner_subkey
+from peerd.swarm.validation import MAX_RECORD_TTL_S, MAX_VALIDITY_S, make_validators, owner_subkey
 
 PREFIX = swarm_prefix("public", "tiny")
 
@@ -54,7 +56,7 @@ async def test_forged_and_malformed_records_are_rejected(make_swarm) -> None:
 
         # 3. the attacker's own identity with malformed values: each rejected
         me = peer_id_of_public_key(key.get_public_key())
-        base = dict(genuine, peer_id=me, name="attacker")
+        base = dict(genuine, peer_id=me, name="attacker", at=get_dht_time())
         bad_values = [
             dict(base, decode_tps="fast"),  # wrong type
             dict(base, decode_tps=-1.0),  # negative throughput
@@ -82,6 +84,25 @@ async def test_forged_and_malformed_records_are_rejected(make_swarm) -> None:
         by_peer = {v.value["peer_id"]: v.value for v in records.values()}
         assert by_peer[victim.peer_id]["name"] == "peer0"  # the victim's record is untouched
         assert by_peer[me]["name"] == "attacker"
+
+        # 6. replay protection: an older announcement never replaces a newer one, even with a later
+        # expiry; a record valid for more than MAX_VALIDITY_S after its announce time, or announced in
+        # the future, is refused
+        now = get_dht_time()
+        await node.store(block_uid(PREFIX, 0), dict(base, at=base["at"] - 10, name="old"), now + 120, subkey=own)
+        stale = dict(base, at=now - MAX_VALIDITY_S, name="stale")
+        assert not await node.store(block_uid(PREFIX, 0), stale, now + 60, subkey=own)
+        assert not await node.store(block_uid(PREFIX, 0), dict(base, at=now + 3600), expiration, subkey=own)
+        for peer in swarm.peers:  # what each honest node keeps itself (the attacker's own node took "old")
+            item = peer.dht.node.protocol.storage.get(DHTID.generate(source=block_uid(PREFIX, 0)))
+            kept = [
+                DHTProtocol.serializer.loads(
+                    peer.dht.node.protocol.record_validator.strip_value(DHTRecord(b"", s, v.value, 0))
+                )
+                for s, v in item.value.items()
+                if s == own
+            ]
+            assert kept and kept[0]["name"] == "attacker"
     finally:
         await node.shutdown()
         await p2p.shutdown()
