@@ -36,6 +36,7 @@ from peerd.rpc.rtt import RTT_TIMEOUT_S, RttProbe
 from peerd.rpc.transport import PeerClient
 from peerd.server.handlers import BlockServicer
 from peerd.server.metrics import PeerMetrics
+from peerd.server.runtime import ComputeRuntime
 from peerd.swarm.dht import SwarmDHT
 from peerd.swarm.records import PeerState
 from peerd.swarm.status import status_from_views
@@ -94,6 +95,8 @@ class ServingPeer(Protocol):
     @property
     def capacity(self) -> Capacity | None: ...
     @property
+    def runtime(self) -> ComputeRuntime | None: ...
+    @property
     def http_port(self) -> int | None: ...
 
 
@@ -132,6 +135,8 @@ def refresh_peer_gauges(peer: ServingPeer) -> None:
     m = peer.metrics
     m.set_state(peer.state.value)
     m.set_reach(peer.reachability.reach)
+    if peer.runtime is not None:
+        m.queue_depth.set(peer.runtime.queued)
     service = peer.relaying.service if peer.relaying is not None else None
     if service is not None:
         m.relay_streams.set(service.open_streams)

@@ -134,6 +134,9 @@ class PeerMetrics:
         self.relay_bytes = Counter(
             "peerd_relay_bytes", "Bytes this peer relayed for peers behind NAT (both ways)", registry=r
         )
+        self.queue_depth = Gauge(
+            "peerd_compute_queue_depth", "Jobs waiting for the compute thread (steps, forwards, chunks)", registry=r
+        )
         self.relay_streams = Gauge("peerd_relay_streams", "Streams this peer relays now", registry=r)
         self.relay_reservations = Gauge(
             "peerd_relay_reservations", "Peers behind NAT holding a reservation on this peer", registry=r
