@@ -128,7 +128,13 @@ async def connect_client(args: argparse.Namespace) -> SwarmClient:
     from peerd.client import SwarmClient
 
     model_id, path = resolve(args.model, args.cache_dir)
-    return await SwarmClient.connect(args.initial_peers, path, model_id=args.model_id or model_id, swarm=args.swarm)
+    return await SwarmClient.connect(
+        args.initial_peers,
+        path,
+        model_id=args.model_id or model_id,
+        swarm=args.swarm,
+        min_precision=getattr(args, "min_precision", None),
+    )
 
 
 async def empty_swarm_reason(client: SwarmClient, swarm: str, grace_s: float = 3.0) -> str | None:

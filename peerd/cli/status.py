@@ -40,7 +40,7 @@ def format_status(status: dict[str, Any]) -> str:
             f"{p['start']}:{p['end']}",
             f"{p['decode_tokens_per_s']:.0f}",
             p["device"],
-            p["dtype"],
+            p["dtype"] if p.get("quant", "none") == "none" else f"{p['dtype']}/{p['quant']}",
             str(p["cache_tokens_free"]),
             p["version"],
             p.get("reach", "unknown"),
@@ -50,7 +50,18 @@ def format_status(status: dict[str, Any]) -> str:
     text = [f"model {status['model_id']}: {len(peers)} peer(s), {status['num_blocks']} blocks", ""]
     text.append(
         _table(
-            ["NAME", "PEER", "STATE", "BLOCKS", "TOK/S/BLOCK", "DEVICE", "DTYPE", "CACHE FREE", "VERSION", "REACH"],
+            [
+                "NAME",
+                "PEER",
+                "STATE",
+                "BLOCKS",
+                "TOK/S/BLOCK",
+                "DEVICE",
+                "DTYPE/QUANT",
+                "CACHE FREE",
+                "VERSION",
+                "REACH",
+            ],
             rows,
         )
     )

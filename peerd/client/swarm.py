@@ -68,6 +68,7 @@ class SwarmClient:
         spot_check_rate: float = 0.0,
         spot_check_local_blocks: int = 0,
         allowed_peers: Iterable[str] | None = None,
+        min_precision: str | None = None,
     ) -> None:
         self.p2p = p2p
         self.dht = dht
@@ -88,6 +89,7 @@ class SwarmClient:
             dht_timeout_s=dht_timeout_s,
             route_wait_s=route_wait_s,
             allowed_peers=allowed_peers,
+            min_precision=min_precision,
         )
         self.checker = SpotChecker(
             self.router,
@@ -116,6 +118,7 @@ class SwarmClient:
         spot_check_rate: float = 0.0,
         spot_check_local_blocks: int = 0,
         allowed_peers: Iterable[str] | None = None,
+        min_precision: str | None = None,
     ) -> SwarmClient:
         """Join the swarm through ``initial_peers`` and load the client-side model pieces.
 
@@ -124,6 +127,8 @@ class SwarmClient:
         redone); ``spot_check_local_blocks`` lets the client recompute spans of up to that many
         blocks itself, from ``model_path``'s weights, as the judge when two peers disagree;
         ``allowed_peers`` restricts routing to those peer ids (a private swarm).
+        ``min_precision`` ("nf4", "int8", "bfloat16", "float16", "float32") routes only through
+        peers whose weights are stored in at least that many bits (``peerd.model.quant``).
         """
         model_path = Path(model_path)
         model_id = model_id or model_path.name
@@ -150,6 +155,7 @@ class SwarmClient:
             spot_check_rate=spot_check_rate,
             spot_check_local_blocks=spot_check_local_blocks,
             allowed_peers=allowed_peers,
+            min_precision=min_precision,
         )
 
     async def close(self) -> None:
@@ -176,6 +182,15 @@ class SwarmClient:
     @allowed_peers.setter
     def allowed_peers(self, peer_ids: Iterable[str] | None) -> None:
         self.router.allowed_peers = frozenset(peer_ids) if peer_ids is not None else None
+
+    @property
+    def min_precision(self) -> str | None:
+        """Route only through peers storing weights in at least this precision (None = any peer)."""
+        return self.router.min_precision
+
+    @min_precision.setter
+    def min_precision(self, precision: str | None) -> None:
+        self.router.min_precision = precision
 
     @property
     def rtts_ms(self) -> dict[str, float]:

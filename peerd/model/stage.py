@@ -7,14 +7,15 @@ absolute block index i), so a loader maps names by adding a prefix.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from peerd.model import quant as quant_module
 from peerd.model.config import ModelConfig
 from peerd.model.llama import Block, RotaryEmbedding, attention_mask
-from peerd.model.quant import quantize_linears
 
 __all__ = ["KVCache", "Stage", "cache_bytes_per_token"]
 
@@ -128,7 +129,7 @@ class Stage(nn.Module):
             state[name] = value.to(device=device, dtype=dtype)
         stage.load_state_dict(state, assign=True)
         for block in stage.layers.values():
-            quantize_linears(block, quant, device)
+            quant_module.quantize_linears(block, quant, device)
         stage.quant = quant
         return stage.requires_grad_(False).eval()
 
@@ -144,6 +145,11 @@ class Stage(nn.Module):
     def device(self) -> torch.device:
         """Device of the weights, of the cache it allocates and of the hidden states it accepts."""
         return next(self.parameters()).device
+
+    @functools.cached_property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as stored (quantised ones with their scales), measured once: weights never change."""
+        return quant_module.weight_bytes(self)
 
     @property
     def num_blocks(self) -> int:

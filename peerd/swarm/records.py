@@ -22,6 +22,7 @@ MAX_NAME_CHARS = 64
 MAX_RTT_ENTRIES = 64
 MAX_ADDRS = 8  # multiaddrs a record may list for dialling its peer
 REACH_VALUES = ("direct", "relayed", "unknown")
+MAX_QUANT_CHARS = 16  # quantization names ("none", "int8", "nf4"; newer peers may announce others)
 
 
 class PeerState(enum.Enum):
@@ -68,6 +69,9 @@ class ServerRecord:
     # "relayed" through a circuit relay, or "unknown" for peers that do not say)
     addrs: tuple[str, ...] = ()
     reach: str = "unknown"
+    # how the hosted blocks' linear weights are stored: "none" (in dtype), "int8" or "nf4"; records
+    # of peers older than quantization say nothing, which means "none"
+    quant: str = "none"
 
     def to_wire(self) -> dict[str, Any]:
         """Plain msgpack-able dict; ints stay ints and floats stay floats (the schema is strict)."""
@@ -91,6 +95,7 @@ class ServerRecord:
             "at": float(self.announced_at),
             "addrs": list(self.addrs[:MAX_ADDRS]),
             "reach": self.reach,
+            "quant": self.quant,
         }
 
     def to_status(self) -> dict[str, Any]:
@@ -111,6 +116,7 @@ class ServerRecord:
             "announced_at": self.announced_at,
             "reach": self.reach,
             "addrs": list(self.addrs),
+            "quant": self.quant,
         }
 
     @classmethod
@@ -171,6 +177,9 @@ class ServerRecord:
         reach = value.get("reach", "unknown")
         if reach not in REACH_VALUES:
             raise ValueError(f"unknown reach {reach!r:.20}")
+        quant = value.get("quant", "none")
+        if not isinstance(quant, str) or not 0 < len(quant) <= MAX_QUANT_CHARS:
+            raise ValueError("bad quant")
         return cls(
             peer_id=strings["peer_id"],
             state=state,
@@ -190,6 +199,7 @@ class ServerRecord:
             announced_at=at,
             addrs=tuple(addrs),
             reach=reach,
+            quant=quant,
         )
 
 
