@@ -103,6 +103,11 @@ def quantize_linears(module: nn.Module, quant: str, device: str | torch.device) 
     bnb = _bnb()
     device = torch.device(device)
     for parent, name, linear in list(_linears(module)):
+        if quant == "nf4" and linear.in_features % NF4_BLOCKSIZE:
+            raise ValueError(
+                f"nf4 needs linear inputs in multiples of {NF4_BLOCKSIZE}; {name} has {linear.in_features} "
+                "(use --quant int8 for this model)"
+            )
         weight, bias = linear.weight.data, linear.bias
         dtype = weight.dtype
         layer: nn.Module
@@ -115,7 +120,8 @@ def quantize_linears(module: nn.Module, quant: str, device: str | torch.device) 
                 threshold=INT8_THRESHOLD,
                 device="meta",
             )
-            layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            # Int8Params quantises only when it moves *from the CPU*; weights read onto a GPU go back first
+            layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False)
         else:
             layer = bnb.nn.Linear4bit(
                 linear.in_features,

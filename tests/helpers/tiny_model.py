@@ -107,7 +107,7 @@ def make_family_checkpoint(
 ) -> Path:
     """A tiny random checkpoint of a newer ``family`` (one of FAMILIES), written by transformers itself.
 
-    qwen3: per-head q/k norms, explicit head_dim; mixtral: 4 experts, top 2; gemma3: 2-token
+    qwen3: per-head q/k norms, explicit head_dim (32, not 64 / 4); mixtral: 4 experts, top 2; gemma3: 2-token
     window on sliding blocks (sliding, sliding, full, ...), linearly scaled RoPE on full blocks,
     its own base on sliding ones, GeGLU, (1 + w) sandwich norms, query_pre_attn_scalar 24.
     """
@@ -121,15 +121,15 @@ def make_family_checkpoint(
         pad_token_id=None, max_position_embeddings=2048,
     )  # fmt: skip
     if family == "qwen3":
-        config = transformers.Qwen3Config(**common, intermediate_size=96, head_dim=24, tie_word_embeddings=False)
+        config = transformers.Qwen3Config(**common, intermediate_size=128, head_dim=32, tie_word_embeddings=False)
         model = transformers.Qwen3ForCausalLM
     elif family == "mixtral":
-        config = transformers.MixtralConfig(**common, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+        config = transformers.MixtralConfig(**common, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
         model = transformers.MixtralForCausalLM
     elif family == "gemma3":
         layer_types = ["full_attention" if i % 3 == 2 else "sliding_attention" for i in range(num_layers)]
         config = transformers.Gemma3TextConfig(
-            **common, intermediate_size=96, head_dim=16, sliding_window=3, layer_types=layer_types,
+            **common, intermediate_size=128, head_dim=16, sliding_window=3, layer_types=layer_types,
             query_pre_attn_scalar=24, rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_theta=1000.0,
             rope_local_base_freq=100.0, final_logit_softcapping=30.0,
         )  # fmt: skip

@@ -96,7 +96,7 @@ def test_gemma3_config_fields(checkpoint: tuple[Path, Any]) -> None:
     elif config.model_type == "mixtral":
         assert (config.num_experts, config.experts_per_token) == (4, 2)
     else:
-        assert config.qk_norm and config.head_dim == 24
+        assert config.qk_norm and config.head_dim == 32
 
 
 GEMMA3_1B_LIKE: dict[str, Any] = {  # the shape of a transformers 4.x gemma3_text config.json

@@ -17,7 +17,7 @@ from torch import nn
 
 from peerd.model import LoadStats, load_stage
 from peerd.model.quant import precision_bits, quantize_linears, weight_bytes
-from tests.helpers.tiny_model import make_family_checkpoint, make_tiny_checkpoint, single_torch_thread
+from tests.helpers.tiny_model import FAMILIES, make_family_checkpoint, make_tiny_checkpoint, single_torch_thread
 
 # relative L2 error of a 4-block stage's output against float32, on these random weights
 MAX_ERROR = {"int8": 0.05, "nf4": 0.4}
@@ -82,6 +82,18 @@ def test_a_move_reuses_quantized_blocks_and_reads_only_new_ones(checkpoint: Path
     assert other.layers["1"] is not old.layers["1"]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_runs_quantized(tmp_path: Path, family: str) -> None:
+    path = make_family_checkpoint(tmp_path, family, num_layers=3)
+    full = load_stage(path, 0, 3, progress=False)
+    hidden = torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        reference = full(hidden)
+        for quant in ("int8", "nf4"):
+            out = load_stage(path, 0, 3, progress=False, quant=quant)(hidden)
+            assert 0 < _relative_error(out, reference) < MAX_ERROR[quant], (family, quant)
+
+
 def test_mixtral_router_stays_exact(tmp_path: Path) -> None:
     path = make_family_checkpoint(tmp_path, "mixtral", num_layers=1)
     stage = load_stage(path, 0, 1, progress=False, quant="int8")
@@ -94,3 +106,7 @@ def test_precision_bits_and_unknown_quantization() -> None:
     assert precision_bits("float32", "") == 32 and precision_bits("float32", "fp3") == 0
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         quantize_linears(nn.Linear(4, 4), "int3", "cpu")
+    holder = nn.Module()
+    holder.proj = nn.Linear(96, 4)
+    with pytest.raises(ValueError, match="nf4 needs linear inputs in multiples of 64; proj has 96"):
+        quantize_linears(holder, "nf4", "cpu")
