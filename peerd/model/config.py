@@ -1,5 +1,5 @@
 """Model hyper-parameters of the decoder families we host: Llama (Llama 2/3, SmolLM), Mistral, Qwen2,
-Qwen3, Mixtral (mixture of experts) and Gemma 3 (text).
+Qwen3, Qwen3-MoE and Mixtral (mixtures of experts) and Gemma 3 (text).
 
 One frozen dataclass, read from a Hugging Face ``config.json``; the per-family rules are
 :func:`family_fields`. Both the
@@ -19,7 +19,7 @@ from typing import Any
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "RopeScaling", "family_fields"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma3_text")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
@@ -96,8 +96,12 @@ class ModelConfig:
     # only, masked exactly); () = the older models above: every block full, a window refused beyond it
     layer_types: tuple[str, ...] = ()
     local_rope_theta: float | None = None  # RoPE base of sliding blocks (Gemma 3; plain RoPE there)
-    num_experts: int = 0  # mixture of experts (Mixtral): expert MLPs per block; 0 = one dense MLP
-    experts_per_token: int = 0  # top-k experts each token is routed to (their weights renormalised)
+    num_experts: int = 0  # mixture of experts (Mixtral, Qwen3-MoE): expert MLPs per block; 0 = one dense MLP
+    experts_per_token: int = 0  # top-k experts each token is routed to
+    moe_intermediate_size: int = 0  # width of one expert's MLP; 0 = intermediate_size (Mixtral)
+    moe_renormalize: bool = True  # the k routing weights are rescaled to sum to 1 (Qwen3-MoE: norm_topk_prob)
+    dense_layers: tuple[int, ...] = ()  # blocks of a mixture-of-experts model that keep a dense MLP
+    moe_every: int = 1  # every n-th block (counting from 1) has experts (Qwen3-MoE's decoder_sparse_step)
     final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma); None = none
 
     def __post_init__(self) -> None:
@@ -129,6 +133,14 @@ class ModelConfig:
             )
         if self.num_experts and not self.experts_per_token:
             raise ValueError("a mixture of experts needs experts_per_token >= 1")
+
+    def is_moe(self, layer_index: int) -> bool:
+        """Whether block ``layer_index`` routes tokens to experts rather than one dense MLP."""
+        return (
+            self.num_experts > 0
+            and layer_index not in self.dense_layers
+            and (layer_index + 1) % max(self.moe_every, 1) == 0
+        )
 
     def is_sliding(self, layer_index: int) -> bool:
         """Whether block ``layer_index`` attends only to the last ``sliding_window`` keys (masked)."""
@@ -271,9 +283,17 @@ def family_fields(d: Mapping[str, Any], model_type: str) -> dict[str, Any]:
         fields["qkv_bias"], fields["o_bias"] = True, False
     else:
         fields["qkv_bias"] = fields["o_bias"] = bool(d.get("attention_bias", False))
-    if model_type == "qwen3":
+    if model_type in ("qwen3", "qwen3_moe"):
         fields["qk_norm"] = True
         fields.update(_layer_windows(d, uses_window=bool(d.get("use_sliding_window", False))))
+        if model_type == "qwen3_moe":
+            # released checkpoints say num_experts; transformers 5 saves it as num_local_experts
+            fields["num_experts"] = int(d["num_experts"] if "num_experts" in d else d["num_local_experts"])
+            fields["experts_per_token"] = int(d["num_experts_per_tok"])
+            fields["moe_intermediate_size"] = int(d["moe_intermediate_size"])
+            fields["moe_renormalize"] = bool(d.get("norm_topk_prob", False))
+            fields["dense_layers"] = tuple(int(i) for i in d.get("mlp_only_layers") or ())
+            fields["moe_every"] = int(d.get("decoder_sparse_step", 1))
         return fields
     fields["sliding_window"] = _parse_sliding_window(d, model_type)
     if model_type == "mixtral":

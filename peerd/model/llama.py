@@ -265,9 +265,10 @@ class Block(nn.Module):
         if gemma:
             self.pre_feedforward_layernorm = RMSNorm(hidden, eps, gemma=True)
             self.post_feedforward_layernorm = RMSNorm(hidden, eps, gemma=True)
-        # the checkpoint's name for the feed-forward part: a dense MLP, or Mixtral's experts
-        self.feed_forward_name = "block_sparse_moe" if config.num_experts else "mlp"
-        self.add_module(self.feed_forward_name, SparseMoE(config) if config.num_experts else MLP(config))
+        # the checkpoint's name for the feed-forward part: a dense MLP, or the experts (Mixtral's own name)
+        moe = config.is_moe(layer_index)
+        self.feed_forward_name = "block_sparse_moe" if moe and config.model_type == "mixtral" else "mlp"
+        self.add_module(self.feed_forward_name, SparseMoE(config) if moe else MLP(config))
 
     def forward(
         self,

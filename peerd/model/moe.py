@@ -1,9 +1,12 @@
-"""Mixtral's sparse mixture of experts: a router picks the top-k expert MLPs for each token.
+"""Sparse mixture of experts (Mixtral, Qwen3-MoE): a router picks the top-k expert MLPs for each token.
 
-Names equal the checkpoint's below ``model.layers.{i}.block_sparse_moe.`` (``gate.weight``, the
-router; ``experts.{e}.w1/w2/w3.weight``, each a SwiGLU MLP), the layout transformers saves.
-Routing follows the reference exactly: softmax over all experts in float32, top-k, the k weights
-renormalised to sum to 1, and each token's output the weighted sum of its experts' outputs.
+Names equal the checkpoint's, the layout transformers saves: Mixtral below
+``model.layers.{i}.block_sparse_moe.`` (``gate.weight``, the router; ``experts.{e}.w1/w3/w2``, the
+gate/up/down projections of a SwiGLU MLP), Qwen3-MoE below ``model.layers.{i}.mlp.``
+(``gate.weight``; ``experts.{e}.gate_proj/up_proj/down_proj``). Routing follows the references:
+softmax over all experts in float32, top-k, the k weights renormalised to sum to 1 (always for
+Mixtral, with ``norm_topk_prob`` for Qwen3-MoE, which also rounds them to the hidden dtype), and each
+token's output the weighted sum of its experts' outputs.
 """
 
 from __future__ import annotations
@@ -14,20 +17,27 @@ from torch import Tensor, nn
 
 from peerd.model.config import ModelConfig
 
-__all__ = ["Expert", "SparseMoE"]
+__all__ = ["MIXTRAL_NAMES", "QWEN_NAMES", "Expert", "SparseMoE"]
+
+
+MIXTRAL_NAMES = ("w1", "w3", "w2")  # an expert's gate, up and down projections, as checkpoints name them
+QWEN_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 class Expert(nn.Module):
-    """One expert: a SwiGLU MLP ``w2(silu(w1(x)) * w3(x))`` (Mixtral's names)."""
+    """One expert: a SwiGLU MLP ``down(silu(gate(x)) * up(x))``, its projections named as the family does."""
 
-    def __init__(self, hidden: int, inner: int) -> None:
+    def __init__(self, hidden: int, inner: int, names: tuple[str, str, str]) -> None:
         super().__init__()
-        self.w1 = nn.Linear(hidden, inner, bias=False)
-        self.w2 = nn.Linear(inner, hidden, bias=False)
-        self.w3 = nn.Linear(hidden, inner, bias=False)
+        self.names = names
+        gate, up, down = names
+        self.add_module(gate, nn.Linear(hidden, inner, bias=False))
+        self.add_module(up, nn.Linear(hidden, inner, bias=False))
+        self.add_module(down, nn.Linear(inner, hidden, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # type: ignore[no-any-return]
+        gate, up, down = (getattr(self, name) for name in self.names)
+        return down(F.silu(gate(x)) * up(x))  # type: ignore[no-any-return]
 
 
 class SparseMoE(nn.Module):
@@ -40,17 +50,22 @@ class SparseMoE(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.top_k = config.experts_per_token
+        self.renormalize = config.moe_renormalize
+        self.mixtral = config.model_type == "mixtral"
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
-        self.experts = nn.ModuleList(
-            Expert(config.hidden_size, config.intermediate_size) for _ in range(config.num_experts)
-        )
+        inner = config.moe_intermediate_size or config.intermediate_size
+        names = MIXTRAL_NAMES if self.mixtral else QWEN_NAMES
+        self.experts = nn.ModuleList(Expert(config.hidden_size, inner, names) for _ in range(config.num_experts))
 
     def forward(self, x: Tensor) -> Tensor:
         batch, n, hidden = x.shape
         tokens = x.reshape(batch * n, hidden)  # [tokens, hidden]
         probs = F.softmax(self.gate(tokens).float(), dim=-1)  # [tokens, experts], float32 as the reference
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [tokens, k] each
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if not self.mixtral:  # Qwen3-MoE rounds the routing weights to the hidden dtype first
+            weights = weights.to(x.dtype)
         out = torch.zeros_like(tokens)  # [tokens, hidden]
         for expert_index in torch.unique(chosen).tolist():  # ascending, the reference's order of summation
             token_rows, slot = torch.where(chosen == expert_index)  # tokens that chose it, and in which slot

@@ -99,7 +99,7 @@ def make_tiny_checkpoint(
     return path
 
 
-FAMILIES = ("qwen3", "mixtral", "gemma3")
+FAMILIES = ("qwen3", "qwen3_moe", "mixtral", "gemma3")
 
 
 def make_family_checkpoint(
@@ -107,7 +107,8 @@ def make_family_checkpoint(
 ) -> Path:
     """A tiny random checkpoint of a newer ``family`` (one of FAMILIES), written by transformers itself.
 
-    qwen3: per-head q/k norms, explicit head_dim (32, not 64 / 4); mixtral: 4 experts, top 2; gemma3: 2-token
+    qwen3: per-head q/k norms, explicit head_dim (32, not 64 / 4); qwen3_moe: the same attention, 4
+    experts of width 64, top 2 without renormalising, block 1 dense; mixtral: 4 experts, top 2; gemma3: 2-token
     window on sliding blocks (sliding, sliding, full, ...), linearly scaled RoPE on full blocks,
     its own base on sliding ones, GeGLU, (1 + w) sandwich norms, query_pre_attn_scalar 24.
     """
@@ -123,6 +124,12 @@ def make_family_checkpoint(
     if family == "qwen3":
         config = transformers.Qwen3Config(**common, intermediate_size=128, head_dim=32, tie_word_embeddings=False)
         model = transformers.Qwen3ForCausalLM
+    elif family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(
+            **common, intermediate_size=128, moe_intermediate_size=64, head_dim=32, num_experts=4,
+            num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1], tie_word_embeddings=False,
+        )  # fmt: skip
+        model = transformers.Qwen3MoeForCausalLM
     elif family == "mixtral":
         config = transformers.MixtralConfig(**common, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
         model = transformers.MixtralForCausalLM

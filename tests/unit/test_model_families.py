@@ -1,4 +1,4 @@
-"""Qwen3, Mixtral and Gemma 3 blocks against transformers on tiny random checkpoints (float32, 1e-5).
+"""Qwen3, Qwen3-MoE, Mixtral and Gemma 3 blocks against transformers on tiny random checkpoints (float32, 1e-5).
 
 Each family is loaded per block from a sharded safetensors folder written by transformers, then
 checked through prefill, cached decode, and a failover replay (a fresh stage rebuilds the cache from
@@ -95,6 +95,9 @@ def test_gemma3_config_fields(checkpoint: tuple[Path, Any]) -> None:
         assert config.rope_scaling is not None and config.rope_scaling.factor == 4.0
     elif config.model_type == "mixtral":
         assert (config.num_experts, config.experts_per_token) == (4, 2)
+    elif config.model_type == "qwen3_moe":
+        assert (config.num_experts, config.moe_intermediate_size, config.moe_renormalize) == (4, 64, False)
+        assert [config.is_moe(i) for i in range(NUM_LAYERS)] == [True, False, True, True]
     else:
         assert config.qk_norm and config.head_dim == 32
 
