@@ -126,3 +126,22 @@ async def test_a_subtle_liar_is_caught_by_a_recomputation_at_its_own_precision(m
         assert honest.peer_id not in client.router.banned()
     finally:
         await client.close()
+
+
+async def test_a_quantized_peer_places_more_blocks_in_the_same_memory_budget(make_swarm: Any) -> None:
+    # Without --blocks a peer hosts what fits its --memory-budget at the *measured* size of one of
+    # its blocks: float32 fits 2 blocks of the tiny model here, nf4 (about 1/5 of the bytes) all 6.
+    swarm = await make_swarm([(0, 6)])
+    budget = dict(memory_budget_bytes=600_000, cache_tokens=256, placement_jitter_s=0.0, placement_settle_s=0.1)
+    full = await swarm.add_peer("full", None, **budget)
+    small = await swarm.add_peer("nf4", None, quant="nf4", **budget)
+    assert full.capacity is not None and small.capacity is not None
+    assert small.capacity.block_weight_bytes < 0.3 * full.capacity.block_weight_bytes
+    hosted = {p.config.quant: p.blocks[1] - p.blocks[0] for p in (full, small)}
+    assert hosted == {"none": 2, "nf4": 6}
+    # measured after loading: what placement predicted from the probe block, less the code books that
+    # bitsandbytes shares between layers (the probe, alone, counts them once per block)
+    assert small.stage is not None
+    assert (
+        0.8 * 6 * small.capacity.block_weight_bytes < small.stage.weight_bytes <= 6 * small.capacity.block_weight_bytes
+    )
