@@ -4,7 +4,9 @@ A bootstrap node and one peer per quantization (``--quant none``, ``int8``, ``nf
 every block, serve the model; a client routes through one of them at a time (``allowed_peers``) and
 computes the logits of a fixed text shipped with the package (``peerd/data/quality_text.txt``). For
 each quantization it reports the perplexity of that text, its change against the local float32
-model, and the largest and mean absolute logit difference from it. Targets (the issue's, on
+model, and the largest and mean absolute logit difference from it. With ``--speed-rounds R`` (default 3)
+it also times greedy decoding through all blocks in this process for each quantization, rounds
+interleaved, one torch thread (the median, in tokens/s). Targets (the issue's, on
 SmolLM2): int8 within 2% of float32 perplexity, 4-bit within 8%. Run with
 ``python -m peerd.cli.bench_quality [--model ID] [--tokens N] [--out FILE]``.
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -59,10 +63,34 @@ async def _swarm_logits(initial_peers: list[str], path: Path, model_id: str, pee
         for quant, peer_id in peers.items():
             client.allowed_peers = {peer_id}  # through this quantization's peer only
             await client.wait_for_route(timeout_s=120)
+            record = (await client.servers(refresh=True))[peer_id]
+            assert record.quant == quant, f"peer {peer_id} announces {record.quant!r}, started with {quant!r}"
             out[quant] = await client.forward(ids)
     finally:
         await client.close()
     return out
+
+
+def decode_speeds(path: Path, rounds: int, steps: int = 32) -> list[float]:
+    """Median decode tokens/s through all blocks for each of QUANTS, rounds interleaved (one thread)."""
+    from peerd.model.config import ModelConfig
+    from peerd.model.loading import load_stage
+
+    torch.set_num_threads(1)
+    num_layers = ModelConfig.from_pretrained(path).num_layers
+    stages = [load_stage(path, 0, num_layers, progress=False, quant=quant) for quant in QUANTS]
+    x = torch.randn(1, 17, stages[0].config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.1
+    times: list[list[float]] = [[] for _ in QUANTS]
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for i, stage in enumerate(stages):
+                cache = stage.allocate_cache(1, 16 + steps)
+                stage(x[:, :16], cache, 0)
+                started = time.perf_counter()
+                for t in range(steps):
+                    stage(x[:, 16:], cache, 16 + t)
+                times[i].append(steps / (time.perf_counter() - started))
+    return [statistics.median(t) for t in times]
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,6 +98,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--tokens", type=int, default=512, help="at most this many tokens of the text (default 512)")
+    parser.add_argument("--speed-rounds", type=int, default=3, help="interleaved decode-speed rounds (0: skip)")
     parser.add_argument("--out", default="bench-results/quality.json")
     return parser.parse_args(argv)
 
@@ -100,13 +129,18 @@ def main(argv: list[str] | None = None) -> int:
         peers = {quant: str(info["peer_id"]) for quant, info in zip(QUANTS, ready, strict=True)}
         logits = run_async(_swarm_logits(swarm.initial_peers, path, model_id, peers, ids))
     rows = [_row(quant, logits[quant], reference, ids, ppl32) for quant in QUANTS]
+    if args.speed_rounds > 0:
+        for row, tps in zip(rows, decode_speeds(path, args.speed_rounds), strict=True):
+            row["decode_tokens_per_s"] = tps
     print(f"local float32 perplexity {ppl32:.3f}")
-    print(f"{'quant':6} {'perplexity':>10} {'vs f32':>8} {'target':>7} {'max |dlogit|':>12} {'mean |dlogit|':>13}")
+    header = f"{'quant':6} {'perplexity':>10} {'vs f32':>8} {'target':>7} {'max |dlogit|':>12} {'mean |dlogit|':>13}"
+    print(header + f" {'decode tok/s':>12}")
     for r in rows:
         mark = "ok" if r["meets_target"] else "MISSED"
         print(
             f"{r['quant']:6} {r['perplexity']:10.3f} {r['perplexity_increase']:+8.2%} "
-            f"{r['target_increase']:7.0%} {r['logit_diff_max']:12.3f} {r['logit_diff_mean']:13.4f}  {mark}"
+            f"{r['target_increase']:7.0%} {r['logit_diff_max']:12.3f} {r['logit_diff_mean']:13.4f} "
+            f"{r.get('decode_tokens_per_s', float('nan')):12.1f}  {mark}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
