@@ -2,7 +2,7 @@
 
 Llama is the base; config flags add what the other families change: q/k norms (Qwen3, Gemma 3),
 Gemma's (1 + w) sandwich norms, GeGLU and attention scale, sliding-window blocks, and a
-mixture-of-experts MLP (Mixtral, ``moe.py``).
+mixture-of-experts MLP (Mixtral, Qwen3-MoE: ``moe.py``).
 
 Module and parameter names equal the Hugging Face checkpoint names below
 ``model.layers.{i}.`` so that loading is a plain state-dict mapping. Attention
@@ -246,7 +246,8 @@ class Block(nn.Module):
     """Pre-norm decoder block ``layer_index``: ``x + attn(norm(x))`` then ``+ mlp(norm(.))``.
 
     Gemma adds a norm after each sublayer (``x + norm(attn(norm(x)))``, the same around the MLP);
-    Mixtral's MLP is a routed mixture of experts (``block_sparse_moe``, its checkpoint name).
+    Mixtral's and Qwen3-MoE's MLP is a routed mixture of experts (named ``block_sparse_moe`` and ``mlp``
+    as their checkpoints do).
 
     Maps ``x [batch, n, hidden_size]`` to the same shape. ``cos``/``sin`` come
     from the stage's shared :class:`RotaryEmbedding`, ``mask`` from
