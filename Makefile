@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 PIP_FLAGS ?= --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test test-fast lint format bench bench-nat image clean
+.PHONY: setup model demo test test-fast lint format bench bench-quality bench-nat image clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ test-fast: setup
 
 bench: model
 	$(PY) -m peerd.cli.bench
+
+# perplexity and logit difference of --quant none / int8 / nf4 peers on the shipped text, through a swarm
+bench-quality: model
+	$(PY) -m peerd.cli.bench_quality
 
 # NAT and weak links on an emulated internet of network namespaces (needs root and nftables)
 bench-nat: setup

@@ -129,7 +129,12 @@ async def connect_client(args: argparse.Namespace) -> SwarmClient:
     from peerd.client import SwarmClient
 
     return await SwarmClient.connect(
-        args.initial_peers, args.model, model_id=args.model_id, cache_dir=args.cache_dir, swarm=args.swarm
+        args.initial_peers,
+        args.model,
+        model_id=args.model_id,
+        cache_dir=args.cache_dir,
+        swarm=args.swarm,
+        min_precision=getattr(args, "min_precision", None),
     )
 
 

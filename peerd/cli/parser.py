@@ -183,7 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--name", default="", help="public name shown in status tables")
     run.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)")
-    run.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weights dtype")
+    run.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="compute dtype (and weights' unless --quant)",
+    )
+    run.add_argument(
+        "--quant",
+        default="none",
+        choices=["none", "int8", "nf4"],
+        help="store hosted blocks' linear weights in 8 or 4 bits (bitsandbytes): about 2x / 4x the blocks "
+        "of bfloat16 in the same memory, at some accuracy (docs/operating.md); default none",
+    )
     run.add_argument("--torch-threads", type=POSITIVE_INT, default=None, help="torch intra-op threads")
     run.add_argument("--cache-tokens", type=POSITIVE_INT, default=8192, help="KV cache budget in tokens (default 8192)")
     run.add_argument("--max-session-length", type=POSITIVE_INT, default=2048, help="longest session a client may open")
@@ -259,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the model's chat template")
     gen.add_argument("--adapter", default=None, help="adapter file written by `peerd finetune`")
+    gen.add_argument(
+        "--min-precision",
+        default=None,
+        choices=["nf4", "int8", "bfloat16", "float16", "float32"],
+        help="route only through peers storing weights in at least this precision (default: any)",
+    )
 
     chat = sub.add_parser("chat", help="chat with the model through a running swarm (multi-turn, streamed)")
     _add_swarm_args(chat, need_peers=True)

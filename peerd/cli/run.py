@@ -37,6 +37,7 @@ def peer_config_from_args(args: argparse.Namespace) -> PeerConfig:
         public_name=args.name,
         device=args.device,
         dtype=args.dtype,
+        quant=args.quant,
         torch_threads=args.torch_threads,
         cache_tokens=args.cache_tokens,
         max_session_length=args.max_session_length,

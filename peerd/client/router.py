@@ -19,6 +19,7 @@ from typing import Protocol
 from peerd.client.bans import LIAR_BAN_S, BanList
 from peerd.client.claims import SpeedBook
 from peerd.client.routing import Span, plan_inference_route, plan_load_balanced_route, servers_by_peer
+from peerd.model.quant import PRECISION_BITS, precision_bits
 from peerd.rpc.errors import NoRouteError, PeerUnavailable
 from peerd.rpc.rtt import RttProbe
 from peerd.rpc.transport import PeerClient
@@ -57,6 +58,7 @@ class Router:
         allowed_peers: Iterable[str] | None = None,
         bans: BanList | None = None,
         rtt: RttProbe | None = None,
+        min_precision: str | None = None,
     ) -> None:
         self.dht = dht
         self.peers = peers
@@ -67,13 +69,15 @@ class Router:
         self.view_ttl_s = view_ttl_s
         # private swarm: use only these peers (None = any peer the DHT lists)
         self.allowed_peers = frozenset(allowed_peers) if allowed_peers is not None else None
+        self._min_precision: str | None = None
+        self.min_precision = min_precision  # checked by the setter
         self.bans = bans or BanList()
         self.rtt = rtt or RttProbe(peers.info)
         self.rtts_ms: dict[str, float] = {}  # measured client <-> peer round trips, for planning
         self._rtt_read_at: dict[str, float] = {}  # the probe time each value of rtts_ms came from
         self._servers: dict[str, ServerRecord] = {}
         self._servers_at = 0.0
-        self._vetted: dict[str, tuple[int, int, str]] = {}  # peer -> record fields its `info` confirmed
+        self._vetted: dict[str, tuple[int, int, str, str]] = {}  # peer -> record fields its `info` confirmed
         self.observed_tps: dict[str, float] = {}  # peer -> block-tokens/s this client got from it
         self.speeds = SpeedBook()  # inference steps: observed decode speeds, and what planning believes
         peers.observer = self.observe
@@ -87,11 +91,26 @@ class Router:
             servers = servers_by_peer(views)
             if self.allowed_peers is not None:
                 servers = {p: r for p, r in servers.items() if p in self.allowed_peers}
+            if self._min_precision is not None:
+                least = PRECISION_BITS[self._min_precision]
+                servers = {p: r for p, r in servers.items() if precision_bits(r.dtype, r.quant) >= least}
             for peer_id, record in servers.items():
                 self.peers.learn_addresses(peer_id, record.addrs)  # peers behind NAT: their relay circuit
             self._servers = servers
             self._servers_at = time.monotonic()
         return self._servers
+
+    @property
+    def min_precision(self) -> str | None:
+        """Route only through peers whose weights are stored in at least this precision (None: any)."""
+        return self._min_precision
+
+    @min_precision.setter
+    def min_precision(self, precision: str | None) -> None:
+        if precision is not None and precision not in PRECISION_BITS:
+            raise ValueError(f"min_precision must be one of {', '.join(PRECISION_BITS)}, got {precision!r}")
+        self._min_precision = precision
+        self._servers_at = 0.0  # the next view is filtered anew
 
     def known_records(self) -> Mapping[str, ServerRecord]:
         """The records of the last view read (no DHT access)."""
@@ -121,7 +140,7 @@ class Router:
         activations -- and is banned for a long time. Raises PeerUnavailable after banning it.
         """
         record = span.record
-        claimed = (record.start, record.end, record.dtype)
+        claimed = (record.start, record.end, record.dtype, record.quant)
         if self._vetted.get(span.peer_id) == claimed:
             return
         info = await self.peers.info(span.peer_id)
@@ -133,6 +152,9 @@ class Router:
             problems.append(f"serves blocks {info.block_start}:{info.block_end}, announced {record.start}:{record.end}")
         if info.dtype != record.dtype and record.dtype:
             problems.append(f"computes in {info.dtype}, announced {record.dtype}")
+        quant = info.extra.get("quant", "none")
+        if quant != record.quant:  # a peer that hides its quantization would pass a --min-precision filter
+            problems.append(f"stores weights as {quant!r}, announced {record.quant!r}")
         if problems:
             reason = "info disagrees with its DHT record: " + "; ".join(problems)
             # A peer that is moving its blocks announces the new range within one period, so a range

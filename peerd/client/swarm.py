@@ -73,6 +73,7 @@ class SwarmClient:
         spot_check_local_blocks: int = 0,
         allowed_peers: Iterable[str] | None = None,
         chat_template: ChatTemplate | None = None,
+        min_precision: str | None = None,
     ) -> None:
         self.p2p = p2p
         self.dht = dht
@@ -94,6 +95,7 @@ class SwarmClient:
             dht_timeout_s=dht_timeout_s,
             route_wait_s=route_wait_s,
             allowed_peers=allowed_peers,
+            min_precision=min_precision,
         )
         self.checker = SpotChecker(
             self.router,
@@ -123,6 +125,7 @@ class SwarmClient:
         spot_check_rate: float = 0.0,
         spot_check_local_blocks: int = 0,
         allowed_peers: Iterable[str] | None = None,
+        min_precision: str | None = None,
     ) -> SwarmClient:
         """Join the swarm through ``initial_peers`` and load the client-side model pieces.
 
@@ -134,6 +137,8 @@ class SwarmClient:
         redone); ``spot_check_local_blocks`` lets the client recompute spans of up to that many
         blocks itself, from ``model_path``'s weights, as the judge when two peers disagree;
         ``allowed_peers`` restricts routing to those peer ids (a private swarm).
+        ``min_precision`` ("nf4", "int8", "bfloat16", "float16", "float32") routes only through
+        peers whose weights are stored in at least that many bits (``peerd.model.quant``).
         """
         model_path = resolve_model(str(model), Path(cache_dir) if cache_dir is not None else None)
         model_id = model_id or canonical_model_id(str(model)) or model_path.resolve().name
@@ -165,6 +170,7 @@ class SwarmClient:
             spot_check_local_blocks=spot_check_local_blocks,
             allowed_peers=allowed_peers,
             chat_template=chat_template,
+            min_precision=min_precision,
         )
 
     async def close(self) -> None:
@@ -192,6 +198,15 @@ class SwarmClient:
     @allowed_peers.setter
     def allowed_peers(self, peer_ids: Iterable[str] | None) -> None:
         self.router.allowed_peers = frozenset(peer_ids) if peer_ids is not None else None
+
+    @property
+    def min_precision(self) -> str | None:
+        """Route only through peers storing weights in at least this precision (None = any peer)."""
+        return self.router.min_precision
+
+    @min_precision.setter
+    def min_precision(self, precision: str | None) -> None:
+        self.router.min_precision = precision
 
     @property
     def rtts_ms(self) -> dict[str, float]:

@@ -31,6 +31,7 @@ from peerd.client.compression import CompressionChoice, hop_compression, worst_c
 from peerd.client.router import Router
 from peerd.client.routing import Span
 from peerd.model.loading import load_stage
+from peerd.model.quant import QUANTS
 from peerd.model.stage import Stage
 from peerd.rpc.errors import NoRouteError, PeerError, PeerUnavailable
 from peerd.rpc.transport import PeerClient
@@ -45,12 +46,29 @@ logger = logging.getLogger(__name__)
 # hardware (TF32 on GPUs): float32 agrees to ~1e-5 on one CPU, ~1e-3 across devices.
 _DTYPE_TOLERANCE = {"float32": 5e-3, "float16": 2e-2, "bfloat16": 5e-2}
 _COMPRESSION_TOLERANCE = {Compression.NONE: 0.0, Compression.FLOAT16: 2e-3, Compression.BLOCKWISE8: 4e-2}
+# Quantised weights (``--quant``) move a span's output away from full precision: measured on SmolLM2
+# spans of 3 to 10 blocks, int8 by at most 0.06 relative, nf4 by at most 0.28 (docs/decisions.md).
+# These allow for that, with a margin, when computations of different precisions are compared.
+_QUANT_TOLERANCE = {"none": 0.0, "int8": 0.1, "nf4": 0.5}
+# Computations with the same quantisation hold the same weights (quantising is deterministic). nf4
+# is dequantised exactly on every device, so only the dtype tolerance applies; int8 multiplies
+# differently on CUDA (activations quantised too, LLM.int8) than on the CPU (weights dequantised).
+_SAME_QUANT_TOLERANCE = {"none": 0.0, "int8": 0.1, "nf4": 0.0}
+_UNKNOWN_QUANT_TOLERANCE = 0.5  # a quantization this client does not know: as loose as nf4
 
 
-def tolerance_for(dtypes: Iterable[str], compression: Compression) -> float:
-    """Relative error two honest results may show, for peers computing in ``dtypes``."""
+def tolerance_for(dtypes: Iterable[str], compression: Compression, quants: Iterable[str] = ("none",)) -> float:
+    """Relative error two honest results may show, for peers computing in ``dtypes`` with weights ``quants``.
+
+    Same-precision comparisons are tight; a quantised result checked against another precision
+    gets the room its quantization needs -- which a subtle liar could hide in, so checks recompute
+    at the same precision when they can (:meth:`SpotChecker.verify`).
+    """
     base = max((_DTYPE_TOLERANCE.get(d, 5e-2) for d in dtypes), default=5e-2)
-    return base + 2 * _COMPRESSION_TOLERANCE[compression]  # both results went through the codec
+    kinds = set(quants) or {"none"}
+    table = _SAME_QUANT_TOLERANCE if len(kinds) == 1 else _QUANT_TOLERANCE
+    quant = max(table.get(k, _UNKNOWN_QUANT_TOLERANCE) for k in kinds)
+    return base + quant + 2 * _COMPRESSION_TOLERANCE[compression]  # both results went through the codec
 
 
 def relative_errors(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
@@ -128,17 +146,24 @@ class SpotChecker:
         self.tolerance = tolerance
         self.rng = rng or random.Random()
         self.incidents: list[Incident] = []
-        self._stages: dict[tuple[int, int], Stage] = {}
+        self._stages: dict[tuple[int, int, str], Stage] = {}
 
     def should_check(self) -> bool:
         return self.rate > 0 and self.rng.random() < self.rate
 
-    def _tolerance(self, peers: Iterable[str]) -> float:
+    def _quant_of(self, peer_id: str) -> str:
+        record = self.router.known_records().get(peer_id)
+        return record.quant if record is not None else "none"
+
+    def _tolerance(self, peers: Iterable[str], span: Span) -> float:
         if self.tolerance is not None:
             return self.tolerance
         known = self.router.known_records()
+        peers = list(peers)
         dtypes = [known[p].dtype for p in peers if p in known and known[p].dtype] or ["bfloat16"]
-        return tolerance_for(dtypes, worst_case(self.compression))
+        # the client's own check computes at the span peer's quantization (see _local)
+        quants = [self._quant_of(span.peer_id if p == _LOCAL else p) for p in peers]
+        return tolerance_for(dtypes, worst_case(self.compression), quants)
 
     async def verify(self, span: Span, inputs: torch.Tensor, outputs: torch.Tensor) -> Verdict:
         """Check ``outputs`` = blocks [span.start, span.end) applied to ``inputs`` (both [b, n, h])."""
@@ -146,7 +171,7 @@ class SpotChecker:
         if first is None:  # nobody else serves those blocks and no local weights
             return Verdict(checked=False, span_peer_wrong=False, first_bad_position=None)
         reference, checkers = first
-        tol = self._tolerance([span.peer_id, *checkers])
+        tol = self._tolerance([span.peer_id, *checkers], span)
         bad = first_mismatch(outputs, reference, tol)
         if bad is None:
             return Verdict(checked=True, span_peer_wrong=False, first_bad_position=None)
@@ -156,7 +181,7 @@ class SpotChecker:
         arbiter = await self._opinion(span, inputs, exclude={span.peer_id, *checkers}, local_first=True)
         if arbiter is not None:
             judged, judge = arbiter
-            tol = self._tolerance([span.peer_id, *checkers, *judge])
+            tol = self._tolerance([span.peer_id, *checkers, *judge], span)
             span_ok = first_mismatch(outputs, judged, tol) is None
             checker_ok = first_mismatch(reference, judged, tol) is None
             kind = _LOCAL if judge == (_LOCAL,) else "peers"
@@ -207,9 +232,18 @@ class SpotChecker:
     async def _remote(
         self, span: Span, inputs: torch.Tensor, exclude: set[str]
     ) -> tuple[torch.Tensor, tuple[str, ...]] | None:
-        try:
-            route = await self.router.plan_load_balanced(span.start, span.end, rng=self.rng, exclude=exclude)
-        except NoRouteError:
+        # Peers at the span peer's precision first: their answer must match tightly. Only when none
+        # serves those blocks does a peer of another precision check, within that precision's room.
+        quant = self._quant_of(span.peer_id)
+        other_precision = {p for p, r in self.router.known_records().items() if r.quant != quant}
+        route = None
+        for avoid in (exclude | other_precision, exclude):
+            try:
+                route = await self.router.plan_load_balanced(span.start, span.end, rng=self.rng, exclude=avoid)
+                break
+            except NoRouteError:
+                continue
+        if route is None:
             return None
         x = inputs
         try:
@@ -222,12 +256,17 @@ class SpotChecker:
         return x, tuple(hop.peer_id for hop in route)
 
     async def _local(self, span: Span, inputs: torch.Tensor) -> tuple[torch.Tensor, tuple[str, ...]]:
-        key = (span.start, span.end)
+        quant = self._quant_of(span.peer_id)
+        if quant not in QUANTS:
+            quant = "none"  # a quantization we cannot reproduce: judge at full precision (loose tolerance)
+        key = (span.start, span.end, quant)  # the same precision as the peer checked: a tight comparison
         stage = self._stages.get(key)
         if stage is None:
             assert self.model_path is not None  # local_max_blocks is 0 without it
             path = self.model_path
-            stage = await asyncio.to_thread(load_stage, path, span.start, span.end, torch.float32, "cpu", False)
+            stage = await asyncio.to_thread(
+                load_stage, path, span.start, span.end, torch.float32, "cpu", False, None, None, quant
+            )
             self._stages[key] = stage
 
         def compute() -> torch.Tensor:

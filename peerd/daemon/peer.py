@@ -19,7 +19,14 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from peerd import __version__
 from peerd.config import PeerConfig
-from peerd.daemon.capacity import Capacity, Hardware, blocks_fitting_memory, measure_capacity, probe_hardware
+from peerd.daemon.capacity import (
+    Capacity,
+    Hardware,
+    blocks_to_host,
+    load_hosted_blocks,
+    measure_capacity,
+    probe_hardware,
+)
 from peerd.daemon.nexthops import NextHops
 from peerd.daemon.placement import PlacedPeer, Placement, choose_placement, decide_move, recheck_after_joining
 from peerd.daemon.reachability import Reachability, dial_addresses, start_network
@@ -27,7 +34,7 @@ from peerd.daemon.relaying import Relaying
 from peerd.daemon.routes import peer_app, refresh_peer_gauges
 from peerd.identity import IdentityLock, load_or_create_identity, lock_identity, peer_id_of_public_key
 from peerd.model.config import ModelConfig
-from peerd.model.loading import default_dtype_for, load_stage
+from peerd.model.loading import default_dtype_for
 from peerd.model.stage import Stage, cache_bytes_per_token
 from peerd.rpc.dialback import DialBackService
 from peerd.rpc.p2pd import P2PDaemonLost, wait_for_p2pd_exit
@@ -120,14 +127,13 @@ class Peer:
             measure=cfg.measure_throughput,
             step_delay_s=cfg.step_delay_s,
             span_blocks=span,
+            quant=cfg.quant,
         )
         self.state = PeerState.JOINING
         await self._choose_blocks()
         start, end = self.blocks
-        logger.info("loading blocks %d:%d of %s (%s, %s)", start, end, cfg.model_id, cfg.device, self.dtype)
-        path, dtype = cfg.model_path, self.dtype
-        self.stage = await self.runtime.run(lambda: load_stage(path, start, end, dtype=dtype, device=cfg.device))
-        stage = self.stage
+        dtype = self.dtype
+        self.stage = stage = await self.runtime.run(lambda: load_hosted_blocks(cfg, start, end, dtype))
         budget = CacheBudget(cfg.cache_tokens, cache_bytes_per_token(self.model_config, end - start, stage.dtype))
         self.servicer = BlockServicer(
             stage=stage,
@@ -152,13 +158,6 @@ class Peer:
         self.state = PeerState.ONLINE
         self.servicer.state = "online"
         await self.announce()
-
-    def _blocks_that_fit(self) -> int:
-        assert self.hardware is not None
-        cfg = self.config
-        budget = cfg.memory_budget_bytes or int(0.8 * self.hardware.memory_free_bytes)
-        fit = blocks_fitting_memory(self.model_config, self.dtype, budget_bytes=budget, cache_tokens=cfg.cache_tokens)
-        return min(fit, cfg.max_blocks or fit)
 
     async def _swarm_peers(self) -> list[PlacedPeer]:
         """Other peers serving or about to serve, as placement sees them (latest record each)."""
@@ -185,7 +184,8 @@ class Peer:
             await self.announce()
             return
         assert self.capacity is not None
-        length = self._blocks_that_fit()
+        assert self.hardware is not None
+        length = blocks_to_host(cfg, self.model_config, self.dtype, self.hardware, self.capacity)
         # peers started at the same moment would all see the same swarm: a random delay spreads them
         await asyncio.sleep(random.uniform(0, cfg.placement_jitter_s))
         choice = choose_placement(
@@ -272,10 +272,8 @@ class Peer:
         assert self.runtime is not None and self.servicer is not None and self.stage is not None
         cfg = self.config
         logger.info("rebalancing: %s", move.reason)
-        old_stage, path, dtype = self.stage, cfg.model_path, self.dtype
-        new_stage = await self.runtime.run(
-            lambda: load_stage(path, move.start, move.end, dtype=dtype, device=cfg.device, reuse=old_stage)
-        )
+        old_stage, dtype = self.stage, self.dtype
+        new_stage = await self.runtime.run(lambda: load_hosted_blocks(cfg, move.start, move.end, dtype, old_stage))
         self.servicer.draining = True  # new sessions go elsewhere while we switch
         await self.servicer.drain(cfg.drain_timeout_s)
         budget = CacheBudget(
@@ -356,6 +354,7 @@ class Peer:
             memory_total_bytes=hw.memory_total_bytes,
             memory_free_bytes=hw.memory_free_bytes,
             dtype=str(self.stage.dtype).removeprefix("torch.") if self.stage is not None else "",
+            quant=self.stage.quant if self.stage is not None else self.config.quant,
             cache_tokens_free=self.servicer.table.available_tokens() if self.servicer is not None else 0,
             protocol_version=PROTOCOL_VERSION,
             package_version=__version__,

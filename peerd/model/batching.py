@@ -68,29 +68,47 @@ def forward_batch(stage: Stage, steps: Sequence[StepInput], start: int, end: int
 
 
 def _forward_rows(stage: Stage, steps: Sequence[StepInput], start: int, end: int) -> list[Tensor]:
-    hidden_size = stage.config.hidden_size
+    config = stage.config
+    hidden_size = config.hidden_size
     shapes = [(s.hidden.shape[0], s.hidden.shape[1]) for s in steps]
     sizes = [b * n for b, n in shapes]
     x = torch.cat([s.hidden.reshape(-1, hidden_size) for s in steps])  # [rows of all steps, hidden]
-    groups = stage.config.num_queries_per_kv
-    tables = []
+    groups = config.num_queries_per_kv
+    local = getattr(stage, "local_rotary", None) or stage.rotary  # sliding blocks' own RoPE, if any
+    tables = []  # per step: (full-attention table, sliding-window table), as Stage.forward builds them
     for s, (_, n) in zip(steps, shapes, strict=True):
-        cos, sin = stage.rotary.cos_sin(s.position, n, dtype=x.dtype, device=x.device)
-        tables.append((cos, sin, attention_mask(n, s.position + n, groups, x.device)))
+        keys = s.position + n
+        full = (*stage.rotary.cos_sin(s.position, n, dtype=x.dtype, device=x.device),
+                attention_mask(n, keys, groups, x.device))  # fmt: skip
+        sliding = full
+        if config.sliding_window is not None:
+            sliding = (*local.cos_sin(s.position, n, dtype=x.dtype, device=x.device),
+                       attention_mask(n, keys, groups, x.device, config.sliding_window))  # fmt: skip
+        tables.append((full, sliding))
     for index in range(start, end):
         block = stage.layers[str(index)]
         assert isinstance(block, Block)  # built by Stage; narrows the ModuleDict's type
         attn = block.self_attn
         h = block.input_layernorm(x)
         q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # [rows, width] each
+        which = 1 if config.is_sliding(index) else 0
         parts = []
-        for s, (b, n), rows, (cos, sin, mask) in zip(steps, shapes, _slices(sizes), tables, strict=True):
+        for s, (b, n), rows, table in zip(steps, shapes, _slices(sizes), tables, strict=True):
+            cos, sin, mask = table[which]
             slot = index - stage.start
             qi, ki, vi = (t[rows].view(b, n, -1) for t in (q, k, v))  # [b, n, width]
             ck, cv = s.cache.keys[slot], s.cache.values[slot]
             parts.append(attn.attend(qi, ki, vi, cos, sin, mask, ck, cv, s.position).reshape(b * n, -1))
-        x = x + attn.o_proj(torch.cat(parts))  # [rows, hidden]
-        x = x + block.mlp(block.post_attention_layernorm(x))
+        attended = attn.o_proj(torch.cat(parts))  # [rows, hidden]
+        # the block's own residual layout (Block.forward): plain, or Gemma's sandwich norms
+        feed_forward = getattr(block, block.feed_forward_name)
+        if not block.sandwich:
+            x = x + attended
+            x = x + feed_forward(block.post_attention_layernorm(x).unsqueeze(0)).squeeze(0)
+        else:
+            x = x + block.post_attention_layernorm(attended)
+            ff_in = block.pre_feedforward_layernorm(x).unsqueeze(0)  # [1, rows, hidden]: MoE wants 3-D
+            x = x + block.post_feedforward_layernorm(feed_forward(ff_in).squeeze(0))
     return [x[rows].view(b, n, hidden_size) for rows, (b, n) in zip(_slices(sizes), shapes, strict=True)]
 
 
@@ -143,8 +161,11 @@ def forward_chunks(
             w1 = min(n, w0 + window)
             p = position + w0
             with torch.inference_mode():
-                cos, sin = stage.rotary.cos_sin(p, w1 - w0, dtype=x.dtype, device=x.device)
-                mask = attention_mask(w1 - w0, p + w1 - w0, groups, x.device)
+                sliding = stage.config.is_sliding(index)  # that block's own RoPE and window, as Stage.forward
+                rotary = (getattr(stage, "local_rotary", None) or stage.rotary) if sliding else stage.rotary
+                cos, sin = rotary.cos_sin(p, w1 - w0, dtype=x.dtype, device=x.device)
+                window_keys = stage.config.sliding_window if sliding else None
+                mask = attention_mask(w1 - w0, p + w1 - w0, groups, x.device, window_keys)
                 block = stage.layers[str(index)]
                 out[:, w0:w1] = block(x[:, w0:w1], cos, sin, mask, kv.keys[slot], kv.values[slot], p)
             yield float(batch * (w1 - w0))

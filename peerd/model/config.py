@@ -1,6 +1,8 @@
-"""Model hyper-parameters for the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM).
+"""Model hyper-parameters of the decoder families we host: Llama (Llama 2/3, SmolLM), Mistral, Qwen2,
+Qwen3, Qwen3-MoE and Mixtral (mixtures of experts) and Gemma 3 (text).
 
-One frozen dataclass, read from a Hugging Face ``config.json``. Both the
+One frozen dataclass, read from a Hugging Face ``config.json``; the per-family rules are
+:func:`family_fields`. Both the
 transformers 4.x layout (``rope_theta`` + ``rope_scaling``) and the 5.x layout
 (``rope_parameters``) are accepted. Anything our block code would compute
 differently from the reference is rejected here, with a message naming it,
@@ -15,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "RopeScaling"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "RopeScaling", "family_fields"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma3_text")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 # RoPE variants whose frequencies we compute; "dynamic", "yarn", "longrope" change
 # the frequencies with sequence length or scale cos/sin, so they are refused.
@@ -82,6 +86,23 @@ class ModelConfig:
     # so we support it exactly for sequences of at most this many tokens and refuse longer
     # ones (Stage checks cache and sequence lengths). None = no window.
     sliding_window: int | None = None
+    hidden_act: str = "silu"  # MLP gate activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (Gemma's GeGLU)
+    qk_norm: bool = False  # an RMSNorm over each head of q and k before RoPE (Qwen3, Gemma 3)
+    # Gemma's conventions: norms scale by (1 + weight) in float32 before the cast, "sandwich" norms
+    # after attention and around the MLP, and embeddings multiplied by sqrt(hidden_size)
+    gemma_norms: bool = False
+    attention_scale: float | None = None  # softmax scale of q.k; None = head_dim ** -0.5
+    # per block "full_attention" or "sliding_attention" (attends to the last sliding_window keys
+    # only, masked exactly); () = the older models above: every block full, a window refused beyond it
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None  # RoPE base of sliding blocks (Gemma 3; plain RoPE there)
+    num_experts: int = 0  # mixture of experts (Mixtral, Qwen3-MoE): expert MLPs per block; 0 = one dense MLP
+    experts_per_token: int = 0  # top-k experts each token is routed to
+    moe_intermediate_size: int = 0  # width of one expert's MLP; 0 = intermediate_size (Mixtral)
+    moe_renormalize: bool = True  # the k routing weights are rescaled to sum to 1 (Qwen3-MoE: norm_topk_prob)
+    dense_layers: tuple[int, ...] = ()  # blocks of a mixture-of-experts model that keep a dense MLP
+    moe_every: int = 1  # every n-th block (counting from 1) has experts (Qwen3-MoE's decoder_sparse_step)
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma); None = none
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
@@ -99,6 +120,31 @@ class ModelConfig:
             )
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers or any(t not in LAYER_TYPES for t in self.layer_types):
+                raise ValueError(f"layer_types must name one of {LAYER_TYPES} for each of {self.num_layers} blocks")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("sliding_attention blocks need a sliding_window")
+        if self.num_experts < 0 or not 0 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(
+                f"experts_per_token ({self.experts_per_token}) must lie in [1, num_experts ({self.num_experts})]"
+            )
+        if self.num_experts and not self.experts_per_token:
+            raise ValueError("a mixture of experts needs experts_per_token >= 1")
+
+    def is_moe(self, layer_index: int) -> bool:
+        """Whether block ``layer_index`` routes tokens to experts rather than one dense MLP."""
+        return (
+            self.num_experts > 0
+            and layer_index not in self.dense_layers
+            and (layer_index + 1) % max(self.moe_every, 1) == 0
+        )
+
+    def is_sliding(self, layer_index: int) -> bool:
+        """Whether block ``layer_index`` attends only to the last ``sliding_window`` keys (masked)."""
+        return bool(self.layer_types) and self.layer_types[layer_index] == "sliding_attention"
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -128,25 +174,12 @@ class ModelConfig:
         """
         model_type = str(d.get("model_type", ""))
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        hidden_act = d.get("hidden_act", "silu")
-        if hidden_act != "silu":
-            raise ValueError(f"unsupported hidden_act {hidden_act!r}; only 'silu' (SwiGLU) is implemented")
-
+            hint = " (multimodal: use its text-only gemma3_text checkpoint)" if model_type == "gemma3" else ""
+            raise ValueError(
+                f"unsupported model_type {model_type!r}{hint}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         hidden_size = int(d["hidden_size"])
         num_heads = int(d["num_attention_heads"])
-        num_kv_heads = int(d.get("num_key_value_heads") or num_heads)
-        head_dim = int(d.get("head_dim") or hidden_size // num_heads)
-
-        rope_theta, rope_scaling = _parse_rope(d)
-
-        # Llama's attention_bias puts a bias on all four projections; Qwen2 always has
-        # q/k/v biases and never an o_proj bias (its config has no attention_bias key).
-        if model_type == "qwen2":
-            qkv_bias, o_bias = True, False
-        else:
-            qkv_bias = o_bias = bool(d.get("attention_bias", False))
-
         eos = d.get("eos_token_id")
         if eos is None:
             eos_ids: tuple[int, ...] = ()
@@ -155,28 +188,23 @@ class ModelConfig:
         else:
             eos_ids = (int(eos),)
         bos = d.get("bos_token_id")
-
         return cls(
             vocab_size=int(d["vocab_size"]),
             hidden_size=hidden_size,
             intermediate_size=int(d["intermediate_size"]),
             num_layers=int(d["num_hidden_layers"]),
             num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
+            num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
+            head_dim=int(d.get("head_dim") or hidden_size // num_heads),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
             mlp_bias=bool(d.get("mlp_bias", False)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             bos_token_id=None if bos is None else int(bos),
             eos_token_ids=eos_ids,
             model_type=model_type,
             torch_dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
-            sliding_window=_parse_sliding_window(d, model_type),
+            **family_fields(d, model_type),
         )
 
 
@@ -235,3 +263,98 @@ def _parse_sliding_window(d: Mapping[str, Any], model_type: str) -> int | None:
     if window is None:
         return None
     return int(window)
+
+
+def family_fields(d: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """The :class:`ModelConfig` fields in which the families differ, from a ``config.json`` dict.
+
+    Refuses (ValueError naming it) any feature of a family that our blocks would compute differently.
+    """
+    if model_type == "gemma3_text":
+        return _gemma3_fields(d)
+    hidden_act = d.get("hidden_act", "silu")
+    if hidden_act != "silu":
+        raise ValueError(f"unsupported hidden_act {hidden_act!r}; only 'silu' (SwiGLU) is implemented for {model_type}")
+    rope_theta, rope_scaling = _parse_rope(d)
+    fields: dict[str, Any] = {"rope_theta": rope_theta, "rope_scaling": rope_scaling}
+    # Llama's attention_bias puts a bias on all four projections; Qwen2 always has q/k/v biases and
+    # never an o_proj bias (its config has no attention_bias key).
+    if model_type == "qwen2":
+        fields["qkv_bias"], fields["o_bias"] = True, False
+    else:
+        fields["qkv_bias"] = fields["o_bias"] = bool(d.get("attention_bias", False))
+    if model_type in ("qwen3", "qwen3_moe"):
+        fields["qk_norm"] = True
+        fields.update(_layer_windows(d, uses_window=bool(d.get("use_sliding_window", False))))
+        if model_type == "qwen3_moe":
+            # released checkpoints say num_experts; transformers 5 saves it as num_local_experts
+            fields["num_experts"] = int(d["num_experts"] if "num_experts" in d else d["num_local_experts"])
+            fields["experts_per_token"] = int(d["num_experts_per_tok"])
+            fields["moe_intermediate_size"] = int(d["moe_intermediate_size"])
+            fields["moe_renormalize"] = bool(d.get("norm_topk_prob", False))
+            fields["dense_layers"] = tuple(int(i) for i in d.get("mlp_only_layers") or ())
+            fields["moe_every"] = int(d.get("decoder_sparse_step", 1))
+        return fields
+    fields["sliding_window"] = _parse_sliding_window(d, model_type)
+    if model_type == "mixtral":
+        fields["num_experts"] = int(d["num_local_experts"])
+        fields["experts_per_token"] = int(d["num_experts_per_tok"])
+    return fields
+
+
+def _layer_windows(d: Mapping[str, Any], *, uses_window: bool) -> dict[str, Any]:
+    """``layer_types`` and ``sliding_window`` of a family that masks sliding blocks exactly."""
+    num_layers = int(d["num_hidden_layers"])
+    layer_types = tuple(d.get("layer_types") or ("full_attention",) * num_layers)
+    if any(t not in LAYER_TYPES for t in layer_types):
+        raise ValueError(f"unsupported layer_types {sorted(set(layer_types))}")
+    window = d.get("sliding_window")
+    if not uses_window or window is None:
+        return {"layer_types": ("full_attention",) * num_layers, "sliding_window": None}
+    return {"layer_types": layer_types, "sliding_window": int(window)}
+
+
+def _gemma3_fields(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Gemma 3 (text): GeGLU, (1 + w) sandwich norms, q/k norms, interleaved local/global attention."""
+    hidden_act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if hidden_act != "gelu_pytorch_tanh":
+        raise ValueError(f"unsupported hidden_activation {hidden_act!r}; gemma3 needs 'gelu_pytorch_tanh'")
+    if d.get("attn_logit_softcapping") is not None:
+        raise ValueError("unsupported attn_logit_softcapping: attention logit soft-capping is not implemented")
+    if d.get("use_bidirectional_attention"):
+        raise ValueError("unsupported use_bidirectional_attention: only causal attention is implemented")
+    num_layers = int(d["num_hidden_layers"])
+    if d.get("layer_types") is None:  # transformers 4.x: every sliding_window_pattern-th block is global
+        pattern = int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
+        d = {
+            **d,
+            "layer_types": [
+                "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)
+            ],
+        }
+    params = d.get("rope_parameters")
+    if isinstance(params, Mapping) and "full_attention" in params:  # transformers 5.x: one dict per layer type
+        global_theta, scaling = _parse_rope({"rope_parameters": params["full_attention"]})
+        local = params.get("sliding_attention") or {}
+        local_theta, local_scaling = _parse_rope({"rope_parameters": local})
+        if local_scaling is not None:
+            raise ValueError("unsupported rope_parameters: scaled RoPE on sliding_attention blocks")
+        local_theta = float(local.get("rope_theta", 10000.0))
+    else:
+        global_theta, scaling = _parse_rope(d)
+        local_theta = float(d.get("rope_local_base_freq", 10000.0))
+    return {
+        "hidden_act": "gelu_pytorch_tanh",
+        "qk_norm": True,
+        "gemma_norms": True,
+        "qkv_bias": bool(d.get("attention_bias", False)),
+        "o_bias": bool(d.get("attention_bias", False)),
+        "attention_scale": float(d.get("query_pre_attn_scalar", 256)) ** -0.5,
+        "rope_theta": global_theta,
+        "rope_scaling": scaling,
+        "local_rope_theta": local_theta,
+        "final_logit_softcap": None
+        if d.get("final_logit_softcapping") is None
+        else float(d["final_logit_softcapping"]),
+        **_layer_windows(d, uses_window=True),
+    }

@@ -30,7 +30,7 @@ class ClientHead(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma=config.gemma_norms)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.requires_grad_(False)
@@ -56,10 +56,17 @@ class ClientHead(nn.Module):
             raise ValueError(f"input_ids must be an integer tensor [batch, n], got {input_ids.dtype} {input_ids.shape}")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
-        return self.embed_tokens(input_ids)  # type: ignore[no-any-return]
+        hidden = self.embed_tokens(input_ids)  # [batch, n, hidden_size]
+        if self.config.gemma_norms:  # Gemma scales embeddings by sqrt(hidden_size), rounded to their dtype
+            hidden = hidden * torch.tensor(self.config.hidden_size**0.5, dtype=hidden.dtype)
+        return hidden  # type: ignore[no-any-return]
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Next-token logits ``[batch, n, vocab_size]`` from the last block's output (final norm, LM head)."""
         if hidden.shape[-1] != self.config.hidden_size:
             raise ValueError(f"hidden states must end in {self.config.hidden_size}, got {tuple(hidden.shape)}")
-        return self.lm_head(self.norm(hidden))  # type: ignore[no-any-return]
+        logits = self.lm_head(self.norm(hidden))  # [batch, n, vocab_size]
+        cap = self.config.final_logit_softcap
+        if cap is not None:  # Gemma: squash logits smoothly into (-cap, cap)
+            logits = torch.tanh(logits / cap) * cap
+        return logits  # type: ignore[no-any-return]

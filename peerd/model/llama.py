@@ -1,4 +1,8 @@
-"""One Llama-family transformer block, written out: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""One decoder block, written out: RMSNorm, RoPE, grouped-query attention, a gated MLP (or experts).
+
+Llama is the base; config flags add what the other families change: q/k norms (Qwen3, Gemma 3),
+Gemma's (1 + w) sandwich norms, GeGLU and attention scale, sliding-window blocks, and a
+mixture-of-experts MLP (Mixtral, Qwen3-MoE: ``moe.py``).
 
 Module and parameter names equal the Hugging Face checkpoint names below
 ``model.layers.{i}.`` so that loading is a plain state-dict mapping. Attention
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peerd.model.config import ModelConfig
+from peerd.model.moe import SparseMoE
 
 __all__ = [
     "MLP",
@@ -33,27 +38,36 @@ __all__ = [
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm with a learned gain and no bias (parameter ``weight``).
 
-    Statistics are taken in float32 whatever the input dtype, then the result is
-    cast back before the gain is applied, which is what the reference does and
-    what keeps bfloat16 outputs bit-compatible with it.
+    Statistics are taken in float32 whatever the input dtype. Llama casts back before the gain is
+    applied; Gemma (``gemma=True``) scales by ``1 + weight`` in float32 and casts after. Each is
+    what its reference does, which keeps bfloat16 outputs bit-compatible with it.
     """
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, *, gemma: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.gemma = gemma
+        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        if self.gemma:
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * normed.to(x.dtype)
 
 
-def inverse_frequencies(config: ModelConfig) -> Tensor:
-    """RoPE angular frequencies, float32 ``[head_dim // 2]``, after the config's scaling rule."""
+def inverse_frequencies(config: ModelConfig, *, local: bool = False) -> Tensor:
+    """RoPE angular frequencies, float32 ``[head_dim // 2]``, after the config's scaling rule.
+
+    ``local=True``: the frequencies of sliding-window blocks where the config gives them their own
+    base (Gemma 3's ``local_rope_theta``, plain RoPE).
+    """
     dim = config.head_dim
     # An explicit CPU device: stages are often built under `with torch.device("meta")`.
     exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim  # [head_dim // 2]
+    if local and config.local_rope_theta is not None:
+        return 1.0 / (config.local_rope_theta**exponents)  # type: ignore[no-any-return]
     inv_freq = 1.0 / (config.rope_theta**exponents)
     scaling = config.rope_scaling
     if scaling is None or scaling.rope_type == "default":
@@ -85,9 +99,9 @@ class RotaryEmbedding:
     later differentiable forward would raise.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, local: bool = False) -> None:
         self.head_dim = config.head_dim
-        self.inv_freq = inverse_frequencies(config)  # [head_dim // 2], float32 on CPU
+        self.inv_freq = inverse_frequencies(config, local=local)  # [head_dim // 2], float32 on CPU
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def compute(self, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,17 +139,23 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def attention_mask(n: int, key_length: int, groups: int, device: torch.device) -> Tensor | None:
+def attention_mask(
+    n: int, key_length: int, groups: int, device: torch.device, window: int | None = None
+) -> Tensor | None:
     """Boolean mask ``[groups * n, key_length]`` (True = may attend) for n new tokens at the end of the keys.
 
-    Query t (absolute position key_length - n + t) sees keys 0 .. key_length - n + t.
-    Rows repeat per query head of a group, matching :class:`Attention`'s grouped
-    layout. One new token sees every key, so no mask is needed (None).
+    Query t (absolute position key_length - n + t) sees keys 0 .. key_length - n + t, and with a
+    sliding ``window`` only the last ``window`` of those (itself included), as transformers masks
+    sliding blocks. Rows repeat per query head of a group, matching :class:`Attention`'s grouped
+    layout. One new token that sees every key needs no mask (None).
     """
-    if n == 1:
+    if n == 1 and (window is None or key_length <= window):
         return None
     query_positions = torch.arange(key_length - n, key_length, device=device)  # [n]
-    allowed = torch.arange(key_length, device=device)[None, :] <= query_positions[:, None]  # [n, key_length]
+    key_positions = torch.arange(key_length, device=device)[None, :]  # [1, key_length]
+    allowed = key_positions <= query_positions[:, None]  # [n, key_length]
+    if window is not None:
+        allowed &= key_positions > query_positions[:, None] - window
     return allowed.repeat(groups, 1)  # [groups * n, key_length]
 
 
@@ -160,6 +180,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_width, bias=config.qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_width, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_width, hidden, bias=config.o_bias)
+        self.scale = config.attention_scale  # None: SDPA's default, head_dim ** -0.5
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, gemma=config.gemma_norms)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, gemma=config.gemma_norms)
 
     def forward(
         self,
@@ -195,6 +219,8 @@ class Attention(nn.Module):
         q = q.view(batch, n, heads, dim).transpose(1, 2)  # [batch, heads, n, dim]
         k = k.view(batch, n, kv_heads, dim).transpose(1, 2)  # [batch, kv_heads, n, dim]
         v = v.view(batch, n, kv_heads, dim).transpose(1, 2)  # [batch, kv_heads, n, dim]
+        if hasattr(self, "q_norm"):  # per head, before RoPE (Qwen3, Gemma 3)
+            q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if cache_keys is not None and cache_values is not None:
@@ -205,28 +231,40 @@ class Attention(nn.Module):
         # Query head h uses kv head h // groups: put a kv head's queries side by side so
         # SDPA sees ordinary multi-head attention over kv_heads heads.
         q = q.reshape(batch, kv_heads, groups * n, dim)  # [batch, kv_heads, groups * n, dim]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [batch, kv_heads, groups * n, dim]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scale
+        )  # [batch, kv_heads, groups * n, dim]
         # reshape, not view: CUDA kernels may return another memory layout than the CPU one.
         out = out.reshape(batch, heads, n, dim).transpose(1, 2)  # [batch, n, heads, dim]
         return out.reshape(batch, n, heads * dim)  # [batch, n, heads * dim]
 
 
+def activation(name: str, x: Tensor) -> Tensor:
+    """The MLP gate's nonlinearity: SiLU (SwiGLU) or tanh-approximated GELU (Gemma's GeGLU)."""
+    return F.silu(x) if name == "silu" else F.gelu(x, approximate="tanh")
+
+
 class MLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+    """Gated feed-forward: ``down(act(gate(x)) * up(x))``, act = SiLU (SwiGLU) or GELU-tanh (GeGLU)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
+        self.act = config.hidden_act
         self.gate_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
         self.up_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
         self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # type: ignore[no-any-return]
+        return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))  # type: ignore[no-any-return]
 
 
 class Block(nn.Module):
     """Pre-norm decoder block ``layer_index``: ``x + attn(norm(x))`` then ``+ mlp(norm(.))``.
+
+    Gemma adds a norm after each sublayer (``x + norm(attn(norm(x)))``, the same around the MLP);
+    Mixtral's and Qwen3-MoE's MLP is a routed mixture of experts (named ``block_sparse_moe`` and ``mlp``
+    as their checkpoints do).
 
     Maps ``x [batch, n, hidden_size]`` to the same shape. ``cos``/``sin`` come
     from the stage's shared :class:`RotaryEmbedding`, ``mask`` from
@@ -237,10 +275,18 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.layer_index = layer_index
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        hidden, eps, gemma = config.hidden_size, config.rms_norm_eps, config.gemma_norms
+        self.sandwich = gemma
+        self.input_layernorm = RMSNorm(hidden, eps, gemma=gemma)
         self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, gemma=gemma)
+        if gemma:
+            self.pre_feedforward_layernorm = RMSNorm(hidden, eps, gemma=True)
+            self.post_feedforward_layernorm = RMSNorm(hidden, eps, gemma=True)
+        # the checkpoint's name for the feed-forward part: a dense MLP, or the experts (Mixtral's own name)
+        moe = config.is_moe(layer_index)
+        self.feed_forward_name = "block_sparse_moe" if moe and config.model_type == "mixtral" else "mlp"
+        self.add_module(self.feed_forward_name, SparseMoE(config) if moe else MLP(config))
 
     def forward(
         self,
@@ -252,5 +298,10 @@ class Block(nn.Module):
         cache_values: Tensor | None = None,
         position: int = 0,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_keys, cache_values, position)
-        return x + self.mlp(self.post_attention_layernorm(x))  # type: ignore[no-any-return]
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_keys, cache_values, position)
+        feed_forward = getattr(self, self.feed_forward_name)
+        if not self.sandwich:
+            x = x + attn
+            return x + feed_forward(self.post_attention_layernorm(x))  # type: ignore[no-any-return]
+        x = x + self.post_attention_layernorm(attn)
+        return x + self.post_feedforward_layernorm(feed_forward(self.pre_feedforward_layernorm(x)))  # type: ignore[no-any-return]

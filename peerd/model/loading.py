@@ -25,6 +25,7 @@ from tqdm import tqdm
 from peerd.model.config import ModelConfig
 from peerd.model.head import ClientHead
 from peerd.model.local import LocalModel
+from peerd.model.quant import quantize_linears
 from peerd.model.stage import Stage
 
 __all__ = [
@@ -163,15 +164,18 @@ def load_stage(
     progress: bool = True,
     stats: LoadStats | None = None,
     reuse: Stage | None = None,
+    quant: str = "none",
 ) -> Stage:
     """Load blocks ``[start, end)`` of the checkpoint folder ``path``, reading only their tensors.
 
-    ``dtype`` defaults to :func:`default_dtype_for` the device. ``stats``, when
-    given, records every tensor read. ``reuse``: a stage already in memory (same
-    dtype and device) whose blocks inside ``[start, end)`` are taken as they are
-    instead of read again -- a peer that moves keeps the blocks that stay. Raises
-    ``ValueError`` for an unsupported config, a block range outside the model, or
-    missing/mis-shaped tensors (naming them and the file set).
+    ``dtype`` defaults to :func:`default_dtype_for` the device. ``quant`` ("none", "int8",
+    "nf4") stores the linear weights quantised (``quant.py``); blocks are read and quantised one at
+    a time, so the peak is the quantised slice plus one block at full precision. ``stats``, when
+    given, records every tensor read. ``reuse``: a stage already in memory (same dtype, device and
+    quantization) whose blocks inside ``[start, end)`` are taken as they are instead of read again
+    -- a peer that moves keeps the blocks that stay. Raises ``ValueError`` for an unsupported
+    config, a block range outside the model, or missing/mis-shaped tensors (naming them and the
+    file set).
     """
     path = Path(path)
     config = ModelConfig.from_pretrained(path)
@@ -179,21 +183,27 @@ def load_stage(
     files = CheckpointFiles(path)
     with torch.device("meta"):
         stage = Stage(config, start, end)  # validates the range; no memory yet
-    local_names = list(stage.state_dict())
-    kept: dict[str, Tensor] = {}
-    if reuse is not None and reuse.dtype == dtype and reuse.device == torch.device(device):
-        kept = {name: t for name, t in reuse.state_dict().items() if name in set(local_names)}
-    read = files.read(
-        ("model." + name for name in local_names if name not in kept),
-        dtype=dtype,
-        device=device,
-        progress=progress,
-        description=f"blocks {start}:{end}",
-        stats=stats,
-    )
-    state = {name: kept[name] if name in kept else read["model." + name] for name in local_names}
-    _check_shapes(stage, state, "model.", files)
-    stage.load_state_dict(state, assign=True)
+    same_kind = reuse is not None and (reuse.dtype, reuse.device, reuse.quant) == (dtype, torch.device(device), quant)
+    for index in tqdm(range(start, end), desc=f"blocks {start}:{end}", unit="block", disable=not progress):
+        key = str(index)
+        if same_kind and reuse is not None and reuse.start <= index < reuse.end:
+            stage.layers[key] = reuse.layers[key]
+            continue
+        block = stage.layers[key]
+        prefix = f"model.layers.{index}."
+        read = files.read(
+            (prefix + name for name in block.state_dict()),
+            dtype=dtype,
+            device=device,
+            progress=False,
+            description=f"block {index}",
+            stats=stats,
+        )
+        state = {name.removeprefix(prefix): tensor for name, tensor in read.items()}
+        _check_shapes(block, state, prefix, files)
+        block.load_state_dict(state, assign=True)
+        quantize_linears(block, quant, device)
+    stage.quant = quant
     return stage.requires_grad_(False).eval()
 
 

@@ -7,11 +7,13 @@ absolute block index i), so a loader maps names by adding a prefix.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from peerd.model import quant as quant_module
 from peerd.model.config import ModelConfig
 from peerd.model.llama import Block, RotaryEmbedding, attention_mask
 
@@ -92,7 +94,10 @@ class Stage(nn.Module):
         self.end = end
         # Keys are absolute block indices, so state-dict names are the checkpoint's minus "model.".
         self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(start, end)})
+        self.quant = "none"  # how linear weights are stored: "none" (the dtype), "int8" or "nf4" (quant.py)
         self.rotary = RotaryEmbedding(config)
+        # Gemma 3's sliding blocks rotate with their own base; other families share one table
+        self.local_rotary = RotaryEmbedding(config, local=True) if config.local_rope_theta is not None else None
         self.requires_grad_(False)
 
     @classmethod
@@ -106,30 +111,45 @@ class Stage(nn.Module):
         device: str | torch.device = "cpu",
         seed: int = 0,
         std: float = 0.02,
+        quant: str = "none",
     ) -> Stage:
-        """A stage with reproducible random weights (normal(0, std) matrices and biases, unit norms)."""
+        """A stage with reproducible random weights (normal(0, std) matrices and biases, unit norms).
+
+        ``quant`` stores its linear weights quantised as a peer with ``--quant`` would.
+        """
         generator = torch.Generator().manual_seed(seed)
         with torch.device("meta"):
             stage = cls(config, start, end)
         state = {}
         for name, param in stage.state_dict().items():
-            if name.endswith("layernorm.weight"):
-                value = torch.ones(param.shape)
+            if name.endswith("norm.weight"):
+                value = torch.zeros(param.shape) if config.gemma_norms else torch.ones(param.shape)
             else:
                 value = torch.randn(param.shape, generator=generator) * std
             state[name] = value.to(device=device, dtype=dtype)
         stage.load_state_dict(state, assign=True)
+        for block in stage.layers.values():
+            quant_module.quantize_linears(block, quant, device)
+        stage.quant = quant
         return stage.requires_grad_(False).eval()
 
     @property
     def dtype(self) -> torch.dtype:
-        """dtype of the weights, of the cache it allocates and of the hidden states it accepts."""
-        return next(self.parameters()).dtype
+        """dtype it computes in: of the cache it allocates and of the hidden states it accepts.
+
+        The norms' weights tell, since quantized linear weights are stored as integers.
+        """
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
     @property
     def device(self) -> torch.device:
         """Device of the weights, of the cache it allocates and of the hidden states it accepts."""
         return next(self.parameters()).device
+
+    @functools.cached_property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as stored (quantised ones with their scales), measured once: weights never change."""
+        return quant_module.weight_bytes(self)
 
     @property
     def num_blocks(self) -> int:
@@ -235,13 +255,20 @@ class Stage(nn.Module):
     def _run(
         self, hidden: Tensor, cache: KVCache | None, position: int, start: int, end: int, key_length: int
     ) -> Tensor:
-        n = hidden.shape[1]
-        # Built once per call and shared by all blocks: the tables are cached, a one-token
-        # step needs no mask, and a multi-token mask is small next to the block compute.
-        cos, sin = self.rotary.cos_sin(position, n, dtype=hidden.dtype, device=hidden.device)
-        mask = attention_mask(n, key_length, self.config.num_queries_per_kv, hidden.device)
+        n, config, device = hidden.shape[1], self.config, hidden.device
+        groups = config.num_queries_per_kv
+        # Built once per call and shared by all blocks of a kind (full or sliding): the tables are
+        # cached, a one-token step needs no mask, and a mask is small next to the block compute.
+        full = (*self.rotary.cos_sin(position, n, dtype=hidden.dtype, device=device),
+                attention_mask(n, key_length, groups, device))  # fmt: skip
+        sliding = full
+        if any(config.is_sliding(i) for i in range(start, end)):
+            rotary = self.local_rotary or self.rotary
+            sliding = (*rotary.cos_sin(position, n, dtype=hidden.dtype, device=device),
+                       attention_mask(n, key_length, groups, device, config.sliding_window))  # fmt: skip
         for index in range(start, end):
             block = self.layers[str(index)]
+            cos, sin, mask = sliding if config.is_sliding(index) else full
             if cache is None:
                 hidden = block(hidden, cos, sin, mask)
             else:
@@ -251,7 +278,9 @@ class Stage(nn.Module):
 
     def _check_window(self, length: int) -> None:
         window = self.config.sliding_window
-        if window is not None and length > window:
+        # families with layer_types mask their sliding blocks exactly; the older ones are exact
+        # only within the window
+        if window is not None and not self.config.layer_types and length > window:
             raise ValueError(
                 f"{length} tokens exceed the model's sliding window of {window}; "
                 "sliding-window attention beyond the window is not implemented"

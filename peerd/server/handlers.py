@@ -185,6 +185,8 @@ class BlockServicer:
                 "max_sessions": self.limits.max_sessions,
                 "compute_busy_s": self.runtime.busy_s,  # lets a client measure pipeline bubbles
                 "memory": self.memory.snapshot(),
+                "quant": self.stage.quant,  # how the weights are stored (the record says the same)
+                "weight_bytes": self.stage.weight_bytes,
             },
         )
 

@@ -117,7 +117,11 @@ class PeerMetrics:
         self.blocks_start = Gauge("peerd_hosted_block_start", "First hosted block", registry=r)
         self.blocks_end = Gauge("peerd_hosted_block_end", "One past the last hosted block", registry=r)
         self.blocks_hosted = Gauge("peerd_hosted_blocks", "Number of hosted blocks", registry=r)
-        self.weights = Gauge("peerd_hosted_weights_bytes", "Bytes of the hosted blocks' parameters", registry=r)
+        self.weights = Gauge(
+            "peerd_hosted_weights_bytes",
+            "Bytes of the hosted blocks' weights as stored (quantised ones with their scales)",
+            registry=r,
+        )
         self.throughput = Gauge(
             "peerd_throughput_tokens_per_second", "Measured per-block throughput", ["phase"], registry=r
         )
@@ -194,7 +198,7 @@ class PeerMetrics:
             self.reach.labels(reach=mode).set(1.0 if mode == reach else 0.0)
 
     def set_identity(self, **labels: str) -> None:
-        """Labels of ``peerd_peer_info`` (peer id, name, model, version, device, dtype)."""
+        """Labels of ``peerd_peer_info`` (peer id, name, model, version, device, dtype, quant)."""
         self.info.info({k: str(v) for k, v in labels.items()})
 
     def set_blocks(self, start: int, end: int) -> None:

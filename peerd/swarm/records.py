@@ -46,8 +46,10 @@ WIRE_FIELDS = frozenset(
         "addrs",
         "reach",
         "uplink",
+        "quant",
     ]
 )
+MAX_QUANT_CHARS = 16  # quantization names ("none", "int8", "nf4"; newer peers may announce others)
 
 
 class PeerState(enum.Enum):
@@ -97,6 +99,9 @@ class ServerRecord:
     # bytes/s this peer could upload to other peers, as it timed it (0: not measured yet); a
     # client sending large batches here expects the answers to come back no faster
     uplink_bytes_per_s: float = 0.0
+    # how the hosted blocks' linear weights are stored: "none" (in dtype), "int8" or "nf4"; records
+    # of peers older than quantization say nothing, which means "none"
+    quant: str = "none"
 
     def to_wire(self) -> dict[str, Any]:
         """Plain msgpack-able dict; ints stay ints and floats stay floats (the schema is strict)."""
@@ -121,6 +126,7 @@ class ServerRecord:
             "addrs": list(self.addrs[:MAX_ADDRS]),
             "reach": self.reach,
             "uplink": float(self.uplink_bytes_per_s),
+            "quant": self.quant,
         }
 
     def to_status(self) -> dict[str, Any]:
@@ -142,6 +148,7 @@ class ServerRecord:
             "reach": self.reach,
             "addrs": list(self.addrs),
             "uplink_bytes_per_s": self.uplink_bytes_per_s,
+            "quant": self.quant,
         }
 
     @classmethod
@@ -209,6 +216,9 @@ class ServerRecord:
             or not 0 <= uplink <= MAX_UPLINK_BYTES_PER_S
         ):
             raise ValueError("bad uplink")
+        quant = value.get("quant", "none")
+        if not isinstance(quant, str) or not 0 < len(quant) <= MAX_QUANT_CHARS:
+            raise ValueError("bad quant")
         return cls(
             peer_id=strings["peer_id"],
             state=state,
@@ -229,6 +239,7 @@ class ServerRecord:
             addrs=tuple(addrs),
             reach=reach,
             uplink_bytes_per_s=float(uplink),
+            quant=quant,
         )
 
 

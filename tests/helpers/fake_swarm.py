@@ -57,6 +57,7 @@ class FakePeer:
     error: ErrorCode | None = None  # answer every request with this error code instead
     lie: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied to every answer
     model_id: str = MODEL_ID
+    quant: str | None = None  # what its `info` says about its weights (None: what its record says)
     steps: int = 0  # inference steps answered (all sessions)
     forwards: int = 0
 
@@ -128,7 +129,7 @@ class FakeTransport:
             model_id=peer.model_id, block_start=r.start, block_end=r.end, num_blocks_total=self.num_blocks,
             dtype=r.dtype, max_batch_tokens=8192, max_session_length=2048, cache_tokens_free=10_000,
             cache_tokens_total=10_000, state="online", protocol_version=PROTOCOL_VERSION, package_version="0",
-            public_name=peer_id,
+            public_name=peer_id, extra={"quant": r.quant if peer.quant is None else peer.quant},
         )  # fmt: skip
 
     async def forward(

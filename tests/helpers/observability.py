@@ -80,9 +80,13 @@ class RunningPeer:
 
 @contextlib.contextmanager
 def http_swarm(
-    model_path: Path, spans: Sequence[tuple[int, int]], workdir: Path, announce_period_s: float = 3.0
+    model_path: Path,
+    spans: Sequence[tuple[int, int]],
+    workdir: Path,
+    announce_period_s: float = 3.0,
+    peer_args: Sequence[Sequence[str]] = (),
 ) -> Iterator[tuple[LocalSwarm, list[RunningPeer]]]:
-    """A bootstrap node and one `peerd run` process per span, each with an HTTP port."""
+    """A bootstrap node and one `peerd run` process per span, each with an HTTP port (and ``peer_args[i]``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     with LocalSwarm(str(model_path), workdir=workdir) as swarm:
         swarm.start_bootstrap(timeout_s=180)  # generous: CI boxes are small and busy
@@ -95,7 +99,8 @@ def http_swarm(
             "--torch-threads",
             "1",
         ]
-        procs = [swarm.start_peer(f"peer{i + 1}", span, extra) for i, span in enumerate(spans)]
+        own = [list(a) for a in peer_args] + [[]] * (len(spans) - len(peer_args))
+        procs = [swarm.start_peer(f"peer{i + 1}", span, extra + own[i]) for i, span in enumerate(spans)]
         infos = swarm.wait_ready(procs, timeout_s=180)
         peers = [
             RunningPeer(p.name, span, str(info["peer_id"]), int(info["http_port"]), p.popen.pid)  # type: ignore[call-overload]

@@ -104,6 +104,72 @@ def make_tiny_checkpoint(
     return path
 
 
+FAMILIES = ("qwen3", "qwen3_moe", "mixtral", "gemma3")
+
+
+def make_family_checkpoint(
+    path: str | Path, family: str, *, num_layers: int = 4, seed: int = 0, sharded: bool = False
+) -> Path:
+    """A tiny random checkpoint of a newer ``family`` (one of FAMILIES), written by transformers itself.
+
+    qwen3: per-head q/k norms, explicit head_dim (32, not 64 / 4); qwen3_moe: the same attention, 4
+    experts of width 64, top 2 without renormalising, block 1 dense; mixtral: 4 experts, top 2; gemma3: 2-token
+    window on sliding blocks (sliding, sliding, full, ...), linearly scaled RoPE on full blocks,
+    its own base on sliding ones, GeGLU, (1 + w) sandwich norms, query_pre_attn_scalar 24.
+    """
+    import transformers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    common: dict[str, Any] = dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-6, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID,
+        pad_token_id=None, max_position_embeddings=2048,
+    )  # fmt: skip
+    if family == "qwen3":
+        config = transformers.Qwen3Config(**common, intermediate_size=128, head_dim=32, tie_word_embeddings=False)
+        model = transformers.Qwen3ForCausalLM
+    elif family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(
+            **common, intermediate_size=128, moe_intermediate_size=64, head_dim=32, num_experts=4,
+            num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1], tie_word_embeddings=False,
+        )  # fmt: skip
+        model = transformers.Qwen3MoeForCausalLM
+    elif family == "mixtral":
+        config = transformers.MixtralConfig(**common, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
+        model = transformers.MixtralForCausalLM
+    elif family == "gemma3":
+        layer_types = ["full_attention" if i % 3 == 2 else "sliding_attention" for i in range(num_layers)]
+        config = transformers.Gemma3TextConfig(
+            **common, intermediate_size=128, head_dim=16, sliding_window=3, layer_types=layer_types,
+            query_pre_attn_scalar=24, rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_theta=1000.0,
+            rope_local_base_freq=100.0, final_logit_softcapping=30.0,
+        )  # fmt: skip
+        model = transformers.Gemma3ForCausalLM
+    else:
+        raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+    with torch.random.fork_rng(devices=[]):
+        hf = model(config)
+    _redraw(hf, seed)
+    hf.save_pretrained(path, max_shard_size="100KB" if sharded else "50GB")
+    write_tiny_tokenizer(path, 256)
+    return path
+
+
+def _redraw(model: torch.nn.Module, seed: int) -> None:
+    """Weights far from transformers' tiny init, so attention is sharp and norms matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith("norm.weight"):
+                param.copy_((0.2 if "gemma" in type(model).__name__.lower() else 1.0) + 0.2 * noise)
+            elif name.endswith("embed_tokens.weight"):
+                param.copy_(noise)
+            else:
+                param.copy_(_WEIGHT_STD * noise)
+
+
 def _byte_symbols() -> dict[int, str]:
     """The printable stand-in character of every byte, as byte-level BPE (GPT-2) defines it."""
     printable = [

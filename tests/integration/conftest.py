@@ -33,8 +33,10 @@ def local_model(tiny_ckpt: Path) -> LocalModel:
 async def make_swarm(tiny_ckpt: Path, tmp_path: Path) -> AsyncIterator[object]:
     swarms: list[Swarm] = []
 
-    async def factory(spans: Sequence[tuple[int, int]] = ((0, 2), (2, 4), (4, 6)), **overrides: object) -> Swarm:
-        swarm = Swarm(tiny_ckpt, tmp_path, [])
+    async def factory(
+        spans: Sequence[tuple[int, int]] = ((0, 2), (2, 4), (4, 6)), *, ckpt: Path | None = None, **overrides: object
+    ) -> Swarm:
+        swarm = Swarm(ckpt or tiny_ckpt, tmp_path, [])
         swarms.append(swarm)
         for i, span in enumerate(spans):
             await swarm.add_peer(f"peer{i}", span, **overrides)

@@ -97,7 +97,7 @@ async def test_metrics_count_tokens_sessions_bytes_and_errors(make_swarm) -> Non
         assert value(m, "peerd_hosted_block_start") == peer.stage.start
         assert value(m, "peerd_hosted_block_end") == peer.stage.end
         assert value(m, "peerd_hosted_blocks") == 2
-        weights = sum(p.numel() * p.element_size() for p in peer.stage.parameters())
+        weights = sum(p.numel() * p.element_size() for p in peer.stage.parameters())  # not quantised here
         assert value(m, "peerd_hosted_weights_bytes") == weights > 0
         assert value(m, "peerd_throughput_tokens_per_second", phase="decode") > 0
         assert value(m, "peerd_peer_state", state="online") == 1
@@ -105,6 +105,7 @@ async def test_metrics_count_tokens_sessions_bytes_and_errors(make_swarm) -> Non
         info = {dict(k[1])["name"]: dict(k[1]) for k in m if k[0] == "peerd_peer_info"}
         assert info[peer.config.public_name]["peer_id"] == peer.peer_id
         assert info[peer.config.public_name]["model"] == "tiny"
+        assert info[peer.config.public_name]["quant"] == "none"
         assert value(m, "peerd_dht_known_peers") >= 1
         assert value(m, "peerd_swarm_peers", state="online") == 3
         assert value(m, "peerd_swarm_blocks") == 6

@@ -81,7 +81,9 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, li
     tmp = tmp_path_factory.mktemp("health")
     ckpt = make_tiny_checkpoint(tmp / "tiny", num_layers=6)
     # offline records live two announce periods: long enough to still be on the page after the peers left
-    with http_swarm(ckpt, SPANS, tmp / "swarm", announce_period_s=15.0) as (local, peers):
+    # the fourth peer stores its weights in 4 bits: the page shows it beside the dtype
+    args = [[], [], [], ["--quant", "nf4"]]
+    with http_swarm(ckpt, SPANS, tmp / "swarm", announce_period_s=15.0, peer_args=args) as (local, peers):
         yield local, peers, tmp
 
 
@@ -105,6 +107,8 @@ def test_health_page_shows_every_peer_and_block_then_the_gap(swarm) -> None:
         60,
         "all four peers online in the DHT view",
     )
+    quants = {p["peer_id"]: p["quant"] for p in api_model(peers[0].url)["peers"]}
+    assert quants == {p.peer_id: "nf4" if p is peers[3] else "none" for p in peers}
 
     dom = render(page, tmp / "chrome", ARTIFACTS / "health-page.png")
     (body,) = dom.find_all("body")
@@ -116,6 +120,9 @@ def test_health_page_shows_every_peer_and_block_then_the_gap(swarm) -> None:
         cells = [td.text() for td in rows[p.peer_id].find_all("td")]
         assert cells[0] == p.name and cells[2] == "online" and cells[3] == f"{p.blocks[0]}:{p.blocks[1]}"
         assert cells[10] == "direct"  # the bootstrap node dialled each peer back on 127.0.0.1
+        quant = "nf4" if p is peers[3] else "none"
+        (device,) = rows[p.peer_id].find_all("td", data_quant=quant)
+        assert device.text() == ("cpu · float32 · nf4" if quant == "nf4" else "cpu · float32")
         (span,) = section.find_all("div", data_peer_id=p.peer_id, data_start=str(p.blocks[0]))
         assert (
             span.tag == "div" and span.attrs["data-end"] == str(p.blocks[1]) and "state-online" in span.attrs["class"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -31,6 +32,32 @@ async def test_the_view_keeps_online_peers_and_is_cached() -> None:
 async def test_allowed_peers_restrict_the_view() -> None:
     router, _, _ = make_router([FakePeer(record("a", 0, 4)), FakePeer(record("b", 0, 4))], allowed_peers={"b"})
     assert set(await router.servers()) == {"b"}
+
+
+async def test_min_precision_keeps_only_peers_storing_weights_in_at_least_that_many_bits() -> None:
+    peers = [
+        FakePeer(replace(record("f32", 0, 4), dtype="float32")),
+        FakePeer(replace(record("bf16", 0, 4), dtype="bfloat16")),
+        FakePeer(replace(record("int8", 0, 4), dtype="bfloat16", quant="int8")),
+        FakePeer(replace(record("nf4", 0, 4), dtype="bfloat16", quant="nf4")),
+        FakePeer(replace(record("future", 0, 4), dtype="bfloat16", quant="fp3")),  # unknown: never "enough"
+    ]
+    router, _, _ = make_router(peers)
+    assert set(await router.servers()) == {"f32", "bf16", "int8", "nf4", "future"}
+    expected = {"nf4": {"f32", "bf16", "int8", "nf4"}, "int8": {"f32", "bf16", "int8"}, "bfloat16": {"f32", "bf16"}}
+    for precision, kept in [*expected.items(), ("float32", {"f32"})]:
+        router.min_precision = precision
+        assert set(await router.servers()) == kept, precision
+    with pytest.raises(ValueError, match="min_precision must be one of"):
+        router.min_precision = "int4"
+
+
+async def test_vetting_bans_a_peer_that_hides_its_quantization() -> None:
+    hiding = FakePeer(replace(record("hiding", 0, 4), quant="none"), quant="nf4")
+    router, _, _ = make_router([hiding])
+    with pytest.raises(PeerUnavailable, match="stores weights as 'nf4', announced 'none'"):
+        await router.check_peer(Span("hiding", 0, 4, hiding.record))
+    assert router.banned() == {"hiding"}
 
 
 async def test_plans_skip_banned_peers_until_none_is_left() -> None:

@@ -215,7 +215,12 @@
           { class: "num", title: `per block: ${number.format(peer.prefill_tokens_per_s)} tok/s prefill` },
           `${number.format(peer.decode_tokens_per_s)} tok/s`,
         ),
-        el("td", null, peer.dtype ? `${peer.device} · ${peer.dtype}` : peer.device),
+        // the compute dtype, and how the weights are stored when quantised ("bfloat16 · nf4")
+        el(
+          "td",
+          { "data-quant": peer.quant || "none" },
+          [peer.device, peer.dtype, peer.quant && peer.quant !== "none" ? peer.quant : null].filter(Boolean).join(" · "),
+        ),
         el("td", { class: "mono" }, peer.version),
         el("td", { class: "num" }, rtt),
         el("td", { class: "num" }, `${number.format(peer.cache_tokens_free)} tok`),

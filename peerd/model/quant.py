@@ -1,0 +1,169 @@
+"""Hosted blocks with 8-bit or 4-bit linear weights, through bitsandbytes (docs/decisions.md).
+
+``--quant int8`` stores every linear weight of a block as int8 with one scale per output row
+(bitsandbytes' LLM.int8 layer: on CUDA inputs are quantised too, their outlier columns above
+``INT8_THRESHOLD`` multiplied in 16-bit; on the CPU the rows are dequantised for the matmul).
+``--quant nf4`` stores them as 4-bit NormalFloat in blocks of 64 with double-quantised scales
+(QLoRA's format). Norms, biases, the RoPE tables and Mixtral's router stay in the compute dtype:
+they are tiny, and the router's choices are discrete (a rounding flip would change which experts
+run). Quantization is deterministic, so two peers quantizing the same checkpoint hold the same
+weights and a client can recompute a quantized peer's work at the same precision.
+
+bitsandbytes is imported only when a block is quantized: a peer with ``--quant none`` never loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "INT8_THRESHOLD",
+    "NF4_BLOCKSIZE",
+    "PRECISION_BITS",
+    "QUANTS",
+    "precision_bits",
+    "quantize_linears",
+    "weight_bytes",
+]
+
+QUANTS = ("none", "int8", "nf4")
+INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (bitsandbytes' and Petals' default)
+NF4_BLOCKSIZE = 64  # weights per 4-bit scale (QLoRA's choice; the scales are quantised again)
+# bits per weight of each precision a client may ask for (--min-precision): a peer's precision is its
+# quantization if it has one, else its dtype
+PRECISION_BITS = {"nf4": 4, "int8": 8, "float16": 16, "bfloat16": 16, "float32": 32}
+
+
+def precision_bits(dtype: str, quant: str) -> int:
+    """Bits per stored weight of a peer computing in ``dtype`` with ``quant`` (0 when unknown)."""
+    if quant and quant != "none":
+        return PRECISION_BITS.get(quant, 0)
+    return PRECISION_BITS.get(dtype, 0)
+
+
+_CPU_INT8: type[nn.Module] | None = None
+
+
+def _bnb() -> Any:
+    # bitsandbytes logs on the first CPU 4-bit matmul that an optional hub kernel is missing (peers
+    # cannot download kernels; its built-in CPU path is what we measured and use), and on every
+    # LLM.int8 matmul that inputs are cast to float16 (which is how that kernel works).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def _cpu_int8_layer(bnb: Any) -> type[nn.Module]:
+    """bitsandbytes' int8 layer held in its weight-only mode on the CPU, for accuracy.
+
+    On CUDA, ``Linear8bitLt`` runs LLM.int8 (int8 activations, 16-bit outliers). On the CPU, in eval
+    mode it emulates that; in training mode it dequantises the int8 rows and multiplies in the
+    input's dtype (``MatMul8bitFp``). Measured on SmolLM2 (docs/decisions.md): the emulation costs
+    +2.7% perplexity, the weight-only mode +0.4%, at about the same speed. This layer keeps the
+    weight-only mode whatever ``.eval()`` says; its weights stay frozen (``requires_grad=False``),
+    so "training" changes nothing else.
+    """
+    global _CPU_INT8
+    if _CPU_INT8 is None:
+
+        class WeightOnlyInt8Linear(bnb.nn.Linear8bitLt):  # type: ignore[misc, name-defined]
+            def train(self, mode: bool = True) -> WeightOnlyInt8Linear:
+                return super().train(True)  # type: ignore[no-any-return]
+
+        _CPU_INT8 = WeightOnlyInt8Linear
+    return _CPU_INT8
+
+
+def _linears(module: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            # Mixtral's router (SparseMoE.gate) stays exact: top-k picks are discrete
+            if type(child) is nn.Linear and not (name == "gate" and hasattr(parent, "experts")):
+                yield parent, name, child
+
+
+def quantize_linears(module: nn.Module, quant: str, device: str | torch.device) -> nn.Module:
+    """Replace every ``nn.Linear`` under ``module`` by a bitsandbytes layer holding its weight in ``quant``.
+
+    The linears must hold real weights (on the CPU or on ``device``) in the compute dtype; the
+    quantised layers land on ``device`` and compute in that dtype. ``quant="none"`` changes nothing.
+    Parameter names keep the checkpoint's (``...q_proj.weight``), with bitsandbytes' scale tensors
+    beside them.
+    """
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quantization {quant!r}; one of {', '.join(QUANTS)}")
+    if quant == "none":
+        return module
+    bnb = _bnb()
+    device = torch.device(device)
+    for parent, name, linear in list(_linears(module)):
+        if quant == "nf4" and linear.in_features % NF4_BLOCKSIZE:
+            raise ValueError(
+                f"nf4 needs linear inputs in multiples of {NF4_BLOCKSIZE}; {name} has {linear.in_features} "
+                "(use --quant int8 for this model)"
+            )
+        weight, bias = linear.weight.data, linear.bias
+        dtype = weight.dtype
+        layer: nn.Module
+        if quant == "int8":
+            layer = (_cpu_int8_layer(bnb) if device.type == "cpu" else bnb.nn.Linear8bitLt)(
+                linear.in_features,
+                linear.out_features,
+                bias=bias is not None,
+                has_fp16_weights=False,
+                threshold=INT8_THRESHOLD,
+                device="meta",
+            )
+            # Int8Params quantises only when it moves *from the CPU*; weights read onto a GPU go back first
+            layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False)
+        else:
+            layer = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias=bias is not None,
+                compute_dtype=dtype,
+                quant_type="nf4",
+                device="meta",
+            )
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.data, requires_grad=False)
+        setattr(parent, name, layer.to(device))  # bitsandbytes quantises as the weight moves to its device
+    return module
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of every tensor the module holds (parameters, buffers, quantisation scales), each storage once.
+
+    This is the real size of loaded weights: for a quantised block it counts the int8/4-bit
+    storage plus bitsandbytes' scales and code books, which a parameter count would not.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def count(tensor: torch.Tensor) -> None:
+        nonlocal total
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+
+    for tensor in [*module.parameters(), *module.buffers()]:
+        count(tensor)
+        state = getattr(tensor, "quant_state", None)  # nf4: absmax, code book, nested scales
+        if state is not None:
+            for value in state.as_dict(packed=True).values():
+                if isinstance(value, torch.Tensor):
+                    count(value)
+    for layer in module.modules():  # int8: one scale per row, kept on the weight's state
+        scales = getattr(getattr(layer, "weight", None), "SCB", None)
+        if isinstance(scales, torch.Tensor):
+            count(scales)
+    return total

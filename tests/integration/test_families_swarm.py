@@ -1,0 +1,53 @@
+"""The newer families served by a real swarm: Gemma 3 (sliding and global blocks, its client head)
+and Mixtral (routed experts) generate through peers on 127.0.0.1 exactly as the whole model does in
+one process, also when the peer of the first span vanishes mid-generation (failover replays its
+inputs to a replica)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from peerd.model.loading import load_local_model
+from tests.helpers.swarm import crash
+from tests.helpers.tiny_model import make_family_checkpoint
+
+PROMPT = [1, 70, 71, 72, 73, 74, 75, 76]  # longer than Gemma's 3-token window
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mixtral"])
+async def test_generation_with_a_failover_equals_the_local_model(make_swarm, tmp_path: Path, family: str) -> None:
+    ckpt = make_family_checkpoint(tmp_path / family, family, num_layers=6)
+    expected = load_local_model(ckpt, progress=False).generate_greedy(PROMPT, 16, eos_token_ids=[])
+    swarm = await make_swarm([(0, 3), (0, 3), (3, 6)], ckpt=ckpt)
+    client = await swarm.client()
+    try:
+        route = await client.wait_for_route()
+        victim = next(p for p in swarm.peers if p.peer_id == route[0].peer_id)
+        tail = swarm.peers[2]  # 3:6, on every route
+        assert tail.runtime is not None
+        gate = threading.Event()
+        crashes: list[asyncio.Task[None]] = []
+        seen: list[int] = []
+
+        async def crash_then_release() -> None:
+            try:
+                await crash(victim)
+            finally:
+                gate.set()
+
+        def on_token(token: int) -> None:
+            seen.append(token)
+            if len(seen) == 6:  # the next step waits at the tail until the victim is gone
+                tail.runtime.submit(gate.wait, "test-gate")
+                crashes.append(asyncio.create_task(crash_then_release()))
+
+        result = await client.generate(PROMPT, max_new_tokens=16, stop_on_eos=False, on_token=on_token)
+        await asyncio.gather(*crashes)
+        assert crashes and result.token_ids == expected
+        assert len(result.stalls_s) == 1 and victim.peer_id not in {s.peer_id for s in result.route}
+    finally:
+        await client.close()

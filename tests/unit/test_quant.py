@@ -1,0 +1,112 @@
+"""Quantized hosted blocks (int8, nf4 through bitsandbytes) on the CPU: size, accuracy, cache, backward.
+
+The checks a peer relies on: quantised weights really are smaller (bytes counted after loading),
+the outputs stay near full precision, a cached decode equals the same stage's whole-sequence
+forward, gradients flow to the input (backward RPCs), quantising is deterministic (two peers, same
+weights: same-precision spot checks), and a move reuses quantised blocks instead of reading them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from peerd.model import LoadStats, load_stage
+from peerd.model.quant import precision_bits, quantize_linears, weight_bytes
+from tests.helpers.tiny_model import FAMILIES, make_family_checkpoint, make_tiny_checkpoint, single_torch_thread
+
+# relative L2 error of a 4-block stage's output against float32, on these random weights
+MAX_ERROR = {"int8": 0.05, "nf4": 0.4}
+# stored bytes against float32 (norms and biases stay float32; tiny blocks carry relatively more scales)
+MAX_SIZE_RATIO = {"int8": 0.30, "nf4": 0.20}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    with single_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("llama"), num_layers=4, hidden_size=128, intermediate_size=256)
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_quantized_stage_is_smaller_close_and_consistent(checkpoint: Path, quant: str) -> None:
+    full = load_stage(checkpoint, 0, 4, progress=False)
+    stage = load_stage(checkpoint, 0, 4, progress=False, quant=quant)
+    assert stage.quant == quant and stage.dtype == torch.float32
+    assert all(type(m) is not nn.Linear for m in stage.modules())  # every linear weight is quantised
+    assert weight_bytes(stage) < MAX_SIZE_RATIO[quant] * weight_bytes(full)
+    hidden = torch.randn(2, 9, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference, out = full(hidden), stage(hidden)
+        assert 0 < _relative_error(out, reference) < MAX_ERROR[quant]
+        cache = stage.allocate_cache(2, 9)
+        steps = [stage(hidden[:, :5], cache, 0), *(stage(hidden[:, t : t + 1], cache, t) for t in range(5, 9))]
+    torch.testing.assert_close(torch.cat(steps, dim=1), out, atol=1e-5, rtol=0)
+    again = load_stage(checkpoint, 0, 4, progress=False, quant=quant)  # another peer, same checkpoint
+    with torch.inference_mode():
+        torch.testing.assert_close(again(hidden), out, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_gradients_flow_through_quantized_blocks(checkpoint: Path, quant: str) -> None:
+    full = load_stage(checkpoint, 1, 3, progress=False)
+    stage = load_stage(checkpoint, 1, 3, progress=False, quant=quant)
+    hidden = torch.randn(1, 6, 128, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for s in (full, stage):
+        x = hidden.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(s(x).square().sum(), x)
+        grads.append(grad)
+    assert 0 < _relative_error(grads[1], grads[0]) < 2 * MAX_ERROR[quant]
+
+
+def test_a_move_reuses_quantized_blocks_and_reads_only_new_ones(checkpoint: Path) -> None:
+    old = load_stage(checkpoint, 0, 3, progress=False, quant="nf4")
+    stats = LoadStats()
+    moved = load_stage(checkpoint, 1, 4, progress=False, quant="nf4", reuse=old, stats=stats)
+    assert moved.layers["1"] is old.layers["1"] and moved.layers["2"] is old.layers["2"]
+    assert {name.split(".")[2] for name in stats.tensor_names} == {"3"}
+    other = load_stage(checkpoint, 1, 4, progress=False, quant="int8", reuse=old)  # another precision
+    assert other.layers["1"] is not old.layers["1"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_runs_quantized(tmp_path: Path, family: str) -> None:
+    path = make_family_checkpoint(tmp_path, family, num_layers=3)
+    full = load_stage(path, 0, 3, progress=False)
+    hidden = torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        reference = full(hidden)
+        for quant in ("int8", "nf4"):
+            out = load_stage(path, 0, 3, progress=False, quant=quant)(hidden)
+            assert 0 < _relative_error(out, reference) < MAX_ERROR[quant], (family, quant)
+
+
+def test_mixtral_router_stays_exact(tmp_path: Path) -> None:
+    path = make_family_checkpoint(tmp_path, "mixtral", num_layers=1)
+    stage = load_stage(path, 0, 1, progress=False, quant="int8")
+    moe = stage.layers["0"].block_sparse_moe
+    assert type(moe.gate) is nn.Linear and type(moe.experts[0].w1) is not nn.Linear
+
+
+def test_precision_bits_and_unknown_quantization() -> None:
+    assert [precision_bits("bfloat16", q) for q in ("none", "int8", "nf4")] == [16, 8, 4]
+    assert precision_bits("float32", "") == 32 and precision_bits("float32", "fp3") == 0
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        quantize_linears(nn.Linear(4, 4), "int3", "cpu")
+    holder = nn.Module()
+    holder.proj = nn.Linear(96, 4)
+    with pytest.raises(ValueError, match="nf4 needs linear inputs in multiples of 64; proj has 96"):
+        quantize_linears(holder, "nf4", "cpu")
