@@ -55,6 +55,10 @@ class Traffic:
     def at(self, when: float, kind: str, *args: Any) -> None:
         raise NotImplementedError
 
+    def clock(self) -> float:
+        """Simulated time: what the clients' cache books read."""
+        return self.now
+
     def _on_arrive(self) -> None:
         client = self.rng.choice(self.clients)
         forward = self.rng.random() < self.cfg.forward_fraction
@@ -99,6 +103,11 @@ class Traffic:
         for _, peer, _ in request.route:
             self.on_peer[peer.idx] -= 1
         hop = request.failed_hop
+        if not request.forward:  # the SDK's session: its cache book follows the hops it holds
+            for span, _, _ in request.route if hop is None else request.route[hop : hop + 1]:
+                request.client.book.release(span.peer_id, self.cfg.session_tokens)
+            for span in spans:
+                request.client.book.take(span.peer_id, self.cfg.session_tokens)
         if hop is not None and not request.forward:
             hops = [*request.route[:hop], *hops, *request.route[hop + 1 :]]
         request.route, request.failed_hop = hops, None
@@ -129,8 +138,10 @@ class Traffic:
 
     def _finish(self, row: int, *, failed: bool) -> None:
         request = self.requests.pop(row)
-        for _, peer, _ in request.route:
+        for span, peer, _ in request.route:
             self.on_peer[peer.idx] -= 1
+            if not request.forward:
+                request.client.book.release(span.peer_id, self.cfg.session_tokens)
         if failed and request.stalled_since is not None:
             self.stalls.append(self.now - request.stalled_since)
         self.sessions.active[row] = False
