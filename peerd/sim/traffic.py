@@ -120,7 +120,8 @@ class Traffic:
             request.stalled_since = None
 
     def _on_retry(self, row: int) -> None:
-        if row in self.requests:
+        # a request handed back twice has two retries pending; the first may have routed it already
+        if row in self.requests and self.requests[row].stalled_since is not None:
             self._route_or_wait(row)
 
     def _hand_back(self, peer: SimPeer, *, crashed: bool) -> None:
@@ -128,7 +129,9 @@ class Traffic:
         delay = self.cfg.crash_detect_s if crashed else self.cfg.handover_s
         for row in self.sessions.on_peer(peer.idx):
             request = self.requests[int(row)]
-            request.failed_hop = next(i for i, (_, p, _) in enumerate(request.route) if p is peer)
+            hop = next(i for i, (_, p, _) in enumerate(request.route) if p is peer)
+            # a second hop failing while the first is being replaced: re-plan the whole route
+            request.failed_hop = hop if request.stalled_since is None else None
             request.banned.add(peer.peer_id)
             if request.stalled_since is None:
                 request.stalled_since = self.now
