@@ -22,6 +22,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "spike_start": (float, "spike start, seconds after the warm-up"),
     "spike_duration": (float, "spike length in seconds"),
     "num_blocks": (int, "blocks in the model"),
+    "route_spread": (float, "clients draw routes up to 1+this times the fastest's cost (0: always the fastest)"),
 }
 _FIELD = {
     "duration": "duration_s",

@@ -18,7 +18,14 @@ from typing import Protocol
 
 from peerd.client.bans import LIAR_BAN_S, BanList
 from peerd.client.claims import SpeedBook
-from peerd.client.routing import Span, plan_inference_route, plan_load_balanced_route, servers_by_peer
+from peerd.client.reservations import CacheBook
+from peerd.client.routing import (
+    ROUTE_SPREAD,
+    Span,
+    plan_inference_route,
+    plan_load_balanced_route,
+    servers_by_peer,
+)
 from peerd.model.quant import PRECISION_BITS, precision_bits
 from peerd.rpc.errors import NoRouteError, PeerUnavailable
 from peerd.rpc.rtt import RttProbe
@@ -59,6 +66,8 @@ class Router:
         bans: BanList | None = None,
         rtt: RttProbe | None = None,
         min_precision: str | None = None,
+        route_spread: float = ROUTE_SPREAD,
+        rng: random.Random | None = None,
     ) -> None:
         self.dht = dht
         self.peers = peers
@@ -80,6 +89,10 @@ class Router:
         self._vetted: dict[str, tuple[int, int, str, str]] = {}  # peer -> record fields its `info` confirmed
         self.observed_tps: dict[str, float] = {}  # peer -> block-tokens/s this client got from it
         self.speeds = SpeedBook()  # inference steps: observed decode speeds, and what planning believes
+        # sessions are spread over near-fastest routes (routing.py), not all sent to the fastest one
+        self.route_spread = route_spread
+        self.rng = rng or random.Random()
+        self.cache_book = CacheBook()  # cache this client's sessions took that records do not show yet
         peers.observer = self.observe
 
     # --- the view ----------------------------------------------------------------------------------
@@ -184,7 +197,9 @@ class Router:
     async def plan_inference(
         self, start: int, end: int, cache_tokens: int, refresh: bool = False, *, last_view: bool = False
     ) -> list[Span]:
-        """Lowest-latency route for [start, end) with room for ``cache_tokens`` (see routing.py).
+        """A near-lowest-latency route for [start, end) with room for ``cache_tokens`` (see routing.py):
+        drawn among routes at most ``1 + route_spread`` times the fastest's cost, counting the cache
+        this client's open sessions took (``cache_book``) against each peer's record.
 
         ``last_view`` plans from the last view read, however old, without touching the DHT: a
         failover's first try, because a DHT read can wait seconds on the very node that just hung
@@ -201,6 +216,9 @@ class Router:
             min_cache_tokens=cache_tokens,
             rtt_ms=self.rtts_ms,
             decode_tps=self.speeds.planning_speeds(servers),
+            reserved_tokens=self.cache_book.taken(),
+            rng=self.rng,
+            spread=self.route_spread,
         )
 
     def has_alternative(self, span: Span, cache_tokens: int) -> bool:
@@ -212,6 +230,7 @@ class Router:
                 span.end,
                 banned=self.banned() | {span.peer_id},
                 min_cache_tokens=cache_tokens,
+                reserved_tokens=self.cache_book.taken(),
             )
         except NoRouteError:
             return False

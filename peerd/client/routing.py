@@ -4,6 +4,13 @@ Inference routes minimise expected per-token latency: a shortest path over block
 (nodes 0..N, an edge s -> e for every live peer hosting [s, e)), where an edge costs the peer's
 compute time for those blocks (from its advertised per-block throughput) plus one network hop.
 Dijkstra is exact here because all costs are positive.
+
+Every client runs this planner on nearly the same view, and a record's free cache is up to one
+announce period old; planned deterministically, new sessions from every client pile onto the same
+fastest peers until those refuse with ``CACHE_FULL`` (the swarm simulator showed it: docs/scale.md).
+So a client passes ``spread`` and an ``rng``: each peer's costs are scaled by its own random
+factor in [1, 1 + spread], drawn small more often for peers with more free cache, and the route is
+the fastest under those costs -- never more than ``1 + spread`` times the fastest route's cost.
 """
 
 from __future__ import annotations
@@ -18,9 +25,18 @@ from peerd.rpc.errors import NoRouteError
 from peerd.swarm.records import PeerState, ServerRecord, latest_per_peer
 from peerd.swarm.views import BlockView, records_of
 
-__all__ = ["Span", "hop_rate", "missing_blocks", "plan_inference_route", "plan_load_balanced_route", "servers_by_peer"]
+__all__ = [
+    "ROUTE_SPREAD",
+    "Span",
+    "hop_rate",
+    "missing_blocks",
+    "plan_inference_route",
+    "plan_load_balanced_route",
+    "servers_by_peer",
+]
 
 DEFAULT_HOP_MS = 2.0  # cost of one hop to a peer whose RTT we have not measured
+ROUTE_SPREAD = 0.25  # clients accept routes up to this much slower than the fastest, to spread load
 
 
 @dataclass(frozen=True)
@@ -60,29 +76,39 @@ def plan_inference_route(
     min_cache_tokens: int = 0,
     rtt_ms: Mapping[str, float] | None = None,
     decode_tps: Mapping[str, float] | None = None,
+    reserved_tokens: Mapping[str, int] | None = None,
+    rng: random.Random | None = None,
+    spread: float = 0.0,
 ) -> list[Span]:
     """Fastest chain of spans covering [start, end) for one-token steps; raises NoRouteError.
 
     ``decode_tps`` overrides a peer's per-block decode speed (the client's own measurement, or a
-    capped claim); without an entry, the record's claim is used.
+    capped claim); without an entry, the record's claim is used. ``reserved_tokens``: cache this
+    client took on a peer since its record was written (``CacheBook``), subtracted from the
+    record's free cache. With ``rng`` and ``spread`` > 0 the route is drawn among near-fastest
+    ones (see the module docstring): its cost is at most ``1 + spread`` times the fastest's.
     """
     banned = set(banned)
     rtt_ms = rtt_ms or {}
     speeds = decode_tps or {}
+    reserved = reserved_tokens or {}
     usable = [
         r
         for r in servers.values()
-        if r.peer_id not in banned and r.cache_tokens_free >= min_cache_tokens and r.decode_tokens_per_s > 0
+        if r.peer_id not in banned
+        and r.cache_tokens_free - reserved.get(r.peer_id, 0) >= min_cache_tokens
+        and r.decode_tokens_per_s > 0
     ]
+    scale = _cost_factors(usable, reserved, min_cache_tokens, rng, spread)
     hops = [
         _Hop(
             r,
             max(r.start, start),
             min(r.end, end),
-            rtt_ms.get(r.peer_id, DEFAULT_HOP_MS),
-            1e3 / max(1e-6, speeds.get(r.peer_id, r.decode_tokens_per_s)),
+            rtt_ms.get(r.peer_id, DEFAULT_HOP_MS) * f,
+            1e3 / max(1e-6, speeds.get(r.peer_id, r.decode_tokens_per_s)) * f,
         )
-        for r in usable
+        for r, f in zip(usable, scale, strict=True)
     ]
     back = _shortest_paths([h for h in hops if h.lo < h.hi], start, end)
     if end not in back and start != end:
@@ -101,6 +127,26 @@ def plan_inference_route(
         node = prev
     route.reverse()
     return route
+
+
+def _cost_factors(
+    usable: Sequence[ServerRecord],
+    reserved: Mapping[str, int],
+    min_cache_tokens: int,
+    rng: random.Random | None,
+    spread: float,
+) -> list[float]:
+    """Per peer, 1 + spread x U**w with U uniform on [0, 1) and w its cache headroom over the mean.
+
+    A peer with w times the mean headroom draws a factor of 1 + spread / (w + 1) on average: a
+    nearly full peer is often passed over for a near-equal one with room, an empty fast one rarely.
+    All 1.0 without an rng (the plain fastest route, deterministic).
+    """
+    if rng is None or spread <= 0 or not usable:
+        return [1.0] * len(usable)
+    headroom = [r.cache_tokens_free - reserved.get(r.peer_id, 0) - min_cache_tokens + 1 for r in usable]
+    mean = sum(headroom) / len(headroom)
+    return [1.0 + spread * rng.random() ** (h / mean) for h in headroom]
 
 
 @dataclass(frozen=True)

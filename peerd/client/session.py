@@ -127,13 +127,14 @@ class InferenceSession:
     async def close(self) -> None:
         for state in self.spans:
             if state.stream is not None:
+                self.router.cache_book.release(state.span.peer_id, self.max_length * self.batch_size)
                 await state.stream.close()
                 state.stream = None
 
     async def _open_stream(self, span: Span) -> InferenceStream:
         await self.router.check_peer(span)
         session_id = os.urandom(16)
-        return await self.peers.open_inference(
+        stream = await self.peers.open_inference(
             span.peer_id,
             session_id=session_id,
             start=span.start,
@@ -142,6 +143,10 @@ class InferenceSession:
             batch_size=self.batch_size,
             compression=hop_compression(self.compression, span.record),
         )
+        # the peer's record will not show this cache taken until its next announce; until then this
+        # client's planner counts it (a stream that fails keeps it counted until then: conservative)
+        self.router.cache_book.take(span.peer_id, self.max_length * self.batch_size)
+        return stream
 
     async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Send hidden states [batch, n, hidden] through every span; returns the last span's output."""

@@ -4,10 +4,11 @@ measures RTTs and plans with the SDK's own route planners."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
+from peerd.client.reservations import CacheBook
 from peerd.client.routing import Span, plan_inference_route, plan_load_balanced_route
 from peerd.sim.swarm import SimSwarm
 from peerd.swarm.records import ServerRecord
@@ -49,10 +50,11 @@ class RttTable(Mapping[str, float]):
 class SimClient:
     """One client process: its location, its cached DHT view and the route it planned on that view."""
 
-    def __init__(self, swarm: SimSwarm, x: float, y: float, rng: random.Random) -> None:
+    def __init__(self, swarm: SimSwarm, x: float, y: float, rng: random.Random, clock: Callable[[], float]) -> None:
         self.swarm = swarm
         self.rtt = RttTable(swarm, x, y)
         self.rng = rng
+        self.book = CacheBook(hold_s=swarm.config.announce_period_s, clock=clock)
         self.servers: dict[str, ServerRecord] = {}
         self._view_at = -1e18
         self._view_version = -1
@@ -71,14 +73,26 @@ class SimClient:
             self._route = None
 
     def plan(self, start: int, end: int, cache_tokens: int, banned: set[str]) -> list[Span]:
-        """The SDK's inference route; a client that plans twice on one view gets the same route."""
-        if start == 0 and end == self.swarm.config.num_blocks and not banned and self._route is not None:
+        """The SDK's inference route. Without spread or reservations the plan is a function of the
+        view, so a client that plans twice on one view reuses it (what keeps 10,000 peers fast)."""
+        cfg = self.swarm.config
+        fixed = cfg.route_spread <= 0 and not cfg.cache_book
+        whole = start == 0 and end == cfg.num_blocks and not banned
+        if fixed and whole and self._route is not None:
             return self._route
         self.plans += 1
         route = plan_inference_route(
-            self.servers, start, end, banned=banned, min_cache_tokens=cache_tokens, rtt_ms=self.rtt
+            self.servers,
+            start,
+            end,
+            banned=banned,
+            min_cache_tokens=cache_tokens,
+            rtt_ms=self.rtt,
+            reserved_tokens=self.book.taken() if cfg.cache_book else None,
+            rng=self.rng,
+            spread=cfg.route_spread,
         )
-        if start == 0 and end == self.swarm.config.num_blocks and not banned:
+        if fixed and whole:
             self._route = route
         return route
 

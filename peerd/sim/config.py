@@ -47,6 +47,8 @@ class SimConfig:
     hidden_bytes_per_token: int = 8192  # what a hop sends back per token (fp16, hidden 4096)
     view_ttl_s: float = 5.0
     failover_timeout_s: float = 30.0
+    route_spread: float = 0.25  # the SDK's ROUTE_SPREAD (0: the plain fastest route, deterministic)
+    cache_book: bool = True  # clients subtract the cache they reserved since a record was written
     crash_detect_s: float = 5.0  # a step deadline: how long a client waits on a peer that vanished
     handover_s: float = 1.0  # re-plan and replay after a refusal or a drained peer
     spike_factor: float = 1.0  # arrivals multiplied by this during the spike
@@ -65,6 +67,8 @@ class SimConfig:
 # name -> overrides; `peerd simulate --scenario NAME` starts from these, explicit flags win
 SCENARIOS: dict[str, dict[str, float | int]] = {
     "steady-100": {"peers": 100},
+    # before the herding fix: the plain fastest route, stale free cache taken at face value
+    "herding-100": {"peers": 100, "route_spread": 0.0, "cache_book": False},
     "churn5-100": {"peers": 100, "churn_per_hour": 0.05},
     "churn30-100": {"peers": 100, "churn_per_hour": 0.30},
     "spike-100": {"peers": 100, "spike_factor": 10.0, "spike_start_s": 1800.0, "spike_duration_s": 600.0},

@@ -45,7 +45,7 @@ class Simulation(Traffic):
         self.swarm = SimSwarm(config, self.rng)
         self.sessions = Sessions(config)
         self.clients = [
-            SimClient(self.swarm, float(self.gen.random()), float(self.gen.random()), self.rng)
+            SimClient(self.swarm, float(self.gen.random()), float(self.gen.random()), self.rng, self.clock)
             for _ in range(config.clients)
         ]
         self.requests: dict[int, Request] = {}

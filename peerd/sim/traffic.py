@@ -55,6 +55,10 @@ class Traffic:
     def at(self, when: float, kind: str, *args: Any) -> None:
         raise NotImplementedError
 
+    def clock(self) -> float:
+        """Simulated time: what the clients' cache books read."""
+        return self.now
+
     def _on_arrive(self) -> None:
         client = self.rng.choice(self.clients)
         forward = self.rng.random() < self.cfg.forward_fraction
@@ -99,6 +103,11 @@ class Traffic:
         for _, peer, _ in request.route:
             self.on_peer[peer.idx] -= 1
         hop = request.failed_hop
+        if not request.forward:  # the SDK's session: its cache book follows the hops it holds
+            for span, _, _ in request.route if hop is None else request.route[hop : hop + 1]:
+                request.client.book.release(span.peer_id, self.cfg.session_tokens)
+            for span in spans:
+                request.client.book.take(span.peer_id, self.cfg.session_tokens)
         if hop is not None and not request.forward:
             hops = [*request.route[:hop], *hops, *request.route[hop + 1 :]]
         request.route, request.failed_hop = hops, None
@@ -111,7 +120,8 @@ class Traffic:
             request.stalled_since = None
 
     def _on_retry(self, row: int) -> None:
-        if row in self.requests:
+        # a request handed back twice has two retries pending; the first may have routed it already
+        if row in self.requests and self.requests[row].stalled_since is not None:
             self._route_or_wait(row)
 
     def _hand_back(self, peer: SimPeer, *, crashed: bool) -> None:
@@ -119,7 +129,9 @@ class Traffic:
         delay = self.cfg.crash_detect_s if crashed else self.cfg.handover_s
         for row in self.sessions.on_peer(peer.idx):
             request = self.requests[int(row)]
-            request.failed_hop = next(i for i, (_, p, _) in enumerate(request.route) if p is peer)
+            hop = next(i for i, (_, p, _) in enumerate(request.route) if p is peer)
+            # a second hop failing while the first is being replaced: re-plan the whole route
+            request.failed_hop = hop if request.stalled_since is None else None
             request.banned.add(peer.peer_id)
             if request.stalled_since is None:
                 request.stalled_since = self.now
@@ -129,8 +141,10 @@ class Traffic:
 
     def _finish(self, row: int, *, failed: bool) -> None:
         request = self.requests.pop(row)
-        for _, peer, _ in request.route:
+        for span, peer, _ in request.route:
             self.on_peer[peer.idx] -= 1
+            if not request.forward:
+                request.client.book.release(span.peer_id, self.cfg.session_tokens)
         if failed and request.stalled_since is not None:
             self.stalls.append(self.now - request.stalled_since)
         self.sessions.active[row] = False

@@ -10,7 +10,8 @@ import pytest
 
 from peerd.client.bans import BanList
 from peerd.client.compression import AUTO, AUTO_BELOW_BYTES_PER_S, hop_compression, parse_compression, worst_case
-from peerd.client.routing import hop_rate, plan_inference_route, plan_load_balanced_route
+from peerd.client.reservations import CacheBook
+from peerd.client.routing import Span, hop_rate, plan_inference_route, plan_load_balanced_route
 from peerd.rpc.errors import NoRouteError
 from peerd.swarm.records import PeerState, ServerRecord
 from protocols import Compression
@@ -139,3 +140,66 @@ def test_auto_compression_is_per_hop_by_published_uplink() -> None:
     assert parse_compression("auto") == AUTO and parse_compression("blockwise8") is Compression.BLOCKWISE8
     with pytest.raises(ValueError, match="choose one of auto, none"):
         parse_compression("zip")
+
+
+def test_spread_draws_near_equal_routes_by_free_cache_and_never_a_slow_one() -> None:
+    """Two near-equal replicas (the faster one 5% faster) and a slow one: with spread 0.25 the plan
+    splits between the two, more often onto the one with more room, never onto the slow one. The
+    cost of each drawn route is within 1.25x of the fastest."""
+    swarm = servers(
+        rec("fast", 0, 6, tps=105.0, cache=1_000),
+        rec("roomy", 0, 6, tps=100.0, cache=9_000),
+        rec("slow", 0, 6, tps=50.0, cache=9_000),
+    )
+    assert [s.peer_id for s in plan_inference_route(swarm, 0, 6)] == ["fast"]  # no rng: deterministic
+    rng = random.Random(5)
+    counts = collections.Counter(
+        plan_inference_route(swarm, 0, 6, rng=rng, spread=0.25, min_cache_tokens=100)[0].peer_id for _ in range(2000)
+    )
+    assert counts["slow"] == 0
+    assert counts["roomy"] > counts["fast"] > 100
+
+
+def test_spread_routes_cost_at_most_one_plus_spread_of_the_fastest() -> None:
+    rng = random.Random(11)
+    for _ in range(40):
+        swarm = {}
+        for i in range(rng.randint(2, 20)):
+            start = rng.randrange(10)
+            peer = f"p{i}"
+            swarm[peer] = rec(peer, start, rng.randint(start + 1, 10), rng.uniform(5, 500), rng.randint(1, 5000))
+        rtt = {p: rng.uniform(1, 80) for p in swarm}
+
+        def cost(route: list[Span], rtt: dict[str, float] = rtt) -> float:
+            return sum(rtt[s.peer_id] + (s.end - s.start) * 1e3 / s.record.decode_tokens_per_s for s in route)
+
+        try:
+            best = cost(plan_inference_route(swarm, 0, 10, rtt_ms=rtt))
+        except NoRouteError:
+            continue
+        for _ in range(5):
+            drawn = plan_inference_route(swarm, 0, 10, rtt_ms=rtt, rng=rng, spread=0.3)
+            assert best <= cost(drawn) <= 1.3 * best * (1 + 1e-9)
+
+
+def test_reserved_cache_counts_against_a_record() -> None:
+    swarm = servers(rec("fast", 0, 6, tps=1000.0, cache=1_000), rec("other", 0, 6, tps=10.0, cache=5_000))
+    assert [s.peer_id for s in plan_inference_route(swarm, 0, 6, min_cache_tokens=500)] == ["fast"]
+    route = plan_inference_route(swarm, 0, 6, min_cache_tokens=500, reserved_tokens={"fast": 600})
+    assert [s.peer_id for s in route] == ["other"]
+
+
+def test_cache_book_holds_reservations_until_the_record_would_show_them() -> None:
+    now = [0.0]
+    book = CacheBook(hold_s=30.0, clock=lambda: now[0])
+    book.take("a", 100)
+    now[0] = 10.0
+    book.take("a", 50)
+    book.take("b", 70)
+    assert book.taken() == {"a": 150, "b": 70}
+    book.release("b", 70)  # the session closed: the peer freed it, and its old record never counted it
+    assert book.taken() == {"a": 150}
+    now[0] = 30.5  # a's first reservation is older than an announce period: its record counts it
+    assert book.taken() == {"a": 50}
+    now[0] = 41.0
+    assert book.taken() == {}

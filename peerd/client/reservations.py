@@ -1,0 +1,60 @@
+"""The KV cache this client has taken on peers that their DHT records do not show yet.
+
+A record's ``cache_tokens_free`` is as old as its peer's last announce (up to one announce period,
+30 s by default). A client that opens several sessions in that time would otherwise count the same
+free cache again for each of them and send them all to one peer until it refuses with
+``CACHE_FULL``. The planner subtracts what this book holds (``CacheBook.taken``) from each record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+__all__ = ["HOLD_S", "CacheBook"]
+
+HOLD_S = 30.0  # the daemon's default announce period: by then the peer's record shows the session
+
+
+class CacheBook:
+    """Cache tokens this client reserved per peer in the last ``hold_s`` seconds.
+
+    ``take`` when a peer accepted a session, ``release`` when the session closes (the peer frees
+    the cache at once; a record written before the open never counted it). An entry older than
+    ``hold_s`` is dropped: the peer has announced since, and its record counts the session itself.
+    Holding an entry too long only makes the client spread more; it never blocks a route that has
+    room according to the peer's own next announcement.
+    """
+
+    def __init__(self, hold_s: float = HOLD_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.hold_s = hold_s
+        self.clock = clock
+        self._entries: dict[str, deque[tuple[float, int]]] = {}  # peer -> (taken at, tokens), oldest first
+
+    def take(self, peer_id: str, tokens: int) -> None:
+        self._entries.setdefault(peer_id, deque()).append((self.clock(), tokens))
+
+    def release(self, peer_id: str, tokens: int) -> None:
+        """Forget one reservation of ``tokens`` on ``peer_id`` (the newest: older ones expire first)."""
+        entries = self._entries.get(peer_id)
+        if not entries:
+            return
+        for i in range(len(entries) - 1, -1, -1):
+            if entries[i][1] == tokens:
+                del entries[i]
+                return
+
+    def taken(self) -> dict[str, int]:
+        """Tokens reserved per peer within the last ``hold_s`` seconds (peers with none are absent)."""
+        cutoff = self.clock() - self.hold_s
+        totals: dict[str, int] = {}
+        for peer_id in list(self._entries):
+            entries = self._entries[peer_id]
+            while entries and entries[0][0] <= cutoff:
+                entries.popleft()
+            if entries:
+                totals[peer_id] = sum(tokens for _, tokens in entries)
+            else:
+                del self._entries[peer_id]
+        return totals
