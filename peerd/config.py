@@ -45,6 +45,8 @@ class PeerConfig:
     max_sessions: int = 64  # concurrent inference sessions in total
     max_sessions_per_peer: int = 16  # concurrent inference sessions of one remote peer id
     max_inflight_per_peer: int = 8  # concurrent info/forward/backward requests of one remote peer id
+    max_streams: int = 1024  # open client streams in total (lowered at start to fit the open-files limit)
+    max_streams_per_peer: int = 64  # open client streams of one remote peer id
     allowed_peers: frozenset[str] | None = None  # private peer: serve only these peer ids (None = anyone)
     session_idle_timeout_s: float = 60.0  # idle sessions are closed and their cache freed
     evict_idle_s: float = 2.0  # a session idle this long may lose its cache to one that needs it

@@ -39,6 +39,7 @@ from peerd.model.stage import Stage, cache_bytes_per_token
 from peerd.rpc.dialback import DialBackService
 from peerd.rpc.p2pd import P2PDaemonLost, wait_for_p2pd_exit
 from peerd.rpc.streams import STREAM_NAMES
+from peerd.server.bounds import stream_gate
 from peerd.server.handlers import BlockServicer
 from peerd.server.limits import Limits
 from peerd.server.metrics import PeerMetrics
@@ -146,7 +147,8 @@ class Peer:
             step_delay_s=cfg.step_delay_s,
             allowed_peers=cfg.allowed_peers,
         )
-        handlers = {name: getattr(self.servicer, f"rpc_{rpc}") for rpc, name in STREAM_NAMES.items()}
+        self.gate = stream_gate(self.servicer.limits)  # open streams and half-read frames, per client and in all
+        handlers = {name: self.gate.wrap(getattr(self.servicer, f"rpc_{rpc}")) for rpc, name in STREAM_NAMES.items()}
         for name, handler in handlers.items():
             await self.p2p.add_binary_stream_handler(name, handler)
         self.relaying = Relaying(self.p2p, self.reachability, self.metrics.relay_bytes.inc)

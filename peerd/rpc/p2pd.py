@@ -17,12 +17,28 @@ from typing import Any
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
-__all__ = ["RELAY_LIMITS", "P2PDaemonLost", "daemon_multiaddr", "p2pd_pid", "start_p2p", "wait_for_p2pd_exit"]
+from peerd.rpc.fdlimit import raise_open_files_limit
+
+__all__ = [
+    "CONN_LIMITS",
+    "RELAY_LIMITS",
+    "P2PDaemonLost",
+    "daemon_multiaddr",
+    "p2pd_pid",
+    "start_p2p",
+    "wait_for_p2pd_exit",
+]
 
 # p2pd's circuit-relay (v2) flags for a reachable peer. They reach only the relay go-libp2p starts
 # once AutoNAT finds a public address; p2pd also always runs one with go-libp2p's defaults (128 KiB,
 # 2 min per relayed connection), so peerd's own data never relies on circuits: it goes through
 # peerd/relay/1 (peerd/rpc/relay.py, docs/decisions.md section 8).
+# p2pd's connection manager: past connHi connections it closes the least useful ones down to connLo,
+# sparing those younger than connGrace. Fresh identities are free, so a flood of connections is
+# trimmed after 30 s (go-libp2p's default grace is 2 min); 512 stays far below the open-files limit
+# peerd raises at start (raise_open_files_limit), which p2pd inherits.
+CONN_LIMITS: dict[str, object] = {"connLo": 256, "connHi": 512, "connGrace": "30s"}
+
 RELAY_LIMITS: dict[str, object] = {
     "relayMaxReservations": 64,  # NATed peers that may hold a slot here at once
     "relayMaxCircuits": 16,  # relayed connections at once, per reserving peer
@@ -89,15 +105,16 @@ async def start_p2p(
     any relay-capable peer, and the circuit address we announce would not work), runs its libp2p
     DHT as a client, and relays for nobody.
     """
+    raise_open_files_limit()  # before p2pd starts, so that it inherits the raised limit too
     options: dict[str, object] = {}
     if relays:
-        flags: dict[str, object] = {"relayDiscovery": False, "relayService": False}
+        flags: dict[str, object] = {"relayDiscovery": False, "relayService": False, **CONN_LIMITS}
         # AutoNAT cannot judge private addresses, so we tell p2pd what dial-back found out
         options = dict(
             use_auto_relay=True, trusted_relays=list(relays), force_reachability="private", dht_mode="client"
         )
     else:
-        flags = {"relayService": True, **RELAY_LIMITS}
+        flags = {"relayService": True, **RELAY_LIMITS, **CONN_LIMITS}
 
     def process_args(*args: object, **kwargs: object) -> list[str]:
         command: list[str] = P2P._make_process_args(*args, **{**kwargs, **flags})

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 
 import torch
 
 from peerd.rpc.tensors import to_wire
+from peerd.server.bounds import CURRENT_STREAM
 from peerd.server.limits import Limits
 from peerd.server.metrics import PeerMetrics
 from protocols import (
     HEADER_BYTES,
     Compression,
+    ErrorCode,
     Message,
     ProtocolError,
     WireTensor,
@@ -33,9 +36,39 @@ async def read_request(
 ) -> Message:
     """The next message, within ``timeout_s`` (default: the request deadline) and the frame limit."""
     async with asyncio.timeout(timeout_s or limits.request_timeout_s):
-        body = await read_frame(reader, limits.max_frame_bytes)
+        body = await _read_body(reader, limits.max_frame_bytes)
     metrics.bytes_in.inc(HEADER_BYTES + len(body))
     return decode_message(body, limits.max_frame_bytes)
+
+
+async def _read_body(reader: asyncio.StreamReader, max_frame_bytes: int) -> bytes:
+    """One frame's body, its declared size charged to the stream's owner while it arrives.
+
+    Outside a gated stream (an in-memory test stream) this is plain :func:`read_frame`.
+    """
+    ticket = CURRENT_STREAM.get()
+    if ticket is None:
+        return await read_frame(reader, max_frame_bytes)
+    try:
+        header = await reader.readexactly(HEADER_BYTES)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            raise EOFError("stream ended at a frame boundary") from None
+        raise ProtocolError(ErrorCode.MALFORMED_FRAME, "stream ended inside a frame header") from None
+    (size,) = struct.unpack(">I", header)
+    if size > max_frame_bytes:
+        raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes over the limit {max_frame_bytes}")
+    charged = ticket.frames.reserve(ticket.owner, size)
+    try:
+        body = await reader.readexactly(size)
+    except asyncio.IncompleteReadError as exc:
+        raise ProtocolError(
+            ErrorCode.MALFORMED_FRAME, f"stream ended inside a frame body ({len(exc.partial)} of {size} bytes)"
+        ) from None
+    finally:
+        ticket.frames.release(ticket.owner, charged)
+    ticket.idle = False
+    return body
 
 
 async def send_message(writer: asyncio.StreamWriter, msg: Message, limits: Limits, metrics: PeerMetrics) -> None:

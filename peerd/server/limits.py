@@ -25,6 +25,11 @@ class Limits:
     max_sessions_per_peer: int = PeerConfig.max_sessions_per_peer  # open inference sessions of one client
     max_inflight_per_peer: int = PeerConfig.max_inflight_per_peer  # concurrent info/forward/backward streams
     evict_idle_s: float = PeerConfig.evict_idle_s  # idle sessions may be evicted after this long
+    max_streams: int = PeerConfig.max_streams  # open streams, all clients (peerd/server/bounds.py)
+    max_streams_per_peer: int = PeerConfig.max_streams_per_peer
+    # declared bytes of frames being received: two whole frames per client, 512 MiB in all
+    max_partial_frame_bytes_per_peer: int = 2 * DEFAULT_MAX_FRAME_BYTES
+    max_partial_frame_bytes: int = 512 << 20
 
     @classmethod
     def from_config(cls, config: PeerConfig, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Limits:
@@ -39,4 +44,7 @@ class Limits:
             max_sessions_per_peer=config.max_sessions_per_peer,
             max_inflight_per_peer=config.max_inflight_per_peer,
             evict_idle_s=config.evict_idle_s,
+            max_streams=config.max_streams,
+            max_streams_per_peer=config.max_streams_per_peer,
+            max_partial_frame_bytes_per_peer=2 * max_frame_bytes,
         )
