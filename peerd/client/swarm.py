@@ -123,6 +123,7 @@ class SwarmClient:
         spot_check_rate: float = 0.0,
         spot_check_local_blocks: int = 0,
         allowed_peers: Iterable[str] | None = None,
+        host_maddrs: Sequence[str] | None = None,
     ) -> SwarmClient:
         """Join the swarm through ``initial_peers`` and load the client-side model pieces.
 
@@ -133,7 +134,8 @@ class SwarmClient:
         result is recomputed elsewhere and compared (a peer caught lying is banned and its work
         redone); ``spot_check_local_blocks`` lets the client recompute spans of up to that many
         blocks itself, from ``model_path``'s weights, as the judge when two peers disagree;
-        ``allowed_peers`` restricts routing to those peer ids (a private swarm).
+        ``allowed_peers`` restricts routing to those peer ids (a private swarm). ``host_maddrs``: where
+        it listens (default loopback: only a collaborative trainer is ever dialled).
         """
         model_path = resolve_model(str(model), Path(cache_dir) if cache_dir is not None else None)
         model_id = model_id or canonical_model_id(str(model)) or model_path.resolve().name
@@ -146,7 +148,7 @@ class SwarmClient:
             chat_template: ChatTemplate | None = ChatTemplate.from_folder(model_path)
         except NoChatTemplateError:
             chat_template = None
-        p2p, dht = await _join(initial_peers, swarm_prefix(swarm, model_id), model_config.num_layers)
+        p2p, dht = await _join(initial_peers, swarm_prefix(swarm, model_id), model_config.num_layers, host_maddrs)
         return cls(
             p2p=p2p,
             dht=dht,
@@ -366,7 +368,7 @@ class SwarmClient:
             return self.head.logits(out)
 
 
-async def _join(initial_peers: Sequence[str], prefix: str, num_blocks: int) -> tuple[P2P, SwarmDHT]:
+async def _join(initial_peers: Sequence[str], prefix: str, num_blocks: int, host_maddrs: Any) -> tuple[P2P, SwarmDHT]:
     """A client-mode P2P node and DHT node joined through ``initial_peers``; SwarmConnectError if not."""
     if not initial_peers:
         raise SwarmConnectError("no initial peers given: pass the multiaddr a peer printed at start-up")
@@ -378,7 +380,8 @@ async def _join(initial_peers: Sequence[str], prefix: str, num_blocks: int) -> t
             "you join through is running and reachable from here"
         )
     try:
-        p2p = await P2P.create(initial_peers=list(initial_peers), dht_mode="client")
+        listen = {"host_maddrs": list(host_maddrs)} if host_maddrs else {}
+        p2p = await P2P.create(initial_peers=list(initial_peers), dht_mode="client", **listen)
     except Exception as exc:
         raise SwarmConnectError(f"could not start p2pd or reach {list(initial_peers)}: {exc}") from exc
     try:
