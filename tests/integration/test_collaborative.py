@@ -202,3 +202,22 @@ async def test_compressed_rounds_send_half_or_a_quarter_and_members_still_agree_
         assert sent[Compression.BLOCKWISE8] < 0.3 * sent[Compression.NONE]
     finally:
         await close_all(clients, [a, b])
+
+
+async def test_a_trainer_left_behind_catches_up_and_keeps_its_update(make_swarm) -> None:
+    swarm = await make_swarm(spans=((0, 6),))
+    clients, (a, b, slow) = await averagers(swarm, 3, run="catch-up")
+    try:
+        for _ in range(2):  # the run moves on without the slow trainer: rounds 0 and 1
+            await asyncio.gather(a.average(a.base + 1.0, weight=1), b.average(b.base + 1.0, weight=1))
+        assert (a.round, slow.round) == (2, 0)
+        got, report = await slow.average(slow.base + 5.0, weight=1)  # alone in round 0, which the others left
+        assert report.late and slow.round == 2 and torch.equal(slow.base, a.base)
+        torch.testing.assert_close(got, a.base + 5.0)  # its own update on top: it counts in the next round
+        results = await asyncio.gather(
+            a.average(a.base, weight=1), b.average(b.base, weight=1), slow.average(got, weight=1)
+        )
+        assert all(r.group == sorted([a.peer_id, b.peer_id, slow.peer_id]) for _, r in results)
+        assert all(torch.equal(v, results[0][0]) for v, _ in results)
+    finally:
+        await close_all(clients, [a, b, slow])
