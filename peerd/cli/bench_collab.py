@@ -85,15 +85,17 @@ async def _run(
             await client.close()
     elapsed = max(r.elapsed_s for r in results)
     losses = [statistics.fmean(r.losses[s] for r in results) for s in range(steps)]  # the global batch's loss
-    sent = [rep.bytes_sent for r in results for rep in r.rounds]
+    sent = [rep.bytes_sent / (len(rep.group) - 1) for r in results for rep in r.rounds if rep.bytes_sent]
+    rounds = [rep for r in results for rep in r.rounds]
     return {
         "trainers": trainers,
         "compression": compression,
         "samples_per_s": trainers * batch_per_trainer * steps / elapsed,
         "losses": losses,
         "last5_loss": statistics.fmean(losses[-5:]),
-        "bytes_sent_per_round": statistics.fmean(sent) if sent else 0.0,
-        "round_s": statistics.fmean(rep.elapsed_s for r in results for rep in r.rounds) if sent else 0.0,
+        "bytes_per_push": statistics.fmean(sent) if sent else 0.0,  # one update to one other member
+        "round_s": statistics.fmean(rep.elapsed_s for rep in rounds) if rounds else 0.0,
+        "full_rounds": sum(len(rep.group) == trainers and not rep.late for rep in rounds) / max(1, len(rounds)),
     }
 
 
@@ -103,7 +105,7 @@ async def run_collab_bench(
     """All three measurements (see the module doc); the result as a dict."""
 
     async def run(trainers: int, per_trainer: int, name: str, **kw: Any) -> dict[str, Any]:
-        return await _run(
+        result = await _run(
             initial_peers,
             model_path,
             model_id,
@@ -115,6 +117,8 @@ async def run_collab_bench(
             run=name,
             **kw,
         )
+        print(f"  {name}: {result['samples_per_s']:.2f} samples/s, last-5 loss {result['last5_loss']:.3f}", flush=True)
+        return result
 
     throughput = [await run(n, batch, f"tp{n}") for n in (1, 2, 4)]
     compression = [await run(2, batch, f"c-{c}", compression=c) for c in ("none", "float16", "blockwise8")]
@@ -171,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     for r in result["throughput"]:
-        print(f"  {r['trainers']} trainer(s): {r['samples_per_s']:.2f} samples/s, round {r['round_s']:.2f} s")
+        print(
+            f"  {r['trainers']} trainer(s): {r['samples_per_s']:.2f} samples/s, round {r['round_s']:.2f} s, "
+            f"{r['full_rounds']:.0%} of rounds with every trainer"
+        )
     for r in result["compression"]:
         print(
-            f"  2 trainers, {r['compression']:>10}: {r['bytes_sent_per_round']:,.0f} B/round, "
-            f"loss {r['last5_loss']:.3f}"
+            f"  2 trainers, {r['compression']:>10}: {r['bytes_per_push']:,.0f} B per push, loss {r['last5_loss']:.3f}"
         )
     for n, r in result["curves"].items():
         print(f"  curve {n} trainer(s): last-5 loss {r['last5_loss']:.3f}")

@@ -16,12 +16,9 @@ parallelism with parameter averaging):
    adapter, bit for bit, unless a push was lost half-way (then they differ by that update, and the
    next rounds pull them back together).
 
-A trainer that starts late asks a member for the current adapter (``peerd/state/1``) and joins at
-the next round; a member that misses a round's window keeps its update and adopts the group's
-result from a member, adding its update back, so its work counts in the next round.
-
-Why not hivemind's ``DecentralizedAverager``: see docs/decisions.md (it is a forked process that
-needs a ``hivemind.DHT``; our clients run a ``DHTNode`` in their own loop).
+A late trainer downloads the adapter (``peerd/state/1``) and joins the next round; one that misses
+a round adopts the group's result and adds its update back, so its work counts next round. Why not
+hivemind's ``DecentralizedAverager``: docs/decisions.md (a forked process needing hivemind.DHT).
 """
 
 from __future__ import annotations
@@ -96,6 +93,7 @@ class RoundReport:
     elapsed_s: float = 0.0
     late: bool = False  # missed the window: took the group's result from a member instead
     digest: str = ""  # of the adapter the round agreed on: equal across members when all went well
+    window_s: float = 0.0  # how long the group stayed open after its first member arrived
 
 
 class Averager:
@@ -117,6 +115,8 @@ class Averager:
         self._inbox: dict[int, dict[str, tuple[float, Tensor, int]]] = {}  # round -> sender -> update
         self._arrived = asyncio.Condition()
         self.reports: list[RoundReport] = []
+        self._last_round_end = time.monotonic()  # local work since then sizes the next round's window
+        self._window_s = 0.0
 
     @property
     def size(self) -> int:
@@ -166,6 +166,7 @@ class Averager:
         report = RoundReport(round=self.round)
         delta = current.detach().float().reshape(-1) - self.base  # [n]
         group = await self._form_group(self.round)
+        report.window_s = self._window_s
         report.group = sorted(group)
         if self.peer_id in group and not await self._agree_on_base(group):
             del group[self.peer_id]  # no copy of the group's base to add our update to: sit this round out
@@ -177,6 +178,7 @@ class Averager:
             report.elapsed_s = time.perf_counter() - started
             self.reports.append(report)
             # our update was not averaged this round: keep it, so it counts in the next one
+            self._last_round_end = time.monotonic()
             return (self.base + delta if adopted else current.detach().float().reshape(-1)), report
         wire = to_wire(delta, self.config.compression)
         own = from_wire(wire).float()  # what the others will decode: use the same numbers
@@ -204,6 +206,7 @@ class Averager:
         await self._announce()
         report.elapsed_s = time.perf_counter() - started
         self.reports.append(report)
+        self._last_round_end = time.monotonic()
         return self.base.clone(), report
 
     def _finish_round(self, round_: int) -> None:
@@ -220,18 +223,28 @@ class Averager:
             )
 
     async def _form_group(self, round_: int) -> dict[str, Member]:
-        """Members of ``round_`` by peer id: those that arrived before the window closed."""
+        """Members of ``round_`` by peer id: those that arrived before the window closed.
+
+        The window is the first arrival's: ``group_window_s`` plus the local work it did since its
+        last round (so a peer up to twice as slow as the first still makes it), capped at the
+        round timeout. Everyone reads the same first record, so everyone closes at the same instant.
+        """
         cfg = self.config
         key = self._run_key(round_)
+        worked_s = time.monotonic() - self._last_round_end
+        window_s = min(cfg.group_window_s + worked_s, cfg.round_timeout_s)
         mine = {"peer": self.peer_id, "addrs": self.addrs, "at": get_dht_time(), "base": digest(self.base)}
+        mine["window"] = window_s
         await self.dht.store_owned(key, mine, expiration_s=cfg.record_ttl_s, timeout_s=cfg.dht_timeout_s)
-        give_up = time.monotonic() + cfg.group_window_s + cfg.round_timeout_s
+        give_up = time.monotonic() + cfg.group_window_s + 2 * cfg.round_timeout_s
         while True:
             entries = await self.dht.read_owned(key, timeout_s=cfg.dht_timeout_s)
             members = {p: m for p, m in Member.by_peer(entries.values(), self.peer_id).items() if m.at > 0}
-            close = min((m.at for m in members.values()), default=get_dht_time()) + cfg.group_window_s
+            first = min(members.values(), key=lambda m: (m.at, m.peer), default=None)
+            close = get_dht_time() if first is None else first.at + max(0.0, min(first.window, cfg.round_timeout_s))
             wait_s = close - get_dht_time()
             if wait_s <= 0 or time.monotonic() > give_up:
+                self._window_s = 0.0 if first is None else close - first.at
                 arrived = sorted((p for p, m in members.items() if m.at <= close), key=lambda p: members[p].at)
                 return {p: members[p] for p in arrived[:MAX_GROUP]}
             await asyncio.sleep(min(wait_s, 0.1) + 0.01)  # past the close by a hair: every member reads after it

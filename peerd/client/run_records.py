@@ -7,6 +7,7 @@ it arrived, and a digest of the base adapter it holds (peerd/client/averaging.py
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ class Member:
     at: float = 0.0  # when it arrived in the round (DHT time); 0 on the run key
     base: str = ""  # digest of the base adapter it holds
     round: int = -1  # on the run key: the round whose base it holds
+    window: float = 0.0  # how long after its arrival it proposes the round stay open (seconds)
 
     @classmethod
     def parse(cls, value: Any) -> Member:
@@ -47,6 +49,7 @@ class Member:
             at=_float_field(got, "at"),
             base=base[:64] if isinstance(base, str) else "",
             round=_int_field(got, "round"),
+            window=_float_field(got, "window"),
         )
 
     @classmethod
@@ -69,7 +72,9 @@ def _addrs(value: dict[str, Any]) -> list[str]:
 
 def _float_field(value: dict[str, Any], name: str) -> float:
     got = value.get(name)
-    return float(got) if isinstance(got, int | float) and not isinstance(got, bool) else 0.0
+    if not isinstance(got, int | float) or isinstance(got, bool) or not math.isfinite(got):
+        return 0.0
+    return float(got)
 
 
 def _int_field(value: dict[str, Any], name: str) -> int:
