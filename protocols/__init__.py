@@ -6,6 +6,7 @@ with golden vectors in protocols/vectors/) can be implemented in any language.
 
 from __future__ import annotations
 
+from protocols.averaging import MAX_AVERAGE_WEIGHT, AverageAck, AveragePush, StateRequest, StateResponse
 from protocols.errors import ErrorCode, ProtocolError, is_retryable
 from protocols.fields import MAX_BLOCK_INDEX, MAX_SESSION_ID_BYTES, MAX_STRING_BYTES, MAX_UINT
 from protocols.framing import (
@@ -72,6 +73,8 @@ STREAM_INFERENCE = "peerd/inference/1"
 STREAM_DIALBACK = "peerd/dialback/1"
 STREAM_RELAY = "peerd/relay/1"  # served by reachable peers: reservations and relayed streams
 STREAM_RELAYED = "peerd/relayed/1"  # served by relayed peers: streams their relay opens for clients
+STREAM_AVERAGE = "peerd/average/1"  # served by trainers of a collaborative run: pushes of a round
+STREAM_STATE = "peerd/state/1"  # served by trainers of a collaborative run: the current adapter
 """libp2p stream (protocol handler) names: one stream per request, one per inference session."""
 
 __all__ = [
@@ -81,6 +84,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "HEADER",
     "HEADER_BYTES",
+    "MAX_AVERAGE_WEIGHT",
     "MAX_BLOCK_INDEX",
     "MAX_SESSION_ID_BYTES",
     "MAX_STRING_BYTES",
@@ -89,6 +93,7 @@ __all__ = [
     "MAX_UINT",
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
+    "STREAM_AVERAGE",
     "STREAM_BACKWARD",
     "STREAM_DIALBACK",
     "STREAM_FORWARD",
@@ -96,6 +101,9 @@ __all__ = [
     "STREAM_INFO",
     "STREAM_RELAY",
     "STREAM_RELAYED",
+    "STREAM_STATE",
+    "AverageAck",
+    "AveragePush",
     "BackwardRequest",
     "BackwardResponse",
     "Compression",
@@ -120,6 +128,8 @@ __all__ = [
     "RelayReserve",
     "RelayReserved",
     "RelayedStream",
+    "StateRequest",
+    "StateResponse",
     "WireTensor",
     "bf16_bits_to_float32",
     "check_version",

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
+from protocols.averaging import AverageAck, AveragePush, StateRequest, StateResponse
 from protocols.errors import ErrorCode, ProtocolError
 from protocols.fields import (
     MAX_BLOCK_INDEX,
@@ -302,6 +303,10 @@ Message: TypeAlias = (
     | RelayReserved
     | RelayConnect
     | RelayedStream
+    | AveragePush
+    | AverageAck
+    | StateRequest
+    | StateResponse
     | Error
 )
 
@@ -326,6 +331,10 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         RelayReserved,
         RelayConnect,
         RelayedStream,
+        AveragePush,
+        AverageAck,
+        StateRequest,
+        StateResponse,
         Error,
     )
 }

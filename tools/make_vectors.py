@@ -27,6 +27,8 @@ import numpy.typing as npt
 
 from protocols import (
     PROTOCOL_VERSION,
+    AverageAck,
+    AveragePush,
     BackwardRequest,
     BackwardResponse,
     Compression,
@@ -38,6 +40,8 @@ from protocols import (
     DialBackRequest,
     DialBackResult,
     RelayConnect,
+    StateRequest,
+    StateResponse,
     RelayedStream,
     RelayReserve,
     RelayReserved,
@@ -94,6 +98,13 @@ def valid_cases() -> list[tuple[str, Message]]:
         ("relay_reserved", RelayReserved(max_streams=32, data_limit_bytes=1 << 30, idle_timeout_s=300.0)),
         ("relay_connect", RelayConnect(target="12D3KooWTarget", stream="peerd/inference/1")),
         ("relayed_stream", RelayedStream(origin="12D3KooWOrigin", stream="peerd/inference/1")),
+        ("average_push", AveragePush(run="poems", round=7, weight=16.0, update=encode_array(hidden.reshape(-1)))),
+        ("average_ack", AverageAck(round=7)),
+        ("state_request", StateRequest(run="poems")),
+        (
+            "state_response",
+            StateResponse(round=7, state=encode_array(hidden.reshape(-1), compression=Compression.FLOAT16)),
+        ),
         (
             "info_response",
             InfoResponse(

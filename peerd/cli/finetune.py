@@ -6,6 +6,7 @@ The training itself is :mod:`peerd.client.training`; this module parses, prints 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -16,7 +17,10 @@ import torch
 
 from peerd.cli.helpers import resolve
 from peerd.client.adapters import ClientAdapter
+from peerd.client.aggregation import Aggregation
+from peerd.client.averaging import Averager, AveragingConfig
 from peerd.client.training import DEFAULT_DATA, TokenBatches, finetune
+from protocols import Compression
 
 __all__ = ["add_finetune_arguments", "cmd_finetune", "plot_losses"]
 
@@ -57,6 +61,34 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embed-rank", type=int, default=0, help="LoRA rank on the embeddings; 0 = none")
     parser.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (default 5e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, batches and routes")
+    collab = parser.add_argument_group("collaborative training (data parallelism across trainers)")
+    collab.add_argument(
+        "--collaborate",
+        metavar="RUN",
+        default=None,
+        help="join training run RUN: average the adapter with the other trainers of RUN (docs/finetuning.md)",
+    )
+    collab.add_argument("--average-every", type=int, default=1, help="local steps between averaging rounds (default 1)")
+    collab.add_argument(
+        "--average-compression",
+        choices=[c.value for c in Compression],
+        default=Compression.NONE.value,
+        help="compression of the updates sent each round (default none)",
+    )
+    collab.add_argument(
+        "--aggregation",
+        choices=[a.value for a in Aggregation],
+        default=Aggregation.MEAN.value,
+        help="how a round combines the updates: mean, or median / trimmed_mean against bad trainers",
+    )
+    collab.add_argument("--group-window", type=float, default=1.0, help="seconds a round waits for members to join")
+    collab.add_argument("--round-timeout", type=float, default=30.0, help="seconds a round waits for pushes")
+    collab.add_argument(
+        "--listen",
+        default=None,
+        metavar="MADDR",
+        help="multiaddr the other trainers reach this one at (default: /ip4/0.0.0.0/tcp/0 with --collaborate)",
+    )
     parser.add_argument(
         "--sample-prompt",
         default="Q: What does a peer do?\nA:",
@@ -91,7 +123,11 @@ async def cmd_finetune(args: argparse.Namespace) -> int:
     model_id = args.model_id or model_id
     out = Path(args.out)
     torch.manual_seed(args.seed)
-    client = await SwarmClient.connect(args.initial_peers, path, model_id=model_id, swarm=args.swarm)
+    listen = args.listen or ("/ip4/0.0.0.0/tcp/0" if args.collaborate else None)
+    client = await SwarmClient.connect(
+        args.initial_peers, path, model_id=model_id, swarm=args.swarm, host_maddrs=[listen] if listen else None
+    )
+    averager: Averager | None = None
     try:
         route = await client.wait_for_route()
         print(f"route: {' -> '.join(str(s) for s in route)}", flush=True)
@@ -105,6 +141,8 @@ async def cmd_finetune(args: argparse.Namespace) -> int:
             init_prompt_ids=client.encode(text[:200]),
             seed=args.seed,
         )
+        if args.collaborate:
+            averager = await _join_run(client, adapter, args)
         n_params = sum(p.numel() for p in adapter.trainable_parameters().values())
         print(
             f"training {n_params:,} client-side parameters on {data.name} ({len(ids):,} tokens, "
@@ -126,6 +164,8 @@ async def cmd_finetune(args: argparse.Namespace) -> int:
                 micro_batches=args.micro_batches,
                 rng_seed=args.seed,
                 on_step=on_step,
+                averager=averager,
+                average_every=args.average_every,
             )
         adapter_path = adapter.save(out / "adapter.safetensors", model_id=model_id)
         title = f"{model_id}: prompt {args.prompt_tokens}, head LoRA r={args.head_rank}, {data.name}"
@@ -138,6 +178,7 @@ async def cmd_finetune(args: argparse.Namespace) -> int:
             "tokens_per_s": result.tokens_per_s,
             "retries": result.retries,
             "adapter": str(adapter_path),
+            "rounds": [dataclasses.asdict(r) for r in result.rounds],
         }
         (out / "losses.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         first, last = _mean(result.losses[:5]), _mean(result.losses[-5:])
@@ -151,8 +192,29 @@ async def cmd_finetune(args: argparse.Namespace) -> int:
             sample = await client.generate(args.sample_prompt, max_new_tokens=48, adapter=adapter)
             print(f"sample with the adapter:\n{args.sample_prompt}{sample.text}", flush=True)
     finally:
+        if averager is not None:
+            await averager.close()
         await client.close()
     return 0
+
+
+async def _join_run(client: object, adapter: ClientAdapter, args: argparse.Namespace) -> Averager:
+    """Start averaging with run ``args.collaborate`` (downloading its state if it has members)."""
+    from peerd.client import SwarmClient
+
+    assert isinstance(client, SwarmClient)  # typed loosely above: the import is lazy
+    config = AveragingConfig(
+        run=args.collaborate,
+        group_window_s=args.group_window,
+        round_timeout_s=args.round_timeout,
+        compression=Compression(args.average_compression),
+        aggregation=Aggregation(args.aggregation),
+    )
+    initial = torch.cat([p.detach().float().reshape(-1) for p in adapter.trainable_parameters().values()])
+    averager = await Averager.create(client.p2p, client.dht, config, initial)
+    joined = "joined at round" if averager.round else "started"
+    print(f"run {args.collaborate!r}: {joined} {averager.round}, reachable at {', '.join(averager.addrs)}", flush=True)
+    return averager
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 from hivemind.p2p import P2P
-from hivemind.utils.crypto import RSAPrivateKey
 from tokenizers import Tokenizer
 
 from peerd.client.adapters import ClientAdapter
 from peerd.client.bans import BanList
 from peerd.client.compression import CompressionChoice, hop_compression
 from peerd.client.generation import GenerationResult, generate_pieces
+from peerd.client.joining import join_swarm
 from peerd.client.router import Router
 from peerd.client.routing import Span
 from peerd.client.sampling import SamplingParams
@@ -36,9 +36,8 @@ from peerd.model.config import ModelConfig
 from peerd.model.head import ClientHead
 from peerd.model.loading import load_client_head
 from peerd.model.registry import canonical_model_id, resolve_model
-from peerd.rpc.errors import PeerdClientError, PeerError, PeerUnavailable, SwarmConnectError, worth_failover
+from peerd.rpc.errors import PeerdClientError, PeerError, PeerUnavailable, worth_failover
 from peerd.rpc.transport import PeerClient
-from peerd.swarm.addresses import probe_tcp
 from peerd.swarm.dht import SwarmDHT
 from peerd.swarm.records import ServerRecord, swarm_prefix
 from protocols import Compression
@@ -126,6 +125,7 @@ class SwarmClient:
         spot_check_local_blocks: int = 0,
         allowed_peers: Iterable[str] | None = None,
         min_precision: str | None = None,
+        host_maddrs: Sequence[str] | None = None,
     ) -> SwarmClient:
         """Join the swarm through ``initial_peers`` and load the client-side model pieces.
 
@@ -139,6 +139,7 @@ class SwarmClient:
         ``allowed_peers`` restricts routing to those peer ids (a private swarm).
         ``min_precision`` ("nf4", "int8", "bfloat16", "float16", "float32") routes only through
         peers whose weights are stored in at least that many bits (``peerd.model.quant``).
+        ``host_maddrs``: where it listens (default loopback: only a collaborative trainer is ever dialled).
         """
         model_path = resolve_model(str(model), Path(cache_dir) if cache_dir is not None else None)
         model_id = model_id or canonical_model_id(str(model)) or model_path.resolve().name
@@ -151,7 +152,7 @@ class SwarmClient:
             chat_template: ChatTemplate | None = ChatTemplate.from_folder(model_path)
         except NoChatTemplateError:
             chat_template = None
-        p2p, dht = await _join(initial_peers, swarm_prefix(swarm, model_id), model_config.num_layers)
+        p2p, dht = await join_swarm(initial_peers, swarm_prefix(swarm, model_id), model_config.num_layers, host_maddrs)
         return cls(
             p2p=p2p,
             dht=dht,
@@ -380,33 +381,3 @@ class SwarmClient:
         out = await self.forward_hidden(hidden)
         with torch.inference_mode():
             return self.head.logits(out)
-
-
-async def _join(initial_peers: Sequence[str], prefix: str, num_blocks: int) -> tuple[P2P, SwarmDHT]:
-    """A client-mode P2P node and DHT node joined through ``initial_peers``; SwarmConnectError if not."""
-    if not initial_peers:
-        raise SwarmConnectError("no initial peers given: pass the multiaddr a peer printed at start-up")
-    answers = await probe_tcp(list(initial_peers))
-    if "ok" not in answers.values():
-        tried = "; ".join(f"{maddr}: {why}" for maddr, why in answers.items())
-        raise SwarmConnectError(
-            f"no initial peer accepts connections ({tried}): check the address, and that the node "
-            "you join through is running and reachable from here"
-        )
-    try:
-        p2p = await P2P.create(initial_peers=list(initial_peers), dht_mode="client")
-    except Exception as exc:
-        raise SwarmConnectError(f"could not start p2pd or reach {list(initial_peers)}: {exc}") from exc
-    try:
-        dht = await SwarmDHT.create(
-            p2p,
-            private_key=RSAPrivateKey(),
-            prefix=prefix,
-            num_blocks=num_blocks,
-            initial_peers=initial_peers,
-            client_mode=True,
-        )
-    except Exception as exc:
-        await p2p.shutdown()
-        raise SwarmConnectError(f"could not join the DHT through {list(initial_peers)}: {exc}") from exc
-    return p2p, dht

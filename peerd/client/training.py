@@ -28,6 +28,7 @@ from torch import Tensor
 from peerd.client.adapters import ClientAdapter
 
 if TYPE_CHECKING:
+    from peerd.client.averaging import Averager, RoundReport
     from peerd.client.swarm import SwarmClient
 
 __all__ = [
@@ -112,6 +113,7 @@ class FinetuneResult:
     tokens: int = 0  # tokens trained on (soft prompt excluded)
     elapsed_s: float = 0.0
     retries: int = 0  # remote stage calls redone on another peer
+    rounds: list[RoundReport] = field(default_factory=list)  # averaging rounds (collaborative runs)
 
     @property
     def tokens_per_s(self) -> float:
@@ -128,11 +130,16 @@ async def finetune(
     micro_batches: int = 4,
     rng_seed: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    averager: Averager | None = None,
+    average_every: int = 1,
 ) -> FinetuneResult:
     """Train ``adapter`` (default: a 16-token soft prompt) for ``steps`` steps through the swarm.
 
     Must be awaited on the client's event loop; each step runs in a worker thread. ``on_step``
-    gets (step, loss) after every step (progress bars).
+    gets (step, loss) after every step (progress bars). With an ``averager`` (a collaborative run,
+    peerd/client/averaging.py) the adapter starts from the run's state and is averaged with the
+    other trainers' every ``average_every`` steps; each trainer keeps its own AdamW moments
+    (local SGD: only parameters travel).
     """
     import random
 
@@ -146,15 +153,36 @@ async def finetune(
     rng = random.Random(rng_seed) if rng_seed is not None else None
     blocks = RemoteBlocks(client, micro_batches=micro_batches, rng=rng)
     result = FinetuneResult(adapter=adapter)
+    if averager is not None:
+        _set_flat(params, averager.base)  # a late joiner continues from the run's state
+    samples_since_round = 0
     started = time.perf_counter()
     for step in range(steps):
         ids = batches.sample()
         loss = await asyncio.to_thread(train_step, adapter, blocks, optimizer, ids)
         result.losses.append(loss)
         result.tokens += ids.numel()
+        samples_since_round += ids.shape[0]
+        if averager is not None and (step + 1) % max(1, average_every) == 0:
+            averaged, report = await averager.average(_flat(params), weight=samples_since_round)
+            _set_flat(params, averaged)
+            result.rounds.append(report)
+            samples_since_round = 0
         if blocks.last_trace is not None:
             result.retries += blocks.last_trace.retries
         if on_step is not None:
             on_step(step, loss)
     result.elapsed_s = time.perf_counter() - started
     return result
+
+
+def _flat(params: Sequence[torch.nn.Parameter]) -> Tensor:
+    return torch.cat([p.detach().float().reshape(-1) for p in params])  # [total]
+
+
+def _set_flat(params: Sequence[torch.nn.Parameter], flat: Tensor) -> None:
+    with torch.no_grad():
+        offset = 0
+        for p in params:
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Sequence
+from typing import Any
 
 from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import CompositeValidator
@@ -16,12 +18,15 @@ from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from peerd.identity import peer_id_of_public_key, public_key_of_owner_marker
 from peerd.swarm.records import ServerRecord, block_uid
 from peerd.swarm.storage import LOOKUP_KEYS_PER_CALL, install_bounded_storage
 from peerd.swarm.validation import make_validators, owner_subkey
 from peerd.swarm.views import BlockView, records_of
 
 __all__ = ["BlockView", "SwarmDHT", "records_of"]
+
+_OWNER_RE = re.compile(rb"\[owner:(.+?)\]")
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +132,41 @@ class SwarmDHT:
                         logger.debug("dropping malformed record for block %d: %s", index, exc)
             views.append(BlockView(index, tuple(records)))
         return views
+
+    async def store_owned(
+        self, key: str, value: dict[str, Any], *, expiration_s: float, timeout_s: float = 5.0
+    ) -> bool:
+        """Store ``value`` under ``key`` in our own signed subkey (others' entries under it stay)."""
+        stored = await asyncio.wait_for(
+            self.node.store(key, value, get_dht_time() + expiration_s, subkey=self._subkey), timeout=timeout_s
+        )
+        return bool(stored)
+
+    async def read_owned(self, key: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
+        """Live entries under ``key`` by the peer id that signed them (from the owner marker).
+
+        The signature validator has checked that each entry was signed by the key in its subkey,
+        so the peer id derived here is authenticated; unsigned or unparsable entries are dropped.
+        A timed-out read returns what is known: nothing.
+        """
+        try:
+            found = await asyncio.wait_for(self.node.get(key, latest=True), timeout=timeout_s)
+        except TimeoutError:
+            logger.warning("DHT read of %s timed out after %.1fs", key, timeout_s)
+            return {}
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        now = get_dht_time()
+        entries: dict[str, Any] = {}
+        for subkey, sub in found.value.items():
+            owner = _OWNER_RE.search(subkey) if isinstance(subkey, bytes) else None
+            if owner is None or sub.expiration_time < now:
+                continue
+            try:
+                entries[peer_id_of_public_key(public_key_of_owner_marker(owner.group(1)))] = sub.value
+            except ValueError:
+                continue
+        return entries
 
     def routing_table_size(self) -> int:
         """How many DHT nodes this node knows (its Kademlia routing table)."""

@@ -19,6 +19,8 @@ from protocols import (
     MAX_UINT,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    AverageAck,
+    AveragePush,
     BackwardRequest,
     BackwardResponse,
     Compression,
@@ -41,6 +43,8 @@ from protocols import (
     RelayedStream,
     RelayReserve,
     RelayReserved,
+    StateRequest,
+    StateResponse,
     WireTensor,
     decode_array,
     decode_message,
@@ -167,6 +171,12 @@ MESSAGE_STRATEGIES = {
     ),
     "relay_connect": st.builds(RelayConnect, target=text, stream=text),
     "relayed_stream": st.builds(RelayedStream, origin=text, stream=text),
+    "average_push": st.builds(
+        AveragePush, run=text, round=uints, weight=st.floats(0, 1e12, allow_nan=False), update=wire_tensors()
+    ),
+    "average_ack": st.builds(AverageAck, round=uints),
+    "state_request": st.builds(StateRequest, run=text),
+    "state_response": st.builds(StateResponse, round=uints, state=wire_tensors()),
     "error": st.builds(Error, code=st.integers(0, 65535), message=text, retryable=st.booleans()),
 }
 messages = st.one_of(*MESSAGE_STRATEGIES.values())

@@ -1,0 +1,397 @@
+"""Data parallelism across trainers: averaging rounds over the client's own P2P node and DHT.
+
+Trainers of one run (``--collaborate RUN``) each train the same adapter on their own data and,
+every ``k`` local steps, run an *averaging round* (local SGD; k = 1 is plain synchronous data
+parallelism with parameter averaging):
+
+1. **Matchmaking over the DHT.** Each member stores ``{addrs, at}`` under the key
+   ``<swarm>.run.<RUN>.<round>`` in its own signed subkey (so the peer id is authenticated and
+   only trainers of this run meet). The group closes ``group_window_s`` after the earliest ``at``;
+   everyone reads the key after that instant and takes the members that arrived before it.
+2. **All-gather.** Each member pushes its update -- its adapter minus the round's common base,
+   optionally fp16 / 8-bit compressed -- to every other member (``peerd/average/1``), and waits
+   up to ``round_timeout_s`` for theirs. A member that died or stalls is simply left out.
+3. **Aggregate** (peerd/client/aggregation.py): every member combines the same decoded vectors in
+   peer-id order (its own one decoded from the wire form too), so all end the round with the same
+   adapter, bit for bit, unless a push was lost half-way (then they differ by that update, and the
+   next rounds pull them back together).
+
+A late trainer downloads the adapter (``peerd/state/1``) and joins the next round; one that misses
+a round adopts the group's result and adds its update back, so its work counts next round. Why not
+hivemind's ``DecentralizedAverager``: docs/decisions.md (a forked process needing hivemind.DHT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils import get_dht_time
+from torch import Tensor
+
+from peerd.client.aggregation import Aggregation, Contribution, aggregate
+from peerd.client.run_records import Member, digest
+from peerd.rpc.p2pd import daemon_multiaddr
+from peerd.rpc.tensors import from_wire, to_wire
+from peerd.swarm.dht import SwarmDHT
+from protocols import (
+    STREAM_AVERAGE,
+    STREAM_STATE,
+    AverageAck,
+    AveragePush,
+    Compression,
+    ErrorCode,
+    ProtocolError,
+    StateRequest,
+    StateResponse,
+    decode_message,
+    encode_frame,
+    error_from_exception,
+    expect_message,
+    read_frame,
+)
+
+__all__ = ["Averager", "AveragingConfig", "RoundReport"]
+
+logger = logging.getLogger(__name__)
+
+MAX_GROUP = 64  # members of one round that a trainer will exchange with
+MAX_PENDING_ROUNDS = 4  # pushes are kept for this many rounds ahead of ours (fast members)
+
+
+@dataclass(frozen=True)
+class AveragingConfig:
+    """How a trainer takes part in a run's averaging rounds."""
+
+    run: str
+    group_window_s: float = 1.0  # after the first member of a round arrives, others may join this long
+    round_timeout_s: float = 10.0  # after the group closes, how long to wait for the others' pushes
+    compression: Compression = Compression.NONE  # of the pushed updates (FLOAT16, BLOCKWISE8)
+    aggregation: Aggregation = Aggregation.MEAN
+    max_norm_factor: float = 10.0  # updates over this many times the round's lower median norm are dropped
+    dht_timeout_s: float = 5.0
+    record_ttl_s: float = 120.0
+
+
+@dataclass
+class RoundReport:
+    """What one averaging round did, as this member saw it."""
+
+    round: int
+    group: list[str] = field(default_factory=list)  # members by peer id (this one included)
+    used: list[str] = field(default_factory=list)  # whose updates were combined
+    excluded: dict[str, str] = field(default_factory=dict)  # peer id -> why its update was dropped
+    missing: list[str] = field(default_factory=list)  # members whose push never came
+    bytes_sent: int = 0  # frames pushed to the others
+    bytes_received: int = 0
+    elapsed_s: float = 0.0
+    late: bool = False  # missed the window: took the group's result from a member instead
+    digest: str = ""  # of the adapter the round agreed on: equal across members when all went well
+    window_s: float = 0.0  # how long the group stayed open after its first member arrived
+
+
+class Averager:
+    """One trainer's side of a run's averaging rounds over ``p2p`` and ``dht``.
+
+    Holds the run's common ``base`` (the flat adapter every member agreed on last) and serves it to
+    late joiners. Create with ``await Averager.create(...)``; :meth:`average` runs one round;
+    :meth:`close` stops serving. Not thread safe: call it from the event loop that owns ``p2p``.
+    """
+
+    def __init__(self, p2p: P2P, dht: SwarmDHT, config: AveragingConfig, base: Tensor) -> None:
+        self.p2p = p2p
+        self.dht = dht
+        self.config = config
+        self.base = base.detach().float().clone()  # [n]
+        self.round = 0  # the next round this member takes part in
+        self.peer_id = str(p2p.peer_id)
+        self.addrs: list[str] = []
+        self._inbox: dict[int, dict[str, tuple[float, Tensor, int]]] = {}  # round -> sender -> update
+        self._arrived = asyncio.Condition()
+        self.reports: list[RoundReport] = []
+        self._last_round_end = time.monotonic()  # local work since then sizes the next round's window
+        self._window_s = 0.0
+
+    @property
+    def size(self) -> int:
+        return int(self.base.numel())
+
+    def _run_key(self, round_: int | None = None) -> str:
+        key = f"{self.dht.prefix}.run.{self.config.run}"
+        return key if round_ is None else f"{key}.{round_}"
+
+    @classmethod
+    async def create(cls, p2p: P2P, dht: SwarmDHT, config: AveragingConfig, initial: Tensor) -> Averager:
+        """Serve this run's streams and, if the run has members already, download its state."""
+        averager = cls(p2p, dht, config, initial)
+        averager.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
+        await p2p.add_binary_stream_handler(STREAM_AVERAGE, averager._serve_push)
+        await p2p.add_binary_stream_handler(STREAM_STATE, averager._serve_state)
+        if await averager._catch_up(at_least=0):
+            logger.info("joined run %s at round %d", config.run, averager.round)
+        return averager
+
+    async def _catch_up(self, *, at_least: int) -> bool:
+        """Take the state of the member furthest ahead on the run key, if one is at round ``at_least`` or later."""
+        entries = await self.dht.read_owned(self._run_key(), timeout_s=self.config.dht_timeout_s)
+        members = Member.by_peer(entries.values(), self.peer_id)
+        for peer_id, member in sorted(members.items(), key=lambda kv: -kv[1].round):
+            if peer_id == self.peer_id or member.round < at_least:
+                continue
+            with contextlib.suppress(OSError, TimeoutError, ProtocolError, ValueError):
+                await self._adopt_state(peer_id, member.addrs, at_least=at_least)
+                return True
+        return False
+
+    async def close(self) -> None:
+        for name in (STREAM_AVERAGE, STREAM_STATE):
+            with contextlib.suppress(Exception):  # p2pd may already be gone
+                await self.p2p.remove_binary_stream_handler(name)
+
+    # --- one round -----------------------------------------------------------------------------
+
+    async def average(self, current: Tensor, weight: float) -> tuple[Tensor, RoundReport]:
+        """Run round ``self.round`` with this member's adapter ``current [n]`` trained on ``weight`` samples.
+
+        Returns the adapter to continue from and the report; never raises for other members'
+        failures (they are left out), only waits at most the window plus one round timeout.
+        """
+        started = time.perf_counter()
+        report = RoundReport(round=self.round)
+        delta = current.detach().float().reshape(-1) - self.base  # [n]
+        group = await self._form_group(self.round)
+        report.window_s = self._window_s
+        report.group = sorted(group)
+        if self.peer_id in group and not await self._agree_on_base(group):
+            del group[self.peer_id]  # no copy of the group's base to add our update to: sit this round out
+        if list(group) == [self.peer_id] and await self._catch_up(at_least=self.round + 1):
+            group = {}  # alone in a round the others have left behind: we fell behind, and caught up
+        if self.peer_id not in group:
+            report.late = True
+            adopted = bool(not group) or await self._adopt_from_group(group, self.round)
+            report.elapsed_s = time.perf_counter() - started
+            self.reports.append(report)
+            # our update was not averaged this round: keep it, so it counts in the next one
+            self._last_round_end = time.monotonic()
+            return (self.base + delta if adopted else current.detach().float().reshape(-1)), report
+        wire = to_wire(delta, self.config.compression)
+        own = from_wire(wire).float()  # what the others will decode: use the same numbers
+        others = {p: m.addrs for p, m in group.items() if p != self.peer_id}
+        # push and collect at once: a dead member costs one round timeout, not one for each phase
+        pushes = asyncio.gather(*(self._push(p, addrs, weight, wire) for p, addrs in others.items()))
+        sent, received = await asyncio.gather(pushes, self._collect(self.round, set(others)))
+        report.bytes_sent = sum(sent)
+        report.missing = sorted(set(others) - set(received))
+        report.bytes_received = sum(nbytes for _, _, nbytes in received.values())
+        contributions = [Contribution(self.peer_id, weight, own)]
+        contributions += [Contribution(p, w, v) for p, (w, v, _) in received.items()]
+        result = aggregate(
+            contributions,
+            self.size,
+            method=self.config.aggregation,
+            max_norm_factor=self.config.max_norm_factor,
+        )
+        report.used, report.excluded = result.used, result.excluded
+        if result.excluded:
+            logger.warning("round %d: left out %s", self.round, result.excluded)
+        self.base = self.base + result.update  # [n]
+        report.digest = digest(self.base)
+        self._finish_round(self.round)
+        await self._announce()
+        report.elapsed_s = time.perf_counter() - started
+        self.reports.append(report)
+        self._last_round_end = time.monotonic()
+        return self.base.clone(), report
+
+    def _finish_round(self, round_: int) -> None:
+        self.round = round_ + 1
+        for r in [r for r in self._inbox if r < self.round]:
+            del self._inbox[r]
+
+    async def _announce(self) -> None:
+        """Say on the run key that we hold the base of round ``self.round`` (for late joiners)."""
+        value = {"peer": self.peer_id, "addrs": self.addrs, "round": self.round}
+        with contextlib.suppress(TimeoutError, OSError):
+            await self.dht.store_owned(
+                self._run_key(), value, expiration_s=self.config.record_ttl_s, timeout_s=self.config.dht_timeout_s
+            )
+
+    async def _form_group(self, round_: int) -> dict[str, Member]:
+        """Members of ``round_`` by peer id: those that arrived before the window closed.
+
+        The window is the first arrival's: ``group_window_s`` plus the local work it did since its
+        last round (so a peer up to twice as slow as the first still makes it), capped at the
+        round timeout. Everyone reads the same first record, so everyone closes at the same instant.
+        """
+        cfg = self.config
+        key = self._run_key(round_)
+        worked_s = time.monotonic() - self._last_round_end
+        window_s = min(cfg.group_window_s + worked_s, cfg.round_timeout_s)
+        mine = {"peer": self.peer_id, "addrs": self.addrs, "at": get_dht_time(), "base": digest(self.base)}
+        mine["window"] = window_s
+        await self.dht.store_owned(key, mine, expiration_s=cfg.record_ttl_s, timeout_s=cfg.dht_timeout_s)
+        give_up = time.monotonic() + cfg.group_window_s + 2 * cfg.round_timeout_s
+        while True:
+            entries = await self.dht.read_owned(key, timeout_s=cfg.dht_timeout_s)
+            members = {p: m for p, m in Member.by_peer(entries.values(), self.peer_id).items() if m.at > 0}
+            first = min(members.values(), key=lambda m: (m.at, m.peer), default=None)
+            close = get_dht_time() if first is None else first.at + max(0.0, min(first.window, cfg.round_timeout_s))
+            wait_s = close - get_dht_time()
+            if wait_s <= 0 or time.monotonic() > give_up:
+                self._window_s = 0.0 if first is None else close - first.at
+                arrived = sorted((p for p, m in members.items() if m.at <= close), key=lambda p: members[p].at)
+                return {p: members[p] for p in arrived[:MAX_GROUP]}
+            await asyncio.sleep(min(wait_s, 0.1) + 0.01)  # past the close by a hair: every member reads after it
+
+    async def _agree_on_base(self, group: dict[str, Member]) -> bool:
+        """Make our base the group's: the digest most members hold (ties: the lowest peer id's).
+
+        Bases differ when trainers started apart (each from its own initial adapter) or a push was
+        lost in an earlier round; a member off the common base takes it from a holder and keeps its
+        own update on top, so nothing it trained is lost.
+        """
+        counts: dict[str, int] = {}
+        for m in group.values():
+            counts[m.base] = counts.get(m.base, 0) + 1
+        holders = {d: min(p for p, m in group.items() if m.base == d) for d in counts}
+        common = min(counts, key=lambda d: (-counts[d], holders[d]))
+        if digest(self.base) == common:
+            return True
+        for peer_id, m in sorted(group.items()):
+            if m.base != common or peer_id == self.peer_id:
+                continue
+            with contextlib.suppress(OSError, TimeoutError, ProtocolError, ValueError):
+                await self._adopt_state(peer_id, m.addrs, at_least=self.round, expect_digest=common)
+                return True
+        return False
+
+    async def _adopt_from_group(self, group: dict[str, Member], round_: int) -> bool:
+        """Late for ``round_``: take the group's result from one of its members (polling until they have it)."""
+        deadline = time.monotonic() + self.config.round_timeout_s + self.config.group_window_s
+        while time.monotonic() < deadline:
+            for peer_id, member in group.items():
+                with contextlib.suppress(OSError, TimeoutError, ProtocolError, ValueError):
+                    await self._adopt_state(peer_id, member.addrs, at_least=round_ + 1)
+                    return True
+            await asyncio.sleep(0.2)
+        self._finish_round(round_)  # nobody answered: go on alone from our own adapter
+        return False
+
+    # --- the wire ------------------------------------------------------------------------------
+
+    async def _open(self, peer_id: str, addrs: list[str], stream: str) -> tuple[Any, Any]:
+        """A stream to a member; every failure (p2pd's ControlFailure included) as ConnectionError."""
+        try:
+            peer = PeerID.from_base58(peer_id)
+            async with asyncio.timeout(self.config.round_timeout_s):
+                if addrs:
+                    with contextlib.suppress(Exception):  # the stream open below reports the failure
+                        await self.p2p._client.connect(peer, [daemon_multiaddr(a) for a in addrs])
+                _, reader, writer = await self.p2p.call_binary_stream_handler(peer, stream)
+        except TimeoutError:
+            raise
+        except Exception as exc:
+            raise ConnectionError(f"cannot open {stream} to {peer_id}: {exc}") from exc
+        return reader, writer
+
+    async def _push(self, peer_id: str, addrs: list[str], weight: float, wire: Any) -> int:
+        """Send our update to one member; the bytes sent (0 if it failed: that member misses it)."""
+        frame = encode_frame(AveragePush(run=self.config.run, round=self.round, weight=float(weight), update=wire))
+        try:
+            reader, writer = await self._open(peer_id, addrs, STREAM_AVERAGE)
+            try:
+                async with asyncio.timeout(self.config.round_timeout_s):
+                    writer.write(frame)
+                    await writer.drain()
+                    expect_message(decode_message(await read_frame(reader)), AverageAck)
+            finally:
+                writer.close()
+        except (OSError, TimeoutError, ProtocolError, ConnectionError, asyncio.IncompleteReadError, EOFError) as exc:
+            logger.info("round %d: push to %s failed: %r", self.round, peer_id, exc)
+            return 0
+        return len(frame)
+
+    async def _collect(self, round_: int, expected: set[str]) -> dict[str, tuple[float, Tensor, int]]:
+        """Wait until every expected member's push for ``round_`` arrived, or the round timeout."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.round_timeout_s), self._arrived:
+                await self._arrived.wait_for(lambda: expected <= set(self._inbox.get(round_, {})))
+        got = self._inbox.get(round_, {})
+        return {p: got[p] for p in expected if p in got}
+
+    async def _adopt_state(self, peer_id: str, addrs: list[str], *, at_least: int, expect_digest: str = "") -> None:
+        """Replace our base by ``peer_id``'s if it is at round ``at_least`` or later (else ValueError)."""
+        reader, writer = await self._open(peer_id, addrs, STREAM_STATE)
+        try:
+            async with asyncio.timeout(self.config.round_timeout_s):
+                writer.write(encode_frame(StateRequest(run=self.config.run)))
+                await writer.drain()
+                answer = expect_message(decode_message(await read_frame(reader)), StateResponse)
+        finally:
+            writer.close()
+        state = from_wire(answer.state).float().reshape(-1)
+        if state.numel() != self.size or not bool(torch.isfinite(state).all()):
+            raise ValueError(f"{peer_id} sent a state of {state.numel()} values, not {self.size} finite ones")
+        if answer.round < at_least:
+            raise ValueError(f"{peer_id} is at round {answer.round}, not {at_least} yet")
+        if expect_digest and digest(state) != expect_digest:
+            raise ValueError(f"{peer_id} sent a state that is not the one it announced")
+        self.base = state.clone()
+        self._finish_round(answer.round - 1)
+
+    async def _serve_push(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sender = str(info.peer_id)  # authenticated by libp2p: nobody can push as another member
+        try:
+            try:
+                async with asyncio.timeout(self.config.round_timeout_s):
+                    body = await read_frame(reader)
+                push = expect_message(decode_message(body), AveragePush)
+                update = self._check_push(push)
+                async with self._arrived:
+                    inbox = self._inbox.setdefault(push.round, {})
+                    if len(inbox) < MAX_GROUP:
+                        inbox[sender] = (push.weight, update, len(body) + 4)
+                    self._arrived.notify_all()
+                writer.write(encode_frame(AverageAck(round=push.round)))
+            except ProtocolError as exc:
+                writer.write(encode_frame(error_from_exception(exc)))
+            await writer.drain()
+        except (OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadError, EOFError):
+            pass  # the sender went away; its update is simply missing from the round
+        finally:
+            writer.close()
+
+    def _check_push(self, push: AveragePush) -> Tensor:
+        if push.run != self.config.run:
+            raise ProtocolError(ErrorCode.NOT_ALLOWED, f"this trainer is in run {self.config.run!r}, not {push.run!r}")
+        if not self.round <= push.round < self.round + MAX_PENDING_ROUNDS:
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"round {push.round}; this trainer is at {self.round}")
+        update = from_wire(push.update).float()
+        if update.shape != (self.size,):
+            raise ProtocolError(
+                ErrorCode.WRONG_SHAPE, f"update of shape {tuple(update.shape)}, expected ({self.size},)"
+            )
+        return update  # NaN / inf / absurd norms are judged with the round's other updates
+
+    async def _serve_state(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                async with asyncio.timeout(self.config.round_timeout_s):
+                    request = expect_message(decode_message(await read_frame(reader)), StateRequest)
+                if request.run != self.config.run:
+                    raise ProtocolError(ErrorCode.NOT_ALLOWED, f"this trainer is in run {self.config.run!r}")
+                state = StateResponse(round=self.round, state=to_wire(self.base))
+                writer.write(encode_frame(state))
+            except ProtocolError as exc:
+                writer.write(encode_frame(error_from_exception(exc)))
+            await writer.drain()
+        except (OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadError, EOFError):
+            pass
+        finally:
+            writer.close()
