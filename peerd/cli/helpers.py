@@ -135,6 +135,7 @@ async def connect_client(args: argparse.Namespace) -> SwarmClient:
         cache_dir=args.cache_dir,
         swarm=args.swarm,
         min_precision=getattr(args, "min_precision", None),
+        spot_check_rate=getattr(args, "spot_check_rate", 0.0),
     )
 
 

@@ -72,6 +72,12 @@ def _maddr_list(text: str) -> list[str]:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--spot-check-rate",
+        type=_ranged(float, 0.0, 1.0),
+        default=0.0,
+        help="share of steps recomputed on another peer to catch one that returns wrong results (0 = off)",
+    )
     g = p.add_argument_group("sampling (as in the OpenAI API; the defaults are plain greedy decoding)")
     g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="longest reply, in tokens")
     g.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy")

@@ -133,3 +133,12 @@ def test_status_table_shows_how_each_peer_is_reached() -> None:
     assert header.split()[-1] == "REACH"
     assert next(line for line in lines if line.startswith("home")).split()[-3:] == ["20", "Mbit/s", "relayed"]
     assert next(line for line in lines if line.startswith("public")).split()[-2:] == ["-", "direct"]
+
+
+def test_generating_commands_take_a_spot_check_rate_in_range() -> None:
+    peer = "/ip4/127.0.0.1/tcp/1/p2p/QmPeer"
+    for command in (["generate", "--initial-peers", peer, "hi"], ["chat", "--initial-peers", peer]):
+        assert build_parser().parse_args([*command, "--spot-check-rate", "0.05"]).spot_check_rate == 0.05
+        assert build_parser().parse_args(command).spot_check_rate == 0.0  # off unless asked
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--spot-check-rate", "1.5"])
