@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 PIP_FLAGS ?= --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test test-fast lint format bench bench-nat image clean
+.PHONY: setup model demo test test-fast lint format bench bench-latency bench-nat image clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ test-fast: setup
 
 bench: model
 	$(PY) -m peerd.cli.bench
+
+# Generation over links with 0/20/50/100 ms emulated RTT (a TCP delay shim per peer): plain vs speculative
+bench-latency: model
+	$(PY) tools/bench_latency.py
 
 # NAT and weak links on an emulated internet of network namespaces (needs root and nftables)
 bench-nat: setup
