@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 PIP_FLAGS ?= --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test test-fast lint format bench bench-quality bench-nat image clean
+.PHONY: setup model demo test test-fast lint format bench bench-quality bench-latency bench-nat image clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ bench: model
 # perplexity and logit difference of --quant none / int8 / nf4 peers on the shipped text, through a swarm
 bench-quality: model
 	$(PY) -m peerd.cli.bench_quality
+
+# Generation over links with 0/20/50/100 ms emulated RTT (a TCP delay shim per peer): plain vs speculative
+bench-latency: model
+	$(PY) tools/bench_latency.py
 
 # NAT and weak links on an emulated internet of network namespaces (needs root and nftables)
 bench-nat: setup

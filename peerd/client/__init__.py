@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from peerd.client.routing import Span
     from peerd.client.sampling import SamplingParams
     from peerd.client.session import InferenceSession
+    from peerd.client.speculative import Speculation
     from peerd.client.swarm import SwarmClient
     from peerd.client.verify import Incident
     from peerd.rpc.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable, SwarmConnectError
@@ -39,6 +40,7 @@ _HOMES = {
     "RemotePipeline": "peerd.client.pipeline",
     "SamplingParams": "peerd.client.sampling",
     "Span": "peerd.client.routing",
+    "Speculation": "peerd.client.speculative",
     "SwarmClient": "peerd.client.swarm",
     "SwarmConnectError": "peerd.rpc.errors",
 }
@@ -65,6 +67,7 @@ __all__ = [
     "RemotePipeline",
     "SamplingParams",
     "Span",
+    "Speculation",
     "SwarmClient",
     "SwarmConnectError",
 ]

@@ -18,6 +18,7 @@ from peerd.client.adapters import ClientAdapter
 from peerd.client.routing import Span
 from peerd.client.sampling import SamplingParams, sample_next
 from peerd.client.session import InferenceSession
+from peerd.client.speculative import DraftLength, Speculation, propose_drafts, verify_drafts
 from peerd.client.verify import Incident
 from peerd.model.head import ClientHead
 
@@ -40,6 +41,14 @@ class GenerationResult:
     incidents: list[Incident] = field(default_factory=list)  # spot checks that failed during this generation
     rewound_tokens: int = 0  # tokens taken back after a spot check found earlier outputs wrong
     finish_reason: str = "length"  # "stop": EOS, a stop token or a stop string; "length": max_new_tokens
+    steps: int = 0  # trips through the swarm (prefill included); fewer than tokens when drafts land
+    draft_tokens: int = 0  # speculative guesses sent (see speculative.py)
+    accepted_tokens: int = 0  # guesses the model confirmed
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of speculative guesses the model confirmed (0 when none were sent)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -55,6 +64,8 @@ class Generator(Protocol):
     def head(self) -> ClientHead: ...
     @property
     def incidents(self) -> list[Incident]: ...
+    @property
+    def speculation(self) -> Speculation: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession: ...
 
@@ -117,6 +128,16 @@ class _Sampler:
             logits = self.local.logits(hidden[:, -1:])[:, -1]  # [1, vocab]
             return int(sample_next(logits, self.params, self.generator, prompt=self.prompt, output=output)[0])
 
+    def verify(self, hidden: torch.Tensor, drafts: Sequence[int], output: Sequence[int]) -> list[int]:
+        """Tokens from a step's outputs ``hidden`` [1, 1 + len(drafts), h]: see ``verify_drafts``."""
+        if not drafts:
+            return [self.sample(hidden, output)]
+        with torch.inference_mode():
+            logits = self.local.logits(hidden)[0]  # [1 + k, vocab]
+            return verify_drafts(
+                drafts, lambda i: logits[i : i + 1], self.params, self.generator, prompt=self.prompt, output=output
+            )
+
     def first_changed(self, correction: tuple[int, torch.Tensor], out: _Output) -> tuple[int, int, int] | None:
         """(index, new token, its position) of the first generated token a correction changes."""
         first, final = correction  # final: corrected last-span outputs for positions first.. [1, n, h]
@@ -131,6 +152,29 @@ class _Sampler:
         return None
 
 
+@dataclass
+class _Drafting:
+    """Speculation state of one generation: how many guesses to send, and how many landed."""
+
+    config: Speculation
+    length: DraftLength
+    proposed: int = 0
+    accepted: int = 0
+
+    def drafts(self, context: Sequence[int], room: int) -> list[int]:
+        """Guesses for the next step; ``room``: how many more tokens the session can hold."""
+        k = min(self.length.next_k, room)
+        drafts = propose_drafts(context, k, max_ngram=self.config.max_ngram, min_ngram=self.config.min_ngram)
+        if not drafts:
+            self.length.skipped()
+        return drafts
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        self.proposed += proposed
+        self.accepted += accepted
+        self.length.update(proposed, accepted)
+
+
 async def _step(
     session: InferenceSession,
     head: ClientHead,
@@ -139,22 +183,32 @@ async def _step(
     step_ids: torch.Tensor,
     position: int | None,
     out: _Output,
-) -> tuple[int, int]:
-    """One step through the swarm: (sampled token, the session position it was sampled from)."""
+    drafts: Sequence[int] = (),
+) -> list[tuple[int, int]]:
+    """One step through the swarm: the tokens it yields, each with the session position it came from.
+
+    With ``drafts``, they ride behind ``step_ids`` and the step yields the accepted ones plus one
+    token of the model's own; without, exactly one token.
+    """
+    if drafts:
+        step_ids = torch.cat([step_ids, torch.tensor([list(drafts)], dtype=torch.long)], dim=1)  # [1, 1 + k]
     with torch.inference_mode():  # an adapter's soft prompt goes in front of the first step only
         hidden = head.embed(step_ids) if adapter is None else adapter.embed(step_ids, with_prompt=position is None)
-    token = sampler.sample(await session.step(hidden, position), out.tokens)
-    at = session.length - 1
+    result = await session.step(hidden, position)  # [1, n, h]
+    first_at = session.length - 1 - len(drafts)  # position of the pending token (or the prompt's last)
     correction = session.take_correction()
     if correction is not None:
         # a spot check found a peer's earlier outputs wrong: tokens sampled from them are re-sampled
         # from the corrected hidden states, and generation resumes at the first token that changes
-        # (the rest were conditioned on it)
+        # (the rest were conditioned on it, and so was this step's verification)
         redo = sampler.first_changed(correction, out)
         if redo is not None:
             j, token, at = redo
             out.take_back(j)
-    return token, at
+            return [(token, at)]
+    offset = result.shape[1] - 1 - len(drafts)  # the prefill returns the whole prompt
+    tokens = sampler.verify(result[:, offset:], drafts, out.tokens)
+    return [(token, first_at + i) for i, token in enumerate(tokens)]
 
 
 async def generate_pieces(
@@ -177,26 +231,42 @@ async def generate_pieces(
     # a soft prompt occupies positions in front of the prompt, so the session must hold them too
     prefix = adapter.prefix_length if adapter is not None else 0
     incidents_before = len(client.incidents)
+    spec = client.speculation
+    drafting = (
+        _Drafting(spec, DraftLength(spec.initial_draft_tokens, spec.max_draft_tokens))
+        if spec.applies_to(sampling)
+        else None
+    )
+    steps = 0
     async with client.inference_session(max_length=prefix + len(ids) + max_new_tokens) as session:
         step_ids = torch.tensor([ids], dtype=torch.long)
         position: int | None = None  # None: the first step, right after what the session holds
-        while len(out.tokens) < max_new_tokens:
-            token, at = await _step(session, client.head, adapter, sampler, step_ids, position, out)
+        while len(out.tokens) < max_new_tokens and finish_reason == "length":
+            # the prefill carries guesses too: a prompt that repeats itself predicts its continuation
+            room = max_new_tokens - len(out.tokens) - 1
+            drafts = drafting.drafts([*ids, *out.tokens], room) if drafting is not None else []
+            emitted = await _step(session, client.head, adapter, sampler, step_ids, position, out, drafts)
+            steps += 1
+            if drafting is not None and drafts:
+                drafting.observe(len(drafts), len(emitted) - 1)
             if position is None:
                 first_token_s = time.perf_counter() - started
-            position = at + 1
-            if token in eos:
-                finish_reason = "stop"
-                break
-            piece = out.append(token, at)
-            if on_token is not None:
-                on_token(token)
-            if piece:
-                yield piece
-            if out.stopped:
-                finish_reason = "stop"
-                break
-            step_ids = torch.tensor([[token]], dtype=torch.long)
+            for token, at in emitted:
+                position = at + 1
+                if token in eos:
+                    finish_reason = "stop"
+                    break
+                piece = out.append(token, at)
+                if on_token is not None:
+                    on_token(token)
+                if piece:
+                    yield piece
+                if out.stopped:
+                    finish_reason = "stop"
+                    break
+                if len(out.tokens) >= max_new_tokens:
+                    break
+            step_ids = torch.tensor([out.tokens[-1:]], dtype=torch.long)
         route, stalls, hops = session.route, list(session.stalls_s), list(session.hop_ms)
         computes = list(session.hop_compute_ms)
     text = out.final_text()
@@ -215,4 +285,7 @@ async def generate_pieces(
         incidents=client.incidents[incidents_before:],
         rewound_tokens=out.rewound,
         finish_reason=finish_reason,
+        steps=steps,
+        draft_tokens=drafting.proposed if drafting is not None else 0,
+        accepted_tokens=drafting.accepted if drafting is not None else 0,
     )

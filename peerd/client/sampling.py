@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "apply_penalties", "sample_next"]
+__all__ = ["SamplingParams", "apply_penalties", "sample_next", "token_probs"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,18 @@ def sample_next(
     logits = apply_penalties(logits, params, prompt, output)
     if params.temperature == 0:
         return logits.argmax(dim=-1)
+    probs = token_probs(logits, params)  # [batch, vocab]
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [batch]
+
+
+def token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution ``sample_next`` draws from when ``temperature > 0``: [batch, vocab] -> [batch, vocab].
+
+    ``logits`` must already carry the penalties (:func:`apply_penalties`). Speculative sampling
+    needs these probabilities themselves, to accept a draft token with the target's probability.
+    """
+    if params.temperature <= 0:
+        raise ValueError("token_probs needs temperature > 0 (greedy has no distribution)")
     scaled = logits.float() / params.temperature  # [batch, vocab]
     if 0 < params.top_k < scaled.shape[-1]:
         kth = scaled.topk(params.top_k, dim=-1).values[:, -1:]  # [batch, 1]
@@ -102,4 +114,4 @@ def sample_next(
         # keep tokens until the mass before them reaches top_p (always keeps the top token)
         sorted_probs[(cumulative - sorted_probs) >= params.top_p] = 0.0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [batch]
+    return probs

@@ -29,6 +29,7 @@ from peerd.client.router import Router
 from peerd.client.routing import Span
 from peerd.client.sampling import SamplingParams
 from peerd.client.session import InferenceSession
+from peerd.client.speculative import Speculation
 from peerd.client.verify import Incident, SpotChecker
 from peerd.config import DEFAULT_SWARM
 from peerd.model.chat import ChatTemplate, NoChatTemplateError, chat_prompt_ids
@@ -86,6 +87,7 @@ class SwarmClient:
         self.max_retries = max_retries
         self.compression = compression
         self.failover_timeout_s = failover_timeout_s  # how long a session waits for a replacement peer
+        self.speculation = Speculation()  # multi-token steps (speculative.py); Speculation(0) turns them off
         self.router = Router(
             dht,
             self.peers,

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import sys
+from collections.abc import Callable
 
 CHUNK_SIZE = 65536
 MAX_CHUNKS = 64
@@ -100,17 +101,22 @@ async def _handle(
 async def start_delay_shim(
     listen: tuple[str, int],
     target: tuple[str, int],
-    delay: float,
+    delay: float | Callable[[], float],
     *,
     chunk_size: int = CHUNK_SIZE,
     max_chunks: int = MAX_CHUNKS,
 ) -> asyncio.Server:
-    """Start the shim in the running loop; close the returned server to stop accepting."""
-    if delay < 0:
+    """Start the shim in the running loop; close the returned server to stop accepting.
+
+    ``delay`` may be a function: it is called for each accepted connection, so a benchmark can
+    change the delay of new connections without restarting the shim (open ones keep theirs).
+    """
+    delay_of = delay if callable(delay) else (lambda: delay)
+    if delay_of() < 0:
         raise ValueError("delay must be >= 0")
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _handle(reader, writer, target, delay, chunk_size, max_chunks)
+        await _handle(reader, writer, target, max(0.0, delay_of()), chunk_size, max_chunks)
 
     return await asyncio.start_server(on_client, listen[0], listen[1], limit=chunk_size)
 

@@ -1,0 +1,200 @@
+"""`make bench-latency`: generation over links with emulated delay, plain vs speculative steps.
+
+Loopback hides what a decode step costs over the internet: round trips. Here every peer listens
+behind a TCP delay shim (tests/helpers/delay_shim.py, on 127.0.0.1) and announces only the shim's
+address, so every connection to a peer, the client's included, pays the shim's delay each way.
+For each emulated round-trip time the same client generates greedily, with speculation off
+(one token per trip through the chain) and on (prompt-lookup guesses verified in one trip), on a
+prompt that copies text and on one that does not. Runs alternate plain, speculative, plain, ... so
+machine drift hits both alike; we report medians, their ratio, the acceptance rate and time to
+first token, print them and write them as JSON.
+
+    python tools/bench_latency.py [--model ID] [--tokens N] [--rtt-ms 0 20 50 100] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from tests.helpers.delay_shim import start_delay_shim  # noqa: E402
+
+# A copying task (code edit): the answer repeats most of the prompt, as edits and summaries do.
+CODE = """def mean(values):
+    total = 0
+    for value in values:
+        total = total + value
+    return total / len(values)
+
+
+def variance(values):
+    m = mean(values)
+    total = 0
+    for value in values:
+        total = total + (value - m) * (value - m)
+    return total / len(values)
+"""
+COPYING = f"Rewrite this Python code exactly as it is, but rename the variable total to acc:\n\n{CODE}"
+# Quoting: the answer is the prompt's text again (SmolLM2-135M rewrites the code above rather than
+# copying it, but repeats prose nearly word for word).
+PROSE = (
+    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single "
+    "step. All that glitters is not gold. Actions speak louder than words."
+)
+QUOTING = f"Repeat this text word for word:\n\n{PROSE}"
+FRESH = "Write a short story about a robot who learns to paint."
+PROMPTS = {"copying": COPYING, "quoting": QUOTING, "fresh": FRESH}
+
+
+class Shims:
+    """One delay shim per peer, all on one event loop in a thread of their own.
+
+    ``one_way_s`` is read when a connection is accepted, so a new client sees the new delay.
+    """
+
+    def __init__(self) -> None:
+        self.one_way_s = 0.0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="delay-shims", daemon=True)
+        self.thread.start()
+        self.servers: list[asyncio.Server] = []
+
+    def add(self, target_port: int) -> int:
+        """A shim in front of 127.0.0.1:``target_port``; returns the port it listens on."""
+        coro = start_delay_shim(("127.0.0.1", 0), ("127.0.0.1", target_port), lambda: self.one_way_s)
+        server = asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+        self.servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        for server in self.servers:
+            self.loop.call_soon_threadsafe(server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _level(initial_peers: list[str], path: Path, model_id: str, prompts: dict[str, list[int]], args: Any) -> Any:
+    """Every prompt, plain and speculative, ``args.rounds`` times each, through one fresh client."""
+    from peerd.client import Speculation, SwarmClient
+
+    client = await SwarmClient.connect(initial_peers, path, model_id=model_id)
+    runs: dict[str, dict[str, list[Any]]] = {name: {"plain": [], "speculative": []} for name in prompts}
+    try:
+        await client.wait_for_route(timeout_s=120)
+        await client.generate(next(iter(prompts.values())), max_new_tokens=2, stop_on_eos=False)  # connect
+        for _ in range(args.rounds):
+            for name, prompt in prompts.items():
+                for mode, spec in (("plain", Speculation(max_draft_tokens=0)), ("speculative", Speculation())):
+                    client.speculation = spec
+                    runs[name][mode].append(
+                        await client.generate(prompt, max_new_tokens=args.tokens, stop_on_eos=False)
+                    )
+    finally:
+        await client.close()
+    return runs
+
+
+def _summary(runs: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, modes in runs.items():
+        plain, spec = modes["plain"], modes["speculative"]
+        plain_tps = statistics.median(r.tokens_per_s for r in plain)
+        spec_tps = statistics.median(r.tokens_per_s for r in spec)
+        drafts = sum(r.draft_tokens for r in spec)
+        out[name] = {
+            "plain_tokens_per_s": plain_tps,
+            "speculative_tokens_per_s": spec_tps,
+            "speculative_vs_plain": spec_tps / plain_tps,
+            "acceptance_rate": sum(r.accepted_tokens for r in spec) / drafts if drafts else 0.0,
+            "tokens_per_step": statistics.median(len(r.token_ids) / r.steps for r in spec),
+            "plain_ttft_s": statistics.median(r.time_to_first_token_s for r in plain),
+            "speculative_ttft_s": statistics.median(r.time_to_first_token_s for r in spec),
+            "hop_ms_p50": statistics.median(h for r in plain for step in r.hop_ms[1:] for h in step),
+            "identical": all(s.token_ids == plain[0].token_ids for s in [*plain, *spec]),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python tools/bench_latency.py", description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--tokens", type=int, default=48, help="new tokens per generation (default 48)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each kind per delay (default 1)")
+    parser.add_argument("--peers", type=int, default=3)
+    parser.add_argument("--rtt-ms", type=float, nargs="+", default=[0, 20, 50, 100])
+    parser.add_argument("--prompts", nargs="+", choices=list(PROMPTS), default=list(PROMPTS))
+    parser.add_argument("--out", default="bench-results/latency.json")
+    args = parser.parse_args(argv)
+
+    from peerd.cli.demo import LocalSwarm, split_blocks
+    from peerd.cli.helpers import resolve, run_async
+    from peerd.model.chat import ChatTemplate, chat_prompt_ids, load_tokenizer
+
+    torch.set_num_threads(1)
+    model_id, path = resolve(args.model, args.cache_dir)
+    tokenizer, template = load_tokenizer(path), ChatTemplate.from_folder(path)
+    prompts = {
+        name: chat_prompt_ids(tokenizer, template, [{"role": "user", "content": text}])
+        for name, text in PROMPTS.items()
+        if name in args.prompts
+    }
+    from peerd.model.config import ModelConfig
+
+    spans = split_blocks(ModelConfig.from_pretrained(path).num_layers, args.peers)
+    print(f"peerd latency bench: {model_id}, {len(spans)} spans, {args.tokens} new tokens, RTT {args.rtt_ms} ms")
+    shims = Shims()
+    results: dict[str, Any] = {"model": model_id, "spans": len(spans), "tokens": args.tokens, "levels": {}}
+    try:
+        with LocalSwarm(args.model, cache_dir=args.cache_dir) as swarm:
+            swarm.start_bootstrap()
+            procs = []
+            for i, span in enumerate(spans):
+                port = _free_port()
+                announce = f"/ip4/127.0.0.1/tcp/{shims.add(port)}"
+                extra = ["--torch-threads", "1", "--port", str(port), "--announce-maddrs", announce]
+                procs.append(swarm.start_peer(f"peer{i + 1}", span, extra))
+            swarm.wait_ready(procs, timeout_s=300)
+            for rtt_ms in args.rtt_ms:
+                shims.one_way_s = rtt_ms / 2000  # the shim holds each chunk this long in each direction
+                summary = _summary(run_async(_level(swarm.initial_peers, path, model_id, prompts, args)))
+                results["levels"][str(rtt_ms)] = summary
+                for name, row in summary.items():
+                    print(
+                        f"  RTT {rtt_ms:5.0f} ms  {name:8}  plain {row['plain_tokens_per_s']:6.2f} tok/s  "
+                        f"speculative {row['speculative_tokens_per_s']:6.2f} tok/s  "
+                        f"x{row['speculative_vs_plain']:.2f}  acceptance {row['acceptance_rate']:.2f}  "
+                        f"{row['tokens_per_step']:.2f} tok/step  TTFT {row['plain_ttft_s'] * 1e3:.0f}/"
+                        f"{row['speculative_ttft_s'] * 1e3:.0f} ms  hop p50 {row['hop_ms_p50']:.0f} ms  "
+                        f"identical {row['identical']}",
+                        flush=True,
+                    )
+    finally:
+        shims.close()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
