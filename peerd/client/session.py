@@ -110,7 +110,7 @@ class InferenceSession:
         await self.close()
 
     async def open(self) -> None:
-        route = await self.router.plan_inference(0, self.router.num_blocks, self.max_length * self.batch_size)
+        route = await self._first_route()
         self.spans = []
         for span in route:
             state = _SpanState(span)
@@ -123,6 +123,23 @@ class InferenceSession:
                 # a peer failing at open is handled like one failing mid-session
                 self.router.ban(span.peer_id, reason=str(exc))
                 self.spans.extend(await self._replace_one(state))
+
+    async def _first_route(self) -> list[Span]:
+        """The opening route. If nobody can serve some blocks right now (a replica restarting, its
+        servers banned for a moment after failing), keep looking for ``failover_timeout_s`` with a
+        fresh DHT view each second, as a failover would, then raise NoRouteError."""
+        deadline = time.monotonic() + self.failover_timeout_s
+        refresh = False
+        while True:
+            try:
+                return await self.router.plan_inference(
+                    0, self.router.num_blocks, self.max_length * self.batch_size, refresh=refresh
+                )
+            except NoRouteError:
+                if time.monotonic() >= deadline:
+                    raise
+                refresh = True
+                await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     async def close(self) -> None:
         for state in self.spans:
@@ -144,7 +161,7 @@ class InferenceSession:
             compression=hop_compression(self.compression, span.record),
         )
         # the peer's record will not show this cache taken until its next announce; until then this
-        # client's planner counts it (a stream that fails keeps it counted until then: conservative)
+        # client's planner counts it (released when the session closes or fails over)
         self.router.cache_book.take(span.peer_id, self.max_length * self.batch_size)
         return stream
 
@@ -256,6 +273,9 @@ class InferenceSession:
         failed = self.spans[index]
         self.router.ban(failed.span.peer_id, reason=str(exc))
         if failed.stream is not None:
+            # its session is gone (closed here, or the peer died with it): stop counting its cache,
+            # or a client that fails over often would see every peer as full for HOLD_S
+            self.router.cache_book.release(failed.span.peer_id, self.max_length * self.batch_size)
             await failed.stream.close()
             failed.stream = None
         replacements = await self._replace_one(failed)

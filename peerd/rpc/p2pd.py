@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PDaemonError, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from peerd.rpc.fdlimit import raise_open_files_limit
@@ -45,6 +46,9 @@ RELAY_LIMITS: dict[str, object] = {
     "relayDataLimit": 4 << 30,
     "relayTimeLimit": "30m",
 }
+logger = logging.getLogger(__name__)
+BOOTSTRAP_ATTEMPTS = 3  # p2pd starts that may fail to reach the initial peers before we give up
+
 # exec argv[1:] in a new session (same pid: the p2pd hivemind waits for is this process)
 _NEW_SESSION_EXEC = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
 
@@ -126,17 +130,27 @@ async def start_p2p(
     # hivemind 1.1.12 exposes no way to pass these p2pd flags; its argument builder is overridden
     # on a subclass (hivemind is pinned, and tests/slow/test_nat_swarm.py runs the result)
     launcher: type[P2P] = type("PeerdP2P", (P2P,), {"_make_process_args": staticmethod(process_args)})
-    p2p: P2P = await launcher.create(
-        initial_peers=list(initial_peers) or None,
-        host_maddrs=list(host_maddrs),
-        announce_maddrs=list(announce_maddrs) or None,
-        identity_path=identity_path,
-        # an identity "taken" check spins up a second p2pd just to ask; a restarted peer with the
-        # same key must be usable at once, and the key file lock already rules out twins
-        check_if_identity_free=False,
-        **options,
-    )
-    return p2p
+    for attempt in range(BOOTSTRAP_ATTEMPTS):
+        try:
+            p2p: P2P = await launcher.create(
+                initial_peers=list(initial_peers) or None,
+                host_maddrs=list(host_maddrs),
+                announce_maddrs=list(announce_maddrs) or None,
+                identity_path=identity_path,
+                # an identity "taken" check spins up a second p2pd just to ask; a restarted peer with
+                # the same key must be usable at once, and the key file lock already rules out twins
+                check_if_identity_free=False,
+                **options,
+            )
+            return p2p
+        except P2PDaemonError as exc:
+            # p2pd gives up on its initial peers after one round of dials; on a busy machine, or
+            # while the peer we join through is still starting, a second round usually connects
+            if "failed to connect to bootstrap peers" not in str(exc) or attempt + 1 == BOOTSTRAP_ATTEMPTS:
+                raise
+            logger.warning("p2pd could not reach its initial peers (%s); trying again", exc)
+            await asyncio.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def _varint(n: int) -> bytes:

@@ -56,8 +56,11 @@ class Swarm:
             self.initial_peers = tuple(await peer.visible_maddrs())
         return peer
 
-    async def client(self, **kwargs: object) -> SwarmClient:
+    async def client(self, route_spread: float = 0.0, **kwargs: object) -> SwarmClient:
         client = await SwarmClient.connect(self.initial_peers, self.ckpt, model_id=MODEL_ID, **kwargs)  # type: ignore[arg-type]
+        # tests that pick "the route's" peer in advance need the planner's one best route, not a draw
+        # among near-equal ones (the draw itself is tested in tests/unit/test_routing.py)
+        client.router.route_spread = route_spread
         await client.wait_for_route(timeout_s=20)
         return client
 

@@ -50,6 +50,7 @@ def start_peers(
 
 async def connect(swarm: LocalSwarm, ckpt: Path, **kwargs: object) -> SwarmClient:
     client = await SwarmClient.connect(swarm.initial_peers, ckpt, model_id=MODEL_ID, **kwargs)  # type: ignore[arg-type]
+    client.router.route_spread = 0.0  # the victim is picked from the planned route in advance
     await client.wait_for_route(timeout_s=30)
     return client
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from peerd.client.speculative import Speculation
 from peerd.model.loading import load_local_model
 from tests.helpers.swarm import crash
 from tests.helpers.tiny_model import make_family_checkpoint
@@ -24,6 +25,8 @@ async def test_generation_with_a_failover_equals_the_local_model(make_swarm, tmp
     expected = load_local_model(ckpt, progress=False).generate_greedy(PROMPT, 16, eos_token_ids=[])
     swarm = await make_swarm([(0, 3), (0, 3), (3, 6)], ckpt=ckpt)
     client = await swarm.client()
+    # one token per step: a multi-token step could finish the generation before the crash is felt
+    client.speculation = Speculation(max_draft_tokens=0)
     try:
         route = await client.wait_for_route()
         victim = next(p for p in swarm.peers if p.peer_id == route[0].peer_id)
