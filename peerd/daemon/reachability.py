@@ -20,7 +20,7 @@ from hivemind.p2p import P2P
 
 from peerd.rpc.dialback import ask_dial_back
 from peerd.rpc.p2pd import start_p2p
-from peerd.swarm.addresses import rank_maddrs
+from peerd.swarm.addresses import peer_id_of, rank_maddrs
 
 __all__ = ["REACH_MODES", "Reachability", "dial_addresses", "discover_reachability", "start_network"]
 
@@ -40,11 +40,6 @@ class Reachability:
     detail: str = ""
 
 
-def _peer_id_of(maddr: str) -> str | None:
-    parts = maddr.rstrip("/").split("/")
-    return parts[-1] if len(parts) >= 2 and parts[-2] == "p2p" and "p2p-circuit" not in parts else None
-
-
 async def _listen_port(p2p: P2P) -> int | None:
     for maddr in rank_maddrs([str(m) for m in await p2p.get_visible_maddrs()]):
         parts = maddr.split("/")
@@ -55,7 +50,7 @@ async def _listen_port(p2p: P2P) -> int | None:
 
 async def discover_reachability(p2p: P2P, initial_peers: Sequence[str], mode: str = "auto") -> Reachability:
     """Decide how this peer is reached (``mode`` "direct"/"relayed" forces it; "auto" asks)."""
-    joins = [m for m in dict.fromkeys(initial_peers) if _peer_id_of(m)][:MAX_ASKED]
+    joins = [m for m in dict.fromkeys(initial_peers) if peer_id_of(m)][:MAX_ASKED]
     if mode == "direct" or not joins:
         return Reachability("direct" if mode == "direct" else "unknown", (), "nobody to ask" if not joins else "")
     if mode == "relayed":
@@ -64,7 +59,7 @@ async def discover_reachability(p2p: P2P, initial_peers: Sequence[str], mode: st
     if port is None:
         return Reachability("unknown", (), "no TCP listening address")
     answers = await asyncio.gather(
-        *(ask_dial_back(p2p, str(_peer_id_of(m)), port) for m in joins), return_exceptions=True
+        *(ask_dial_back(p2p, str(peer_id_of(m)), port) for m in joins), return_exceptions=True
     )
     for maddr, answer in zip(joins, answers, strict=True):
         if isinstance(answer, BaseException):

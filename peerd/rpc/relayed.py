@@ -18,6 +18,7 @@ from typing import Any
 from hivemind.p2p import P2P, PeerID
 
 from peerd.rpc.relay import HEADER_TIMEOUT_S, MAX_RELAY_FRAME_BYTES
+from peerd.swarm.addresses import peer_id_of
 from protocols import (
     STREAM_RELAY,
     RelayConnect,
@@ -90,7 +91,7 @@ class RelayReservations:
 
     def __init__(self, p2p: P2P, relays: Sequence[str]) -> None:
         self.p2p = p2p
-        self.relays = {peer: maddr for peer, maddr in ((_peer(m), m) for m in relays) if peer}
+        self.relays = {peer: maddr for peer, maddr in ((peer_id_of(m), m) for m in relays) if peer}
         self.active: dict[str, RelayReserved] = {}  # relay peer id -> its terms, while reserved
         self.reserved = asyncio.Event()  # set while at least one relay holds a reservation for us
 
@@ -137,11 +138,6 @@ class RelayReservations:
             logger.warning("relay %s ended our reservation", relay[:16])
         finally:
             writer.close()
-
-
-def _peer(maddr: str) -> str:
-    parts = maddr.rstrip("/").split("/")
-    return parts[-1] if len(parts) >= 2 and parts[-2] == "p2p" else ""
 
 
 async def open_via_relay(

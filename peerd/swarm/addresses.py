@@ -15,7 +15,13 @@ import socket
 
 from peerd.config import ALL_INTERFACES
 
-__all__ = ["listen_maddrs", "probe_tcp", "rank_maddrs", "tcp_connect"]
+__all__ = ["listen_maddrs", "peer_id_of", "probe_tcp", "rank_maddrs", "tcp_connect"]
+
+
+def peer_id_of(maddr: str) -> str | None:
+    """The peer id a ``.../p2p/<id>`` multiaddr ends with (None for a circuit through a relay, or none)."""
+    parts = maddr.rstrip("/").split("/")
+    return parts[-1] if len(parts) >= 2 and parts[-2] == "p2p" and "p2p-circuit" not in parts else None
 
 
 def _has_ipv6() -> bool:
