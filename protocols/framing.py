@@ -112,11 +112,33 @@ async def read_frame(reader: asyncio.StreamReader, max_frame_bytes: int = DEFAUL
     (size,) = HEADER.unpack(header)
     if size > max_frame_bytes:
         raise _too_large(size, max_frame_bytes)
-    try:
-        body = await reader.readexactly(size)
-    except asyncio.IncompleteReadError as exc:
-        raise _malformed(f"stream ended inside a frame body ({len(exc.partial)} of {size} bytes)") from None
-    return body
+    return await read_body(reader, size)
+
+
+READ_PIECE_BYTES = 1 << 20
+
+
+async def read_body(reader: asyncio.StreamReader, size: int) -> bytes:
+    """Exactly ``size`` bytes of a frame body, read in pieces of at most 1 MiB.
+
+    ``readexactly`` lets the reader's buffer grow to the whole frame, reallocating as it goes, and then
+    copies it twice; a frame that stops half-way pins that buffer. Pieces hold only what has arrived,
+    allocate each byte once, and cost one join at the end: a bounded, predictable footprint per frame.
+    """
+    if size <= READ_PIECE_BYTES:
+        try:
+            return await reader.readexactly(size)
+        except asyncio.IncompleteReadError as exc:
+            raise _malformed(f"stream ended inside a frame body ({len(exc.partial)} of {size} bytes)") from None
+    pieces: list[bytes] = []
+    remaining = size
+    while remaining:
+        piece = await reader.read(min(remaining, READ_PIECE_BYTES))
+        if not piece:
+            raise _malformed(f"stream ended inside a frame body ({size - remaining} of {size} bytes)")
+        pieces.append(piece)
+        remaining -= len(piece)
+    return b"".join(pieces)
 
 
 async def write_message(

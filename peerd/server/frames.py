@@ -23,6 +23,7 @@ from protocols import (
     decode_message,
     encode_frame,
     error_from_exception,
+    read_body,
     read_frame,
 )
 
@@ -60,11 +61,7 @@ async def _read_body(reader: asyncio.StreamReader, max_frame_bytes: int) -> byte
         raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes over the limit {max_frame_bytes}")
     charged = ticket.frames.reserve(ticket.owner, size)
     try:
-        body = await reader.readexactly(size)
-    except asyncio.IncompleteReadError as exc:
-        raise ProtocolError(
-            ErrorCode.MALFORMED_FRAME, f"stream ended inside a frame body ({len(exc.partial)} of {size} bytes)"
-        ) from None
+        body = await read_body(reader, size)
     finally:
         ticket.frames.release(ticket.owner, charged)
     ticket.idle = False

@@ -225,3 +225,31 @@ def test_large_tensor_round_trip():
     # No copy on decode: the array is a view of the frame body.
     view = decode_message(memoryview(frame)[4:])
     assert np.shares_memory(decode_array(view.hidden), np.frombuffer(frame, dtype=np.uint8))
+
+
+def test_large_frame_read_in_pieces_as_it_arrives_and_a_cut_names_how_far_it_got():
+    big = np.arange(3 * 1024 * 1024, dtype=np.float32).reshape(1, 3072, 1024)  # 12 MiB: read in 1 MiB pieces
+    frame = encode_frame(ForwardResponse(hidden=encode_array(big)))
+
+    async def dribble(data: bytes, eof: bool):
+        reader = asyncio.StreamReader()
+
+        async def feed():
+            for at in range(0, len(data), 300_001):  # odd sizes, so pieces and arrivals never line up
+                reader.feed_data(data[at : at + 300_001])
+                await asyncio.sleep(0)
+            if eof:
+                reader.feed_eof()
+
+        feeder = asyncio.create_task(feed())
+        try:
+            return await read_message(reader)
+        finally:
+            await feeder
+
+    msg = _run(dribble(frame, eof=False))
+    np.testing.assert_array_equal(decode_array(msg.hidden), big)
+    with pytest.raises(ProtocolError) as info:
+        _run(dribble(frame[: len(frame) // 2], eof=True))
+    assert info.value.code is ErrorCode.MALFORMED_FRAME
+    assert f"{len(frame) // 2 - 4} of {len(frame) - 4} bytes" in str(info.value)
