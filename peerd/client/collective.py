@@ -86,32 +86,36 @@ class SampleCounter:
 
     def __init__(self, averager: Averager) -> None:
         self.averager = averager
+        # last batch time each trainer reported, kept across steps: in a new step the slow trainer
+        # has not reported yet when a fast one reaches the target, but its batch time is known
+        self.batch_s: dict[str, float] = {}
 
-    async def report(self, round_: int, samples: int, batch_s: float) -> tuple[int, float, bool]:
+    async def report(self, round_: int, samples: int, batch_s: float) -> tuple[float, float, bool]:
         """Say we hold ``samples`` for step ``round_`` (a local batch takes us ``batch_s``); then
         (samples of all trainers, the slowest trainer's batch time, whether the step's round has begun)."""
         avg = self.averager
         cfg = avg.config
         key = f"{avg.round_key(round_)}.samples"
         with contextlib.suppress(TimeoutError, OSError):
-            value = {"samples": samples, "batch_s": batch_s}
+            value = {"peer": avg.peer_id, "samples": samples, "batch_s": batch_s}
             await avg.dht.store_owned(key, value, expiration_s=cfg.record_ttl_s, timeout_s=cfg.dht_timeout_s)
         counts = await avg.dht.read_owned(key, timeout_s=cfg.dht_timeout_s)
         started = bool(await avg.dht.read_owned(avg.round_key(round_), timeout_s=cfg.dht_timeout_s))
-        total, slowest_s = samples, batch_s
-        for peer, value in counts.items():
-            if peer == avg.peer_id or not isinstance(value, dict):
-                continue
+        total: float = samples
+        self.batch_s[avg.peer_id] = batch_s
+        for signer, value in counts.items():  # by signing key: one count per trainer's DHT identity
+            if not isinstance(value, dict) or value.get("peer") == avg.peer_id:
+                continue  # ours is counted from the local number, which is never stale
             total += _bounded(value.get("samples"), MAX_REPORTED_SAMPLES)
-            slowest_s = max(slowest_s, _bounded(value.get("batch_s"), cfg.round_timeout_s))
-        return total, slowest_s, started
+            self.batch_s[signer] = _bounded(value.get("batch_s"), cfg.round_timeout_s)
+        return total, max(self.batch_s.values()), started
 
 
-def _bounded(value: Any, high: float) -> int:
-    """A non-negative count from remote input (anything else, or over ``high``: 0)."""
+def _bounded(value: Any, high: float) -> float:
+    """A non-negative number from remote input (anything else, or over ``high``: 0)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return 0
-    return int(value) if 0 <= value <= high else 0
+        return 0.0
+    return float(value) if 0 <= value <= high else 0.0
 
 
 def accumulate(adapter: ClientAdapter, blocks: Blocks, input_ids: Tensor) -> float:
