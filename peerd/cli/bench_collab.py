@@ -24,6 +24,7 @@ import dataclasses
 import json
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -145,16 +146,20 @@ def _summary(s: Setting, results: Sequence[Any]) -> dict[str, Any]:
     }
 
 
-def within_noise(single: Sequence[Sequence[float]], other: Sequence[float]) -> dict[str, float]:
-    """Compare a curve with the seeds of the single trainer, point by point: the largest gap
-    between ``other`` and the seeds' mean, the seeds' largest spread (max - min) and standard deviation."""
-    points = list(zip(*single, strict=True))  # per evaluation point, one loss per seed
-    gaps = [abs(o - statistics.fmean(p)) for o, p in zip(other, points, strict=True)]
+def within_noise(single: Sequence[Sequence[Sequence[float]]], other: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Compare a curve of (step, loss) points with the single trainer's seeds at the steps all have:
+    the largest and mean gap between ``other`` and the seeds' mean, the seeds' largest spread
+    (max - min) and standard deviation."""
+    seeds = [{int(k): loss for k, loss in curve} for curve in single]
+    mine = {int(k): loss for k, loss in other}
+    steps = sorted(set(mine).intersection(*seeds))
+    points = {k: [seed[k] for seed in seeds] for k in steps}
+    gaps = [abs(mine[k] - statistics.fmean(points[k])) for k in steps]
     return {
         "max_gap": max(gaps),
         "mean_gap": statistics.fmean(gaps),
-        "max_seed_spread": max(max(p) - min(p) for p in points),
-        "max_seed_std": max(statistics.stdev(p) for p in points),
+        "max_seed_spread": max(max(p) - min(p) for p in points.values()),
+        "max_seed_std": max(statistics.stdev(p) for p in points.values()),
     }
 
 
@@ -171,9 +176,11 @@ async def run_collab_bench(
     eval_every = max(1, steps // 8)
 
     async def run(s: Setting) -> dict[str, Any]:
+        started = time.perf_counter()
         result = await _train(initial_peers, model_path, model_id, ids, heldout, s)
         final = f", held-out {result['final_eval']:.3f}" if result["final_eval"] is not None else ""
-        print(f"  {s.name} seed {s.seed}: {result['samples_per_s']:.2f} samples/s{final}", flush=True)
+        took_s = time.perf_counter() - started
+        print(f"  {s.name} seed {s.seed}: {result['samples_per_s']:.2f} samples/s{final} ({took_s:.0f} s)", flush=True)
         return result
 
     throughput = [await run(Setting(f"tp{n}", n, batch, max(4, steps // 4))) for n in (1, 2, 4)]
@@ -183,8 +190,7 @@ async def run_collab_bench(
     two = replace(curve, name="bw", trainers=2, batch_per_trainer=batch // 2)
     bandwidth = [multi[2]] + [await run(replace(two, compression=c)) for c in ("float16", "blockwise8")]
     bandwidth += [await run(replace(two, averaged="parameters", average_every=k)) for k in (1, 4)]
-    single_evals = [[loss for _, loss in r["eval"]] for r in singles]
-    noise = {str(n): within_noise(single_evals, [loss for _, loss in r["eval"]]) for n, r in multi.items()}
+    noise = {str(n): within_noise([r["eval"] for r in singles], r["eval"]) for n, r in multi.items()}
     return {
         "throughput": throughput,
         "singles": singles,
@@ -213,7 +219,8 @@ def plot_curves(result: dict[str, Any], path: Path, title: str) -> Path:
     )
     ax.plot(steps, [statistics.fmean(p) for p in points], color="#1f4e79", label="1 trainer: mean of 3 seeds")
     for (n, run), style in zip(result["multi"].items(), ("--", ":"), strict=False):
-        ax.plot(steps, [loss for _, loss in run["eval"]], style, linewidth=2, label=f"{n} trainers, disjoint shards")
+        xs, ys = zip(*run["eval"], strict=True)
+        ax.plot(xs, ys, style, linewidth=2, label=f"{n} trainers, disjoint shards")
     ax.set_xlabel("optimizer step (same global batch)")
     ax.set_ylabel("held-out next-token loss (nats)")
     ax.set_title(title)

@@ -143,7 +143,8 @@ async def train_by_gradients(
     """Take ``steps`` optimizer steps of the run (see the module doc), appending to ``result``.
 
     ``on_step(step, loss)`` after each step with this trainer's mean loss over its batches in it;
-    ``evaluate(step)`` after each step too (every member holds the same adapter then).
+    ``evaluate(steps)`` after each step of the run, ours or one we were late for (every member
+    holds the same adapter then).
     """
     params = list(adapter.trainable_parameters().values())
     if averager.extra.numel() != 2 * sum(p.numel() for p in params) + 1:
@@ -175,8 +176,10 @@ async def train_by_gradients(
         combined, report = await averager.exchange(grads, weight=samples, window_s=window_s)
         result.rounds.append(report)
         _load_run_state(params, optimizer, averager)  # the group's (or, late, the run's) state
-        if combined is None:
-            continue  # late: our gradients stay accumulated and count in the next step
+        if combined is None:  # late: our gradients stay accumulated and count in the next step
+            if evaluate is not None:
+                await evaluate(averager.round - first_round)
+            continue
         offset = 0
         for p in params:  # the combined gradient: the mean over every used member's samples
             p.grad = combined[offset : offset + p.numel()].view_as(p).clone()
@@ -189,7 +192,7 @@ async def train_by_gradients(
         if on_step is not None:
             on_step(len(result.step_losses) - 1, loss_sum / samples)
         if evaluate is not None:
-            await evaluate(len(result.step_losses))
+            await evaluate(averager.round - first_round)
         samples, batches_done, loss_sum = 0, 0, 0.0
 
 
