@@ -34,10 +34,10 @@ import torch
 from torch import Tensor
 
 from peerd.client.adapters import ClientAdapter
+from peerd.client.objective import Batches, Blocks, FinetuneResult, lm_loss
 
 if TYPE_CHECKING:
     from peerd.client.averaging import Averager
-    from peerd.client.training import Batches, Blocks, FinetuneResult
 
 __all__ = ["SampleCounter", "load_optimizer_state", "optimizer_state", "train_by_gradients"]
 
@@ -120,8 +120,6 @@ def _bounded(value: Any, high: float) -> float:
 
 def accumulate(adapter: ClientAdapter, blocks: Blocks, input_ids: Tensor) -> float:
     """Add the gradient of this batch's *summed* loss to the parameters' ``.grad`` (blocking); the mean loss."""
-    from peerd.client.training import lm_loss
-
     loss = lm_loss(adapter, blocks, input_ids)
     (loss * input_ids.shape[0]).backward()  # type: ignore[no-untyped-call]
     return float(loss.detach())
