@@ -218,9 +218,13 @@ def plot_curves(result: dict[str, Any], path: Path, title: str) -> Path:
         label="1 trainer, whole text: 3 seeds (min-max)",
     )
     ax.plot(steps, [statistics.fmean(p) for p in points], color="#1f4e79", label="1 trainer: mean of 3 seeds")
-    for (n, run), style in zip(result["multi"].items(), ("--", ":"), strict=False):
+    for (n, run), (style, color) in zip(result["multi"].items(), (("--", "#d62728"), (":", "#2ca02c")), strict=False):
         xs, ys = zip(*run["eval"], strict=True)
-        ax.plot(xs, ys, style, linewidth=2, label=f"{n} trainers, disjoint shards")
+        ax.plot(xs, ys, style, color=color, linewidth=2, label=f"{n} trainers, disjoint shards, gradients averaged")
+    for run in result.get("bandwidth", []):
+        if run["averaged"] == "parameters" and run["average_every"] == 1:  # the first delivery's method
+            xs, ys = zip(*run["eval"], strict=True)
+            ax.plot(xs, ys, "-.", color="#7f7f7f", label="2 trainers, parameters averaged after own AdamW steps")
     ax.set_xlabel("optimizer step (same global batch)")
     ax.set_ylabel("held-out next-token loss (nats)")
     ax.set_title(title)
