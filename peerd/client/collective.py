@@ -89,6 +89,7 @@ class SampleCounter:
         # last batch time each trainer reported, kept across steps: in a new step the slow trainer
         # has not reported yet when a fast one reaches the target, but its batch time is known
         self.batch_s: dict[str, float] = {}
+        self._round = 0
 
     async def report(self, round_: int, samples: int, batch_s: float) -> tuple[float, float, bool]:
         """Say we hold ``samples`` for step ``round_`` (a local batch takes us ``batch_s``); then
@@ -100,15 +101,23 @@ class SampleCounter:
             value = {"peer": avg.peer_id, "samples": samples, "batch_s": batch_s}
             await avg.dht.store_owned(key, value, expiration_s=cfg.record_ttl_s, timeout_s=cfg.dht_timeout_s)
         counts = await avg.dht.read_owned(key, timeout_s=cfg.dht_timeout_s)
+        if round_ != self._round and round_ > 0:  # first look at this step: the last step's reports
+            self._round = round_  # hold batch times of trainers that have not reported in this one yet
+            previous = f"{avg.round_key(round_ - 1)}.samples"
+            self._note_batch_times(await avg.dht.read_owned(previous, timeout_s=cfg.dht_timeout_s))
         started = bool(await avg.dht.read_owned(avg.round_key(round_), timeout_s=cfg.dht_timeout_s))
         total: float = samples
         self.batch_s[avg.peer_id] = batch_s
-        for signer, value in counts.items():  # by signing key: one count per trainer's DHT identity
-            if not isinstance(value, dict) or value.get("peer") == avg.peer_id:
-                continue  # ours is counted from the local number, which is never stale
+        for value in self._note_batch_times(counts).values():  # by signing key: one per trainer's DHT identity
             total += _bounded(value.get("samples"), MAX_REPORTED_SAMPLES)
-            self.batch_s[signer] = _bounded(value.get("batch_s"), cfg.round_timeout_s)
         return total, max(self.batch_s.values()), started
+
+    def _note_batch_times(self, counts: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Remember the others' batch times in ``counts``; their entries (ours left out: it may be stale)."""
+        others = {s: v for s, v in counts.items() if isinstance(v, dict) and v.get("peer") != self.averager.peer_id}
+        for signer, value in others.items():
+            self.batch_s[signer] = _bounded(value.get("batch_s"), self.averager.config.round_timeout_s)
+        return others
 
 
 def _bounded(value: Any, high: float) -> float:

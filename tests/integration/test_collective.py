@@ -119,7 +119,7 @@ async def test_a_target_batch_size_steps_on_the_samples_of_all_trainers_and_a_sl
         for i, client in enumerate(clients):
             adapter = ClientAdapter(client.head, prompt_tokens=4, head_rank=2, seed=0)
             params = list(adapter.trainable_parameters().values())
-            config = AveragingConfig(run="target", target_batch_size=target, group_window_s=1.0, round_timeout_s=20.0)
+            config = AveragingConfig(run="target", target_batch_size=target, group_window_s=2.0, round_timeout_s=20.0)
             extra = optimizer_state(torch.optim.AdamW(params), params)
             averager = await Averager.create(client.p2p, client.dht, config, flat(adapter), extra)
             averagers.append(averager)
