@@ -49,6 +49,7 @@ class Setting:
     compression: str = "none"
     seed: int = 0
     eval_every: int = 0  # 0: no held-out evaluation
+    group_window_s: float = 2.0  # long enough that trainers sharing 2 busy cores make every round
 
 
 def split_ids(ids: Sequence[int], held_out: float = 0.1) -> tuple[list[int], list[int]]:
@@ -94,7 +95,7 @@ async def _train(
                 config = AveragingConfig(
                     run=f"{s.name}-{s.seed}",
                     averaged=Averaged(s.averaged),
-                    group_window_s=0.5,
+                    group_window_s=s.group_window_s,
                     round_timeout_s=120.0,
                     compression=Compression(s.compression),
                 )
