@@ -230,7 +230,7 @@ def plot_curves(result: dict[str, Any], path: Path, title: str) -> Path:
     ax.set_ylabel("held-out next-token loss (nats)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
