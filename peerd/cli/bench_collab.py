@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m", help="model id or checkpoint folder")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--peers", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps of each curve")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps of each curve")
     parser.add_argument("--batch", type=int, default=8, help="global batch of the curves (a multiple of 4)")
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--data", default=None, help="UTF-8 text (default: the shipped sample)")
