@@ -19,8 +19,9 @@ MAX_AVERAGE_WEIGHT = 1e12  # samples behind one contribution: far above any real
 
 @dataclass(frozen=True, slots=True)
 class AveragePush:
-    """One member's contribution to round ``round`` of run ``run``: its flattened adapter, and the
-    number of samples it trained on since the last round (the weight of a weighted mean).
+    """One member's contribution to round ``round`` of run ``run``: its flattened adapter minus the
+    round's base (runs averaging parameters) or its mean gradient (runs averaging gradients), and
+    the number of samples behind it (the weight of a weighted mean).
     Answered by AverageAck, or an Error (unknown run, a round the receiver is not in)."""
 
     TYPE: ClassVar[str] = "average_push"
@@ -60,7 +61,8 @@ class StateRequest:
 
 @dataclass(frozen=True, slots=True)
 class StateResponse:
-    """The member's flattened adapter as agreed before round ``round``: the joiner takes part from ``round`` on."""
+    """The member's flattened adapter as agreed before round ``round`` (followed by the optimizer
+    state in runs averaging gradients): the joiner takes part from ``round`` on."""
 
     TYPE: ClassVar[str] = "state_response"
     round: int

@@ -19,6 +19,8 @@ from peerd.cli.helpers import resolve
 from peerd.client.adapters import ClientAdapter
 from peerd.client.aggregation import Aggregation
 from peerd.client.averaging import Averager, AveragingConfig
+from peerd.client.collective import optimizer_state
+from peerd.client.run_records import Averaged
 from peerd.client.training import DEFAULT_DATA, TokenBatches, finetune
 from protocols import Compression
 
@@ -68,7 +70,26 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="join training run RUN: average the adapter with the other trainers of RUN (docs/finetuning.md)",
     )
-    collab.add_argument("--average-every", type=int, default=1, help="local steps between averaging rounds (default 1)")
+    collab.add_argument(
+        "--average",
+        choices=[a.value for a in Averaged],
+        default=Averaged.GRADIENTS.value,
+        help="gradients (default): every step averages the trainers' gradients, n trainers = one with "
+        "their summed batch; parameters: local AdamW steps, adapters averaged every --average-every steps",
+    )
+    collab.add_argument(
+        "--average-every",
+        type=int,
+        default=1,
+        help="local batches per round: accumulated into one step (gradients), or local steps (parameters)",
+    )
+    collab.add_argument(
+        "--target-batch-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --average gradients: step when all trainers together hold N samples (replaces --average-every)",
+    )
     collab.add_argument(
         "--average-compression",
         choices=[c.value for c in Compression],
@@ -113,7 +134,7 @@ async def cmd_finetune(args: argparse.Namespace) -> int:
 
     from peerd.client import SwarmClient
 
-    problem = _require_matplotlib()
+    problem = _require_matplotlib() or _collab_problem(args)
     if problem:
         print(f"peerd: error: {problem}", file=sys.stderr)
         return 2
@@ -175,6 +196,7 @@ async def cmd_finetune(args: argparse.Namespace) -> int:
             "data": str(data),
             "steps": args.steps,
             "losses": result.losses,
+            "step_losses": result.step_losses,
             "tokens_per_s": result.tokens_per_s,
             "retries": result.retries,
             "adapter": str(adapter_path),
@@ -205,16 +227,34 @@ async def _join_run(client: object, adapter: ClientAdapter, args: argparse.Names
     assert isinstance(client, SwarmClient)  # typed loosely above: the import is lazy
     config = AveragingConfig(
         run=args.collaborate,
+        averaged=Averaged(args.average),
+        target_batch_size=args.target_batch_size,
         group_window_s=args.group_window,
         round_timeout_s=args.round_timeout,
         compression=Compression(args.average_compression),
         aggregation=Aggregation(args.aggregation),
     )
-    initial = torch.cat([p.detach().float().reshape(-1) for p in adapter.trainable_parameters().values()])
-    averager = await Averager.create(client.p2p, client.dht, config, initial)
+    params = list(adapter.trainable_parameters().values())
+    initial = torch.cat([p.detach().float().reshape(-1) for p in params])
+    # gradient averaging: AdamW's moments travel with the adapter to late joiners (fresh ones: zeros)
+    extra = optimizer_state(torch.optim.AdamW(params), params) if config.averaged is Averaged.GRADIENTS else None
+    averager = await Averager.create(client.p2p, client.dht, config, initial, extra)
     joined = "joined at round" if averager.round else "started"
     print(f"run {args.collaborate!r}: {joined} {averager.round}, reachable at {', '.join(averager.addrs)}", flush=True)
     return averager
+
+
+def _collab_problem(args: argparse.Namespace) -> str | None:
+    """Why the collaborative options do not fit together (None when they do)."""
+    if args.average_every < 1:
+        return f"--average-every must be at least 1, got {args.average_every}"
+    if args.target_batch_size < 0:
+        return f"--target-batch-size must be a number of samples (>= 1), got {args.target_batch_size}"
+    if args.target_batch_size and not args.collaborate:
+        return "--target-batch-size counts samples across the trainers of a run: add --collaborate RUN"
+    if args.target_batch_size and args.average != Averaged.GRADIENTS.value:
+        return "--target-batch-size needs --average gradients (parameters are averaged every --average-every steps)"
+    return None
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -1,24 +1,21 @@
 """Data parallelism across trainers: averaging rounds over the client's own P2P node and DHT.
 
-Trainers of one run (``--collaborate RUN``) each train the same adapter on their own data and,
-every ``k`` local steps, run an *averaging round* (local SGD; k = 1 is plain synchronous data
-parallelism with parameter averaging):
+Trainers of one run (``--collaborate RUN``) average, in rounds, either their gradients before a
+common optimizer step (:meth:`Averager.exchange`, then :meth:`Averager.commit`) or their adapters
+after local steps (:meth:`Averager.average`, local SGD). A round:
 
 1. **Matchmaking over the DHT.** Each member stores ``{addrs, at}`` under the key
    ``<swarm>.run.<RUN>.<round>`` in its own signed subkey (so the peer id is authenticated and
-   only trainers of this run meet). The group closes ``group_window_s`` after the earliest ``at``;
+   only trainers of this run meet). The group closes a window after the earliest ``at``;
    everyone reads the key after that instant and takes the members that arrived before it.
-2. **All-gather.** Each member pushes its update -- its adapter minus the round's common base,
-   optionally fp16 / 8-bit compressed -- to every other member (``peerd/average/1``), and waits
-   up to ``round_timeout_s`` for theirs. A member that died or stalls is simply left out.
+2. **All-gather.** Each member pushes its vector (gradient, or adapter minus the common base;
+   optionally fp16 / 8-bit) to every other member (``peerd/average/1``) and waits up to
+   ``round_timeout_s`` for theirs. A member that died or stalls is simply left out.
 3. **Aggregate** (peerd/client/aggregation.py): every member combines the same decoded vectors in
-   peer-id order (its own one decoded from the wire form too), so all end the round with the same
-   adapter, bit for bit, unless a push was lost half-way (then they differ by that update, and the
-   next rounds pull them back together).
+   peer-id order (its own decoded from the wire form too), so all get the same result bit for bit.
 
-A late trainer downloads the adapter (``peerd/state/1``) and joins the next round; one that misses
-a round adopts the group's result and adds its update back, so its work counts next round. Why not
-hivemind's ``DecentralizedAverager``: docs/decisions.md (a forked process needing hivemind.DHT).
+A late trainer downloads the adapter and optimizer state (``peerd/state/1``) and joins the next
+round. Why not hivemind's ``DecentralizedAverager``: docs/decisions.md (a forked process).
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,8 +31,8 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 from torch import Tensor
 
-from peerd.client.aggregation import Aggregation, Contribution, aggregate
-from peerd.client.run_records import Member, digest
+from peerd.client.aggregation import Contribution, aggregate
+from peerd.client.run_records import AveragingConfig, Member, RoundReport, check_push, digest
 from peerd.rpc.p2pd import daemon_multiaddr
 from peerd.rpc.tensors import from_wire, to_wire
 from peerd.swarm.dht import SwarmDHT
@@ -45,7 +41,6 @@ from protocols import (
     STREAM_STATE,
     AverageAck,
     AveragePush,
-    Compression,
     ErrorCode,
     ProtocolError,
     StateRequest,
@@ -62,38 +57,6 @@ __all__ = ["Averager", "AveragingConfig", "RoundReport"]
 logger = logging.getLogger(__name__)
 
 MAX_GROUP = 64  # members of one round that a trainer will exchange with
-MAX_PENDING_ROUNDS = 4  # pushes are kept for this many rounds ahead of ours (fast members)
-
-
-@dataclass(frozen=True)
-class AveragingConfig:
-    """How a trainer takes part in a run's averaging rounds."""
-
-    run: str
-    group_window_s: float = 1.0  # after the first member of a round arrives, others may join this long
-    round_timeout_s: float = 10.0  # after the group closes, how long to wait for the others' pushes
-    compression: Compression = Compression.NONE  # of the pushed updates (FLOAT16, BLOCKWISE8)
-    aggregation: Aggregation = Aggregation.MEAN
-    max_norm_factor: float = 10.0  # updates over this many times the round's lower median norm are dropped
-    dht_timeout_s: float = 5.0
-    record_ttl_s: float = 120.0
-
-
-@dataclass
-class RoundReport:
-    """What one averaging round did, as this member saw it."""
-
-    round: int
-    group: list[str] = field(default_factory=list)  # members by peer id (this one included)
-    used: list[str] = field(default_factory=list)  # whose updates were combined
-    excluded: dict[str, str] = field(default_factory=dict)  # peer id -> why its update was dropped
-    missing: list[str] = field(default_factory=list)  # members whose push never came
-    bytes_sent: int = 0  # frames pushed to the others
-    bytes_received: int = 0
-    elapsed_s: float = 0.0
-    late: bool = False  # missed the window: took the group's result from a member instead
-    digest: str = ""  # of the adapter the round agreed on: equal across members when all went well
-    window_s: float = 0.0  # how long the group stayed open after its first member arrived
 
 
 class Averager:
@@ -104,11 +67,15 @@ class Averager:
     :meth:`close` stops serving. Not thread safe: call it from the event loop that owns ``p2p``.
     """
 
-    def __init__(self, p2p: P2P, dht: SwarmDHT, config: AveragingConfig, base: Tensor) -> None:
+    def __init__(
+        self, p2p: P2P, dht: SwarmDHT, config: AveragingConfig, base: Tensor, extra: Tensor | None = None
+    ) -> None:
         self.p2p = p2p
         self.dht = dht
         self.config = config
         self.base = base.detach().float().clone()  # [n]
+        # state that travels with the base to late joiners but is never averaged (optimizer moments)
+        self.extra = torch.zeros(0) if extra is None else extra.detach().float().reshape(-1).clone()  # [m]
         self.round = 0  # the next round this member takes part in
         self.peer_id = str(p2p.peer_id)
         self.addrs: list[str] = []
@@ -122,14 +89,21 @@ class Averager:
     def size(self) -> int:
         return int(self.base.numel())
 
+    def round_key(self, round_: int) -> str:
+        """The DHT key of round ``round_`` of this run (its members' entries)."""
+        return self._run_key(round_)
+
     def _run_key(self, round_: int | None = None) -> str:
         key = f"{self.dht.prefix}.run.{self.config.run}"
         return key if round_ is None else f"{key}.{round_}"
 
     @classmethod
-    async def create(cls, p2p: P2P, dht: SwarmDHT, config: AveragingConfig, initial: Tensor) -> Averager:
-        """Serve this run's streams and, if the run has members already, download its state."""
-        averager = cls(p2p, dht, config, initial)
+    async def create(
+        cls, p2p: P2P, dht: SwarmDHT, config: AveragingConfig, initial: Tensor, extra: Tensor | None = None
+    ) -> Averager:
+        """Serve this run's streams and, if the run has members already, download its state
+        (``initial [n]`` and ``extra [m]`` are replaced by the run's then)."""
+        averager = cls(p2p, dht, config, initial, extra)
         averager.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
         await p2p.add_binary_stream_handler(STREAM_AVERAGE, averager._serve_push)
         await p2p.add_binary_stream_handler(STREAM_STATE, averager._serve_state)
@@ -156,16 +130,55 @@ class Averager:
 
     # --- one round -----------------------------------------------------------------------------
 
-    async def average(self, current: Tensor, weight: float) -> tuple[Tensor, RoundReport]:
-        """Run round ``self.round`` with this member's adapter ``current [n]`` trained on ``weight`` samples.
+    async def average(
+        self, current: Tensor, weight: float, *, window_s: float | None = None
+    ) -> tuple[Tensor, RoundReport]:
+        """Parameter averaging: run round ``self.round`` with this member's adapter ``current [n]``
+        trained on ``weight`` samples; the adapter to continue from, and the report.
 
-        Returns the adapter to continue from and the report; never raises for other members'
-        failures (they are left out), only waits at most the window plus one round timeout.
+        Never raises for other members' failures (they are left out), only waits at most the
+        window plus one round timeout.
         """
+        flat = current.detach().float().reshape(-1)  # [n]
+        delta = flat - self.base  # [n]
+        update, report, adopted = await self._round(delta, weight, window_s)
+        if update is None:  # our update was not averaged this round: keep it, so it counts in the next one
+            return (self.base + delta if adopted else flat), report
+        self.base = self.base + update  # [n]
+        report.digest = digest(self.base)
+        self._finish_round(self.round)
+        await self._announce()
+        return self.base.clone(), report
+
+    async def exchange(
+        self, vector: Tensor, weight: float, *, window_s: float | None = None
+    ) -> tuple[Tensor | None, RoundReport]:
+        """Gradient averaging: combine ``vector [n]`` (our mean gradient over ``weight`` samples) with
+        the group's; the combined vector, or None when we were late (then :attr:`base` and
+        :attr:`extra` hold the group's state after the round, to continue from).
+
+        Does not end the round: every member applies the result to :attr:`base` with the optimizer
+        state :attr:`extra`, then calls :meth:`commit` with what it got.
+        """
+        update, report, _ = await self._round(vector.detach().float().reshape(-1), weight, window_s)
+        return update, report
+
+    async def commit(self, base: Tensor, extra: Tensor | None = None) -> str:
+        """End the round with the adapter ``base [n]`` (and optimizer state ``extra``) it produced; its digest."""
+        self.base = base.detach().float().reshape(-1).clone()  # [n]
+        if extra is not None:
+            self.extra = extra.detach().float().reshape(-1).clone()  # [m]
+        self._finish_round(self.round)
+        await self._announce()
+        return digest(self.base)
+
+    async def _round(
+        self, vector: Tensor, weight: float, window_s: float | None
+    ) -> tuple[Tensor | None, RoundReport, bool]:
+        """Group, agree on the base, all-gather ``vector``, aggregate: (combined or None if late, report, adopted)."""
         started = time.perf_counter()
         report = RoundReport(round=self.round)
-        delta = current.detach().float().reshape(-1) - self.base  # [n]
-        group = await self._form_group(self.round)
+        group = await self._form_group(self.round, window_s)
         report.window_s = self._window_s
         report.group = sorted(group)
         if self.peer_id in group and not await self._agree_on_base(group):
@@ -177,10 +190,9 @@ class Averager:
             adopted = bool(not group) or await self._adopt_from_group(group, self.round)
             report.elapsed_s = time.perf_counter() - started
             self.reports.append(report)
-            # our update was not averaged this round: keep it, so it counts in the next one
             self._last_round_end = time.monotonic()
-            return (self.base + delta if adopted else current.detach().float().reshape(-1)), report
-        wire = to_wire(delta, self.config.compression)
+            return None, report, adopted
+        wire = to_wire(vector, self.config.compression)
         own = from_wire(wire).float()  # what the others will decode: use the same numbers
         others = {p: m.addrs for p, m in group.items() if p != self.peer_id}
         # push and collect at once: a dead member costs one round timeout, not one for each phase
@@ -191,23 +203,16 @@ class Averager:
         report.bytes_received = sum(nbytes for _, _, nbytes in received.values())
         contributions = [Contribution(self.peer_id, weight, own)]
         contributions += [Contribution(p, w, v) for p, (w, v, _) in received.items()]
-        result = aggregate(
-            contributions,
-            self.size,
-            method=self.config.aggregation,
-            max_norm_factor=self.config.max_norm_factor,
-        )
+        cfg = self.config
+        result = aggregate(contributions, self.size, method=cfg.aggregation, max_norm_factor=cfg.max_norm_factor)
         report.used, report.excluded = result.used, result.excluded
+        report.samples = sum(c.weight for c in contributions if c.peer_id in result.used)
         if result.excluded:
             logger.warning("round %d: left out %s", self.round, result.excluded)
-        self.base = self.base + result.update  # [n]
-        report.digest = digest(self.base)
-        self._finish_round(self.round)
-        await self._announce()
         report.elapsed_s = time.perf_counter() - started
         self.reports.append(report)
         self._last_round_end = time.monotonic()
-        return self.base.clone(), report
+        return result.update, report, True
 
     def _finish_round(self, round_: int) -> None:
         self.round = round_ + 1
@@ -222,17 +227,19 @@ class Averager:
                 self._run_key(), value, expiration_s=self.config.record_ttl_s, timeout_s=self.config.dht_timeout_s
             )
 
-    async def _form_group(self, round_: int) -> dict[str, Member]:
+    async def _form_group(self, round_: int, window_s: float | None = None) -> dict[str, Member]:
         """Members of ``round_`` by peer id: those that arrived before the window closed.
 
         The window is the first arrival's: ``group_window_s`` plus the local work it did since its
-        last round (so a peer up to twice as slow as the first still makes it), capped at the
-        round timeout. Everyone reads the same first record, so everyone closes at the same instant.
+        last round (so a peer up to twice as slow as the first still makes it), or the ``window_s``
+        the caller proposes, capped at the round timeout. Everyone reads the same first record, so
+        everyone closes at the same instant.
         """
         cfg = self.config
         key = self._run_key(round_)
-        worked_s = time.monotonic() - self._last_round_end
-        window_s = min(cfg.group_window_s + worked_s, cfg.round_timeout_s)
+        if window_s is None:
+            window_s = cfg.group_window_s + time.monotonic() - self._last_round_end
+        window_s = min(window_s, cfg.round_timeout_s)
         mine = {"peer": self.peer_id, "addrs": self.addrs, "at": get_dht_time(), "base": digest(self.base)}
         mine["window"] = window_s
         await self.dht.store_owned(key, mine, expiration_s=cfg.record_ttl_s, timeout_s=cfg.dht_timeout_s)
@@ -335,14 +342,16 @@ class Averager:
                 answer = expect_message(decode_message(await read_frame(reader)), StateResponse)
         finally:
             writer.close()
-        state = from_wire(answer.state).float().reshape(-1)
-        if state.numel() != self.size or not bool(torch.isfinite(state).all()):
-            raise ValueError(f"{peer_id} sent a state of {state.numel()} values, not {self.size} finite ones")
+        state = from_wire(answer.state).float().reshape(-1)  # [n + m]: the base, then the extra state
+        expected = self.size + self.extra.numel()
+        if state.numel() != expected or not bool(torch.isfinite(state).all()):
+            raise ValueError(f"{peer_id} sent a state of {state.numel()} values, not {expected} finite ones")
+        state, extra = state[: self.size], state[self.size :]
         if answer.round < at_least:
             raise ValueError(f"{peer_id} is at round {answer.round}, not {at_least} yet")
         if expect_digest and digest(state) != expect_digest:
             raise ValueError(f"{peer_id} sent a state that is not the one it announced")
-        self.base = state.clone()
+        self.base, self.extra = state.clone(), extra.clone()
         self._finish_round(answer.round - 1)
 
     async def _serve_push(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -352,7 +361,7 @@ class Averager:
                 async with asyncio.timeout(self.config.round_timeout_s):
                     body = await read_frame(reader)
                 push = expect_message(decode_message(body), AveragePush)
-                update = self._check_push(push)
+                update = check_push(push, self.config.run, self.round, self.size)
                 async with self._arrived:
                     inbox = self._inbox.setdefault(push.round, {})
                     if len(inbox) < MAX_GROUP:
@@ -367,18 +376,6 @@ class Averager:
         finally:
             writer.close()
 
-    def _check_push(self, push: AveragePush) -> Tensor:
-        if push.run != self.config.run:
-            raise ProtocolError(ErrorCode.NOT_ALLOWED, f"this trainer is in run {self.config.run!r}, not {push.run!r}")
-        if not self.round <= push.round < self.round + MAX_PENDING_ROUNDS:
-            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"round {push.round}; this trainer is at {self.round}")
-        update = from_wire(push.update).float()
-        if update.shape != (self.size,):
-            raise ProtocolError(
-                ErrorCode.WRONG_SHAPE, f"update of shape {tuple(update.shape)}, expected ({self.size},)"
-            )
-        return update  # NaN / inf / absurd norms are judged with the round's other updates
-
     async def _serve_state(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
@@ -386,7 +383,7 @@ class Averager:
                     request = expect_message(decode_message(await read_frame(reader)), StateRequest)
                 if request.run != self.config.run:
                     raise ProtocolError(ErrorCode.NOT_ALLOWED, f"this trainer is in run {self.config.run!r}")
-                state = StateResponse(round=self.round, state=to_wire(self.base))
+                state = StateResponse(round=self.round, state=to_wire(torch.cat([self.base, self.extra])))
                 writer.write(encode_frame(state))
             except ProtocolError as exc:
                 writer.write(encode_frame(error_from_exception(exc)))

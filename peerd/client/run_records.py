@@ -1,4 +1,5 @@
-"""What the members of a collaborative run say about themselves in the DHT (remote input, parsed defensively).
+"""The records of a collaborative run: what members say about themselves in the DHT (remote input,
+parsed defensively), how a trainer takes part (config) and what each round did (report).
 
 A round's key holds one entry per member, in the member's signed subkey: where to reach it, when
 it arrived, and a digest of the base adapter it holds (peerd/client/averaging.py).
@@ -6,17 +7,23 @@ it arrived, and a digest of the base adapter it holds (peerd/client/averaging.py
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
 
-__all__ = ["Member", "digest"]
+from peerd.client.aggregation import Aggregation
+from peerd.rpc.tensors import from_wire
+from protocols import AveragePush, Compression, ErrorCode, ProtocolError
+
+__all__ = ["MAX_PENDING_ROUNDS", "Averaged", "AveragingConfig", "Member", "RoundReport", "check_push", "digest"]
 
 MAX_ADDRS = 16
+MAX_PENDING_ROUNDS = 4  # pushes are kept for this many rounds ahead of ours (fast members)
 
 
 def digest(flat: Tensor) -> str:
@@ -80,3 +87,66 @@ def _float_field(value: dict[str, Any], name: str) -> float:
 def _int_field(value: dict[str, Any], name: str) -> int:
     got = value.get(name)
     return got if isinstance(got, int) and not isinstance(got, bool) else -1
+
+
+class Averaged(enum.StrEnum):
+    """What a run's rounds average (every trainer of a run must use the same).
+
+    GRADIENTS: each round averages the trainers' accumulated gradients, weighted by samples, and
+    every trainer then takes the same optimizer step from the same optimizer state: n trainers
+    are one trainer with their summed batch (synchronous data parallelism). PARAMETERS: each
+    trainer takes its own optimizer steps and rounds average the adapters (local SGD / DiLoCo-like,
+    for rounds every k > 1 steps).
+    """
+
+    GRADIENTS = "gradients"
+    PARAMETERS = "parameters"
+
+
+@dataclass(frozen=True)
+class AveragingConfig:
+    """How a trainer takes part in a run's averaging rounds."""
+
+    run: str
+    averaged: Averaged = Averaged.GRADIENTS
+    target_batch_size: int = 0  # GRADIENTS: samples across all trainers per step (0: each trainer's own batches)
+    group_window_s: float = 1.0  # after the first member of a round arrives, others may join this long
+    round_timeout_s: float = 10.0  # after the group closes, how long to wait for the others' pushes
+    compression: Compression = Compression.NONE  # of the pushed updates (FLOAT16, BLOCKWISE8)
+    aggregation: Aggregation = Aggregation.MEAN
+    max_norm_factor: float = 10.0  # updates over this many times the round's lower median norm are dropped
+    dht_timeout_s: float = 5.0
+    record_ttl_s: float = 120.0
+
+
+@dataclass
+class RoundReport:
+    """What one averaging round did, as this member saw it."""
+
+    round: int
+    group: list[str] = field(default_factory=list)  # members by peer id (this one included)
+    used: list[str] = field(default_factory=list)  # whose updates were combined
+    excluded: dict[str, str] = field(default_factory=dict)  # peer id -> why its update was dropped
+    missing: list[str] = field(default_factory=list)  # members whose push never came
+    bytes_sent: int = 0  # frames pushed to the others
+    bytes_received: int = 0
+    elapsed_s: float = 0.0
+    late: bool = False  # missed the window: took the group's result from a member instead
+    digest: str = ""  # of the adapter the round agreed on: equal across members when all went well
+    window_s: float = 0.0  # how long the group stayed open after its first member arrived
+    samples: float = 0.0  # behind the combined update (the used members' weights summed)
+
+
+def check_push(push: AveragePush, run: str, round_: int, size: int) -> Tensor:
+    """The update ``[size]`` of a push to a member of ``run`` at round ``round_``; ProtocolError if it is not one.
+
+    NaN / inf / absurd norms are not judged here but with the round's other updates (aggregation).
+    """
+    if push.run != run:
+        raise ProtocolError(ErrorCode.NOT_ALLOWED, f"this trainer is in run {run!r}, not {push.run!r}")
+    if not round_ <= push.round < round_ + MAX_PENDING_ROUNDS:
+        raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"round {push.round}; this trainer is at {round_}")
+    update = from_wire(push.update).float()
+    if update.shape != (size,):
+        raise ProtocolError(ErrorCode.WRONG_SHAPE, f"update of shape {tuple(update.shape)}, expected ({size},)")
+    return update

@@ -16,33 +16,32 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from peerd.client.adapters import ClientAdapter
+from peerd.client.objective import Batches, Blocks, FinetuneResult, heldout_loss, lm_loss
 
 if TYPE_CHECKING:
-    from peerd.client.averaging import Averager, RoundReport
+    from peerd.client.averaging import Averager
     from peerd.client.swarm import SwarmClient
 
 __all__ = [
     "DEFAULT_DATA",
+    "Batches",
     "FinetuneResult",
     "TokenBatches",
     "finetune",
+    "heldout_loss",
     "lm_loss",
     "train_step",
 ]
 
 DEFAULT_DATA = Path(__file__).parent.parent / "data" / "finetune_sample.txt"
-
-Blocks = Callable[[Tensor], Tensor]  # hidden [batch, n, hidden] -> hidden: RemoteBlocks, or a local Stage
 
 
 class TokenBatches:
@@ -76,25 +75,6 @@ class TokenBatches:
         return self.windows[rows]
 
 
-def lm_loss(adapter: ClientAdapter, blocks: Blocks, input_ids: Tensor) -> Tensor:
-    """Mean next-token cross-entropy of ``input_ids [batch, n]`` with the adapter's soft prompt in front.
-
-    With a soft prompt of length p, the output at position p - 1 (the prompt's last vector)
-    predicts the first real token, so every token of the window is a target; without one, the
-    first token is context only.
-    """
-    p = adapter.prefix_length
-    hidden = adapter.embed(input_ids)  # [batch, p + n, hidden]
-    out = blocks(hidden)  # [batch, p + n, hidden]
-    if p:
-        logits = adapter.logits(out[:, p - 1 : -1])  # [batch, n, vocab]
-        targets = input_ids  # [batch, n]
-    else:
-        logits = adapter.logits(out[:, :-1])  # [batch, n - 1, vocab]
-        targets = input_ids[:, 1:]  # [batch, n - 1]
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
 def train_step(adapter: ClientAdapter, blocks: Blocks, optimizer: torch.optim.Optimizer, input_ids: Tensor) -> float:
     """One optimizer step on one batch (blocking: run it in a worker thread when ``blocks`` is remote)."""
     optimizer.zero_grad(set_to_none=True)
@@ -104,25 +84,9 @@ def train_step(adapter: ClientAdapter, blocks: Blocks, optimizer: torch.optim.Op
     return float(loss.detach())
 
 
-@dataclass
-class FinetuneResult:
-    """What a training run produced."""
-
-    adapter: ClientAdapter
-    losses: list[float] = field(default_factory=list)  # one per step
-    tokens: int = 0  # tokens trained on (soft prompt excluded)
-    elapsed_s: float = 0.0
-    retries: int = 0  # remote stage calls redone on another peer
-    rounds: list[RoundReport] = field(default_factory=list)  # averaging rounds (collaborative runs)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-
 async def finetune(
     client: SwarmClient,
-    batches: TokenBatches,
+    batches: Batches,
     *,
     steps: int,
     adapter: ClientAdapter | None = None,
@@ -132,18 +96,25 @@ async def finetune(
     on_step: Callable[[int, float], None] | None = None,
     averager: Averager | None = None,
     average_every: int = 1,
+    eval_windows: Tensor | None = None,
+    eval_every: int = 1,
+    blocks: Blocks | None = None,
 ) -> FinetuneResult:
-    """Train ``adapter`` (default: a 16-token soft prompt) for ``steps`` steps through the swarm.
+    """Train ``adapter`` (default: a 16-token soft prompt) for ``steps`` optimizer steps through the swarm.
 
     Must be awaited on the client's event loop; each step runs in a worker thread. ``on_step``
     gets (step, loss) after every step (progress bars). With an ``averager`` (a collaborative run,
-    peerd/client/averaging.py) the adapter starts from the run's state and is averaged with the
-    other trainers' every ``average_every`` steps; each trainer keeps its own AdamW moments
-    (local SGD: only parameters travel).
+    peerd/client/averaging.py) the adapter starts from the run's state; by its config's
+    ``averaged``, each step averages the trainers' gradients (peerd/client/collective.py), or the
+    adapters are averaged every ``average_every`` local steps (local SGD, own AdamW moments).
+    ``eval_windows [k, seq_len]``: a held-out loss before training and every ``eval_every`` steps
+    (``result.eval_losses``). ``blocks`` replaces the swarm's :class:`RemoteBlocks` (tests).
     """
     import random
 
     from peerd.client.autograd import RemoteBlocks
+    from peerd.client.collective import train_by_gradients
+    from peerd.client.run_records import Averaged
 
     adapter = adapter or ClientAdapter(client.head, prompt_tokens=16)
     params = list(adapter.trainable_parameters().values())
@@ -151,16 +122,62 @@ async def finetune(
         raise ValueError("the adapter has nothing to train: give it prompt_tokens or a LoRA rank")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(rng_seed) if rng_seed is not None else None
-    blocks = RemoteBlocks(client, micro_batches=micro_batches, rng=rng)
+    remote = RemoteBlocks(client, micro_batches=micro_batches, rng=rng)
+    run_blocks: Blocks = blocks or remote
     result = FinetuneResult(adapter=adapter)
+
+    async def evaluate(done: int) -> None:
+        if eval_windows is not None and done % max(1, eval_every) == 0:
+            loss = await asyncio.to_thread(heldout_loss, adapter, run_blocks, eval_windows)
+            result.eval_losses.append((done, loss))
+
+    await evaluate(0)
+    started = time.perf_counter()
+    if averager is not None and averager.config.averaged is Averaged.GRADIENTS:
+        await train_by_gradients(
+            adapter,
+            run_blocks,
+            optimizer,
+            batches,
+            averager,
+            result,
+            steps=steps,
+            average_every=average_every,
+            on_step=on_step,
+            evaluate=evaluate,
+        )
+    else:
+        await _train_locally(
+            adapter, run_blocks, optimizer, batches, averager, result, steps, average_every, on_step, evaluate
+        )
+    if remote.last_trace is not None:
+        result.retries += remote.last_trace.retries
+    result.elapsed_s = time.perf_counter() - started
+    return result
+
+
+async def _train_locally(
+    adapter: ClientAdapter,
+    blocks: Blocks,
+    optimizer: torch.optim.Optimizer,
+    batches: Batches,
+    averager: Averager | None,
+    result: FinetuneResult,
+    steps: int,
+    average_every: int,
+    on_step: Callable[[int, float], None] | None,
+    evaluate: Callable[[int], Awaitable[None]],
+) -> None:
+    """One trainer's own AdamW steps; with an ``averager``, adapters averaged every ``average_every`` steps."""
+    params = list(adapter.trainable_parameters().values())
     if averager is not None:
         _set_flat(params, averager.base)  # a late joiner continues from the run's state
     samples_since_round = 0
-    started = time.perf_counter()
     for step in range(steps):
         ids = batches.sample()
         loss = await asyncio.to_thread(train_step, adapter, blocks, optimizer, ids)
         result.losses.append(loss)
+        result.step_losses.append(loss)
         result.tokens += ids.numel()
         samples_since_round += ids.shape[0]
         if averager is not None and (step + 1) % max(1, average_every) == 0:
@@ -168,12 +185,9 @@ async def finetune(
             _set_flat(params, averaged)
             result.rounds.append(report)
             samples_since_round = 0
-        if blocks.last_trace is not None:
-            result.retries += blocks.last_trace.retries
         if on_step is not None:
             on_step(step, loss)
-    result.elapsed_s = time.perf_counter() - started
-    return result
+        await evaluate(step + 1)
 
 
 def _flat(params: Sequence[torch.nn.Parameter]) -> Tensor:
