@@ -27,11 +27,12 @@ from peerd.client.routing import (
     servers_by_peer,
 )
 from peerd.model.quant import PRECISION_BITS, precision_bits
-from peerd.rpc.errors import NoRouteError, PeerUnavailable
+from peerd.rpc.errors import NoRouteError, PeerError, PeerUnavailable
 from peerd.rpc.rtt import RttProbe
 from peerd.rpc.transport import PeerClient
 from peerd.swarm.dht import BlockView
 from peerd.swarm.records import ServerRecord
+from protocols import ErrorCode
 
 __all__ = ["UNREACHABLE_RTT_MS", "BlockReader", "Router"]
 
@@ -134,6 +135,15 @@ class Router:
     def ban(self, peer_id: str, reason: str = "", duration_s: float | None = None) -> None:
         duration = self.bans.ban(peer_id, duration_s)
         logger.info("banned peer %s for %.0fs: %s", peer_id[:16], duration, reason)
+
+    def route_around(self, peer_id: str, exc: PeerUnavailable | PeerError) -> None:
+        """Plan around a peer that failed a request: one that refused a session for lack of cache is
+        counted full until its next announce (``CacheBook.mark_full``); any other failure bans it."""
+        if isinstance(exc, PeerError) and exc.code is ErrorCode.CACHE_FULL:
+            self.cache_book.mark_full(peer_id)
+            logger.info("peer %s is out of cache: %s", peer_id[:16], exc)
+        else:
+            self.ban(peer_id, reason=str(exc))
 
     def banned(self) -> set[str]:
         return self.bans.banned()

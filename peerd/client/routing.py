@@ -16,22 +16,24 @@ the fastest under those costs -- never more than ``1 + spread`` times the fastes
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from peerd.rpc.errors import NoRouteError
+from peerd.rpc.errors import NoRouteError, SwarmBusyError
 from peerd.swarm.records import PeerState, ServerRecord, latest_per_peer
 from peerd.swarm.views import BlockView, records_of
 
 __all__ = [
     "ROUTE_SPREAD",
+    "BalancedTable",
     "RouteTable",
     "Span",
     "cost_factors",
     "hop_rate",
     "missing_blocks",
+    "plan_balanced_over_table",
     "plan_inference_route",
     "plan_load_balanced_route",
     "plan_over_table",
@@ -117,7 +119,11 @@ def plan_inference_route(
     chain = plan_over_table(table, start, end, uniforms=uniforms, spread=spread)
     if chain is None:
         missing = missing_blocks({r.peer_id: r for r in usable}, start, end)
-        raise NoRouteError(missing or list(range(start, end)))
+        live = {r.peer_id: r for r in servers.values() if r.peer_id not in banned and r.decode_tokens_per_s > 0}
+        unserved = missing_blocks(live, start, end)
+        if missing and not unserved:
+            raise SwarmBusyError(missing)  # served, but full: worth waiting for (reservations.busy_backoff_s)
+        raise NoRouteError(unserved or missing or list(range(start, end)))
     return [Span(usable[i].peer_id, s, e, usable[i]) for i, s, e in chain]
 
 
@@ -236,26 +242,69 @@ def plan_load_balanced_route(
     from the peer (``observed_tps``: block-tokens per second of wall time, network included, so a
     peer on a slow uplink is drawn rarely for large batches) where it has measured it, and the
     record's claimed prefill throughput until then, slowed by the time its answer (``bytes_per_token``
-    per token) takes to cross the uplink the peer published, if it did.
+    per token) takes to cross the uplink the peer published, if it did (``hop_rate``).
     """
     observed = observed_tps or {}
-
-    def weight(record: ServerRecord, block: int) -> float:
-        if record.peer_id in observed:
-            return observed[record.peer_id]
-        return hop_rate(record, min(record.end, end) - block, bytes_per_token)
-
-    rng = rng or random.Random()
     banned = set(banned)
     usable = [r for r in servers.values() if r.peer_id not in banned and r.prefill_tokens_per_s > 0]
-    route: list[Span] = []
+    table = BalancedTable(
+        start=np.array([r.start for r in usable], dtype=np.int64),
+        end=np.array([r.end for r in usable], dtype=np.int64),
+        prefill_tps=np.array([r.prefill_tokens_per_s for r in usable], dtype=np.float64),
+        uplink_bytes_per_s=np.array([r.uplink_bytes_per_s for r in usable], dtype=np.float64),
+        observed_tps=np.array([observed.get(r.peer_id, np.nan) for r in usable], dtype=np.float64),
+    )
+    chain = plan_balanced_over_table(table, start, end, rng=rng or random.Random(), bytes_per_token=bytes_per_token)
+    if chain is None:
+        raise NoRouteError(missing_blocks({r.peer_id: r for r in usable}, start, end))
+    return [Span(usable[i].peer_id, s, e, usable[i]) for i, s, e in chain]
+
+
+@dataclass(frozen=True)
+class BalancedTable:
+    """Candidates of a load-balanced route as arrays, one entry per peer: hosted blocks [start, end),
+    claimed prefill tokens/s per block, published uplink (0: unknown) and this client's observed
+    block-tokens/s (NaN where not measured)."""
+
+    start: np.ndarray
+    end: np.ndarray
+    prefill_tps: np.ndarray
+    uplink_bytes_per_s: np.ndarray
+    observed_tps: np.ndarray
+
+
+def plan_balanced_over_table(
+    table: BalancedTable,
+    start: int,
+    end: int,
+    *,
+    rng: random.Random,
+    bytes_per_token: int = 0,
+    usable: np.ndarray | None = None,
+) -> list[tuple[int, int, int]] | None:
+    """``plan_load_balanced_route`` over arrays (only peers where ``usable``, if given): (peer index,
+    start, end) spans, or None if some block has no peer."""
+    ok = table.prefill_tps > 0 if usable is None else usable & (table.prefill_tps > 0)
+    transfer_s = np.divide(
+        bytes_per_token,
+        table.uplink_bytes_per_s,
+        out=np.zeros(table.uplink_bytes_per_s.size),
+        where=table.uplink_bytes_per_s > 0,
+    )
+    chain: list[tuple[int, int, int]] = []
     block = start
     while block < end:
-        candidates: Sequence[ServerRecord] = [r for r in usable if r.start <= block < r.end]
-        if not candidates:
-            raise NoRouteError(missing_blocks({r.peer_id: r for r in usable}, start, end))
-        record = rng.choices(candidates, weights=[weight(r, block) for r in candidates])[0]
-        stop = min(record.end, end)
-        route.append(Span(record.peer_id, block, stop, record))
+        candidates = np.flatnonzero(ok & (table.start <= block) & (block < table.end))
+        if not candidates.size:
+            return None
+        blocks = np.minimum(table.end[candidates], end) - block
+        claimed = blocks / (blocks / table.prefill_tps[candidates] + transfer_s[candidates])  # hop_rate
+        observed = table.observed_tps[candidates]
+        cumulative = np.cumsum(np.where(np.isnan(observed), claimed, observed))
+        # as random.choices draws: one uniform, the first cumulative weight above it
+        pick = int(np.searchsorted(cumulative, rng.random() * float(cumulative[-1]), side="right"))
+        peer = int(candidates[min(pick, candidates.size - 1)])
+        stop = min(int(table.end[peer]), end)
+        chain.append((peer, block, stop))
         block = stop
-    return route
+    return chain

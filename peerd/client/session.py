@@ -19,10 +19,18 @@ import torch
 
 from peerd.client.compression import CompressionChoice, hop_compression
 from peerd.client.deadlines import StepDeadline
+from peerd.client.reservations import BUSY_WAIT_S, busy_backoff_s
 from peerd.client.router import Router
 from peerd.client.routing import Span
 from peerd.client.verify import SpotChecker
-from peerd.rpc.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable, worth_failover
+from peerd.rpc.errors import (
+    NoRouteError,
+    PeerdClientError,
+    PeerError,
+    PeerUnavailable,
+    SwarmBusyError,
+    worth_failover,
+)
 from peerd.rpc.transport import InferenceStream, PeerClient
 from protocols import Compression
 
@@ -121,20 +129,30 @@ class InferenceSession:
                 if not worth_failover(exc):
                     raise
                 # a peer failing at open is handled like one failing mid-session
-                self.router.ban(span.peer_id, reason=str(exc))
+                self.router.route_around(span.peer_id, exc)
                 self.spans.extend(await self._replace_one(state))
 
     async def _first_route(self) -> list[Span]:
         """The opening route. If nobody can serve some blocks right now (a replica restarting, its
         servers banned for a moment after failing), keep looking for ``failover_timeout_s`` with a
-        fresh DHT view each second, as a failover would, then raise NoRouteError."""
+        fresh DHT view each second, as a failover would, then raise NoRouteError. If they are served
+        but every such peer is out of cache (SwarmBusyError), wait up to ``BUSY_WAIT_S`` with backoff."""
         deadline = time.monotonic() + self.failover_timeout_s
-        refresh = False
+        busy_deadline = time.monotonic() + max(self.failover_timeout_s, BUSY_WAIT_S)
+        refresh, busy_attempts = False, 0
         while True:
             try:
                 return await self.router.plan_inference(
                     0, self.router.num_blocks, self.max_length * self.batch_size, refresh=refresh
                 )
+            except SwarmBusyError:
+                # served but full: wait for sessions to close, backing off (reservations.py)
+                if time.monotonic() >= busy_deadline:
+                    raise
+                refresh = True
+                wait_s = busy_backoff_s(busy_attempts, self.router.rng)
+                busy_attempts += 1
+                await asyncio.sleep(min(wait_s, max(0.0, busy_deadline - time.monotonic())))
             except NoRouteError:
                 if time.monotonic() >= deadline:
                     raise
@@ -329,7 +347,7 @@ class InferenceSession:
                 if not worth_failover(exc):
                     raise
                 last_error = exc
-                self.router.ban(exc.peer_id, reason=str(exc))
+                self.router.route_around(exc.peer_id, exc)
                 for state in new_states:
                     if state.stream is not None:
                         await state.stream.close()

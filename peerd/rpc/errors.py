@@ -10,6 +10,7 @@ __all__ = [
     "PeerError",
     "PeerUnavailable",
     "PeerdClientError",
+    "SwarmBusyError",
     "SwarmConnectError",
     "worth_failover",
 ]
@@ -33,6 +34,19 @@ class NoRouteError(PeerdClientError):
             message
             or f"no live peer serves block(s) {spans}; start a peer with `peerd run --blocks ...` for them "
             "or wait for one to join"
+        )
+
+
+class SwarmBusyError(NoRouteError):
+    """Every peer serving some blocks is out of KV cache for a new session right now (the blocks are
+    served, so waiting helps: sessions close and free their cache)."""
+
+    def __init__(self, busy_blocks: list[int]) -> None:
+        spans = block_ranges(busy_blocks)
+        super().__init__(
+            busy_blocks,
+            f"every peer serving block(s) {spans} is out of cache for a new session; retry in a few seconds, "
+            "use a shorter max_length, or start a peer for those blocks",
         )
 
 
