@@ -185,27 +185,36 @@ def _fastest_chain(
     """Cheapest cover of [start, end) by rides [s, e) within [lo, hi) costing hop + (e - s) x per_block.
 
     Every ride moves forward in block order, so a dynamic programme over the boundaries in order is
-    exact (no Dijkstra needed): after boundary b, ``inner[p]`` is the cheapest way to reach b on
-    peer p -- continue p's ride from b - 1, or enter p at b - 1 from the cheapest route to there --
-    and the cheapest route to b ends on the best such ride. O(L) array steps over the peers,
-    instead of one heap operation per (peer, block); a plan over 10,000 peers takes milliseconds.
+    exact (no Dijkstra needed): after block b, the cheapest way to have done it on peer p either
+    continues p's ride from block b - 1 or enters p at b from the cheapest route to boundary b, and
+    the cheapest route to boundary b + 1 ends on the best such ride. The state is one entry per
+    (peer, block it hosts) pair, laid out peer by peer so that a pair's predecessor is the entry
+    before it; each block's step touches only its own pairs. A plan over 10,000 peers takes
+    milliseconds, where one heap operation per pair took a second.
     """
-    best = 0.0
-    inner = np.full(lo.size, np.inf)
-    entry = np.zeros(lo.size, dtype=np.int64)
-    ends: list[tuple[int, int]] = []  # per boundary b > start: (peer, where it was entered)
+    length = hi - lo
+    if not length.size:
+        return None
+    peer_of = np.repeat(np.arange(lo.size), length)  # pair -> peer, peer by peer
+    block_of = np.arange(peer_of.size) - np.repeat(np.cumsum(length) - length - lo, length)
+    order = np.argsort(block_of.astype(np.int32), kind="stable")  # by block; within a block, by peer index
+    bounds = np.searchsorted(block_of[order], np.arange(start, end + 1))
+    cost = np.full(peer_of.size, np.inf)  # cheapest route that has done the pair's block on its peer
+    entry = np.zeros(peer_of.size, dtype=np.int64)  # where that ride entered its peer
+    best = 0.0  # cheapest route to the current boundary
+    ends: list[tuple[int, int]] = []  # per boundary after start: (peer, where its ride was entered)
     for block in range(start, end):
-        enter = best + hop_ms
-        cont = np.where(lo < block, inner, np.inf)  # the ride covered block - 1 as well
-        entry = np.where(enter < cont, block, entry)
-        inner = np.where((lo <= block) & (block < hi), np.minimum(enter, cont) + per_block_ms, np.inf)
-        if not inner.size:
+        pairs = order[bounds[block - start] : bounds[block - start + 1]]
+        if not pairs.size:
             return None
-        peer = int(np.argmin(inner))
-        best = float(inner[peer])
-        if best == np.inf:
-            return None
-        ends.append((peer, int(entry[peer])))
+        peers = peer_of[pairs]
+        enter = best + hop_ms[peers]
+        cont = np.where(lo[peers] < block, cost[pairs - 1], np.inf)  # the same peer did block - 1
+        cost[pairs] = np.minimum(enter, cont) + per_block_ms[peers]
+        entry[pairs] = np.where(enter < cont, block, entry[pairs - 1])
+        k = int(pairs[int(np.argmin(cost[pairs]))])
+        best = float(cost[k])
+        ends.append((int(peer_of[k]), int(entry[k])))
     chain: list[tuple[int, int, int]] = []
     boundary = end
     while boundary > start:

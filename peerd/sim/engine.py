@@ -69,6 +69,8 @@ class Simulation(Traffic):
                 "moves",
                 "dht_msgs_per_peer_per_min",
                 "peers",
+                "cache_used",
+                "route_hops",
             )
         }
 
@@ -265,6 +267,13 @@ class Simulation(Traffic):
         s["moves"].append(float(self.swarm.moves))
         s["dht_msgs_per_peer_per_min"].append((messages - previous) / max(1, len(online)) / (SAMPLE_S / 60))
         s["peers"].append(float(len(online)))
+        # the KV cache slots held, as a share of the online peers' slots: near 1, opens wait for room
+        slots = max(1, len(online) * cfg.sessions_per_peer)
+        s["cache_used"].append(
+            float(sum(int(self.on_peer[p.idx]) for p in online if p.idx < self.on_peer.size)) / slots
+        )
+        hops = [len(r.route) for r in self.requests.values() if r.route and not r.forward]
+        s["route_hops"].append(float(np.mean(hops)) if hops else 0.0)
         window.update(delivered=0.0, bound=0.0, failed=0.0)
 
     def _summary(self, totals: dict[str, float], wall_s: float) -> dict[str, Any]:
@@ -290,6 +299,8 @@ class Simulation(Traffic):
             "median_stall_s": float(np.median(stalls)),
             "block_moves_per_hour": self.swarm.moves / (cfg.duration_s / 3600),
             "mean_gap_blocks": float(np.mean(self.series["gap_blocks"])) if self.series["gap_blocks"] else 0.0,
+            "mean_cache_used": float(np.mean(self.series["cache_used"])) if self.series["cache_used"] else 0.0,
+            "mean_route_hops": float(np.mean(self.series["route_hops"])) if self.series["route_hops"] else 0.0,
             "dht_records_read_per_peer_per_min": self.swarm.dht_records_read / max(1, cfg.peers) / minutes,
             "route_plans": sum(c.plans for c in self.clients),
             "config": dict(vars(cfg)),

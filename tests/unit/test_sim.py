@@ -78,6 +78,7 @@ def test_simulate_command_writes_summary_and_plots(tmp_path: Path) -> None:
         "coverage_gaps.png",
         "stalls.png",
         "dht_messages.png",
+        "cache_used.png",
     }
 
 
