@@ -306,12 +306,14 @@ class InferenceSession:
         Tries the last DHT view first (a read can wait seconds on a hung peer's own DHT node), then
         keeps trying (a fresh DHT view each time, failed replacements banned) until
         ``failover_timeout_s`` runs out, so a peer that joins within that window rescues the
-        session; after it, raises NoRouteError naming the blocks nobody serves. Every RPC has its
+        session (up to ``BUSY_WAIT_S`` while those blocks are served but full); after it, raises
+        NoRouteError naming the blocks nobody serves. Every RPC has its
         own timeout, so this never hangs.
         """
         deadline = time.monotonic() + self.failover_timeout_s
+        busy_deadline = time.monotonic() + max(self.failover_timeout_s, BUSY_WAIT_S)
         last_error: Exception | None = None
-        first = True
+        first, busy_attempts = True, 0
         while True:
             try:
                 route = await self.router.plan_inference(
@@ -325,6 +327,12 @@ class InferenceSession:
                 if first:
                     first = False
                     continue  # the last view knew no replacement: read the DHT
+                if isinstance(exc, SwarmBusyError) and time.monotonic() < busy_deadline:
+                    # served but full: wait for room as an open does, rather than lose the session
+                    busy_attempts += 1
+                    wait_s = busy_backoff_s(busy_attempts - 1, self.router.rng)
+                    await asyncio.sleep(min(wait_s, max(0.0, busy_deadline - time.monotonic())))
+                    continue
                 if time.monotonic() >= deadline:
                     raise NoRouteError(
                         exc.missing_blocks,

@@ -103,12 +103,12 @@ class Traffic:
                 request.client.book.mark_full(full.peer_id)
             else:  # before: banned for the request
                 request.banned.add(full.peer_id)
-        self._wait(row, request, busy=busy and self.cfg.busy_wait and not request.route)
+        self._wait(row, request, busy=busy and self.cfg.busy_wait)
 
     def _wait(self, row: int, request: Request, *, busy: bool) -> None:
-        """No route yet: an open that found the blocks served but full backs off for up to
-        BUSY_WAIT_S (the SDK's ``_first_route``); anything else retries each tick for
-        ``failover_timeout_s``; then the request fails."""
+        """No route yet: an open or a failover that found the blocks served but full backs off for
+        up to BUSY_WAIT_S (the SDK's ``_first_route`` and ``_replace_one``); anything else retries
+        each tick for ``failover_timeout_s``; then the request fails."""
         assert request.stalled_since is not None
         limit = max(self.cfg.failover_timeout_s, BUSY_WAIT_S) if busy else self.cfg.failover_timeout_s
         if self.now - request.stalled_since >= limit:
@@ -132,7 +132,7 @@ class Traffic:
                 request.client.book.take(span.peer_id, self.cfg.session_tokens)
         if hop is not None and not request.forward:
             hops = [*request.route[:hop], *hops, *request.route[hop + 1 :]]
-        request.route, request.failed_hop = hops, None
+        request.route, request.failed_hop, request.busy_waits = hops, None, 0
         for _, peer, _ in hops:
             self.on_peer[peer.idx] += 1
         self.sessions.set_route(row, hops, forward=request.forward)
