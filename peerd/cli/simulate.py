@@ -64,6 +64,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         ("failed requests", f"{summary['failed_request_fraction']:.2%} of {summary['completed'] + summary['failed']}"),
         ("p99 stall", f"{summary['p99_stall_s']:.1f} s"),
         ("refused opens (CACHE_FULL)", str(summary["refusals_cache_full"])),
+        ("opens waiting for room", str(summary["busy_waits"])),
+        ("mean KV cache slots used", f"{summary['mean_cache_used']:.0%}"),
         ("block moves per hour", f"{summary['block_moves_per_hour']:.1f}"),
         ("mean coverage gap", f"{summary['mean_gap_blocks']:.2f} blocks"),
         ("DHT messages / peer / min", f"{summary['dht_messages_per_peer_per_min']:.0f}"),

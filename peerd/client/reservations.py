@@ -8,13 +8,28 @@ free cache again for each of them and send them all to one peer until it refuses
 
 from __future__ import annotations
 
+import random
 import time
 from collections import deque
 from collections.abc import Callable
 
-__all__ = ["HOLD_S", "CacheBook"]
+__all__ = ["BUSY_WAIT_S", "HOLD_S", "CacheBook", "busy_backoff_s"]
 
 HOLD_S = 30.0  # the daemon's default announce period: by then the peer's record shows the session
+# A new session that finds every peer of some blocks full (SwarmBusyError) waits this long for room
+# before giving up: it holds nothing while it waits, and sessions finishing elsewhere free cache every
+# few seconds. The swarm simulator showed that failing after the 30 s failover timeout instead turned
+# a busy minute into failed requests (docs/scale.md).
+BUSY_WAIT_S = 180.0
+BUSY_BACKOFF_S = (1.0, 2.0, 4.0, 8.0)  # waits between re-plans, then the last one repeated
+FULL_TOKENS = 1 << 40  # what a refusal reserves: more than any record's free cache
+
+
+def busy_backoff_s(attempt: int, rng: random.Random) -> float:
+    """Seconds to wait before re-planning for the ``attempt``-th time (from 0) after SwarmBusyError:
+    doubling from 1 s to 8 s, jittered by x[0.5, 1.5) so clients turned away together do not all
+    come back in the same second, when the records they read are still the same."""
+    return BUSY_BACKOFF_S[min(attempt, len(BUSY_BACKOFF_S) - 1)] * rng.uniform(0.5, 1.5)
 
 
 class CacheBook:
@@ -34,6 +49,12 @@ class CacheBook:
 
     def take(self, peer_id: str, tokens: int) -> None:
         self._entries.setdefault(peer_id, deque()).append((self.clock(), tokens))
+
+    def mark_full(self, peer_id: str) -> None:
+        """``peer_id`` refused a session with ``CACHE_FULL``: count it as full until its next announce
+        (``hold_s``), when its record tells again. A full peer is not failing, so it is not banned:
+        a ban doubles on repeats, and under load every peer refuses now and then."""
+        self.take(peer_id, FULL_TOKENS)
 
     def release(self, peer_id: str, tokens: int) -> None:
         """Forget one reservation of ``tokens`` on ``peer_id`` (the newest: older ones expire first)."""

@@ -28,7 +28,7 @@ from peerd.client.routing import (
 )
 from peerd.client.shortfall import explain_no_route
 from peerd.model.quant import PRECISION_BITS, precision_bits
-from peerd.rpc.errors import NoRouteError, PeerUnavailable, RequestTooLargeError
+from peerd.rpc.errors import NoRouteError, PeerError, PeerUnavailable, RequestTooLargeError, is_busy
 from peerd.rpc.rtt import RttProbe
 from peerd.rpc.transport import PeerClient
 from peerd.swarm.dht import BlockView
@@ -82,7 +82,6 @@ class Router:
         self._min_precision: str | None = None
         self.min_precision = min_precision  # checked by the setter
         self.bans = bans or BanList()
-        self._full_until: dict[str, float] = {}  # banned for refusing for lack of room: until when
         self.rtt = rtt or RttProbe(peers.info)
         self.rtts_ms: dict[str, float] = {}  # measured client <-> peer round trips, for planning
         self._rtt_read_at: dict[str, float] = {}  # the probe time each value of rtts_ms came from
@@ -133,13 +132,19 @@ class Router:
 
     # --- bans --------------------------------------------------------------------------------------
 
-    def ban(self, peer_id: str, reason: str = "", duration_s: float | None = None, *, busy: bool = False) -> None:
-        """Route around ``peer_id`` for a while; ``busy``: it refused for lack of room, it did not fail
-        (so a user who finds no route is told the swarm is full, not that nobody serves the blocks)."""
+    def ban(self, peer_id: str, reason: str = "", duration_s: float | None = None) -> None:
         duration = self.bans.ban(peer_id, duration_s)
-        if busy:
-            self._full_until[peer_id] = time.monotonic() + duration
         logger.info("banned peer %s for %.0fs: %s", peer_id[:16], duration, reason)
+
+    def route_around(self, peer_id: str, exc: PeerUnavailable | PeerError) -> None:
+        """Plan around a peer that failed a request: one that refused a session for lack of room (cache,
+        sessions, queue: ``is_busy``) is counted full until its next announce (``CacheBook.mark_full``),
+        so a user who then finds no route is told the swarm is busy; any other failure bans it."""
+        if is_busy(exc):
+            self.cache_book.mark_full(peer_id)
+            logger.info("peer %s is out of cache: %s", peer_id[:16], exc)
+        else:
+            self.ban(peer_id, reason=str(exc))
 
     def banned(self) -> set[str]:
         return self.bans.banned()
@@ -241,7 +246,6 @@ class Router:
             batch_size=batch_size,
             banned=self.banned(),
             reserved_tokens=self.cache_book.taken(),
-            full={p for p, until in self._full_until.items() if until > time.monotonic()},
         )
 
     def has_alternative(self, span: Span, cache_tokens: int) -> bool:

@@ -19,6 +19,7 @@ import torch
 
 from peerd.client.compression import CompressionChoice, hop_compression
 from peerd.client.deadlines import StepDeadline
+from peerd.client.reservations import BUSY_WAIT_S, busy_backoff_s
 from peerd.client.router import Router
 from peerd.client.routing import Span
 from peerd.client.verify import SpotChecker
@@ -28,7 +29,7 @@ from peerd.rpc.errors import (
     PeerError,
     PeerUnavailable,
     RequestTooLargeError,
-    is_busy,
+    SwarmBusyError,
     worth_failover,
 )
 from peerd.rpc.transport import InferenceStream, PeerClient
@@ -88,11 +89,13 @@ class InferenceSession:
         compression: CompressionChoice = Compression.NONE,
         failover_timeout_s: float = 30.0,
         checker: SpotChecker | None = None,
+        busy_wait_s: float = BUSY_WAIT_S,
     ) -> None:
         self.router = router
         self.peers = peers
         self.compression = compression
         self.failover_timeout_s = failover_timeout_s
+        self.busy_wait_s = busy_wait_s
         self.checker = checker
         self.max_length = max_length
         self.batch_size = batch_size
@@ -129,20 +132,30 @@ class InferenceSession:
                 if not worth_failover(exc):
                     raise
                 # a peer failing at open is handled like one failing mid-session
-                self.router.ban(span.peer_id, reason=str(exc), busy=is_busy(exc))
+                self.router.route_around(span.peer_id, exc)
                 self.spans.extend(await self._replace_one(state))
 
     async def _first_route(self) -> list[Span]:
         """The opening route. If nobody can serve some blocks right now (a replica restarting, its
         servers banned for a moment after failing), keep looking for ``failover_timeout_s`` with a
-        fresh DHT view each second, as a failover would, then raise NoRouteError."""
+        fresh DHT view each second, as a failover would, then raise NoRouteError. If they are served
+        but every such peer is out of cache (SwarmBusyError), wait up to ``busy_wait_s`` with backoff."""
         deadline = time.monotonic() + self.failover_timeout_s
-        refresh = False
+        busy_deadline = time.monotonic() + max(self.failover_timeout_s, self.busy_wait_s)
+        refresh, busy_attempts = False, 0
         while True:
             try:
                 return await self.router.plan_inference(
                     0, self.router.num_blocks, self.max_length * self.batch_size, refresh=refresh
                 )
+            except SwarmBusyError:
+                # served but full: wait for sessions to close, backing off (reservations.py)
+                if time.monotonic() >= busy_deadline:
+                    raise
+                refresh = True
+                wait_s = busy_backoff_s(busy_attempts, self.router.rng)
+                busy_attempts += 1
+                await asyncio.sleep(min(wait_s, max(0.0, busy_deadline - time.monotonic())))
             except NoRouteError:
                 why = self.router.explain_no_route(0, self.router.num_blocks, self.max_length, self.batch_size)
                 if isinstance(why, RequestTooLargeError) or time.monotonic() >= deadline:
@@ -280,7 +293,7 @@ class InferenceSession:
 
     async def _failover(self, index: int, exc: Exception) -> list[_SpanState]:
         failed = self.spans[index]
-        self.router.ban(failed.span.peer_id, reason=str(exc), busy=is_busy(exc))
+        self.router.ban(failed.span.peer_id, reason=str(exc))
         if failed.stream is not None:
             # its session is gone (closed here, or the peer died with it): stop counting its cache,
             # or a client that fails over often would see every peer as full for HOLD_S
@@ -297,12 +310,14 @@ class InferenceSession:
         Tries the last DHT view first (a read can wait seconds on a hung peer's own DHT node), then
         keeps trying (a fresh DHT view each time, failed replacements banned) until
         ``failover_timeout_s`` runs out, so a peer that joins within that window rescues the
-        session; after it, raises NoRouteError naming the blocks nobody serves. Every RPC has its
+        session (up to ``busy_wait_s`` while those blocks are served but full); after it, raises
+        NoRouteError naming the blocks nobody serves. Every RPC has its
         own timeout, so this never hangs.
         """
         deadline = time.monotonic() + self.failover_timeout_s
+        busy_deadline = time.monotonic() + max(self.failover_timeout_s, self.busy_wait_s)
         last_error: Exception | None = None
-        first = True
+        first, busy_attempts = True, 0
         while True:
             try:
                 route = await self.router.plan_inference(
@@ -312,10 +327,16 @@ class InferenceSession:
                     refresh=not first,
                     last_view=first,
                 )
-            except NoRouteError:
+            except NoRouteError as exc:
                 if first:
                     first = False
                     continue  # the last view knew no replacement: read the DHT
+                if isinstance(exc, SwarmBusyError) and time.monotonic() < busy_deadline:
+                    # served but full: wait for room as an open does, rather than lose the session
+                    busy_attempts += 1
+                    wait_s = busy_backoff_s(busy_attempts - 1, self.router.rng)
+                    await asyncio.sleep(min(wait_s, max(0.0, busy_deadline - time.monotonic())))
+                    continue
                 if time.monotonic() >= deadline:
                     why = self.router.explain_no_route(
                         failed.span.start, failed.span.end, self.max_length, self.batch_size
@@ -343,7 +364,7 @@ class InferenceSession:
                 if not worth_failover(exc):
                     raise
                 last_error = exc
-                self.router.ban(exc.peer_id, reason=str(exc), busy=is_busy(exc))
+                self.router.route_around(exc.peer_id, exc)
                 for state in new_states:
                     if state.stream is not None:
                         await state.stream.close()

@@ -36,7 +36,6 @@ def explain_no_route(
     batch_size: int = 1,
     banned: Iterable[str] = (),
     reserved_tokens: Mapping[str, int] | None = None,
-    full: Iterable[str] = (),
 ) -> NoRouteError | RequestTooLargeError:
     """The error to raise when no route through [start, end) has room for a session of ``max_length``.
 
@@ -45,13 +44,11 @@ def explain_no_route(
       longest session is below ``max_length``): :class:`RequestTooLargeError` with the swarm's limit;
     * else the peers of some block are full now: :class:`SwarmBusyError` (a retryable NoRouteError).
 
-    ``full``: banned peers whose ban was for answering "no room" (CACHE_FULL and the like); they
-    serve, with no cache free, rather than not at all.
+    ``reserved_tokens``: the client's cache book, where a peer that answered "no room" counts full.
     """
-    banned, full = set(banned), set(full)
-    reserved = dict(reserved_tokens or {})
-    reserved.update({p: servers[p].cache_tokens_free for p in full if p in servers})
-    live = {p: r for p, r in servers.items() if (p not in banned or p in full) and r.decode_tokens_per_s > 0}
+    banned = set(banned)
+    reserved = reserved_tokens or {}
+    live = {p: r for p, r in servers.items() if p not in banned and r.decode_tokens_per_s > 0}
     missing = missing_blocks(live, start, end)
     if missing:
         return NoRouteError(missing)

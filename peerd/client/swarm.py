@@ -25,6 +25,7 @@ from peerd.client.bans import BanList
 from peerd.client.compression import CompressionChoice, hop_compression
 from peerd.client.generation import GenerationResult, generate_pieces
 from peerd.client.joining import join_swarm
+from peerd.client.reservations import BUSY_WAIT_S
 from peerd.client.router import Router
 from peerd.client.routing import Span
 from peerd.client.sampling import SamplingParams
@@ -87,6 +88,7 @@ class SwarmClient:
         self.max_retries = max_retries
         self.compression = compression
         self.failover_timeout_s = failover_timeout_s  # how long a session waits for a replacement peer
+        self.busy_wait_s = BUSY_WAIT_S  # ... and for room, when the peers of some blocks are all full
         self.speculation = Speculation()  # multi-token steps (speculative.py); Speculation(0) turns them off
         self.router = Router(
             dht,
@@ -247,6 +249,7 @@ class SwarmClient:
             batch_size=batch_size,
             compression=self.compression,
             failover_timeout_s=self.failover_timeout_s,
+            busy_wait_s=self.busy_wait_s,
             checker=self.checker,
         )
 

@@ -43,16 +43,23 @@ class SwarmBusyError(NoRouteError):
     """Peers serve every block, but those of some blocks have no free KV cache now: retry later.
 
     A NoRouteError, so a caller that waits for a route (a session opening or failing over) keeps
-    waiting on it; what differs is the advice: the swarm is full, not broken.
+    waiting on it; what differs is the advice: the swarm is full, not broken. The token figures are
+    there when the client knows them (``shortfall.explain_no_route``), None when the planner raised.
     """
 
-    def __init__(self, busy_blocks: list[int], needed_tokens: int, most_free_tokens: int) -> None:
+    def __init__(
+        self, busy_blocks: list[int], needed_tokens: int | None = None, most_free_tokens: int | None = None
+    ) -> None:
         self.needed_tokens = needed_tokens
         self.most_free_tokens = most_free_tokens
+        room = "no room for a new session"
+        if needed_tokens is not None:
+            room = f"no room for a session of {needed_tokens} cache tokens"
+            if most_free_tokens is not None:
+                room += f" (most free on one peer: {most_free_tokens})"
         super().__init__(
             busy_blocks,
-            f"the swarm is busy: the peers serving block(s) {block_ranges(busy_blocks)} have no room for a "
-            f"session of {needed_tokens} cache tokens right now (most free on one peer: {most_free_tokens}); "
+            f"the swarm is busy: the peers serving block(s) {block_ranges(busy_blocks)} have {room} right now; "
             "retry in a moment, ask for fewer tokens (--max-new-tokens), or add a peer for those blocks",
         )
 

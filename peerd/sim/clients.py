@@ -8,10 +8,11 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
+from peerd.client.claims import CLAIM_CAP_FACTOR, EWMA, MIN_SAMPLES
 from peerd.client.reservations import CacheBook
-from peerd.client.routing import Span, plan_inference_route, plan_load_balanced_route
+from peerd.client.routing import BalancedTable, RouteTable, Span, plan_balanced_over_table, plan_over_table
+from peerd.rpc.errors import NoRouteError, SwarmBusyError
 from peerd.sim.swarm import SimSwarm
-from peerd.swarm.records import ServerRecord
 
 __all__ = ["RttTable", "SimClient"]
 
@@ -28,6 +29,12 @@ class RttTable(Mapping[str, float]):
         cfg = self.swarm.config
         dist = np.hypot([p.x - self.x for p in peers], [p.y - self.y for p in peers])
         self._ms = np.concatenate([self._ms, cfg.rtt_base_ms + cfg.rtt_span_ms * dist])
+
+    def array(self, size: int) -> np.ndarray:
+        """RTTs (ms) to peers 0..size-1."""
+        if size > len(self._ms):
+            self._grow()
+        return self._ms[:size]
 
     def ms(self, idx: int) -> float:
         if idx >= len(self._ms):
@@ -47,18 +54,52 @@ class RttTable(Mapping[str, float]):
         return len(self.swarm.peers)
 
 
+class ObservedSpeeds:
+    """The SDK's ``SpeedBook`` (peerd/client/claims.py) over arrays indexed by peer: the same EWMA,
+    sample count and claim cap (its constants, imported), so that planning thousands of peers does
+    not build a dict of records per plan. ``tests/unit/test_sim.py`` checks both agree."""
+
+    def __init__(self) -> None:
+        self.tps = np.zeros(0)  # per block, one-token steps, as this client timed them
+        self.samples = np.zeros(0, dtype=np.int64)
+
+    def _grow(self, size: int) -> None:
+        if size > self.tps.size:
+            self.tps = np.concatenate([self.tps, np.zeros(size - self.tps.size)])
+            self.samples = np.concatenate([self.samples, np.zeros(size - self.samples.size, dtype=np.int64)])
+
+    def observe(self, peers: np.ndarray, tokens_per_s: np.ndarray) -> None:
+        """One timed step per entry; ``peers`` must not repeat (average repeats first)."""
+        if peers.size:
+            self._grow(int(peers.max()) + 1)
+        first = self.samples[peers] == 0
+        self.tps[peers] = np.where(first, tokens_per_s, (1 - EWMA) * self.tps[peers] + EWMA * tokens_per_s)
+        self.samples[peers] += 1
+
+    def planning_speeds(self, claims: np.ndarray, listed: np.ndarray) -> np.ndarray:
+        """``SpeedBook.planning_speeds`` for the peers ``listed`` in the view (others: their claim)."""
+        self._grow(claims.size)
+        listed_claims = np.sort(claims[listed & (claims > 0)])
+        cap = CLAIM_CAP_FACTOR * float(listed_claims[(listed_claims.size - 1) // 2]) if listed_claims.size else 0.0
+        measured = self.samples[: claims.size] >= MIN_SAMPLES
+        return np.where(measured, self.tps[: claims.size], np.minimum(claims, cap))
+
+
 class SimClient:
-    """One client process: its location, its cached DHT view and the route it planned on that view."""
+    """One client process: its location, its cached DHT view and its cache book. It plans with the
+    SDK's planners over arrays (``plan_over_table``, ``plan_balanced_over_table``: what
+    ``plan_inference_route`` and ``plan_load_balanced_route`` run on the records they are given)."""
 
     def __init__(self, swarm: SimSwarm, x: float, y: float, rng: random.Random, clock: Callable[[], float]) -> None:
         self.swarm = swarm
         self.rtt = RttTable(swarm, x, y)
         self.rng = rng
+        self.gen = np.random.default_rng(rng.getrandbits(64))  # the spread's uniform draws
         self.book = CacheBook(hold_s=swarm.config.announce_period_s, clock=clock)
-        self.servers: dict[str, ServerRecord] = {}
+        self.speeds = ObservedSpeeds()
+        self.view = swarm.table.snapshot()
         self._view_at = -1e18
         self._view_version = -1
-        self._route: list[Span] | None = None
         self.plans = 0
 
     def refresh(self, now: float) -> None:
@@ -69,36 +110,73 @@ class SimClient:
         self.swarm.count_full_read()
         if self.swarm.version != self._view_version:
             self._view_version = self.swarm.version
-            self.servers = self.swarm.view()
-            self._route = None
+            self.view = self.swarm.table.snapshot()
+
+    def _usable(self, banned: set[str]) -> np.ndarray:
+        usable = self.view.visible & (self.view.decode_tps > 0)
+        for peer_id in banned:
+            idx = int(peer_id[1:])
+            if idx < usable.size:
+                usable[idx] = False
+        return usable
+
+    def _spans(
+        self, chain: list[tuple[int, int, int]] | None, start: int, end: int, live: np.ndarray | None = None
+    ) -> list[Span]:
+        """Spans of ``chain``; for None, SwarmBusyError if the ``live`` peers (full ones included)
+        cover [start, end), as ``plan_inference_route`` raises, else NoRouteError."""
+        if chain is None:
+            if live is not None:
+                cover = np.zeros(self.swarm.config.num_blocks + 1, dtype=np.int64)
+                np.add.at(cover, self.view.start[live], 1)
+                np.add.at(cover, self.view.end[live], -1)
+                if (np.cumsum(cover)[start:end] > 0).all():
+                    raise SwarmBusyError(list(range(start, end)))
+            raise NoRouteError(list(range(start, end)))
+        return [Span(f"p{i:07d}", s, e, self.swarm.record_of(i)) for i, s, e in chain]
 
     def plan(self, start: int, end: int, cache_tokens: int, banned: set[str]) -> list[Span]:
-        """The SDK's inference route. Without spread or reservations the plan is a function of the
-        view, so a client that plans twice on one view reuses it (what keeps 10,000 peers fast)."""
-        cfg = self.swarm.config
-        fixed = cfg.route_spread <= 0 and not cfg.cache_book
-        whole = start == 0 and end == cfg.num_blocks and not banned
-        if fixed and whole and self._route is not None:
-            return self._route
+        """The SDK's inference route (``Router.plan_inference``) on this client's view."""
+        cfg, view = self.swarm.config, self.view
         self.plans += 1
-        route = plan_inference_route(
-            self.servers,
-            start,
-            end,
-            banned=banned,
-            min_cache_tokens=cache_tokens,
-            rtt_ms=self.rtt,
-            reserved_tokens=self.book.taken() if cfg.cache_book else None,
-            rng=self.rng,
-            spread=cfg.route_spread,
+        headroom = view.cache_tokens_free - cache_tokens
+        if cfg.cache_book:
+            for peer_id, tokens in self.book.taken().items():
+                idx = int(peer_id[1:])
+                if idx < view.size:
+                    headroom[idx] -= tokens
+        table = RouteTable(
+            start=view.start,
+            end=view.end,
+            hop_ms=self.rtt.array(view.size),
+            per_block_ms=1e3 / np.maximum(1e-6, self._planning_speeds()),
+            headroom_tokens=headroom,
         )
-        if fixed and whole:
-            self._route = route
-        return route
+        uniforms = self.gen.random(view.size) if cfg.route_spread > 0 else None
+        live = self._usable(banned)
+        chain = plan_over_table(
+            table, start, end, uniforms=uniforms, spread=cfg.route_spread, usable=live & (headroom >= 0)
+        )
+        return self._spans(chain, start, end, live)
+
+    def _planning_speeds(self) -> np.ndarray:
+        if not self.swarm.config.observed_speeds:
+            return self.view.decode_tps
+        return self.speeds.planning_speeds(self.view.decode_tps, self.view.visible)
 
     def plan_forward(self, banned: set[str]) -> list[Span]:
+        """The SDK's load-balanced route for a forward batch (no measured speeds: claims only)."""
+        cfg, view = self.swarm.config, self.view
         self.plans += 1
-        cfg = self.swarm.config
-        return plan_load_balanced_route(
-            self.servers, 0, cfg.num_blocks, banned=banned, rng=self.rng, bytes_per_token=cfg.hidden_bytes_per_token
+        table = BalancedTable(
+            start=view.start,
+            end=view.end,
+            prefill_tps=view.decode_tps * cfg.prefill_gain,
+            uplink_bytes_per_s=view.uplink_bytes_per_s,
+            observed_tps=np.full(view.size, np.nan),
         )
+        usable = self._usable(banned)
+        chain = plan_balanced_over_table(
+            table, 0, cfg.num_blocks, rng=self.rng, bytes_per_token=cfg.hidden_bytes_per_token, usable=usable
+        )
+        return self._spans(chain, 0, cfg.num_blocks)

@@ -49,6 +49,11 @@ class SimConfig:
     failover_timeout_s: float = 30.0
     route_spread: float = 0.25  # the SDK's ROUTE_SPREAD (0: the plain fastest route, deterministic)
     cache_book: bool = True  # clients subtract the cache they reserved since a record was written
+    # clients plan with the speeds they observed per peer (the SDK's SpeedBook: a loaded peer's steps
+    # are slower), not only with claims; observations are folded in every observe_period_s
+    observed_speeds: bool = True
+    observe_period_s: float = 5.0
+    busy_wait: bool = True  # an open finding every peer of some blocks full waits (BUSY_WAIT_S, backoff)
     crash_detect_s: float = 5.0  # a step deadline: how long a client waits on a peer that vanished
     handover_s: float = 1.0  # re-plan and replay after a refusal or a drained peer
     spike_factor: float = 1.0  # arrivals multiplied by this during the spike
@@ -65,8 +70,10 @@ class SimConfig:
 
 
 # name -> overrides; `peerd simulate --scenario NAME` starts from these, explicit flags win
-SCENARIOS: dict[str, dict[str, float | int]] = {
+SCENARIOS: dict[str, dict[str, float | int | bool]] = {
     "steady-100": {"peers": 100},
+    # before load-aware planning: claimed speeds only, and an open fails after failover_timeout_s
+    "steady-100-claims": {"peers": 100, "observed_speeds": False, "busy_wait": False},
     # before the herding fix: the plain fastest route, stale free cache taken at face value
     "herding-100": {"peers": 100, "route_spread": 0.0, "cache_book": False},
     "churn5-100": {"peers": 100, "churn_per_hour": 0.05},
@@ -85,7 +92,7 @@ SCENARIOS: dict[str, dict[str, float | int]] = {
 }
 
 
-def scenario(name: str, **overrides: float | int) -> SimConfig:
+def scenario(name: str, **overrides: float | int | bool) -> SimConfig:
     """A shipped scenario with ``overrides`` applied; raises KeyError naming the known ones."""
     if name not in SCENARIOS:
         raise KeyError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")

@@ -55,7 +55,7 @@ class Simulation(Traffic):
         self.online_tps = 0.0  # sum of decode speed over ONLINE peers (the bound's capacity)
         self.now = 0.0
         self.arrival_rate = 0.0
-        self.stats = {"requests": 0, "completed": 0, "failed": 0, "refusals": 0, "failovers": 0}
+        self.stats = {"requests": 0, "completed": 0, "failed": 0, "refusals": 0, "failovers": 0, "busy_waits": 0}
         self.stalls: list[float] = []
         self.series: dict[str, list[float]] = {
             k: []
@@ -69,6 +69,8 @@ class Simulation(Traffic):
                 "moves",
                 "dht_msgs_per_peer_per_min",
                 "peers",
+                "cache_used",
+                "route_hops",
             )
         }
 
@@ -182,6 +184,8 @@ class Simulation(Traffic):
             self._announce_tick(ticks)
             self._arrivals()
             delivered, done = self.sessions.advance(self.now, cfg.tick_s, len(self.swarm.peers))
+            if cfg.observed_speeds and (self.now - cfg.warmup_s) % cfg.observe_period_s < cfg.tick_s:
+                self._observe()
             for row in done:
                 self._finish(int(row), failed=False)
             bound = min(cfg.batch_gain * self.online_tps / cfg.num_blocks, self.sessions.demand())
@@ -193,6 +197,19 @@ class Simulation(Traffic):
                 if progress is not None:
                     progress((self.now - cfg.warmup_s) / cfg.duration_s)
         return SimResult(self._summary(totals, time.monotonic() - started), self.series)
+
+    def _observe(self) -> None:
+        """Each client folds the step times its sessions see now into its speed book (one sample per
+        peer: the mean over its hops there), as the SDK's SpeedBook does on every step."""
+        client, peer, rate = self.sessions.observed_steps(self.now)
+        if not client.size:
+            return
+        keys, inverse = np.unique(client * len(self.swarm.peers) + peer, return_inverse=True)
+        mean = np.bincount(inverse, weights=rate) / np.bincount(inverse)
+        owners, peers = np.divmod(keys, len(self.swarm.peers))
+        for c in np.unique(owners):
+            mine = owners == c
+            self.clients[int(c)].speeds.observe(peers[mine], mean[mine])
 
     def _on_churn(self) -> None:
         self._on_leave(self._random_alive())
@@ -250,6 +267,13 @@ class Simulation(Traffic):
         s["moves"].append(float(self.swarm.moves))
         s["dht_msgs_per_peer_per_min"].append((messages - previous) / max(1, len(online)) / (SAMPLE_S / 60))
         s["peers"].append(float(len(online)))
+        # the KV cache slots held, as a share of the online peers' slots: near 1, opens wait for room
+        slots = max(1, len(online) * cfg.sessions_per_peer)
+        s["cache_used"].append(
+            float(sum(int(self.on_peer[p.idx]) for p in online if p.idx < self.on_peer.size)) / slots
+        )
+        hops = [len(r.route) for r in self.requests.values() if r.route and not r.forward]
+        s["route_hops"].append(float(np.mean(hops)) if hops else 0.0)
         window.update(delivered=0.0, bound=0.0, failed=0.0)
 
     def _summary(self, totals: dict[str, float], wall_s: float) -> dict[str, Any]:
@@ -270,10 +294,13 @@ class Simulation(Traffic):
             "completed": stats["completed"],
             "failed": stats["failed"],
             "refusals_cache_full": stats["refusals"],
+            "busy_waits": stats["busy_waits"],
             "failovers": stats["failovers"],
             "median_stall_s": float(np.median(stalls)),
             "block_moves_per_hour": self.swarm.moves / (cfg.duration_s / 3600),
             "mean_gap_blocks": float(np.mean(self.series["gap_blocks"])) if self.series["gap_blocks"] else 0.0,
+            "mean_cache_used": float(np.mean(self.series["cache_used"])) if self.series["cache_used"] else 0.0,
+            "mean_route_hops": float(np.mean(self.series["route_hops"])) if self.series["route_hops"] else 0.0,
             "dht_records_read_per_peer_per_min": self.swarm.dht_records_read / max(1, cfg.peers) / minutes,
             "route_plans": sum(c.plans for c in self.clients),
             "config": dict(vars(cfg)),

@@ -19,6 +19,7 @@ PLOTS = [
     ),
     ("coverage_gaps.png", "Blocks served by no online peer", "blocks", ("gap_blocks",)),
     ("requests.png", "Requests failed (cumulative) and stalled (now)", "requests", ("failed", "stalled")),
+    ("cache_used.png", "KV cache slots held, share of online peers' slots", "share", ("cache_used",)),
     ("block_moves.png", "Block moves (cumulative)", "moves", ("moves",)),
     ("dht_messages.png", "DHT messages per online peer per minute", "messages", ("dht_msgs_per_peer_per_min",)),
 ]

@@ -34,6 +34,8 @@ class Sessions:
         self.ideal = np.zeros(rows)  # tokens/s on its first route with no load: the bound's demand
         self.resume_at = np.zeros(rows)  # no progress before this time (a failover in progress)
         self.active = np.zeros(rows, dtype=bool)
+        self.client = np.zeros(rows, dtype=np.int64)  # which client opened it (its speed book observes it)
+        self.forward = np.zeros(rows, dtype=bool)
         self.load = np.ones(0)  # per peer: how stretched its compute is (>= 1), damped across ticks
 
     def _grow(self) -> None:
@@ -48,6 +50,8 @@ class Sessions:
             "ideal",
             "resume_at",
             "active",
+            "client",
+            "forward",
         ):
             old = getattr(self, name)
             fill = -1 if name == "peer" else 0
@@ -55,7 +59,7 @@ class Sessions:
             new[: old.shape[0]] = old
             setattr(self, name, new)
 
-    def open(self, tokens: int, weight: float) -> int:
+    def open(self, tokens: int, weight: float, client: int = 0, forward: bool = False) -> int:
         free = np.flatnonzero(~self.active)
         if free.size == 0:
             self._grow()
@@ -64,6 +68,7 @@ class Sessions:
         self.active[row] = True
         self.peer[row] = -1
         self.left[row], self.weight[row], self.ideal[row], self.resume_at[row] = tokens, weight, 0.0, 0.0
+        self.client[row], self.forward[row] = client, forward
         return row
 
     def set_route(self, row: int, spans: list[tuple[Span, SimPeer, float]], *, forward: bool) -> None:
@@ -109,6 +114,21 @@ class Sessions:
         self.left[run] -= made
         done = run[self.left[run] <= 1e-9]
         return float((made * self.weight[run]).sum()), done
+
+    def observed_steps(self, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What the clients' timers see now, per (client, peer) hop of a running generation session:
+        (client, peer, block-tokens per second of one step over the hop: its blocks over the RTT plus
+        the peer's compute stretched by its load), as the SDK's SpeedBook.observe is fed."""
+        run = np.flatnonzero(self.active & ~self.forward & (self.resume_at <= now) & (self.peer[:, 0] >= 0))
+        peer = self.peer[run]
+        valid = peer >= 0
+        if peer.size and self.load.size <= int(peer.max()):
+            self.load = np.concatenate([self.load, np.ones(int(peer.max()) + 1 - self.load.size)])
+        load = self.load[np.where(valid, peer, 0)]
+        elapsed = self.rtt_s[run] + self.cost_s[run] * load
+        blocks = self.span_end[run] - self.span_start[run]
+        client = np.broadcast_to(self.client[run][:, None], peer.shape)
+        return client[valid], peer[valid], (blocks / np.maximum(1e-9, elapsed))[valid]
 
     def demand(self) -> float:
         """What the requests in flight could use on an idle swarm (decode-equivalent tokens/s)."""

@@ -22,7 +22,7 @@ from peerd.daemon.placement import PlacedPeer, Placement, choose_placement, deci
 from peerd.sim.config import SimConfig
 from peerd.swarm.records import PeerState, ServerRecord
 
-__all__ = ["PeerPhase", "SimPeer", "SimSwarm"]
+__all__ = ["PeerPhase", "SimPeer", "SimSwarm", "ViewArrays"]
 
 
 class PeerPhase(enum.Enum):
@@ -50,6 +50,41 @@ class SimPeer:
         return PlacedPeer(self.peer_id, self.start, self.end, self.decode_tps)
 
 
+class ViewArrays:
+    """Per peer index: what its record says (blocks, speeds, free cache) and whether clients see it
+    (ONLINE and in the DHT). Grown as peers are created; a client's view is a copy."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.start = np.zeros(64, dtype=np.int64)
+        self.end = np.zeros(64, dtype=np.int64)
+        self.decode_tps = np.zeros(64)
+        self.uplink_bytes_per_s = np.zeros(64)
+        self.cache_tokens_free = np.zeros(64)
+        self.visible = np.zeros(64, dtype=bool)
+
+    def add(self, peer: SimPeer) -> None:
+        if self.size == self.start.size:
+            for name in ("start", "end", "decode_tps", "uplink_bytes_per_s", "cache_tokens_free", "visible"):
+                old = getattr(self, name)
+                setattr(self, name, np.concatenate([old, np.zeros_like(old)]))
+        self.decode_tps[self.size] = peer.decode_tps
+        self.uplink_bytes_per_s[self.size] = peer.uplink_bytes_per_s
+        self.size += 1
+
+    def set(self, peer: SimPeer, *, visible: bool, cache_tokens_free: int) -> None:
+        i = peer.idx
+        self.start[i], self.end[i] = peer.start, peer.end
+        self.visible[i], self.cache_tokens_free[i] = visible and peer.in_dht, cache_tokens_free
+
+    def snapshot(self) -> ViewArrays:
+        copy = ViewArrays.__new__(ViewArrays)
+        copy.size = self.size
+        for name in ("start", "end", "decode_tps", "uplink_bytes_per_s", "cache_tokens_free", "visible"):
+            setattr(copy, name, getattr(self, name)[: self.size].copy())
+        return copy
+
+
 class SimSwarm:
     """All peers ever created, the per-block throughput the DHT shows, and the DHT's traffic counters."""
 
@@ -65,6 +100,8 @@ class SimSwarm:
         self.dht_records_read = 0  # records those reads returned
         self.dht_stores = 0
         self.records_in_dht = 0  # one record per hosted block
+        # what clients read, per peer index, as arrays (their route tables are copies of these)
+        self.table = ViewArrays()
 
     # --- population --------------------------------------------------------------------------
     def new_peer(self, gen: np.random.Generator) -> SimPeer:
@@ -83,6 +120,7 @@ class SimSwarm:
             y=float(gen.random()),
         )
         self.peers.append(peer)
+        self.table.add(peer)
         return peer
 
     def alive(self) -> list[SimPeer]:
@@ -124,6 +162,7 @@ class SimSwarm:
             )
         else:
             peer.record = replace(peer.record, state=state, start=peer.start, end=peer.end, cache_tokens_free=tokens)
+        self.table.set(peer, visible=state is PeerState.ONLINE, cache_tokens_free=tokens)
         self.version += 1
 
     def unpublish(self, peer: SimPeer) -> None:
@@ -132,7 +171,13 @@ class SimSwarm:
             self.totals[peer.start : peer.end] -= peer.decode_tps
             self.records_in_dht -= peer.end - peer.start
             peer.in_dht = False
+            self.table.visible[peer.idx] = False
             self.version += 1
+
+    def record_of(self, idx: int) -> ServerRecord:
+        record = self.peers[idx].record
+        assert record is not None  # only peers with a record are ever visible
+        return record
 
     def view(self) -> dict[str, ServerRecord]:
         """What a client's DHT read returns now: online records by peer id (expired ones are gone)."""

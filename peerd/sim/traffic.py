@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from peerd.client.reservations import BUSY_WAIT_S, busy_backoff_s
 from peerd.client.routing import Span
-from peerd.rpc.errors import NoRouteError
+from peerd.rpc.errors import NoRouteError, SwarmBusyError
 from peerd.sim.clients import SimClient
 from peerd.sim.config import SimConfig
 from peerd.sim.sessions import Sessions
@@ -35,6 +36,7 @@ class Request:
     banned: set[str] = field(default_factory=set)
     stalled_since: float | None = None  # no progress since (waiting for a route or a failover)
     failed_hop: int | None = None  # the hop being replaced, or None for the whole route
+    busy_waits: int = 0  # re-plans after SwarmBusyError so far (the SDK's backoff)
 
 
 class Traffic:
@@ -63,7 +65,9 @@ class Traffic:
         client = self.rng.choice(self.clients)
         forward = self.rng.random() < self.cfg.forward_fraction
         tokens = self.cfg.forward_tokens if forward else self.cfg.session_tokens
-        row = self.sessions.open(tokens, 1.0 / self.cfg.prefill_gain if forward else 1.0)
+        row = self.sessions.open(
+            tokens, 1.0 / self.cfg.prefill_gain if forward else 1.0, self.clients.index(client), forward
+        )
         self.requests[row] = Request(client, forward, stalled_since=self.now)
         self.stats["requests"] += 1
         self._route_or_wait(row)
@@ -81,20 +85,38 @@ class Traffic:
         first, last = 0, self.cfg.num_blocks
         if hop is not None and not request.forward:  # only the failed hop's blocks are re-planned
             first, last = request.route[hop][0].start, request.route[hop][0].end
+        busy = False
         for _ in range(MAX_REFUSALS):
             try:
                 spans = self._plan(request, first, last)
+            except SwarmBusyError:
+                busy = True
+                break
             except NoRouteError:
                 break
             full = next((s for s in spans if self.on_peer[int(s.peer_id[1:])] >= self.cfg.sessions_per_peer), None)
             if full is None:
                 self._install(row, request, spans)
                 return
-            self.stats["refusals"] += 1  # CACHE_FULL: ban it for this request, plan again
-            request.banned.add(full.peer_id)
+            self.stats["refusals"] += 1  # CACHE_FULL: the SDK counts it full (Router.route_around)
+            if self.cfg.busy_wait:
+                request.client.book.mark_full(full.peer_id)
+            else:  # before: banned for the request
+                request.banned.add(full.peer_id)
+        self._wait(row, request, busy=busy and self.cfg.busy_wait)
+
+    def _wait(self, row: int, request: Request, *, busy: bool) -> None:
+        """No route yet: an open or a failover that found the blocks served but full backs off for
+        up to BUSY_WAIT_S (the SDK's ``_first_route`` and ``_replace_one``); anything else retries
+        each tick for ``failover_timeout_s``; then the request fails."""
         assert request.stalled_since is not None
-        if self.now - request.stalled_since >= self.cfg.failover_timeout_s:
+        limit = max(self.cfg.failover_timeout_s, BUSY_WAIT_S) if busy else self.cfg.failover_timeout_s
+        if self.now - request.stalled_since >= limit:
             self._finish(row, failed=True)
+        elif busy:
+            self.stats["busy_waits"] += 1
+            self.at(self.now + busy_backoff_s(request.busy_waits, self.rng), "retry", row)
+            request.busy_waits += 1
         else:
             self.at(self.now + self.cfg.tick_s, "retry", row)
 
@@ -110,7 +132,7 @@ class Traffic:
                 request.client.book.take(span.peer_id, self.cfg.session_tokens)
         if hop is not None and not request.forward:
             hops = [*request.route[:hop], *hops, *request.route[hop + 1 :]]
-        request.route, request.failed_hop = hops, None
+        request.route, request.failed_hop, request.busy_waits = hops, None, 0
         for _, peer, _ in hops:
             self.on_peer[peer.idx] += 1
         self.sessions.set_route(row, hops, forward=request.forward)

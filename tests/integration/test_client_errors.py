@@ -43,6 +43,7 @@ async def test_a_full_peer_makes_a_busy_error_not_a_missing_peer(make_swarm) -> 
     swarm = await make_swarm([(0, 6)], cache_tokens=256, evict_idle_s=3600.0)
     hog = await swarm.client()
     honest = await swarm.client(failover_timeout_s=3.0)
+    honest.busy_wait_s = 3.0  # the default waits minutes for room: here, the error is the point
     held = [hog.inference_session(max_length=128) for _ in range(2)]
     try:
         for session in held:

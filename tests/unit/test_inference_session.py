@@ -60,7 +60,10 @@ async def test_a_peer_that_cannot_serve_is_routed_around(code: ErrorCode) -> Non
     moved = FakePeer(record("moved", 0, 4, tps=1000.0), error=code)
     router, transport, _ = setup([moved, FakePeer(record("other", 0, 4))])
     torch.testing.assert_close(await run(session(router, transport)), EXPECTED)
-    assert "moved" in router.banned()
+    if code is ErrorCode.CACHE_FULL:  # full is not failing: counted full until its next announce
+        assert "moved" not in router.banned() and router.cache_book.taken()["moved"] > 1e9
+    else:
+        assert "moved" in router.banned()
 
 
 async def test_a_request_the_peer_rejects_as_malformed_is_raised_not_retried() -> None:

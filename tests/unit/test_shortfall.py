@@ -91,7 +91,7 @@ def test_a_prompt_that_is_not_utf8_is_named_with_where(text: str, detail: str) -
     check_text("café au lait, 東京")  # real text passes
 
 
-def test_a_peer_banned_for_being_full_is_busy_not_missing() -> None:
+def test_a_peer_that_answered_no_room_counts_full_and_the_swarm_busy() -> None:
     records = swarm(rec("a", 0, 6, free=8192))
-    why = explain_no_route(records, 0, 6, max_length=100, banned={"a"}, full={"a"})
+    why = explain_no_route(records, 0, 6, max_length=100, reserved_tokens={"a": 1 << 40})  # CacheBook.mark_full
     assert isinstance(why, SwarmBusyError) and why.most_free_tokens == 0
