@@ -6,9 +6,9 @@ import random
 
 import torch
 
+from peerd.client.disputes import DisputeLedger
 from peerd.client.router import Router
 from peerd.client.routing import Span
-from peerd.client.disputes import DisputeLedger
 from peerd.client.verify import SpotChecker
 from peerd.config import DEFAULT_SPOT_CHECK_RATE
 from tests.helpers.fake_swarm import HIDDEN, MODEL_ID, FakeDHT, FakePeer, FakeTransport, record, reference
