@@ -299,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the peers of a swarm and the coverage of every block")
     _add_swarm_args(status, need_peers=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--no-probe",
+        dest="probe",
+        action="store_false",
+        help="do not time one token through each online peer (the OBSERVED speed column)",
+    )
 
     finetune = sub.add_parser("finetune", help="train a soft prompt / adapters through a swarm (blocks stay frozen)")
     _add_swarm_args(finetune, need_peers=True)

@@ -82,13 +82,14 @@ async def test_a_lying_process_is_caught_at_the_default_rate_and_no_honest_peer_
             steps = client.router.speeds.samples(liar)  # inference steps the liar answered this client
             if steps or lied:
                 exposed += 1
-                answered.append(steps)
+                answered.append(steps)  # 0: caught as a checker, before it answered any step
                 assert lied == {liar} and liar in client.router.banned(), f"seed {seed}: liar not caught"
                 assert steps <= CATCH_WITHIN_STEPS
             assert not honest & client.router.banned(), f"seed {seed}: an honest peer is banned"
         finally:
             await client.close()
-    print(f"\nliar exposed in {exposed}/{len(SEEDS)} runs; steps it answered before the ban: {answered}")
+    with capsys.disabled():
+        print(f"\nliar exposed in {exposed}/{len(SEEDS)} runs; steps it answered before the ban: {answered}")
     assert exposed >= 1, "no seed put the liar on a route or made it a checker: the test proves nothing"
 
     # the CLI with default options prints the text of the honest peers alone
