@@ -31,8 +31,8 @@ from peerd.api.metrics import ApiMetrics
 from peerd.api.schema import ApiError, CompletionRequest, parse_request
 from peerd.client.generation import GenerationResult
 from peerd.client.sampling import SamplingParams
-from peerd.model.chat import ChatTemplateError, NoChatTemplateError
-from peerd.rpc.errors import NoRouteError, PeerdClientError, PeerError
+from peerd.model.chat import ChatTemplateError, NoChatTemplateError, PromptTextError
+from peerd.rpc.errors import NoRouteError, PeerdClientError, PeerError, RequestTooLargeError, SwarmBusyError
 from protocols import ErrorCode
 
 __all__ = ["ApiSettings", "Backend", "build_app"]
@@ -76,6 +76,10 @@ def _error_response(error: ApiError) -> JSONResponse:
 
 def _client_error(exc: PeerdClientError, retry_after_s: int) -> ApiError:
     """A swarm failure as the HTTP answer an OpenAI client understands (and retries when it should)."""
+    if isinstance(exc, RequestTooLargeError):
+        return ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded")
+    if isinstance(exc, SwarmBusyError):
+        return ApiError(429, str(exc), type="rate_limit_error", code="swarm_overloaded", retry_after_s=retry_after_s)
     if isinstance(exc, NoRouteError):
         message = f"the swarm cannot serve the whole model right now: {exc}"
         return ApiError(503, message, type="server_error", code="no_route", retry_after_s=retry_after_s)
@@ -125,6 +129,8 @@ class _Api:
             raise ApiError(400, f"{exc}; use /v1/completions", param="messages") from exc
         except ChatTemplateError as exc:
             raise ApiError(400, str(exc), param="messages") from exc
+        except PromptTextError as exc:
+            raise ApiError(400, str(exc), param="messages" if req.messages is not None else "prompt") from exc
 
     def reply_budget(self, req: CompletionRequest, prompt_tokens: int) -> int:
         room = self.settings.max_context_tokens - prompt_tokens

@@ -26,8 +26,9 @@ from peerd.client.routing import (
     plan_load_balanced_route,
     servers_by_peer,
 )
+from peerd.client.shortfall import explain_no_route
 from peerd.model.quant import PRECISION_BITS, precision_bits
-from peerd.rpc.errors import NoRouteError, PeerUnavailable
+from peerd.rpc.errors import NoRouteError, PeerUnavailable, RequestTooLargeError
 from peerd.rpc.rtt import RttProbe
 from peerd.rpc.transport import PeerClient
 from peerd.swarm.dht import BlockView
@@ -81,6 +82,7 @@ class Router:
         self._min_precision: str | None = None
         self.min_precision = min_precision  # checked by the setter
         self.bans = bans or BanList()
+        self._full_until: dict[str, float] = {}  # banned for refusing for lack of room: until when
         self.rtt = rtt or RttProbe(peers.info)
         self.rtts_ms: dict[str, float] = {}  # measured client <-> peer round trips, for planning
         self._rtt_read_at: dict[str, float] = {}  # the probe time each value of rtts_ms came from
@@ -131,8 +133,12 @@ class Router:
 
     # --- bans --------------------------------------------------------------------------------------
 
-    def ban(self, peer_id: str, reason: str = "", duration_s: float | None = None) -> None:
+    def ban(self, peer_id: str, reason: str = "", duration_s: float | None = None, *, busy: bool = False) -> None:
+        """Route around ``peer_id`` for a while; ``busy``: it refused for lack of room, it did not fail
+        (so a user who finds no route is told the swarm is full, not that nobody serves the blocks)."""
         duration = self.bans.ban(peer_id, duration_s)
+        if busy:
+            self._full_until[peer_id] = time.monotonic() + duration
         logger.info("banned peer %s for %.0fs: %s", peer_id[:16], duration, reason)
 
     def banned(self) -> set[str]:
@@ -208,8 +214,10 @@ class Router:
         servers = self._servers if last_view and self._servers else await self.servers(refresh=refresh)
         banned = self.banned()
         await self.measure_rtts([p for p in servers if p not in banned])
+        # a peer whose per-session cap is below the session refuses it at any load: not a candidate
+        fitting = {p: r for p, r in servers.items() if not 0 < r.session_tokens_max < cache_tokens}
         return plan_inference_route(
-            servers,
+            fitting,
             start,
             end,
             banned=banned,
@@ -219,6 +227,21 @@ class Router:
             reserved_tokens=self.cache_book.taken(),
             rng=self.rng,
             spread=self.route_spread,
+        )
+
+    def explain_no_route(
+        self, start: int, end: int, max_length: int, batch_size: int = 1
+    ) -> NoRouteError | RequestTooLargeError:
+        """Why the last view has no route for such a session: no peer, too large, or busy (shortfall.py)."""
+        return explain_no_route(
+            self._servers,
+            start,
+            end,
+            max_length=max_length,
+            batch_size=batch_size,
+            banned=self.banned(),
+            reserved_tokens=self.cache_book.taken(),
+            full={p for p, until in self._full_until.items() if until > time.monotonic()},
         )
 
     def has_alternative(self, span: Span, cache_tokens: int) -> bool:

@@ -22,7 +22,15 @@ from peerd.client.deadlines import StepDeadline
 from peerd.client.router import Router
 from peerd.client.routing import Span
 from peerd.client.verify import SpotChecker
-from peerd.rpc.errors import NoRouteError, PeerdClientError, PeerError, PeerUnavailable, worth_failover
+from peerd.rpc.errors import (
+    NoRouteError,
+    PeerdClientError,
+    PeerError,
+    PeerUnavailable,
+    RequestTooLargeError,
+    is_busy,
+    worth_failover,
+)
 from peerd.rpc.transport import InferenceStream, PeerClient
 from protocols import Compression
 
@@ -122,7 +130,7 @@ class InferenceSession:
                 if not worth_failover(exc):
                     raise
                 # a peer failing at open is handled like one failing mid-session
-                self.router.ban(span.peer_id, reason=str(exc))
+                self.router.ban(span.peer_id, reason=str(exc), busy=is_busy(exc))
                 self.spans.extend(await self._replace_one(state))
 
     async def _first_route(self) -> list[Span]:
@@ -137,8 +145,9 @@ class InferenceSession:
                     0, self.router.num_blocks, self.max_length * self.batch_size, refresh=refresh
                 )
             except NoRouteError:
-                if time.monotonic() >= deadline:
-                    raise
+                why = self.router.explain_no_route(0, self.router.num_blocks, self.max_length, self.batch_size)
+                if isinstance(why, RequestTooLargeError) or time.monotonic() >= deadline:
+                    raise why from None  # too large: waiting would not help
                 refresh = True
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
@@ -273,7 +282,7 @@ class InferenceSession:
 
     async def _failover(self, index: int, exc: Exception) -> list[_SpanState]:
         failed = self.spans[index]
-        self.router.ban(failed.span.peer_id, reason=str(exc))
+        self.router.ban(failed.span.peer_id, reason=str(exc), busy=is_busy(exc))
         if failed.stream is not None:
             # its session is gone (closed here, or the peer died with it): stop counting its cache,
             # or a client that fails over often would see every peer as full for HOLD_S
@@ -305,15 +314,20 @@ class InferenceSession:
                     refresh=not first,
                     last_view=first,
                 )
-            except NoRouteError as exc:
+            except NoRouteError:
                 if first:
                     first = False
                     continue  # the last view knew no replacement: read the DHT
                 if time.monotonic() >= deadline:
-                    raise NoRouteError(
-                        exc.missing_blocks,
-                        f"{exc} (waited {self.failover_timeout_s:.0f}s for a replacement; last failure: {last_error})",
-                    ) from last_error
+                    why = self.router.explain_no_route(
+                        failed.span.start, failed.span.end, self.max_length, self.batch_size
+                    )
+                    if isinstance(why, NoRouteError):
+                        why.args = (
+                            f"{why} (waited {self.failover_timeout_s:.0f}s for a replacement; last failure: "
+                            f"{last_error})",
+                        )
+                    raise why from last_error
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 continue
             first = False
@@ -331,7 +345,7 @@ class InferenceSession:
                 if not worth_failover(exc):
                     raise
                 last_error = exc
-                self.router.ban(exc.peer_id, reason=str(exc))
+                self.router.ban(exc.peer_id, reason=str(exc), busy=is_busy(exc))
                 for state in new_states:
                     if state.stream is not None:
                         await state.stream.close()

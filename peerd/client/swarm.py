@@ -32,12 +32,12 @@ from peerd.client.session import InferenceSession
 from peerd.client.speculative import Speculation
 from peerd.client.verify import DEFAULT_SPOT_CHECK_RATE, Incident, SpotChecker
 from peerd.config import DEFAULT_SWARM
-from peerd.model.chat import ChatTemplate, NoChatTemplateError, chat_prompt_ids
+from peerd.model.chat import ChatTemplate, NoChatTemplateError, chat_prompt_ids, check_text
 from peerd.model.config import ModelConfig
 from peerd.model.head import ClientHead
 from peerd.model.loading import load_client_head
 from peerd.model.registry import canonical_model_id, resolve_model
-from peerd.rpc.errors import PeerdClientError, PeerError, PeerUnavailable, worth_failover
+from peerd.rpc.errors import PeerdClientError, PeerError, PeerUnavailable, RequestTooLargeError, worth_failover
 from peerd.rpc.transport import PeerClient
 from peerd.swarm.dht import SwarmDHT
 from peerd.swarm.records import ServerRecord, swarm_prefix
@@ -254,6 +254,7 @@ class SwarmClient:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise PeerdClientError("this model folder has no tokenizer.json; pass token ids instead of text")
+        check_text(text)
         return list(self.tokenizer.encode(text).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -337,6 +338,11 @@ class SwarmClient:
             raise ValueError("empty prompt")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        prefix = adapter.prefix_length if adapter is not None else 0
+        context = self.config.max_position_embeddings
+        if prefix + len(ids) + max_new_tokens > context:
+            what = f"model {self.model_id!r} has a context of {context} tokens: it takes"
+            raise RequestTooLargeError(prefix + len(ids) + max_new_tokens, context, what)
         eos = (set(self.config.eos_token_ids) if stop_on_eos else set()) | set(sampling.stop_token_ids)
         return generate_pieces(
             self, ids, max_new_tokens=max_new_tokens, sampling=sampling, eos=eos, on_token=on_token, adapter=adapter

@@ -358,6 +358,8 @@ class Peer:
             dtype=str(self.stage.dtype).removeprefix("torch.") if self.stage is not None else "",
             quant=self.stage.quant if self.stage is not None else self.config.quant,
             cache_tokens_free=self.servicer.table.available_tokens() if self.servicer is not None else 0,
+            session_tokens_max=self.servicer.budget.session_cap_tokens if self.servicer is not None else 0,
+            max_session_length=self.config.max_session_length,
             protocol_version=PROTOCOL_VERSION,
             package_version=__version__,
             public_name=self.config.public_name,

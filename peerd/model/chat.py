@@ -28,7 +28,9 @@ __all__ = [
     "ChatTemplate",
     "ChatTemplateError",
     "NoChatTemplateError",
+    "PromptTextError",
     "chat_prompt_ids",
+    "check_text",
     "eos_token_ids",
     "load_tokenizer",
 ]
@@ -43,6 +45,27 @@ class ChatTemplateError(ValueError):
 
 class NoChatTemplateError(ChatTemplateError):
     """The model folder has no chat template (a base model): send the prompt as is (``--raw``)."""
+
+
+class PromptTextError(ValueError):
+    """A prompt that is not text: it holds bytes that are not UTF-8 (or lone surrogates)."""
+
+
+def check_text(text: str, what: str = "the prompt") -> None:
+    """Raise PromptTextError naming the first character that has no UTF-8 form.
+
+    Python hands undecodable command-line bytes over as lone surrogates (U+DC80..U+DCFF), and JSON
+    can carry lone surrogates too; the tokenizer would fail on them with an error far from the cause.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise PromptTextError(
+            f"{what} is not valid UTF-8 text ({bad} at character {exc.start}); "
+            "pass UTF-8 text (check the terminal's or the file's encoding)"
+        ) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -174,6 +197,10 @@ def chat_prompt_ids(
     Special tokens are not added around the text (the template already has them), as HF's
     ``apply_chat_template(tokenize=True)`` does.
     """
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            check_text(content, f"a {message.get('role', 'chat')} message")
     prompt = template.render(messages)
     ids: list[int] = tokenizer.encode(prompt, add_special_tokens=False).ids
     return ids

@@ -10,7 +10,10 @@ __all__ = [
     "PeerError",
     "PeerUnavailable",
     "PeerdClientError",
+    "RequestTooLargeError",
+    "SwarmBusyError",
     "SwarmConnectError",
+    "is_busy",
     "worth_failover",
 ]
 
@@ -33,6 +36,36 @@ class NoRouteError(PeerdClientError):
             message
             or f"no live peer serves block(s) {spans}; start a peer with `peerd run --blocks ...` for them "
             "or wait for one to join"
+        )
+
+
+class SwarmBusyError(NoRouteError):
+    """Peers serve every block, but those of some blocks have no free KV cache now: retry later.
+
+    A NoRouteError, so a caller that waits for a route (a session opening or failing over) keeps
+    waiting on it; what differs is the advice: the swarm is full, not broken.
+    """
+
+    def __init__(self, busy_blocks: list[int], needed_tokens: int, most_free_tokens: int) -> None:
+        self.needed_tokens = needed_tokens
+        self.most_free_tokens = most_free_tokens
+        super().__init__(
+            busy_blocks,
+            f"the swarm is busy: the peers serving block(s) {block_ranges(busy_blocks)} have no room for a "
+            f"session of {needed_tokens} cache tokens right now (most free on one peer: {most_free_tokens}); "
+            "retry in a moment, ask for fewer tokens (--max-new-tokens), or add a peer for those blocks",
+        )
+
+
+class RequestTooLargeError(PeerdClientError):
+    """The request is larger than this swarm (or the model) can ever take: retrying will not help."""
+
+    def __init__(self, needed_tokens: int, limit_tokens: int, what: str) -> None:
+        self.needed_tokens = needed_tokens
+        self.limit_tokens = limit_tokens
+        super().__init__(
+            f"request too large: it needs a session of {needed_tokens} tokens (prompt + max_new_tokens), "
+            f"but {what} at most {limit_tokens}; lower --max-new-tokens or shorten the prompt"
         )
 
 
@@ -74,3 +107,12 @@ def worth_failover(exc: PeerUnavailable | PeerError) -> bool:
     if isinstance(exc, PeerUnavailable):
         return True
     return exc.retryable or exc.code in _NOT_HERE
+
+
+# answers of a peer that works but has no room for more now: busy, not broken
+_NO_ROOM = frozenset({ErrorCode.CACHE_FULL, ErrorCode.TOO_MANY_SESSIONS, ErrorCode.OVERLOADED})
+
+
+def is_busy(exc: BaseException) -> bool:
+    """True when ``exc`` is a peer saying it is full (cache, sessions, queue) rather than failing."""
+    return isinstance(exc, PeerError) and exc.code in _NO_ROOM

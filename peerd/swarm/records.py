@@ -47,9 +47,12 @@ WIRE_FIELDS = frozenset(
         "reach",
         "uplink",
         "quant",
+        "sess_max",
+        "max_len",
     ]
 )
 MAX_QUANT_CHARS = 16  # quantization names ("none", "int8", "nf4"; newer peers may announce others)
+MAX_COUNT = 1 << 40  # token counts: more than any cache could hold
 
 
 class PeerState(enum.Enum):
@@ -102,6 +105,10 @@ class ServerRecord:
     # how the hosted blocks' linear weights are stored: "none" (in dtype), "int8" or "nf4"; records
     # of peers older than quantization say nothing, which means "none"
     quant: str = "none"
+    # the largest session this peer admits: batch x length cache tokens, and length alone (0: an older
+    # peer that does not say); lets a client tell "too large for this swarm" from "busy right now"
+    session_tokens_max: int = 0
+    max_session_length: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         """Plain msgpack-able dict; ints stay ints and floats stay floats (the schema is strict)."""
@@ -127,6 +134,8 @@ class ServerRecord:
             "reach": self.reach,
             "uplink": float(self.uplink_bytes_per_s),
             "quant": self.quant,
+            "sess_max": int(self.session_tokens_max),
+            "max_len": int(self.max_session_length),
         }
 
     def to_status(self) -> dict[str, Any]:
@@ -149,6 +158,8 @@ class ServerRecord:
             "addrs": list(self.addrs),
             "uplink_bytes_per_s": self.uplink_bytes_per_s,
             "quant": self.quant,
+            "session_tokens_max": self.session_tokens_max,
+            "max_session_length": self.max_session_length,
         }
 
     @classmethod
@@ -219,6 +230,7 @@ class ServerRecord:
         quant = value.get("quant", "none")
         if not isinstance(quant, str) or not 0 < len(quant) <= MAX_QUANT_CHARS:
             raise ValueError("bad quant")
+        session_max, max_length = _count(value, "sess_max"), _count(value, "max_len")
         return cls(
             peer_id=strings["peer_id"],
             state=state,
@@ -240,7 +252,17 @@ class ServerRecord:
             reach=reach,
             uplink_bytes_per_s=float(uplink),
             quant=quant,
+            session_tokens_max=session_max,
+            max_session_length=max_length,
         )
+
+
+def _count(value: Mapping[str, Any], name: str) -> int:
+    """An optional non-negative int field of a record (0 when absent: an older peer)."""
+    item = value.get(name, 0)
+    if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item <= MAX_COUNT:
+        raise ValueError(f"bad {name}")
+    return item
 
 
 def latest_per_peer(

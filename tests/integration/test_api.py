@@ -183,6 +183,9 @@ async def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(serve
         await oa.chat.completions.create(model=MODEL_ID, messages=QUESTION, n=2)
     status, body = await asyncio.to_thread(_http, f"{served.url}/v1/chat/completions", b'{"model": "tiny", "mess')
     assert status == 400 and set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+    lone = b'{"model": "tiny", "messages": [{"role": "user", "content": "x\\ud800"}]}'  # not UTF-8 text
+    status, body = await asyncio.to_thread(_http, f"{served.url}/v1/chat/completions", lone)
+    assert status == 400 and "not valid UTF-8" in json.loads(body)["error"]["message"], body
     status, body = await asyncio.to_thread(_http, f"{served.url}/v1/nothing")
     assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
     ok = await oa.chat.completions.create(model=MODEL_ID, messages=QUESTION, max_tokens=3, temperature=0)
