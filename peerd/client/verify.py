@@ -283,9 +283,14 @@ class SpotChecker:
         quant = self._quant_of(span.peer_id)
         other_precision = {p for p, r in self.router.known_records().items() if r.quant != quant}
         route = None
+        # the last view, never a DHT read: a check is opportunistic, and in a swarm where nobody else
+        # serves these blocks (`make demo`) it must cost nothing (a read can take seconds)
+        view = self.router.known_records() or None
         for avoid in (exclude | other_precision, exclude):
             try:
-                route = await self.router.plan_load_balanced(span.start, span.end, rng=self.rng, exclude=avoid)
+                route = await self.router.plan_load_balanced(
+                    span.start, span.end, rng=self.rng, exclude=avoid, servers=view
+                )
                 break
             except NoRouteError:
                 continue

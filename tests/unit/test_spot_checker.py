@@ -52,6 +52,15 @@ async def test_a_liar_is_outvoted_and_banned() -> None:
     assert router.banned() == {"liar"}
 
 
+async def test_a_check_reads_no_dht_it_uses_the_last_view() -> None:
+    a, b = FakePeer(record("a", 0, 4)), FakePeer(record("b", 0, 4))
+    checker, router = checker_for([a, b])
+    await router.servers(refresh=True)
+    reads = router.dht.reads  # type: ignore[attr-defined]
+    verdict = await checker.verify(span(a), X, reference(X, 0, 4))
+    assert verdict.checked and router.dht.reads == reads  # type: ignore[attr-defined]
+
+
 async def test_two_opinions_and_no_judge_leave_both_peers_out() -> None:
     liar, other = FakePeer(record("liar", 0, 4)), FakePeer(record("other", 0, 4))
     checker, router = checker_for([liar, other])
@@ -66,11 +75,12 @@ async def test_repeated_disagreement_with_independent_peers_bans_the_odd_one_out
     # as a liar, and the short bans its disputes cost the honest peers are lifted.
     liar, a, b = FakePeer(record("liar", 0, 4)), FakePeer(record("a", 0, 4)), FakePeer(record("b", 0, 4))
     transport, dht = FakeTransport([liar, a, b], 4), FakeDHT([liar, a], 4)
-    router = Router(dht, transport, model_id=MODEL_ID, num_blocks=4, view_ttl_s=0.0)  # type: ignore[arg-type]
+    router = Router(dht, transport, model_id=MODEL_ID, num_blocks=4)  # type: ignore[arg-type]
     checker = SpotChecker(router, transport, rate=1.0, rng=random.Random(0))  # type: ignore[arg-type]
     first = await checker.verify(span(liar), X, reference(X, 0, 4) + 1.0)
     assert first.span_peer_wrong and first.incident is not None and first.incident.verdict == "unresolved"
     dht.peers = [liar, b]
+    await router.servers(refresh=True)  # the client's next plan reads the DHT (checks use that view)
     router.bans.forgive("liar")  # its short ban ran out: it is routed to again
     second = await checker.verify(span(liar), X, reference(X, 0, 4) + 1.0)
     assert second.span_peer_wrong and second.incident is not None
