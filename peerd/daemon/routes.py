@@ -228,13 +228,19 @@ def peer_app(peer: ServingPeer) -> ASGIApp:
     async def read() -> dict[str, Any]:
         return await swarm_document(peer, rtt, speed)
 
+    async def read_unprobed() -> dict[str, Any]:
+        return await swarm_document(peer, rtt)
+
     view = SwarmView(read, max_age_s=API_CACHE_S)
+    # scrapes never probe speeds: Prometheus would make every peer probe every other one all day,
+    # and probe forwards would show in the peers' own token counters
+    metrics_view = SwarmView(read_unprobed, max_age_s=API_CACHE_S)
 
     async def metrics(_: Request) -> Response:
         refresh_peer_gauges(peer)
         if peer.dht is not None:
             try:
-                doc = await view.get(max_age_s=METRICS_VIEW_MAX_AGE_S)
+                doc = await metrics_view.get(max_age_s=METRICS_VIEW_MAX_AGE_S)
             except Exception:  # a DHT hiccup must not fail the scrape of everything else
                 logger.warning("swarm view for /metrics failed", exc_info=True)
             else:
