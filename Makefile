@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 PIP_FLAGS ?= --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test test-fast lint format bench bench-quality bench-latency bench-nat image clean
+.PHONY: setup model demo test test-fast lint format bench bench-quality bench-latency bench-spot-checks bench-nat image clean
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,10 @@ bench-quality: model
 # Generation over links with 0/20/50/100 ms emulated RTT (a TCP delay shim per peer): plain vs speculative
 bench-latency: model
 	$(PY) tools/bench_latency.py
+
+# What default spot checks cost: tokens/s with checks at their defaults vs off, side by side
+bench-spot-checks: model
+	$(PY) tools/bench_spot_checks.py
 
 # NAT and weak links on an emulated internet of network namespaces (needs root and nftables)
 bench-nat: setup

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ALL_INTERFACES", "DEFAULT_SWARM", "MAX_ANNOUNCE_PERIOD_S", "PeerConfig"]
+__all__ = ["ALL_INTERFACES", "DEFAULT_SPOT_CHECK_RATE", "DEFAULT_SWARM", "MAX_ANNOUNCE_PERIOD_S", "PeerConfig"]
 
 DEFAULT_SWARM = "public"
 # records live two announce periods; DHT nodes refuse longer-lived ones (swarm/validation.py), so a
 # captured record cannot be replayed for long, and the period is capped to fit
 MAX_ANNOUNCE_PERIOD_S = 300.0
+# Clients check the first answer of each peer in a session, then this share of later steps
+# (peerd.client.verify; cost and catch rate measured in docs/security.md). 0 turns checks off.
+DEFAULT_SPOT_CHECK_RATE = 0.02
 ALL_INTERFACES = "0.0.0.0"  # the default listen host: every IPv4 interface, and every IPv6 one if any
 
 

@@ -130,7 +130,11 @@ def load_or_create_identity(path: Path) -> RSAPrivateKey:
     except IdentityError:
         raise
     except Exception as exc:
-        raise IdentityError(f"identity file {path} is not a libp2p RSA key: {exc}") from exc
+        detail = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise IdentityError(
+            f"identity file {path} is not a libp2p RSA key ({detail}); put the right key back, or delete "
+            "the file to start with a new identity (a new peer id)"
+        ) from exc
     return private_key
 
 

@@ -16,6 +16,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from peerd.config import DEFAULT_SPOT_CHECK_RATE
+
 if TYPE_CHECKING:
     from peerd.client import SamplingParams, SwarmClient
 
@@ -135,7 +137,7 @@ async def connect_client(args: argparse.Namespace) -> SwarmClient:
         cache_dir=args.cache_dir,
         swarm=args.swarm,
         min_precision=getattr(args, "min_precision", None),
-        spot_check_rate=getattr(args, "spot_check_rate", 0.0),
+        spot_check_rate=getattr(args, "spot_check_rate", DEFAULT_SPOT_CHECK_RATE),
     )
 
 

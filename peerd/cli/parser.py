@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from peerd import __version__
-from peerd.config import ALL_INTERFACES, MAX_ANNOUNCE_PERIOD_S
+from peerd.config import ALL_INTERFACES, DEFAULT_SPOT_CHECK_RATE, MAX_ANNOUNCE_PERIOD_S
 
 __all__ = ["all_parsers", "build_parser", "parse_blocks", "parse_size"]
 
@@ -75,8 +75,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--spot-check-rate",
         type=_ranged(float, 0.0, 1.0),
-        default=0.0,
-        help="share of steps recomputed on another peer to catch one that returns wrong results (0 = off)",
+        default=DEFAULT_SPOT_CHECK_RATE,
+        help="share of steps recomputed on another peer to catch one that returns wrong results, after "
+        "each peer's first answer, which is always checked (default %(default)s; 0 = no checks at all)",
     )
     g = p.add_argument_group("sampling (as in the OpenAI API; the defaults are plain greedy decoding)")
     g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="longest reply, in tokens")
@@ -298,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the peers of a swarm and the coverage of every block")
     _add_swarm_args(status, need_peers=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--no-probe",
+        dest="probe",
+        action="store_false",
+        help="do not time one token through each online peer (the OBSERVED speed column)",
+    )
 
     finetune = sub.add_parser("finetune", help="train a soft prompt / adapters through a swarm (blocks stay frozen)")
     _add_swarm_args(finetune, need_peers=True)

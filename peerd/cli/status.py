@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from peerd.cli.helpers import connect_client, empty_swarm_reason
+from peerd.rpc.speedprobe import SpeedProbe, forward_one_token
 from peerd.swarm.status import block_ranges, status_from_views
 
 if TYPE_CHECKING:
@@ -16,10 +17,21 @@ if TYPE_CHECKING:
 __all__ = ["cmd_status", "format_status", "gather_status"]
 
 
-async def gather_status(client: SwarmClient) -> dict[str, Any]:
-    """The swarm's status as the client's DHT view shows it now."""
+async def gather_status(client: SwarmClient, *, probe: bool = True) -> dict[str, Any]:
+    """The swarm's status as the client's DHT view shows it now; ``probe``: also time one token
+    through each online peer (``observed_tokens_per_s``, beside the claimed ``decode_tokens_per_s``)."""
     views = await client.dht.read_blocks(timeout_s=client.router.dht_timeout_s)
-    return status_from_views(client.model_id, client.num_blocks, views)
+    status = status_from_views(client.model_id, client.num_blocks, views)
+    if probe:
+        online = {p["peer_id"]: (p["start"], p["end"]) for p in status["peers"] if p["state"] == "online"}
+        observed = await SpeedProbe(forward_one_token(client.peers, client.config.hidden_size)).tokens_per_s(online)
+        for p in status["peers"]:
+            p["observed_tokens_per_s"] = observed.get(p["peer_id"])
+    return status
+
+
+def _speed(tokens_per_s: float | None) -> str:
+    return "-" if tokens_per_s is None else f"{tokens_per_s:.0f}"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -44,6 +56,7 @@ def format_status(status: dict[str, Any]) -> str:
             p["state"],
             f"{p['start']}:{p['end']}",
             f"{p['decode_tokens_per_s']:.0f}",
+            _speed(p.get("observed_tokens_per_s")),
             p["device"],
             p["dtype"] if p.get("quant", "none") == "none" else f"{p['dtype']}/{p['quant']}",
             str(p["cache_tokens_free"]),
@@ -61,7 +74,8 @@ def format_status(status: dict[str, Any]) -> str:
                 "PEER",
                 "STATE",
                 "BLOCKS",
-                "TOK/S/BLOCK",
+                "CLAIMED TOK/S",
+                "OBSERVED",
                 "DEVICE",
                 "DTYPE/QUANT",
                 "CACHE FREE",
@@ -71,6 +85,10 @@ def format_status(status: dict[str, Any]) -> str:
             ],
             rows,
         )
+    )
+    text.append(
+        "CLAIMED: the peer's announced decode tokens/s per block; OBSERVED: one token through its blocks, "
+        "timed from here (network included; '-' = not measured)"
     )
     text += ["", "coverage (online peers per block; '.' = gap):"]
     text.append("  " + "".join(str(min(c["peers"], 9)) if c["peers"] else "." for c in status["coverage"]))
@@ -93,11 +111,11 @@ def format_status(status: dict[str, Any]) -> str:
 async def cmd_status(args: argparse.Namespace) -> int:
     client = await connect_client(args)
     try:
-        status = await gather_status(client)
+        status = await gather_status(client, probe=args.probe)
         reason = None
         if not status["peers"]:  # nothing yet: give fresh records a moment, then say why
             reason = await empty_swarm_reason(client, args.swarm)
-            status = await gather_status(client)
+            status = await gather_status(client, probe=args.probe)
     finally:
         await client.close()
     if reason is not None:

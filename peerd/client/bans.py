@@ -37,6 +37,10 @@ class BanList:
         now = self.clock()
         return {p for p, until in self._until.items() if until > now}
 
+    def remaining_s(self, peer_id: str) -> float:
+        """Seconds left of ``peer_id``'s ban (0 when not banned)."""
+        return max(0.0, self._until.get(peer_id, 0.0) - self.clock())
+
     def is_banned(self, peer_id: str) -> bool:
         return self._until.get(peer_id, 0.0) > self.clock()
 

@@ -57,6 +57,11 @@ class SpeedBook:
         seen = self._observed.get(peer_id)
         return seen.tokens_per_s if seen is not None and seen.samples >= MIN_SAMPLES else None
 
+    def samples(self, peer_id: str) -> int:
+        """How many inference steps of ``peer_id`` this client has timed."""
+        seen = self._observed.get(peer_id)
+        return seen.samples if seen is not None else 0
+
     def overclaims(self, record: ServerRecord) -> bool:
         observed = self.observed(record.peer_id)
         return observed is not None and observed * OVERCLAIM_FACTOR < record.decode_tokens_per_s

@@ -49,6 +49,7 @@ class _SpanState:
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, hidden [b, n, h])
     outputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # what the peer answered to each
     deadline: StepDeadline = field(default_factory=StepDeadline)  # this peer's own step times: hang detection
+    answered: bool = False  # has answered a step (its first answer is always spot-checked)
 
     def replay_inputs(self) -> torch.Tensor | None:
         """The effective input sequence now in the peer's cache (later steps overwrite rewinds)."""
@@ -226,7 +227,8 @@ class InferenceSession:
             )
             timings.append((time.perf_counter() - started) * 1e3)
             computes.append(state.stream.last_compute_ms)
-            if self.checker is not None and self.checker.should_check():
+            first, state.answered = not state.answered, True
+            if self.checker is not None and self.checker.should_check(first=first):
                 corrected = await self._spot_check(i, position)
                 if corrected is not None:
                     replaced, x, at = corrected

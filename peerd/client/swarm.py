@@ -31,7 +31,7 @@ from peerd.client.routing import Span
 from peerd.client.sampling import SamplingParams
 from peerd.client.session import InferenceSession
 from peerd.client.speculative import Speculation
-from peerd.client.verify import Incident, SpotChecker
+from peerd.client.verify import DEFAULT_SPOT_CHECK_RATE, Incident, SpotChecker
 from peerd.config import DEFAULT_SWARM
 from peerd.model.chat import ChatTemplate, NoChatTemplateError, chat_prompt_ids, check_text
 from peerd.model.config import ModelConfig
@@ -70,7 +70,7 @@ class SwarmClient:
         compression: CompressionChoice,
         failover_timeout_s: float = 30.0,
         model_path: Path | None = None,
-        spot_check_rate: float = 0.0,
+        spot_check_rate: float = DEFAULT_SPOT_CHECK_RATE,
         spot_check_local_blocks: int = 0,
         allowed_peers: Iterable[str] | None = None,
         chat_template: ChatTemplate | None = None,
@@ -125,7 +125,7 @@ class SwarmClient:
         compression: CompressionChoice = Compression.NONE,
         dtype: torch.dtype = torch.float32,
         failover_timeout_s: float = 30.0,
-        spot_check_rate: float = 0.0,
+        spot_check_rate: float = DEFAULT_SPOT_CHECK_RATE,
         spot_check_local_blocks: int = 0,
         allowed_peers: Iterable[str] | None = None,
         min_precision: str | None = None,
@@ -136,9 +136,10 @@ class SwarmClient:
         ``model`` is what the CLI's ``--model`` takes: a known model id (e.g. ``smollm2-135m``, from
         the cache under ``cache_dir`` that ``peerd model fetch`` fills) or a HF-format folder.
         ``model_id`` is the name the swarm knows it by (default: the known id, or the folder's name).
-        Security options (docs/security.md): ``spot_check_rate`` is the probability that a span's
-        result is recomputed elsewhere and compared (a peer caught lying is banned and its work
-        redone); ``spot_check_local_blocks`` lets the client recompute spans of up to that many
+        Security options (docs/security.md): the first answer of every peer in a session is
+        recomputed elsewhere and compared, and then each later answer with probability
+        ``spot_check_rate`` (default 2%; 0 turns every check off); a peer caught lying is banned
+        and its work redone; ``spot_check_local_blocks`` lets the client recompute spans of up to that many
         blocks itself, from ``model_path``'s weights, as the judge when two peers disagree;
         ``allowed_peers`` restricts routing to those peer ids (a private swarm).
         ``min_precision`` ("nf4", "int8", "bfloat16", "float16", "float32") routes only through
@@ -367,7 +368,10 @@ class SwarmClient:
                 await self.router.check_peer(span)
                 codec = hop_compression(self.compression, span.record)
                 out = await self.peers.forward(span.peer_id, x, span.start, span.end, codec)
-                if self.checker.should_check() and (await self.checker.verify(span, x, out)).span_peer_wrong:
+                if (
+                    self.checker.should_check_forward(span.peer_id)
+                    and (await self.checker.verify(span, x, out)).span_peer_wrong
+                ):
                     raise PeerUnavailable(span.peer_id, "failed a spot check")  # banned by the checker
             except (PeerUnavailable, PeerError) as exc:
                 if not worth_failover(exc):

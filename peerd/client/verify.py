@@ -1,17 +1,21 @@
 """Spot checks of remote work: recompute a span's output elsewhere and compare (docs/security.md).
 
 A peer can return wrong hidden states (a bug, a bad GPU, or on purpose) and nothing in the protocol
-can tell. With ``spot_check_rate = p`` the client, after a span's step, recomputes that span's output
-with probability p on *other* peers serving the same blocks (a stateless ``forward`` over the span's
-whole input so far, which the client keeps for failover anyway) and/or locally when it has the
-weights, and compares every position within a dtype-aware tolerance. Because each check covers the
-span's whole history, a peer that lied at any earlier step of a session is caught by any later check
-while it still serves that session.
+can tell. Checks are on by default: the client checks the first answer of every peer in a session
+(and of every peer a stateless forward uses), then, with probability ``spot_check_rate``
+(:data:`DEFAULT_SPOT_CHECK_RATE` = 2%), any later step; ``spot_check_rate = 0`` turns all checks
+off. A check recomputes that span's output on *other* peers serving the same blocks (a stateless
+``forward`` over the span's whole input so far, which the client keeps for failover anyway) and/or
+locally when it has the weights, and compares every position within a dtype-aware tolerance.
+Because each check covers the span's whole history, a peer that lied at any earlier step of a
+session is caught by any later check while it still serves that session.
 
 Two opinions that disagree need a third: the client's own computation when local checks are enabled
 (``local_max_blocks``; the client then trusts itself), else a third chain of peers (majority). When
 there is no third opinion the incident is ``unresolved``: both sides get an ordinary failure ban and
-the work moves on without either, so a wrong answer is never knowingly kept.
+the work moves on without either, so a wrong answer is never knowingly kept; the dispute is
+remembered, and a peer that keeps disagreeing with independent peers is banned as the odd one out
+(:mod:`peerd.client.disputes`).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ import torch
 
 from peerd.client.bans import LIAR_BAN_S
 from peerd.client.compression import CompressionChoice, hop_compression, worst_case
+from peerd.client.disputes import DisputeLedger
 from peerd.client.router import Router
 from peerd.client.routing import Span
+from peerd.config import DEFAULT_SPOT_CHECK_RATE
 from peerd.model.loading import load_stage
 from peerd.model.quant import QUANTS
 from peerd.model.stage import Stage
@@ -37,9 +43,18 @@ from peerd.rpc.errors import NoRouteError, PeerError, PeerUnavailable
 from peerd.rpc.transport import PeerClient
 from protocols import Compression
 
-__all__ = ["Incident", "SpotChecker", "Verdict", "first_mismatch", "relative_errors", "tolerance_for"]
+__all__ = [
+    "DEFAULT_SPOT_CHECK_RATE",
+    "Incident",
+    "SpotChecker",
+    "Verdict",
+    "first_mismatch",
+    "relative_errors",
+    "tolerance_for",
+]
 
 logger = logging.getLogger(__name__)
+
 
 # Relative L2 error per position allowed between two honest computations of the same blocks. Honest
 # peers differ by kernel choice, batching (a KV-cache step vs a whole-sequence forward) and
@@ -96,10 +111,10 @@ class Incident:
     peer_ids: tuple[str, ...]  # who was found wrong ("lied") or disputed ("unresolved")
     start: int  # blocks checked
     end: int
-    verdict: str  # "lied": a judge agreed with the other side; "unresolved": no third opinion
+    verdict: str  # "lied": a judge (or the dispute ledger) agreed with the other side; "unresolved": no third opinion
     error: float  # largest relative error between the span's answer and the check
     first_bad_position: int  # first session position whose output was wrong (0 for stateless calls)
-    judge: str  # "local", "peers" or "" (unresolved)
+    judge: str  # "local", "peers", "disputes" (the odd one out of earlier disputes) or "" (unresolved)
     at: float  # time.time() of the check
 
 
@@ -128,7 +143,8 @@ class SpotChecker:
         router: Router,
         peers: PeerClient,
         *,
-        rate: float,
+        rate: float = DEFAULT_SPOT_CHECK_RATE,
+        check_first: bool = True,
         compression: CompressionChoice = Compression.NONE,
         local_max_blocks: int = 0,
         model_path: Path | None = None,
@@ -141,6 +157,11 @@ class SpotChecker:
         self.peers = peers
         self.compression = compression
         self.rate = rate
+        # the first answer of each peer (per session; per client for stateless forwards) is always
+        # checked while checks are on: a liar that lies from the start is caught at once
+        self.check_first = check_first and rate > 0
+        self.disputes = DisputeLedger()
+        self._forward_checked: set[str] = set()  # peers whose first stateless forward was checked
         self.local_max_blocks = local_max_blocks if model_path is not None else 0
         self.model_path = model_path
         self.tolerance = tolerance
@@ -148,8 +169,17 @@ class SpotChecker:
         self.incidents: list[Incident] = []
         self._stages: dict[tuple[int, int, str], Stage] = {}
 
-    def should_check(self) -> bool:
+    def should_check(self, *, first: bool = False) -> bool:
+        """Whether to check the answer just received; ``first``: the peer's first in this session."""
+        if first and self.check_first:
+            return True
         return self.rate > 0 and self.rng.random() < self.rate
+
+    def should_check_forward(self, peer_id: str) -> bool:
+        """Like :meth:`should_check`, for a stateless forward: each peer's first one is checked."""
+        first = peer_id not in self._forward_checked
+        self._forward_checked.add(peer_id)
+        return self.should_check(first=first)
 
     def _quant_of(self, peer_id: str) -> str:
         record = self.router.known_records().get(peer_id)
@@ -174,6 +204,7 @@ class SpotChecker:
         tol = self._tolerance([span.peer_id, *checkers], span)
         bad = first_mismatch(outputs, reference, tol)
         if bad is None:
+            self.disputes.agreed(p for p in (span.peer_id, *checkers) if p != _LOCAL)
             return Verdict(checked=True, span_peer_wrong=False, first_bad_position=None)
         error = float(relative_errors(outputs, reference).max()) if outputs.shape == reference.shape else float("inf")
         if checkers == (_LOCAL,):  # the client's own computation is the judge
@@ -186,11 +217,26 @@ class SpotChecker:
             checker_ok = first_mismatch(reference, judged, tol) is None
             kind = _LOCAL if judge == (_LOCAL,) else "peers"
             if checker_ok and not span_ok:
+                self.disputes.agreed(p for p in (*checkers, *judge) if p != _LOCAL)
                 return self._report(span, (span.peer_id,), "lied", error, bad, kind, wrong=True)
             if span_ok and not checker_ok:
+                self.disputes.agreed(p for p in (span.peer_id, *judge) if p != _LOCAL)
                 self._report(span, checkers, "lied", error, 0, kind, wrong=False)
                 return Verdict(checked=True, span_peer_wrong=False, first_bad_position=None)
-        return self._report(span, (span.peer_id, *checkers), "unresolved", error, bad, "", wrong=True)
+        return self._unresolved(span, checkers, error, bad)
+
+    def _unresolved(self, span: Span, checkers: tuple[str, ...], error: float, bad: int) -> Verdict:
+        """Two opinions and no judge: drop both, unless the dispute ledger now names the odd one out."""
+        settled = self.disputes.disputed(span.peer_id, checkers)
+        if settled is None:
+            return self._report(span, (span.peer_id, *checkers), "unresolved", error, bad, "", wrong=True)
+        odd, honest = settled
+        for peer in honest:  # their disputes with the odd one cost them short bans: lift those
+            self.router.bans.forgive(peer)
+        if odd == span.peer_id:
+            return self._report(span, (odd,), "lied", error, bad, "disputes", wrong=True)
+        self._report(span, (odd,), "lied", error, 0, "disputes", wrong=False)
+        return Verdict(checked=True, span_peer_wrong=False, first_bad_position=None)
 
     def _report(
         self, span: Span, peers: tuple[str, ...], verdict: str, error: float, bad: int, judge: str, *, wrong: bool
@@ -237,9 +283,14 @@ class SpotChecker:
         quant = self._quant_of(span.peer_id)
         other_precision = {p for p, r in self.router.known_records().items() if r.quant != quant}
         route = None
+        # the last view, never a DHT read: a check is opportunistic, and in a swarm where nobody else
+        # serves these blocks (`make demo`) it must cost nothing (a read can take seconds)
+        view = self.router.known_records() or None
         for avoid in (exclude | other_precision, exclude):
             try:
-                route = await self.router.plan_load_balanced(span.start, span.end, rng=self.rng, exclude=avoid)
+                route = await self.router.plan_load_balanced(
+                    span.start, span.end, rng=self.rng, exclude=avoid, servers=view
+                )
                 break
             except NoRouteError:
                 continue

@@ -33,6 +33,7 @@ from peerd.daemon.relaying import Relaying
 from peerd.model.config import ModelConfig
 from peerd.model.stage import Stage
 from peerd.rpc.rtt import RTT_TIMEOUT_S, RttProbe
+from peerd.rpc.speedprobe import SPEED_TIMEOUT_S, SpeedProbe, forward_one_token
 from peerd.rpc.transport import PeerClient
 from peerd.server.handlers import BlockServicer
 from peerd.server.metrics import PeerMetrics
@@ -180,8 +181,13 @@ def _self_summary(peer: ServingPeer) -> dict[str, Any]:
     }
 
 
-async def swarm_document(peer: ServingPeer, rtt: RttProbe | None = None) -> dict[str, Any]:
+async def swarm_document(
+    peer: ServingPeer, rtt: RttProbe | None = None, speed: SpeedProbe | None = None
+) -> dict[str, Any]:
     """Read the DHT now and build the ``/api/v1/swarm`` document (one model: the one this peer serves).
+
+    ``speed``: time one token through every other online peer, shown as ``observed_tokens_per_s``
+    beside the claimed ``decode_tokens_per_s`` (None: not measured).
 
     ``models`` is a list so that the page and API stay the same once a daemon can see several.
     """
@@ -192,9 +198,12 @@ async def swarm_document(peer: ServingPeer, rtt: RttProbe | None = None) -> dict
     status["swarm"] = peer.config.swarm
     others = [p["peer_id"] for p in status["peers"] if p["state"] == "online" and p["peer_id"] != peer.peer_id]
     rtts = await rtt.rtts_ms(others) if rtt is not None else {}
+    spans = {p["peer_id"]: (p["start"], p["end"]) for p in status["peers"] if p["peer_id"] in others}
+    observed = await speed.tokens_per_s(spans) if speed is not None else {}
     for p in status["peers"]:
         p["self"] = p["peer_id"] == peer.peer_id
         p["rtt_ms"] = 0.0 if p["self"] else rtts.get(p["peer_id"])
+        p["observed_tokens_per_s"] = observed.get(p["peer_id"])
         # an online record of a peer that does not answer: crashed (its record lingers until it
         # expires) or not reachable from here. None: not probed yet, or not online.
         probed = rtt is not None and p["peer_id"] in rtts and rtt.measured_at(p["peer_id"]) is not None
@@ -205,21 +214,33 @@ async def swarm_document(peer: ServingPeer, rtt: RttProbe | None = None) -> dict
 def peer_app(peer: ServingPeer) -> ASGIApp:
     """The peer's HTTP app; each peer gets its own swarm cache and RTT probe (nothing global)."""
     rtt: RttProbe | None = None
+    speed: SpeedProbe | None = None
     if peer.p2p is not None:
         # the same info RPC a client uses
         info_client = PeerClient(peer.p2p, peer.config.model_id, timeout_s=RTT_TIMEOUT_S, client_name="peerd-health")
         rtt = RttProbe(info_client.info)
+        # and the same forward RPC: what the page calls observed is what any client would see
+        forward_client = PeerClient(
+            peer.p2p, peer.config.model_id, timeout_s=SPEED_TIMEOUT_S, client_name="peerd-health"
+        )
+        speed = SpeedProbe(forward_one_token(forward_client, peer.model_config.hidden_size))
 
     async def read() -> dict[str, Any]:
+        return await swarm_document(peer, rtt, speed)
+
+    async def read_unprobed() -> dict[str, Any]:
         return await swarm_document(peer, rtt)
 
     view = SwarmView(read, max_age_s=API_CACHE_S)
+    # scrapes never probe speeds: Prometheus would make every peer probe every other one all day,
+    # and probe forwards would show in the peers' own token counters
+    metrics_view = SwarmView(read_unprobed, max_age_s=API_CACHE_S)
 
     async def metrics(_: Request) -> Response:
         refresh_peer_gauges(peer)
         if peer.dht is not None:
             try:
-                doc = await view.get(max_age_s=METRICS_VIEW_MAX_AGE_S)
+                doc = await metrics_view.get(max_age_s=METRICS_VIEW_MAX_AGE_S)
             except Exception:  # a DHT hiccup must not fail the scrape of everything else
                 logger.warning("swarm view for /metrics failed", exc_info=True)
             else:

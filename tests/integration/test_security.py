@@ -44,6 +44,7 @@ from protocols import (
     encode_frame,
     read_message,
 )
+from tests.helpers.liar import PerturbedStage
 from tests.helpers.raw_stream import error_code as _code
 from tests.helpers.raw_stream import exchange as _exchange
 from tests.helpers.raw_stream import frames as _frames
@@ -278,30 +279,13 @@ async def test_flood_and_bad_input_get_error_codes_while_a_good_client_keeps_its
         await prober.close()
 
 
-class _PerturbedStage:
-    """Wraps a stage so that every output is wrong by ``scale`` x its own spread (test-only liar)."""
-
-    def __init__(self, stage: Any, scale: float) -> None:
-        self._stage, self._scale = stage, scale
-        self.lies = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stage, name)
-
-    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self._stage.forward(hidden, *args, **kwargs)
-        self.lies += 1
-        noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(self.lies), dtype=torch.float32)
-        return out + self._scale * out.std() * noise.to(out.dtype)
-
-
 class LyingPeer(Peer):
     """A peer that serves its blocks but perturbs every result (inference steps and forward)."""
 
     async def startup(self) -> None:
         await super().startup()
         assert self.servicer is not None
-        self.servicer.stage = _PerturbedStage(self.servicer.stage, scale=0.5)  # type: ignore[assignment]
+        self.servicer.stage = PerturbedStage(self.servicer.stage, scale=0.5)  # type: ignore[assignment]
 
 
 async def test_a_lying_peer_is_caught_banned_and_the_output_stays_exact(make_swarm, local_model: LocalModel) -> None:
@@ -318,6 +302,9 @@ async def test_a_lying_peer_is_caught_banned_and_the_output_stays_exact(make_swa
     # which steps get checked is drawn from this rng: seed 5 first checks the 7th step, so 6 steps of
     # lies reach the sampler first and must be taken back
     client.checker.rng = random.Random(5)
+    # the default check of each peer's first answer would catch it before any token is sampled
+    # (tests/integration/test_spot_check_defaults.py); off here, to exercise taking tokens back
+    client.checker.check_first = False
     try:
         route = await client.wait_for_route()
         assert [s.peer_id for s in route] == [liar.peer_id], "the test needs the liar on the route"

@@ -134,7 +134,11 @@ def test_health_page_shows_every_peer_and_block_then_the_gap(swarm) -> None:
     (summary,) = section.find_all("div", data_gaps=None)
     assert summary.attrs["data-gaps"] == "" and "every block is served" in summary.text()
     assert not section.find_all("div", data_gap_start=None)
-    assert (rows[peers[0].peer_id].find_all("td")[7]).text() == "this peer"
+    assert (rows[peers[0].peer_id].find_all("td")[8]).text() == "this peer"
+    # Observed, beside the claim: the page's peer timed one token through each other peer's blocks
+    assert rows[peers[0].peer_id].find_all("td")[5].text() == "—"  # it does not probe itself
+    for p in peers[1:]:
+        assert rows[p.peer_id].find_all("td")[5].text().endswith("tok/s"), "observed speed not measured"
 
     # peer3 (4:6) and peer4 (3:6) leave gracefully: they announce "offline", blocks 4 and 5 lose every server
     stop_peers(local, [p.name for p in peers[2:]])

@@ -139,6 +139,6 @@ def test_generating_commands_take_a_spot_check_rate_in_range() -> None:
     peer = "/ip4/127.0.0.1/tcp/1/p2p/QmPeer"
     for command in (["generate", "--initial-peers", peer, "hi"], ["chat", "--initial-peers", peer]):
         assert build_parser().parse_args([*command, "--spot-check-rate", "0.05"]).spot_check_rate == 0.05
-        assert build_parser().parse_args(command).spot_check_rate == 0.0  # off unless asked
+        assert build_parser().parse_args(command).spot_check_rate == 0.02  # on by default (docs/security.md)
         with pytest.raises(SystemExit):
             build_parser().parse_args([*command, "--spot-check-rate", "1.5"])

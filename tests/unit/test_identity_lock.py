@@ -60,8 +60,31 @@ def test_a_new_key_is_written_whole_and_stays_stable(tmp_path: Path) -> None:
     assert again == first
 
 
+def test_a_first_start_on_a_full_disk_leaves_no_key_behind(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import os
+
+    key = tmp_path / "identity.key"
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "fsync", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            load_or_create_identity(key)
+    assert list(tmp_path.iterdir()) == []  # neither the key nor its temporary file
+    load_or_create_identity(key)  # space is back: the next start just works
+    assert [p.name for p in tmp_path.iterdir()] == ["identity.key"]
+
+
 @pytest.mark.parametrize(
-    ("content", "mode", "message"), [(b"\x00garbage", 0o600, "is not a libp2p RSA key"), (None, 0o644, "chmod 600")]
+    ("content", "mode", "message"),
+    [
+        (b"\x00garbage", 0o600, "is not a libp2p RSA key"),
+        (b"", 0o600, "delete the file to start with a new identity"),  # e.g. left by an old non-atomic write
+        (None, 0o644, "chmod 600"),
+    ],
 )
 def test_a_corrupt_or_loose_key_file_is_one_clear_line(tmp_path: Path, content, mode, message, capsys) -> None:
     from peerd.cli.main import main

@@ -79,7 +79,7 @@ async def test_a_spot_check_that_catches_a_liar_rewinds_to_its_first_wrong_outpu
     honest = [FakePeer(record(f"honest{i}", 0, 4)) for i in range(2)]
     router, transport, checker = setup([liar, *honest], checker_rate=1.0)
     checks = iter([False, False, True])  # the liar's first two answers reach the caller unchecked
-    checker.should_check = lambda: next(checks, False)  # type: ignore[method-assign]
+    checker.should_check = lambda first=False: next(checks, False)  # type: ignore[method-assign]
     s = session(router, transport, checker)
     async with s:
         outs = [await s.step(x) for x in STEPS[:3]]

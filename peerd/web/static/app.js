@@ -189,6 +189,7 @@
       "State",
       "Blocks",
       "Throughput / block",
+      "Observed",
       "Device",
       "Version",
       "RTT",
@@ -214,6 +215,12 @@
           "td",
           { class: "num", title: `per block: ${number.format(peer.prefill_tokens_per_s)} tok/s prefill` },
           `${number.format(peer.decode_tokens_per_s)} tok/s`,
+        ),
+        // one token through its blocks, timed by this peer (network included); the claim is beside it
+        el(
+          "td",
+          { class: "num", "data-observed": peer.observed_tokens_per_s ?? "", title: "one token through its blocks, timed from this peer" },
+          typeof peer.observed_tokens_per_s === "number" ? `${number.format(peer.observed_tokens_per_s)} tok/s` : "—",
         ),
         // the compute dtype, and how the weights are stored when quantised ("bfloat16 · nf4")
         el(
