@@ -25,6 +25,8 @@ __all__ = ["INT4_BITS_PER_WEIGHT", "INT4_GROUP", "Int4Linear", "dequantize_int4"
 
 INT4_GROUP = 32  # weights per scale and minimum (GGUF Q4_1's block)
 INT4_BITS_PER_WEIGHT = 4 + 2 * 16 / INT4_GROUP  # codes, float16 scale and minimum: 5.0
+# byte -> (low code, high code) as floats: one gather unpacks and converts two codes at once
+_PAIRS = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="xy"), dim=-1).reshape(256, 2)
 
 
 def quantize_int4(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -51,9 +53,11 @@ def dequantize_int4(packed: Tensor, scale: Tensor, minimum: Tensor, dtype: torch
     """The [out, in] weight in ``dtype`` (computed in float32 for float32, else in float16)."""
     out_features = packed.shape[0]
     work = torch.float32 if dtype == torch.float32 else torch.float16
-    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1)  # [out, in/2, 2]
-    codes = codes.reshape(out_features, scale.shape[1], INT4_GROUP).to(work)  # [out, g, 32]
-    weight = codes * scale.to(work)[..., None] + minimum.to(work)[..., None]  # [out, g, 32]
+    pairs = _PAIRS.to(packed.device, work)
+    codes = functional.embedding(packed.int(), pairs)  # [out, in/2, 2]: low nibble first
+    codes = codes.reshape(out_features, scale.shape[1], INT4_GROUP)  # [out, g, 32]
+    # q * scale + minimum; q * scale is exact (4-bit times 11-bit mantissa), so fusing rounds nothing
+    weight = torch.addcmul(minimum.to(work)[..., None], codes, scale.to(work)[..., None])  # [out, g, 32]
     return weight.reshape(out_features, -1).to(dtype)  # [out, in]
 
 
