@@ -4,9 +4,10 @@
 (bitsandbytes' LLM.int8 layer: on CUDA inputs are quantised too, their outlier columns above
 ``INT8_THRESHOLD`` multiplied in 16-bit; on the CPU the rows are dequantised for the matmul).
 ``--quant nf4`` stores them as 4-bit NormalFloat in blocks of 64 with double-quantised scales
-(QLoRA's format). ``--quant int4`` stores them as 4-bit codes in groups of 32 with a float16 scale and
-minimum each (GGUF Q4_1's layout, 5.0 bits per weight with the scales; ``int4.py``): the 4-bit
-format that meets the quality target on SmolLM2, whose shipped checkpoint is itself Q4_1. Norms, biases, the RoPE tables and Mixtral's router stay in the compute dtype:
+(QLoRA's format). ``--quant int4`` stores them as 4-bit codes in groups of 32 with a float16
+scale and minimum each (GGUF Q4_1's layout, 5.0 bits per weight with the scales; ``int4.py``): the
+4-bit format that meets the quality target on SmolLM2, whose shipped checkpoint is itself Q4_1.
+Norms, biases, the RoPE tables and Mixtral's router stay in the compute dtype:
 they are tiny, and the router's choices are discrete (a rounding flip would change which experts
 run). Quantization is deterministic, so two peers quantizing the same checkpoint hold the same
 weights and a client can recompute a quantized peer's work at the same precision.

@@ -1,4 +1,4 @@
-"""On CUDA (skipped without one): bfloat16, int8, nf4 and int4 blocks agree with the CPU within the spot-check tolerances.
+"""On CUDA (skipped without one): bfloat16, int8, nf4 and int4 blocks agree with the CPU within spot-check tolerances.
 
 This is the GPU check of quantized hosting: each family's tiny config and, when it is cached,
 SmolLM2, loaded on CUDA in bfloat16 with each quantization, against the same quantization on the
