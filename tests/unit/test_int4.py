@@ -8,6 +8,7 @@ says, in float32 and in half precision, with gradients reaching the input.
 
 from __future__ import annotations
 
+import bitsandbytes.functional as bnb_functional
 import gguf
 import numpy as np
 import pytest
@@ -35,11 +36,10 @@ def test_a_q4_1_tensor_comes_back_exactly() -> None:
 
 
 def test_off_the_grid_it_errs_less_than_nf4() -> None:
-    bnb = pytest.importorskip("bitsandbytes")
     weight = torch.randn(384, 576, generator=torch.Generator().manual_seed(1)) * 0.02
     int4 = dequantize_int4(*quantize_int4(weight), torch.float32)
-    q, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
-    nf4 = bnb.functional.dequantize_4bit(q, state)
+    q, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    nf4 = bnb_functional.dequantize_4bit(q, state)
     assert 0.05 < _relative_error(int4, weight) < _relative_error(nf4, weight) < 0.12
 
 
