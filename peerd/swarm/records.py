@@ -49,7 +49,7 @@ WIRE_FIELDS = frozenset(
         "quant",
     ]
 )
-MAX_QUANT_CHARS = 16  # quantization names ("none", "int8", "nf4", "int4"; newer peers may announce others)
+MAX_QUANT_CHARS = 16  # quantization names ("none", "int8", "nf4"; newer peers may announce others)
 
 
 class PeerState(enum.Enum):
@@ -99,7 +99,7 @@ class ServerRecord:
     # bytes/s this peer could upload to other peers, as it timed it (0: not measured yet); a
     # client sending large batches here expects the answers to come back no faster
     uplink_bytes_per_s: float = 0.0
-    # how the hosted blocks' linear weights are stored: "none" (in dtype), "int8", "nf4" or "int4"; records
+    # how the hosted blocks' linear weights are stored: "none" (in dtype), "int8" or "nf4"; records
     # of peers older than quantization say nothing, which means "none"
     quant: str = "none"
 
