@@ -15,6 +15,7 @@ SmolLM2): int8 within 2% of float32 perplexity, 4-bit (nf4 and int4) within 8%. 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import time
@@ -68,7 +69,13 @@ async def _swarm_logits(initial_peers: list[str], path: Path, model_id: str, pee
         for quant, peer_id in peers.items():
             client.allowed_peers = {peer_id}  # through this quantization's peer only
             await client.wait_for_route(timeout_s=120)
-            record = (await client.servers(refresh=True))[peer_id]
+            record = (await client.servers(refresh=True)).get(peer_id)
+            deadline = time.monotonic() + 120
+            while record is None:  # a DHT read on a loaded machine can miss the peer once: read again
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"peer {peer_id} ({quant}) is not in the DHT after 120 s")
+                await asyncio.sleep(1.0)
+                record = (await client.servers(refresh=True)).get(peer_id)
             assert record.quant == quant, f"peer {peer_id} announces {record.quant!r}, started with {quant!r}"
             weight_bytes = int((await client.peers.info(peer_id)).extra["weight_bytes"])
             out[quant] = (await client.forward(ids), weight_bytes)
