@@ -34,7 +34,7 @@ class PeerConfig:
     public_name: str = ""  # shown on status pages; not authenticated
     device: str = "cpu"  # torch device for the hosted blocks
     dtype: str | None = None  # weights dtype; None = float32 on CPU, bfloat16 on CUDA
-    quant: str = "none"  # hosted blocks' linear weights: "none" (the dtype), "int8" or "nf4" (model/quant.py)
+    quant: str = "none"  # hosted blocks' linear weights: "none" (the dtype), "int8", "nf4" or "int4" (model/quant.py)
     torch_threads: int | None = None  # intra-op threads for torch; None = torch's default
     max_blocks: int | None = None  # placement: host at most this many blocks (None = as many as fit)
     memory_budget_bytes: int | None = None  # placement: weights + KV cache budget; None = 80% of free memory

@@ -1,7 +1,7 @@
 """GPU check of quantized hosting (run on a machine with CUDA): agreement with the CPU and decode speed.
 
 For SmolLM2 (cached by `peerd model fetch`) it loads all blocks on CUDA in bfloat16 with each
-quantization (none, int8, nf4), compares a 64-token forward with the same quantization on the CPU in
+quantization (none, int8, nf4, int4), compares a 64-token forward with the same quantization on the CPU in
 float32 (the relative error a spot check sees, against its tolerance), and times one-token decode
 steps through all blocks (median of 64 steps after a warm-up). The tiny configs of every family are
 checked by `pytest tests/unit/test_cuda_quant.py`. Prints a table and writes
@@ -47,7 +47,7 @@ def main() -> int:
     path = model_dir("smollm2-135m")
     rows = []
     hidden = torch.randn(1, 64, 576, generator=torch.Generator().manual_seed(0))
-    for quant in ("none", "int8", "nf4"):
+    for quant in ("none", "int8", "nf4", "int4"):
         cpu = load_stage(path, 0, 30, progress=False, quant=quant)
         gpu = load_stage(path, 0, 30, dtype=torch.bfloat16, device="cuda", progress=False, quant=quant)
         with torch.inference_mode():

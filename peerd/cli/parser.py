@@ -199,9 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--quant",
         default="none",
-        choices=["none", "int8", "nf4"],
-        help="store hosted blocks' linear weights in 8 or 4 bits (bitsandbytes): about 2x / 4x the blocks "
-        "of bfloat16 in the same memory, at some accuracy (docs/operating.md); default none",
+        choices=["none", "int8", "nf4", "int4"],
+        help="store hosted blocks' linear weights in fewer bits: int8 (8 bits, bitsandbytes), nf4 (4-bit "
+        "NormalFloat, blocks of 64, bitsandbytes; 4.1 bits/weight) or int4 (4-bit codes in groups of 32 with "
+        "a float16 scale and minimum each, GGUF Q4_1's layout; 5.0 bits/weight with its scales, lossless on "
+        "Q4_1 checkpoints such as the shipped SmolLM2). About 2x / 3-4x the blocks of bfloat16 in the same "
+        "memory, at some accuracy (docs/operating.md); default none",
     )
     run.add_argument("--torch-threads", type=POSITIVE_INT, default=None, help="torch intra-op threads")
     run.add_argument("--cache-tokens", type=POSITIVE_INT, default=8192, help="KV cache budget in tokens (default 8192)")
@@ -281,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--min-precision",
         default=None,
-        choices=["nf4", "int8", "bfloat16", "float16", "float32"],
-        help="route only through peers storing weights in at least this precision (default: any)",
+        choices=["nf4", "int4", "int8", "bfloat16", "float16", "float32"],
+        help="route only through peers storing weights in at least this precision (nf4 and int4 are both "
+        "4-bit; default: any)",
     )
 
     chat = sub.add_parser("chat", help="chat with the model through a running swarm (multi-turn, streamed)")

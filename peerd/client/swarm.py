@@ -142,7 +142,7 @@ class SwarmClient:
         and its work redone; ``spot_check_local_blocks`` lets the client recompute spans of up to that many
         blocks itself, from ``model_path``'s weights, as the judge when two peers disagree;
         ``allowed_peers`` restricts routing to those peer ids (a private swarm).
-        ``min_precision`` ("nf4", "int8", "bfloat16", "float16", "float32") routes only through
+        ``min_precision`` ("nf4", "int4", "int8", "bfloat16", "float16", "float32") routes only through
         peers whose weights are stored in at least that many bits (``peerd.model.quant``).
         ``host_maddrs``: where it listens (default loopback: only a collaborative trainer is ever dialled).
         """

@@ -130,7 +130,7 @@ def blocks_fitting_memory(
         raise ValueError(
             f"not even one block fits the memory budget of {budget_bytes / 2**30:.1f} GiB with a KV cache of "
             f"{cache_tokens} tokens; lower --cache-tokens, raise --memory-budget or store weights in fewer bits "
-            "(--quant int8 or nf4)"
+            "(--quant int8, int4 or nf4)"
         )
     return fit
 

@@ -145,7 +145,7 @@ def refresh_peer_gauges(peer: ServingPeer) -> None:
     if peer.stage is not None:
         m.set_blocks(peer.stage.start, peer.stage.end)
         # with the cache gauge this gives the daemon's own overhead: resident - weights - cache
-        m.weights.set(peer.stage.weight_bytes)  # as stored: int8/nf4 weights and their scales
+        m.weights.set(peer.stage.weight_bytes)  # as stored: int8/nf4/int4 weights and their scales
     if peer.servicer is not None:
         budget = peer.servicer.budget
         m.cache_limit.set(budget.total_tokens * budget.bytes_per_token)

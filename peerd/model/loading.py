@@ -169,7 +169,7 @@ def load_stage(
     """Load blocks ``[start, end)`` of the checkpoint folder ``path``, reading only their tensors.
 
     ``dtype`` defaults to :func:`default_dtype_for` the device. ``quant`` ("none", "int8",
-    "nf4") stores the linear weights quantised (``quant.py``); blocks are read and quantised one at
+    "nf4", "int4") stores the linear weights quantised (``quant.py``); blocks are read and quantised one at
     a time, so the peak is the quantised slice plus one block at full precision. ``stats``, when
     given, records every tensor read. ``reuse``: a stage already in memory (same dtype, device and
     quantization) whose blocks inside ``[start, end)`` are taken as they are instead of read again

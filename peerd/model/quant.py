@@ -1,15 +1,19 @@
-"""Hosted blocks with 8-bit or 4-bit linear weights, through bitsandbytes (docs/decisions.md).
+"""Hosted blocks with 8-bit or 4-bit linear weights (docs/decisions.md section 9).
 
 ``--quant int8`` stores every linear weight of a block as int8 with one scale per output row
 (bitsandbytes' LLM.int8 layer: on CUDA inputs are quantised too, their outlier columns above
 ``INT8_THRESHOLD`` multiplied in 16-bit; on the CPU the rows are dequantised for the matmul).
 ``--quant nf4`` stores them as 4-bit NormalFloat in blocks of 64 with double-quantised scales
-(QLoRA's format). Norms, biases, the RoPE tables and Mixtral's router stay in the compute dtype:
+(QLoRA's format). ``--quant int4`` stores them as 4-bit codes in groups of 32 with a float16
+scale and minimum each (GGUF Q4_1's layout, 5.0 bits per weight with the scales; ``int4.py``): the
+4-bit format that meets the quality target on SmolLM2, whose shipped checkpoint is itself Q4_1.
+Norms, biases, the RoPE tables and Mixtral's router stay in the compute dtype:
 they are tiny, and the router's choices are discrete (a rounding flip would change which experts
 run). Quantization is deterministic, so two peers quantizing the same checkpoint hold the same
 weights and a client can recompute a quantized peer's work at the same precision.
 
-bitsandbytes is imported only when a block is quantized: a peer with ``--quant none`` never loads it.
+bitsandbytes is imported only when a block is quantized to int8 or nf4: a peer with ``--quant none``
+or ``int4`` never loads it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from peerd.model.int4 import INT4_BITS_PER_WEIGHT, INT4_GROUP, Int4Linear
+
 __all__ = [
+    "BITS_PER_WEIGHT",
     "INT8_THRESHOLD",
     "NF4_BLOCKSIZE",
     "PRECISION_BITS",
@@ -31,12 +38,16 @@ __all__ = [
     "weight_bytes",
 ]
 
-QUANTS = ("none", "int8", "nf4")
+QUANTS = ("none", "int8", "nf4", "int4")
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (bitsandbytes' and Petals' default)
 NF4_BLOCKSIZE = 64  # weights per 4-bit scale (QLoRA's choice; the scales are quantised again)
 # bits per weight of each precision a client may ask for (--min-precision): a peer's precision is its
 # quantization if it has one, else its dtype
-PRECISION_BITS = {"nf4": 4, "int8": 8, "float16": 16, "bfloat16": 16, "float32": 32}
+PRECISION_BITS = {"nf4": 4, "int4": 4, "int8": 8, "float16": 16, "bfloat16": 16, "float32": 32}
+# stored bits per weight of a large linear, its scales included (what the memory numbers follow):
+# int8 one float32 scale per row, nf4 blocks of 64 with 8-bit scales in float32 groups of 256, int4
+# float16 scale and minimum per 32
+BITS_PER_WEIGHT = {"int8": 8.0, "nf4": 4 + 8 / NF4_BLOCKSIZE + 32 / (NF4_BLOCKSIZE * 256), "int4": INT4_BITS_PER_WEIGHT}
 
 
 def precision_bits(dtype: str, quant: str) -> int:
@@ -90,19 +101,29 @@ def _linears(module: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
 
 
 def quantize_linears(module: nn.Module, quant: str, device: str | torch.device) -> nn.Module:
-    """Replace every ``nn.Linear`` under ``module`` by a bitsandbytes layer holding its weight in ``quant``.
+    """Replace every ``nn.Linear`` under ``module`` by a layer holding its weight in ``quant``.
 
     The linears must hold real weights (on the CPU or on ``device``) in the compute dtype; the
     quantised layers land on ``device`` and compute in that dtype. ``quant="none"`` changes nothing.
-    Parameter names keep the checkpoint's (``...q_proj.weight``), with bitsandbytes' scale tensors
-    beside them.
+    int8 and nf4 are bitsandbytes layers whose parameter names keep the checkpoint's
+    (``...q_proj.weight``, scales beside them); int4 layers hold buffers ``packed``, ``scale``,
+    ``minimum`` (:class:`~peerd.model.int4.Int4Linear`).
     """
     if quant not in QUANTS:
         raise ValueError(f"unknown quantization {quant!r}; one of {', '.join(QUANTS)}")
     if quant == "none":
         return module
-    bnb = _bnb()
     device = torch.device(device)
+    if quant == "int4":
+        for parent, name, linear in list(_linears(module)):
+            if linear.in_features % INT4_GROUP:
+                raise ValueError(
+                    f"int4 needs linear inputs in multiples of {INT4_GROUP}; {name} has {linear.in_features} "
+                    "(use --quant int8 for this model)"
+                )
+            setattr(parent, name, Int4Linear.from_linear(linear).to(device))
+        return module
+    bnb = _bnb()
     for parent, name, linear in list(_linears(module)):
         if quant == "nf4" and linear.in_features % NF4_BLOCKSIZE:
             raise ValueError(

@@ -94,7 +94,7 @@ class Stage(nn.Module):
         self.end = end
         # Keys are absolute block indices, so state-dict names are the checkpoint's minus "model.".
         self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(start, end)})
-        self.quant = "none"  # how linear weights are stored: "none" (the dtype), "int8" or "nf4" (quant.py)
+        self.quant = "none"  # how linear weights are stored: "none" (the dtype), "int8", "nf4" or "int4" (quant.py)
         self.rotary = RotaryEmbedding(config)
         # Gemma 3's sliding blocks rotate with their own base; other families share one table
         self.local_rotary = RotaryEmbedding(config, local=True) if config.local_rope_theta is not None else None

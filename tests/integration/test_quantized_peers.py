@@ -101,18 +101,19 @@ async def test_an_honest_quantized_peer_passes_a_check_by_a_full_precision_peer(
         await client.close()
 
 
-async def test_a_subtle_liar_is_caught_by_a_recomputation_at_its_own_precision(make_swarm: Any) -> None:
+@pytest.mark.parametrize("quant", ["nf4", "int4"])
+async def test_a_subtle_liar_is_caught_by_a_recomputation_at_its_own_precision(make_swarm: Any, quant: str) -> None:
     swarm = await make_swarm([(0, 6)])
     full = swarm.peers[0]
-    honest = await swarm.add_peer("nf4", (0, 6), quant="nf4")
+    honest = await swarm.add_peer(quant, (0, 6), quant=quant)
     # off by less than 4-bit weights are honestly off from float32: only a same-precision check sees it
-    liar = await swarm.add_peer("liar", (0, 6), quant="nf4", peer_class=lying_peer(0.05))
+    liar = await swarm.add_peer("liar", (0, 6), quant=quant, peer_class=lying_peer(0.05))
     client = await swarm.client(spot_check_local_blocks=6)  # the client judges, at the peer's precision
     try:
         hidden = client.head.embed(torch.tensor([PROMPT]))
         lie = await client.peers.forward(liar.peer_id, hidden, 0, 6)
         reference = await client.peers.forward(full.peer_id, hidden, 0, 6)
-        cross = tolerance_for(["float32"], Compression.NONE, ["nf4", "none"])
+        cross = tolerance_for(["float32"], Compression.NONE, [quant, "none"])
         assert float(relative_errors(lie, reference).max()) < cross  # a float32 check alone would pass it
         verdict = await client.checker.verify(await _span(client, liar), hidden, lie)
         assert verdict.span_peer_wrong and verdict.incident is not None

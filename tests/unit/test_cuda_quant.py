@@ -1,4 +1,4 @@
-"""On CUDA (skipped without one): bfloat16, int8 and nf4 blocks agree with the CPU within the spot-check tolerances.
+"""On CUDA (skipped without one): bfloat16, int8, nf4 and int4 blocks agree with the CPU within spot-check tolerances.
 
 This is the GPU check of quantized hosting: each family's tiny config and, when it is cached,
 SmolLM2, loaded on CUDA in bfloat16 with each quantization, against the same quantization on the
@@ -22,7 +22,7 @@ from tests.helpers.tiny_model import FAMILIES, make_family_checkpoint, make_tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-QUANTS = ("none", "int8", "nf4")
+QUANTS = ("none", "int8", "nf4", "int4")
 
 
 def _checkpoints(tmp: Path) -> dict[str, Path]:

@@ -20,9 +20,9 @@ from peerd.model.quant import precision_bits, quantize_linears, weight_bytes
 from tests.helpers.tiny_model import FAMILIES, make_family_checkpoint, make_tiny_checkpoint, single_torch_thread
 
 # relative L2 error of a 4-block stage's output against float32, on these random weights
-MAX_ERROR = {"int8": 0.05, "nf4": 0.4}
+MAX_ERROR = {"int8": 0.05, "nf4": 0.4, "int4": 0.4}
 # stored bytes against float32 (norms and biases stay float32; tiny blocks carry relatively more scales)
-MAX_SIZE_RATIO = {"int8": 0.30, "nf4": 0.20}
+MAX_SIZE_RATIO = {"int8": 0.30, "nf4": 0.20, "int4": 0.20}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,7 +40,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
-@pytest.mark.parametrize("quant", ["int8", "nf4"])
+@pytest.mark.parametrize("quant", ["int8", "nf4", "int4"])
 def test_quantized_stage_is_smaller_close_and_consistent(checkpoint: Path, quant: str) -> None:
     full = load_stage(checkpoint, 0, 4, progress=False)
     stage = load_stage(checkpoint, 0, 4, progress=False, quant=quant)
@@ -59,7 +59,7 @@ def test_quantized_stage_is_smaller_close_and_consistent(checkpoint: Path, quant
         torch.testing.assert_close(again(hidden), out, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("quant", ["int8", "nf4"])
+@pytest.mark.parametrize("quant", ["int8", "nf4", "int4"])
 def test_gradients_flow_through_quantized_blocks(checkpoint: Path, quant: str) -> None:
     full = load_stage(checkpoint, 1, 3, progress=False)
     stage = load_stage(checkpoint, 1, 3, progress=False, quant=quant)
@@ -89,7 +89,7 @@ def test_every_family_runs_quantized(tmp_path: Path, family: str) -> None:
     hidden = torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         reference = full(hidden)
-        for quant in ("int8", "nf4"):
+        for quant in ("int8", "nf4", "int4"):
             out = load_stage(path, 0, 3, progress=False, quant=quant)(hidden)
             assert 0 < _relative_error(out, reference) < MAX_ERROR[quant], (family, quant)
 
@@ -102,7 +102,7 @@ def test_mixtral_router_stays_exact(tmp_path: Path) -> None:
 
 
 def test_precision_bits_and_unknown_quantization() -> None:
-    assert [precision_bits("bfloat16", q) for q in ("none", "int8", "nf4")] == [16, 8, 4]
+    assert [precision_bits("bfloat16", q) for q in ("none", "int8", "nf4", "int4")] == [16, 8, 4, 4]
     assert precision_bits("float32", "") == 32 and precision_bits("float32", "fp3") == 0
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         quantize_linears(nn.Linear(4, 4), "int3", "cpu")

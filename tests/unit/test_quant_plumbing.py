@@ -28,6 +28,8 @@ def test_flags() -> None:
     assert run.quant == "nf4" and build_parser().parse_args(["run"]).quant == "none"
     gen = build_parser().parse_args(["generate", "hi", "--min-precision", "int8"])
     assert gen.min_precision == "int8"
+    assert build_parser().parse_args(["run", "--quant", "int4"]).quant == "int4"
+    assert build_parser().parse_args(["generate", "hi", "--min-precision", "int4"]).min_precision == "int4"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--quant", "int3"])
 
@@ -53,20 +55,22 @@ def test_status_shows_quantized_weights() -> None:
 def test_tolerance_is_tight_at_one_precision_and_derived_from_the_quantization_across() -> None:
     float32 = tolerance_for(["float32"], Compression.NONE)
     assert tolerance_for(["float32"], Compression.NONE, ["nf4", "nf4"]) == float32  # same weights
+    assert tolerance_for(["float32"], Compression.NONE, ["int4", "int4"]) == float32
+    assert tolerance_for(["float32"], Compression.NONE, ["int4", "none"]) > 50 * float32
     assert tolerance_for(["float32"], Compression.NONE, ["nf4", "none"]) > 50 * float32
     assert float32 < tolerance_for(["float32"], Compression.NONE, ["int8", "none"]) < 0.2
     assert tolerance_for(["float32"], Compression.NONE, ["fp3", "none"]) >= 0.5  # unknown: loose
 
 
 def test_placement_uses_the_measured_size_of_a_quantized_block() -> None:
-    sizes = {q: Stage.random(CONFIG, 0, 1, quant=q).weight_bytes for q in ("none", "int8", "nf4")}
-    assert sizes["nf4"] < sizes["int8"] < 0.3 * sizes["none"]
+    sizes = {q: Stage.random(CONFIG, 0, 1, quant=q).weight_bytes for q in ("none", "int8", "nf4", "int4")}
+    assert sizes["nf4"] < sizes["int4"] < sizes["int8"] < 0.3 * sizes["none"]
     budget = 20 << 20  # about 5 float32 blocks
     fit = {
         q: blocks_fitting_memory(CONFIG, torch.float32, budget_bytes=budget, cache_tokens=64, block_weight_bytes=size)
         for q, size in sizes.items()
     }
     assert fit["none"] == blocks_fitting_memory(CONFIG, torch.float32, budget_bytes=budget, cache_tokens=64)
-    assert fit["none"] < fit["int8"] <= fit["nf4"]
-    with pytest.raises(ValueError, match="--quant int8 or nf4"):
+    assert fit["none"] < fit["int8"] <= fit["int4"] <= fit["nf4"]
+    with pytest.raises(ValueError, match="--quant int8, int4 or nf4"):
         blocks_fitting_memory(CONFIG, torch.float32, budget_bytes=1 << 20, cache_tokens=64)

@@ -40,16 +40,18 @@ async def test_min_precision_keeps_only_peers_storing_weights_in_at_least_that_m
         FakePeer(replace(record("bf16", 0, 4), dtype="bfloat16")),
         FakePeer(replace(record("int8", 0, 4), dtype="bfloat16", quant="int8")),
         FakePeer(replace(record("nf4", 0, 4), dtype="bfloat16", quant="nf4")),
+        FakePeer(replace(record("int4", 0, 4), dtype="bfloat16", quant="int4")),
         FakePeer(replace(record("future", 0, 4), dtype="bfloat16", quant="fp3")),  # unknown: never "enough"
     ]
     router, _, _ = make_router(peers)
-    assert set(await router.servers()) == {"f32", "bf16", "int8", "nf4", "future"}
-    expected = {"nf4": {"f32", "bf16", "int8", "nf4"}, "int8": {"f32", "bf16", "int8"}, "bfloat16": {"f32", "bf16"}}
+    assert set(await router.servers()) == {"f32", "bf16", "int8", "nf4", "int4", "future"}
+    four_bits = {"f32", "bf16", "int8", "nf4", "int4"}
+    expected = {"nf4": four_bits, "int4": four_bits, "int8": {"f32", "bf16", "int8"}, "bfloat16": {"f32", "bf16"}}
     for precision, kept in [*expected.items(), ("float32", {"f32"})]:
         router.min_precision = precision
         assert set(await router.servers()) == kept, precision
     with pytest.raises(ValueError, match="min_precision must be one of"):
-        router.min_precision = "int4"
+        router.min_precision = "int3"
 
 
 async def test_vetting_bans_a_peer_that_hides_its_quantization() -> None:
