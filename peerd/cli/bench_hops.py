@@ -1,0 +1,186 @@
+"""Where a decode hop's time goes, and what the same bytes cost on a bare libp2p stream.
+
+Two measurements, interleaved in one run so machine drift hits both alike:
+
+* a traced hop: an inference session on one peer (``PeerClient.open_inference`` and
+  ``InferenceStream.step``, the SDK's own stream API), with a :class:`HopTracer` attached to the
+  client and to the peer's servicer, so each decode step is split into spans (client encode, write,
+  transit, server check, queue wait, compute, hand-back, reply encode, write, transit, decode);
+* a raw echo: the same request frame's bytes written to a stream of the same kind (libp2p through
+  p2pd, the same two daemons where possible) and read back, with nothing else done.
+
+The peer's half of the trace is only visible when the peer runs in this process (``servicer``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hivemind.p2p import P2P, PeerID
+
+from peerd.rpc.hoptrace import SPANS, HopTracer
+from peerd.rpc.tensors import to_wire
+from peerd.rpc.transport import PeerClient
+from peerd.server.handlers import BlockServicer
+from protocols import InferenceStep, encode_frame
+
+__all__ = ["ECHO_HANDLER", "echo_rtts_ms", "hop_breakdown", "serve_echo"]
+
+ECHO_HANDLER = "peerd-bench-echo"  # a benchmark-only stream handler (never registered by `peerd run`)
+PROMPT_TOKENS = 16
+_TIMEOUT_S = 30.0
+
+
+async def _echo(_: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Echo fixed-size messages: a 4-byte size first, then that many bytes back per message."""
+    try:
+        size = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), _TIMEOUT_S), "big")
+        while True:
+            data = await asyncio.wait_for(reader.readexactly(size), _TIMEOUT_S)
+            writer.write(data)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+        pass  # the benchmark closed its end
+    finally:
+        writer.close()
+
+
+async def serve_echo(p2p: P2P) -> None:
+    """Register the echo handler on ``p2p`` (a benchmark's own process or in-process peer)."""
+    await p2p.add_binary_stream_handler(ECHO_HANDLER, _echo)
+
+
+async def echo_rtts_ms(p2p: P2P, peer_id: str, payload: bytes, rounds: int) -> list[float]:
+    """Round trips (ms) of ``payload`` to ``peer_id``'s echo handler over one stream."""
+    _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), ECHO_HANDLER)
+    rtts = []
+    try:
+        async with asyncio.timeout(_TIMEOUT_S + rounds):
+            writer.write(len(payload).to_bytes(4, "big"))
+            for _ in range(rounds):
+                started = time.perf_counter()
+                writer.write(payload)
+                await writer.drain()
+                await reader.readexactly(len(payload))
+                rtts.append((time.perf_counter() - started) * 1e3)
+    finally:
+        writer.close()
+    return rtts
+
+
+def step_frame(hidden_size: int, dtype: torch.dtype = torch.float32) -> bytes:
+    """The bytes of one decode step's request frame (what the echo sends)."""
+    return encode_frame(InferenceStep(to_wire(torch.zeros(1, 1, hidden_size, dtype=dtype)), PROMPT_TOKENS, 1))
+
+
+async def _traced_steps(
+    peers: PeerClient, peer_id: str, span: tuple[int, int], hidden_size: int, steps: int, dtype: torch.dtype
+) -> None:
+    """One session on ``peer_id``: a short prefill, then ``steps`` decode steps of random hidden states."""
+    stream = await peers.open_inference(
+        peer_id, session_id=os.urandom(16), start=span[0], end=span[1], max_length=PROMPT_TOKENS + steps, batch_size=1
+    )
+    try:
+        await stream.step(torch.randn(1, PROMPT_TOKENS, hidden_size, dtype=dtype), 0)
+        for i in range(steps):
+            await stream.step(torch.randn(1, 1, hidden_size, dtype=dtype), PROMPT_TOKENS + i)
+    finally:
+        await stream.close()
+
+
+async def hop_breakdown(
+    peers: PeerClient,
+    servicer: BlockServicer,
+    peer_id: str,
+    span: tuple[int, int],
+    *,
+    steps: int = 16,
+    rounds: int = 4,
+) -> dict[str, Any]:
+    """Traced decode hops to an in-process peer and raw echoes to the same peer, interleaved.
+
+    ``peers`` is the client's transport, ``servicer`` the peer's (both in this process), and the
+    peer must serve ``ECHO_HANDLER`` (:func:`serve_echo` on its P2P). Returns each span's p50 (ms),
+    the hop's wall and non-compute p50, the echo p50 and their ratio, and every traced hop.
+    """
+    hidden_size, dtype = servicer.stage.config.hidden_size, servicer.stage.dtype
+    payload = step_frame(hidden_size, dtype)
+    hops: list[dict[str, float]] = []
+    echoes: list[float] = []
+    await _traced_steps(peers, peer_id, span, hidden_size, 2, dtype)  # warm-up: dial, caches, first-call costs
+    await echo_rtts_ms(peers.p2p, peer_id, payload, 4)
+    for _ in range(rounds):
+        tracer = HopTracer()
+        peers.tracer = servicer.tracer = tracer
+        try:
+            await _traced_steps(peers, peer_id, span, hidden_size, steps, dtype)
+        finally:
+            peers.tracer = servicer.tracer = None
+        hops += tracer.hops()[1:]  # decode steps only: the first is the prefill
+        echoes += await echo_rtts_ms(peers.p2p, peer_id, payload, steps)
+    overhead = [h["wall"] - h["compute"] for h in hops]
+    out: dict[str, Any] = {name: statistics.median(h[name] for h in hops) for name, _, _ in SPANS}
+    out |= {
+        "wall_ms_p50": statistics.median(h["wall"] for h in hops),
+        "overhead_ms_p50": statistics.median(overhead),
+        "echo_ms_p50": statistics.median(echoes),
+        "frame_bytes": len(payload),
+        "hops": hops,
+    }
+    out["overhead_vs_echo"] = out["overhead_ms_p50"] / out["echo_ms_p50"]
+    return out
+
+
+def breakdown_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Table rows: each span's p50, then the hop's non-compute time against the raw echo."""
+    rows = [(f"  {name}", f"{result[name]:.3f} ms", "p50") for name, _, _ in SPANS]
+    rows.append(("  hop wall", f"{result['wall_ms_p50']:.3f} ms", f"p50 of {len(result['hops'])} decode hops"))
+    rows.append(
+        (
+            "hop overhead / raw echo",
+            f"{result['overhead_vs_echo']:.2f}x",
+            f"{result['overhead_ms_p50']:.3f} vs {result['echo_ms_p50']:.3f} ms p50, same frame "
+            f"({result['frame_bytes']} B), same streams; target <= 1.5x",
+        )
+    )
+    return rows
+
+
+async def inprocess_breakdown(
+    model_path: Path, model_id: str, span: tuple[int, int], workdir: Path, *, steps: int = 16, rounds: int = 4
+) -> dict[str, Any]:
+    """:func:`hop_breakdown` against a peer started in this process (one torch thread) for ``span``."""
+    from peerd.client import SwarmClient
+    from peerd.config import PeerConfig
+    from peerd.daemon.peer import Peer
+
+    config = PeerConfig(
+        model_path=model_path,
+        model_id=model_id,
+        blocks=span,
+        identity_path=workdir / "hops-peer.key",
+        public_name="hops",
+        host="127.0.0.1",
+        torch_threads=1,
+        measure_throughput=False,
+    )
+    peer = Peer(config)
+    await peer.startup()
+    try:
+        assert peer.p2p is not None and peer.servicer is not None  # set by startup()
+        await serve_echo(peer.p2p)
+        maddrs = [str(m) for m in await peer.visible_maddrs()]
+        client = await SwarmClient.connect(maddrs, model_path, model_id=model_id)
+        try:
+            client.peers.learn_addresses(peer.peer_id, maddrs)
+            return await hop_breakdown(client.peers, peer.servicer, peer.peer_id, span, steps=steps, rounds=rounds)
+        finally:
+            await client.close()
+    finally:
+        await peer.shutdown()
