@@ -28,6 +28,7 @@ from peerd.rpc.hoptrace import SPANS, HopTracer
 from peerd.rpc.tensors import to_wire
 from peerd.rpc.transport import PeerClient
 from peerd.server.handlers import BlockServicer
+from peerd.server.runtime import INLINE_MAX_COST
 from protocols import InferenceStep, encode_frame
 
 __all__ = ["ECHO_HANDLER", "echo_rtts_ms", "hop_breakdown", "serve_echo"]
@@ -56,9 +57,10 @@ async def serve_echo(p2p: P2P) -> None:
     await p2p.add_binary_stream_handler(ECHO_HANDLER, _echo)
 
 
-async def echo_rtts_ms(p2p: P2P, peer_id: str, payload: bytes, rounds: int) -> list[float]:
+async def echo_rtts_ms(peers: PeerClient, peer_id: str, payload: bytes, rounds: int) -> list[float]:
     """Round trips (ms) of ``payload`` to ``peer_id``'s echo handler over one stream."""
-    _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), ECHO_HANDLER)
+    await peers.dial(peer_id)
+    _, reader, writer = await peers.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), ECHO_HANDLER)
     rtts = []
     try:
         async with asyncio.timeout(_TIMEOUT_S + rounds):
@@ -102,60 +104,77 @@ async def hop_breakdown(
     *,
     steps: int = 16,
     rounds: int = 4,
-) -> dict[str, Any]:
+    modes: dict[str, float] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Traced decode hops to an in-process peer and raw echoes to the same peer, interleaved.
 
     ``peers`` is the client's transport, ``servicer`` the peer's (both in this process), and the
-    peer must serve ``ECHO_HANDLER`` (:func:`serve_echo` on its P2P). Returns each span's p50 (ms),
-    the hop's wall and non-compute p50, the echo p50 and their ratio, and every traced hop.
+    peer must serve ``ECHO_HANDLER`` (:func:`serve_echo` on its P2P). ``modes`` names settings of
+    the peer runtime's ``inline_max_cost`` to compare (default: the runtime's own, as "default");
+    each round runs every mode in turn. Per mode: each span's p50 (ms), the hop's wall and
+    non-compute p50, the echo p50 (the echoes of its rounds) and their ratio, and every traced hop.
     """
+    runtime = servicer.runtime
+    modes = modes or {"default": runtime.inline_max_cost}
     hidden_size, dtype = servicer.stage.config.hidden_size, servicer.stage.dtype
     payload = step_frame(hidden_size, dtype)
-    hops: list[dict[str, float]] = []
-    echoes: list[float] = []
+    hops: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    echoes: dict[str, list[float]] = {mode: [] for mode in modes}
     await _traced_steps(peers, peer_id, span, hidden_size, 2, dtype)  # warm-up: dial, caches, first-call costs
-    await echo_rtts_ms(peers.p2p, peer_id, payload, 4)
-    for _ in range(rounds):
-        tracer = HopTracer()
-        peers.tracer = servicer.tracer = tracer
-        try:
-            await _traced_steps(peers, peer_id, span, hidden_size, steps, dtype)
-        finally:
-            peers.tracer = servicer.tracer = None
-        hops += tracer.hops()[1:]  # decode steps only: the first is the prefill
-        echoes += await echo_rtts_ms(peers.p2p, peer_id, payload, steps)
-    overhead = [h["wall"] - h["compute"] for h in hops]
+    await echo_rtts_ms(peers, peer_id, payload, 4)
+    saved = runtime.inline_max_cost
+    try:
+        for _ in range(rounds):
+            for mode, inline_max_cost in modes.items():
+                runtime.inline_max_cost = inline_max_cost
+                tracer = HopTracer()
+                peers.tracer = servicer.tracer = tracer
+                try:
+                    await _traced_steps(peers, peer_id, span, hidden_size, steps, dtype)
+                finally:
+                    peers.tracer = servicer.tracer = None
+                hops[mode] += tracer.hops()[1:]  # decode steps only: the first is the prefill
+                echoes[mode] += await echo_rtts_ms(peers, peer_id, payload, steps)
+    finally:
+        runtime.inline_max_cost = saved
+    return {mode: _summary(hops[mode], echoes[mode], len(payload)) for mode in modes}
+
+
+def _summary(hops: list[dict[str, float]], echoes: list[float], frame_bytes: int) -> dict[str, Any]:
     out: dict[str, Any] = {name: statistics.median(h[name] for h in hops) for name, _, _ in SPANS}
     out |= {
         "wall_ms_p50": statistics.median(h["wall"] for h in hops),
-        "overhead_ms_p50": statistics.median(overhead),
+        "overhead_ms_p50": statistics.median(h["wall"] - h["compute"] for h in hops),
         "echo_ms_p50": statistics.median(echoes),
-        "frame_bytes": len(payload),
+        "frame_bytes": frame_bytes,
         "hops": hops,
     }
     out["overhead_vs_echo"] = out["overhead_ms_p50"] / out["echo_ms_p50"]
     return out
 
 
-def breakdown_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """Table rows: each span's p50, then the hop's non-compute time against the raw echo."""
-    rows = [(f"  {name}", f"{result[name]:.3f} ms", "p50") for name, _, _ in SPANS]
-    rows.append(("  hop wall", f"{result['wall_ms_p50']:.3f} ms", f"p50 of {len(result['hops'])} decode hops"))
-    rows.append(
-        (
-            "hop overhead / raw echo",
-            f"{result['overhead_vs_echo']:.2f}x",
-            f"{result['overhead_ms_p50']:.3f} vs {result['echo_ms_p50']:.3f} ms p50, same frame "
-            f"({result['frame_bytes']} B), same streams; target <= 1.5x",
+def breakdown_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """Table rows: each span's p50 per mode side by side, then each mode's overhead against the echo."""
+    modes = list(results)
+    rows = [(f"  {name}", " / ".join(f"{results[m][name]:.3f}" for m in modes), "ms p50") for name, _, _ in SPANS]
+    rows.append(("  hop wall", " / ".join(f"{results[m]['wall_ms_p50']:.3f}" for m in modes), "ms p50"))
+    for mode, r in results.items():
+        rows.append(
+            (
+                f"hop overhead / raw echo ({mode})",
+                f"{r['overhead_vs_echo']:.2f}x",
+                f"{r['overhead_ms_p50']:.3f} vs {r['echo_ms_p50']:.3f} ms p50, {len(r['hops'])} hops, same frame "
+                f"({r['frame_bytes']} B) on the same streams; target <= 1.5x",
+            )
         )
-    )
     return rows
 
 
 async def inprocess_breakdown(
     model_path: Path, model_id: str, span: tuple[int, int], workdir: Path, *, steps: int = 16, rounds: int = 4
-) -> dict[str, Any]:
-    """:func:`hop_breakdown` against a peer started in this process (one torch thread) for ``span``."""
+) -> dict[str, dict[str, Any]]:
+    """:func:`hop_breakdown` against a peer started in this process (one torch thread) for ``span``:
+    decode steps on the compute thread ("thread") and inline when it is idle ("inline"), alternated."""
     from peerd.client import SwarmClient
     from peerd.config import PeerConfig
     from peerd.daemon.peer import Peer
@@ -179,7 +198,11 @@ async def inprocess_breakdown(
         client = await SwarmClient.connect(maddrs, model_path, model_id=model_id)
         try:
             client.peers.learn_addresses(peer.peer_id, maddrs)
-            return await hop_breakdown(client.peers, peer.servicer, peer.peer_id, span, steps=steps, rounds=rounds)
+            modes = {"thread": 0.0, "inline": INLINE_MAX_COST}
+            servicer = peer.servicer
+            return await hop_breakdown(
+                client.peers, servicer, peer.peer_id, span, steps=steps, rounds=rounds, modes=modes
+            )
         finally:
             await client.close()
     finally:

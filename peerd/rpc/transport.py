@@ -88,6 +88,10 @@ class PeerClient:
             self._addresses[peer_id] = tuple(addrs)
             self._dialled.discard(peer_id)
 
+    async def dial(self, peer_id: str) -> None:
+        """Connect to ``peer_id`` at its learned addresses now (opening a stream does this itself)."""
+        await self._dial(peer_id)
+
     async def _dial(self, peer_id: str) -> None:
         addrs = self._addresses.get(peer_id)
         if not addrs or peer_id in self._dialled:
