@@ -96,6 +96,7 @@ class ComputeRuntime:
         self.inline_max_cost = inline_max_cost  # 0 turns inline steps off
         self._working = False  # the compute thread runs a job
         self._inline = False  # an inline step runs on the event loop
+        self._considering = 0  # steps about to choose between inline and the queue (event loop only)
         self.inline_steps = 0
         self.busy_s = 0.0  # total time spent computing (for utilisation metrics)
         self.batches = 0  # forwards that ran two or more steps together
@@ -152,11 +153,16 @@ class ComputeRuntime:
 
         A small step (``cost <= inline_max_cost``) finding the runtime idle runs right here on the
         calling (event loop) thread: it would wait for nothing on the compute thread, only for the
-        wakeups there and back. Steps read in the same loop iteration get queued first (the one
-        ``sleep(0)``), so that steps ready together still run as one batch on the thread."""
+        wakeups there and back. Steps read in the same loop iteration all go to the queue (the one
+        ``sleep(0)`` lets them see each other), so that steps ready together still run as one batch."""
         if cost <= self.inline_max_cost and self._idle():
-            await asyncio.sleep(0)
-            if self._claim_inline(owner, cost):
+            self._considering += 1
+            try:
+                await asyncio.sleep(0)
+            finally:
+                self._considering -= 1
+            # alone: the others that looked at the same time have queued theirs (not idle any more)
+            if self._considering == 0 and self._claim_inline(owner, cost):
                 return self._run_inline(payload, runner, owner)
         return await _await(self.submit_step(payload, runner, batch_key, owner, cost=cost))
 
