@@ -72,6 +72,7 @@ async def test_hop_breakdown_reports_every_span_beside_the_echo(make_swarm) -> N
         assert len(r["hops"]) == 6  # 3 decode steps x 2 rounds (the prefills are left out)
         assert r["echo_ms_p50"] > 0 and r["overhead_vs_echo"] > 0
         assert r["overhead_ms_p50"] < r["wall_ms_p50"]
+        assert 0 < r["span_p50_sum_ms"] < r["wall_ms_p50"]
     assert peer.runtime.inline_max_cost == 8.0  # the runtime's own setting is restored
 
 
