@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import select
 import subprocess
 import sys
 import time
@@ -129,8 +130,12 @@ class LoadWorkers:
         self.info = [self._read(p) for p in self.procs]
 
     @staticmethod
-    def _read(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    def _read(proc: subprocess.Popen[str], timeout_s: float = 600.0) -> dict[str, Any]:
         assert proc.stdout is not None  # opened with a pipe
+        # one answer line per command, so nothing is left in the pipe's buffer between answers
+        if not select.select([proc.stdout], [], [], timeout_s)[0]:
+            proc.kill()
+            raise TimeoutError(f"benchmark client worker {proc.pid} gave no answer in {timeout_s:.0f}s; see its log")
         line = proc.stdout.readline()
         if not line:
             raise RuntimeError(f"benchmark client worker {proc.pid} exited (code {proc.wait()}); see its log")
