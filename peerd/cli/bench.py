@@ -14,6 +14,7 @@ import os
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of local and swarm (default 3)")
     parser.add_argument("--peers", type=int, default=3)
     parser.add_argument("--out", default="bench-results/bench.json")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="throughput and hop figures only: no serving, training or failover parts; loads of 1/4/16 sessions",
+    )
     return parser.parse_args(argv)
 
 
@@ -185,18 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     print("[2/4] loading the local baseline ...", flush=True)
     local_model = load_local_model(path, progress=False)
     local_decode(local_model, prompt, 4)  # warm-up
-    print("[+] one peer's serving: batched vs unbatched sessions, decode under a max-size flood ...", flush=True)
-    from peerd.cli.bench_serving import run_serving_bench
+    results: dict[str, Any] = {"model": model_id, "tokens": args.tokens, "rounds": args.rounds, "codec": codec}
+    if not args.quick:
+        print("[+] one peer's serving: batched vs unbatched sessions, decode under a max-size flood ...", flush=True)
+        from peerd.cli.bench_serving import run_serving_bench
 
-    serving = run_serving_bench(local_model.stage)
-
-    results: dict[str, Any] = {
-        "model": model_id,
-        "tokens": args.tokens,
-        "rounds": args.rounds,
-        "codec": codec,
-        "serving": serving,
-    }
+        results["serving"] = run_serving_bench(local_model.stage)
+    results["hop_breakdown"] = _hop_breakdown(path, model_id)
     with LocalSwarm(args.model, cache_dir=args.cache_dir) as swarm:
         print(
             "[3/4] starting a bootstrap node and peers "
@@ -210,18 +211,20 @@ def main(argv: list[str] | None = None) -> int:
         rounds = _interleaved_rounds(local_model, swarm.initial_peers, path, model_id, prompt, args)
         tokens_local = rounds["tokens_local"]
         text = load_tokenizer(path).decode(tokens_local, skip_special_tokens=True)
-        print("[+] training: forward+backward, micro-batches pipelined vs stage by stage ...", flush=True)
-        from peerd.cli.bench_train import run_training_bench
+        results |= _concurrent_load(swarm, path, model_id, quick=args.quick)
+        if not args.quick:
+            print("[+] training: forward+backward, micro-batches pipelined vs stage by stage ...", flush=True)
+            from peerd.cli.bench_train import run_training_bench
 
-        results["training"] = run_training_bench(
-            swarm.initial_peers, path, model_id, batch_size=4, seq_len=64, rounds=2
-        )
-        print("[5/5] failover: kill the peer serving block 0 mid-generation (a replica takes over) ...", flush=True)
-        spans = split_blocks(config.num_layers, args.peers)
-        failover = run_async(
-            failover_rounds(swarm, spans[0], path, model_id, prompt, tokens_local[: args.tokens], rounds=3)
-        )
-        results.update(failover)
+            results["training"] = run_training_bench(
+                swarm.initial_peers, path, model_id, batch_size=4, seq_len=64, rounds=2
+            )
+            print("[5/5] failover: kill the peer serving block 0 mid-generation (a replica takes over) ...", flush=True)
+            spans = split_blocks(config.num_layers, args.peers)
+            failover = run_async(
+                failover_rounds(swarm, spans[0], path, model_id, prompt, tokens_local[: args.tokens], rounds=3)
+            )
+            results.update(failover)
 
     local_tps, swarm_tps, overheads = rounds["local_tps"], rounds["swarm_tps"], rounds["overheads"]
     local_med, swarm_med = statistics.median(local_tps), statistics.median(swarm_tps)
@@ -244,12 +247,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start_swarm(swarm: Any, spans: list[tuple[int, int]]) -> float:
-    """Start a bootstrap node and one single-threaded peer per span; seconds until all serve."""
+    """Start a bootstrap node and one single-threaded peer per span; seconds until all serve.
+
+    Peers take up to 64 sessions of one client (the load benchmark's one-process case)."""
     t0 = time.monotonic()
     swarm.start_bootstrap()
-    procs = [swarm.start_peer(f"peer{i + 1}", span, ["--torch-threads", "1"]) for i, span in enumerate(spans)]
+    extra = ["--torch-threads", "1", "--max-sessions", "256", "--max-sessions-per-peer", "128"]
+    procs = [swarm.start_peer(f"peer{i + 1}", span, extra) for i, span in enumerate(spans)]
     swarm.wait_ready(procs, timeout_s=300)
     return time.monotonic() - t0
+
+
+def _hop_breakdown(path: Path, model_id: str) -> dict[str, Any]:
+    from peerd.cli.bench_hops import inprocess_breakdown
+    from peerd.cli.helpers import run_async
+
+    print("[+] where a decode hop's time goes: an in-process peer of 4 blocks, traced, beside a raw echo ...")
+    with tempfile.TemporaryDirectory(prefix="peerd-hops-") as workdir:
+        result: dict[str, Any] = run_async(inprocess_breakdown(path, model_id, (0, 4), Path(workdir)))
+    return result
+
+
+def _concurrent_load(swarm: Any, path: Path, model_id: str, *, quick: bool) -> dict[str, Any]:
+    """Concurrent sessions from 1 and 4 client worker processes, and the swarm's hop overhead
+    beside a raw echo between two of them (see bench_load)."""
+    from peerd.cli.bench_load import LoadWorkers, run_load_levels, swarm_hops_vs_echo
+
+    print("[+] concurrent sessions: starting 4 client worker processes ...", flush=True)
+    workers = LoadWorkers(4, swarm.initial_peers, path, model_id, swarm.workdir)
+    try:
+        print("      one session's hop overhead through the swarm, beside echoes between two workers", flush=True)
+        hops = swarm_hops_vs_echo(workers)
+        levels = (1, 4, 16) if quick else (1, 4, 16, 64)
+        return {"swarm_hops_vs_echo": hops, "load": run_load_levels(workers, levels, steps=8 if quick else 12)}
+    finally:
+        workers.close()
 
 
 def _interleaved_rounds(
@@ -287,41 +319,7 @@ def _interleaved_rounds(
 
 def _report(results: dict[str, Any], codec: dict[str, float], hops: int, out_path: str) -> None:
     """Print the summary table and write ``results`` as JSON to ``out_path``."""
-    from peerd.cli.bench_train import training_rows
-
-    swarm_med, local_med = results["swarm_tokens_per_s"], results["local_tokens_per_s"]
-    identical = results["outputs_identical"]
-    rows = [
-        ("swarm generation", f"{swarm_med:.1f} tok/s", "median of rounds"),
-        ("local generation", f"{local_med:.1f} tok/s", "same model, same process"),
-        ("swarm / local", f"{results['swarm_vs_local']:.3f}", "target >= 0.85"),
-        (
-            "per-hop overhead p50",
-            f"{results['hop_overhead_ms_p50']:.2f} ms",
-            "decode step wall - server compute",
-        ),
-        ("per-hop overhead p99", f"{results['hop_overhead_ms_p99']:.2f} ms", f"{hops} hops"),
-        (
-            "codec / memcpy",
-            f"{codec['codec_vs_memcpy']:.3f}",
-            f"{codec['codec_gb_per_s']:.2f} vs {codec['memcpy_gb_per_s']:.2f} GB/s (16 MiB fp32)",
-        ),
-        ("outputs identical", str(identical), "swarm tokens == local tokens"),
-        (
-            "failover stall p50",
-            f"{results['failover_stall_ms_p50']:.0f} ms",
-            f"{len(results['failover_stalls_ms'])} kills; output identical: {results['failover_outputs_identical']}",
-        ),
-        (
-            "new peer serves after",
-            f"{results['time_to_serve_s_p50']:.1f} s",
-            "p50 from `peerd run` to its first forward answered",
-        ),
-    ]
-    rows += training_rows(results["training"])
-    from peerd.cli.bench_serving import serving_rows
-
-    rows += serving_rows(results["serving"])
+    rows = _rows(results, codec, hops)
     print()
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
@@ -330,6 +328,49 @@ def _report(results: dict[str, Any], codec: dict[str, float], hops: int, out_pat
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwritten to {out}")
+
+
+def _rows(results: dict[str, Any], codec: dict[str, float], hops: int) -> list[tuple[str, str, str]]:
+    from peerd.cli.bench_hops import breakdown_rows
+    from peerd.cli.bench_load import load_rows
+    from peerd.cli.bench_serving import serving_rows
+    from peerd.cli.bench_train import training_rows
+
+    swarm_med, local_med = results["swarm_tokens_per_s"], results["local_tokens_per_s"]
+    echo = results["swarm_hops_vs_echo"]
+    rows = [
+        ("swarm generation", f"{swarm_med:.1f} tok/s", "median of rounds"),
+        ("local generation", f"{local_med:.1f} tok/s", "same model, same process"),
+        ("swarm / local", f"{results['swarm_vs_local']:.3f}", "3 peers; target >= 0.95"),
+        ("per-hop overhead p50", f"{results['hop_overhead_ms_p50']:.2f} ms", "decode step wall - server compute"),
+        ("per-hop overhead p99", f"{results['hop_overhead_ms_p99']:.2f} ms", f"{hops} hops"),
+        (
+            "swarm hop overhead / echo",
+            f"{echo['overhead_vs_echo']:.2f}x",
+            f"{echo['overhead_ms_p50']:.2f} vs {echo['echo_ms_p50']:.2f} ms p50: a worker's hops through the "
+            "3 peer processes, its echoes to another worker process; target <= 1.5x",
+        ),
+        (
+            "codec / memcpy",
+            f"{codec['codec_vs_memcpy']:.3f}",
+            f"{codec['codec_gb_per_s']:.2f} vs {codec['memcpy_gb_per_s']:.2f} GB/s (16 MiB fp32)",
+        ),
+        ("outputs identical", str(results["outputs_identical"]), "swarm tokens == local tokens"),
+    ]
+    rows += load_rows(results["load"])
+    rows += [("decode hop, in-process peer", "thread / inline", ""), *breakdown_rows(results["hop_breakdown"])]
+    if "failover_stalls_ms" in results:
+        stalls, same = results["failover_stalls_ms"], results["failover_outputs_identical"]
+        rows.append(
+            ("failover stall p50", f"{results['failover_stall_ms_p50']:.0f} ms", f"{len(stalls)} kills; same: {same}")
+        )
+        serve_s = results["time_to_serve_s_p50"]
+        rows.append(("new peer serves after", f"{serve_s:.1f} s", "p50 from `peerd run` to its first forward answered"))
+    if "training" in results:
+        rows += training_rows(results["training"])
+    if "serving" in results:
+        rows += serving_rows(results["serving"])
+    return rows
 
 
 if __name__ == "__main__":

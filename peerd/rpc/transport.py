@@ -19,6 +19,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 
 from peerd.rpc.errors import PeerError, PeerUnavailable
+from peerd.rpc.hoptrace import HopTracer
 from peerd.rpc.p2pd import daemon_multiaddr
 from peerd.rpc.relayed import open_via_relay, relay_of
 from peerd.rpc.streams import STREAM_NAMES
@@ -74,6 +75,7 @@ class PeerClient:
         # told (peer id, block-tokens, wall seconds) of every forward/backward answered: the speed a
         # client actually gets from a peer, network included (the Router weighs routes by it)
         self.observer: Callable[[str, int, float], None] | None = None
+        self.tracer: HopTracer | None = None  # records inference steps' checkpoints (benchmarks, tests)
 
     def _observed(self, peer_id: str, hidden: torch.Tensor, blocks: int, started: float) -> None:
         if self.observer is not None:
@@ -85,6 +87,10 @@ class PeerClient:
         if tuple(addrs) != self._addresses.get(peer_id, ()):
             self._addresses[peer_id] = tuple(addrs)
             self._dialled.discard(peer_id)
+
+    async def dial(self, peer_id: str) -> None:
+        """Connect to ``peer_id`` at its learned addresses now (opening a stream does this itself)."""
+        await self._dial(peer_id)
 
     async def _dial(self, peer_id: str) -> None:
         addrs = self._addresses.get(peer_id)
@@ -182,8 +188,11 @@ class PeerClient:
             writer.close()
 
     async def _send(self, peer_id: str, writer: asyncio.StreamWriter, *msgs: Message) -> None:
+        await self._write(peer_id, writer, b"".join(encode_frame(m) for m in msgs))
+
+    async def _write(self, peer_id: str, writer: asyncio.StreamWriter, frames: bytes) -> None:
         try:
-            writer.write(b"".join(encode_frame(m) for m in msgs))
+            writer.write(frames)
             async with asyncio.timeout(self.timeout_s):
                 await writer.drain()
         except (OSError, ConnectionError, TimeoutError) as exc:
@@ -277,7 +286,7 @@ class PeerClient:
         except BaseException:
             await cm.__aexit__(None, None, None)
             raise
-        return InferenceStream(self, peer_id, reader, writer, cm, compression)
+        return InferenceStream(self, peer_id, reader, writer, cm, compression, session_id)
 
 
 class InferenceStream:
@@ -291,8 +300,10 @@ class InferenceStream:
         writer: asyncio.StreamWriter,
         cm: object,
         compression: Compression,
+        session_id: bytes = b"",
     ) -> None:
         self.client = client
+        self.session_id = session_id
         self.peer_id = peer_id
         self._reader = reader
         self._writer = writer
@@ -311,16 +322,21 @@ class InferenceStream:
         if self.closed:
             raise PeerUnavailable(self.peer_id, "session stream already closed")
         self._step_id += 1
-        await self.client._send(
-            self.peer_id,
-            self._writer,
-            InferenceStep(to_wire(hidden, self._compression), position, self._step_id),
-        )
+        started = time.perf_counter()  # checkpoints for a HopTracer (a few perf_counter calls when off)
+        frame = encode_frame(InferenceStep(to_wire(hidden, self._compression), position, self._step_id))
+        encoded = time.perf_counter()
+        await self.client._write(self.peer_id, self._writer, frame)
+        written = time.perf_counter()
         result = await self.client._receive(self.peer_id, self._reader, InferenceStepResult, timeout_s)
+        answered = time.perf_counter()
         if result.step_id != self._step_id:
             raise PeerUnavailable(self.peer_id, f"answered step {result.step_id}, expected {self._step_id}")
         self.last_compute_ms = result.compute_ms
-        return from_wire(result.hidden)
+        out = from_wire(result.hidden)
+        if self.client.tracer is not None:
+            marks = (started, encoded, written, answered, time.perf_counter())
+            self.client.tracer.record_client(self.session_id, self._step_id, marks)
+        return out
 
     async def close(self) -> None:
         if self.closed:

@@ -7,7 +7,8 @@ client sending the largest requests a peer accepts holds the compute thread for 
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import time
+from collections.abc import Generator, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -15,12 +16,14 @@ import torch
 from peerd.model.batching import BACKWARD_COST_FACTOR, StepInput, backward_chunks, forward_batch, forward_chunks
 from peerd.model.stage import KVCache, Stage
 from peerd.server.memory import ActivationMeter
+from peerd.server.runtime import ComputeRuntime
 
 __all__ = [
     "CHUNK_TOKENS",
     "Step",
     "backward",
     "backward_cost",
+    "compute_step",
     "forward",
     "forward_cost",
     "inference_step",
@@ -100,6 +103,7 @@ class Step:
     position: int
     start: int
     end: int
+    ran: tuple[float, float] = (0.0, 0.0)  # perf_counter when its forward started and ended (tracing)
 
 
 def run_steps(stage: Stage, steps: list[Step]) -> list[torch.Tensor | ValueError]:
@@ -107,6 +111,16 @@ def run_steps(stage: Stage, steps: list[Step]) -> list[torch.Tensor | ValueError
 
     A lone step runs through :meth:`Stage.forward` itself, exactly as it would unbatched.
     """
+    started = time.perf_counter()
+    try:
+        return _run_steps(stage, steps)
+    finally:
+        ran = (started, time.perf_counter())
+        for step in steps:
+            step.ran = ran
+
+
+def _run_steps(stage: Stage, steps: list[Step]) -> list[torch.Tensor | ValueError]:
     start, end = steps[0].start, steps[0].end
     if any((s.start, s.end) != (start, end) for s in steps):
         raise ValueError("steps of one batch must run the same blocks")
@@ -124,3 +138,21 @@ def run_steps(stage: Stage, steps: list[Step]) -> list[torch.Tensor | ValueError
     return [
         r if isinstance(r, ValueError) else r.to("cpu", s.hidden.dtype) for r, s in zip(results, steps, strict=True)
     ]
+
+
+async def compute_step(
+    runtime: ComputeRuntime, stage: Stage, step: Step, owner: str, key: Hashable
+) -> tuple[torch.Tensor, tuple[float, float] | None]:
+    """A session's step on ``runtime``: batched with ready steps of the same ``key`` and blocks, or
+    chunked when large. Also returns when its forward started and ended on the compute thread
+    (None when chunked: its chunks interleave with other work)."""
+    hidden, start, end = step.hidden, step.start, step.end
+    if hidden.shape[0] * hidden.shape[1] > CHUNK_TOKENS:
+        chunks = lambda: inference_step(stage, hidden, step.cache, step.position, start, end)  # noqa: E731
+        chunked: torch.Tensor = await runtime.run_chunks(chunks, owner)
+        return chunked, None
+    runner = lambda steps: run_steps(stage, steps)  # noqa: E731
+    out: torch.Tensor = await runtime.run_step(
+        step, runner, (key, start, end), owner, cost=forward_cost(hidden, start, end)
+    )
+    return out, step.ran

@@ -27,7 +27,15 @@ from protocols import (
     read_frame,
 )
 
-__all__ = ["LINGER_S", "linger_and_close", "read_request", "result_to_wire", "send_error", "send_message"]
+__all__ = [
+    "LINGER_S",
+    "linger_and_close",
+    "read_request",
+    "result_to_wire",
+    "send_error",
+    "send_frame",
+    "send_message",
+]
 
 LINGER_S = 2.0  # how long a finished stream waits for the client to close its end
 
@@ -69,7 +77,11 @@ async def _read_body(reader: asyncio.StreamReader, max_frame_bytes: int) -> byte
 
 
 async def send_message(writer: asyncio.StreamWriter, msg: Message, limits: Limits, metrics: PeerMetrics) -> None:
-    frame = encode_frame(msg, limits.max_frame_bytes)
+    await send_frame(writer, encode_frame(msg, limits.max_frame_bytes), limits, metrics)
+
+
+async def send_frame(writer: asyncio.StreamWriter, frame: bytes, limits: Limits, metrics: PeerMetrics) -> None:
+    """Write an encoded frame within the request deadline (the second half of :func:`send_message`)."""
     if writer.is_closing():
         # the stream was closed under us (client gone, or the session handed back while draining)
         raise ConnectionResetError("stream already closed")

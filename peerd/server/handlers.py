@@ -15,29 +15,21 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import torch
-
 from peerd import __version__
 from peerd.model.stage import Stage
+from peerd.rpc.hoptrace import HopTracer
 from peerd.rpc.tensors import from_wire
 from peerd.server.admission import Admission
-from peerd.server.compute import CHUNK_TOKENS, Step, forward_cost, inference_step, run_steps
+from peerd.server.compute import Step, compute_step
 from peerd.server.compute import backward as compute_backward
 from peerd.server.compute import forward as compute_forward
-from peerd.server.frames import linger_and_close, read_request, result_to_wire, send_error, send_message
+from peerd.server.frames import linger_and_close, read_request, result_to_wire, send_error, send_frame, send_message
 from peerd.server.limits import Limits
 from peerd.server.memory import ActivationMeter
 from peerd.server.metrics import PeerMetrics
 from peerd.server.runtime import ComputeRuntime, RuntimeClosed
 from peerd.server.sessions import CacheBudget, ServerSession, SessionTable, chunked_length
-from peerd.server.validation import (
-    check_grad_output,
-    check_hello,
-    check_hidden,
-    check_open,
-    check_range,
-    check_step,
-)
+from peerd.server.validation import check_grad_output, check_hello, check_hidden, check_open, check_range, check_step
 from protocols import (
     PROTOCOL_VERSION,
     BackwardRequest,
@@ -54,6 +46,7 @@ from protocols import (
     InfoResponse,
     Message,
     ProtocolError,
+    encode_frame,
 )
 
 __all__ = ["BlockServicer"]
@@ -93,6 +86,7 @@ class BlockServicer:
         self._opening = self.table.opening
         self.admission = Admission(limits.max_inflight_per_peer)  # stateless streams per owner
         self.memory = ActivationMeter(stage.parameters(), stage.device)  # activations of backward requests
+        self.tracer: HopTracer | None = None  # records inference steps' checkpoints (benchmarks, tests)
 
     @property
     def budget(self) -> CacheBudget:
@@ -337,6 +331,7 @@ class BlockServicer:
         while True:
             try:
                 msg = await self._read(reader, self.limits.session_idle_timeout_s)
+                read_at = time.perf_counter()
             except TimeoutError:
                 raise ProtocolError(
                     ErrorCode.SESSION_EXPIRED,
@@ -354,14 +349,18 @@ class BlockServicer:
                 return
             session.busy = True  # from here to the answer, never evicted
             try:
-                await self._serve_step(session, msg, opened, writer)
+                await self._serve_step(session, msg, opened, writer, read_at)
             finally:
                 session.busy = False
 
     async def _serve_step(
-        self, session: ServerSession, msg: InferenceStep, opened: InferenceOpen, writer: asyncio.StreamWriter
+        self,
+        session: ServerSession,
+        msg: InferenceStep,
+        opened: InferenceOpen,
+        writer: asyncio.StreamWriter,
+        read_at: float,
     ) -> None:
-        started = time.perf_counter()
         try:
             hidden = from_wire(msg.hidden)
             check_hidden(hidden, self.stage, self.limits, batch_size=session.batch_size)
@@ -373,8 +372,10 @@ class BlockServicer:
         if msg.position + n_tokens > session.cache.max_length:
             await self._grow(session, msg.position + n_tokens)  # CACHE_FULL ends the session
         compute_started = time.perf_counter()
-        out = await self._compute_step(hidden, session, msg.position)
-        compute_ms = (time.perf_counter() - compute_started) * 1e3
+        step = Step(hidden, session.cache, msg.position, session.start, session.end)
+        out, ran = await compute_step(self.runtime, self.stage, step, session.owner, key=id(self))
+        resumed = time.perf_counter()
+        compute_ms = (resumed - compute_started) * 1e3
         if self.step_delay_s:
             await asyncio.sleep(self.step_delay_s)
         session.length = msg.position + n_tokens
@@ -382,20 +383,12 @@ class BlockServicer:
         session.stepped(n_tokens * session.batch_size, time.monotonic())
         phase = "decode" if n_tokens == 1 else "prefill"
         self.metrics.tokens.labels(phase=phase).inc(n_tokens * session.batch_size)
-        await self._send(
-            writer,
-            InferenceStepResult(result_to_wire(out, opened.response_compression), msg.step_id, compute_ms),
-        )
-        self.metrics.step_latency.labels(phase=phase).observe(time.perf_counter() - started)
-
-    async def _compute_step(self, hidden: torch.Tensor, session: ServerSession, position: int) -> torch.Tensor:
-        """A step on the stage hosted *now*: batched with ready steps over the same blocks, or chunked."""
-        start, end = session.start, session.end
-        if hidden.shape[0] * hidden.shape[1] > CHUNK_TOKENS:
-            return await self.runtime.run_chunks(
-                lambda: inference_step(self.stage, hidden, session.cache, position, start, end), session.owner
-            )
-        step, key = Step(hidden, session.cache, position, start, end), (id(self), start, end)
-        cost, runner = forward_cost(hidden, start, end), lambda steps: run_steps(self.stage, steps)
-        out: torch.Tensor = await self.runtime.run_step(step, runner, key, session.owner, cost=cost)
-        return out
+        result = InferenceStepResult(result_to_wire(out, opened.response_compression), msg.step_id, compute_ms)
+        frame = encode_frame(result, self.limits.max_frame_bytes)
+        encoded = time.perf_counter()
+        await send_frame(writer, frame, self.limits, self.metrics)
+        written = time.perf_counter()
+        self.metrics.step_latency.labels(phase=phase).observe(written - read_at)
+        if self.tracer is not None and ran is not None:
+            marks = (read_at, compute_started, *ran, resumed, encoded, written)
+            self.tracer.record_server(session.session_id, msg.step_id, marks)

@@ -39,6 +39,10 @@ T = TypeVar("T")
 # Runs the payloads of one batch together; one result (or the exception it raised) per payload.
 BatchRunner = Callable[[list[Any]], list[Any]]
 MAX_BATCH_STEPS = 64  # steps joined into one forward at most
+# A step costing at most this (tokens x blocks) runs on the event loop itself when the compute thread
+# has nothing to do: two thread wakeups (~0.2 ms on the 2-core dev box) cost more than a short step
+# blocks the loop. Above it, the loop stays free to read frames while the thread computes.
+INLINE_MAX_COST = 8.0
 _PRUNE_AT = 4096  # forget idle owners' virtual times past this many entries
 
 
@@ -74,7 +78,12 @@ class ComputeRuntime:
     """Runs jobs on one dedicated thread, cost-fair across submitters (see the module docstring)."""
 
     def __init__(
-        self, *, torch_threads: int | None = None, name: str = "peerd-compute", max_batch_steps: int = MAX_BATCH_STEPS
+        self,
+        *,
+        torch_threads: int | None = None,
+        name: str = "peerd-compute",
+        max_batch_steps: int = MAX_BATCH_STEPS,
+        inline_max_cost: float = INLINE_MAX_COST,
     ) -> None:
         self._owners: dict[str, _Owner] = {}  # owners with queued work
         self._vtime: dict[str, float] = {}
@@ -84,6 +93,11 @@ class ComputeRuntime:
         self._closed = False
         self._torch_threads = torch_threads
         self.max_batch_steps = max_batch_steps  # 1 turns batching off (the benchmark's baseline)
+        self.inline_max_cost = inline_max_cost  # 0 turns inline steps off
+        self._working = False  # the compute thread runs a job
+        self._inline = False  # an inline step runs on the event loop
+        self._considering = 0  # steps about to choose between inline and the queue (event loop only)
+        self.inline_steps = 0
         self.busy_s = 0.0  # total time spent computing (for utilisation metrics)
         self.batches = 0  # forwards that ran two or more steps together
         self.batched_steps = 0  # steps that ran in those forwards
@@ -135,17 +149,61 @@ class ComputeRuntime:
     async def run_step(
         self, payload: Any, runner: BatchRunner, batch_key: Hashable, owner: str = "", *, cost: float = 1.0
     ) -> Any:
-        """Await one step, possibly batched with other owners' steps of the same key."""
+        """Await one step, possibly batched with other owners' steps of the same key.
+
+        A small step (``cost <= inline_max_cost``) finding the runtime idle runs right here on the
+        calling (event loop) thread: it would wait for nothing on the compute thread, only for the
+        wakeups there and back. Steps read in the same loop iteration all go to the queue (the one
+        ``sleep(0)`` lets them see each other), so that steps ready together still run as one batch."""
+        if cost <= self.inline_max_cost and self._idle():
+            self._considering += 1
+            try:
+                await asyncio.sleep(0)
+            finally:
+                self._considering -= 1
+            # alone: the others that looked at the same time have queued theirs (not idle any more)
+            if self._considering == 0 and self._claim_inline(owner, cost):
+                return self._run_inline(payload, runner, owner)
         return await _await(self.submit_step(payload, runner, batch_key, owner, cost=cost))
+
+    def _idle(self) -> bool:
+        return not (self._working or self._inline or self._owners or self._closed)
+
+    def _claim_inline(self, owner: str, cost: float) -> bool:
+        """Under the lock: if idle, hold the runtime for an inline step and charge ``owner`` for it."""
+        with self._cv:
+            if not self._idle():
+                return False
+            self._inline = True
+            self._vtime[owner] = max(self._vtime.get(owner, 0.0), self._clock) + cost
+            return True
+
+    def _run_inline(self, payload: Any, runner: BatchRunner, owner: str) -> Any:
+        if self.on_start is not None:
+            self.on_start(owner)
+        started = time.perf_counter()
+        try:
+            [result] = runner([payload])
+        finally:
+            self.busy_s += time.perf_counter() - started
+            self.inline_steps += 1
+            with self._cv:
+                self._inline = False
+                self._cv.notify()
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     # --- the worker --------------------------------------------------------------------------------
 
     def _pick(self) -> list[_Job] | None:
         """Under the lock: the next job (or batch of steps), or None once closed and drained."""
-        while not self._owners and not self._closed:
-            self._cv.wait()
+        self._working = False
+        while (not self._owners and not self._closed) or self._inline:
+            self._cv.wait()  # nothing queued, or an inline step holds the runtime
         if not self._owners:
             return None
+        self._working = True
         owner = min(self._owners, key=lambda o: (self._vtime[o], self._owners[o].since))
         self._clock = self._vtime[owner]
         first = self._owners[owner]
