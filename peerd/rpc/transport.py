@@ -44,7 +44,9 @@ from protocols import (
     ProtocolError,
     encode_frame,
     expect_message,
+    frame_parts,
     read_message,
+    write_parts,
 )
 
 __all__ = ["InferenceStream", "PeerClient"]
@@ -183,7 +185,7 @@ class PeerClient:
 
     async def _send(self, peer_id: str, writer: asyncio.StreamWriter, *msgs: Message) -> None:
         try:
-            writer.write(b"".join(encode_frame(m) for m in msgs))
+            write_parts(writer, frame_parts(msgs))
             async with asyncio.timeout(self.timeout_s):
                 await writer.drain()
         except (OSError, ConnectionError, TimeoutError) as exc:
