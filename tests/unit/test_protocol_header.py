@@ -82,9 +82,9 @@ def test_payloads_must_fill_the_body_exactly():
 
 
 def test_payload_references_are_checked():
-    def step(tensor, lengths=(len(DATA),)):
+    def step(tensor):
         return pack_body(
-            {"v": VERSION, "t": "inference_step", "b": _step_body(hidden=tensor), "p": list(lengths)}, [DATA]
+            {"v": VERSION, "t": "inference_step", "b": _step_body(hidden=tensor), "p": [len(DATA)]}, [DATA]
         )
 
     for bad in (1, -1, True, "0", None, [0]):
