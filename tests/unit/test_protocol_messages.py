@@ -51,9 +51,9 @@ from protocols import (
     encode_array,
     encode_message,
     error_from_exception,
-    pack_body,
     expect_message,
     is_retryable,
+    pack_body,
     raise_if_error,
 )
 from protocols.fields import MAX_STRING_BYTES
