@@ -97,9 +97,11 @@ def _header(msg: Message, payloads: Payloads) -> bytes:
 def frame_parts(msgs: Iterable[Message], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> list[bytes | memoryview]:
     """The frames of ``msgs``, back to back, as pieces to write in order (see :func:`write_parts`).
 
-    Large payloads are the tensors' own buffers (no copy: do not mutate them until written);
-    small pieces are joined. ``ProtocolError(FRAME_TOO_LARGE)`` if a body is over the limit:
-    refusing before sending saves the peer from reading a frame it would refuse.
+    Payloads of 64 KiB and more are the tensors' own buffers, not copies: the transport may hold
+    them after ``drain()`` returns, so never mutate a tensor once it is sent (peerd sends fresh
+    activations only). Smaller pieces are joined, so a decode step's frame is one piece.
+    ``ProtocolError(FRAME_TOO_LARGE)`` if a body is over the limit: refusing before sending saves
+    the peer from reading a frame it would refuse.
     """
     parts: list[bytes | memoryview] = []
     small = bytearray()
