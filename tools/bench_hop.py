@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for version, tree in trees.items():
                 runs[version].append(_run_worker(tree, args.steps))
+                print(version, json.dumps(runs[version][-1]), flush=True)  # progress: a round at a time
     summary: dict[str, Any] = {"rounds": args.rounds, "steps": args.steps, "runs": runs}
     print(f"decode hop through a 2-peer swarm (hidden 512), median over {args.rounds} alternating rounds")
     print(f"{'metric':<18} {'v1':>9} {'v2':>9} {'v2/v1':>7}")
