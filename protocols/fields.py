@@ -7,7 +7,7 @@ message type and field, so a hostile value is refused with a message saying what
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeAlias
 
 from protocols.errors import ErrorCode, ProtocolError
 from protocols.tensors import Compression, WireTensor
@@ -22,6 +22,7 @@ __all__ = [
     "MAX_STRING_BYTES",
     "MAX_UINT",
     "MAX_VERSION_PART",
+    "Blob",
     "check_bool",
     "check_compression",
     "check_float",
@@ -36,6 +37,10 @@ __all__ = [
     "invalid",
     "where_of",
 ]
+
+Blob: TypeAlias = bytes
+"""A ``bytes`` field that travels as a payload after the frame header (up to the frame limit), not
+inside it like ``bytes`` fields (at most MAX_STRING_BYTES there)."""
 
 MAX_STRING_BYTES = 4096
 """Longest string field, in UTF-8 bytes (also the longest ``bytes`` value inside ``extra``)."""

@@ -24,6 +24,7 @@ from protocols.fields import (
     MAX_ERROR_CODE,
     MAX_EXTRA_ITEMS,
     MAX_STRING_BYTES,
+    Blob,
     check_bool,
     check_compression,
     check_float,
@@ -75,7 +76,7 @@ class InfoRequest:
     """
 
     TYPE: ClassVar[str] = "info_request"
-    padding: bytes = b""
+    padding: Blob = b""
 
     def __post_init__(self) -> None:
         if type(self.padding) is not bytes or len(self.padding) > MAX_INFO_PADDING_BYTES:

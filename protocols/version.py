@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from protocols.errors import ErrorCode, ProtocolError
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 0)
+PROTOCOL_VERSION: tuple[int, int] = (2, 0)
 """(major, minor). Minor bumps only add optional fields or message types; major bumps break."""
 
 

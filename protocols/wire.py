@@ -1,4 +1,4 @@
-"""The msgpack wire form of messages and tensors: message <-> body map, tensor <-> map.
+"""The header form of messages and tensors: message <-> body map, tensor <-> map + payload.
 
 Decoding checks every field's wire type here and every value's range in the message class
 (``protocols.messages``), so bytes from a hostile peer become a valid message or a ProtocolError.
@@ -15,38 +15,52 @@ from protocols.fields import invalid
 from protocols.messages import MESSAGE_TYPES, Message
 from protocols.tensors import Compression, WireTensor
 
-__all__ = ["message_from_wire", "message_to_wire", "tensor_from_wire", "tensor_to_wire"]
+__all__ = ["Payloads", "message_from_wire", "message_to_wire", "tensor_from_wire", "tensor_to_wire"]
 
 # --------------------------------------------------------------------------- wire form
 
+# Payload segments of one frame: an encoder appends the buffers it will send after the header
+# (no copy); a decoder holds zero-copy views of the frame body, indexed from the header.
+Payloads = list[bytes | memoryview]
 
-def tensor_to_wire(t: WireTensor) -> dict[str, Any]:
-    """The msgpack map of a tensor: dtype, shape, compression, data (+ scales for blockwise8)."""
+
+def _add_payload(data: bytes | memoryview, payloads: Payloads) -> int:
+    payloads.append(data)
+    return len(payloads) - 1
+
+
+def _payload(value: Any, payloads: Payloads, where: str, code: ErrorCode) -> bytes | memoryview:
+    if type(value) is not int or not 0 <= value < len(payloads):
+        raise ProtocolError(code, f"{where} must be the index of one of the frame's {len(payloads)} payloads")
+    return payloads[value]
+
+
+def tensor_to_wire(t: WireTensor, payloads: Payloads) -> dict[str, Any]:
+    """The header map of a tensor (dtype, shape, compression, payload indices); payloads appended."""
     wire: dict[str, Any] = {
         "dtype": t.dtype,
         "shape": list(t.shape),
         "compression": t.compression.value,
-        "data": t.data,
+        "data": _add_payload(t.data, payloads),
     }
     if t.compression is Compression.BLOCKWISE8:
-        wire["scales"] = t.scales
+        wire["scales"] = _add_payload(t.scales, payloads)
     return wire
 
 
-def tensor_from_wire(value: Any, where: str = "tensor") -> WireTensor:
-    """Build a WireTensor from its decoded msgpack map; anything wrong is BAD_TENSOR."""
+def tensor_from_wire(value: Any, payloads: Payloads, where: str = "tensor") -> WireTensor:
+    """Build a WireTensor from its header map and the frame's payloads; anything wrong is BAD_TENSOR."""
     if type(value) is not dict:
         raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where} must be a map, got {type(value).__name__}")
     for key in ("dtype", "shape", "data"):
         if key not in value:
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where} is missing {key!r}")
-    shape, data = value["shape"], value["data"]
-    scales = value.get("scales", b"")
-    compression = value.get("compression", Compression.NONE.value)
+    shape = value["shape"]
     if type(shape) is not list:
         raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where}.shape must be an array")
-    if not isinstance(data, memoryview | bytes) or not isinstance(scales, memoryview | bytes):
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where}.data and .scales must be bin")
+    data = _payload(value["data"], payloads, f"{where}.data", ErrorCode.BAD_TENSOR)
+    scales = _payload(value["scales"], payloads, f"{where}.scales", ErrorCode.BAD_TENSOR) if "scales" in value else b""
+    compression = value.get("compression", Compression.NONE.value)
     try:
         codec = Compression(compression) if type(compression) is str else None
     except ValueError:
@@ -59,18 +73,7 @@ def tensor_from_wire(value: Any, where: str = "tensor") -> WireTensor:
         raise ProtocolError(ErrorCode.BAD_TENSOR, f"{where}: {exc.message}") from None
 
 
-def _plain_from_wire(value: Any) -> Any:
-    # bin inside extra arrives as a view of the frame; own it so the frame can be freed.
-    if isinstance(value, memoryview):
-        return bytes(value)
-    if type(value) is list:
-        return [_plain_from_wire(item) for item in value]
-    if type(value) is dict:
-        return {key: _plain_from_wire(item) for key, item in value.items()}
-    return value
-
-
-def _decode_compression(where: str, value: Any) -> Any:
+def _decode_compression(where: str, value: Any, payloads: Payloads) -> Any:
     if type(value) is not str:
         raise invalid(f"{where} must be a str, got {type(value).__name__}")
     try:
@@ -79,29 +82,35 @@ def _decode_compression(where: str, value: Any) -> Any:
         raise invalid(f"{where}: unknown compression {value!r:.40}") from None
 
 
-def _decode_dict(where: str, value: Any) -> Any:
+def _decode_dict(where: str, value: Any, payloads: Payloads) -> Any:
     if type(value) is not dict:
         raise invalid(f"{where} must be a map, got {type(value).__name__}")
-    return _plain_from_wire(value)
+    return value
+
+
+def _decode_blob(where: str, value: Any, payloads: Payloads) -> Any:
+    return bytes(_payload(value, payloads, where, ErrorCode.INVALID_MESSAGE))
 
 
 # How each field type travels: (wire -> field value, field value -> wire). Type checks and
-# ranges are left to __post_init__, which sees local and remote values alike.
-_Codec = tuple[Callable[[str, Any], Any], Callable[[Any], Any]]
+# ranges are left to __post_init__, which sees local and remote values alike. Tensors and blobs
+# travel as payloads after the header; the header holds their index.
+_Codec = tuple[Callable[[str, Any, Payloads], Any], Callable[[Any, Payloads], Any]]
 _FIELD_CODECS: dict[str, _Codec] = {
-    "int": (lambda where, v: v, lambda v: v),
-    "str": (lambda where, v: v, lambda v: v),
-    "bool": (lambda where, v: v, lambda v: v),
-    "float": (lambda where, v: float(v) if type(v) is int else v, lambda v: v),
-    "bytes": (lambda where, v: bytes(v) if isinstance(v, memoryview) else v, lambda v: v),
-    "tuple[int, int]": (lambda where, v: tuple(v) if type(v) is list else v, list),
-    "Compression": (_decode_compression, lambda v: v.value),
-    "WireTensor": (lambda where, v: tensor_from_wire(v, where), tensor_to_wire),
-    "dict[str, Any]": (_decode_dict, lambda v: v),
+    "int": (lambda where, v, p: v, lambda v, p: v),
+    "str": (lambda where, v, p: v, lambda v, p: v),
+    "bool": (lambda where, v, p: v, lambda v, p: v),
+    "float": (lambda where, v, p: float(v) if type(v) is int else v, lambda v, p: v),
+    "bytes": (lambda where, v, p: v, lambda v, p: v),
+    "Blob": (_decode_blob, _add_payload),
+    "tuple[int, int]": (lambda where, v, p: tuple(v) if type(v) is list else v, lambda v, p: list(v)),
+    "Compression": (_decode_compression, lambda v, p: v.value),
+    "WireTensor": (lambda where, v, p: tensor_from_wire(v, p, where), tensor_to_wire),
+    "dict[str, Any]": (_decode_dict, lambda v, p: v),
 }
 
 # Per message class: (field name, wire->value, value->wire, required).
-_FieldSpec = tuple[str, Callable[[str, Any], Any], Callable[[Any], Any], bool]
+_FieldSpec = tuple[str, Callable[[str, Any, Payloads], Any], Callable[[Any, Payloads], Any], bool]
 _SPECS: dict[type[Message], tuple[_FieldSpec, ...]] = {
     cls: tuple(
         (
@@ -115,13 +124,16 @@ _SPECS: dict[type[Message], tuple[_FieldSpec, ...]] = {
 }
 
 
-def message_to_wire(msg: Message) -> dict[str, Any]:
-    """The body map of ``msg`` (field name -> msgpack-ready value), in field order."""
-    return {name: to_wire(getattr(msg, name)) for name, _, to_wire, _ in _SPECS[type(msg)]}
+def message_to_wire(msg: Message, payloads: Payloads) -> dict[str, Any]:
+    """The body map of ``msg`` (field name -> msgpack-ready value), in field order.
+
+    Tensor and blob buffers are appended to ``payloads`` (not copied); the map holds their index.
+    """
+    return {name: to_wire(getattr(msg, name), payloads) for name, _, to_wire, _ in _SPECS[type(msg)]}
 
 
-def message_from_wire(type_name: str, body: dict[str, Any]) -> Message:
-    """Build the message named ``type_name`` from its decoded body map.
+def message_from_wire(type_name: str, body: dict[str, Any], payloads: Payloads) -> Message:
+    """Build the message named ``type_name`` from its decoded body map and the frame's payloads.
 
     Unknown fields are ignored. Raises ProtocolError: UNKNOWN_MESSAGE for an unknown
     type name, INVALID_MESSAGE for a missing / mistyped / out-of-range field, BAD_TENSOR
@@ -133,7 +145,7 @@ def message_from_wire(type_name: str, body: dict[str, Any]) -> Message:
     kwargs: dict[str, Any] = {}
     for name, from_wire, _, required in _SPECS[cls]:
         if name in body:
-            kwargs[name] = from_wire(f"{type_name}.{name}", body[name])
+            kwargs[name] = from_wire(f"{type_name}.{name}", body[name], payloads)
         elif required:
             raise invalid(f"{type_name} is missing required field {name!r}")
     return cls(**kwargs)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Regenerate the golden protocol vectors in protocols/vectors/.
 
-Each valid case is one message encoded as a full frame (``<name>.bin``: 4-byte header +
-msgpack body); each invalid case is a frame a decoder must refuse with a given error code.
+Each valid case is one message encoded as a full frame (``<name>.bin``: 4-byte length, then
+the body: 4-byte header length, msgpack header, raw payloads); each invalid case is a frame a
+decoder must refuse with a given error code.
 ``vectors.json`` indexes them and spells out every decoded field in plain JSON, so that
 an implementation in another language can test itself without Python. Everything here is
 deterministic (values are small exact binary fractions, no random numbers): running the
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import numpy.typing as npt
 
@@ -32,19 +34,13 @@ from protocols import (
     BackwardRequest,
     BackwardResponse,
     Compression,
+    DialBackRequest,
+    DialBackResult,
     Error,
     ErrorCode,
     ForwardRequest,
     ForwardResponse,
     Hello,
-    DialBackRequest,
-    DialBackResult,
-    RelayConnect,
-    StateRequest,
-    StateResponse,
-    RelayedStream,
-    RelayReserve,
-    RelayReserved,
     InferenceClose,
     InferenceOpen,
     InferenceOpened,
@@ -53,13 +49,19 @@ from protocols import (
     InfoRequest,
     InfoResponse,
     Message,
+    RelayConnect,
+    RelayedStream,
+    RelayReserve,
+    RelayReserved,
+    StateRequest,
+    StateResponse,
     WireTensor,
-    _msgpack,
     bf16_bits_to_float32,
     decode_array,
     encode_array,
     encode_frame,
     float32_to_bf16_bits,
+    pack_body,
 )
 
 VECTORS_DIR = Path(__file__).resolve().parent.parent / "protocols" / "vectors"
@@ -76,8 +78,11 @@ def _frame(msg: Message) -> bytes:
     return encode_frame(msg)
 
 
-def _raw_frame(envelope: Any) -> bytes:
-    body = _msgpack.packb(envelope)
+def _raw_frame(envelope: Any, payloads: tuple[bytes, ...] = ()) -> bytes:
+    """A frame from a header value written as given and payloads ("p" is added when there are payloads)."""
+    if payloads and isinstance(envelope, dict):
+        envelope = {**envelope, "p": [len(data) for data in payloads]}
+    body = pack_body(envelope, payloads)
     return struct.pack(">I", len(body)) + body
 
 
@@ -92,6 +97,7 @@ def valid_cases() -> list[tuple[str, Message]]:
             Hello(protocol_version=PROTOCOL_VERSION, model_id="smollm2-135m", client_name="peerd-client/0.1"),
         ),
         ("info_request", InfoRequest()),
+        ("info_request_padding", InfoRequest(padding=bytes(range(16)))),  # a blob field: one payload
         ("dial_back_request", DialBackRequest(port=31330)),
         ("dial_back_result", DialBackResult(reachable=True, observed="203.0.113.7:31330")),
         ("relay_reserve", RelayReserve()),
@@ -198,26 +204,29 @@ def valid_cases() -> list[tuple[str, Message]]:
     ]
 
 
-def _tensor_wire(array: npt.NDArray[Any]) -> dict[str, Any]:
+def _tensor_wire(array: npt.NDArray[Any]) -> tuple[dict[str, Any], bytes]:
+    """The header map of an uncompressed tensor whose data is payload 0, and that payload."""
     t = encode_array(array)
-    return {"dtype": t.dtype, "shape": list(t.shape), "compression": "none", "data": bytes(t.data)}
+    return {"dtype": t.dtype, "shape": list(t.shape), "compression": "none", "data": 0}, bytes(t.data)
 
 
 def compat_cases() -> list[tuple[str, bytes, Message]]:
     """Frames from a newer minor version with unknown keys: accepted, but not canonical."""
     newer = (PROTOCOL_VERSION[0], PROTOCOL_VERSION[1] + 7)
+    tensor, data = _tensor_wire(_ramp((1, 1, 2)))
     frame = _raw_frame(
         {
             "v": list(newer),
             "t": "inference_step",
             "b": {
-                "hidden": {**_tensor_wire(_ramp((1, 1, 2))), "future_tensor_key": 1},
+                "hidden": {**tensor, "future_tensor_key": 1},
                 "position": 5,
                 "step_id": 9,
-                "future_field": {"nested": [1, 2, 3]},
+                "future_field": {"nested": [1, 2, 3], "future_payload": 1},
             },
             "future_envelope_key": "ignored",
-        }
+        },
+        (data, b"a payload no known field refers to"),
     )
     expected = InferenceStep(hidden=encode_array(_ramp((1, 1, 2))), position=5, step_id=9)
     return [("compat_newer_minor_unknown_fields", frame, expected)]
@@ -225,87 +234,79 @@ def compat_cases() -> list[tuple[str, bytes, Message]]:
 
 def invalid_cases() -> list[tuple[str, bytes, ErrorCode]]:
     """(name, frame bytes, error) for frames every decoder must refuse."""
-    good = _tensor_wire(_ramp((1, 1, 2)))
-    short = {**good, "data": good["data"][:-1]}
+    good, data = _tensor_wire(_ramp((1, 1, 2)))
     step_body = {"hidden": good, "position": 0, "step_id": 0}
     major = PROTOCOL_VERSION[0]
-    hello = _raw_frame({"v": [major, 0], "t": "hello", "b": {"protocol_version": [1, 0], "model_id": "m"}})
+    version = [major, 0]
+    hello = _raw_frame({"v": version, "t": "hello", "b": {"protocol_version": version, "model_id": "m"}})
+
+    def step(body: dict[str, Any], payloads: tuple[bytes, ...] = (data,)) -> bytes:
+        return _raw_frame({"v": version, "t": "inference_step", "b": body}, payloads)
+
+    newer = {"v": [major + 1, 0], "t": "hello", "b": {"protocol_version": [major + 1, 0], "model_id": "m"}}
+    v1_hello = msgpack.packb({"v": [1, 0], "t": "hello", "b": {"protocol_version": [1, 0], "model_id": "m"}})
+    header_only = msgpack.packb({"v": version, "t": "info_request", "b": {}})
     return [
-        (
-            "invalid_newer_major",
-            _raw_frame(
-                {
-                    "v": [major + 1, 0],
-                    "t": "hello",
-                    "b": {"protocol_version": [major + 1, 0], "model_id": "m"},
-                }
-            ),
-            ErrorCode.UNSUPPORTED_VERSION,
-        ),
-        (
-            "invalid_unknown_type",
-            _raw_frame({"v": [major, 0], "t": "teleport", "b": {}}),
-            ErrorCode.UNKNOWN_MESSAGE,
-        ),
-        (
-            "invalid_missing_field",
-            _raw_frame({"v": [major, 0], "t": "inference_step", "b": {"hidden": good, "position": 0}}),
-            ErrorCode.INVALID_MESSAGE,
-        ),
-        (
-            "invalid_negative_position",
-            _raw_frame({"v": [major, 0], "t": "inference_step", "b": {**step_body, "position": -1}}),
-            ErrorCode.INVALID_MESSAGE,
-        ),
-        (
-            "invalid_bool_as_int",
-            _raw_frame({"v": [major, 0], "t": "inference_step", "b": {**step_body, "step_id": True}}),
-            ErrorCode.INVALID_MESSAGE,
-        ),
-        (
-            "invalid_tensor_length",
-            _raw_frame({"v": [major, 0], "t": "inference_step", "b": {**step_body, "hidden": short}}),
-            ErrorCode.BAD_TENSOR,
-        ),
-        (
-            "invalid_tensor_dtype",
-            _raw_frame(
-                {
-                    "v": [major, 0],
-                    "t": "inference_step",
-                    "b": {**step_body, "hidden": {**good, "dtype": "float64"}},
-                }
-            ),
-            ErrorCode.BAD_TENSOR,
-        ),
-        ("invalid_not_msgpack", struct.pack(">I", 3) + b"\xc1\xc1\xc1", ErrorCode.MALFORMED_FRAME),
+        ("invalid_newer_major", _raw_frame(newer), ErrorCode.UNSUPPORTED_VERSION),
+        # a version-1 body (one msgpack map, tensors inside) is recognised and refused by its version
+        ("invalid_v1_frame", struct.pack(">I", len(v1_hello)) + v1_hello, ErrorCode.UNSUPPORTED_VERSION),
+        ("invalid_unknown_type", _raw_frame({"v": version, "t": "teleport", "b": {}}), ErrorCode.UNKNOWN_MESSAGE),
+        ("invalid_missing_field", step({"hidden": good, "position": 0}), ErrorCode.INVALID_MESSAGE),
+        ("invalid_negative_position", step({**step_body, "position": -1}), ErrorCode.INVALID_MESSAGE),
+        ("invalid_bool_as_int", step({**step_body, "step_id": True}), ErrorCode.INVALID_MESSAGE),
+        ("invalid_tensor_length", step(step_body, (data[:-1],)), ErrorCode.BAD_TENSOR),
+        ("invalid_tensor_dtype", step({**step_body, "hidden": {**good, "dtype": "float64"}}), ErrorCode.BAD_TENSOR),
+        ("invalid_tensor_payload_index", step({**step_body, "hidden": {**good, "data": 1}}), ErrorCode.BAD_TENSOR),
+        ("invalid_not_msgpack", _header_frame(b"\xc1\xc1\xc1"), ErrorCode.MALFORMED_FRAME),
         ("invalid_envelope_not_map", _raw_frame([1, 2, 3]), ErrorCode.MALFORMED_FRAME),
-        # {"v": ..., "v": ...}: a map with a duplicated key, written by hand.
+        ("invalid_duplicate_key", _dup_key_frame(), ErrorCode.MALFORMED_FRAME),
+        ("invalid_ext_type", _header_frame(b"\x81\xa1v\xd4\x01\x00"), ErrorCode.MALFORMED_FRAME),
         (
-            "invalid_duplicate_key",
-            _dup_key_frame(),
+            "invalid_str_over_limit",
+            _raw_frame({"v": version, "t": "hello", "b": {"protocol_version": version, "model_id": "m" * 4097}}),
+            ErrorCode.MALFORMED_FRAME,
+        ),
+        # "p" says 8 bytes follow the header; 9 do
+        (
+            "invalid_payload_lengths",
+            _frame_of(pack_body({"v": version, "t": "info_request", "b": {}, "p": [8]}, [b"x" * 9])),
+            ErrorCode.MALFORMED_FRAME,
+        ),
+        (
+            "invalid_header_length",
+            _frame_of(struct.pack(">I", len(header_only) + 1) + header_only),
             ErrorCode.MALFORMED_FRAME,
         ),
         ("invalid_truncated", hello[:-1], ErrorCode.MALFORMED_FRAME),
         ("invalid_header_4gib", b"\xff\xff\xff\xff", ErrorCode.FRAME_TOO_LARGE),
+        ("invalid_header_over_64kib", _header_frame(b"\xc0" * (65536 + 1)), ErrorCode.FRAME_TOO_LARGE),
     ]
 
 
+def _frame_of(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def _header_frame(header: bytes) -> bytes:
+    """A frame whose body is ``header`` (any bytes) behind its length, with no payloads."""
+    return _frame_of(struct.pack(">I", len(header)) + header)
+
+
 def _dup_key_frame() -> bytes:
-    # fixmap of 4 entries: "v": [1, 0], "v": [1, 0], "t": "info_request", "b": {}
-    version = _msgpack.packb([PROTOCOL_VERSION[0], 0])
-    body = (
+    # fixmap of 4 entries: "v": [major, 0], "v": [major, 0], "t": "info_request", "b": {}
+    version = msgpack.packb([PROTOCOL_VERSION[0], 0])
+    header = (
         b"\x84"
-        + _msgpack.packb("v")
+        + msgpack.packb("v")
         + version
-        + _msgpack.packb("v")
+        + msgpack.packb("v")
         + version
-        + _msgpack.packb("t")
-        + _msgpack.packb("info_request")
-        + _msgpack.packb("b")
+        + msgpack.packb("t")
+        + msgpack.packb("info_request")
+        + msgpack.packb("b")
         + b"\x80"
     )
-    return struct.pack(">I", len(body)) + body
+    return _header_frame(header)
 
 
 # --------------------------------------------------------------------------- JSON description
@@ -350,7 +351,8 @@ def build() -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     index: dict[str, Any] = {
         "protocol_version": list(PROTOCOL_VERSION),
-        "about": "Golden frames (4-byte big-endian length + msgpack body). See protocols/README.md.",
+        "about": "Golden frames: 4-byte big-endian length, body = 4-byte header length + msgpack header + "
+        "raw payloads. See protocols/README.md.",
         "valid": [],
         "invalid": [],
     }

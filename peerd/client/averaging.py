@@ -49,7 +49,9 @@ from protocols import (
     encode_frame,
     error_from_exception,
     expect_message,
+    frame_parts,
     read_frame,
+    write_parts,
 )
 
 __all__ = ["Averager", "AveragingConfig", "RoundReport"]
@@ -309,12 +311,12 @@ class Averager:
 
     async def _push(self, peer_id: str, addrs: list[str], weight: float, wire: Any) -> int:
         """Send our update to one member; the bytes sent (0 if it failed: that member misses it)."""
-        frame = encode_frame(AveragePush(run=self.config.run, round=self.round, weight=float(weight), update=wire))
+        parts = frame_parts([AveragePush(run=self.config.run, round=self.round, weight=float(weight), update=wire)])
         try:
             reader, writer = await self._open(peer_id, addrs, STREAM_AVERAGE)
             try:
                 async with asyncio.timeout(self.config.round_timeout_s):
-                    writer.write(frame)
+                    size = write_parts(writer, parts)
                     await writer.drain()
                     expect_message(decode_message(await read_frame(reader)), AverageAck)
             finally:
@@ -322,7 +324,7 @@ class Averager:
         except (OSError, TimeoutError, ProtocolError, ConnectionError, asyncio.IncompleteReadError, EOFError) as exc:
             logger.info("round %d: push to %s failed: %r", self.round, peer_id, exc)
             return 0
-        return len(frame)
+        return size
 
     async def _collect(self, round_: int, expected: set[str]) -> dict[str, tuple[float, Tensor, int]]:
         """Wait until every expected member's push for ``round_`` arrived, or the round timeout."""
@@ -384,7 +386,7 @@ class Averager:
                 if request.run != self.config.run:
                     raise ProtocolError(ErrorCode.NOT_ALLOWED, f"this trainer is in run {self.config.run!r}")
                 state = StateResponse(round=self.round, state=to_wire(torch.cat([self.base, self.extra])))
-                writer.write(encode_frame(state))
+                write_parts(writer, frame_parts([state]))
             except ProtocolError as exc:
                 writer.write(encode_frame(error_from_exception(exc)))
             await writer.drain()

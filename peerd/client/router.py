@@ -33,6 +33,7 @@ from peerd.rpc.rtt import RttProbe
 from peerd.rpc.transport import PeerClient
 from peerd.swarm.dht import BlockView
 from peerd.swarm.records import ServerRecord
+from protocols import PROTOCOL_VERSION
 
 __all__ = ["UNREACHABLE_RTT_MS", "BlockReader", "Router"]
 
@@ -103,6 +104,9 @@ class Router:
         if refresh or not self._servers or time.monotonic() - self._servers_at > self.view_ttl_s:
             views = await self.dht.read_blocks(timeout_s=self.dht_timeout_s)
             servers = servers_by_peer(views)
+            # a peer of another protocol major cannot read our frames (nor we its): during an upgrade
+            # a mixed swarm routes each client through the peers of its own major only
+            servers = {p: r for p, r in servers.items() if r.protocol_version[0] == PROTOCOL_VERSION[0]}
             if self.allowed_peers is not None:
                 servers = {p: r for p, r in servers.items() if p in self.allowed_peers}
             if self._min_precision is not None:

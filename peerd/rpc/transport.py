@@ -45,7 +45,9 @@ from protocols import (
     ProtocolError,
     encode_frame,
     expect_message,
+    frame_parts,
     read_message,
+    write_parts,
 )
 
 __all__ = ["InferenceStream", "PeerClient"]
@@ -188,11 +190,11 @@ class PeerClient:
             writer.close()
 
     async def _send(self, peer_id: str, writer: asyncio.StreamWriter, *msgs: Message) -> None:
-        await self._write(peer_id, writer, b"".join(encode_frame(m) for m in msgs))
+        await self._write(peer_id, writer, frame_parts(msgs))
 
-    async def _write(self, peer_id: str, writer: asyncio.StreamWriter, frames: bytes) -> None:
+    async def _write(self, peer_id: str, writer: asyncio.StreamWriter, parts: list[bytes | memoryview]) -> None:
         try:
-            writer.write(frames)
+            write_parts(writer, parts)
             async with asyncio.timeout(self.timeout_s):
                 await writer.drain()
         except (OSError, ConnectionError, TimeoutError) as exc:
@@ -323,7 +325,7 @@ class InferenceStream:
             raise PeerUnavailable(self.peer_id, "session stream already closed")
         self._step_id += 1
         started = time.perf_counter()  # checkpoints for a HopTracer (a few perf_counter calls when off)
-        frame = encode_frame(InferenceStep(to_wire(hidden, self._compression), position, self._step_id))
+        frame = frame_parts([InferenceStep(to_wire(hidden, self._compression), position, self._step_id)])
         encoded = time.perf_counter()
         await self.client._write(self.peer_id, self._writer, frame)
         written = time.perf_counter()

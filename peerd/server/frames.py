@@ -21,10 +21,11 @@ from protocols import (
     ProtocolError,
     WireTensor,
     decode_message,
-    encode_frame,
     error_from_exception,
+    frame_parts,
     read_body,
     read_frame,
+    write_parts,
 )
 
 __all__ = [
@@ -77,18 +78,20 @@ async def _read_body(reader: asyncio.StreamReader, max_frame_bytes: int) -> byte
 
 
 async def send_message(writer: asyncio.StreamWriter, msg: Message, limits: Limits, metrics: PeerMetrics) -> None:
-    await send_frame(writer, encode_frame(msg, limits.max_frame_bytes), limits, metrics)
+    await send_frame(writer, frame_parts([msg], limits.max_frame_bytes), limits, metrics)
 
 
-async def send_frame(writer: asyncio.StreamWriter, frame: bytes, limits: Limits, metrics: PeerMetrics) -> None:
-    """Write an encoded frame within the request deadline (the second half of :func:`send_message`)."""
+async def send_frame(
+    writer: asyncio.StreamWriter, parts: list[bytes | memoryview], limits: Limits, metrics: PeerMetrics
+) -> None:
+    """Write an encoded frame (:func:`protocols.frame_parts`) within the request deadline."""
     if writer.is_closing():
         # the stream was closed under us (client gone, or the session handed back while draining)
         raise ConnectionResetError("stream already closed")
     async with asyncio.timeout(limits.request_timeout_s):
-        writer.write(frame)
+        size = write_parts(writer, parts)
         await writer.drain()
-    metrics.bytes_out.inc(len(frame))
+    metrics.bytes_out.inc(size)
 
 
 async def send_error(writer: asyncio.StreamWriter, exc: ProtocolError, limits: Limits, metrics: PeerMetrics) -> None:

@@ -46,7 +46,7 @@ from protocols import (
     InfoResponse,
     Message,
     ProtocolError,
-    encode_frame,
+    frame_parts,
 )
 
 __all__ = ["BlockServicer"]
@@ -384,7 +384,7 @@ class BlockServicer:
         phase = "decode" if n_tokens == 1 else "prefill"
         self.metrics.tokens.labels(phase=phase).inc(n_tokens * session.batch_size)
         result = InferenceStepResult(result_to_wire(out, opened.response_compression), msg.step_id, compute_ms)
-        frame = encode_frame(result, self.limits.max_frame_bytes)
+        frame = frame_parts([result], self.limits.max_frame_bytes)
         encoded = time.perf_counter()
         await send_frame(writer, frame, self.limits, self.metrics)
         written = time.perf_counter()

@@ -21,6 +21,7 @@ import numpy as np
 from peerd.daemon.placement import PlacedPeer, Placement, choose_placement, decide_move, recheck_after_joining
 from peerd.sim.config import SimConfig
 from peerd.swarm.records import PeerState, ServerRecord
+from protocols import PROTOCOL_VERSION
 
 __all__ = ["PeerPhase", "SimPeer", "SimSwarm", "ViewArrays"]
 
@@ -156,7 +157,7 @@ class SimSwarm:
                 memory_free_bytes=0,
                 dtype="float16",
                 cache_tokens_free=tokens,
-                protocol_version=(1, 0),
+                protocol_version=PROTOCOL_VERSION,
                 package_version="sim",
                 uplink_bytes_per_s=peer.uplink_bytes_per_s,
             )

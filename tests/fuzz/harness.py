@@ -5,7 +5,8 @@ unexpected exception, which is also a failure). What a target asserts:
 
 * ``frame``: the incremental frame decoder, fed the input in two pieces, yields messages or raises
   only ``ProtocolError`` with a 1xx code; every decoded message re-encodes and decodes to itself.
-* ``tensor``: the input as a msgpack tensor map: parsing and decoding raise only ``ProtocolError``
+* ``tensor``: the input as a frame body holding one tensor (4-byte header length, msgpack header
+  ``{"t": <tensor map>, "p": [<payload lengths>]}``, payloads): parsing and decoding raise only ``ProtocolError``
   (``BAD_TENSOR`` or ``MALFORMED_FRAME``); a decoded tensor has the declared shape and converts to
   torch; an uncompressed one re-encodes to the same bytes.
 * ``info`` / ``forward`` / ``backward`` / ``inference``: the input is the whole client side of one
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import torch
 
@@ -52,12 +54,13 @@ from protocols import (
     Message,
     ProtocolError,
     WireTensor,
-    _msgpack,
     decode_array,
     encode_array,
     encode_frame,
+    pack_body,
 )
-from protocols.wire import tensor_from_wire
+from protocols.framing import HEADER, HEADER_BYTES, _split_payloads, _unpack_header
+from protocols.wire import Payloads, tensor_from_wire, tensor_to_wire
 
 __all__ = [
     "CORPUS_DIR",
@@ -71,8 +74,11 @@ __all__ = [
     "close_shared_harness",
     "corpus_files",
     "frame_target",
+    "inline_map",
+    "outline",
     "seed_inputs",
     "shared_harness",
+    "tensor_input",
     "tensor_target",
 ]
 
@@ -132,10 +138,53 @@ def frame_target(data: bytes) -> None:
 # --- tensor codec ------------------------------------------------------------------------------
 
 
+def outline(value: Any, payloads: list[bytes]) -> Any:
+    """A tensor-like map with ``bytes`` data/scales turned into payload indices (payloads appended)."""
+    if type(value) is not dict:
+        return value
+    out = dict(value)
+    for key in ("data", "scales"):
+        if type(out.get(key)) is bytes:
+            payloads.append(out[key])
+            out[key] = len(payloads) - 1
+    return out
+
+
+def inline_map(t: WireTensor) -> dict[str, Any]:
+    """The header map of ``t`` with its data (and scales) inline as ``bytes``, for :func:`outline`."""
+    payloads: Payloads = []
+    wire = tensor_to_wire(t, payloads)
+    for key in ("data", "scales"):
+        if key in wire:
+            wire[key] = bytes(payloads[wire[key]])
+    return wire
+
+
+def tensor_input(value: Any) -> bytes:
+    """The ``tensor`` target's input for a tensor map whose data/scales may be inline ``bytes``."""
+    payloads: list[bytes] = []
+    header = {"t": outline(value, payloads), "p": [len(data) for data in payloads]}
+    return pack_body(header, payloads)
+
+
+def _parse_tensor_input(data: bytes) -> WireTensor:
+    # the same steps and helpers as decode_message, for a header that holds one tensor map
+    view = memoryview(data)
+    if len(view) < HEADER_BYTES:
+        raise ProtocolError(ErrorCode.MALFORMED_FRAME, "shorter than a header length")
+    (size,) = HEADER.unpack_from(view)
+    if not 0 < size <= len(view) - HEADER_BYTES:
+        raise ProtocolError(ErrorCode.MALFORMED_FRAME, "header length out of range")
+    header = _unpack_header(view[HEADER_BYTES : HEADER_BYTES + size])
+    if type(header) is not dict:
+        raise ProtocolError(ErrorCode.MALFORMED_FRAME, "header is not a map")
+    payloads: Payloads = _split_payloads(header.get("p", []), view, HEADER_BYTES + size)
+    return tensor_from_wire(header.get("t"), payloads)
+
+
 def tensor_target(data: bytes) -> None:
     try:
-        value = _msgpack.unpack(memoryview(data))
-        wire = tensor_from_wire(value)
+        wire = _parse_tensor_input(data)
     except ProtocolError as exc:
         _check(exc.code in (ErrorCode.MALFORMED_FRAME, ErrorCode.BAD_TENSOR), f"parse raised {exc.code!r}")
         return
@@ -344,16 +393,17 @@ def seed_inputs() -> Iterator[tuple[str, str, bytes]]:
         yield "frame", name, data
     yield "frame", "oversized_header", (MAX_FRAME_BYTES + 1).to_bytes(4, "big")
     yield "frame", "empty_body", b"\0\0\0\0"
+    v1 = msgpack.packb({"v": [1, 0], "t": "hello", "b": {"protocol_version": [1, 0], "model_id": MODEL_ID}})
+    yield "frame", "v1_hello", len(v1).to_bytes(4, "big") + v1  # refused as UNSUPPORTED_VERSION
     for name, t in (("f32", x), ("bf16", _hidden((2, 5), "bfloat16")), ("b8", grad)):
-        from protocols.wire import tensor_to_wire
-
-        yield "tensor", name, _msgpack.packb(tensor_to_wire(t))
+        yield "tensor", name, tensor_input(inline_map(t))
+    yield "tensor", "int_f16", tensor_input({"dtype": "int32", "shape": [2], "compression": "float16", "data": b"0000"})
+    yield "tensor", "bool_bad", tensor_input({"dtype": "bool", "shape": [3], "data": b"\x00\x01\x02"})
     yield (
         "tensor",
-        "int_f16",
-        _msgpack.packb({"dtype": "int32", "shape": [2], "compression": "float16", "data": b"0000"}),
+        "payload_lengths_lie",
+        pack_body({"t": {"dtype": "bool", "shape": [1], "data": 0}, "p": [2]}, [b"\x01"]),
     )
-    yield "tensor", "bool_bad", _msgpack.packb({"dtype": "bool", "shape": [3], "data": b"\x00\x01\x02"})
 
 
 @contextlib.contextmanager

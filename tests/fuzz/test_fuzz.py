@@ -13,13 +13,13 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocols import MESSAGE_TYPES, PROTOCOL_VERSION, Compression, _msgpack, encode_array, float32_to_bf16_bits
-from protocols.wire import tensor_to_wire
+from protocols import MESSAGE_TYPES, PROTOCOL_VERSION, Compression, encode_array, float32_to_bf16_bits, pack_body
 from tests.fuzz.harness import (
     HANDLER_TARGETS,
     HIDDEN,
@@ -27,8 +27,11 @@ from tests.fuzz.harness import (
     TARGETS,
     close_shared_harness,
     corpus_files,
+    inline_map,
+    outline,
     seed_inputs,
     shared_harness,
+    tensor_input,
 )
 
 CI = os.environ.get("HYPOTHESIS_PROFILE") == "ci"
@@ -103,7 +106,7 @@ def tensor_maps(draw: st.DrawFn) -> dict[str, Any]:
             tensor = encode_array(np.ascontiguousarray(array), dtype=dtype, compression=compression)
         except ValueError:  # blockwise8 refuses NaN/inf (e.g. 1e30 as float16): send it as float16
             tensor = encode_array(np.ascontiguousarray(array), dtype=dtype, compression=Compression.FLOAT16)
-        wire = tensor_to_wire(tensor)
+        wire = inline_map(tensor)
     else:
         wire = {"dtype": dtype, "shape": list(shape), "compression": compression.value}
         wire["data"] = draw(st.binary(max_size=256))
@@ -170,7 +173,7 @@ def message_bodies(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     elif kind == "info":
         body, name = {}, "info_request"
     elif kind == "hello":
-        body = {"protocol_version": [1, 0], "model_id": MODEL_ID, "client_name": "fuzz"}
+        body = {"protocol_version": list(PROTOCOL_VERSION), "model_id": MODEL_ID, "client_name": "fuzz"}
         name = "hello"
     else:
         name = draw(TYPE_NAMES)
@@ -179,11 +182,17 @@ def message_bodies(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 
 
 def frame_of(name: str, body: dict[str, Any], version: list[int] | None = None) -> bytes:
-    payload = _msgpack.packb({"v": version or list(PROTOCOL_VERSION), "t": name, "b": body})
-    return len(payload).to_bytes(4, "big") + payload
+    """A frame whose tensor-like fields' inline ``bytes`` travel as payloads, as an encoder sends them."""
+    payloads: list[bytes] = []
+    fields = {key: outline(value, payloads) for key, value in body.items()}
+    envelope = {"v": version or list(PROTOCOL_VERSION), "t": name, "b": fields, "p": [len(p) for p in payloads]}
+    frame_body = pack_body(envelope, payloads)
+    return len(frame_body).to_bytes(4, "big") + frame_body
 
 
 HELLO = frame_of("hello", {"protocol_version": list(PROTOCOL_VERSION), "model_id": MODEL_ID})
+_V1_BODY = msgpack.packb({"v": [1, 0], "t": "hello", "b": {"protocol_version": [1, 0], "model_id": MODEL_ID}})
+V1_HELLO = len(_V1_BODY).to_bytes(4, "big") + _V1_BODY  # a version-1 client's first frame
 
 
 @st.composite
@@ -210,9 +219,11 @@ HEADS = st.sampled_from(
         HELLO,
         HELLO,
         b"",
-        frame_of("hello", {"protocol_version": [2, 0], "model_id": MODEL_ID}),
-        frame_of("hello", {"protocol_version": [1, 0], "model_id": "other"}),
+        frame_of("hello", {"protocol_version": [PROTOCOL_VERSION[0] + 1, 0], "model_id": MODEL_ID}),
+        frame_of("hello", {"protocol_version": list(PROTOCOL_VERSION), "model_id": "other"}),
+        frame_of("hello", {}, version=[PROTOCOL_VERSION[0], 7]),
         frame_of("hello", {}, version=[1, 7]),
+        V1_HELLO,
     ]
 )
 
@@ -237,7 +248,7 @@ def test_frame_parser_survives_any_stream(data: bytes) -> None:
 
 
 @fuzz_settings("tensor")
-@given(st.one_of(tensor_maps().map(_msgpack.packb), st.binary(max_size=128)))
+@given(st.one_of(tensor_maps().map(tensor_input), st.binary(max_size=128)))
 def test_tensor_codec_survives_any_tensor_map(data: bytes) -> None:
     TARGETS["tensor"](data)
 

@@ -53,6 +53,7 @@ from protocols import (
     error_from_exception,
     expect_message,
     is_retryable,
+    pack_body,
     raise_if_error,
 )
 from protocols.fields import MAX_STRING_BYTES
@@ -200,7 +201,9 @@ def test_round_trip(type_name, data):
     assert type(decoded) is type(msg)
     assert decoded == msg
     assert encode_message(decoded) == body  # canonical: re-encoding is byte-identical
-    envelope = msgpack.unpackb(body)  # and it is plain msgpack for any other decoder
+    header_size = int.from_bytes(body[:4], "big")
+    envelope = msgpack.unpackb(body[4 : 4 + header_size])  # the header is plain msgpack for any other decoder
+    assert sum(envelope.get("p", [])) == len(body) - 4 - header_size  # and the payloads fill the rest
     assert envelope["v"] == list(PROTOCOL_VERSION) and envelope["t"] == type_name
 
 
@@ -215,18 +218,17 @@ def test_round_trip_of_real_tensors_decodes_values():
 # --------------------------------------------------------------------------- validation
 
 
+_PAYLOAD = bytes(encode_array(np.zeros((1, 1, 2), dtype=np.float32)).data)
+
+
 def _envelope(type_name, body, version=None, **extra):
-    return msgpack.packb({"v": list(version or PROTOCOL_VERSION), "t": type_name, "b": body, **extra})
+    """A body whose one payload is the data of :func:`_tensor_map` (unused when no field refers to it)."""
+    envelope = {"v": list(version or PROTOCOL_VERSION), "t": type_name, "b": body, "p": [len(_PAYLOAD)], **extra}
+    return pack_body(envelope, [_PAYLOAD])
 
 
-def _tensor_map(array=None):
-    t = encode_array(np.zeros((1, 1, 2), dtype=np.float32) if array is None else array)
-    return {
-        "dtype": t.dtype,
-        "shape": list(t.shape),
-        "compression": t.compression.value,
-        "data": bytes(t.data),
-    }
+def _tensor_map():
+    return {"dtype": "float32", "shape": [1, 1, 2], "compression": "none", "data": 0}
 
 
 def _step(**changes):
@@ -258,8 +260,10 @@ def test_field_types_are_checked():
     assert _code_of(_envelope("inference_step", _step(hidden={"dtype": "float32"}))) is ErrorCode.BAD_TENSOR
     bad_codec = {**_tensor_map(), "compression": "zstd"}
     assert _code_of(_envelope("inference_step", _step(hidden=bad_codec))) is ErrorCode.BAD_TENSOR
-    as_str = {**_tensor_map(), "data": "abcdefgh"}
-    assert _code_of(_envelope("inference_step", _step(hidden=as_str))) is ErrorCode.BAD_TENSOR
+    as_bin = {**_tensor_map(), "data": _PAYLOAD}  # version 1 carried the data inside the map
+    assert _code_of(_envelope("inference_step", _step(hidden=as_bin))) is ErrorCode.BAD_TENSOR
+    out_of_range = {**_tensor_map(), "data": 1}
+    assert _code_of(_envelope("inference_step", _step(hidden=out_of_range))) is ErrorCode.BAD_TENSOR
 
 
 @pytest.mark.parametrize(
@@ -267,7 +271,6 @@ def test_field_types_are_checked():
     [
         ("hello", {"protocol_version": [1], "model_id": "m"}),
         ("hello", {"protocol_version": [1, -1], "model_id": "m"}),
-        ("hello", {"protocol_version": [1, 0], "model_id": "x" * (MAX_STRING_BYTES + 1)}),
         ("hello", {"protocol_version": [1, 0], "model_id": b"m"}),
         ("forward_request", {"hidden": _tensor_map(), "start": 3, "end": 3}),
         ("forward_request", {"hidden": _tensor_map(), "start": 4, "end": 3}),
@@ -288,6 +291,15 @@ def test_field_types_are_checked():
 )
 def test_invalid_fields_are_refused(type_name, body):
     assert _code_of(_envelope(type_name, body)) is ErrorCode.INVALID_MESSAGE
+
+
+def test_strings_over_the_limit_are_refused_by_the_header_parser():
+    # local construction says INVALID_MESSAGE; on the wire msgpack's max_str_len refuses it first
+    with pytest.raises(ProtocolError) as info:
+        Hello((1, 0), "x" * (MAX_STRING_BYTES + 1))
+    assert info.value.code is ErrorCode.INVALID_MESSAGE
+    too_long = {"protocol_version": [1, 0], "model_id": "x" * (MAX_STRING_BYTES + 1)}
+    assert _code_of(_envelope("hello", too_long)) is ErrorCode.MALFORMED_FRAME
 
 
 def test_info_response_block_range_and_extra():
@@ -367,14 +379,14 @@ def test_newer_minor_version_with_unknown_fields_is_accepted():
         {"v": [1], "t": "info_request", "b": {}},
         {"v": [1, -1], "t": "info_request", "b": {}},
         {"v": [1, 0.5], "t": "info_request", "b": {}},
-        {"v": [1, 0], "b": {}},
-        {"v": [1, 0], "t": 5, "b": {}},
-        {"v": [1, 0], "t": "info_request"},
-        {"v": [1, 0], "t": "info_request", "b": []},
+        {"v": [PROTOCOL_VERSION[0], 0], "b": {}},
+        {"v": [PROTOCOL_VERSION[0], 0], "t": 5, "b": {}},
+        {"v": [PROTOCOL_VERSION[0], 0], "t": "info_request"},
+        {"v": [PROTOCOL_VERSION[0], 0], "t": "info_request", "b": []},
     ],
 )
 def test_malformed_envelopes(envelope):
-    assert _code_of(msgpack.packb(envelope)) is ErrorCode.MALFORMED_FRAME
+    assert _code_of(pack_body(envelope)) is ErrorCode.MALFORMED_FRAME
 
 
 # --------------------------------------------------------------------------- hostile input

@@ -45,7 +45,7 @@ def _expected_value(kind: str, value):
             Compression(value["compression"]),
             bytes.fromhex(value.get("scales_hex", "")),
         )
-    if kind == "bytes":
+    if kind in ("bytes", "Blob"):
         return bytes.fromhex(value["hex"])
     if kind == "Compression":
         return Compression(value)

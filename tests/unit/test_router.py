@@ -11,6 +11,7 @@ from peerd.client.router import UNREACHABLE_RTT_MS, Router
 from peerd.client.routing import Span
 from peerd.rpc.errors import NoRouteError, PeerUnavailable
 from peerd.swarm.records import PeerState
+from protocols import PROTOCOL_VERSION
 from tests.helpers.fake_swarm import MODEL_ID, FakeDHT, FakePeer, FakeTransport, record
 
 
@@ -27,6 +28,18 @@ async def test_the_view_keeps_online_peers_and_is_cached() -> None:
     assert dht.reads == 1  # within view_ttl_s: no second DHT read
     await router.servers(refresh=True)
     assert dht.reads == 2
+
+
+async def test_peers_of_another_protocol_major_are_left_out_of_the_view() -> None:
+    major, minor = PROTOCOL_VERSION
+    peers = [
+        FakePeer(record("same", 0, 4)),
+        FakePeer(replace(record("newer_minor", 0, 4), protocol_version=(major, minor + 1))),
+        FakePeer(replace(record("old", 0, 4), protocol_version=(major - 1, 0))),
+        FakePeer(replace(record("next", 0, 4), protocol_version=(major + 1, 0))),
+    ]
+    router, _, _ = make_router(peers)
+    assert set(await router.servers()) == {"same", "newer_minor"}
 
 
 async def test_allowed_peers_restrict_the_view() -> None:
