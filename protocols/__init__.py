@@ -50,6 +50,7 @@ from protocols.network import (
     RelayReserve,
     RelayReserved,
 )
+from protocols.push import InferenceLink, InferencePush, InferencePushed
 from protocols.tensors import (
     ALLOWED_DTYPES,
     BLOCKWISE8_BLOCK,
@@ -76,6 +77,7 @@ STREAM_RELAY = "peerd/relay/1"  # served by reachable peers: reservations and re
 STREAM_RELAYED = "peerd/relayed/1"  # served by relayed peers: streams their relay opens for clients
 STREAM_AVERAGE = "peerd/average/1"  # served by trainers of a collaborative run: pushes of a round
 STREAM_STATE = "peerd/state/1"  # served by trainers of a collaborative run: the current adapter
+STREAM_PUSH = "peerd/push/1"  # served by peers: the previous span's peer pushes a session's steps
 """libp2p stream (protocol handler) names: one stream per request, one per inference session."""
 
 __all__ = [
@@ -100,6 +102,7 @@ __all__ = [
     "STREAM_FORWARD",
     "STREAM_INFERENCE",
     "STREAM_INFO",
+    "STREAM_PUSH",
     "STREAM_RELAY",
     "STREAM_RELAYED",
     "STREAM_STATE",
@@ -117,8 +120,11 @@ __all__ = [
     "FrameDecoder",
     "Hello",
     "InferenceClose",
+    "InferenceLink",
     "InferenceOpen",
     "InferenceOpened",
+    "InferencePush",
+    "InferencePushed",
     "InferenceStep",
     "InferenceStepResult",
     "InfoRequest",

@@ -44,6 +44,7 @@ from protocols.network import (
     RelayReserve,
     RelayReserved,
 )
+from protocols.push import InferenceLink, InferencePush, InferencePushed
 from protocols.tensors import ALLOWED_DTYPES, Compression, WireTensor
 
 MAX_INFO_PADDING_BYTES = 1 << 20
@@ -248,17 +249,20 @@ class InferenceStep:
 
 @dataclass(frozen=True, slots=True)
 class InferenceStepResult:
-    """Output hidden states of one InferenceStep, with the server's compute time."""
+    """Output hidden states of one InferenceStep, with the server's compute time; ``pushed`` says
+    the next span's peer already has them (see protocols/push.py), so the client must not relay."""
 
     TYPE: ClassVar[str] = "inference_step_result"
     hidden: WireTensor
     step_id: int
     compute_ms: float = 0.0
+    pushed: bool = False
 
     def __post_init__(self) -> None:
         check_tensor(self, "hidden")
         check_int(self, "step_id")
         check_float(self, "compute_ms", MAX_COMPUTE_MS)
+        check_bool(self, "pushed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +301,9 @@ Message: TypeAlias = (
     | InferenceStep
     | InferenceStepResult
     | InferenceClose
+    | InferenceLink
+    | InferencePush
+    | InferencePushed
     | DialBackRequest
     | DialBackResult
     | RelayReserve
@@ -325,6 +332,9 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         InferenceStep,
         InferenceStepResult,
         InferenceClose,
+        InferenceLink,
+        InferencePush,
+        InferencePushed,
         DialBackRequest,
         DialBackResult,
         RelayReserve,
