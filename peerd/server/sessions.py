@@ -24,10 +24,14 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from peerd.model.stage import KVCache
 from peerd.server.metrics import PeerMetrics
-from protocols import ErrorCode, ProtocolError
+from protocols import Compression, ErrorCode, ProtocolError
+
+if TYPE_CHECKING:
+    from peerd.server.push import PushLink
 
 __all__ = ["CHUNK_TOKENS", "SESSION_SHARE", "CacheBudget", "ServerSession", "SessionTable", "chunked_length"]
 
@@ -100,6 +104,10 @@ class ServerSession:
     busy: bool = False  # a step is being validated, computed or answered: never evicted then
     evicted: bool = False
     recent_tokens: float = 0.0  # batch x tokens stepped, fading with ACTIVITY_HALF_LIFE_S
+    response_compression: Compression = Compression.NONE  # of its answers (and pushed outputs)
+    link: PushLink | None = None  # its neighbours on the client's route, if the client linked it (push.py)
+    push_in: bool = False  # a push stream is bound to it (at most one at a time)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, from the client or pushed
 
     def stepped(self, tokens: int, now: float) -> None:
         self.recent_tokens = self.activity(now) + tokens

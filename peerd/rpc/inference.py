@@ -1,0 +1,103 @@
+"""Client side of one inference session stream: steps, their results, and push links (protocols/push.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import torch
+
+from peerd.rpc.errors import PeerUnavailable
+from peerd.rpc.tensors import from_wire, to_wire
+from protocols import Compression, InferenceClose, InferenceLink, InferenceStep, InferenceStepResult, encode_frame
+
+if TYPE_CHECKING:
+    from peerd.rpc.transport import PeerClient
+
+__all__ = ["InferenceStream"]
+
+
+class InferenceStream:
+    """One open inference session on one peer: ``step()`` any number of times, then ``close()``.
+
+    With push (``link``), a step's input may come from the previous span's peer instead of the
+    client: the client then only ``receive``s its result. Step ids must grow over the stream's life;
+    a result for an older step id than the one awaited is a duplicate (a step pushed again after a
+    failover upstream) and is skipped.
+    """
+
+    def __init__(
+        self,
+        client: PeerClient,
+        peer_id: str,
+        session_id: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        cm: object,
+        compression: Compression,
+    ) -> None:
+        self.client = client
+        self.peer_id = peer_id
+        self.session_id = session_id
+        self._reader = reader
+        self._writer = writer
+        self._cm = cm
+        self._compression = compression
+        self._step_id = 0
+        self.closed = False
+        self.last_compute_ms = 0.0
+        self.last_pushed = False  # the last result says the next span's peer already has it
+
+    async def step(
+        self, hidden: torch.Tensor, position: int, timeout_s: float | None = None, *, step_id: int | None = None
+    ) -> torch.Tensor:
+        """Run ``hidden`` [batch, n, hidden] at ``position`` through this peer's span.
+
+        ``timeout_s`` bounds the wait for the answer (default: the client's); after a timeout the
+        caller must close the stream, so that a late answer is never read as the next step's.
+        """
+        step_id = self._step_id + 1 if step_id is None else step_id
+        await self.send(hidden, position, step_id)
+        return await self.receive(step_id, timeout_s)
+
+    async def send(self, hidden: torch.Tensor, position: int, step_id: int) -> None:
+        """Send a step without waiting for its result (see ``receive``)."""
+        if self.closed:
+            raise PeerUnavailable(self.peer_id, "session stream already closed")
+        self._step_id = max(self._step_id, step_id)
+        step = InferenceStep(to_wire(hidden, self._compression), position, step_id)
+        await self.client._send(self.peer_id, self._writer, step)
+
+    async def receive(self, step_id: int, timeout_s: float | None = None) -> torch.Tensor:
+        """The result of step ``step_id`` (sent by us, or pushed to the peer by its predecessor)."""
+        if self.closed:
+            raise PeerUnavailable(self.peer_id, "session stream already closed")
+        self._step_id = max(self._step_id, step_id)
+        while True:
+            result = await self.client._receive(self.peer_id, self._reader, InferenceStepResult, timeout_s)
+            if result.step_id >= step_id:
+                break
+        if result.step_id != step_id:
+            raise PeerUnavailable(self.peer_id, f"answered step {result.step_id}, expected {step_id}")
+        self.last_compute_ms = result.compute_ms
+        self.last_pushed = result.pushed
+        return from_wire(result.hidden)
+
+    async def link(self, prev_peer: str, next_peer: str, next_session_id: bytes) -> None:
+        """Tell the peer this session's neighbours: who may push into it, where it pushes to."""
+        if self.closed:
+            raise PeerUnavailable(self.peer_id, "session stream already closed")
+        await self.client._send(self.peer_id, self._writer, InferenceLink(prev_peer, next_peer, next_session_id))
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._writer.write(encode_frame(InferenceClose()))
+            async with asyncio.timeout(1.0):
+                await self._writer.drain()
+        except Exception:
+            pass  # closing a dead stream is not an error worth reporting
+        finally:
+            await self._cm.__aexit__(None, None, None)  # type: ignore[attr-defined]
