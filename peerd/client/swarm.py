@@ -88,6 +88,7 @@ class SwarmClient:
         self.compression = compression
         self.failover_timeout_s = failover_timeout_s  # how long a session waits for a replacement peer
         self.speculation = Speculation()  # multi-token steps (speculative.py); Speculation(0) turns them off
+        self.push = False  # peers push hidden states to the next span's peer (server/push.py), opt-in for now
         self.router = Router(
             dht,
             self.peers,
@@ -248,6 +249,7 @@ class SwarmClient:
             compression=self.compression,
             failover_timeout_s=self.failover_timeout_s,
             checker=self.checker,
+            push=self.push,
         )
 
     def encode(self, text: str) -> list[int]:

@@ -207,7 +207,7 @@ class InferenceHandlers(ServicerBase):
                     session = accept_push(msg, owner, self.sessions, bound)
                     assert isinstance(msg, InferencePush)  # accept_push checked it
                     if bound is None:
-                        bound, session.push_in = session, True
+                        bound, session.push_from = session, owner
                     async with session.lock:
                         hidden = self._check_step(session, msg.hidden, msg.position)  # refused: pusher falls back
                         await self._send(writer, InferencePushed(msg.step_id))
@@ -217,8 +217,8 @@ class InferenceHandlers(ServicerBase):
                         finally:
                             session.busy = False
             finally:
-                if bound is not None:
-                    bound.push_in = False
+                if bound is not None and bound.push_from == owner:
+                    bound.push_from = ""
 
         await self._serve("push", stream_info, reader, writer, body)
 

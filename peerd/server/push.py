@@ -80,7 +80,8 @@ def accept_push(
     """The session a pushed step is for, if ``owner`` (the pushing stream's peer id) may push into it.
 
     Refused with NOT_ALLOWED unless the session exists, its client linked it with ``owner`` as the
-    predecessor, and the stream is not bound to another session. The same answer whether or not the
+    predecessor, and the stream is not bound to another session (nor ``owner`` already has a push
+    stream into this one). The same answer whether or not the
     session id exists, so a push stream cannot probe for live session ids.
     """
     if not isinstance(msg, InferencePush):
@@ -92,7 +93,7 @@ def accept_push(
         or session.link is None
         or session.link.prev_peer != owner
         or (bound is not None and session is not bound)
-        or (bound is None and session.push_in)
+        or (bound is None and session.push_from == owner)
     )
     if refused or session is None:
         raise ProtocolError(

@@ -106,7 +106,7 @@ class ServerSession:
     recent_tokens: float = 0.0  # batch x tokens stepped, fading with ACTIVITY_HALF_LIFE_S
     response_compression: Compression = Compression.NONE  # of its answers (and pushed outputs)
     link: PushLink | None = None  # its neighbours on the client's route, if the client linked it (push.py)
-    push_in: bool = False  # a push stream is bound to it (at most one at a time)
+    push_from: str = ""  # peer id of the push stream bound to it (one per predecessor at a time)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, from the client or pushed
 
     def stepped(self, tokens: int, now: float) -> None:
