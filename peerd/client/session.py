@@ -201,13 +201,14 @@ class InferenceSession:
                 continue  # retry the same position of the chain on the replacement span(s)
             state.record(at, x, out)
             self.router.succeeded(state.span.peer_id)
-            if not sent:  # a pushed hop's time is not this peer's alone: keep it out of its speed
+            pushed = state.stream is not None and state.stream.last_pushed
+            if not sent and not pushed:  # a push's time is not this peer's alone: keep it out of its speed
                 self.router.speeds.observe(
                     state.span.peer_id, state.span.end - state.span.start, x.shape[1], time.perf_counter() - started
                 )
             timings.append((time.perf_counter() - started) * 1e3)
             computes.append(state.stream.last_compute_ms if state.stream is not None else 0.0)
-            sent = state.stream is not None and state.stream.last_pushed
+            sent = pushed
             if self.checker is not None and self.checker.should_check():
                 corrected = await self._spot_check(i, position)
                 if corrected is not None:
