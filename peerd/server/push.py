@@ -12,8 +12,10 @@ checked against the libp2p peer id of the pushing stream (authenticated by the t
 one else can inject hidden states. Bounds: one push stream per session at a time, bound to that
 session; one push in flight on it (the next is read only after the step is answered); frames and
 steps under the same limits as a client's. A peer that cannot push (its successor unreachable,
-refusing, slower than PUSH_TIMEOUT_S to acknowledge) unlinks and answers the client with
-``pushed=False``, and the client relays from then on, as without push.
+or it refused or never acknowledged the previous push) unlinks and answers the client with
+``pushed=False``, and the client relays from then on, as without push. A successor that accepts a
+push and then hangs or dies is the client's to notice: it fails that peer over, as it would without
+push.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class _Outgoing:
     peer_id: str
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    pending: int | None = None  # step id of the push whose acknowledgement is not read yet
 
 
 class Pusher:
@@ -126,20 +129,26 @@ class Pusher:
         self._out: dict[bytes, _Outgoing] = {}  # by our session id
 
     async def push(self, session: ServerSession, hidden: WireTensor, position: int, step_id: int) -> bool:
-        """Hand one step's output to the session's successor; False (and unlinked) if that failed."""
+        """Hand one step's output to the session's successor; False (and unlinked) if that failed.
+
+        Returns once the push is written, without waiting for its acknowledgement: the client must
+        hear from us at once, or a hung successor would make *us* look hung. The acknowledgement is
+        read before the next push (it is there by then: the successor sent it before computing);
+        a refusal or none at all unlinks the session, and that step goes to the client instead.
+        """
         link = session.link
         if self.opener is None or link is None or not link.next_peer:
             return False
         try:
             async with asyncio.timeout(PUSH_TIMEOUT_S):
                 out = await self._stream(session, link.next_peer)
+                if out.pending is not None:
+                    await self._acknowledged(out, out.pending)
                 frame = encode_frame(InferencePush(link.next_session_id, hidden, position, step_id))
                 out.writer.write(frame)
                 await out.writer.drain()
+                out.pending = step_id
                 self.metrics.bytes_out.inc(len(frame))
-                ack = expect_message(await read_message(out.reader, self.limits.max_frame_bytes), InferencePushed)
-            if ack.step_id != step_id:
-                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"acknowledged step {ack.step_id}, not {step_id}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # unreachable, refused, slow, garbage: the client relays instead
@@ -150,6 +159,12 @@ class Pusher:
             return False
         self.metrics.requests.labels(rpc="push_out", outcome="ok").inc()
         return True
+
+    async def _acknowledged(self, out: _Outgoing, step_id: int) -> None:
+        ack = expect_message(await read_message(out.reader, self.limits.max_frame_bytes), InferencePushed)
+        if ack.step_id != step_id:
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"acknowledged step {ack.step_id}, not {step_id}")
+        out.pending = None
 
     async def _stream(self, session: ServerSession, peer_id: str) -> _Outgoing:
         out = self._out.get(session.session_id)
