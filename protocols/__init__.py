@@ -50,7 +50,7 @@ from protocols.network import (
     RelayReserve,
     RelayReserved,
 )
-from protocols.push import InferenceLink, InferencePush, InferencePushed
+from protocols.push import InferenceLink, InferencePush, InferencePushed, input_digest
 from protocols.tensors import (
     ALLOWED_DTYPES,
     BLOCKWISE8_BLOCK,
@@ -148,6 +148,7 @@ __all__ = [
     "error_from_exception",
     "expect_message",
     "float32_to_bf16_bits",
+    "input_digest",
     "is_retryable",
     "message_from_wire",
     "message_to_wire",

@@ -8,6 +8,7 @@ before computing. See protocols/README.md, "Push".
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -15,6 +16,20 @@ from protocols.fields import check_int, check_session_id, check_str, check_tenso
 from protocols.tensors import WireTensor
 
 MAX_PEER_ID_CHARS = 128  # a base58 libp2p peer id is about 52 characters
+INPUT_DIGEST_BYTES = 16
+
+
+def input_digest(hidden: WireTensor, position: int) -> bytes:
+    """BLAKE2b-128 of a step input as sent: position (uint64 big-endian), tensor data, then scales.
+
+    A peer answers a pushed step with the digest of what it was pushed, and the client compares it
+    with the digest of what the pushing peer reported to it: they differ only if that peer lied.
+    """
+    h = hashlib.blake2b(digest_size=INPUT_DIGEST_BYTES)
+    h.update(position.to_bytes(8, "big"))
+    h.update(hidden.data)
+    h.update(hidden.scales)
+    return h.digest()
 
 
 def _check_peer_id(msg: object, name: str) -> None:

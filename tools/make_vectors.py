@@ -186,7 +186,9 @@ def valid_cases() -> list[tuple[str, Message]]:
         ),
         (
             "inference_step_result",
-            InferenceStepResult(hidden=encode_array(hidden), step_id=1, compute_ms=1.25),
+            InferenceStepResult(
+                hidden=encode_array(hidden), step_id=1, compute_ms=1.25, pushed=True, input_digest=bytes(range(16))
+            ),
         ),
         ("inference_close", InferenceClose()),
         (

@@ -20,6 +20,7 @@ import torch
 
 from peerd.client.compression import CompressionChoice, hop_compression
 from peerd.client.deadlines import StepDeadline
+from peerd.client.pushing import PushedOtherwise, pushed_as_reported, route_links
 from peerd.client.router import Router
 from peerd.client.routing import Span
 from peerd.client.verify import SpotChecker
@@ -86,6 +87,7 @@ class InferenceSession:
         self.router = router
         self.push = push  # peers push each step's output to the next span's peer (server/push.py)
         self._step_seq = 0
+        self._no_push_from: set[str] = set()  # peers caught pushing other states than they reported
         self.peers = peers
         self.compression = compression
         self.failover_timeout_s = failover_timeout_s
@@ -190,6 +192,11 @@ class InferenceSession:
             started = time.perf_counter()
             try:
                 out = await self._hop(state, x, at, step_id, sent, chain_started)
+            except PushedOtherwise:  # span i - 1 pushed something else than it reported: relay it
+                self._no_push_from.add(self.spans[i - 1].span.peer_id)  # its next link is cleared
+                await self._link()
+                step_id, sent = self._next_step_id(), False  # results of the pushed input are skipped
+                continue
             except (PeerUnavailable, PeerError) as exc:
                 if not worth_failover(exc):
                     raise
@@ -242,11 +249,13 @@ class InferenceSession:
         tokens = x.shape[1]
         timeout_s = state.deadline.deadline_s(tokens, self.peers.timeout_s)
         started = chain_started if sent else time.perf_counter()
-        if sent:
-            out = await state.stream.receive(step_id, timeout_s)
-        else:
+        if not sent:
             await state.stream.send(x, at, step_id)
-            out = await state.stream.receive(step_id, timeout_s)
+        out = await state.stream.receive(step_id, timeout_s)
+        prev = self.spans[self.spans.index(state) - 1]
+        if sent and not pushed_as_reported(prev.stream, state.stream, at):
+            logger.warning("span %s pushed other states than it reported; relaying", prev.span)
+            raise PushedOtherwise
         state.deadline.observe(tokens, time.perf_counter() - started)
         return out
 
@@ -259,17 +268,11 @@ class InferenceSession:
         """Tell every span its neighbours (push on): who may push into it, and where it pushes to."""
         if not self.push:
             return
-        for i, state in enumerate(self.spans):
-            prev = self.spans[i - 1] if i > 0 else None
-            nxt = self.spans[i + 1] if i + 1 < len(self.spans) else None
-            if state.stream is None:
-                continue
-            with contextlib.suppress(PeerUnavailable):  # a dead stream fails over at its next step
-                await state.stream.link(
-                    prev.span.peer_id if prev is not None and prev.stream is not None else "",
-                    nxt.span.peer_id if nxt is not None and nxt.stream is not None else "",
-                    nxt.stream.session_id if nxt is not None and nxt.stream is not None else b"",
-                )
+        links = route_links([(s.span.peer_id, s.stream) for s in self.spans], self._no_push_from)
+        for state, link in zip(self.spans, links, strict=True):
+            if state.stream is not None:
+                with contextlib.suppress(PeerUnavailable):  # a dead stream fails over at its next step
+                    await state.stream.link(*link)
 
     def _overclaiming(self, state: _SpanState) -> bool:
         """Far slower than it claims, and someone else can take its blocks (see claims.py)."""

@@ -47,6 +47,7 @@ class InferenceStream:
         self.closed = False
         self.last_compute_ms = 0.0
         self.last_pushed = False  # the last result says the next span's peer already has it
+        self.last_result: InferenceStepResult | None = None  # as received (digests are of wire bytes)
 
     async def step(
         self, hidden: torch.Tensor, position: int, timeout_s: float | None = None, *, step_id: int | None = None
@@ -81,6 +82,7 @@ class InferenceStream:
             raise PeerUnavailable(self.peer_id, f"answered step {result.step_id}, expected {step_id}")
         self.last_compute_ms = result.compute_ms
         self.last_pushed = result.pushed
+        self.last_result = result
         return from_wire(result.hidden)
 
     async def link(self, prev_peer: str, next_peer: str, next_session_id: bytes) -> None:

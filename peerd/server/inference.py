@@ -34,6 +34,7 @@ from protocols import (
     InferenceStepResult,
     ProtocolError,
     WireTensor,
+    input_digest,
 )
 
 __all__ = ["InferenceHandlers"]
@@ -175,7 +176,9 @@ class InferenceHandlers(ServicerBase):
         check_step(position, hidden.shape[1], length=session.length, max_length=session.max_length)
         return hidden
 
-    async def _run_step(self, session: ServerSession, hidden: torch.Tensor, position: int, step_id: int) -> None:
+    async def _run_step(
+        self, session: ServerSession, hidden: torch.Tensor, position: int, step_id: int, digest: bytes = b""
+    ) -> None:
         """Compute a checked step, push its output to the successor (if linked), answer the client."""
         started, n_tokens = time.perf_counter(), hidden.shape[1]
         if position + n_tokens > session.cache.max_length:
@@ -193,7 +196,7 @@ class InferenceHandlers(ServicerBase):
         wire = result_to_wire(out, session.response_compression)
         pushed = await self.pusher.push(session, wire, position, step_id)
         assert session.writer is not None  # set when the session opened
-        await self._send(session.writer, InferenceStepResult(wire, step_id, compute_ms, pushed))
+        await self._send(session.writer, InferenceStepResult(wire, step_id, compute_ms, pushed, digest))
         self.metrics.step_latency.labels(phase=phase).observe(time.perf_counter() - started)
 
     # --- push: the previous span's peer hands us a session's steps (push.py) ---------------------
@@ -213,7 +216,8 @@ class InferenceHandlers(ServicerBase):
                         await self._send(writer, InferencePushed(msg.step_id))
                         session.busy = True
                         try:
-                            await self._run_step(session, hidden, msg.position, msg.step_id)
+                            digest = input_digest(msg.hidden, msg.position)  # the client checks the pusher with it
+                            await self._run_step(session, hidden, msg.position, msg.step_id, digest)
                         finally:
                             session.busy = False
             finally:

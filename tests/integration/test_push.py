@@ -144,3 +144,27 @@ async def test_push_from_a_peer_that_is_not_the_predecessor_is_refused(make_swar
             assert session.length == len(PROMPT) + 1 and out.shape[1] == 1
     finally:
         await client.close()
+
+
+async def test_peer_pushing_other_states_than_it_reports_is_caught(make_swarm, local_model: LocalModel) -> None:
+    """A peer that reports true outputs to the client but pushes zeros: the next peer's input digest
+    gives it away, the client relays past it (tokens stay exact) and stops it pushing."""
+    swarm = await make_swarm()
+    liar = swarm.peers[0].servicer.pusher
+    honest_push = liar.push
+
+    async def push_zeros(session, hidden, position, step_id):  # type: ignore[no-untyped-def]
+        zeros = zero_hidden(tuple(hidden.shape))
+        return await honest_push(session, zeros, position, step_id)
+
+    liar.push = push_zeros
+    client = await swarm.client()
+    client.push = True
+    try:
+        result = await client.generate(PROMPT, max_new_tokens=12, stop_on_eos=False)
+        assert result.token_ids == local_model.generate_greedy(PROMPT, 12, eos_token_ids=[])
+        # caught at the first step and unlinked: it pushed once, then the client relayed its outputs
+        assert swarm.peers[0].metrics.requests.labels(rpc="push_out", outcome="ok")._value.get() == 1
+        assert swarm.peers[1].peer_id in {s.peer_id for s in result.route}  # the honest successor stays
+    finally:
+        await client.close()

@@ -165,6 +165,7 @@ MESSAGE_STRATEGIES = {
         step_id=uints,
         compute_ms=st.floats(0, 1e6),
         pushed=st.booleans(),
+        input_digest=st.sampled_from([b"", bytes(range(16))]),
     ),
     "inference_close": st.just(InferenceClose()),
     "inference_link": st.builds(
