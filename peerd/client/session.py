@@ -249,9 +249,10 @@ class InferenceSession:
         tokens = x.shape[1]
         timeout_s = state.deadline.deadline_s(tokens, self.peers.timeout_s)
         started = chain_started if sent else time.perf_counter()
-        if not sent:
-            await state.stream.send(x, at, step_id)
-        out = await state.stream.receive(step_id, timeout_s)
+        if sent:
+            out = await state.stream.receive(step_id, timeout_s)
+        else:
+            out = await state.stream.step(x, at, timeout_s, step_id=step_id)
         prev = self.spans[self.spans.index(state) - 1]
         if sent and not pushed_as_reported(prev.stream, state.stream, at):
             logger.warning("span %s pushed other states than it reported; relaying", prev.span)

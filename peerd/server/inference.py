@@ -136,6 +136,8 @@ class InferenceHandlers(ServicerBase):
             try:
                 msg = await self._read(reader, self.limits.session_idle_timeout_s)
             except TimeoutError:
+                if time.monotonic() - session.last_active < self.limits.session_idle_timeout_s:
+                    continue  # quiet on this stream, but stepping on a push stream
                 raise ProtocolError(
                     ErrorCode.SESSION_EXPIRED,
                     f"session idle for {self.limits.session_idle_timeout_s:.0f}s; its cache was freed",
@@ -206,7 +208,12 @@ class InferenceHandlers(ServicerBase):
             bound: ServerSession | None = None  # a push stream serves one session
             try:
                 while True:
-                    msg = await self._read(reader, self.limits.session_idle_timeout_s)
+                    try:
+                        msg = await self._read(reader, self.limits.session_idle_timeout_s)
+                    except TimeoutError:
+                        if bound is not None and bound.session_id in self.sessions:
+                            continue  # the session lives (its client paused): so does its push stream
+                        raise
                     session = accept_push(msg, owner, self.sessions, bound)
                     assert isinstance(msg, InferencePush)  # accept_push checked it
                     if bound is None:
