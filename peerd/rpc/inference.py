@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 import torch
 
 from peerd.rpc.errors import PeerUnavailable
 from peerd.rpc.tensors import from_wire, to_wire
-from protocols import Compression, InferenceClose, InferenceLink, InferenceStep, InferenceStepResult, encode_frame
+from protocols import (
+    Compression,
+    InferenceClose,
+    InferenceLink,
+    InferenceStep,
+    InferenceStepResult,
+    Message,
+    encode_frame,
+)
 
-if TYPE_CHECKING:
-    from peerd.rpc.transport import PeerClient
+M = TypeVar("M", bound=Message)
+
+
+class PeerClient(Protocol):
+    """What a stream needs of transport.PeerClient: its framed send and receive, errors mapped."""
+
+    async def _send(self, peer_id: str, writer: asyncio.StreamWriter, *msgs: Message) -> None: ...
+
+    async def _receive(
+        self, peer_id: str, reader: asyncio.StreamReader, expected: type[M], timeout_s: float | None = None
+    ) -> M: ...
+
 
 __all__ = ["InferenceStream"]
 

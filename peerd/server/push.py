@@ -30,7 +30,7 @@ from hivemind.p2p import PeerID
 
 from peerd.server.limits import Limits
 from peerd.server.metrics import PeerMetrics
-from peerd.server.sessions import ServerSession
+from peerd.server.sessions import PushLink, ServerSession
 from protocols import (
     ErrorCode,
     Hello,
@@ -52,15 +52,6 @@ logger = logging.getLogger(__name__)
 PUSH_TIMEOUT_S = 2.0  # opening (first push), sending and the successor's acknowledgement, together
 Opener = Callable[[str], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 """Opens a push stream to a peer id (the daemon dials the addresses of that peer's record)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PushLink:
-    """A session's neighbours on its client's route (see protocols/push.py, InferenceLink)."""
-
-    prev_peer: str = ""
-    next_peer: str = ""
-    next_session_id: bytes = b""
 
 
 def link_of(msg: InferenceLink) -> PushLink:

@@ -24,16 +24,20 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from peerd.model.stage import KVCache
 from peerd.server.metrics import PeerMetrics
 from protocols import Compression, ErrorCode, ProtocolError
 
-if TYPE_CHECKING:
-    from peerd.server.push import PushLink
-
-__all__ = ["CHUNK_TOKENS", "SESSION_SHARE", "CacheBudget", "ServerSession", "SessionTable", "chunked_length"]
+__all__ = [
+    "CHUNK_TOKENS",
+    "SESSION_SHARE",
+    "CacheBudget",
+    "PushLink",
+    "ServerSession",
+    "SessionTable",
+    "chunked_length",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +87,15 @@ class CacheBudget:
 def chunked_length(needed: int, max_length: int) -> int:
     """Cache positions to hold ``needed`` tokens: rounded up to a chunk, capped at ``max_length``."""
     return min(max_length, CHUNK_TOKENS * math.ceil(max(1, needed) / CHUNK_TOKENS))
+
+
+@dataclass(frozen=True, slots=True)
+class PushLink:
+    """A session's neighbours on its client's route (see protocols/push.py, InferenceLink)."""
+
+    prev_peer: str = ""
+    next_peer: str = ""
+    next_session_id: bytes = b""
 
 
 @dataclass
