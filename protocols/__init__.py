@@ -55,6 +55,7 @@ from protocols.network import (
     RelayReserve,
     RelayReserved,
 )
+from protocols.push import InferenceLink, InferencePush, InferencePushed, input_digest
 from protocols.tensors import (
     ALLOWED_DTYPES,
     BLOCKWISE8_BLOCK,
@@ -81,6 +82,7 @@ STREAM_RELAY = "peerd/relay/1"  # served by reachable peers: reservations and re
 STREAM_RELAYED = "peerd/relayed/1"  # served by relayed peers: streams their relay opens for clients
 STREAM_AVERAGE = "peerd/average/1"  # served by trainers of a collaborative run: pushes of a round
 STREAM_STATE = "peerd/state/1"  # served by trainers of a collaborative run: the current adapter
+STREAM_PUSH = "peerd/push/1"  # served by peers: the previous span's peer pushes a session's steps
 """libp2p stream (protocol handler) names: one stream per request, one per inference session."""
 
 __all__ = [
@@ -107,6 +109,7 @@ __all__ = [
     "STREAM_FORWARD",
     "STREAM_INFERENCE",
     "STREAM_INFO",
+    "STREAM_PUSH",
     "STREAM_RELAY",
     "STREAM_RELAYED",
     "STREAM_STATE",
@@ -124,8 +127,11 @@ __all__ = [
     "FrameDecoder",
     "Hello",
     "InferenceClose",
+    "InferenceLink",
     "InferenceOpen",
     "InferenceOpened",
+    "InferencePush",
+    "InferencePushed",
     "InferenceStep",
     "InferenceStepResult",
     "InfoRequest",
@@ -150,6 +156,7 @@ __all__ = [
     "expect_message",
     "float32_to_bf16_bits",
     "frame_parts",
+    "input_digest",
     "is_retryable",
     "message_from_wire",
     "message_to_wire",

@@ -45,6 +45,7 @@ from protocols.network import (
     RelayReserve,
     RelayReserved,
 )
+from protocols.push import INPUT_DIGEST_BYTES, InferenceLink, InferencePush, InferencePushed
 from protocols.tensors import ALLOWED_DTYPES, Compression, WireTensor
 
 MAX_INFO_PADDING_BYTES = 1 << 20
@@ -249,17 +250,24 @@ class InferenceStep:
 
 @dataclass(frozen=True, slots=True)
 class InferenceStepResult:
-    """Output hidden states of one InferenceStep, with the server's compute time."""
+    """Output hidden states of one InferenceStep, with the server's compute time; ``pushed`` says
+    the next span's peer already has them (see protocols/push.py), so the client must not relay;
+    ``input_digest`` is, for a pushed step, the digest of the input pushed (push.input_digest)."""
 
     TYPE: ClassVar[str] = "inference_step_result"
     hidden: WireTensor
     step_id: int
     compute_ms: float = 0.0
+    pushed: bool = False
+    input_digest: bytes = b""
 
     def __post_init__(self) -> None:
         check_tensor(self, "hidden")
         check_int(self, "step_id")
         check_float(self, "compute_ms", MAX_COMPUTE_MS)
+        check_bool(self, "pushed")
+        if type(self.input_digest) is not bytes or len(self.input_digest) not in (0, INPUT_DIGEST_BYTES):
+            raise invalid(f"inference_step_result.input_digest must be empty or {INPUT_DIGEST_BYTES} bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +306,9 @@ Message: TypeAlias = (
     | InferenceStep
     | InferenceStepResult
     | InferenceClose
+    | InferenceLink
+    | InferencePush
+    | InferencePushed
     | DialBackRequest
     | DialBackResult
     | RelayReserve
@@ -326,6 +337,9 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         InferenceStep,
         InferenceStepResult,
         InferenceClose,
+        InferenceLink,
+        InferencePush,
+        InferencePushed,
         DialBackRequest,
         DialBackResult,
         RelayReserve,

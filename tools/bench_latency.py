@@ -1,13 +1,14 @@
-"""`make bench-latency`: generation over links with emulated delay, plain vs speculative steps.
+"""`make bench-latency`: generation over links with emulated delay: relayed, push, speculative steps.
 
 Loopback hides what a decode step costs over the internet: round trips. Here every peer listens
 behind a TCP delay shim (tests/helpers/delay_shim.py, on 127.0.0.1) and announces only the shim's
 address, so every connection to a peer, the client's included, pays the shim's delay each way.
-For each emulated round-trip time the same client generates greedily, with speculation off
-(one token per trip through the chain) and on (prompt-lookup guesses verified in one trip), on a
-prompt that copies text and on one that does not. Runs alternate plain, speculative, plain, ... so
-machine drift hits both alike; we report medians, their ratio, the acceptance rate and time to
-first token, print them and write them as JSON.
+For each emulated round-trip time the same client generates greedily in four modes: client-relayed
+(the client carries every hop), speculative (prompt-lookup guesses verified in one trip), push (each
+peer hands its output to the next peer: server/push.py) and push + speculative, on a prompt that
+copies text and on one that does not. Runs alternate the modes, so machine drift hits all alike;
+we report medians, their ratios to client-relayed, the acceptance rate and time to first token,
+print them and write them as JSON.
 
     python tools/bench_latency.py [--model ID] [--tokens N] [--rtt-ms 0 20 50 100] [--rounds R]
 """
@@ -92,18 +93,21 @@ def _free_port() -> int:
 
 
 async def _level(initial_peers: list[str], path: Path, model_id: str, prompts: dict[str, list[int]], args: Any) -> Any:
-    """Every prompt, plain and speculative, ``args.rounds`` times each, through one fresh client."""
+    """Every prompt in every mode, ``args.rounds`` times each, through one fresh client."""
     from peerd.client import Speculation, SwarmClient
 
     client = await SwarmClient.connect(initial_peers, path, model_id=model_id)
-    runs: dict[str, dict[str, list[Any]]] = {name: {"plain": [], "speculative": []} for name in prompts}
+    runs: dict[str, dict[str, list[Any]]] = {name: {mode: [] for mode in MODES} for name in prompts}
     try:
         await client.wait_for_route(timeout_s=120)
-        await client.generate(next(iter(prompts.values())), max_new_tokens=2, stop_on_eos=False)  # connect
+        for push in (False, True):  # connect, both ways
+            client.push = push
+            await client.generate(next(iter(prompts.values())), max_new_tokens=2, stop_on_eos=False)
         for _ in range(args.rounds):
             for name, prompt in prompts.items():
-                for mode, spec in (("plain", Speculation(max_draft_tokens=0)), ("speculative", Speculation())):
-                    client.speculation = spec
+                for mode, (push, draft_tokens) in MODES.items():
+                    client.push = push
+                    client.speculation = Speculation() if draft_tokens else Speculation(max_draft_tokens=0)
                     runs[name][mode].append(
                         await client.generate(prompt, max_new_tokens=args.tokens, stop_on_eos=False)
                     )
@@ -112,24 +116,31 @@ async def _level(initial_peers: list[str], path: Path, model_id: str, prompts: d
     return runs
 
 
+# mode -> (push on, speculative steps on)
+MODES = {"relayed": (False, False), "speculative": (False, True), "push": (True, False), "push_spec": (True, True)}
+
+
 def _summary(runs: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, modes in runs.items():
-        plain, spec = modes["plain"], modes["speculative"]
-        plain_tps = statistics.median(r.tokens_per_s for r in plain)
-        spec_tps = statistics.median(r.tokens_per_s for r in spec)
+        tps = {mode: statistics.median(r.tokens_per_s for r in modes[mode]) for mode in MODES}
+        spec = modes["speculative"] + modes["push_spec"]
         drafts = sum(r.draft_tokens for r in spec)
-        out[name] = {
-            "plain_tokens_per_s": plain_tps,
-            "speculative_tokens_per_s": spec_tps,
-            "speculative_vs_plain": spec_tps / plain_tps,
-            "acceptance_rate": sum(r.accepted_tokens for r in spec) / drafts if drafts else 0.0,
-            "tokens_per_step": statistics.median(len(r.token_ids) / r.steps for r in spec),
-            "plain_ttft_s": statistics.median(r.time_to_first_token_s for r in plain),
-            "speculative_ttft_s": statistics.median(r.time_to_first_token_s for r in spec),
-            "hop_ms_p50": statistics.median(h for r in plain for step in r.hop_ms[1:] for h in step),
-            "identical": all(s.token_ids == plain[0].token_ids for s in [*plain, *spec]),
-        }
+        row: dict[str, Any] = {f"{mode}_tokens_per_s": tps[mode] for mode in MODES}
+        row.update({f"{mode}_vs_relayed": tps[mode] / tps["relayed"] for mode in MODES if mode != "relayed"})
+        row.update(
+            {f"{mode}_ttft_s": statistics.median(r.time_to_first_token_s for r in modes[mode]) for mode in MODES}
+        )
+        reference = modes["relayed"][0].token_ids
+        row.update(
+            {
+                "push_spec_vs_push": tps["push_spec"] / tps["push"],
+                "acceptance_rate": sum(r.accepted_tokens for r in spec) / drafts if drafts else 0.0,
+                "tokens_per_step": statistics.median(len(r.token_ids) / r.steps for r in spec),
+                "identical": all(r.token_ids == reference for runs_ in modes.values() for r in runs_),
+            }
+        )
+        out[name] = row
     return out
 
 
@@ -179,11 +190,12 @@ def main(argv: list[str] | None = None) -> int:
                 results["levels"][str(rtt_ms)] = summary
                 for name, row in summary.items():
                     print(
-                        f"  RTT {rtt_ms:5.0f} ms  {name:8}  plain {row['plain_tokens_per_s']:6.2f} tok/s  "
-                        f"speculative {row['speculative_tokens_per_s']:6.2f} tok/s  "
-                        f"x{row['speculative_vs_plain']:.2f}  acceptance {row['acceptance_rate']:.2f}  "
-                        f"{row['tokens_per_step']:.2f} tok/step  TTFT {row['plain_ttft_s'] * 1e3:.0f}/"
-                        f"{row['speculative_ttft_s'] * 1e3:.0f} ms  hop p50 {row['hop_ms_p50']:.0f} ms  "
+                        f"  RTT {rtt_ms:5.0f} ms  {name:8}  relayed {row['relayed_tokens_per_s']:6.2f}  "
+                        f"speculative {row['speculative_tokens_per_s']:6.2f}  push {row['push_tokens_per_s']:6.2f}  "
+                        f"push+spec {row['push_spec_tokens_per_s']:6.2f} tok/s  push x{row['push_vs_relayed']:.2f}  "
+                        f"push+spec x{row['push_spec_vs_relayed']:.2f} (x{row['push_spec_vs_push']:.2f} of push)  "
+                        f"acceptance {row['acceptance_rate']:.2f}  TTFT relayed/push "
+                        f"{row['relayed_ttft_s'] * 1e3:.0f}/{row['push_ttft_s'] * 1e3:.0f} ms  "
                         f"identical {row['identical']}",
                         flush=True,
                     )

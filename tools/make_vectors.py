@@ -42,8 +42,11 @@ from protocols import (
     ForwardResponse,
     Hello,
     InferenceClose,
+    InferenceLink,
     InferenceOpen,
     InferenceOpened,
+    InferencePush,
+    InferencePushed,
     InferenceStep,
     InferenceStepResult,
     InfoRequest,
@@ -189,9 +192,20 @@ def valid_cases() -> list[tuple[str, Message]]:
         ),
         (
             "inference_step_result",
-            InferenceStepResult(hidden=encode_array(hidden), step_id=1, compute_ms=1.25),
+            InferenceStepResult(
+                hidden=encode_array(hidden), step_id=1, compute_ms=1.25, pushed=True, input_digest=bytes(range(16))
+            ),
         ),
         ("inference_close", InferenceClose()),
+        (
+            "inference_link",
+            InferenceLink(prev_peer="QmPrevPeer", next_peer="QmNextPeer", next_session_id=bytes(range(16, 32))),
+        ),
+        (
+            "inference_push",
+            InferencePush(session_id=bytes(range(16)), hidden=encode_array(hidden), position=7, step_id=2),
+        ),
+        ("inference_pushed", InferencePushed(step_id=2)),
         ("error", Error(code=int(ErrorCode.CACHE_FULL), message="no room for 2048 tokens", retryable=True)),
         (
             "tensor_int64",

@@ -130,7 +130,7 @@ async def connect_client(args: argparse.Namespace) -> SwarmClient:
     """A client of the swarm and model the common swarm arguments name."""
     from peerd.client import SwarmClient
 
-    return await SwarmClient.connect(
+    client = await SwarmClient.connect(
         args.initial_peers,
         args.model,
         model_id=args.model_id,
@@ -139,6 +139,8 @@ async def connect_client(args: argparse.Namespace) -> SwarmClient:
         min_precision=getattr(args, "min_precision", None),
         spot_check_rate=getattr(args, "spot_check_rate", DEFAULT_SPOT_CHECK_RATE),
     )
+    client.push = getattr(args, "push", False)
+    return client
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:

@@ -79,6 +79,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
         help="share of steps recomputed on another peer to catch one that returns wrong results, after "
         "each peer's first answer, which is always checked (default %(default)s; 0 = no checks at all)",
     )
+    p.add_argument(
+        "--push", action="store_true", help="peers pass hidden states on to the next peer (fewer round trips per token)"
+    )
     g = p.add_argument_group("sampling (as in the OpenAI API; the defaults are plain greedy decoding)")
     g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="longest reply, in tokens")
     g.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy")

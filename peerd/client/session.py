@@ -10,6 +10,7 @@ one are untouched, because the replacement produces the same hidden states.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ import torch
 
 from peerd.client.compression import CompressionChoice, hop_compression
 from peerd.client.deadlines import StepDeadline
+from peerd.client.pushing import PushedOtherwise, pushed_as_reported, route_links
 from peerd.client.reservations import BUSY_WAIT_S, busy_backoff_s
 from peerd.client.router import Router
 from peerd.client.routing import Span
@@ -91,8 +93,12 @@ class InferenceSession:
         failover_timeout_s: float = 30.0,
         checker: SpotChecker | None = None,
         busy_wait_s: float = BUSY_WAIT_S,
+        push: bool = False,
     ) -> None:
         self.router = router
+        self.push = push  # peers push each step's output to the next span's peer (server/push.py)
+        self._step_seq = 0
+        self._no_push_from: set[str] = set()  # peers caught pushing other states than they reported
         self.peers = peers
         self.compression = compression
         self.failover_timeout_s = failover_timeout_s
@@ -135,6 +141,7 @@ class InferenceSession:
                 # a peer failing at open is handled like one failing mid-session
                 self.router.route_around(span.peer_id, exc)
                 self.spans.extend(await self._replace_one(state))
+        await self._link()
 
     async def _first_route(self) -> list[Span]:
         """The opening route. If nobody can serve some blocks right now (a replica restarting, its
@@ -200,17 +207,19 @@ class InferenceSession:
             )
         x, at = hidden, position  # input of the next span and its position (a correction moves it back)
         timings, computes = [], []
-        i = 0
+        step_id = self._next_step_id()
+        sent = False  # whether span i already has this step's input (pushed to it by span i - 1)
+        i, chain_started = 0, time.perf_counter()
         while i < len(self.spans):
             state = self.spans[i]
             started = time.perf_counter()
             try:
-                if state.stream is None:
-                    raise PeerUnavailable(state.span.peer_id, "no open stream")
-                # a peer that stops answering fails over after a multiple of its own step time, not
-                # after the transport's 30 s; the failover closes the stream, so a late answer is dropped
-                tokens = x.shape[1]
-                out = await state.stream.step(x, at, state.deadline.deadline_s(tokens, self.peers.timeout_s))
+                out = await self._hop(state, x, at, step_id, sent, chain_started)
+            except PushedOtherwise:  # span i - 1 pushed something else than it reported: relay it
+                self._no_push_from.add(self.spans[i - 1].span.peer_id)  # its next link is cleared
+                await self._link()
+                step_id, sent = self._next_step_id(), False  # results of the pushed input are skipped
+                continue
             except (PeerUnavailable, PeerError) as exc:
                 if not worth_failover(exc):
                     raise
@@ -218,30 +227,77 @@ class InferenceSession:
                 await self._failover(i, exc)
                 # from the failed request on: a hang's wait is part of the stall the caller sees
                 self.stalls_s.append(time.perf_counter() - started)
+                sent, chain_started = False, time.perf_counter()
                 continue  # retry the same position of the chain on the replacement span(s)
             state.record(at, x, out)
             self.router.succeeded(state.span.peer_id)
-            state.deadline.observe(tokens, time.perf_counter() - started)
-            self.router.speeds.observe(
-                state.span.peer_id, state.span.end - state.span.start, tokens, time.perf_counter() - started
-            )
+            pushed = state.stream is not None and state.stream.last_pushed
+            if not sent and not pushed:  # a push's time is not this peer's alone: keep it out of its speed
+                self.router.speeds.observe(
+                    state.span.peer_id, state.span.end - state.span.start, x.shape[1], time.perf_counter() - started
+                )
             timings.append((time.perf_counter() - started) * 1e3)
-            computes.append(state.stream.last_compute_ms)
+            computes.append(state.stream.last_compute_ms if state.stream is not None else 0.0)
+            sent = pushed
             first, state.answered = not state.answered, True
             if self.checker is not None and self.checker.should_check(first=first):
                 corrected = await self._spot_check(i, position)
                 if corrected is not None:
                     replaced, x, at = corrected
-                    i += replaced
+                    i, sent, chain_started = i + replaced, False, time.perf_counter()
                     continue
             x = out
-            i += 1 if not self._overclaiming(state) else len(await self._leave_overclaiming(i))
+            if self._overclaiming(state):
+                i += len(await self._leave_overclaiming(i))
+                sent, chain_started = False, time.perf_counter()
+            else:
+                i += 1
         self.hop_ms.append(timings)
         self.hop_compute_ms.append(computes)
         self.length = position + hidden.shape[1]
         if at < position:  # earlier outputs of the last span changed too: tell the caller
             self._correction = (at, x)
         return x[:, position - at :]
+
+    async def _hop(
+        self, state: _SpanState, x: torch.Tensor, at: int, step_id: int, sent: bool, chain_started: float
+    ) -> torch.Tensor:
+        """Span ``state``'s output for this step: sent by us, or (``sent``) pushed to it upstream.
+
+        A peer that stops answering fails over after a multiple of its own step time, not after the
+        transport's 30 s; the failover closes the stream, so a late answer is dropped. A pushed hop is
+        timed from the start of its push chain, which bounds its own time from above.
+        """
+        if state.stream is None:
+            raise PeerUnavailable(state.span.peer_id, "no open stream")
+        tokens = x.shape[1]
+        timeout_s = state.deadline.deadline_s(tokens, self.peers.timeout_s)
+        started = chain_started if sent else time.perf_counter()
+        if sent:
+            out = await state.stream.receive(step_id, timeout_s)
+        else:
+            out = await state.stream.step(x, at, timeout_s, step_id=step_id)
+        prev = self.spans[self.spans.index(state) - 1]
+        if sent and not pushed_as_reported(prev.stream, state.stream, at):
+            logger.warning("span %s pushed other states than it reported; relaying", prev.span)
+            raise PushedOtherwise
+        state.deadline.observe(tokens, time.perf_counter() - started)
+        return out
+
+    def _next_step_id(self) -> int:
+        """Step ids grow over the whole session, on every stream: a pushed step carries its id along."""
+        self._step_seq += 1
+        return self._step_seq
+
+    async def _link(self) -> None:
+        """Tell every span its neighbours (push on): who may push into it, and where it pushes to."""
+        if not self.push:
+            return
+        links = route_links([(s.span.peer_id, s.stream) for s in self.spans], self._no_push_from)
+        for state, link in zip(self.spans, links, strict=True):
+            if state.stream is not None:
+                with contextlib.suppress(PeerUnavailable):  # a dead stream fails over at its next step
+                    await state.stream.link(*link)
 
     def _overclaiming(self, state: _SpanState) -> bool:
         """Far slower than it claims, and someone else can take its blocks (see claims.py)."""
@@ -304,6 +360,7 @@ class InferenceSession:
             failed.stream = None
         replacements = await self._replace_one(failed)
         self.spans[index : index + 1] = replacements
+        await self._link()  # before the next step: links travel ahead of any push to the replacements
         return replacements
 
     async def _replace_one(self, failed: _SpanState) -> list[_SpanState]:
@@ -358,7 +415,7 @@ class InferenceSession:
                 for state in new_states:
                     state.stream = await self._open_stream(state.span)
                     if inputs is not None:
-                        out = await state.stream.step(inputs, 0)
+                        out = await state.stream.step(inputs, 0, step_id=self._next_step_id())
                         state.record(0, inputs, out)
                         inputs = out
                 return new_states

@@ -90,6 +90,7 @@ class SwarmClient:
         self.failover_timeout_s = failover_timeout_s  # how long a session waits for a replacement peer
         self.busy_wait_s = BUSY_WAIT_S  # ... and for room, when the peers of some blocks are all full
         self.speculation = Speculation()  # multi-token steps (speculative.py); Speculation(0) turns them off
+        self.push = False  # peers push hidden states to the next span's peer (server/push.py), opt-in for now
         self.router = Router(
             dht,
             self.peers,
@@ -252,6 +253,7 @@ class SwarmClient:
             failover_timeout_s=self.failover_timeout_s,
             busy_wait_s=self.busy_wait_s,
             checker=self.checker,
+            push=self.push,
         )
 
     def encode(self, text: str) -> list[int]:

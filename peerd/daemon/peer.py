@@ -146,6 +146,7 @@ class Peer:
             public_name=cfg.public_name,
             step_delay_s=cfg.step_delay_s,
             allowed_peers=cfg.allowed_peers,
+            push_opener=self._open_push,
         )
         self.gate = stream_gate(self.servicer.limits)  # open streams and half-read frames, per client and in all
         handlers = {name: self.gate.wrap(getattr(self.servicer, f"rpc_{rpc}")) for rpc, name in STREAM_NAMES.items()}
@@ -226,6 +227,11 @@ class Peer:
             tasks.create_task(self._watch_p2pd())
             if self.config.blocks is None and self.config.rebalance_period_s > 0:
                 tasks.create_task(self._rebalance_loop())
+
+    async def _open_push(self, peer_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A push stream to the next peer of a client's route, dialled at its record's addresses."""
+        assert self.next_hops is not None  # created before the servicer
+        return await self.next_hops.peers.open_stream(peer_id, "push")
 
     async def _watch_p2pd(self) -> None:
         """If p2pd dies on its own, stop the whole peer: without it there is no network to serve."""

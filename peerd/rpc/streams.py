@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protocols import STREAM_BACKWARD, STREAM_FORWARD, STREAM_INFERENCE, STREAM_INFO
+from protocols import STREAM_BACKWARD, STREAM_FORWARD, STREAM_INFERENCE, STREAM_INFO, STREAM_PUSH
 
 __all__ = ["STREAM_NAMES"]
 
@@ -11,4 +11,5 @@ STREAM_NAMES = {
     "forward": STREAM_FORWARD,
     "backward": STREAM_BACKWARD,
     "inference": STREAM_INFERENCE,
+    "push": STREAM_PUSH,
 }

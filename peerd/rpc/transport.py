@@ -20,6 +20,7 @@ from hivemind.p2p import P2P, PeerID
 
 from peerd.rpc.errors import PeerError, PeerUnavailable
 from peerd.rpc.hoptrace import HopTracer
+from peerd.rpc.inference import InferenceStream
 from peerd.rpc.p2pd import daemon_multiaddr
 from peerd.rpc.relayed import open_via_relay, relay_of
 from peerd.rpc.streams import STREAM_NAMES
@@ -34,16 +35,12 @@ from protocols import (
     ForwardRequest,
     ForwardResponse,
     Hello,
-    InferenceClose,
     InferenceOpen,
     InferenceOpened,
-    InferenceStep,
-    InferenceStepResult,
     InfoRequest,
     InfoResponse,
     Message,
     ProtocolError,
-    encode_frame,
     expect_message,
     frame_parts,
     read_message,
@@ -288,67 +285,14 @@ class PeerClient:
         except BaseException:
             await cm.__aexit__(None, None, None)
             raise
-        return InferenceStream(self, peer_id, reader, writer, cm, compression, session_id)
+        return InferenceStream(self, peer_id, session_id, reader, writer, cm, compression)
 
-
-class InferenceStream:
-    """One open inference session on one peer: ``step()`` any number of times, then ``close()``."""
-
-    def __init__(
-        self,
-        client: PeerClient,
-        peer_id: str,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        cm: object,
-        compression: Compression,
-        session_id: bytes = b"",
-    ) -> None:
-        self.client = client
-        self.session_id = session_id
-        self.peer_id = peer_id
-        self._reader = reader
-        self._writer = writer
-        self._cm = cm
-        self._compression = compression
-        self._step_id = 0
-        self.closed = False
-        self.last_compute_ms = 0.0
-
-    async def step(self, hidden: torch.Tensor, position: int, timeout_s: float | None = None) -> torch.Tensor:
-        """Run ``hidden`` [batch, n, hidden] at ``position`` through this peer's span.
-
-        ``timeout_s`` bounds the wait for the answer (default: the client's); after a timeout the
-        caller must close the stream, so that a late answer is never read as the next step's.
-        """
-        if self.closed:
-            raise PeerUnavailable(self.peer_id, "session stream already closed")
-        self._step_id += 1
-        started = time.perf_counter()  # checkpoints for a HopTracer (a few perf_counter calls when off)
-        frame = frame_parts([InferenceStep(to_wire(hidden, self._compression), position, self._step_id)])
-        encoded = time.perf_counter()
-        await self.client._write(self.peer_id, self._writer, frame)
-        written = time.perf_counter()
-        result = await self.client._receive(self.peer_id, self._reader, InferenceStepResult, timeout_s)
-        answered = time.perf_counter()
-        if result.step_id != self._step_id:
-            raise PeerUnavailable(self.peer_id, f"answered step {result.step_id}, expected {self._step_id}")
-        self.last_compute_ms = result.compute_ms
-        out = from_wire(result.hidden)
-        if self.client.tracer is not None:
-            marks = (started, encoded, written, answered, time.perf_counter())
-            self.client.tracer.record_client(self.session_id, self._step_id, marks)
-        return out
-
-    async def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+    async def open_stream(self, peer_id: str, rpc: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A bare stream of protocol ``rpc`` to ``peer_id``, dialled as every other (the caller
+        speaks on it and closes its writer); PeerUnavailable if it cannot be opened in time."""
         try:
-            self._writer.write(encode_frame(InferenceClose()))
-            async with asyncio.timeout(1.0):
-                await self._writer.drain()
-        except Exception:
-            pass  # closing a dead stream is not an error worth reporting
-        finally:
-            await self._cm.__aexit__(None, None, None)  # type: ignore[attr-defined]
+            async with asyncio.timeout(self.timeout_s):
+                return await self._open(peer_id, rpc)
+        except Exception as exc:
+            self._dialled.discard(peer_id)
+            raise PeerUnavailable(peer_id, f"could not open a {rpc} stream: {exc!r}") from exc

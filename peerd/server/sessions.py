@@ -27,9 +27,17 @@ from dataclasses import dataclass, field
 
 from peerd.model.stage import KVCache
 from peerd.server.metrics import PeerMetrics
-from protocols import ErrorCode, ProtocolError
+from protocols import Compression, ErrorCode, ProtocolError
 
-__all__ = ["CHUNK_TOKENS", "SESSION_SHARE", "CacheBudget", "ServerSession", "SessionTable", "chunked_length"]
+__all__ = [
+    "CHUNK_TOKENS",
+    "SESSION_SHARE",
+    "CacheBudget",
+    "PushLink",
+    "ServerSession",
+    "SessionTable",
+    "chunked_length",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +89,15 @@ def chunked_length(needed: int, max_length: int) -> int:
     return min(max_length, CHUNK_TOKENS * math.ceil(max(1, needed) / CHUNK_TOKENS))
 
 
+@dataclass(frozen=True, slots=True)
+class PushLink:
+    """A session's neighbours on its client's route (see protocols/push.py, InferenceLink)."""
+
+    prev_peer: str = ""
+    next_peer: str = ""
+    next_session_id: bytes = b""
+
+
 @dataclass
 class ServerSession:
     """One client's inference session on this peer; it lives exactly as long as its stream."""
@@ -100,6 +117,10 @@ class ServerSession:
     busy: bool = False  # a step is being validated, computed or answered: never evicted then
     evicted: bool = False
     recent_tokens: float = 0.0  # batch x tokens stepped, fading with ACTIVITY_HALF_LIFE_S
+    response_compression: Compression = Compression.NONE  # of its answers (and pushed outputs)
+    link: PushLink | None = None  # its neighbours on the client's route, if the client linked it (push.py)
+    push_from: str = ""  # peer id of the push stream bound to it (one per predecessor at a time)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, from the client or pushed
 
     def stepped(self, tokens: int, now: float) -> None:
         self.recent_tokens = self.activity(now) + tokens

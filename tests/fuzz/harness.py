@@ -49,6 +49,7 @@ from protocols import (
     Hello,
     InferenceClose,
     InferenceOpen,
+    InferencePush,
     InferenceStep,
     InfoRequest,
     Message,
@@ -307,7 +308,7 @@ class Harness:
         return replies
 
 
-HANDLER_TARGETS = ("info", "forward", "backward", "inference")
+HANDLER_TARGETS = ("info", "forward", "backward", "inference", "push")
 
 _harness: Harness | None = None
 
@@ -389,6 +390,12 @@ def seed_inputs() -> Iterator[tuple[str, str, bytes]]:
     yield "inference", "second_open", _frames(HELLO, open_, open_, *steps)
     yield "inference", "huge_session", _frames(HELLO, InferenceOpen(sid, 0, 1, 33, 1))
     yield "inference", "cache_full", _frames(HELLO, InferenceOpen(sid, 0, 1, 32, 4))
+    # a push names a session of this peer and comes from the peer its client named as predecessor:
+    # the harness's one stream never opened one, so every push is refused (NOT_ALLOWED), never INTERNAL
+    push = InferencePush(sid, _hidden((1, 1, HIDDEN)), 0, 1)
+    yield "push", "unknown_session", _frames(HELLO, push, push)
+    yield "push", "no_hello", _frames(push)
+    yield "push", "not_a_push", _frames(HELLO, InfoRequest())
     for name, data in (("info_ok", _frames(HELLO, InfoRequest())), ("steps", _frames(*steps))):
         yield "frame", name, data
     yield "frame", "oversized_header", (MAX_FRAME_BYTES + 1).to_bytes(4, "big")

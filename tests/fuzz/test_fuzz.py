@@ -44,6 +44,7 @@ EXAMPLES = {
     "forward": (100, 6_000),
     "backward": (60, 3_000),
     "inference": (100, 8_000),
+    "push": (50, 2_000),
 }
 
 
@@ -267,6 +268,7 @@ test_info_handler_survives_any_stream = _handler_test("info")
 test_forward_handler_survives_any_stream = _handler_test("forward")
 test_backward_handler_survives_any_stream = _handler_test("backward")
 test_inference_handler_survives_any_stream = _handler_test("inference")
+test_push_handler_survives_any_stream = _handler_test("push")
 
 
 def test_handlers_still_serve_after_fuzzing() -> None:

@@ -81,8 +81,11 @@ class FakeStream:
         self.cache: torch.Tensor | None = None
         self.closed = False
         self.last_compute_ms = 0.0
+        self.last_pushed = False  # fake peers never push (see tests/integration/test_push.py)
 
-    async def step(self, hidden: torch.Tensor, position: int, timeout_s: float | None = None) -> torch.Tensor:
+    async def step(
+        self, hidden: torch.Tensor, position: int, timeout_s: float | None = None, *, step_id: int | None = None
+    ) -> torch.Tensor:
         peer = self.peer
         if self.closed or (peer.fail_after_steps is not None and peer.steps >= peer.fail_after_steps):
             raise PeerUnavailable(self.peer_id, "stream broke (fake)")

@@ -32,8 +32,11 @@ from protocols import (
     ForwardResponse,
     Hello,
     InferenceClose,
+    InferenceLink,
     InferenceOpen,
     InferenceOpened,
+    InferencePush,
+    InferencePushed,
     InferenceStep,
     InferenceStepResult,
     InfoRequest,
@@ -158,9 +161,24 @@ MESSAGE_STRATEGIES = {
     "inference_opened": st.builds(InferenceOpened, session_id=session_ids, cache_tokens_reserved=uints),
     "inference_step": st.builds(InferenceStep, hidden=wire_tensors(), position=uints, step_id=uints),
     "inference_step_result": st.builds(
-        InferenceStepResult, hidden=wire_tensors(), step_id=uints, compute_ms=st.floats(0, 1e6)
+        InferenceStepResult,
+        hidden=wire_tensors(),
+        step_id=uints,
+        compute_ms=st.floats(0, 1e6),
+        pushed=st.booleans(),
+        input_digest=st.sampled_from([b"", bytes(range(16))]),
     ),
     "inference_close": st.just(InferenceClose()),
+    "inference_link": st.builds(
+        InferenceLink,
+        prev_peer=st.text(max_size=40),
+        next_peer=st.text(min_size=1, max_size=40),
+        next_session_id=session_ids,
+    ),
+    "inference_push": st.builds(
+        InferencePush, session_id=session_ids, hidden=wire_tensors(), position=uints, step_id=uints
+    ),
+    "inference_pushed": st.builds(InferencePushed, step_id=uints),
     "dial_back_request": st.builds(DialBackRequest, port=st.integers(1, 65535)),
     "dial_back_result": st.builds(DialBackResult, reachable=st.booleans(), observed=text),
     "relay_reserve": st.builds(RelayReserve),
