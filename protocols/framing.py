@@ -149,7 +149,7 @@ def pack_body(envelope: Any, payloads: Iterable[bytes] = ()) -> bytes:
 def _unpack_header(view: memoryview) -> Any:
     try:
         return msgpack.unpackb(view, object_pairs_hook=_strict_map, **_UNPACK_LIMITS)
-    except (ValueError, TypeError) as exc:  # every msgpack.UnpackException is a ValueError
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:  # OutOfData is not a ValueError
         raise _malformed(f"header is not valid msgpack within the limits: {type(exc).__name__}: {exc}"[:300]) from None
 
 
@@ -164,8 +164,8 @@ def _refuse_v1(view: memoryview) -> NoReturn:
                 version = unpacker.unpack()
                 break
             unpacker.skip()
-    except (ValueError, TypeError):
-        pass
+    except (ValueError, TypeError, msgpack.UnpackException):
+        pass  # cut short (OutOfData) or malformed: no version to name
     if type(version) is list and len(version) == 2 and all(type(part) is int and part >= 0 for part in version):
         check_version((version[0], version[1]))
     raise _malformed("body is a bare msgpack map: a version-1 envelope, or not a frame at all")

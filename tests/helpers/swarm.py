@@ -7,15 +7,16 @@ The ``make_swarm`` fixture (tests/integration/conftest.py) builds these and shut
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from peerd.client import SwarmClient
+from peerd.client import GenerationResult, SwarmClient
 from peerd.config import PeerConfig
 from peerd.daemon.peer import Peer
 from peerd.swarm.records import PeerState
 
-__all__ = ["MODEL_ID", "Swarm"]
+__all__ = ["MODEL_ID", "Swarm", "crash", "generate_through_a_crash"]
 
 MODEL_ID = "tiny"
 
@@ -71,3 +72,37 @@ async def crash(peer: Peer) -> None:
     peer._stop.set()
     assert peer.p2p is not None
     await peer.p2p.shutdown()
+
+
+async def generate_through_a_crash(
+    swarm: Swarm, client: SwarmClient, prompt: list[int], *, max_new_tokens: int, crash_after: int
+) -> tuple[GenerationResult, Peer]:
+    """Generate while the first span's peer vanishes after ``crash_after`` tokens; returns the result
+    and the vanished peer. The swarm's third peer must be on every route (the tail): the step after
+    the crash waits there until the victim is gone, or a fast machine could finish the generation
+    before its p2pd has shut down."""
+    route = await client.wait_for_route()
+    victim = next(p for p in swarm.peers if p.peer_id == route[0].peer_id)
+    tail = swarm.peers[2]
+    assert tail.runtime is not None
+    gate = threading.Event()
+    crashes: list[asyncio.Task[None]] = []
+    seen: list[int] = []
+
+    async def crash_then_release() -> None:
+        try:
+            await crash(victim)
+        finally:
+            gate.set()
+
+    def on_token(token: int) -> None:
+        seen.append(token)
+        if len(seen) == crash_after:
+            tail.runtime.submit(gate.wait, "test-gate")  # type: ignore[union-attr]
+            crashes.append(asyncio.create_task(crash_then_release()))
+
+    result = await client.generate(prompt, max_new_tokens=max_new_tokens, stop_on_eos=False, on_token=on_token)
+    await asyncio.gather(*crashes)
+    assert crashes, "the crash never happened"
+    assert victim.peer_id not in {s.peer_id for s in result.route}
+    return result, victim

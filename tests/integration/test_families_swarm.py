@@ -5,15 +5,13 @@ inputs to a replica)."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from pathlib import Path
 
 import pytest
 
 from peerd.client.speculative import Speculation
 from peerd.model.loading import load_local_model
-from tests.helpers.swarm import crash
+from tests.helpers.swarm import generate_through_a_crash
 from tests.helpers.tiny_model import make_family_checkpoint
 
 PROMPT = [1, 70, 71, 72, 73, 74, 75, 76]  # longer than Gemma's 3-token window
@@ -28,29 +26,7 @@ async def test_generation_with_a_failover_equals_the_local_model(make_swarm, tmp
     # one token per step: a multi-token step could finish the generation before the crash is felt
     client.speculation = Speculation(max_draft_tokens=0)
     try:
-        route = await client.wait_for_route()
-        victim = next(p for p in swarm.peers if p.peer_id == route[0].peer_id)
-        tail = swarm.peers[2]  # 3:6, on every route
-        assert tail.runtime is not None
-        gate = threading.Event()
-        crashes: list[asyncio.Task[None]] = []
-        seen: list[int] = []
-
-        async def crash_then_release() -> None:
-            try:
-                await crash(victim)
-            finally:
-                gate.set()
-
-        def on_token(token: int) -> None:
-            seen.append(token)
-            if len(seen) == 6:  # the next step waits at the tail until the victim is gone
-                tail.runtime.submit(gate.wait, "test-gate")
-                crashes.append(asyncio.create_task(crash_then_release()))
-
-        result = await client.generate(PROMPT, max_new_tokens=16, stop_on_eos=False, on_token=on_token)
-        await asyncio.gather(*crashes)
-        assert crashes and result.token_ids == expected
-        assert len(result.stalls_s) == 1 and victim.peer_id not in {s.peer_id for s in result.route}
+        result, _ = await generate_through_a_crash(swarm, client, PROMPT, max_new_tokens=16, crash_after=6)
+        assert result.token_ids == expected and len(result.stalls_s) == 1
     finally:
         await client.close()

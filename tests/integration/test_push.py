@@ -8,7 +8,6 @@ session's predecessor cannot push into it.
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import torch
 
@@ -16,7 +15,7 @@ from peerd.client import Speculation
 from peerd.model.local import LocalModel
 from protocols import PROTOCOL_VERSION, ErrorCode, Hello, InferencePush
 from tests.helpers.raw_stream import error_code, exchange, frames, zero_hidden
-from tests.helpers.swarm import MODEL_ID, crash
+from tests.helpers.swarm import MODEL_ID, generate_through_a_crash
 
 PROMPT = [7, 1, 8, 2, 8, 1, 8]
 
@@ -88,31 +87,8 @@ async def test_failover_mid_generation_with_push(make_swarm, local_model: LocalM
     client.push = True
     client.speculation = Speculation(max_draft_tokens=0)
     try:
-        route = await client.wait_for_route()
-        victim = next(p for p in swarm.peers if p.peer_id == route[0].peer_id)
-        tail = swarm.peers[2]
-        assert tail.runtime is not None
-        gate = threading.Event()
-        tasks: list[asyncio.Task[None]] = []
-        seen: list[int] = []
-
-        async def crash_then_release() -> None:
-            try:
-                await crash(victim)
-            finally:
-                gate.set()
-
-        def on_token(token: int) -> None:
-            seen.append(token)
-            if len(seen) == 12:  # the next step waits at the tail until the victim is gone
-                tail.runtime.submit(gate.wait, "test-gate")
-                tasks.append(asyncio.create_task(crash_then_release()))
-
-        result = await client.generate(PROMPT, max_new_tokens=32, stop_on_eos=False, on_token=on_token)
-        await asyncio.gather(*tasks)
-        assert tasks, "the crash never happened"
+        result, _ = await generate_through_a_crash(swarm, client, PROMPT, max_new_tokens=32, crash_after=12)
         assert result.token_ids == local_model.generate_greedy(PROMPT, 32, eos_token_ids=[])
-        assert victim.peer_id not in {s.peer_id for s in result.route}
         # the replacement was linked: it pushed to the tail after the failover
         replacement = next(p for p in swarm.peers if p.peer_id == result.route[0].peer_id)
         assert replacement.metrics.requests.labels(rpc="push_out", outcome="ok")._value.get() > 0
