@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-V1_COMMIT = "480330e"  # the last commit with frame v1 (protocols/_msgpack.py)
+from frame_versions import ROOT, V1_COMMIT, git_tree, run_worker
+
 SHAPES = {"decode_step": (1, 1), "prefill_2048": (1, 2048)}
 
 
@@ -78,28 +74,6 @@ def worker(hidden: int) -> dict[str, Any]:
     return result
 
 
-def _v1_tree(workdir: Path) -> Path:
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", V1_COMMIT, "protocols"], check=True, capture_output=True
-    ).stdout
-    with tarfile.open(fileobj=BytesIO(archive)) as tar:
-        tar.extractall(workdir, filter="data")
-    return workdir
-
-
-def _run_worker(tree: Path, hidden: int) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", "--hidden", str(hidden)],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tree,
-    ).stdout
-    return json.loads(out)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--hidden", type=int, default=4096)
@@ -112,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs: dict[str, list[dict[str, Any]]] = {"v1": [], "v2": []}
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"v1": _v1_tree(Path(tmp)), "v2": ROOT}
+        trees = {"v1": git_tree(V1_COMMIT, Path(tmp), "protocols"), "v2": ROOT}
         for _ in range(args.rounds):
             for version, tree in trees.items():
-                runs[version].append(_run_worker(tree, args.hidden))
+                runs[version].append(run_worker(__file__, tree, ["--hidden", str(args.hidden)]))
     summary: dict[str, Any] = {"hidden": args.hidden, "rounds": args.rounds}
     print(f"frame v1 vs v2, float32, hidden {args.hidden}, median of {args.rounds} alternating rounds")
     print(f"{'frame':<14} {'metric':<10} {'v1':>12} {'v2':>12} {'v2/v1':>7}")

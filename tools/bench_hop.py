@@ -18,17 +18,13 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-V1_COMMIT = "480330e"  # the last commit with frame v1
+from frame_versions import ROOT, V1_COMMIT, git_tree, run_worker
 
 
 async def _measure(workdir: Path, steps: int) -> dict[str, Any]:
@@ -78,27 +74,6 @@ async def _measure(workdir: Path, steps: int) -> dict[str, Any]:
     }
 
 
-def _tree(commit: str, workdir: Path) -> Path:
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True).stdout
-    with tarfile.open(fileobj=BytesIO(archive)) as tar:
-        tar.extractall(workdir, filter="data")
-    return workdir
-
-
-def _run_worker(tree: Path, steps: int) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", "--steps", str(steps)],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tree,
-        timeout=600,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=3)
@@ -112,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs: dict[str, list[dict[str, Any]]] = {"v1": [], "v2": []}
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"v1": _tree(V1_COMMIT, Path(tmp)), "v2": ROOT}
+        trees = {"v1": git_tree(V1_COMMIT, Path(tmp)), "v2": ROOT}
         for _ in range(args.rounds):
             for version, tree in trees.items():
-                runs[version].append(_run_worker(tree, args.steps))
+                runs[version].append(run_worker(__file__, tree, ["--steps", str(args.steps)], timeout_s=600))
                 print(version, json.dumps(runs[version][-1]), flush=True)  # progress: a round at a time
     summary: dict[str, Any] = {"rounds": args.rounds, "steps": args.steps, "runs": runs}
     print(f"decode hop through a 2-peer swarm (hidden 512), median over {args.rounds} alternating rounds")
