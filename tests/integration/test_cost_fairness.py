@@ -35,10 +35,13 @@ async def test_decode_keeps_its_pace_under_a_max_size_forward_flood_from_three_i
             await _poll(lambda: served._value.get() >= 1, "a flood forward served", 120)
             before = served._value.get()
             started = time.monotonic()
-            loaded = await _time_per_token(good, local_model)
+            loaded_runs = []
+            for _ in range(2):  # the best of two, as for the unloaded pace: one run can meet a noisy moment
+                loaded_runs.append(await _time_per_token(good, local_model))
+                # the flood kept the compute thread busy the whole time the honest client decoded
+                assert target.runtime.queued >= 3
+            loaded = min(loaded_runs)
             decode_s = time.monotonic() - started
-            # the flood kept the compute thread busy the whole time the honest client decoded
-            assert target.runtime.queued >= 3
             flood_served = served._value.get() - before
         finally:
             codes = await _stop_flooder(flooder)

@@ -20,6 +20,7 @@ PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 NEW_TOKENS = 16
 MAX_STREAMS = 128  # below the attack (3 ids x 400 streams), so the total cap and idle eviction are exercised
 PER_PEER = 64
+FD_BOUND = 2 * MAX_STREAMS + 64  # open streams, plus those being refused or evicted right now
 MIB = 1 << 20
 
 
@@ -73,6 +74,11 @@ async def test_1200_idle_streams_stay_under_the_caps_and_an_honest_client_is_ser
     proc = await _hog(swarm, "idle", "3", "400")
     try:
         await _poll(lambda: gate.open == MAX_STREAMS, "the attacker filled every stream slot")
+        # one descriptor per open stream here (p2pd holds the connections): bounded by the cap, not by
+        # the 1,200 streams of the attack. The attacker reopens every stream the peer closes, so streams
+        # being refused or evicted hold theirs a moment longer; on a busy machine that moment is long,
+        # so this waits for a sample at the bound (a leak would hold ~1,200 and never get there)
+        await _poll(lambda: _open_fds() - fds_before <= FD_BOUND, f"open descriptors within {FD_BOUND}", 30)
         fds_full = _open_fds()
         assert max(len(mine) for mine in gate.tickets.values()) <= PER_PEER
         evictions = gate.evictions
@@ -86,9 +92,6 @@ async def test_1200_idle_streams_stay_under_the_caps_and_an_honest_client_is_ser
     assert counts["opened"] >= 1200
     assert gate.peak_open <= MAX_STREAMS
     assert gate.refusals + gate.evictions >= MAX_STREAMS  # the surplus was turned away, again and again
-    # one descriptor per open stream here (p2pd holds the connections): bounded by the cap, not by the
-    # 1,200 streams of the attack; streams being handed over or just closed hold theirs a moment longer
-    assert fds_full - fds_before <= 2 * MAX_STREAMS + 64
     await _poll(lambda: gate.open == 0, "every stream closed after the attack")
     await good.close()
 
