@@ -80,7 +80,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
         "each peer's first answer, which is always checked (default %(default)s; 0 = no checks at all)",
     )
     p.add_argument(
-        "--push", action="store_true", help="peers pass hidden states on to the next peer (fewer round trips per token)"
+        "--push",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="peers pass hidden states on to the next peer, fewer round trips per token (default on; --no-push: "
+        "the client relays every hop)",
     )
     g = p.add_argument_group("sampling (as in the OpenAI API; the defaults are plain greedy decoding)")
     g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="longest reply, in tokens")

@@ -12,7 +12,8 @@ __all__ = ["PushedOtherwise", "pushed_as_reported", "route_links"]
 
 
 class PushedOtherwise(Exception):
-    """A span computed on other states than its predecessor reported to the client."""
+    """A span computed on other states than its predecessor reported to the client, or got none of
+    the states its predecessor said it pushed (the client relays that step itself)."""
 
 
 def route_links(hops: Sequence[tuple[str, InferenceStream | None]], no_push: Set[str]) -> list[tuple[str, str, bytes]]:

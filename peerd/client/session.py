@@ -29,6 +29,7 @@ from peerd.rpc.errors import (
     NoRouteError,
     PeerdClientError,
     PeerError,
+    PeerTimedOut,
     PeerUnavailable,
     RequestTooLargeError,
     SwarmBusyError,
@@ -215,7 +216,7 @@ class InferenceSession:
             started = time.perf_counter()
             try:
                 out = await self._hop(state, x, at, step_id, sent, chain_started)
-            except PushedOtherwise:  # span i - 1 pushed something else than it reported: relay it
+            except PushedOtherwise:  # span i - 1 pushed something else than it reported, or nothing: relay it
                 self._no_push_from.add(self.spans[i - 1].span.peer_id)  # its next link is cleared
                 await self._link()
                 step_id, sent = self._next_step_id(), False  # results of the pushed input are skipped
@@ -274,7 +275,10 @@ class InferenceSession:
         timeout_s = state.deadline.deadline_s(tokens, self.peers.timeout_s)
         started = chain_started if sent else time.perf_counter()
         if sent:
-            out = await state.stream.receive(step_id, timeout_s)
+            try:
+                out = await state.stream.receive(step_id, timeout_s)
+            except PeerTimedOut:  # span i - 1 said it pushed, yet nothing came: relay before blaming span i
+                raise PushedOtherwise from None
         else:
             out = await state.stream.step(x, at, timeout_s, step_id=step_id)
         prev = self.spans[self.spans.index(state) - 1]

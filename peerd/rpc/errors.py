@@ -8,6 +8,7 @@ from protocols import ErrorCode
 __all__ = [
     "NoRouteError",
     "PeerError",
+    "PeerTimedOut",
     "PeerUnavailable",
     "PeerdClientError",
     "RequestTooLargeError",
@@ -82,6 +83,10 @@ class PeerUnavailable(PeerdClientError):
     def __init__(self, peer_id: str, reason: str) -> None:
         self.peer_id = peer_id
         super().__init__(f"peer {peer_id[:16]}... unavailable: {reason}")
+
+
+class PeerTimedOut(PeerUnavailable):
+    """A peer sent nothing within the step's deadline (its stream may still be fine)."""
 
 
 class PeerError(PeerdClientError):

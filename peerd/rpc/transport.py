@@ -18,7 +18,7 @@ from typing import TypeVar
 import torch
 from hivemind.p2p import P2P, PeerID
 
-from peerd.rpc.errors import PeerError, PeerUnavailable
+from peerd.rpc.errors import PeerError, PeerTimedOut, PeerUnavailable
 from peerd.rpc.hoptrace import HopTracer
 from peerd.rpc.inference import InferenceStream
 from peerd.rpc.p2pd import daemon_multiaddr
@@ -205,7 +205,7 @@ class PeerClient:
             async with asyncio.timeout(timeout_s):
                 msg = await read_message(reader, DEFAULT_MAX_FRAME_BYTES)
         except TimeoutError:
-            raise PeerUnavailable(peer_id, f"no answer within {timeout_s:.1f}s") from None
+            raise PeerTimedOut(peer_id, f"no answer within {timeout_s:.1f}s") from None
         except EOFError:
             raise PeerUnavailable(peer_id, "stream closed") from None
         except ProtocolError as exc:

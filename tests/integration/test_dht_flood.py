@@ -61,6 +61,10 @@ async def test_honest_records_survive_a_record_flood_and_lookups_fit(make_swarm,
     client = await swarm.client()
     try:
         views = await client.router.dht.read_blocks(timeout_s=10)
+        for _ in range(2):  # on a busy machine one lookup of 6 keys can come back partial: read again
+            if all(any(r.peer_id in honest for r in view.online()) for view in views):
+                break
+            views = await client.router.dht.read_blocks(timeout_s=10)
         for view in views:  # every block still lists its honest server, online
             assert any(r.peer_id in honest for r in view.online()), f"block {view.index} lost its server"
             # a lookup merges what each storing node keeps (at most per_key_entries each)

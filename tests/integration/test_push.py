@@ -144,3 +144,38 @@ async def test_peer_pushing_other_states_than_it_reports_is_caught(make_swarm, l
         assert swarm.peers[1].peer_id in {s.peer_id for s in result.route}  # the honest successor stays
     finally:
         await client.close()
+
+
+async def test_peer_claiming_pushes_it_never_sends_is_relayed_past_and_its_successor_kept(
+    make_swarm, local_model: LocalModel
+) -> None:
+    """From its fourth step on, the first peer answers "pushed" and pushes nothing. The client waits
+    for the successor's result until the successor's learned step deadline, then relays the step
+    itself; the successor answers it, so the predecessor is the one unlinked: no failover, no ban of
+    the honest successor, every token exact."""
+    swarm = await make_swarm()
+    liar = swarm.peers[0].servicer.pusher
+    honest_push, calls = liar.push, []
+
+    async def claim_only(session, hidden, position, step_id):  # type: ignore[no-untyped-def]
+        if session.link is None or not session.link.next_peer:
+            return False  # unlinked: it answers the client, as an honest peer does
+        calls.append(step_id)
+        if len(calls) <= 3:
+            return await honest_push(session, hidden, position, step_id)
+        return True  # "pushed", but nothing was sent
+
+    liar.push = claim_only
+    client = await swarm.client()
+    client.push = True
+    client.speculation = Speculation(max_draft_tokens=0)  # one step per token: the 4th step is known
+    try:
+        result = await client.generate(PROMPT, max_new_tokens=12, stop_on_eos=False)
+        assert result.token_ids == local_model.generate_greedy(PROMPT, 12, eos_token_ids=[])
+        assert len(calls) == 4  # it lied once, then it was unlinked and the client relayed its outputs
+        successor = swarm.peers[1].peer_id
+        assert successor in {s.peer_id for s in result.route}  # no failover of the honest successor
+        assert successor not in client.router.banned()
+        assert result.stalls_s == []  # the wait was the successor's step deadline, not a failover
+    finally:
+        await client.close()
