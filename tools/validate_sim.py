@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.helpers.netinet import Host, Internet, missing_requirements, read_line  # noqa: E402
-from tools.validate_sim_report import compare, print_table, reference_outputs  # noqa: E402
+from tools.validate_sim_report import compare, print_table, reference_outputs, resimulate  # noqa: E402
 
 SHIM = REPO / "tests" / "helpers" / "delay_shim.py"
 CLIENT = REPO / "tools" / "validate_sim_client.py"
@@ -255,7 +255,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=240.0, help="seconds the clients generate")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "validate-sim.json")
+    parser.add_argument("--resim", type=Path, help="re-run only the simulator for a stored comparison (no root)")
+    parser.add_argument("--recompare", type=Path, help="recompute --out from its .raw.json (no root, no swarm)")
     args = parser.parse_args(argv)
+    if args.recompare:
+        stored = json.loads(args.out.read_text())
+        fields = dict(stored["scenario"])
+        fields["events"] = [tuple(e) for e in fields["events"]]
+        return _report(Scenario(**fields), json.loads(args.recompare.read_text()), args.out)
+    if args.resim:
+        stored = json.loads(args.resim.read_text())
+        fields = dict(stored["scenario"])
+        fields["events"] = [tuple(e) for e in fields["events"]]
+        result = resimulate(stored, Scenario(**fields))
+        args.resim.write_text(json.dumps(result, indent=2) + "\n")
+        print_table(result)
+        return 0
     missing = missing_requirements()
     if missing:
         print(f"validate-sim needs {missing}", file=sys.stderr)
@@ -266,15 +281,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="peerd-validate-sim-") as tmp:
         ckpt = make_tiny_checkpoint(Path(tmp) / "tiny", num_layers=sc.num_blocks)
         real = run_real(sc, Path(tmp), ckpt)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # the raw events (every generation's token times, every placement read), kept for --recompare
+    args.out.with_suffix(".raw.json").write_text(json.dumps(real) + "\n")
+    return _report(sc, real, args.out)
+
+
+def _report(sc: Scenario, real: dict[str, Any], out: Path) -> int:
+    from tests.helpers.tiny_model import make_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="peerd-validate-sim-") as tmp:
+        ckpt = make_tiny_checkpoint(Path(tmp) / "tiny", num_layers=sc.num_blocks)  # seeded: the same weights
         reference = reference_outputs(ckpt, real["events"], sc.tokens)
     result = compare(sc, real, reference)
     result["scenario"] = asdict(sc)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    # the raw events (every generation's token times, every placement read) for a later look
-    args.out.with_suffix(".raw.json").write_text(json.dumps(real) + "\n")
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
-    print(f"written to {args.out}")
+    print(f"written to {out}")
     return 0
 
 

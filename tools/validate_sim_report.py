@@ -76,6 +76,7 @@ def real_metrics(sc: Any, real: dict[str, Any], reference: dict[tuple[int, ...],
         "failovers": len(stalls),
         "p99_stall_s": _pct(stalls, 99),
         "max_stall_s": max(stalls, default=0.0),
+        "mean_route_hops": float(np.mean([len(e["route"]) for e in done])) if done else 0.0,
         "median_ttft_s": statistics.median(e["token_t"][0] - e["t0"] for e in done if e["token_t"]) if done else 0.0,
         **placement_metrics(snaps, sc.num_blocks),
         "block_moves": sum(len(v) - 1 for v in spans_by_name.values()),
@@ -139,10 +140,13 @@ def run_simulator(sc: Any, overhead_ms: float = 0.0) -> dict[str, Any]:
     )  # fmt: skip
     sim = Simulation(replace(cfg))
     snaps: list[tuple[float, list[list[Any]]]] = []
+    served_gaps: list[int] = []
 
-    def snapshot() -> None:  # every 5 s, as the real run's monitor reads the DHT
-        online = [p for p in sim.swarm.peers if p.phase is PeerPhase.ONLINE]
-        snaps.append((sim.now - cfg.warmup_s, sorted([sc.specs[p.idx]["name"], p.start, p.end] for p in online)))
+    def snapshot() -> None:  # every 5 s: what a DHT read shows (a crashed peer's record lingers), as for real
+        shown = [sim.swarm.peers[int(pid[1:])] for pid in sim.swarm.view()]
+        snaps.append((sim.now - cfg.warmup_s, sorted([sc.specs[p.idx]["name"], p.start, p.end] for p in shown)))
+        online = [(p.start, p.end) for p in sim.swarm.peers if p.phase is PeerPhase.ONLINE]
+        served_gaps.append(coverage(online, sc.num_blocks).count(0))  # what is really served
 
     sim._on_snap = snapshot  # type: ignore[attr-defined]  # fired by the engine's event heap
     for k in range(int(sc.duration_s // 5) + 1):
@@ -156,13 +160,22 @@ def run_simulator(sc: Any, overhead_ms: float = 0.0) -> dict[str, Any]:
         "failed": summary["failed"],
         "tokens_per_s": summary["tokens_per_s"],
         "median_request_s": summary["median_request_s"],
+        "mean_route_hops": summary["mean_route_hops"],
         "failovers": summary["failovers"],
         "p99_stall_s": _pct([s for s in stalls if s > 0], 99),
         "max_stall_s": max(stalls, default=0.0),
         **placement_metrics([(t, [(a, b) for _, a, b in peers], peers) for t, peers in snaps], sc.num_blocks),
         "block_moves": int(summary["block_moves_per_hour"] * sc.duration_s / 3600 + 0.5),
+        "max_gap_blocks_served": max(served_gaps, default=0),
+        "gap_seconds_served": 5.0 * sum(1 for g in served_gaps if g),
         "overhead_ms_per_hop": overhead_ms,
     }
+
+
+def resimulate(result: dict[str, Any], scenario: Any) -> dict[str, Any]:
+    """The simulator's columns again for a stored comparison (the real run's numbers kept)."""
+    overhead = result["real_overhead_ms_per_hop"]
+    return {**result, "sim": run_simulator(scenario), "sim_calibrated": run_simulator(scenario, overhead)}
 
 
 def compare(sc: Any, real: dict[str, Any], reference: dict[tuple[int, ...], list[int]]) -> dict[str, Any]:
@@ -181,11 +194,13 @@ ROWS = [
     ("tokens/s, all clients", "tokens_per_s", "{:.1f}"),
     ("median generation time, s", "median_request_s", "{:.2f}"),
     ("median time to first token, s", "median_ttft_s", "{:.2f}"),
+    ("mean hops per route", "mean_route_hops", "{:.1f}"),
     ("failovers", "failovers", "{:.0f}"),
     ("p99 failover stall, s", "p99_stall_s", "{:.1f}"),
     ("max failover stall, s", "max_stall_s", "{:.1f}"),
     ("most blocks uncovered at once", "max_gap_blocks", "{:.0f}"),
     ("placement reads with a gap", "gap_snapshots", "{:.0f}"),
+    ("most blocks unserved at once", "max_gap_blocks_served", "{:.0f}"),
     ("block moves", "block_moves", "{:.0f}"),
 ]
 
