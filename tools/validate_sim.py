@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.helpers.netinet import Host, Internet, missing_requirements, read_line  # noqa: E402
-from tools.validate_sim_report import compare, print_table, reference_outputs, resimulate  # noqa: E402
+from tools.validate_sim_report import compare, dumps, print_table, reference_outputs, resimulate  # noqa: E402
 
 SHIM = REPO / "tests" / "helpers" / "delay_shim.py"
 CLIENT = REPO / "tools" / "validate_sim_client.py"
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         fields = dict(stored["scenario"])
         fields["events"] = [tuple(e) for e in fields["events"]]
         result = resimulate(stored, Scenario(**fields))
-        args.resim.write_text(json.dumps(result, indent=2) + "\n")
+        args.resim.write_text(dumps(result))
         print_table(result)
         return 0
     missing = missing_requirements()
@@ -295,7 +295,7 @@ def _report(sc: Scenario, real: dict[str, Any], out: Path) -> int:
         reference = reference_outputs(ckpt, real["events"], sc.tokens)
     result = compare(sc, real, reference)
     result["scenario"] = asdict(sc)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(dumps(result))
     print_table(result)
     print(f"written to {out}")
     return 0

@@ -3,6 +3,7 @@ scenario (as specified and calibrated with the real per-hop overhead), and the s
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,18 @@ def compare(sc: Any, real: dict[str, Any], reference: dict[tuple[int, ...], list
         "sim_calibrated": run_simulator(sc, overhead),
         "real_overhead_ms_per_hop": overhead,
     }
+
+
+def dumps(result: dict[str, Any]) -> str:
+    """JSON with one field a line (series stay on their line)."""
+    parts = []
+    for key, value in result.items():
+        if isinstance(value, dict):
+            inner = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items())
+            parts.append(f"  {json.dumps(key)}: {{\n{inner}\n  }}")
+        else:
+            parts.append(f"  {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 ROWS = [
