@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 PIP_FLAGS ?= --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test test-fast lint format bench bench-quality bench-latency bench-spot-checks bench-nat image clean
+.PHONY: setup model demo test test-fast lint format bench bench-quality bench-latency bench-spot-checks bench-nat validate-sim image clean
 
 setup: $(VENV)/.installed
 
@@ -58,6 +58,10 @@ bench-spot-checks: model
 # NAT and weak links on an emulated internet of network namespaces (needs root and nftables)
 bench-nat: setup
 	$(PY) tools/bench_nat.py
+
+# The simulator against a real 12-peer swarm in network namespaces (needs root): docs/scale.md
+validate-sim: setup
+	$(PY) tools/validate_sim.py
 
 # The container image (Dockerfile); needs a Docker engine and network access to PyPI and the
 # PyTorch CPU wheel index. `docker compose -f deploy/docker-compose.yml up` runs a whole swarm.

@@ -37,16 +37,22 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), help="start from a shipped scenario")
     parser.add_argument("--out", type=Path, required=True, help="folder for summary.json and the PNG plots")
+    parser.add_argument(
+        "--script",
+        type=Path,
+        help="JSON: fixed peers and a kill/join schedule (see peerd.sim.config.load_script); flags still win",
+    )
     for flag, (kind, help_text) in _FLAGS.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=None, help=help_text)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from peerd.sim import SimConfig, Simulation
-    from peerd.sim.config import scenario
+    from peerd.sim.config import load_script, scenario
     from peerd.sim.report import write_report
 
-    overrides = {_FIELD.get(f, f): getattr(args, f) for f in _FLAGS if getattr(args, f) is not None}
+    overrides = load_script(args.script) if args.script else {}
+    overrides.update({_FIELD.get(f, f): getattr(args, f) for f in _FLAGS if getattr(args, f) is not None})
     known = {f.name for f in fields(SimConfig)}
     assert set(overrides) <= known
     config = scenario(args.scenario, **overrides) if args.scenario else replace(SimConfig(), **overrides)

@@ -28,7 +28,10 @@ class RttTable(Mapping[str, float]):
         peers = self.swarm.peers[len(self._ms) :]
         cfg = self.swarm.config
         dist = np.hypot([p.x - self.x for p in peers], [p.y - self.y for p in peers])
-        self._ms = np.concatenate([self._ms, cfg.rtt_base_ms + cfg.rtt_span_ms * dist])
+        ms = cfg.rtt_base_ms + cfg.rtt_span_ms * dist
+        fixed = [i for i, p in enumerate(peers) if p.rtt_ms is not None]  # scripted peers
+        ms[fixed] = [peers[i].rtt_ms for i in fixed]
+        self._ms = np.concatenate([self._ms, ms])
 
     def array(self, size: int) -> np.ndarray:
         """RTTs (ms) to peers 0..size-1."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
 
-__all__ = ["SCENARIOS", "SimConfig", "scenario"]
+__all__ = ["SCENARIOS", "SimConfig", "load_script", "scenario"]
 
 
 @dataclass(frozen=True)
@@ -61,12 +64,24 @@ class SimConfig:
     spike_duration_s: float = 0.0
     warmup_s: float = 300.0  # the first peers join over this long; metrics start after it
     tick_s: float = 1.0  # fluid step for session progress and sampling
+    # a scripted run (`--script`, tools/validate_sim.py): per peer in creation order, (decode tok/s
+    # per block, blocks that fit, uplink bytes/s, RTT ms from any client) instead of random draws;
+    # the first `peers` join during the warm-up, "join" events create the next ones
+    peer_specs: tuple[tuple[float, int, float, float], ...] = ()
+    # (seconds after the warm-up, "crash" | "leave" | "join", peer index): replaces random churn
+    script: tuple[tuple[float, str, int], ...] = ()
+    closed_sessions: int = 0  # > 0: a closed loop of this many generations (a new one when one ends)
 
     def __post_init__(self) -> None:
         if self.peers < 2 or self.num_blocks < 1 or self.duration_s <= 0 or self.clients < 1:
             raise ValueError("need at least 2 peers, 1 block, 1 client and a positive duration")
         if not 0.0 <= self.crash_fraction <= 1.0 or self.churn_per_hour < 0 or self.load <= 0:
             raise ValueError("crash fraction must be within 0..1, churn and load positive")
+        joins = sum(1 for _, kind, _ in self.script if kind == "join")
+        if self.peer_specs and len(self.peer_specs) < self.peers + joins:
+            raise ValueError("peer_specs needs one entry per initial peer and per scripted join")
+        if any(kind not in ("crash", "leave", "join") for _, kind, _ in self.script):
+            raise ValueError("script events are crash, leave or join")
 
 
 # name -> overrides; `peerd simulate --scenario NAME` starts from these, explicit flags win
@@ -98,3 +113,18 @@ def scenario(name: str, **overrides: float | int | bool) -> SimConfig:
         raise KeyError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
     base = SimConfig(**SCENARIOS[name])  # type: ignore[arg-type]
     return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def load_script(path: Path) -> dict[str, Any]:
+    """SimConfig overrides from a script file (``peerd simulate --script``), JSON of the form
+    ``{"config": {field: value}, "peers": [[decode_tps, blocks_fit, uplink_bytes_per_s, rtt_ms], ...],
+    "events": [[t_s, "crash" | "leave" | "join", peer_index], ...]}`` (tools/validate_sim.py writes one)."""
+    data = json.loads(Path(path).read_text())
+    known = {f.name for f in fields(SimConfig)}
+    overrides: dict[str, Any] = dict(data.get("config", {}))
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown SimConfig fields in {path}: {sorted(unknown)}")
+    overrides["peer_specs"] = tuple((float(a), int(b), float(c), float(d)) for a, b, c, d in data.get("peers", []))
+    overrides["script"] = tuple((float(t), str(kind), int(i)) for t, kind, i in data.get("events", []))
+    return overrides

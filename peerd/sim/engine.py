@@ -57,6 +57,7 @@ class Simulation(Traffic):
         self.arrival_rate = 0.0
         self.stats = {"requests": 0, "completed": 0, "failed": 0, "refusals": 0, "failovers": 0, "busy_waits": 0}
         self.stalls: list[float] = []
+        self.request_s: list[float] = []  # open to last token of each completed generation
         self.series: dict[str, list[float]] = {
             k: []
             for k in (
@@ -136,7 +137,18 @@ class Simulation(Traffic):
     def _on_leave(self, peer: SimPeer) -> None:
         if peer.phase is PeerPhase.GONE:
             return
-        crashed = self.rng.random() < self.cfg.crash_fraction
+        self._depart(peer, crashed=self.rng.random() < self.cfg.crash_fraction)
+        self.at(self.now + self.gen.exponential(self._churn_gap_s()), "leave", self._random_alive())
+        self.at(self.now, "join", self.swarm.new_peer(self.gen))  # churn keeps the swarm's size
+
+    def _on_scripted(self, kind: str, idx: int) -> None:
+        """A scripted event: a crash (SIGKILL), a graceful leave (SIGTERM) or a join of the next peer."""
+        if kind == "join":
+            self._on_join(self.swarm.new_peer(self.gen))
+        elif self.swarm.peers[idx].phase is not PeerPhase.GONE:
+            self._depart(self.swarm.peers[idx], crashed=kind == "crash")
+
+    def _depart(self, peer: SimPeer, *, crashed: bool) -> None:
         if peer.phase is PeerPhase.ONLINE:
             self.online_tps -= peer.decode_tps
         peer.phase = PeerPhase.GONE
@@ -146,8 +158,6 @@ class Simulation(Traffic):
         else:
             self.swarm.unpublish(peer)
         self._hand_back(peer, crashed=crashed)
-        self.at(self.now + self.gen.exponential(self._churn_gap_s()), "leave", self._random_alive())
-        self.at(self.now, "join", self.swarm.new_peer(self.gen))  # churn keeps the swarm's size
 
     def _on_expire(self, peer: SimPeer) -> None:
         self.swarm.unpublish(peer)
@@ -166,8 +176,10 @@ class Simulation(Traffic):
         cfg, started = self.cfg, time.monotonic()
         for _ in range(cfg.peers):
             self.at(self.rng.uniform(0, cfg.warmup_s * 0.5), "join", self.swarm.new_peer(self.gen))
-        if cfg.churn_per_hour > 0:
+        if cfg.churn_per_hour > 0 and not cfg.script:
             self.at(cfg.warmup_s + self.gen.exponential(self._churn_gap_s()), "churn")
+        for t_s, kind, idx in cfg.script:
+            self.at(cfg.warmup_s + t_s, "scripted", kind, idx)
         end, ticks = cfg.warmup_s + cfg.duration_s, 0
         totals = {"delivered": 0.0, "bound": 0.0}
         window = {"delivered": 0.0, "bound": 0.0, "failed": 0.0}
@@ -182,7 +194,10 @@ class Simulation(Traffic):
             if self.arrival_rate == 0.0:
                 self.arrival_rate = self._base_arrival_rate()
             self._announce_tick(ticks)
-            self._arrivals()
+            if cfg.closed_sessions:
+                self._refill()
+            else:
+                self._arrivals()
             delivered, done = self.sessions.advance(self.now, cfg.tick_s, len(self.swarm.peers))
             if cfg.observed_speeds and (self.now - cfg.warmup_s) % cfg.observe_period_s < cfg.tick_s:
                 self._observe()
@@ -228,6 +243,12 @@ class Simulation(Traffic):
         if cfg.spike_start_s <= self.now - cfg.warmup_s < cfg.spike_start_s + cfg.spike_duration_s:
             rate *= cfg.spike_factor
         for _ in range(int(self.gen.poisson(rate * cfg.tick_s))):
+            self._on_arrive()
+
+    def _refill(self) -> None:
+        """Closed loop: open generations until ``closed_sessions`` are in flight (a new one as soon
+        as one completes or fails, like a client looping over prompts)."""
+        for _ in range(self.cfg.closed_sessions - len(self.requests)):
             self._on_arrive()
 
     def _announce_tick(self, tick: int) -> None:
@@ -297,6 +318,7 @@ class Simulation(Traffic):
             "busy_waits": stats["busy_waits"],
             "failovers": stats["failovers"],
             "median_stall_s": float(np.median(stalls)),
+            "median_request_s": float(np.median(self.request_s)) if self.request_s else 0.0,
             "block_moves_per_hour": self.swarm.moves / (cfg.duration_s / 3600),
             "mean_gap_blocks": float(np.mean(self.series["gap_blocks"])) if self.series["gap_blocks"] else 0.0,
             "mean_cache_used": float(np.mean(self.series["cache_used"])) if self.series["cache_used"] else 0.0,

@@ -44,6 +44,7 @@ class SimPeer:
     phase: PeerPhase = PeerPhase.JOINING
     start: int = 0
     end: int = 0
+    rtt_ms: float | None = None  # scripted: the RTT every client measures to it (else from positions)
     in_dht: bool = False  # others can read a record of it (JOINING, ONLINE, or crashed but unexpired)
     record: ServerRecord | None = None
 
@@ -111,6 +112,12 @@ class SimSwarm:
         length = int(
             np.clip(round(gen.lognormal(np.log(cfg.blocks_fit_median), cfg.blocks_fit_sigma)), 1, cfg.num_blocks)
         )
+        if cfg.peer_specs:  # a scripted peer: its parameters, not draws (the draws still advance `gen`)
+            tps, fit, uplink, rtt_ms = cfg.peer_specs[idx]
+            peer = SimPeer(idx, f"p{idx:07d}", tps, min(fit, cfg.num_blocks), uplink, 0.5, 0.5, rtt_ms=rtt_ms)
+            self.peers.append(peer)
+            self.table.add(peer)
+            return peer
         peer = SimPeer(
             idx=idx,
             peer_id=f"p{idx:07d}",

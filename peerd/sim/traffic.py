@@ -37,6 +37,7 @@ class Request:
     stalled_since: float | None = None  # no progress since (waiting for a route or a failover)
     failed_hop: int | None = None  # the hop being replaced, or None for the whole route
     busy_waits: int = 0  # re-plans after SwarmBusyError so far (the SDK's backoff)
+    opened_at: float = 0.0
 
 
 class Traffic:
@@ -53,6 +54,7 @@ class Traffic:
     now: float
     stats: dict[str, int]
     stalls: list[float]
+    request_s: list[float]
 
     def at(self, when: float, kind: str, *args: Any) -> None:
         raise NotImplementedError
@@ -68,7 +70,7 @@ class Traffic:
         row = self.sessions.open(
             tokens, 1.0 / self.cfg.prefill_gain if forward else 1.0, self.clients.index(client), forward
         )
-        self.requests[row] = Request(client, forward, stalled_since=self.now)
+        self.requests[row] = Request(client, forward, stalled_since=self.now, opened_at=self.now)
         self.stats["requests"] += 1
         self._route_or_wait(row)
 
@@ -172,3 +174,5 @@ class Traffic:
         self.sessions.active[row] = False
         self.sessions.peer[row] = -1
         self.stats["failed" if failed else "completed"] += 1
+        if not failed and not request.forward:
+            self.request_s.append(self.now - request.opened_at)
