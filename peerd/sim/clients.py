@@ -10,7 +10,14 @@ import numpy as np
 
 from peerd.client.claims import CLAIM_CAP_FACTOR, EWMA, MIN_SAMPLES
 from peerd.client.reservations import CacheBook
-from peerd.client.routing import BalancedTable, RouteTable, Span, plan_balanced_over_table, plan_over_table
+from peerd.client.routing import (
+    BalancedTable,
+    ChainLayout,
+    RouteTable,
+    Span,
+    plan_balanced_over_table,
+    plan_over_table,
+)
 from peerd.rpc.errors import NoRouteError, SwarmBusyError
 from peerd.sim.swarm import SimSwarm
 
@@ -98,6 +105,7 @@ class SimClient:
         self.book = CacheBook(hold_s=swarm.config.announce_period_s, clock=clock)
         self.speeds = ObservedSpeeds()
         self.view = swarm.table.snapshot()
+        self.layout: ChainLayout | None = None  # the planner's pairs for this view, laid out once
         self._view_at = -1e18
         self._view_version = -1
         self.plans = 0
@@ -111,6 +119,7 @@ class SimClient:
         if self.swarm.version != self._view_version:
             self._view_version = self.swarm.version
             self.view = self.swarm.table.snapshot()
+            self.layout = None
 
     def _usable(self, banned: set[str]) -> np.ndarray:
         usable = self.view.visible & (self.view.decode_tps > 0)
@@ -154,8 +163,16 @@ class SimClient:
         )
         uniforms = self.gen.random(view.size) if cfg.route_spread > 0 else None
         live = self._usable(banned)
+        if self.layout is None:
+            self.layout = ChainLayout(view.start, view.end)
         chain = plan_over_table(
-            table, start, end, uniforms=uniforms, spread=cfg.route_spread, usable=live & (headroom >= 0)
+            table,
+            start,
+            end,
+            uniforms=uniforms,
+            spread=cfg.route_spread,
+            usable=live & (headroom >= 0),
+            layout=self.layout,
         )
         return self._spans(chain, start, end, live)
 

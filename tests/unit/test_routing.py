@@ -203,3 +203,36 @@ def test_cache_book_holds_reservations_until_the_record_would_show_them() -> Non
     assert book.taken() == {"a": 50}
     now[0] = 41.0
     assert book.taken() == {}
+
+
+def test_a_kept_chain_layout_plans_the_same_routes_as_a_fresh_table() -> None:
+    """ChainLayout (laid out once per view, as the simulator's clients keep it) gives exactly the
+    routes of plan_over_table without one: whole-model and sub-range plans, with the spread, with
+    unusable peers (banned or full), and None where some block has no usable peer."""
+    import numpy as np
+
+    from peerd.client.routing import ChainLayout, RouteTable, plan_over_table
+
+    gen = np.random.default_rng(4)
+    for trial in range(400):
+        n, blocks = int(gen.integers(1, 60)), int(gen.integers(1, 20))
+        start = gen.integers(0, blocks, n)
+        end = np.minimum(blocks, start + gen.integers(1, blocks + 1, n))
+        table = RouteTable(
+            start=start,
+            end=end,
+            hop_ms=gen.uniform(1, 150, n),
+            per_block_ms=gen.uniform(1, 100, n),
+            headroom_tokens=gen.uniform(-500, 5000, n),
+        )
+        layout = ChainLayout(table.start, table.end)
+        for _ in range(5):
+            first = int(gen.integers(0, blocks))
+            last = int(gen.integers(first + 1, blocks + 1)) if trial % 2 else blocks
+            first = first if trial % 2 else 0
+            usable = gen.random(n) < 0.8 if trial % 3 else None
+            uniforms = gen.random(n) if trial % 4 else None
+            kwargs = {"uniforms": uniforms, "spread": 0.25, "usable": usable}
+            assert plan_over_table(table, first, last, layout=layout, **kwargs) == plan_over_table(
+                table, first, last, **kwargs
+            )
