@@ -236,3 +236,34 @@ def test_a_kept_chain_layout_plans_the_same_routes_as_a_fresh_table() -> None:
             assert plan_over_table(table, first, last, layout=layout, **kwargs) == plan_over_table(
                 table, first, last, **kwargs
             )
+
+
+def test_the_cache_books_running_totals_match_summing_its_live_entries() -> None:
+    """Random takes, refusals, releases and clock steps: taken() equals the sum of the entries younger
+    than hold_s per peer (what the book meant before it kept running totals)."""
+    rng = random.Random(9)
+    now = [0.0]
+    book = CacheBook(hold_s=30.0, clock=lambda: now[0])
+    live: list[tuple[float, str, int]] = []  # (taken at, peer, tokens): the reference
+    for _ in range(3000):
+        op, peer = rng.random(), f"p{rng.randrange(6)}"
+        if op < 0.4:
+            tokens = rng.choice([256, 512])
+            book.take(peer, tokens)
+            live.append((now[0], peer, tokens))
+        elif op < 0.45:
+            book.mark_full(peer)
+            live.append((now[0], peer, 1 << 40))
+        elif op < 0.7:
+            tokens = rng.choice([256, 512])
+            book.release(peer, tokens)
+            mine = [i for i, (t, p, k) in enumerate(live) if p == peer and k == tokens and t > now[0] - 30.0]
+            if mine:
+                del live[mine[-1]]
+        else:
+            now[0] += rng.choice([0.0, 1.0, 5.0, 29.0, 31.0])
+        live = [e for e in live if e[0] > now[0] - 30.0]
+        expected = collections.Counter()
+        for _, p, k in live:
+            expected[p] += k
+        assert book.taken() == dict(expected)
