@@ -28,7 +28,7 @@ from peerd.sim.clients import SimClient
 from peerd.sim.config import SimConfig
 from peerd.sim.swarm import ViewArrays
 
-__all__ = ["Capacity", "cache_bound_tokens_per_s"]
+__all__ = ["Capacity", "cache_bound_tokens_per_s", "sessions_bound"]
 
 
 def cache_bound_tokens_per_s(view: ViewArrays, clients: list[SimClient], cfg: SimConfig) -> float:
@@ -39,13 +39,19 @@ def cache_bound_tokens_per_s(view: ViewArrays, clients: list[SimClient], cfg: Si
     blocks = (view.end - view.start)[visible].astype(np.float64)
     rtt_s = np.mean([client.rtt.array(view.size)[visible] for client in clients], axis=0) / 1e3
     cost = rtt_s / blocks + 1.0 / view.decode_tps[visible]  # seconds per token per block, at best
+    return sessions_bound(cost, blocks * cfg.sessions_per_peer, cfg.num_blocks)
+
+
+def sessions_bound(cost: np.ndarray, units: np.ndarray, num_blocks: int) -> float:
+    """Most tokens/s of sessions built from ``units[i]`` block-slots costing ``cost[i]`` seconds per
+    token each, ``num_blocks`` block-slots a session: the cheapest ones cut into sessions in order."""
     order = np.argsort(cost)
-    units = np.concatenate([[0.0], np.cumsum(blocks[order] * cfg.sessions_per_peer)])
-    spent = np.concatenate([[0.0], np.cumsum(blocks[order] * cfg.sessions_per_peer * cost[order])])
-    sessions = int(units[-1] // cfg.num_blocks)
+    taken = np.concatenate([[0.0], np.cumsum(units[order])])
+    spent = np.concatenate([[0.0], np.cumsum(units[order] * cost[order])])
+    sessions = int(taken[-1] // num_blocks)
     if sessions == 0:
         return 0.0
-    cuts = np.interp(np.arange(sessions + 1) * float(cfg.num_blocks), units, spent)  # cost is flat per peer
+    cuts = np.interp(np.arange(sessions + 1) * float(num_blocks), taken, spent)  # cost is flat per peer
     return float((1.0 / np.diff(cuts)).sum())
 
 
