@@ -8,6 +8,7 @@ one seeded generator, so a seed gives the same run.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -141,6 +142,7 @@ class Simulation(Traffic):
         if peer.phase is PeerPhase.ONLINE:
             self.capacity.add(peer.decode_tps, sign=-1)
         peer.phase = PeerPhase.GONE
+        del self.swarm.not_gone[bisect.bisect_left(self.swarm.not_gone, peer.idx)]
         if crashed:  # the record stays until it expires: between 1 and 2 announce periods from now
             period = self.cfg.announce_period_s
             self.at(self.now + self.rng.uniform(period, 2 * period), "expire", peer)
@@ -157,8 +159,10 @@ class Simulation(Traffic):
         return 3600.0 / max(1e-9, self.cfg.churn_per_hour * self.cfg.peers)
 
     def _random_alive(self) -> SimPeer:
-        alive = [p for p in self.swarm.peers[-4 * self.cfg.peers :] if p.phase is not PeerPhase.GONE]
-        return self.rng.choice(alive)
+        """A uniform pick among the peers not gone of the last 4 x peers created."""
+        alive = self.swarm.not_gone
+        first = bisect.bisect_left(alive, len(self.swarm.peers) - 4 * self.cfg.peers)
+        return self.swarm.peers[alive[first + self.rng.randrange(len(alive) - first)]]
 
     # --- the loop --------------------------------------------------------------------------------
     def run(self, progress: Any = None) -> SimResult:
