@@ -55,13 +55,12 @@ class Dominators:
         hop_ms: np.ndarray,
         per_block_ms: np.ndarray,
     ) -> np.ndarray:
-        dominates: np.ndarray = (
+        return (
             (start[q] <= start[p])
             & (end[q] >= end[p])
             & (hop_ms[q] * self.factor < hop_ms[p])
             & (per_block_ms[q] * self.factor < per_block_ms[p])
         )
-        return dominates
 
     def needed(
         self, start: np.ndarray, end: np.ndarray, hop_ms: np.ndarray, per_block_ms: np.ndarray, usable: np.ndarray
@@ -73,5 +72,4 @@ class Dominators:
         p = np.arange(start.size)[:, None]
         q = np.maximum(self.of, 0)
         held = (self.of >= 0) & usable[q] & self._dominates(q, p, start, end, hop_ms, per_block_ms)
-        needed: np.ndarray = ~held.any(axis=1)
-        return needed
+        return ~held.any(axis=1)
