@@ -151,16 +151,13 @@ def plan_over_table(
     spread: float = 0.0,
     usable: np.ndarray | None = None,
     layout: ChainLayout | None = None,
-    candidates: np.ndarray | None = None,
 ) -> list[tuple[int, int, int]] | None:
     """The fastest chain over ``table``'s peers (only where ``usable``, a boolean mask, if given) as
     (peer index, start, end) spans, or None if some block has no peer. With ``uniforms`` (one
     uniform draw in [0, 1) per peer) and ``spread`` > 0, each peer's costs are scaled by
     ``cost_factors``: the route is drawn among near-fastest ones. ``layout``: ``ChainLayout(table.start,
-    table.end)``, kept by a caller that plans many times over the same peers (the same routes).
-    ``candidates``: plan over these usable peers only, the others being provably never on the
-    route (``Dominators.needed``); the spread still weighs headroom over every usable peer."""
-    if layout is not None and candidates is None:
+    table.end)``, kept by a caller that plans many times over the same peers (the same routes)."""
+    if layout is not None:
         ok = (table.start < table.end) if usable is None else usable & (table.start < table.end)
         hop_ms, per_block_ms = table.hop_ms, table.per_block_ms
         if uniforms is not None and spread > 0 and ok.any():
@@ -172,8 +169,6 @@ def plan_over_table(
     lo = np.maximum(table.start, start)
     hi = np.minimum(table.end, end)
     index = np.flatnonzero(lo < hi if usable is None else usable & (lo < hi))
-    if candidates is not None:
-        index = index[candidates[index]]
     hop_ms, per_block_ms = table.hop_ms[index], table.per_block_ms[index]
     if uniforms is not None and spread > 0 and index.size:
         # the headroom is weighed against the mean over every usable peer, not only these blocks'

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator, Mapping
 import numpy as np
 
 from peerd.client.claims import CLAIM_CAP_FACTOR, EWMA, MIN_SAMPLES
-from peerd.client.dominance import Dominators
 from peerd.client.reservations import CacheBook
 from peerd.client.routing import (
     BalancedTable,
@@ -23,9 +22,6 @@ from peerd.rpc.errors import NoRouteError, SwarmBusyError
 from peerd.sim.swarm import SimSwarm
 
 __all__ = ["RttTable", "SimClient"]
-
-PRUNE_FROM_PEERS = 5000  # views this large skip robustly dominated peers (peerd/client/dominance.py)
-PRUNE_EVERY_S = 60.0  # dominators are looked for again this often (each plan checks they still hold)
 
 
 class RttTable(Mapping[str, float]):
@@ -117,9 +113,6 @@ class SimClient:
         self.view = swarm.table.snapshot()
         self.layout: ChainLayout | None = None  # the planner's pairs for this view, laid out once
         self._cap: float | None = None  # the claim cap for this view
-        self.dominators: Dominators | None = None  # for views of thousands of peers
-        self._dominators_at = -1e18
-        self._now = clock
         self._view_at = -1e18
         self._view_version = -1
         self.plans = 0
@@ -177,15 +170,7 @@ class SimClient:
         )
         uniforms = self.gen.random(view.size) if cfg.route_spread > 0 else None
         live = self._usable(banned)
-        usable = live & (headroom >= 0)
-        candidates = None
-        if view.size >= PRUNE_FROM_PEERS:
-            if self.dominators is None or self._now() - self._dominators_at >= PRUNE_EVERY_S:
-                self._dominators_at = self._now()
-                ends = np.where(view.visible, view.end, view.start)  # the unlisted dominate nobody
-                self.dominators = Dominators(view.start, ends, table.hop_ms, table.per_block_ms, cfg.route_spread)
-            candidates = self.dominators.needed(view.start, view.end, table.hop_ms, table.per_block_ms, usable)
-        elif self.layout is None:
+        if self.layout is None:
             self.layout = ChainLayout(view.start, view.end)
         chain = plan_over_table(
             table,
@@ -193,9 +178,8 @@ class SimClient:
             end,
             uniforms=uniforms,
             spread=cfg.route_spread,
-            usable=usable,
+            usable=live & (headroom >= 0),
             layout=self.layout,
-            candidates=candidates,
         )
         return self._spans(chain, start, end, live)
 

@@ -267,34 +267,3 @@ def test_the_cache_books_running_totals_match_summing_its_live_entries() -> None
         for _, p, k in live:
             expected[p] += k
         assert book.taken() == dict(expected)
-
-
-def test_planning_without_robustly_dominated_peers_gives_the_same_routes() -> None:
-    """Dominators.needed drops only peers that can never be on the route: the same routes as over
-    every peer, with the spread, with some dominators full or banned, and after costs changed."""
-    import numpy as np
-
-    from peerd.client.dominance import Dominators
-    from peerd.client.routing import RouteTable, plan_over_table
-
-    gen = np.random.default_rng(5)
-    pruned = 0
-    for trial in range(200):
-        n, blocks = int(gen.integers(2, 300)), int(gen.integers(1, 16))
-        start = gen.integers(0, blocks, n)
-        end = np.minimum(blocks, start + gen.integers(1, blocks + 1, n))
-        hop, per_block = gen.uniform(1, 150, n), gen.lognormal(2.0, 0.8, n)
-        dominators = Dominators(start, end, hop, per_block, 0.25)
-        for _ in range(4):
-            per_block = per_block * gen.uniform(0.8, 1.25, n)  # measured speeds moved since
-            table = RouteTable(start, end, hop, per_block, gen.uniform(-500, 5000, n))
-            usable = gen.random(n) < 0.85
-            uniforms = gen.random(n)
-            candidates = dominators.needed(start, end, hop, per_block, usable)
-            pruned += int((usable & ~candidates).sum())
-            first = int(gen.integers(0, blocks)) if trial % 2 else 0
-            kwargs = {"uniforms": uniforms, "spread": 0.25, "usable": usable}
-            assert plan_over_table(table, first, blocks, candidates=candidates, **kwargs) == plan_over_table(
-                table, first, blocks, **kwargs
-            )
-    assert pruned > 10_000  # most of these peers were skipped
