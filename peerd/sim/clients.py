@@ -171,7 +171,7 @@ class SimClient:
         uniforms = self.gen.random(view.size) if cfg.route_spread > 0 else None
         live = self._usable(banned)
         if self.layout is None:
-            self.layout = ChainLayout(view.start, view.end)
+            self.layout = self.swarm.layout(self._view_version, view)
         chain = plan_over_table(
             table,
             start,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from peerd.client.routing import ChainLayout
 from peerd.daemon.placement import PlacedPeer, Placement, choose_placement, decide_move, recheck_after_joining
 from peerd.sim.config import SimConfig
 from peerd.swarm.records import PeerState, ServerRecord
@@ -104,6 +105,7 @@ class SimSwarm:
         self.records_in_dht = 0  # one record per hosted block
         # what clients read, per peer index, as arrays (their route tables are copies of these)
         self.table = ViewArrays()
+        self._layout: tuple[int, int, ChainLayout] | None = None
 
     # --- population --------------------------------------------------------------------------
     def new_peer(self, gen: np.random.Generator) -> SimPeer:
@@ -167,6 +169,13 @@ class SimSwarm:
             peer.record = replace(peer.record, state=state, start=peer.start, end=peer.end, cache_tokens_free=tokens)
         self.table.set(peer, visible=state is PeerState.ONLINE, cache_tokens_free=tokens)
         self.version += 1
+
+    def layout(self, version: int, view: ViewArrays) -> ChainLayout:
+        """The planner's layout of ``view``, a snapshot taken at ``version``: clients that read the
+        DHT at the same version share one (it depends only on the peers' spans)."""
+        if self._layout is None or self._layout[:2] != (version, view.size):
+            self._layout = (version, view.size, ChainLayout(view.start, view.end))
+        return self._layout[2]
 
     def unpublish(self, peer: SimPeer) -> None:
         """The record is gone: an OFFLINE announce (graceful) or expiry (crash)."""
