@@ -149,7 +149,8 @@ class Simulation(Traffic):
         else:
             self.swarm.unpublish(peer)
         self._hand_back(peer, crashed=crashed)
-        self.at(self.now + self.gen.exponential(self._churn_gap_s()), "leave", self._random_alive())
+        # the next departure is the churn process's (_on_churn): a leave scheduling another leave
+        # made every churn event start a chain of its own, so departures grew with time
         self.at(self.now, "join", self.swarm.new_peer(self.gen))  # churn keeps the swarm's size
 
     def _on_expire(self, peer: SimPeer) -> None:

@@ -134,3 +134,12 @@ def test_load_is_a_fraction_of_the_cache_bound_that_caps_what_a_saturated_swarm_
     saturated = Simulation(dataclasses.replace(base, load=3.0)).run().summary
     assert saturated["tokens_per_s"] <= saturated["capacity_at_start"]["cache_tokens_per_s"]
     assert saturated["busy_waits"] > 0  # it was saturated: opens waited for room
+
+
+def test_churn_replaces_the_configured_share_of_the_swarm_per_hour() -> None:
+    """30%/hour of 100 peers is about 30 departures in an hour (each replaced by a new peer), not a
+    number that grows with time (a departure used to schedule another besides the churn process's)."""
+    sim = Simulation(SimConfig(peers=100, duration_s=3600.0, warmup_s=60.0, churn_per_hour=0.3, clients=1, load=0.05))
+    sim.run()
+    departures = len(sim.swarm.peers) - 100
+    assert 15 <= departures <= 50
