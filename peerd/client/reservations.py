@@ -46,9 +46,14 @@ class CacheBook:
         self.hold_s = hold_s
         self.clock = clock
         self._entries: dict[str, deque[tuple[float, int]]] = {}  # peer -> (taken at, tokens), oldest first
+        self._totals: dict[str, int] = {}  # peer -> sum of its entries' tokens
+        self._order: deque[tuple[float, str]] = deque()  # every take, oldest first: what may expire next
 
     def take(self, peer_id: str, tokens: int) -> None:
-        self._entries.setdefault(peer_id, deque()).append((self.clock(), tokens))
+        now = self.clock()
+        self._entries.setdefault(peer_id, deque()).append((now, tokens))
+        self._totals[peer_id] = self._totals.get(peer_id, 0) + tokens
+        self._order.append((now, peer_id))
 
     def mark_full(self, peer_id: str) -> None:
         """``peer_id`` refused a session with ``CACHE_FULL``: count it as full until its next announce
@@ -64,18 +69,24 @@ class CacheBook:
         for i in range(len(entries) - 1, -1, -1):
             if entries[i][1] == tokens:
                 del entries[i]
+                self._subtract(peer_id, tokens)
                 return
 
+    def _subtract(self, peer_id: str, tokens: int) -> None:
+        left = self._totals[peer_id] - tokens
+        if self._entries[peer_id]:
+            self._totals[peer_id] = left
+        else:
+            del self._totals[peer_id], self._entries[peer_id]
+
     def taken(self) -> dict[str, int]:
-        """Tokens reserved per peer within the last ``hold_s`` seconds (peers with none are absent)."""
+        """Tokens reserved per peer within the last ``hold_s`` seconds (peers with none are absent).
+        Only the peers with a take old enough to expire are looked at (a client planning over
+        thousands of peers calls this on every plan)."""
         cutoff = self.clock() - self.hold_s
-        totals: dict[str, int] = {}
-        for peer_id in list(self._entries):
-            entries = self._entries[peer_id]
+        while self._order and self._order[0][0] <= cutoff:
+            _, peer_id = self._order.popleft()
+            entries = self._entries.get(peer_id)
             while entries and entries[0][0] <= cutoff:
-                entries.popleft()
-            if entries:
-                totals[peer_id] = sum(tokens for _, tokens in entries)
-            else:
-                del self._entries[peer_id]
-        return totals
+                self._subtract(peer_id, entries.popleft()[1])
+        return dict(self._totals)

@@ -91,6 +91,25 @@ def _score(totals: Sequence[float], start: int, length: int, tokens_per_s: float
     return filled, min(after), -sum(window)
 
 
+def _scores(totals: list[float], length: int, tokens_per_s: float) -> list[tuple[tuple[int, float, float], int]]:
+    """``_score`` of every start, equal to it bit for bit (the minimum of ``t + x`` over a window is
+    ``min(t) + x`` exactly: rounding is monotonic; sums run in the same order), without copying
+    the totals per start: the bottleneck outside the window comes from prefix and suffix minima.
+    A joining peer of a thousand-peer swarm scores every start several times (docs/scale.md)."""
+    n = len(totals)
+    prefix = [float("inf")] * (n + 1)  # prefix[i] = min(totals[:i])
+    suffix = [float("inf")] * (n + 1)  # suffix[i] = min(totals[i:])
+    for i in range(n):
+        prefix[i + 1] = min(prefix[i], totals[i])
+        suffix[n - 1 - i] = min(suffix[n - i], totals[n - 1 - i])
+    scored = []
+    for start in range(n - length + 1):
+        window = totals[start : start + length]
+        bottleneck = min(prefix[start], min(window) + tokens_per_s, suffix[start + length])
+        scored.append(((window.count(0.0), bottleneck, -sum(window)), start))
+    return scored
+
+
 def choose_placement(
     peers: Sequence[PlacedPeer],
     *,
@@ -104,7 +123,7 @@ def choose_placement(
         raise ValueError(f"cannot host {length} blocks of a {num_blocks}-block model")
     rng = rng or random.Random()
     totals = block_throughputs(peers, num_blocks)
-    scored = [(_score(totals, s, length, tokens_per_s), s) for s in range(num_blocks - length + 1)]
+    scored = _scores(totals, length, tokens_per_s)
     best = max(score for score, _ in scored)
     start = rng.choice([s for score, s in scored if score == best])
     filled, bottleneck, _ = best

@@ -10,7 +10,14 @@ import numpy as np
 
 from peerd.client.claims import CLAIM_CAP_FACTOR, EWMA, MIN_SAMPLES
 from peerd.client.reservations import CacheBook
-from peerd.client.routing import BalancedTable, RouteTable, Span, plan_balanced_over_table, plan_over_table
+from peerd.client.routing import (
+    BalancedTable,
+    ChainLayout,
+    RouteTable,
+    Span,
+    plan_balanced_over_table,
+    plan_over_table,
+)
 from peerd.rpc.errors import NoRouteError, SwarmBusyError
 from peerd.sim.swarm import SimSwarm
 
@@ -79,11 +86,17 @@ class ObservedSpeeds:
         self.tps[peers] = np.where(first, tokens_per_s, (1 - EWMA) * self.tps[peers] + EWMA * tokens_per_s)
         self.samples[peers] += 1
 
-    def planning_speeds(self, claims: np.ndarray, listed: np.ndarray) -> np.ndarray:
-        """``SpeedBook.planning_speeds`` for the peers ``listed`` in the view (others: their claim)."""
-        self._grow(claims.size)
+    @staticmethod
+    def claim_cap(claims: np.ndarray, listed: np.ndarray) -> float:
+        """The cap on unmeasured claims: CLAIM_CAP_FACTOR x the median claim listed in the view."""
         listed_claims = np.sort(claims[listed & (claims > 0)])
-        cap = CLAIM_CAP_FACTOR * float(listed_claims[(listed_claims.size - 1) // 2]) if listed_claims.size else 0.0
+        return CLAIM_CAP_FACTOR * float(listed_claims[(listed_claims.size - 1) // 2]) if listed_claims.size else 0.0
+
+    def planning_speeds(self, claims: np.ndarray, listed: np.ndarray, cap: float | None = None) -> np.ndarray:
+        """``SpeedBook.planning_speeds`` for the peers ``listed`` in the view (others: their claim);
+        ``cap``: ``claim_cap(claims, listed)`` if the caller kept it for this view."""
+        self._grow(claims.size)
+        cap = self.claim_cap(claims, listed) if cap is None else cap
         measured = self.samples[: claims.size] >= MIN_SAMPLES
         return np.where(measured, self.tps[: claims.size], np.minimum(claims, cap))
 
@@ -101,6 +114,8 @@ class SimClient:
         self.book = CacheBook(hold_s=swarm.config.announce_period_s, clock=clock)
         self.speeds = ObservedSpeeds()
         self.view = swarm.table.snapshot()
+        self.layout: ChainLayout | None = None  # the planner's pairs for this view, laid out once
+        self._cap: float | None = None  # the claim cap for this view
         self._view_at = -1e18
         self._view_version = -1
         self.plans = 0
@@ -114,6 +129,7 @@ class SimClient:
         if self.swarm.version != self._view_version:
             self._view_version = self.swarm.version
             self.view = self.swarm.table.snapshot()
+            self.layout, self._cap = None, None
 
     def _usable(self, banned: set[str]) -> np.ndarray:
         usable = self.view.visible & (self.view.decode_tps > 0)
@@ -157,15 +173,25 @@ class SimClient:
         )
         uniforms = self.gen.random(view.size) if cfg.route_spread > 0 else None
         live = self._usable(banned)
+        if self.layout is None:
+            self.layout = self.swarm.layout(self._view_version, view)
         chain = plan_over_table(
-            table, start, end, uniforms=uniforms, spread=cfg.route_spread, usable=live & (headroom >= 0)
+            table,
+            start,
+            end,
+            uniforms=uniforms,
+            spread=cfg.route_spread,
+            usable=live & (headroom >= 0),
+            layout=self.layout,
         )
         return self._spans(chain, start, end, live)
 
     def _planning_speeds(self) -> np.ndarray:
         if not self.swarm.config.observed_speeds:
             return self.view.decode_tps
-        return self.speeds.planning_speeds(self.view.decode_tps, self.view.visible)
+        if self._cap is None:
+            self._cap = self.speeds.claim_cap(self.view.decode_tps, self.view.visible)
+        return self.speeds.planning_speeds(self.view.decode_tps, self.view.visible, self._cap)
 
     def plan_forward(self, banned: set[str]) -> list[Span]:
         """The SDK's load-balanced route for a forward batch (no measured speeds: claims only)."""

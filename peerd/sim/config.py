@@ -95,6 +95,7 @@ SCENARIOS: dict[str, dict[str, float | int | bool]] = {
     "churn30-100": {"peers": 100, "churn_per_hour": 0.30},
     "spike-100": {"peers": 100, "spike_factor": 10.0, "spike_start_s": 1800.0, "spike_duration_s": 600.0},
     "steady-1000": {"peers": 1000, "clients": 16},
+    "churn5-1000": {"peers": 1000, "clients": 16, "churn_per_hour": 0.05},
     "churn30-1000": {"peers": 1000, "clients": 16, "churn_per_hour": 0.30},
     "spike-1000": {
         "peers": 1000,

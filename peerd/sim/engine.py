@@ -8,6 +8,7 @@ one seeded generator, so a seed gives the same run.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from peerd.sim.capacity import Capacity, cache_bound_tokens_per_s
 from peerd.sim.clients import SimClient
 from peerd.sim.config import SimConfig
 from peerd.sim.sessions import Sessions
@@ -52,7 +54,7 @@ class Simulation(Traffic):
         self.on_peer = np.zeros(0, dtype=np.int64)  # sessions holding a cache slot per peer
         self._events: list[tuple[float, int, str, tuple[Any, ...]]] = []
         self._seq = itertools.count()
-        self.online_tps = 0.0  # sum of decode speed over ONLINE peers (the bound's capacity)
+        self.capacity = Capacity(config)  # the bound's compute and KV cache capacities (capacity.py)
         self.now = 0.0
         self.arrival_rate = 0.0
         self.stats = {"requests": 0, "completed": 0, "failed": 0, "refusals": 0, "failovers": 0, "busy_waits": 0}
@@ -108,7 +110,7 @@ class Simulation(Traffic):
         if peer.phase is PeerPhase.GONE:
             return
         peer.phase = PeerPhase.ONLINE
-        self.online_tps += peer.decode_tps
+        self.capacity.add(peer.decode_tps)
         self.swarm.refresh_record(peer, self.cfg.sessions_per_peer)
         self._schedule_rebalance(peer)
 
@@ -138,7 +140,8 @@ class Simulation(Traffic):
         if peer.phase is PeerPhase.GONE:
             return
         self._depart(peer, crashed=self.rng.random() < self.cfg.crash_fraction)
-        self.at(self.now + self.gen.exponential(self._churn_gap_s()), "leave", self._random_alive())
+        # the next departure is the churn process's (_on_churn): a leave scheduling another leave
+        # made every churn event start a chain of its own, so departures grew with time
         self.at(self.now, "join", self.swarm.new_peer(self.gen))  # churn keeps the swarm's size
 
     def _on_scripted(self, kind: str, idx: int) -> None:
@@ -150,8 +153,9 @@ class Simulation(Traffic):
 
     def _depart(self, peer: SimPeer, *, crashed: bool) -> None:
         if peer.phase is PeerPhase.ONLINE:
-            self.online_tps -= peer.decode_tps
+            self.capacity.add(peer.decode_tps, sign=-1)
         peer.phase = PeerPhase.GONE
+        del self.swarm.not_gone[bisect.bisect_left(self.swarm.not_gone, peer.idx)]
         if crashed:  # the record stays until it expires: between 1 and 2 announce periods from now
             period = self.cfg.announce_period_s
             self.at(self.now + self.rng.uniform(period, 2 * period), "expire", peer)
@@ -166,8 +170,10 @@ class Simulation(Traffic):
         return 3600.0 / max(1e-9, self.cfg.churn_per_hour * self.cfg.peers)
 
     def _random_alive(self) -> SimPeer:
-        alive = [p for p in self.swarm.peers[-4 * self.cfg.peers :] if p.phase is not PeerPhase.GONE]
-        return self.rng.choice(alive)
+        """A uniform pick among the peers not gone of the last 4 x peers created."""
+        alive = self.swarm.not_gone
+        first = bisect.bisect_left(alive, len(self.swarm.peers) - 4 * self.cfg.peers)
+        return self.swarm.peers[alive[first + self.rng.randrange(len(alive) - first)]]
 
     # --- the loop --------------------------------------------------------------------------------
     def run(self, progress: Any = None) -> SimResult:
@@ -192,6 +198,7 @@ class Simulation(Traffic):
             if self.now < cfg.warmup_s:
                 continue
             if self.arrival_rate == 0.0:
+                self._refresh_idle_steps()
                 self.arrival_rate = self._base_arrival_rate()
             self._announce_tick(ticks)
             if cfg.closed_sessions:
@@ -203,12 +210,13 @@ class Simulation(Traffic):
                 self._observe()
             for row in done:
                 self._finish(int(row), failed=False)
-            bound = min(cfg.batch_gain * self.online_tps / cfg.num_blocks, self.sessions.demand())
+            bound = min(self.capacity.compute(), self.capacity.cache(), self.sessions.demand())
             for acc in (totals, window):
                 acc["delivered"] += delivered
                 acc["bound"] += bound * cfg.tick_s
             if (self.now - cfg.warmup_s) % SAMPLE_S < cfg.tick_s and self.now > cfg.warmup_s:
                 self._sample(window)
+                self._refresh_idle_steps()
                 if progress is not None:
                     progress((self.now - cfg.warmup_s) / cfg.duration_s)
         return SimResult(self._summary(totals, time.monotonic() - started), self.series)
@@ -231,12 +239,15 @@ class Simulation(Traffic):
         self.at(self.now + self.gen.exponential(self._churn_gap_s()), "churn")
 
     def _base_arrival_rate(self) -> float:
-        """Requests/s that offer ``load`` x the central bound's capacity (decode-equivalent tokens)."""
-        cfg = self.cfg
-        per_request = (1 - cfg.forward_fraction) * cfg.session_tokens + cfg.forward_fraction * (
-            cfg.forward_tokens / cfg.prefill_gain
-        )
-        return cfg.load * cfg.batch_gain * self.online_tps / cfg.num_blocks / per_request
+        """Requests/s that offer ``load`` x what the swarm can carry (compute and KV cache bound)."""
+        cap = self.capacity
+        self.capacity_at_start = {"compute_tokens_per_s": cap.compute(), "cache_tokens_per_s": cap.cache()}
+        return self.cfg.load * cap.tokens_per_s() / cap.per_request_tokens()
+
+    def _refresh_idle_steps(self) -> None:
+        """The KV cache bound for the swarm as it is now (every simulated minute)."""
+        view = self.swarm.table.snapshot()
+        self.capacity.cache_tokens_per_s = cache_bound_tokens_per_s(view, self.clients, self.cfg)
 
     def _arrivals(self) -> None:
         cfg, rate = self.cfg, self.arrival_rate
@@ -312,6 +323,7 @@ class Simulation(Traffic):
             "tokens_per_s": totals["delivered"] / cfg.duration_s,
             "bound_tokens_per_s": totals["bound"] / cfg.duration_s,
             "requests": stats["requests"],
+            "capacity_at_start": getattr(self, "capacity_at_start", {}),
             "completed": stats["completed"],
             "failed": stats["failed"],
             "refusals_cache_full": stats["refusals"],

@@ -23,7 +23,7 @@ class Sessions:
 
     def __init__(self, config: SimConfig, rows: int = 1024) -> None:
         self.config = config
-        self.hops = config.num_blocks  # a route never has more hops than blocks
+        self.hops = min(8, config.num_blocks)  # columns: widened when a route has more hops
         self.peer = np.full((rows, self.hops), -1, dtype=np.int64)
         self.rtt_s = np.zeros((rows, self.hops))
         self.cost_s = np.zeros((rows, self.hops))  # single-session compute seconds per token on the hop
@@ -59,6 +59,16 @@ class Sessions:
             new[: old.shape[0]] = old
             setattr(self, name, new)
 
+    def _widen(self, hops: int) -> None:
+        """Room for routes of ``hops`` hops (never more than the blocks)."""
+        wider = min(self.config.num_blocks, max(hops, 2 * self.hops))
+        for name in ("peer", "rtt_s", "cost_s", "span_start", "span_end"):
+            old = getattr(self, name)
+            new = np.full((old.shape[0], wider), -1 if name == "peer" else 0, dtype=old.dtype)
+            new[:, : self.hops] = old
+            setattr(self, name, new)
+        self.hops = wider
+
     def open(self, tokens: int, weight: float, client: int = 0, forward: bool = False) -> int:
         free = np.flatnonzero(~self.active)
         if free.size == 0:
@@ -74,6 +84,8 @@ class Sessions:
     def set_route(self, row: int, spans: list[tuple[Span, SimPeer, float]], *, forward: bool) -> None:
         """Hops of ``row``: (span, its peer, the client's RTT to it in ms)."""
         cfg = self.config
+        if len(spans) > self.hops:
+            self._widen(len(spans))
         self.peer[row] = -1
         self.rtt_s[row] = 0.0
         self.cost_s[row] = 0.0

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from peerd.client.routing import ChainLayout
 from peerd.daemon.placement import PlacedPeer, Placement, choose_placement, decide_move, recheck_after_joining
 from peerd.sim.config import SimConfig
 from peerd.swarm.records import PeerState, ServerRecord
@@ -94,6 +95,7 @@ class SimSwarm:
         self.config = config
         self.rng = rng
         self.peers: list[SimPeer] = []
+        self.not_gone: list[int] = []  # indices of peers not GONE, ascending (the engine removes leavers)
         self.totals = np.zeros(config.num_blocks)  # decode tok/s per block over records in the DHT
         self._cover: list[list[int]] = [[] for _ in range(config.num_blocks)]  # heaps of peer idx (lazy)
         self.version = 0  # bumped whenever a record others can read changes
@@ -104,6 +106,7 @@ class SimSwarm:
         self.records_in_dht = 0  # one record per hosted block
         # what clients read, per peer index, as arrays (their route tables are copies of these)
         self.table = ViewArrays()
+        self._layout: tuple[int, int, ChainLayout] | None = None
 
     # --- population --------------------------------------------------------------------------
     def new_peer(self, gen: np.random.Generator) -> SimPeer:
@@ -115,19 +118,18 @@ class SimSwarm:
         if cfg.peer_specs:  # a scripted peer: its parameters, not draws (the draws still advance `gen`)
             tps, fit, uplink, rtt_ms = cfg.peer_specs[idx]
             peer = SimPeer(idx, f"p{idx:07d}", tps, min(fit, cfg.num_blocks), uplink, 0.5, 0.5, rtt_ms=rtt_ms)
-            self.peers.append(peer)
-            self.table.add(peer)
-            return peer
-        peer = SimPeer(
-            idx=idx,
-            peer_id=f"p{idx:07d}",
-            decode_tps=float(gen.lognormal(np.log(cfg.decode_tps_median), cfg.decode_tps_sigma)),
-            length=length,
-            uplink_bytes_per_s=float(gen.lognormal(np.log(cfg.uplink_bytes_per_s_median), cfg.uplink_sigma)),
-            x=float(gen.random()),
-            y=float(gen.random()),
-        )
+        else:
+            peer = SimPeer(
+                idx=idx,
+                peer_id=f"p{idx:07d}",
+                decode_tps=float(gen.lognormal(np.log(cfg.decode_tps_median), cfg.decode_tps_sigma)),
+                length=length,
+                uplink_bytes_per_s=float(gen.lognormal(np.log(cfg.uplink_bytes_per_s_median), cfg.uplink_sigma)),
+                x=float(gen.random()),
+                y=float(gen.random()),
+            )
         self.peers.append(peer)
+        self.not_gone.append(idx)
         self.table.add(peer)
         return peer
 
@@ -172,6 +174,13 @@ class SimSwarm:
             peer.record = replace(peer.record, state=state, start=peer.start, end=peer.end, cache_tokens_free=tokens)
         self.table.set(peer, visible=state is PeerState.ONLINE, cache_tokens_free=tokens)
         self.version += 1
+
+    def layout(self, version: int, view: ViewArrays) -> ChainLayout:
+        """The planner's layout of ``view``, a snapshot taken at ``version``: clients that read the
+        DHT at the same version share one (it depends only on the peers' spans)."""
+        if self._layout is None or self._layout[:2] != (version, view.size):
+            self._layout = (version, view.size, ChainLayout(view.start, view.end))
+        return self._layout[2]
 
     def unpublish(self, peer: SimPeer) -> None:
         """The record is gone: an OFFLINE announce (graceful) or expiry (crash)."""

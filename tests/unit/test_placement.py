@@ -146,3 +146,17 @@ def test_move_closes_a_gap_elsewhere() -> None:
     move = decide_move(peers, peers[1], num_blocks=30, rng=random.Random(0))
     assert move is not None and (move.start, move.end) == (20, 30)
     assert block_throughputs(peers, 30)[25] == 0.0
+
+
+def test_scores_of_every_start_equal_the_one_start_score_bit_for_bit() -> None:
+    """choose_placement scores all starts at once (prefix/suffix minima); ties are broken at random
+    among equal scores, so the fast path must give exactly the floats _score gives."""
+    from peerd.daemon.placement import _score, _scores
+
+    rng = random.Random(1)
+    for _ in range(2000):
+        n = rng.randint(1, 40)
+        length = rng.randint(1, n)
+        totals = [rng.choice([0.0, rng.uniform(0, 500), float(rng.randint(0, 3)) * 100.0]) for _ in range(n)]
+        tps = rng.choice([rng.uniform(1, 300), 100.0])
+        assert _scores(totals, length, tps) == [(_score(totals, s, length, tps), s) for s in range(n - length + 1)]

@@ -203,3 +203,67 @@ def test_cache_book_holds_reservations_until_the_record_would_show_them() -> Non
     assert book.taken() == {"a": 50}
     now[0] = 41.0
     assert book.taken() == {}
+
+
+def test_a_kept_chain_layout_plans_the_same_routes_as_a_fresh_table() -> None:
+    """ChainLayout (laid out once per view, as the simulator's clients keep it) gives exactly the
+    routes of plan_over_table without one: whole-model and sub-range plans, with the spread, with
+    unusable peers (banned or full), and None where some block has no usable peer."""
+    import numpy as np
+
+    from peerd.client.routing import ChainLayout, RouteTable, plan_over_table
+
+    gen = np.random.default_rng(4)
+    for trial in range(400):
+        n, blocks = int(gen.integers(1, 60)), int(gen.integers(1, 20))
+        start = gen.integers(0, blocks, n)
+        end = np.minimum(blocks, start + gen.integers(1, blocks + 1, n))
+        table = RouteTable(
+            start=start,
+            end=end,
+            hop_ms=gen.uniform(1, 150, n),
+            per_block_ms=gen.uniform(1, 100, n),
+            headroom_tokens=gen.uniform(-500, 5000, n),
+        )
+        layout = ChainLayout(table.start, table.end)
+        for _ in range(5):
+            first = int(gen.integers(0, blocks))
+            last = int(gen.integers(first + 1, blocks + 1)) if trial % 2 else blocks
+            first = first if trial % 2 else 0
+            usable = gen.random(n) < 0.8 if trial % 3 else None
+            uniforms = gen.random(n) if trial % 4 else None
+            kwargs = {"uniforms": uniforms, "spread": 0.25, "usable": usable}
+            assert plan_over_table(table, first, last, layout=layout, **kwargs) == plan_over_table(
+                table, first, last, **kwargs
+            )
+
+
+def test_the_cache_books_running_totals_match_summing_its_live_entries() -> None:
+    """Random takes, refusals, releases and clock steps: taken() equals the sum of the entries younger
+    than hold_s per peer (what the book meant before it kept running totals)."""
+    rng = random.Random(9)
+    now = [0.0]
+    book = CacheBook(hold_s=30.0, clock=lambda: now[0])
+    live: list[tuple[float, str, int]] = []  # (taken at, peer, tokens): the reference
+    for _ in range(3000):
+        op, peer = rng.random(), f"p{rng.randrange(6)}"
+        if op < 0.4:
+            tokens = rng.choice([256, 512])
+            book.take(peer, tokens)
+            live.append((now[0], peer, tokens))
+        elif op < 0.45:
+            book.mark_full(peer)
+            live.append((now[0], peer, 1 << 40))
+        elif op < 0.7:
+            tokens = rng.choice([256, 512])
+            book.release(peer, tokens)
+            mine = [i for i, (t, p, k) in enumerate(live) if p == peer and k == tokens and t > now[0] - 30.0]
+            if mine:
+                del live[mine[-1]]
+        else:
+            now[0] += rng.choice([0.0, 1.0, 5.0, 29.0, 31.0])
+        live = [e for e in live if e[0] > now[0] - 30.0]
+        expected = collections.Counter()
+        for _, p, k in live:
+            expected[p] += k
+        assert book.taken() == dict(expected)

@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from peerd.cli.main import main
 from peerd.client.routing import plan_inference_route
 from peerd.sim import SimConfig, Simulation
+from peerd.sim.capacity import sessions_bound
 from peerd.swarm.records import PeerState, ServerRecord
 
 SMALL = SimConfig(peers=30, duration_s=600.0, warmup_s=120.0, churn_per_hour=0.3, clients=4, seed=7)
@@ -99,3 +102,44 @@ def test_load_aware_planning_beats_the_herding_planner_and_claims_only() -> None
         assert aware["failed_request_fraction"] < 0.01
         for other in (herd, spread):
             assert aware["throughput_ratio_to_bound"] >= other["throughput_ratio_to_bound"] + 0.05
+
+
+def test_cutting_the_cheapest_block_slots_into_sessions_beats_every_other_grouping() -> None:
+    """The KV cache bound's optimiser: over every way to group six block-slots into three sessions
+    of two, none delivers more tokens/s (sum of 1/step) than the sorted cut."""
+    rng = random.Random(2)
+    for _ in range(50):
+        cost = [rng.uniform(0.001, 0.05) for _ in range(6)]
+        best = 0.0
+        for order in itertools.permutations(range(6)):
+            steps = [cost[order[i]] + cost[order[i + 1]] for i in (0, 2, 4)]
+            best = max(best, sum(1 / s for s in steps))
+        assert abs(sessions_bound(np.array(cost), np.ones(6), 2) - best) < 1e-9 * best
+    # units are counted per peer: 3 block-slots at one cost make one session and a half
+    assert sessions_bound(np.array([0.01]), np.array([3.0]), 2) == 1 / 0.02
+
+
+def test_load_is_a_fraction_of_the_cache_bound_that_caps_what_a_saturated_swarm_delivers() -> None:
+    """The default swarm runs out of KV cache before compute (docs/scale.md, finding 4): the offered
+    load is a fraction of the smaller bound, so the default load fails no request, and a swarm offered
+    three times its capacity never delivers more than the cache bound says."""
+    base = SimConfig(peers=40, duration_s=300.0, warmup_s=120.0, clients=4, seed=3)
+    sim = Simulation(base)
+    summary = sim.run().summary
+    capacity = summary["capacity_at_start"]
+    assert capacity["cache_tokens_per_s"] < 0.9 * capacity["compute_tokens_per_s"]
+    offered = sim.arrival_rate * sim.capacity.per_request_tokens()
+    assert abs(offered - base.load * capacity["cache_tokens_per_s"]) < 1e-6 * offered
+    assert summary["failed_request_fraction"] < 0.01
+    saturated = Simulation(dataclasses.replace(base, load=3.0)).run().summary
+    assert saturated["tokens_per_s"] <= saturated["capacity_at_start"]["cache_tokens_per_s"]
+    assert saturated["busy_waits"] > 0  # it was saturated: opens waited for room
+
+
+def test_churn_replaces_the_configured_share_of_the_swarm_per_hour() -> None:
+    """30%/hour of 100 peers is about 30 departures in an hour (each replaced by a new peer), not a
+    number that grows with time (a departure used to schedule another besides the churn process's)."""
+    sim = Simulation(SimConfig(peers=100, duration_s=3600.0, warmup_s=60.0, churn_per_hour=0.3, clients=1, load=0.05))
+    sim.run()
+    departures = len(sim.swarm.peers) - 100
+    assert 15 <= departures <= 50
