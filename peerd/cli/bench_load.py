@@ -92,7 +92,7 @@ async def _worker(initial_peers: list[str], model_path: Path, model_id: str) -> 
 
     client = await SwarmClient.connect(initial_peers, model_path, model_id=model_id, dht_timeout_s=30.0)
     try:
-        await client.wait_for_route(timeout_s=60)
+        await client.wait_for_route(timeout_s=180)  # a loaded 2-core box: peers' records come late
         await serve_echo(client.p2p)
         maddrs = [str(m) for m in await client.p2p.get_visible_maddrs()]
         _answer({"peer_id": client.p2p.peer_id.to_base58(), "maddrs": maddrs})

@@ -3,7 +3,8 @@
 ``forward_batch`` runs the steps of several sessions, each with its own KV cache, length and
 position, as one forward: every token of every step is one row of the dense parts (norms, q/k/v and
 output projections, MLP), which is where a step's time goes at small batch; attention then runs per
-session on that session's own cache. The caches stay where they are (no gather into a padded slab,
+session on that session's own cache (RoPE is applied to all rows at once, each by its own
+position). The caches stay where they are (no gather into a padded slab,
 no copy per step), so a session joins or leaves a batch between any two steps at no cost.
 
 ``forward_chunks`` and ``backward_chunks`` are generators that do a large request one bounded chunk
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from peerd.model.llama import Block, attention_mask
+from peerd.model.llama import Block, RotaryEmbedding, apply_rotary, attention_mask
 from peerd.model.stage import KVCache, Stage
 
 __all__ = ["BACKWARD_COST_FACTOR", "StepInput", "backward_chunks", "forward_batch", "forward_chunks"]
@@ -71,35 +72,43 @@ def _forward_rows(stage: Stage, steps: Sequence[StepInput], start: int, end: int
     config = stage.config
     hidden_size = config.hidden_size
     shapes = [(s.hidden.shape[0], s.hidden.shape[1]) for s in steps]
-    sizes = [b * n for b, n in shapes]
+    rows = _slices([b * n for b, n in shapes])
     x = torch.cat([s.hidden.reshape(-1, hidden_size) for s in steps])  # [rows of all steps, hidden]
-    groups = config.num_queries_per_kv
+    # RoPE angles per row (row = one token of one sequence), for all rows at once: full-attention
+    # blocks' and, if any, sliding blocks' own; attention masks per step, as Stage.forward builds them
+    positions = torch.tensor([s.position + t for s, (b, n) in zip(steps, shapes, strict=True)
+                              for _ in range(b) for t in range(n)], device=x.device)  # fmt: skip
     local = getattr(stage, "local_rotary", None) or stage.rotary  # sliding blocks' own RoPE, if any
-    tables = []  # per step: (full-attention table, sliding-window table), as Stage.forward builds them
+    angles = [_row_angles(rotary, positions, x) for rotary in (stage.rotary, local)]
+    masks = []  # per step: (full-attention mask, sliding-window mask)
     for s, (_, n) in zip(steps, shapes, strict=True):
-        keys = s.position + n
-        full = (*stage.rotary.cos_sin(s.position, n, dtype=x.dtype, device=x.device),
-                attention_mask(n, keys, groups, x.device))  # fmt: skip
+        full = attention_mask(n, s.position + n, config.num_queries_per_kv, x.device)
         sliding = full
         if config.sliding_window is not None:
-            sliding = (*local.cos_sin(s.position, n, dtype=x.dtype, device=x.device),
-                       attention_mask(n, keys, groups, x.device, config.sliding_window))  # fmt: skip
-        tables.append((full, sliding))
+            sliding = attention_mask(n, s.position + n, config.num_queries_per_kv, x.device, config.sliding_window)
+        masks.append((full, sliding))
+    heads, kv_heads, dim = config.num_heads, config.num_kv_heads, config.head_dim
     for index in range(start, end):
         block = stage.layers[str(index)]
         assert isinstance(block, Block)  # built by Stage; narrows the ModuleDict's type
         attn = block.self_attn
         h = block.input_layernorm(x)
-        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # [rows, width] each
+        q = attn.q_proj(h).view(-1, heads, dim)  # [rows, heads, dim]
+        k = attn.k_proj(h).view(-1, kv_heads, dim)
+        v = attn.v_proj(h).view(-1, kv_heads, dim)
+        if hasattr(attn, "q_norm"):  # per head, before RoPE (Qwen3, Gemma 3)
+            q, k = attn.q_norm(q), attn.k_norm(k)
         which = 1 if config.is_sliding(index) else 0
-        parts = []
-        for s, (b, n), rows, table in zip(steps, shapes, _slices(sizes), tables, strict=True):
-            cos, sin, mask = table[which]
-            slot = index - stage.start
-            qi, ki, vi = (t[rows].view(b, n, -1) for t in (q, k, v))  # [b, n, width]
+        cos, sin = angles[which]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # every row by its own position
+        attended = torch.empty(x.shape[0], heads * dim, dtype=x.dtype, device=x.device)
+        slot = index - stage.start
+        for s, (b, n), r, mask in zip(steps, shapes, rows, masks, strict=True):
+            qi = q[r].view(b, n, heads, dim).transpose(1, 2)  # [b, heads, n, dim]
+            ki, vi = (t[r].view(b, n, kv_heads, dim).transpose(1, 2) for t in (k, v))  # [b, kv_heads, n, dim]
             ck, cv = s.cache.keys[slot], s.cache.values[slot]
-            parts.append(attn.attend(qi, ki, vi, cos, sin, mask, ck, cv, s.position).reshape(b * n, -1))
-        attended = attn.o_proj(torch.cat(parts))  # [rows, hidden]
+            attended[r] = attn.attend_rotated(qi, ki, vi, mask[which], ck, cv, s.position).view(b * n, -1)
+        attended = attn.o_proj(attended)  # [rows, hidden]
         # the block's own residual layout (Block.forward): plain, or Gemma's sandwich norms
         feed_forward = getattr(block, block.feed_forward_name)
         if not block.sandwich:
@@ -109,7 +118,13 @@ def _forward_rows(stage: Stage, steps: Sequence[StepInput], start: int, end: int
             x = x + block.post_attention_layernorm(attended)
             ff_in = block.pre_feedforward_layernorm(x).unsqueeze(0)  # [1, rows, hidden]: MoE wants 3-D
             x = x + block.post_feedforward_layernorm(feed_forward(ff_in).squeeze(0))
-    return [x[rows].view(b, n, hidden_size) for rows, (b, n) in zip(_slices(sizes), shapes, strict=True)]
+    return [x[r].view(b, n, hidden_size) for r, (b, n) in zip(rows, shapes, strict=True)]
+
+
+def _row_angles(rotary: RotaryEmbedding, positions: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin ``[rows, 1, head_dim]`` of each row's position, from ``rotary``'s shared table."""
+    cos, sin = rotary.cos_sin(0, int(positions.max()) + 1, dtype=x.dtype, device=x.device)
+    return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 
 
 def _slices(sizes: Sequence[int]) -> list[slice]:

@@ -215,7 +215,6 @@ class Attention(nn.Module):
         project all their tokens together and call this once per session, each with its own cache."""
         batch, n, _ = q.shape
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        groups = heads // kv_heads
         q = q.view(batch, n, heads, dim).transpose(1, 2)  # [batch, heads, n, dim]
         k = k.view(batch, n, kv_heads, dim).transpose(1, 2)  # [batch, kv_heads, n, dim]
         v = v.view(batch, n, kv_heads, dim).transpose(1, 2)  # [batch, kv_heads, n, dim]
@@ -223,6 +222,24 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
+        return self.attend_rotated(q, k, v, mask, cache_keys, cache_values, position)
+
+    def attend_rotated(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None = None,
+        cache_keys: Tensor | None = None,
+        cache_values: Tensor | None = None,
+        position: int = 0,
+    ) -> Tensor:
+        """:meth:`attend` after its per-head norms and RoPE: ``q [batch, heads, n, dim]``, ``k``/``v
+        [batch, kv_heads, n, dim]`` in, ``[batch, n, heads * dim]`` out (batched steps rotate all
+        their rows at once, then attend per session)."""
+        batch, heads, n, dim = q.shape
+        kv_heads = self.num_kv_heads
+        groups = heads // kv_heads
         if cache_keys is not None and cache_values is not None:
             cache_keys[:, :, position : position + n] = k
             cache_values[:, :, position : position + n] = v

@@ -16,6 +16,11 @@ another client's decode step waits for at most the chunk that is running.
 Within a peer's share, *urgent* jobs (inference steps) go before bulk work (forward, backward, cache
 growth). Steps that may share a forward (the same ``batch_key``) are gathered into one batch,
 taken from the waiting peers in fair order, each peer charged its own step's cost.
+
+A decode batch costs about as much for one step as for sixteen (the weights are read once either
+way), so a batch may fill: when recent batches of its key held more steps than wait now (sessions
+stepping together arrive a frame at a time), the worker waits for the rest, at most
+:data:`BATCH_WINDOW_S` and no longer than such a batch takes. A lone session never waits.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ MAX_BATCH_STEPS = 64  # steps joined into one forward at most
 # has nothing to do: two thread wakeups (~0.2 ms on the 2-core dev box) cost more than a short step
 # blocks the loop. Above it, the loop stays free to read frames while the thread computes.
 INLINE_MAX_COST = 8.0
+# Longest wait for steps that recent batches suggest are on their way (also: at most a batch's time)
+BATCH_WINDOW_S = 0.050
+_PEAK_HORIZON_S = 3.0  # a batch size is expected again for this long after it last ran
 _PRUNE_AT = 4096  # forget idle owners' virtual times past this many entries
 
 
@@ -65,6 +73,20 @@ class _Job:
 
 
 @dataclass
+class _Recent:
+    """Per batch key: the largest batch of late (expected again) and how long batches take."""
+
+    peak: int = 1
+    at: float = 0.0  # when a batch of ``peak`` steps last ran
+    compute_s: float = 0.0  # moving average of a batch's forward time
+
+    def ran(self, size: int, started: float, took: float) -> None:
+        if size >= self.peak or started - self.at > _PEAK_HORIZON_S:
+            self.peak, self.at = size, started
+        self.compute_s = took if not self.compute_s else 0.8 * self.compute_s + 0.2 * took
+
+
+@dataclass
 class _Owner:
     urgent: collections.deque[_Job] = field(default_factory=collections.deque)
     bulk: collections.deque[_Job] = field(default_factory=collections.deque)
@@ -84,6 +106,7 @@ class ComputeRuntime:
         name: str = "peerd-compute",
         max_batch_steps: int = MAX_BATCH_STEPS,
         inline_max_cost: float = INLINE_MAX_COST,
+        batch_window_s: float = BATCH_WINDOW_S,
     ) -> None:
         self._owners: dict[str, _Owner] = {}  # owners with queued work
         self._vtime: dict[str, float] = {}
@@ -94,6 +117,8 @@ class ComputeRuntime:
         self._torch_threads = torch_threads
         self.max_batch_steps = max_batch_steps  # 1 turns batching off (the benchmark's baseline)
         self.inline_max_cost = inline_max_cost  # 0 turns inline steps off
+        self.batch_window_s = batch_window_s  # 0: a batch takes only the steps already waiting
+        self._recent: dict[Hashable, _Recent] = {}
         self._working = False  # the compute thread runs a job
         self._inline = False  # an inline step runs on the event loop
         self._considering = 0  # steps about to choose between inline and the queue (event loop only)
@@ -155,7 +180,7 @@ class ComputeRuntime:
         calling (event loop) thread: it would wait for nothing on the compute thread, only for the
         wakeups there and back. Steps read in the same loop iteration all go to the queue (the one
         ``sleep(0)`` lets them see each other), so that steps ready together still run as one batch."""
-        if cost <= self.inline_max_cost and self._idle():
+        if cost <= self.inline_max_cost and self._idle() and self._expected(batch_key) <= 1:
             self._considering += 1
             try:
                 await asyncio.sleep(0)
@@ -165,6 +190,13 @@ class ComputeRuntime:
             if self._considering == 0 and self._claim_inline(owner, cost):
                 return self._run_inline(payload, runner, owner)
         return await _await(self.submit_step(payload, runner, batch_key, owner, cost=cost))
+
+    def _expected(self, key: Hashable) -> int:
+        """Steps of ``key`` a batch may expect now: the largest recent batch (1 when none ran lately)."""
+        recent = self._recent.get(key)
+        if recent is None or time.perf_counter() - recent.at > _PEAK_HORIZON_S:
+            return 1
+        return min(recent.peak, self.max_batch_steps)
 
     def _idle(self) -> bool:
         return not (self._working or self._inline or self._owners or self._closed)
@@ -210,7 +242,8 @@ class ComputeRuntime:
         job = first.urgent.popleft() if first.urgent else first.bulk.popleft()
         jobs = [job]
         if job.batch_key is not None:
-            jobs += self._gather(job.batch_key)
+            jobs += self._gather(job.batch_key, 1)
+            jobs += self._fill(job.batch_key, len(jobs))
         for taken in jobs:
             self._vtime[taken.owner] += taken.cost  # a chunked job is charged per chunk, after it
             queues = self._owners.get(taken.owner)
@@ -221,12 +254,27 @@ class ComputeRuntime:
             self._vtime = {o: v for o, v in self._vtime.items() if o in self._owners or v > self._clock}
         return jobs
 
-    def _gather(self, key: Hashable) -> list[_Job]:
-        """Other waiting steps of ``key``, one per owner per round in virtual-time order, up to the cap."""
+    def _fill(self, key: Hashable, have: int) -> list[_Job]:
+        """Under the lock: the steps of ``key`` that came while waiting for the expected ones."""
+        expected, recent = self._expected(key), self._recent.get(key)
+        if have >= expected or recent is None or self.batch_window_s <= 0:
+            return []
+        deadline = time.perf_counter() + min(self.batch_window_s, recent.compute_s)
+        taken: list[_Job] = []
+        while have + len(taken) < expected and not self._closed:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._cv.wait(remaining)  # an enqueue notifies
+            taken += self._gather(key, have + len(taken))
+        return taken
+
+    def _gather(self, key: Hashable, have: int) -> list[_Job]:
+        """Waiting steps of ``key``, one per owner per round in virtual-time order, to the cap (``have`` taken)."""
         taken: list[_Job] = []
         order = sorted(self._owners, key=lambda o: (self._vtime[o], self._owners[o].since))
         progress = True
-        while progress and len(taken) < self.max_batch_steps - 1:
+        while progress and have + len(taken) < self.max_batch_steps:
             progress = False
             for owner in order:
                 urgent = self._owners[owner].urgent
@@ -236,7 +284,7 @@ class ComputeRuntime:
                 urgent.remove(match)
                 taken.append(match)
                 progress = True
-                if len(taken) >= self.max_batch_steps - 1:
+                if have + len(taken) >= self.max_batch_steps:
                     break
         return taken
 
@@ -277,10 +325,18 @@ class ComputeRuntime:
         if len(jobs) > 1:
             self.batches += 1
             self.batched_steps += len(jobs)
+        started = time.perf_counter()
         try:
             results = runner([j.payload for j in jobs])
         except BaseException as exc:
             results = [exc] * len(jobs)
+        key = jobs[0].batch_key
+        recent = self._recent.get(key)
+        if recent is None:
+            if len(self._recent) > _PRUNE_AT:
+                self._recent.clear()
+            recent = self._recent[key] = _Recent()
+        recent.ran(len(jobs), started, time.perf_counter() - started)
         for job, result in zip(jobs, results, strict=True):
             if isinstance(result, BaseException):
                 job.future.set_exception(result)
