@@ -208,7 +208,7 @@ class InferenceHandlers(ServicerBase):
         session.steps += 1
         session.stepped(n_tokens * session.batch_size, time.monotonic())
         phase = "decode" if n_tokens == 1 else "prefill"
-        self.metrics.tokens.labels(phase=phase).inc(n_tokens * session.batch_size)
+        self.metrics.tokens_of[phase].inc(n_tokens * session.batch_size)
         wire = result_to_wire(out, session.response_compression)
         pushed = await self.pusher.push(session, wire, position, step_id)
         assert session.writer is not None  # set when the session opened
@@ -217,7 +217,7 @@ class InferenceHandlers(ServicerBase):
         encoded = time.perf_counter()
         await send_frame(session.writer, frame, self.limits, self.metrics)
         written = time.perf_counter()
-        self.metrics.step_latency.labels(phase=phase).observe(written - started)
+        self.metrics.step_latency_of[phase].observe(written - started)
         if self.tracer is not None and ran is not None:
             marks = (started, compute_started, *ran, resumed, encoded, written)
             self.tracer.record_server(session.session_id, step_id, marks)
