@@ -133,8 +133,14 @@ def encode_frame(msg: Message, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -
 
 
 def encode_message(msg: Message) -> bytes:
-    """The body of ``msg`` (no length prefix)."""
-    return encode_frame(msg, 0xFFFFFFFF)[HEADER_BYTES:]
+    """The body of ``msg`` (no length prefix), payloads copied once."""
+    parts = frame_parts([msg], 0xFFFFFFFF)
+    first = parts[0]
+    assert type(first) is bytes  # frame_parts starts with the joined small pieces, never a payload
+    if len(parts) == 1:  # small payloads are already in the first piece
+        return first[HEADER_BYTES:]
+    # one join: slicing the joined frame instead would copy every large payload a second time
+    return b"".join([memoryview(first)[HEADER_BYTES:], *parts[1:]])
 
 
 def pack_body(envelope: Any, payloads: Iterable[bytes] = ()) -> bytes:

@@ -66,6 +66,8 @@ def _bad(message: str) -> ProtocolError:
 
 
 def _as_bytes_view(data: object, what: str) -> memoryview:
+    if type(data) is memoryview and data.ndim == 1 and data.format == "B":
+        return data  # already flat bytes (a received payload, a sent tensor's buffer)
     if not isinstance(data, bytes | bytearray | memoryview):
         raise _bad(f"tensor {what} must be bytes, got {type(data).__name__}")
     view = memoryview(data)
@@ -125,11 +127,11 @@ class WireTensor:
             raise _bad(f"shape {self.shape}: the non-zero dims multiply to over {MAX_TENSOR_ELEMENTS}")
         if not isinstance(self.compression, Compression):
             raise _bad(f"compression must be a Compression, got {self.compression!r}")
-        data = _as_bytes_view(self.data, "data")
-        scales = _as_bytes_view(self.scales, "scales")
-        if type(self.data) is not bytes and data is not self.data:
+        data = self.data if type(self.data) is bytes else _as_bytes_view(self.data, "data")
+        scales = self.scales if type(self.scales) is bytes else _as_bytes_view(self.scales, "scales")
+        if data is not self.data:
             object.__setattr__(self, "data", data)
-        if type(self.scales) is not bytes and scales is not self.scales:
+        if scales is not self.scales:
             object.__setattr__(self, "scales", scales)
 
         if self.compression is Compression.NONE:
@@ -138,14 +140,14 @@ class WireTensor:
             if self.dtype not in FLOAT_DTYPES:
                 raise _bad(f"compression {self.compression.value} applies only to float dtypes, not {self.dtype}")
             expected = 2 * n if self.compression is Compression.FLOAT16 else n
-        if data.nbytes != expected:
+        if len(data) != expected:  # bytes, or a flat view of bytes: its length is its size
             raise _bad(
                 f"{self.dtype} tensor of shape {self.shape} with compression {self.compression.value} "
-                f"needs {expected} data bytes, got {data.nbytes}"
+                f"needs {expected} data bytes, got {len(data)}"
             )
         expected_scales = 4 * _num_blocks(n) if self.compression is Compression.BLOCKWISE8 else 0
-        if scales.nbytes != expected_scales:
-            raise _bad(f"tensor needs {expected_scales} scale bytes, got {scales.nbytes}")
+        if len(scales) != expected_scales:
+            raise _bad(f"tensor needs {expected_scales} scale bytes, got {len(scales)}")
 
     @property
     def num_elements(self) -> int:

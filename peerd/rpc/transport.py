@@ -23,7 +23,7 @@ from peerd.rpc.hoptrace import HopTracer
 from peerd.rpc.inference import InferenceStream
 from peerd.rpc.p2pd import daemon_multiaddr
 from peerd.rpc.relayed import open_via_relay, relay_of
-from peerd.rpc.streams import STREAM_NAMES
+from peerd.rpc.streams import STREAM_NAMES, drain_within
 from peerd.rpc.tensors import from_wire, to_wire
 from protocols import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -192,8 +192,7 @@ class PeerClient:
     async def _write(self, peer_id: str, writer: asyncio.StreamWriter, parts: list[bytes | memoryview]) -> None:
         try:
             write_parts(writer, parts)
-            async with asyncio.timeout(self.timeout_s):
-                await writer.drain()
+            await drain_within(writer, self.timeout_s)
         except (OSError, ConnectionError, TimeoutError) as exc:
             raise PeerUnavailable(peer_id, f"send failed: {exc!r}") from exc
 

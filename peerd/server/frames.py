@@ -9,6 +9,7 @@ import struct
 
 import torch
 
+from peerd.rpc.streams import drain_within
 from peerd.rpc.tensors import to_wire
 from peerd.server.bounds import CURRENT_STREAM
 from peerd.server.limits import Limits
@@ -88,9 +89,8 @@ async def send_frame(
     if writer.is_closing():
         # the stream was closed under us (client gone, or the session handed back while draining)
         raise ConnectionResetError("stream already closed")
-    async with asyncio.timeout(limits.request_timeout_s):
-        size = write_parts(writer, parts)
-        await writer.drain()
+    size = write_parts(writer, parts)
+    await drain_within(writer, limits.request_timeout_s)
     metrics.bytes_out.inc(size)
 
 

@@ -206,18 +206,20 @@ class InferenceHandlers(ServicerBase):
             await asyncio.sleep(self.step_delay_s)
         session.length = position + n_tokens
         session.steps += 1
-        session.stepped(n_tokens * session.batch_size, time.monotonic())
-        phase = "decode" if n_tokens == 1 else "prefill"
-        self.metrics.tokens.labels(phase=phase).inc(n_tokens * session.batch_size)
         wire = result_to_wire(out, session.response_compression)
         pushed = await self.pusher.push(session, wire, position, step_id)
         assert session.writer is not None  # set when the session opened
         result = InferenceStepResult(wire, step_id, compute_ms, pushed, digest)
         frame = frame_parts([result], self.limits.max_frame_bytes)
         encoded = time.perf_counter()
-        await send_frame(session.writer, frame, self.limits, self.metrics)
+        phase = "decode" if n_tokens == 1 else "prefill"
+        try:
+            await send_frame(session.writer, frame, self.limits, self.metrics)
+        finally:  # bookkeeping after the answer is on its way (it runs with cold caches after a forward)
+            session.stepped(n_tokens * session.batch_size, time.monotonic())
+            self.metrics.tokens_of[phase].inc(n_tokens * session.batch_size)
         written = time.perf_counter()
-        self.metrics.step_latency.labels(phase=phase).observe(written - started)
+        self.metrics.step_latency_of[phase].observe(written - started)
         if self.tracer is not None and ran is not None:
             marks = (started, compute_started, *ran, resumed, encoded, written)
             self.tracer.record_server(session.session_id, step_id, marks)

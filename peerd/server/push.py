@@ -42,7 +42,9 @@ from protocols import (
     WireTensor,
     encode_frame,
     expect_message,
+    frame_parts,
     read_message,
+    write_parts,
 )
 
 __all__ = ["PUSH_TIMEOUT_S", "Opener", "PushLink", "Pusher", "accept_push", "link_of"]
@@ -135,11 +137,13 @@ class Pusher:
                 out = await self._stream(session, link.next_peer)
                 if out.pending is not None:
                     await self._acknowledged(out, out.pending)
-                frame = encode_frame(InferencePush(link.next_session_id, hidden, position, step_id))
-                out.writer.write(frame)
+                # the hidden states' own buffer goes to the writer, as in a step's answer (no join)
+                sent = write_parts(
+                    out.writer, frame_parts([InferencePush(link.next_session_id, hidden, position, step_id)])
+                )
                 await out.writer.drain()
                 out.pending = step_id
-                self.metrics.bytes_out.inc(len(frame))
+                self.metrics.bytes_out.inc(sent)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # unreachable, refused, slow, garbage: the client relays instead

@@ -221,7 +221,10 @@ class ComputeRuntime:
             self.inline_steps += 1
             with self._cv:
                 self._inline = False
-                self._cv.notify()
+                if self._owners or self._closed:  # work queued (or a close) meanwhile: the thread acts on it
+                    self._cv.notify()
+                # else no wakeup: the thread would only look and sleep again, taking the GIL from the
+                # event loop for it (a thread switch per step, for nothing)
         if isinstance(result, BaseException):
             raise result
         return result
