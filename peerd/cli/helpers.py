@@ -139,7 +139,7 @@ async def connect_client(args: argparse.Namespace) -> SwarmClient:
         min_precision=getattr(args, "min_precision", None),
         spot_check_rate=getattr(args, "spot_check_rate", DEFAULT_SPOT_CHECK_RATE),
     )
-    client.push = getattr(args, "push", True)
+    client.push = getattr(args, "push", None)
     return client
 
 

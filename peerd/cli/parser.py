@@ -82,9 +82,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--push",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="peers pass hidden states on to the next peer, fewer round trips per token (default on; --no-push: "
-        "the client relays every hop)",
+        default=None,
+        help="peers pass hidden states on to the next peer, one client round trip less per hop and token "
+        "(default: when the route's peers are 10 ms or more away; --no-push: the client relays every hop)",
     )
     g = p.add_argument_group("sampling (as in the OpenAI API; the defaults are plain greedy decoding)")
     g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="longest reply, in tokens")

@@ -8,7 +8,13 @@ from collections.abc import Sequence, Set
 from peerd.rpc.inference import InferenceStream
 from protocols import input_digest
 
-__all__ = ["PushedOtherwise", "pushed_as_reported", "route_links"]
+__all__ = ["PUSH_MIN_RTT_MS", "PushedOtherwise", "push_pays", "pushed_as_reported", "route_links"]
+
+# Push saves one client round trip per span and step but makes each peer write its output twice
+# (to the next peer and to the client): on loopback or a LAN that costs more than it saves
+# (docs/benchmarks.md), over the internet it saves a round trip per hop. Auto mode pushes when the
+# route's median client <-> peer round trip is at least this long.
+PUSH_MIN_RTT_MS = 10.0
 
 
 class PushedOtherwise(Exception):
@@ -44,3 +50,12 @@ def pushed_as_reported(prev: InferenceStream | None, got: InferenceStream, posit
     return (
         reported is not None and result is not None and result.input_digest == input_digest(reported.hidden, position)
     )
+
+
+def push_pays(rtts_ms: Sequence[float | None]) -> bool:
+    """Whether pushing pays on a route whose peers are ``rtts_ms`` away from the client (None: not
+    measured yet). Unmeasured peers count as far: a client that knows nothing assumes the internet."""
+    if not rtts_ms:
+        return False
+    known = sorted(PUSH_MIN_RTT_MS if rtt is None else rtt for rtt in rtts_ms)
+    return known[len(known) // 2] >= PUSH_MIN_RTT_MS

@@ -20,7 +20,7 @@ import torch
 
 from peerd.client.compression import CompressionChoice, hop_compression
 from peerd.client.deadlines import StepDeadline
-from peerd.client.pushing import PushedOtherwise, pushed_as_reported, route_links
+from peerd.client.pushing import PushedOtherwise, push_pays, pushed_as_reported, route_links
 from peerd.client.reservations import BUSY_WAIT_S, busy_backoff_s
 from peerd.client.router import Router
 from peerd.client.routing import Span
@@ -94,10 +94,12 @@ class InferenceSession:
         failover_timeout_s: float = 30.0,
         checker: SpotChecker | None = None,
         busy_wait_s: float = BUSY_WAIT_S,
-        push: bool = False,
+        push: bool | None = False,
     ) -> None:
         self.router = router
-        self.push = push  # peers push each step's output to the next span's peer (server/push.py)
+        # peers push each step's output to the next span's peer (server/push.py); None: decided at
+        # the first link, by the route's round trips (pushing.push_pays)
+        self.push = push
         self._step_seq = 0
         self._no_push_from: set[str] = set()  # peers caught pushing other states than they reported
         self.peers = peers
@@ -295,6 +297,8 @@ class InferenceSession:
 
     async def _link(self) -> None:
         """Tell every span its neighbours (push on): who may push into it, and where it pushes to."""
+        if self.push is None:
+            self.push = push_pays([self.router.rtts_ms.get(s.span.peer_id) for s in self.spans])
         if not self.push:
             return
         links = route_links([(s.span.peer_id, s.stream) for s in self.spans], self._no_push_from)

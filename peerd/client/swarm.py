@@ -90,7 +90,9 @@ class SwarmClient:
         self.failover_timeout_s = failover_timeout_s  # how long a session waits for a replacement peer
         self.busy_wait_s = BUSY_WAIT_S  # ... and for room, when the peers of some blocks are all full
         self.speculation = Speculation()  # multi-token steps (speculative.py); Speculation(0) turns them off
-        self.push = True  # peers push hidden states to the next span's peer (server/push.py); False: we relay
+        # peers push hidden states to the next span's peer (server/push.py); False: we relay every hop;
+        # None: push when the route's peers are far (round trips of PUSH_MIN_RTT_MS or more)
+        self.push: bool | None = None
         self.router = Router(
             dht,
             self.peers,

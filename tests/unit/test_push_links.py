@@ -62,3 +62,14 @@ def test_accept_push_only_from_the_linked_predecessor() -> None:
     with pytest.raises(ProtocolError) as info:
         accept_push(InferenceStep(push.hidden, 0, 1), PEERS[0], sessions, None)
     assert info.value.code == ErrorCode.UNEXPECTED_MESSAGE
+
+
+def test_push_pays_on_far_routes_only() -> None:
+    from peerd.client.pushing import PUSH_MIN_RTT_MS, push_pays
+
+    assert not push_pays([0.4, 0.5, 0.6])  # loopback / LAN: each peer writing twice costs more than it saves
+    assert push_pays([25.0, 40.0, 80.0])  # the internet: a client round trip less per hop
+    assert push_pays([1.0, PUSH_MIN_RTT_MS, 50.0])  # the median decides
+    assert not push_pays([1.0, 2.0, 500.0])  # one far peer does not make the route far
+    assert push_pays([None, None, 1.0])  # not measured yet: assume the internet
+    assert not push_pays([])
