@@ -11,8 +11,8 @@ from protocols import input_digest
 __all__ = ["PUSH_MIN_RTT_MS", "PushedOtherwise", "push_pays", "pushed_as_reported", "route_links"]
 
 # Push saves one client round trip per span and step but makes each peer write its output twice
-# (to the next peer and to the client): on loopback or a LAN that costs more than it saves
-# (docs/benchmarks.md), over the internet it saves a round trip per hop. Auto mode pushes when the
+# (to the next peer and to the client): on loopback or a LAN that gains nothing measurable
+# (docs/decisions.md), over the internet it saves a round trip per hop. Auto mode pushes when the
 # route's median client <-> peer round trip is at least this long.
 PUSH_MIN_RTT_MS = 10.0
 
