@@ -41,7 +41,8 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 
 
-def _wait_ready(path: Path, proc: subprocess.Popen[Any], timeout_s: float = 240.0) -> dict[str, Any]:
+def wait_ready(path: Path, proc: subprocess.Popen[Any], timeout_s: float = 240.0) -> dict[str, Any]:
+    """The JSON a `peerd run --ready-file` (or any helper) writes once ready; fails fast if it exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if path.exists():
@@ -52,7 +53,7 @@ def _wait_ready(path: Path, proc: subprocess.Popen[Any], timeout_s: float = 240.
         if proc.poll() is not None:
             raise RuntimeError(f"{path.stem} exited with {proc.returncode}")
         time.sleep(0.05)
-    raise TimeoutError(f"{path.stem} not ready")
+    raise TimeoutError(f"{path.stem} not ready after {timeout_s:.0f}s")
 
 
 def _client(net: Internet, host: Host, ckpt: Path, boot: list[str], args: list[str]) -> dict[str, Any]:
@@ -91,7 +92,7 @@ def main() -> int:
         try:
             boot_host = net.public_host("boot")
             proc, ready, _ = spawn("boot", boot_host, ["bootstrap", "--new-swarm", "--model-id", "tiny"])
-            boot = [m for m in _wait_ready(ready, proc)["maddrs"] if f"/{boot_host.ip}/" in m]
+            boot = [m for m in wait_ready(ready, proc)["maddrs"] if f"/{boot_host.ip}/" in m]
             hosts = {
                 "nated": net.home_router("r1").host("nated"),
                 "public": net.public_host("public"),
@@ -104,7 +105,7 @@ def main() -> int:
             for name in ("nated", "public", "slowlink"):  # one at a time: start-up times stay comparable
                 args = ["run", "--blocks", "0:6", "--initial-peers", ",".join(boot), "--name", name, *PEER_ARGS]
                 proc, ready, started = spawn(name, hosts[name], [*args, "--identity", str(work / f"{name}.key")])
-                infos[name] = _wait_ready(ready, proc)
+                infos[name] = wait_ready(ready, proc)
                 joined[name] = time.monotonic() - started
             results["join_to_serving_s"] = {n: round(v, 2) for n, v in joined.items()}
             results["reach"] = {n: i["reach"] for n, i in infos.items()}

@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.helpers.netinet import Host, Internet, missing_requirements, read_line  # noqa: E402
+from tools.bench_nat import wait_ready  # noqa: E402
 from tools.validate_sim_report import compare, dumps, print_table, reference_outputs, resimulate  # noqa: E402
 
 SHIM = REPO / "tests" / "helpers" / "delay_shim.py"
@@ -94,20 +95,6 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 
 
-def _wait_file(path: Path, proc: subprocess.Popen[Any], timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists():
-            try:
-                return dict(json.loads(path.read_text()))
-            except json.JSONDecodeError:
-                pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"{path.stem} exited with {proc.returncode}")
-        time.sleep(0.2)
-    raise TimeoutError(f"{path.stem} not ready after {timeout_s:.0f}s")
-
-
 class RealSwarm:
     """The namespaces and processes of one real run; ``net`` cleans everything up on exit."""
 
@@ -132,7 +119,7 @@ class RealSwarm:
         proc = self.spawn(
             "boot", host, [sys.executable, "-m", "peerd", *args, "--model", str(self.ckpt), "--ready-file", str(ready)]
         )
-        self.boot = [m for m in _wait_file(ready, proc, 120)["maddrs"] if f"/{host.ip}/" in m]
+        self.boot = [m for m in wait_ready(ready, proc, 120)["maddrs"] if f"/{host.ip}/" in m]
 
     def start_peer(self, spec: dict[str, Any]) -> None:
         name = spec["name"]
@@ -161,7 +148,7 @@ class RealSwarm:
 
     def wait_ready(self, names: list[str], timeout_s: float) -> dict[str, str]:
         """Peer id by name once each is serving."""
-        return {n: _wait_file(self.ready_files[n], self.procs[n], timeout_s)["peer_id"] for n in names}
+        return {n: wait_ready(self.ready_files[n], self.procs[n], timeout_s)["peer_id"] for n in names}
 
     def crash(self, name: str) -> None:
         """The machine vanishes: its processes die and its link goes down (clients see silence)."""

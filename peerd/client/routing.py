@@ -227,6 +227,11 @@ def _fastest_chain(
         k = int(pairs[int(np.argmin(cost[pairs]))])
         best = float(cost[k])
         ends.append((int(peer_of[k]), int(entry[k])))
+    return _walk_back(ends, start, end)
+
+
+def _walk_back(ends: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int, int]]:
+    """The chain [(peer, first block, end block), ...] from the DP's best (peer, entry) per boundary."""
     chain: list[tuple[int, int, int]] = []
     boundary = end
     while boundary > start:
@@ -284,14 +289,7 @@ class ChainLayout:
             if best == np.inf:
                 return None
             ends.append((int(self.peer[k]), int(entry[k])))
-        chain: list[tuple[int, int, int]] = []
-        boundary = end
-        while boundary > start:
-            peer, entered = ends[boundary - 1 - start]
-            chain.append((peer, entered, boundary))
-            boundary = entered
-        chain.reverse()
-        return chain
+        return _walk_back(ends, start, end)
 
 
 def hop_rate(record: ServerRecord, blocks: int, bytes_per_token: int) -> float:
