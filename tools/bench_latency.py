@@ -2,7 +2,8 @@
 
 Loopback hides what a decode step costs over the internet: round trips. Here every peer listens
 behind a TCP delay shim (tests/helpers/delay_shim.py, on 127.0.0.1) and announces only the shim's
-address, so every connection to a peer, the client's included, pays the shim's delay each way.
+address, so every connection to a peer, the client's included, pays the shim's delay each way
+(the delay is read per chunk, so connections opened before a change of delay pay the new one).
 For each emulated round-trip time the same client generates greedily in four modes: client-relayed
 (the client carries every hop), speculative (prompt-lookup guesses verified in one trip), push (each
 peer hands its output to the next peer: server/push.py) and push + speculative, on a prompt that
@@ -62,7 +63,9 @@ PROMPTS = {"copying": COPYING, "quoting": QUOTING, "fresh": FRESH}
 class Shims:
     """One delay shim per peer, all on one event loop in a thread of their own.
 
-    ``one_way_s`` is read when a connection is accepted, so a new client sees the new delay.
+    ``one_way_s`` is read for every chunk, so a new delay holds on connections already open too: the
+    peers dial each other (through these shims) at start-up, at delay 0, and keep those connections
+    for the pushes; a delay read once per connection left every peer-to-peer leg undelayed.
     """
 
     def __init__(self) -> None:

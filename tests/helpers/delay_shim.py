@@ -35,18 +35,22 @@ MAX_CHUNKS = 64
 async def _pipe(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    delay: float,
+    delay_of: Callable[[], float],
     chunk_size: int,
     max_chunks: int,
 ) -> None:
-    """Copy reader -> writer, each chunk written ``delay`` s after it was read; forwards EOF."""
+    """Copy reader -> writer, each chunk written ``delay_of()`` s after it was read; forwards EOF.
+
+    The delay is read as each chunk arrives; chunks still leave in order (one whose delay is
+    shorter than its predecessor's waits for it).
+    """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(max_chunks)
 
     async def receive() -> None:
         while True:
             data = await reader.read(chunk_size)
-            await queue.put((loop.time() + delay, data))  # b"" marks EOF
+            await queue.put((loop.time() + max(0.0, delay_of()), data))  # b"" marks EOF
             if not data:
                 return
 
@@ -74,7 +78,7 @@ async def _handle(
     client_reader: asyncio.StreamReader,
     client_writer: asyncio.StreamWriter,
     target: tuple[str, int],
-    delay: float,
+    delay_of: Callable[[], float],
     chunk_size: int,
     max_chunks: int,
 ) -> None:
@@ -86,8 +90,8 @@ async def _handle(
     writers = (client_writer, up_writer)
     try:
         async with asyncio.TaskGroup() as group:
-            group.create_task(_pipe(client_reader, up_writer, delay, chunk_size, max_chunks))
-            group.create_task(_pipe(up_reader, client_writer, delay, chunk_size, max_chunks))
+            group.create_task(_pipe(client_reader, up_writer, delay_of, chunk_size, max_chunks))
+            group.create_task(_pipe(up_reader, client_writer, delay_of, chunk_size, max_chunks))
     except* (OSError, asyncio.IncompleteReadError):
         for w in writers:
             w.transport.abort()  # propagate the failure as a reset, like a real link would
@@ -108,15 +112,17 @@ async def start_delay_shim(
 ) -> asyncio.Server:
     """Start the shim in the running loop; close the returned server to stop accepting.
 
-    ``delay`` may be a function: it is called for each accepted connection, so a benchmark can
-    change the delay of new connections without restarting the shim (open ones keep theirs).
+    ``delay`` may be a function: it is called for each chunk as it is read, so a benchmark can
+    change the delay without restarting the shim, and connections already open pay the new delay
+    too (libp2p peers keep the connections they opened at start-up, so a delay read once per
+    connection would leave those at the delay of that moment).
     """
     delay_of = delay if callable(delay) else (lambda: delay)
     if delay_of() < 0:
         raise ValueError("delay must be >= 0")
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _handle(reader, writer, target, max(0.0, delay_of()), chunk_size, max_chunks)
+        await _handle(reader, writer, target, delay_of, chunk_size, max_chunks)
 
     return await asyncio.start_server(on_client, listen[0], listen[1], limit=chunk_size)
 

@@ -1,4 +1,4 @@
-"""The TCP delay shim on loopback: each connection pays the delay it was accepted with, both ways."""
+"""The TCP delay shim on loopback: every chunk pays the delay of the moment it was read, both ways."""
 
 from __future__ import annotations
 
@@ -15,15 +15,14 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
-async def _round_trip_s(port: int) -> tuple[float, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def _round_trip_s(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
     started = time.monotonic()
     writer.write(b"ping")
     assert await asyncio.wait_for(reader.readexactly(4), timeout=10) == b"ping"
-    return time.monotonic() - started, writer
+    return time.monotonic() - started
 
 
-async def test_a_delay_function_is_read_for_each_new_connection() -> None:
+async def test_a_delay_function_is_read_for_each_chunk_on_new_and_open_connections() -> None:
     echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
     one_way_s = [0.05]
     shim = await start_delay_shim(
@@ -32,13 +31,17 @@ async def test_a_delay_function_is_read_for_each_new_connection() -> None:
     port = shim.sockets[0].getsockname()[1]
     writers = []
     try:
-        first, w = await _round_trip_s(port)
-        writers.append(w)
-        assert first >= 2 * 0.05  # held once on the way there, once on the way back
+        old = await asyncio.open_connection("127.0.0.1", port)
+        writers.append(old[1])
+        assert await _round_trip_s(*old) >= 2 * 0.05  # held once on the way there, once on the way back
         one_way_s[0] = 0.2  # a benchmark moving to a longer link
-        second, w = await _round_trip_s(port)
-        writers.append(w)
-        assert second >= 2 * 0.2
+        new = await asyncio.open_connection("127.0.0.1", port)
+        writers.append(new[1])
+        assert await _round_trip_s(*new) >= 2 * 0.2
+        # a connection opened before the change pays the new delay too (libp2p peers keep theirs)
+        assert await _round_trip_s(*old) >= 2 * 0.2
+        one_way_s[0] = 0.0
+        assert await _round_trip_s(*old) < 0.2
     finally:
         for w in writers:
             w.close()
