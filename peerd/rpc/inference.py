@@ -10,6 +10,7 @@ import torch
 
 from peerd.rpc.errors import PeerUnavailable
 from peerd.rpc.hoptrace import HopTracer
+from peerd.rpc.streams import drain_within
 from peerd.rpc.tensors import from_wire, to_wire
 from protocols import (
     Compression,
@@ -138,8 +139,7 @@ class InferenceStream:
         self.closed = True
         try:
             self._writer.write(encode_frame(InferenceClose()))
-            async with asyncio.timeout(1.0):
-                await self._writer.drain()
+            await drain_within(self._writer, 1.0)
         except Exception:
             pass  # closing a dead stream is not an error worth reporting
         finally:
