@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from typing import Any
@@ -32,7 +33,7 @@ from hivemind.utils import get_dht_time
 from torch import Tensor
 
 from peerd.client.aggregation import Contribution, aggregate
-from peerd.client.run_records import AveragingConfig, Member, RoundReport, check_push, digest
+from peerd.client.run_records import AveragingConfig, Member, RoundReport, check_push, check_state, digest
 from peerd.rpc.p2pd import daemon_multiaddr
 from peerd.rpc.tensors import from_wire, to_wire
 from peerd.swarm.dht import SwarmDHT
@@ -59,6 +60,7 @@ __all__ = ["Averager", "AveragingConfig", "RoundReport"]
 logger = logging.getLogger(__name__)
 
 MAX_GROUP = 64  # members of one round that a trainer will exchange with
+PUSH_RETRY_S = 0.2  # pause before pushing again to a member whose stream failed
 
 
 class Averager:
@@ -129,8 +131,6 @@ class Averager:
         for name in (STREAM_AVERAGE, STREAM_STATE):
             with contextlib.suppress(Exception):  # p2pd may already be gone
                 await self.p2p.remove_binary_stream_handler(name)
-
-    # --- one round -----------------------------------------------------------------------------
 
     async def average(
         self, current: Tensor, weight: float, *, window_s: float | None = None
@@ -292,8 +292,6 @@ class Averager:
         self._finish_round(round_)  # nobody answered: go on alone from our own adapter
         return False
 
-    # --- the wire ------------------------------------------------------------------------------
-
     async def _open(self, peer_id: str, addrs: list[str], stream: str) -> tuple[Any, Any]:
         """A stream to a member; every failure (p2pd's ControlFailure included) as ConnectionError."""
         try:
@@ -310,21 +308,33 @@ class Averager:
         return reader, writer
 
     async def _push(self, peer_id: str, addrs: list[str], weight: float, wire: Any) -> int:
-        """Send our update to one member; the bytes sent (0 if it failed: that member misses it)."""
+        """Send our update to one member; the bytes sent (0 if it failed: that member misses it).
+
+        A push that fails fast (a fresh connection reset while both members dial each other, a
+        stream refused) is tried again until the round timeout; the receiver keeps one per sender.
+        """
         parts = frame_parts([AveragePush(run=self.config.run, round=self.round, weight=float(weight), update=wire)])
-        try:
-            reader, writer = await self._open(peer_id, addrs, STREAM_AVERAGE)
+        deadline = time.monotonic() + self.config.round_timeout_s
+        for attempt in itertools.count(1):
             try:
-                async with asyncio.timeout(self.config.round_timeout_s):
-                    size = write_parts(writer, parts)
-                    await writer.drain()
-                    expect_message(decode_message(await read_frame(reader)), AverageAck)
-            finally:
-                writer.close()
-        except (OSError, TimeoutError, ProtocolError, ConnectionError, asyncio.IncompleteReadError, EOFError) as exc:
-            logger.info("round %d: push to %s failed: %r", self.round, peer_id, exc)
-            return 0
-        return size
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    reader, writer = await self._open(peer_id, addrs, STREAM_AVERAGE)
+                    try:
+                        size = write_parts(writer, parts)
+                        await writer.drain()
+                        expect_message(decode_message(await read_frame(reader)), AverageAck)
+                    finally:
+                        writer.close()
+                return size
+            except ProtocolError as exc:  # the member refused this update: repeating it changes nothing
+                logger.warning("round %d: %s refused our update: %s", self.round, peer_id, exc)
+                break
+            except (OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadError, EOFError) as exc:
+                if deadline - time.monotonic() < PUSH_RETRY_S:
+                    logger.warning("round %d: push to %s failed (%d tries): %r", self.round, peer_id, attempt, exc)
+                    break
+                await asyncio.sleep(PUSH_RETRY_S)
+        return 0
 
     async def _collect(self, round_: int, expected: set[str]) -> dict[str, tuple[float, Tensor, int]]:
         """Wait until every expected member's push for ``round_`` arrived, or the round timeout."""
@@ -344,15 +354,7 @@ class Averager:
                 answer = expect_message(decode_message(await read_frame(reader)), StateResponse)
         finally:
             writer.close()
-        state = from_wire(answer.state).float().reshape(-1)  # [n + m]: the base, then the extra state
-        expected = self.size + self.extra.numel()
-        if state.numel() != expected or not bool(torch.isfinite(state).all()):
-            raise ValueError(f"{peer_id} sent a state of {state.numel()} values, not {expected} finite ones")
-        state, extra = state[: self.size], state[self.size :]
-        if answer.round < at_least:
-            raise ValueError(f"{peer_id} is at round {answer.round}, not {at_least} yet")
-        if expect_digest and digest(state) != expect_digest:
-            raise ValueError(f"{peer_id} sent a state that is not the one it announced")
+        state, extra = check_state(answer, self.size, self.extra.numel(), at_least=at_least, digest_=expect_digest)
         self.base, self.extra = state.clone(), extra.clone()
         self._finish_round(answer.round - 1)
 

@@ -14,13 +14,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from peerd.client.aggregation import Aggregation
 from peerd.rpc.tensors import from_wire
-from protocols import AveragePush, Compression, ErrorCode, ProtocolError
+from protocols import AveragePush, Compression, ErrorCode, ProtocolError, StateResponse
 
-__all__ = ["MAX_PENDING_ROUNDS", "Averaged", "AveragingConfig", "Member", "RoundReport", "check_push", "digest"]
+__all__ = [
+    "MAX_PENDING_ROUNDS",
+    "Averaged",
+    "AveragingConfig",
+    "Member",
+    "RoundReport",
+    "check_push",
+    "check_state",
+    "digest",
+]
 
 MAX_ADDRS = 16
 MAX_PENDING_ROUNDS = 4  # pushes are kept for this many rounds ahead of ours (fast members)
@@ -150,3 +160,18 @@ def check_push(push: AveragePush, run: str, round_: int, size: int) -> Tensor:
     if update.shape != (size,):
         raise ProtocolError(ErrorCode.WRONG_SHAPE, f"update of shape {tuple(update.shape)}, expected ({size},)")
     return update
+
+
+def check_state(
+    answer: StateResponse, size: int, extra: int, *, at_least: int, digest_: str = ""
+) -> tuple[Tensor, Tensor]:
+    """The base ``[size]`` and extra state ``[extra]`` a member sent; ValueError unless it is
+    ``size + extra`` finite values at round ``at_least`` or later (with digest ``digest_`` if given)."""
+    state = from_wire(answer.state).float().reshape(-1)  # [size + extra]: the base, then the extra state
+    if state.numel() != size + extra or not bool(torch.isfinite(state).all()):
+        raise ValueError(f"the state has {state.numel()} values, not {size + extra} finite ones")
+    if answer.round < at_least:
+        raise ValueError(f"the sender is at round {answer.round}, not {at_least} yet")
+    if digest_ and digest(state[:size]) != digest_:
+        raise ValueError("the sender's state is not the one it announced")
+    return state[:size], state[size:]

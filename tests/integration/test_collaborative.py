@@ -21,7 +21,7 @@ from peerd.cli.finetune import cmd_finetune
 from peerd.cli.parser import build_parser
 from peerd.client.adapters import ClientAdapter
 from peerd.client.averaging import Averager, AveragingConfig
-from protocols import Compression
+from protocols import STREAM_AVERAGE, Compression
 
 WINDOW_S = 0.5
 TIMEOUT_S = 4.0
@@ -56,6 +56,7 @@ async def test_two_trainers_end_a_round_identical_and_a_late_joiner_downloads_th
         )
         assert rep_a.group == rep_b.group == sorted([a.peer_id, b.peer_id])
         assert rep_o.group == [other.peer_id] and torch.equal(got_o, torch.full((6,), 100.0))
+        assert rep_a.missing == rep_b.missing == [], (rep_a, rep_b)
         torch.testing.assert_close(got_a, torch.full((6,), 2.5))  # weighted by samples: (1*1 + 3*3) / 4
         assert torch.equal(got_a, got_b) and rep_a.digest == rep_b.digest  # bit for bit
         assert rep_a.bytes_sent > 6 * 4 and rep_a.bytes_received == rep_b.bytes_sent
@@ -221,3 +222,24 @@ async def test_a_trainer_left_behind_catches_up_and_keeps_its_update(make_swarm)
         assert all(torch.equal(v, results[0][0]) for v, _ in results)
     finally:
         await close_all(clients, [a, b, slow])
+
+
+async def test_a_push_refused_at_first_is_tried_again_within_the_round(make_swarm) -> None:
+    """A member whose push stream is not served yet (or a fresh connection that resets) still gets the update."""
+    swarm = await make_swarm(spans=((0, 6),))
+    clients, (a, b) = await averagers(swarm, 2, run="retried")
+    await b.p2p.remove_binary_stream_handler(STREAM_AVERAGE)  # a's first pushes are refused by b's p2pd
+
+    async def serve_again() -> None:
+        await asyncio.sleep(WINDOW_S + 1.0)  # the group has closed, and a has pushed and been refused
+        await b.p2p.add_binary_stream_handler(STREAM_AVERAGE, b._serve_push)
+
+    try:
+        (got_a, rep_a), (got_b, rep_b), _ = await asyncio.gather(
+            a.average(torch.full((6,), 1.0), weight=1), b.average(torch.full((6,), 3.0), weight=3), serve_again()
+        )
+        assert rep_a.missing == rep_b.missing == [], (rep_a, rep_b)
+        torch.testing.assert_close(got_b, torch.full((6,), 2.5))
+        assert torch.equal(got_a, got_b)
+    finally:
+        await close_all(clients, [a, b])
