@@ -100,22 +100,31 @@ class SwarmDHT:
         return all(result.values())
 
     async def read_blocks(self, start: int = 0, end: int | None = None, *, timeout_s: float = 5.0) -> list[BlockView]:
-        """Latest records for blocks [start, end); records that fail to parse are dropped."""
+        """Latest records for blocks [start, end); records that fail to parse are dropped.
+
+        Keys are looked up a few at a time, concurrently; a group still unanswered after
+        ``timeout_s`` leaves its blocks without records, and the groups that answered still count.
+        """
         end = self.num_blocks if end is None else end
         keys = [block_uid(self.prefix, i) for i in range(start, end)]
         # a few keys per lookup: every node caps the bytes it keeps per key (storage.py), so no
         # reply can exceed hivemind's 4 MiB message limit whatever other identities store
         chunks = [keys[i : i + LOOKUP_KEYS_PER_CALL] for i in range(0, len(keys), LOOKUP_KEYS_PER_CALL)]
-        try:
-            parts = await asyncio.wait_for(
-                asyncio.gather(
-                    *(self.node.get_many(chunk, sufficient_expiration_time=float("inf")) for chunk in chunks)
-                ),
-                timeout=timeout_s,
+        lookups = [
+            asyncio.ensure_future(self.node.get_many(chunk, sufficient_expiration_time=float("inf")))
+            for chunk in chunks
+        ]
+        if not lookups:
+            return []
+        done, pending = await asyncio.wait(lookups, timeout=timeout_s)
+        for lookup in pending:
+            lookup.cancel()
+        if pending:
+            logger.warning(
+                "DHT read of blocks %d:%d: %d of %d key groups unanswered after %.1fs",
+                *(start, end, len(pending), len(lookups), timeout_s),
             )
-        except TimeoutError:
-            logger.warning("DHT read of blocks %d:%d timed out after %.1fs", start, end, timeout_s)
-            parts = []
+        parts = [lookup.result() for lookup in lookups if lookup in done]  # a lookup's own error propagates
         found = {key: entry for part in parts for key, entry in part.items()}
         now = get_dht_time()
         views = []

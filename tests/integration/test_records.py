@@ -15,6 +15,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from peerd.identity import peer_id_of_public_key
 from peerd.swarm.records import PeerState, block_uid, swarm_prefix
+from peerd.swarm.storage import LOOKUP_KEYS_PER_CALL
 from peerd.swarm.validation import MAX_RECORD_TTL_S, MAX_VALIDITY_S, make_validators, owner_subkey
 
 PREFIX = swarm_prefix("public", "tiny")
@@ -144,4 +145,35 @@ async def test_records_of_a_silent_peer_expire(make_swarm) -> None:
             assert time.monotonic() < deadline, "record did not expire"
             await asyncio.sleep(0.5)
     finally:
+        await client.close()
+
+
+async def test_a_slow_key_group_leaves_only_its_own_blocks_unread(make_swarm) -> None:
+    """Block keys are read a few at a time: one group that never answers must not empty the whole view."""
+    swarm = await make_swarm([(0, 3), (3, 6)])
+    client = await swarm.client()
+    node = client.dht.node
+    slow_key = block_uid(client.dht.prefix, 4)
+    real_get_many = node.get_many
+
+    async def get_many(keys, **kwargs):  # type: ignore[no-untyped-def]
+        if slow_key in keys:
+            await asyncio.sleep(60)  # the group holding block 4 never answers within the read
+        return await real_get_many(keys, **kwargs)
+
+    try:
+        deadline = time.monotonic() + 15
+        while len(await client.servers(refresh=True)) < 2:  # both peers announced
+            assert time.monotonic() < deadline, "the peers never showed up"
+            await asyncio.sleep(0.2)
+        node.get_many = get_many  # type: ignore[method-assign]
+        started = time.monotonic()
+        views = await client.dht.read_blocks(timeout_s=2.0)
+        assert time.monotonic() - started < 10
+        first = 4 // LOOKUP_KEYS_PER_CALL * LOOKUP_KEYS_PER_CALL  # the slow group: blocks first.. with block 4
+        slow = range(first, first + LOOKUP_KEYS_PER_CALL)
+        expected = [set() if i in slow else {swarm.peers[i // 3].peer_id} for i in range(6)]
+        assert [{r.peer_id for r in view.records} for view in views] == expected  # the groups that answered count
+    finally:
+        node.get_many = real_get_many  # type: ignore[method-assign]
         await client.close()
