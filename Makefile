@@ -24,14 +24,14 @@ demo: model
 	$(VENV)/bin/peerd demo
 
 lint: setup
-	$(VENV)/bin/ruff check peerd protocols tests
-	$(VENV)/bin/ruff format --check peerd protocols tests
+	$(VENV)/bin/ruff check peerd protocols tests tools
+	$(VENV)/bin/ruff format --check peerd protocols tests tools
 	$(VENV)/bin/mypy peerd protocols
 	$(VENV)/bin/lint-imports
 
 format: setup
-	$(VENV)/bin/ruff format peerd protocols tests
-	$(VENV)/bin/ruff check --fix peerd protocols tests
+	$(VENV)/bin/ruff format peerd protocols tests tools
+	$(VENV)/bin/ruff check --fix peerd protocols tests tools
 
 # Slow tests (real model, chaos) are opt-in locally: PEERD_RUN_SLOW=1 make test; CI sets CI=true.
 test: lint

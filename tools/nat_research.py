@@ -9,13 +9,14 @@ import os
 import struct
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.getcwd())
-from hivemind.p2p import P2P, PeerID  # noqa: E402
-from hivemind.p2p.p2p_daemon import P2PDaemonError  # noqa: E402
-from hivemind.utils.multiaddr import Multiaddr  # noqa: E402
+from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon import P2PDaemonError
+from hivemind.utils.multiaddr import Multiaddr
 
-from tests.helpers.netinet import Internet  # noqa: E402
+from tests.helpers.netinet import Internet
 
 VARIANT = sys.argv[1] if len(sys.argv) > 1 else "forced"
 LOGDIR = f"/tmp/peerd-nat-research/logs-{VARIANT}"
@@ -39,7 +40,7 @@ asyncio.subprocess.create_subprocess_exec = _exec_in_ns
 
 async def _read_outputs(self, ready):
     name = CUR["name"]
-    with open(f"{LOGDIR}/{name}.log", "a") as log:
+    with open(f"{LOGDIR}/{name}.log", "a") as log:  # noqa: ASYNC230 (a research log, written line by line)
         while True:
             line = await self._child.stdout.readline()
             if not line:
@@ -108,8 +109,12 @@ async def rtt(p2p, peer_id, rounds=30, size=64):
         samples.append(time.monotonic() - t)
     writer.close()
     samples.sort()
-    return {"open_ms": round(open_s * 1e3, 2), "p50_ms": round(samples[len(samples) // 2] * 1e3, 3),
-            "min_ms": round(samples[0] * 1e3, 3), "addr": str(info.addr)}
+    return {
+        "open_ms": round(open_s * 1e3, 2),
+        "p50_ms": round(samples[len(samples) // 2] * 1e3, 3),
+        "min_ms": round(samples[0] * 1e3, 3),
+        "addr": str(info.addr),
+    }
 
 
 async def conns(p2p, target):
@@ -136,16 +141,19 @@ def circuit_maddr(relay_maddr_str):
     return Multiaddr(raw)
 
 
-async def wait_circuit(p2p, name, timeout=float(os.environ.get("CIRC_WAIT", "25"))):
+CIRCUIT_WAIT_S = float(os.environ.get("CIRC_WAIT", "25"))
+
+
+async def wait_circuit(p2p, name, wait_s=CIRCUIT_WAIT_S):
     t = time.monotonic()
-    while time.monotonic() - t < timeout:
+    while time.monotonic() - t < wait_s:
         addrs = await p2p.get_visible_maddrs(latest=True)
         circ = [a for a in addrs if "p2p-circuit" in str(a)]
         if circ:
             log(f"{name}: circuit address after {time.monotonic() - t:.2f}s: {[str(a) for a in circ]}")
             return circ, time.monotonic() - t
         await asyncio.sleep(0.25)
-    log(f"{name}: NO circuit address after {timeout}s; visible={[str(a) for a in addrs]}")
+    log(f"{name}: NO circuit address after {wait_s}s; visible={[str(a) for a in addrs]}")
     return [], None
 
 
@@ -163,7 +171,7 @@ async def main():
             relay_kw["force_reachability"] = "public"
         relay = await create(hosts["relay"], "relay", **relay_kw)
         log("relay visible at start:", [str(a) for a in await relay.get_visible_maddrs()])
-        relay_maddr = [a for a in await relay.get_visible_maddrs() if "10.200.0." in str(a)][0]
+        relay_maddr = next(a for a in await relay.get_visible_maddrs() if "10.200.0." in str(a))
         results["relay_visible_at_start"] = [str(a) for a in await relay.get_visible_maddrs()]
         pubs = []
         for n in ("pub2", "pub3", "pub4"):
@@ -174,7 +182,7 @@ async def main():
         for p in [relay, *pubs]:
             await p.add_binary_stream_handler("echo", echo_handler)
         # The NATed peers: bootstrap to all public peers (observed addresses need several observers).
-        boot = [relay_maddr] + [[a for a in await p.get_visible_maddrs() if "10.200.0." in str(a)][0] for p in pubs]
+        boot = [relay_maddr] + [next(a for a in await p.get_visible_maddrs() if "10.200.0." in str(a)) for p in pubs]
         nat_kw = dict(host_maddrs=any_tcp, initial_peers=boot, use_auto_relay=True, trusted_relays=[relay_maddr])
         if VARIANT in ("forced", "forced_nohp", "relay_auto"):
             nat_kw["force_reachability"] = "private"
@@ -182,8 +190,7 @@ async def main():
         extra = {"relayDiscovery": 0} if VARIANT in ("forced", "nodisc", "relay_auto", "none_nodisc") else None
         peer_a = await create(hosts["peerA"], "peerA", extra=extra, **nat_kw)
         peer_b = await create(hosts["peerB"], "peerB", extra=extra, **nat_kw)
-        client = await create(hosts["client"], "client", **{**nat_kw, "use_auto_relay": False,
-                                                            "trusted_relays": None})
+        client = await create(hosts["client"], "client", **{**nat_kw, "use_auto_relay": False, "trusted_relays": None})
         log(f"NATed daemons up in {time.monotonic() - t_start:.2f}s")
         for p in (peer_a, peer_b, client):
             await p.add_binary_stream_handler("echo", echo_handler)
@@ -208,9 +215,11 @@ async def main():
         # Can the client reach peerA without a circuit address? (should fail: private LAN address)
         t = time.monotonic()
         try:
-            await asyncio.wait_for(client._client.connect(peer_a.peer_id, [Multiaddr(f"/ip4/{hosts['peerA'].ip}/tcp/1")]), 15)
+            await asyncio.wait_for(
+                client._client.connect(peer_a.peer_id, [Multiaddr(f"/ip4/{hosts['peerA'].ip}/tcp/1")]), 15
+            )
             results["direct_dial_lan"] = "connected?!"
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             results["direct_dial_lan"] = f"{type(e).__name__} after {time.monotonic() - t:.2f}s"
         log("client -> peerA LAN addr:", results["direct_dial_lan"])
 
@@ -227,7 +236,7 @@ async def main():
             t = time.monotonic()
             try:
                 await asyncio.wait_for(client._client.connect(peer_a.peer_id, [circ]), 20)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log("client connect via circuit FAILED", type(e).__name__, e)
                 raise
             results["client_connect_via_relay_s"] = time.monotonic() - t
@@ -245,7 +254,7 @@ async def main():
             # Give DCUtR time to upgrade.
             t = time.monotonic()
             direct = []
-            while time.monotonic() - t < float(os.environ.get('HP_WAIT', '30')):
+            while time.monotonic() - t < float(os.environ.get("HP_WAIT", "30")):
                 cs = await conns(client, peer_a.peer_id)
                 direct = [c for c in cs if "p2p-circuit" not in c]
                 if direct:
@@ -265,13 +274,13 @@ async def main():
                     try:
                         rr = await rtt(client, who, rounds=2, size=size)
                         sweep[f"{label}_{size}"] = f"ok p50 {rr['p50_ms']} ms"
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:
                         sweep[f"{label}_{size}"] = f"{type(e).__name__}: {e} after {time.monotonic() - t1:.2f}s"
             r = sweep
             log("size sweep", json.dumps(r, indent=1))
         for p in (client, peer_a, peer_b, *pubs, relay):
             await p.shutdown()
-    json.dump(results, open(f"/tmp/peerd-nat-research/results-{VARIANT}.json", "w"), indent=1)
+    Path(f"/tmp/peerd-nat-research/results-{VARIANT}.json").write_text(json.dumps(results, indent=1))
     log(json.dumps(results, indent=1))
 
 
