@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from peerd.client.adapters import ClientAdapter
+from peerd.client.heads import HeadBatcher
 from peerd.client.routing import Span
 from peerd.client.sampling import SamplingParams, sample_next
 from peerd.client.session import InferenceSession
@@ -62,6 +63,8 @@ class Generator(Protocol):
 
     @property
     def head(self) -> ClientHead: ...
+    @property
+    def heads(self) -> HeadBatcher: ...
     @property
     def incidents(self) -> list[Incident]: ...
     @property
@@ -118,33 +121,34 @@ class _Output:
 @dataclass
 class _Sampler:
     local: ClientHead | ClientAdapter  # what turns hidden states into logits
+    heads: HeadBatcher  # runs ``local`` off the event loop, batched with the client's other generations
     params: SamplingParams
     generator: torch.Generator | None
     prompt: Sequence[int]  # the prompt's ids, for the repetition penalty
 
-    def sample(self, hidden: torch.Tensor, output: Sequence[int]) -> int:
+    async def sample(self, hidden: torch.Tensor, output: Sequence[int]) -> int:
         """Next token from the last position of ``hidden`` [1, n, h], after ``output`` tokens."""
+        logits = (await self.heads.logits(self.local, hidden[:, -1:]))[:, -1]  # [1, vocab]
         with torch.inference_mode():
-            logits = self.local.logits(hidden[:, -1:])[:, -1]  # [1, vocab]
             return int(sample_next(logits, self.params, self.generator, prompt=self.prompt, output=output)[0])
 
-    def verify(self, hidden: torch.Tensor, drafts: Sequence[int], output: Sequence[int]) -> list[int]:
+    async def verify(self, hidden: torch.Tensor, drafts: Sequence[int], output: Sequence[int]) -> list[int]:
         """Tokens from a step's outputs ``hidden`` [1, 1 + len(drafts), h]: see ``verify_drafts``."""
         if not drafts:
-            return [self.sample(hidden, output)]
+            return [await self.sample(hidden, output)]
+        logits = (await self.heads.logits(self.local, hidden))[0]  # [1 + k, vocab]
         with torch.inference_mode():
-            logits = self.local.logits(hidden)[0]  # [1 + k, vocab]
             return verify_drafts(
                 drafts, lambda i: logits[i : i + 1], self.params, self.generator, prompt=self.prompt, output=output
             )
 
-    def first_changed(self, correction: tuple[int, torch.Tensor], out: _Output) -> tuple[int, int, int] | None:
+    async def first_changed(self, correction: tuple[int, torch.Tensor], out: _Output) -> tuple[int, int, int] | None:
         """(index, new token, its position) of the first generated token a correction changes."""
         first, final = correction  # final: corrected last-span outputs for positions first.. [1, n, h]
         for j, at in enumerate(out.sampled_at):
             if at < first:
                 continue
-            token = self.sample(final[:, at - first : at - first + 1], out.tokens[:j])
+            token = await self.sample(final[:, at - first : at - first + 1], out.tokens[:j])
             # greedy: keep tokens the correction does not change; sampling: every draw from a wrong
             # distribution is redrawn, so the output is a sample of the right one
             if token != out.tokens[j] or self.params.temperature > 0:
@@ -201,13 +205,13 @@ async def _step(
         # a spot check found a peer's earlier outputs wrong: tokens sampled from them are re-sampled
         # from the corrected hidden states, and generation resumes at the first token that changes
         # (the rest were conditioned on it, and so was this step's verification)
-        redo = sampler.first_changed(correction, out)
+        redo = await sampler.first_changed(correction, out)
         if redo is not None:
             j, token, at = redo
             out.take_back(j)
             return [(token, at)]
     offset = result.shape[1] - 1 - len(drafts)  # the prefill returns the whole prompt
-    tokens = sampler.verify(result[:, offset:], drafts, out.tokens)
+    tokens = await sampler.verify(result[:, offset:], drafts, out.tokens)
     return [(token, first_at + i) for i, token in enumerate(tokens)]
 
 
@@ -223,7 +227,7 @@ async def generate_pieces(
 ) -> AsyncIterator[str | GenerationResult]:
     """Text pieces as they appear, then one :class:`GenerationResult`."""
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    sampler = _Sampler(client.head if adapter is None else adapter, sampling, generator, ids)
+    sampler = _Sampler(client.head if adapter is None else adapter, client.heads, sampling, generator, ids)
     started = time.perf_counter()
     first_token_s = 0.0
     out = _Output(client.decode, sampling.stop)

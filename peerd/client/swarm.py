@@ -24,6 +24,7 @@ from peerd.client.adapters import ClientAdapter
 from peerd.client.bans import BanList
 from peerd.client.compression import CompressionChoice, hop_compression
 from peerd.client.generation import GenerationResult, generate_pieces
+from peerd.client.heads import HeadBatcher
 from peerd.client.joining import join_swarm
 from peerd.client.reservations import BUSY_WAIT_S
 from peerd.client.router import Router
@@ -82,6 +83,7 @@ class SwarmClient:
         self.config = model_config
         self.num_blocks = model_config.num_layers
         self.head = head
+        self.heads = HeadBatcher()  # the head's logits for every generation, batched off the event loop
         self.tokenizer = tokenizer
         self.chat_template = chat_template  # None: a base model without one (send raw prompts)
         self.peers = PeerClient(p2p, model_id, timeout_s=request_timeout_s)
@@ -183,6 +185,7 @@ class SwarmClient:
         )
 
     async def close(self) -> None:
+        self.heads.close()
         await self.peers.aclose()
         await self.dht.shutdown()
         await self.p2p.shutdown()
