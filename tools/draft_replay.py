@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, config in POLICIES.items():
                 r = replay(prompt, output, config)
                 ms = (args.step_ms * r.steps + args.position_ms * r.positions) / r.tokens
-                print(
-                    f"    {label:34} {r.tokens_per_step:5.2f}  {r.acceptance_rate:4.2f}  {r.positions:4d}  {ms:5.0f}"
-                )
+                print(f"    {label:34} {r.tokens_per_step:5.2f}  {r.acceptance_rate:4.2f}  {r.positions:4d}  {ms:5.0f}")
     return 0
 
 

@@ -15,10 +15,10 @@ from typing import Protocol
 import torch
 
 from peerd.client.adapters import ClientAdapter
+from peerd.client.lookup import Drafter
 from peerd.client.routing import Span
 from peerd.client.sampling import SamplingParams, sample_next
 from peerd.client.session import InferenceSession
-from peerd.client.lookup import Drafter
 from peerd.client.speculative import Speculation, verify_drafts
 from peerd.client.verify import Incident
 from peerd.model.head import ClientHead
