@@ -57,7 +57,17 @@ PROSE = (
 )
 QUOTING = f"Repeat this text word for word:\n\n{PROSE}"
 FRESH = "Write a short story about a robot who learns to paint."
-PROMPTS = {"copying": COPYING, "quoting": QUOTING, "fresh": FRESH}
+# Summary: asked to summarise, SmolLM2-135M repeats the paragraph (75 tokens) word for word, so
+# unlike quoting (27 tokens, then the model's end-of-turn and a made-up next turn) all 48 tokens of
+# the default run are the copying answer.
+PARAGRAPH = (
+    "The city council met on Tuesday to discuss the new bicycle lanes on Main Street. Residents said the "
+    "lanes made the street safer for children walking to school, but shop owners complained that they lost "
+    "parking spaces in front of their stores. The council agreed to keep the lanes for six more months and "
+    "to count how many people use them before deciding."
+)
+SUMMARY = f"Summarise this paragraph in two sentences:\n\n{PARAGRAPH}"
+PROMPTS = {"copying": COPYING, "quoting": QUOTING, "fresh": FRESH, "summary": SUMMARY}
 
 
 class Shims:
@@ -197,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"speculative {row['speculative_tokens_per_s']:6.2f}  push {row['push_tokens_per_s']:6.2f}  "
                         f"push+spec {row['push_spec_tokens_per_s']:6.2f} tok/s  push x{row['push_vs_relayed']:.2f}  "
                         f"push+spec x{row['push_spec_vs_relayed']:.2f} (x{row['push_spec_vs_push']:.2f} of push)  "
-                        f"acceptance {row['acceptance_rate']:.2f}  TTFT relayed/push "
+                        f"acceptance {row['acceptance_rate']:.2f}  tokens/step {row['tokens_per_step']:.2f}  "
+                        f"TTFT relayed/push "
                         f"{row['relayed_ttft_s'] * 1e3:.0f}/{row['push_ttft_s'] * 1e3:.0f} ms  "
                         f"identical {row['identical']}",
                         flush=True,

@@ -16,10 +16,11 @@ import torch
 
 from peerd.client.adapters import ClientAdapter
 from peerd.client.heads import HeadBatcher
+from peerd.client.lookup import Drafter
 from peerd.client.routing import Span
 from peerd.client.sampling import SamplingParams, sample_next
 from peerd.client.session import InferenceSession
-from peerd.client.speculative import DraftLength, Speculation, propose_drafts, verify_drafts
+from peerd.client.speculative import Speculation, verify_drafts
 from peerd.client.verify import Incident
 from peerd.model.head import ClientHead
 
@@ -156,29 +157,6 @@ class _Sampler:
         return None
 
 
-@dataclass
-class _Drafting:
-    """Speculation state of one generation: how many guesses to send, and how many landed."""
-
-    config: Speculation
-    length: DraftLength
-    proposed: int = 0
-    accepted: int = 0
-
-    def drafts(self, context: Sequence[int], room: int) -> list[int]:
-        """Guesses for the next step; ``room``: how many more tokens the session can hold."""
-        k = min(self.length.next_k, room)
-        drafts = propose_drafts(context, k, max_ngram=self.config.max_ngram, min_ngram=self.config.min_ngram)
-        if not drafts:
-            self.length.skipped()
-        return drafts
-
-    def observe(self, proposed: int, accepted: int) -> None:
-        self.proposed += proposed
-        self.accepted += accepted
-        self.length.update(proposed, accepted)
-
-
 async def _step(
     session: InferenceSession,
     head: ClientHead,
@@ -236,11 +214,7 @@ async def generate_pieces(
     prefix = adapter.prefix_length if adapter is not None else 0
     incidents_before = len(client.incidents)
     spec = client.speculation
-    drafting = (
-        _Drafting(spec, DraftLength(spec.initial_draft_tokens, spec.max_draft_tokens))
-        if spec.applies_to(sampling)
-        else None
-    )
+    drafting = Drafter(spec) if spec.applies_to(sampling) else None
     steps = 0
     async with client.inference_session(max_length=prefix + len(ids) + max_new_tokens) as session:
         step_ids = torch.tensor([ids], dtype=torch.long)
@@ -251,7 +225,7 @@ async def generate_pieces(
             drafts = drafting.drafts([*ids, *out.tokens], room) if drafting is not None else []
             emitted = await _step(session, client.head, adapter, sampler, step_ids, position, out, drafts)
             steps += 1
-            if drafting is not None and drafts:
+            if drafting is not None:
                 drafting.observe(len(drafts), len(emitted) - 1)
             if position is None:
                 first_token_s = time.perf_counter() - started

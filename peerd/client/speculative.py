@@ -3,9 +3,10 @@
 Over the internet a decode step costs round trips through the whole chain, not compute, so a step
 that carries ``k`` guessed tokens costs about as much as a step that carries one. The client
 guesses by *prompt lookup* (Saxena 2023, "Prompt Lookup Decoding"; the n-gram idea of Yang et al.
-2023, "Inference with Reference"): find the latest earlier place where the context's last n tokens
-appeared and propose the tokens that followed it. Copying text (code edits, summaries, quoting,
-repeated structure) makes those guesses right often; no draft model is needed.
+2023, "Inference with Reference"): find an earlier place where the context's last tokens appeared
+and propose the tokens that followed it (client/lookup.py chooses the place). Copying text (code
+edits, summaries, quoting, repeated structure) makes those guesses right often; no draft model is
+needed.
 
 The swarm runs ``[pending token, d1 .. dk]`` as one step; the hidden state at each position gives
 the model's own choice there. Verification (Leviathan et al. 2023, "Fast Inference from
@@ -30,7 +31,7 @@ import torch
 
 from peerd.client.sampling import SamplingParams, apply_penalties, token_probs
 
-__all__ = ["DraftLength", "Speculation", "propose_drafts", "verify_drafts"]
+__all__ = ["DraftLength", "Speculation", "verify_drafts"]
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,12 @@ class Speculation:
     text than without speculation; it speculates only with ``sampled=True``.
     """
 
-    max_draft_tokens: int = 8  # the most guesses one step carries
-    initial_draft_tokens: int = 4  # k at the start of each generation
-    max_ngram: int = 3  # longest context suffix looked up (longer matches are tried first)
+    max_draft_tokens: int = 16  # the most guesses one step carries
+    initial_draft_tokens: int = 8  # k at the start of each generation
+    max_ngram: int = 32  # longest context suffix compared (the longest match wins)
     min_ngram: int = 2  # shortest suffix worth a lookup (one token matches too often by chance)
+    copy_window: int = 9  # after a step, how far along its source the model's token is looked for (0: off)
+    trusted_match: int = 4  # a match this long is a copy: guessed even while paused, k >= its length
     sampled: bool = False  # also speculate when temperature > 0
 
     def __post_init__(self) -> None:
@@ -55,31 +58,14 @@ class Speculation:
             raise ValueError("initial_draft_tokens must be >= 1")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError("need 1 <= min_ngram <= max_ngram")
+        if self.copy_window < 0 or self.trusted_match < 1:
+            raise ValueError("need copy_window >= 0 and trusted_match >= 1")
 
     def applies_to(self, sampling: SamplingParams) -> bool:
         return self.max_draft_tokens > 0 and (sampling.temperature == 0 or self.sampled)
 
 
 OFF = Speculation(max_draft_tokens=0)
-
-
-def propose_drafts(context: Sequence[int], k: int, *, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
-    """Up to ``k`` tokens that followed the latest earlier occurrence of the context's last n tokens.
-
-    Longer suffixes are tried first (a longer match predicts better); [] when nothing matches.
-    """
-    if k <= 0:
-        return []
-    tokens = list(context)
-    for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
-        suffix = tokens[-n:]
-        # the latest occurrence that ends before the suffix itself
-        for start in range(len(tokens) - n - 1, -1, -1):
-            if tokens[start : start + n] == suffix:
-                follow = tokens[start + n : start + n + k]
-                if follow:
-                    return follow
-    return []
 
 
 class DraftLength:

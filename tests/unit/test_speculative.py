@@ -1,4 +1,4 @@
-"""Prompt-lookup drafts, the draft-length rule, and draft verification (greedy and sampled)."""
+"""The draft-length rule, the speculation config, and draft verification (greedy and sampled)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,7 @@ import pytest
 import torch
 
 from peerd.client.sampling import SamplingParams, sample_next
-from peerd.client.speculative import DraftLength, Speculation, propose_drafts, verify_drafts
-
-
-def test_drafts_follow_the_latest_match_of_the_longest_suffix() -> None:
-    # suffix [7, 8] last occurred at index 4 (followed by 1, 2); [8] alone last occurred there too
-    context = [7, 8, 9, 9, 7, 8, 1, 2, 3, 7, 8]
-    assert propose_drafts(context, 3) == [1, 2, 3]
-    assert propose_drafts(context, 1) == [1]
-    # the 3-gram [3, 7, 8] never occurred before, so the 2-gram decides
-    assert propose_drafts(context, 2, max_ngram=3) == [1, 2]
-
-
-def test_no_match_and_no_room_give_no_drafts() -> None:
-    assert propose_drafts([1, 2, 3, 4], 4) == []
-    assert propose_drafts([5, 5, 5], 0) == []
-    assert propose_drafts([5], 3) == []
-    assert propose_drafts([1, 2, 9, 1, 2], 4, min_ngram=3) == []
+from peerd.client.speculative import DraftLength, Speculation, verify_drafts
 
 
 def test_draft_length_grows_on_full_accepts_and_shrinks_on_misses() -> None:
@@ -65,6 +49,8 @@ def test_speculation_applies_to_greedy_by_default_and_to_sampling_on_request() -
     assert not Speculation(max_draft_tokens=0).applies_to(greedy)
     with pytest.raises(ValueError):
         Speculation(min_ngram=4, max_ngram=3)
+    with pytest.raises(ValueError):
+        Speculation(copy_window=-1)
 
 
 def _one_hot_logits(tokens: list[int], vocab: int = 16) -> torch.Tensor:
