@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         tokens_local = rounds["tokens_local"]
         text = load_tokenizer(path).decode(tokens_local, skip_special_tokens=True)
         results |= _concurrent_load(swarm, path, model_id, quick=args.quick)
+        print("[+] 16 concurrent generations from one client: LM head batched vs one pass per request ...")
+        from peerd.cli.bench_heads import run_heads_bench
+
+        results["client_heads"] = run_async(run_heads_bench(swarm.initial_peers, path, model_id, prompt))
         if not args.quick:
             print("[+] training: forward+backward, micro-batches pipelined vs stage by stage ...", flush=True)
             from peerd.cli.bench_train import run_training_bench
@@ -339,6 +343,7 @@ def _report(results: dict[str, Any], codec: dict[str, float], hops: int, out_pat
 
 
 def _rows(results: dict[str, Any], codec: dict[str, float], hops: int) -> list[tuple[str, str, str]]:
+    from peerd.cli.bench_heads import heads_rows
     from peerd.cli.bench_hops import breakdown_rows
     from peerd.cli.bench_load import load_rows
     from peerd.cli.bench_serving import serving_rows
@@ -366,6 +371,7 @@ def _rows(results: dict[str, Any], codec: dict[str, float], hops: int) -> list[t
         ("outputs identical", str(results["outputs_identical"]), "swarm tokens == local tokens"),
     ]
     rows += load_rows(results["load"])
+    rows += heads_rows(results["client_heads"])
     rows += [("decode hop, in-process peer", "thread / inline", ""), *breakdown_rows(results["hop_breakdown"])]
     if "failover_stalls_ms" in results:
         stalls, same = results["failover_stalls_ms"], results["failover_outputs_identical"]
