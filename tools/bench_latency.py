@@ -106,7 +106,8 @@ def _free_port() -> int:
 
 
 async def _level(initial_peers: list[str], path: Path, model_id: str, prompts: dict[str, list[int]], args: Any) -> Any:
-    """Every prompt in every mode, ``args.rounds`` times each, through one fresh client."""
+    """Every prompt in every mode, ``args.rounds`` times each (mode order reversed every other round),
+    through one fresh client."""
     from peerd.client import Speculation, SwarmClient
 
     client = await SwarmClient.connect(initial_peers, path, model_id=model_id)
@@ -116,9 +117,11 @@ async def _level(initial_peers: list[str], path: Path, model_id: str, prompts: d
         for push in (False, True):  # connect, both ways
             client.push = push
             await client.generate(next(iter(prompts.values())), max_new_tokens=2, stop_on_eos=False)
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             for name, prompt in prompts.items():
-                for mode, (push, draft_tokens) in MODES.items():
+                # odd rounds run the modes in reverse, so drift within a round favours none of them
+                order = list(MODES.items()) if round_ % 2 == 0 else list(reversed(MODES.items()))
+                for mode, (push, draft_tokens) in order:
                     client.push = push
                     client.speculation = Speculation() if draft_tokens else Speculation(max_draft_tokens=0)
                     runs[name][mode].append(
