@@ -21,6 +21,7 @@ their spacing means the wave is complete.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from dataclasses import dataclass
 
@@ -54,7 +55,7 @@ class BatchHistory:
         if len(arrivals) >= 2:
             ordered = sorted(arrivals)
             # the median spacing: one long pause (two waves queued behind a busy thread) does not count
-            gap = statistics.median(b - a for a, b in zip(ordered, ordered[1:], strict=False))
+            gap = statistics.median(b - a for a, b in itertools.pairwise(ordered))
             self.gap_s = gap if self.gap_s is None else _mix(self.gap_s, gap)
 
     def expected(self, now: float, max_steps: int) -> int:
