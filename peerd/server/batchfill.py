@@ -14,9 +14,9 @@ The first bound matters when sessions move through a pipeline of peers as severa
 16 sessions through 3 peers settle into two or three groups that step together, each at another
 peer). The largest recent batch then promises steps that are at another peer, a whole hop away;
 waiting for them until the second bound idled a peer for about a batch's compute time at every
-batch of every wave (measured in docs/benchmarks.md, issue 14: 35-45 ms of a 35 ms forward), and
-did not merge the waves either. A wave's steps arrive close together, so a pause of several times
-their spacing means the wave is complete.
+batch of every wave (docs/benchmarks.md, issue 14: a wait of 37-45 ms p50 after the last arrival,
+against a 26-36 ms forward), and did not merge the waves either. A wave's steps arrive close
+together, so a pause of several times their spacing means the wave is complete.
 """
 
 from __future__ import annotations
