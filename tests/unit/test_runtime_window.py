@@ -37,16 +37,18 @@ def _wave(runtime: ComputeRuntime, runner: _SlowRunner, n: int, gap_s: float) ->
 
 
 def test_steps_that_arrive_a_frame_at_a_time_fill_the_batch_recent_ones_had() -> None:
-    runtime = ComputeRuntime(name="window-test", inline_max_cost=0.0)
-    runner = _SlowRunner(0.05)
+    # a batch may wait up to 0.2 s (its compute time) and, steps having come 10 ms apart, up to
+    # 40 ms after the last one: a wave 10 ms apart fills unless a step is late by 30 ms or more
+    runtime = ComputeRuntime(name="window-test", inline_max_cost=0.0, batch_window_s=0.5)
+    runner = _SlowRunner(0.2)
     try:
         hold = threading.Event()
         runtime.submit(hold.wait)  # the thread is busy: the first wave queues whole
-        first = _wave(runtime, runner, 8, 0.002)
+        first = _wave(runtime, runner, 8, 0.01)
         hold.set()
         assert [f.result(10) for f in first] == list(range(8))
-        # the next wave reaches the peer a step every 2 ms: without waiting it would run as 1 + 7
-        second = _wave(runtime, runner, 8, 0.002)
+        # the next wave reaches the peer a step every 10 ms: without waiting it would run as 1 + 7
+        second = _wave(runtime, runner, 8, 0.01)
         assert [f.result(10) for f in second] == list(range(8))
     finally:
         runtime.close()
