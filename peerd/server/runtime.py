@@ -19,8 +19,8 @@ taken from the waiting peers in fair order, each peer charged its own step's cos
 
 A decode batch costs about as much for one step as for sixteen (the weights are read once either
 way), so a batch may fill: when recent batches of its key held more steps than wait now (sessions
-stepping together arrive a frame at a time), the worker waits for the rest, at most
-:data:`BATCH_WINDOW_S` and no longer than such a batch takes. A lone session never waits.
+stepping together arrive a frame at a time), the worker waits for the rest while they keep coming
+(batchfill.py says how long). A lone session never waits.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from peerd.server.batchfill import BATCH_WINDOW_S, BatchHistory
+
 __all__ = ["BatchRunner", "ComputeRuntime", "RuntimeClosed"]
 
 T = TypeVar("T")
@@ -48,9 +50,6 @@ MAX_BATCH_STEPS = 64  # steps joined into one forward at most
 # has nothing to do: two thread wakeups (~0.2 ms on the 2-core dev box) cost more than a short step
 # blocks the loop. Above it, the loop stays free to read frames while the thread computes.
 INLINE_MAX_COST = 8.0
-# Longest wait for steps that recent batches suggest are on their way (also: at most a batch's time)
-BATCH_WINDOW_S = 0.050
-_PEAK_HORIZON_S = 3.0  # a batch size is expected again for this long after it last ran
 _PRUNE_AT = 4096  # forget idle owners' virtual times past this many entries
 
 
@@ -70,20 +69,6 @@ class _Job:
     payload: Any = None
     runner: BatchRunner | None = None
     enqueued_at: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class _Recent:
-    """Per batch key: the largest batch of late (expected again) and how long batches take."""
-
-    peak: int = 1
-    at: float = 0.0  # when a batch of ``peak`` steps last ran
-    compute_s: float = 0.0  # moving average of a batch's forward time
-
-    def ran(self, size: int, started: float, took: float) -> None:
-        if size >= self.peak or started - self.at > _PEAK_HORIZON_S:
-            self.peak, self.at = size, started
-        self.compute_s = took if not self.compute_s else 0.8 * self.compute_s + 0.2 * took
 
 
 @dataclass
@@ -118,7 +103,7 @@ class ComputeRuntime:
         self.max_batch_steps = max_batch_steps  # 1 turns batching off (the benchmark's baseline)
         self.inline_max_cost = inline_max_cost  # 0 turns inline steps off
         self.batch_window_s = batch_window_s  # 0: a batch takes only the steps already waiting
-        self._recent: dict[Hashable, _Recent] = {}
+        self._recent: dict[Hashable, BatchHistory] = {}
         self._working = False  # the compute thread runs a job
         self._inline = False  # an inline step runs on the event loop
         self._considering = 0  # steps about to choose between inline and the queue (event loop only)
@@ -194,9 +179,7 @@ class ComputeRuntime:
     def _expected(self, key: Hashable) -> int:
         """Steps of ``key`` a batch may expect now: the largest recent batch (1 when none ran lately)."""
         recent = self._recent.get(key)
-        if recent is None or time.perf_counter() - recent.at > _PEAK_HORIZON_S:
-            return 1
-        return min(recent.peak, self.max_batch_steps)
+        return 1 if recent is None else recent.expected(time.perf_counter(), self.max_batch_steps)
 
     def _idle(self) -> bool:
         return not (self._working or self._inline or self._owners or self._closed)
@@ -246,7 +229,7 @@ class ComputeRuntime:
         jobs = [job]
         if job.batch_key is not None:
             jobs += self._gather(job.batch_key, 1)
-            jobs += self._fill(job.batch_key, len(jobs))
+            jobs += self._fill(job.batch_key, jobs)
         for taken in jobs:
             self._vtime[taken.owner] += taken.cost  # a chunked job is charged per chunk, after it
             queues = self._owners.get(taken.owner)
@@ -257,19 +240,23 @@ class ComputeRuntime:
             self._vtime = {o: v for o, v in self._vtime.items() if o in self._owners or v > self._clock}
         return jobs
 
-    def _fill(self, key: Hashable, have: int) -> list[_Job]:
-        """Under the lock: the steps of ``key`` that came while waiting for the expected ones."""
-        expected, recent = self._expected(key), self._recent.get(key)
+    def _fill(self, key: Hashable, jobs: list[_Job]) -> list[_Job]:
+        """Under the lock: the steps of ``key`` that came while waiting for the expected ones, as long
+        as they kept coming (``jobs``: the batch so far)."""
+        have, expected, recent = len(jobs), self._expected(key), self._recent.get(key)
         if have >= expected or recent is None or self.batch_window_s <= 0:
             return []
-        deadline = time.perf_counter() + min(self.batch_window_s, recent.compute_s)
+        deadline = recent.fill_deadline(time.perf_counter(), self.batch_window_s)
+        last = max(j.enqueued_at for j in jobs)  # the latest arrival (enqueue times are perf_counter)
         taken: list[_Job] = []
         while have + len(taken) < expected and not self._closed:
-            remaining = deadline - time.perf_counter()
+            remaining = min(deadline, last + recent.quiet_s()) - time.perf_counter()
             if remaining <= 0:
                 break
             self._cv.wait(remaining)  # an enqueue notifies
-            taken += self._gather(key, have + len(taken))
+            came = self._gather(key, have + len(taken))
+            last = max([last, *(j.enqueued_at for j in came)])
+            taken += came
         return taken
 
     def _gather(self, key: Hashable, have: int) -> list[_Job]:
@@ -338,8 +325,8 @@ class ComputeRuntime:
         if recent is None:
             if len(self._recent) > _PRUNE_AT:
                 self._recent.clear()
-            recent = self._recent[key] = _Recent()
-        recent.ran(len(jobs), started, time.perf_counter() - started)
+            recent = self._recent[key] = BatchHistory()
+        recent.ran(len(jobs), started, time.perf_counter() - started, [j.enqueued_at for j in jobs])
         for job, result in zip(jobs, results, strict=True):
             if isinstance(result, BaseException):
                 job.future.set_exception(result)

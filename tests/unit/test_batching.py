@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peerd.model import batching
 from peerd.model.batching import StepInput, backward_chunks, forward_batch, forward_chunks
 from peerd.model.config import ModelConfig
 from peerd.model.stage import Stage
@@ -63,6 +64,34 @@ def test_a_batch_of_mixed_lengths_and_positions_equals_each_step_alone() -> None
             assert isinstance(got, torch.Tensor)
             torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=TOLERANCE)
     for b, a in zip(batched, alone, strict=True):
+        assert b.length == a.length
+        torch.testing.assert_close(b.keys[:, :, :, : b.length], a.keys[:, :, :, : a.length], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("sessions", [2, 3])
+def test_a_batch_of_two_or_three_rows_runs_padded_and_equals_each_step_alone(sessions: int, monkeypatch) -> None:
+    """On CPU 2-3 rows run with zero rows up to CPU_MIN_ROWS (faster matrix products there); the
+    padding must neither reach the real rows nor leak into the caches."""
+    torch.manual_seed(0)
+    stage = _stage()
+    seen_rows: list[int] = []
+    norm = stage.layers["0"].input_layernorm
+    monkeypatch.setattr(norm, "forward", lambda x, f=norm.forward: (seen_rows.append(x.shape[0]), f(x))[1])
+    prompts = [torch.randn(1, 4 + i, 32) for i in range(sessions)]
+    batched = [stage.allocate_cache(1, 16) for _ in prompts]
+    alone = [stage.allocate_cache(1, 16) for _ in prompts]
+    for p, b, a in zip(prompts, batched, alone, strict=True):
+        stage.forward(p, cache=b, position=0)
+        stage.forward(p, cache=a, position=0)
+    seen_rows.clear()
+    xs = [torch.randn(1, 1, 32) for _ in prompts]
+    with torch.inference_mode():
+        results = forward_batch(stage, [StepInput(x, c, c.length) for x, c in zip(xs, batched, strict=True)], 0, 3)
+    assert seen_rows == [batching.CPU_MIN_ROWS]  # the first block's dense parts saw the padded rows
+    for x, got, a, b in zip(xs, results, alone, batched, strict=True):
+        want = stage.forward(x, cache=a, position=a.length)
+        assert isinstance(got, torch.Tensor) and got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=TOLERANCE)
         assert b.length == a.length
         torch.testing.assert_close(b.keys[:, :, :, : b.length], a.keys[:, :, :, : a.length], atol=TOLERANCE, rtol=0)
 

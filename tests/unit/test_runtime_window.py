@@ -1,4 +1,5 @@
-"""A batch waits briefly for the steps that recent batches of its key promise; a lone session never waits."""
+"""A batch waits briefly for the steps that recent batches of its key promise, while they keep coming; a lone
+session never waits."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
+import pytest
+
+from peerd.server.batchfill import PEAK_HORIZON_S, QUIET_FACTOR, QUIET_MIN_S, BatchHistory
 from peerd.server.runtime import ComputeRuntime
 
 
@@ -33,16 +37,18 @@ def _wave(runtime: ComputeRuntime, runner: _SlowRunner, n: int, gap_s: float) ->
 
 
 def test_steps_that_arrive_a_frame_at_a_time_fill_the_batch_recent_ones_had() -> None:
-    runtime = ComputeRuntime(name="window-test", inline_max_cost=0.0)
-    runner = _SlowRunner(0.05)
+    # a batch may wait up to 0.2 s (its compute time) and, steps having come 10 ms apart, up to
+    # 40 ms after the last one: a wave 10 ms apart fills unless a step is late by 30 ms or more
+    runtime = ComputeRuntime(name="window-test", inline_max_cost=0.0, batch_window_s=0.5)
+    runner = _SlowRunner(0.2)
     try:
         hold = threading.Event()
         runtime.submit(hold.wait)  # the thread is busy: the first wave queues whole
-        first = _wave(runtime, runner, 8, 0.0)
+        first = _wave(runtime, runner, 8, 0.01)
         hold.set()
         assert [f.result(10) for f in first] == list(range(8))
-        # the next wave reaches the peer a step every 2 ms: without waiting it would run as 1 + 7
-        second = _wave(runtime, runner, 8, 0.002)
+        # the next wave reaches the peer a step every 10 ms: without waiting it would run as 1 + 7
+        second = _wave(runtime, runner, 8, 0.01)
         assert [f.result(10) for f in second] == list(range(8))
     finally:
         runtime.close()
@@ -69,3 +75,37 @@ def test_a_lone_session_never_waits_and_the_window_is_bounded() -> None:
     finally:
         runtime.close()
     assert runner.sizes == [1, 1, 1, 1, 1, 4, 1]
+
+
+def test_a_batch_stops_waiting_once_the_expected_steps_stop_coming() -> None:
+    """Sessions moving as two waves: the largest recent batch (8) promises steps that are at another
+    peer. A wave of 4 must start once its steps stop coming, not wait out a batch's compute time."""
+    runtime = ComputeRuntime(name="window-test", inline_max_cost=0.0, batch_window_s=10.0)
+    runner = _SlowRunner(2.0)  # the first batch makes a batch's compute time (the old bound) 2 s
+    try:
+        hold = threading.Event()
+        runtime.submit(hold.wait)
+        first = _wave(runtime, runner, 8, 0.002)
+        hold.set()
+        assert [f.result(10) for f in first] == list(range(8))
+        runner.seconds = 0.0
+        started = time.perf_counter()
+        second = _wave(runtime, runner, 4, 0.002)
+        assert [f.result(10) for f in second] == list(range(4))
+        waited_s = time.perf_counter() - started
+    finally:
+        runtime.close()
+    assert runner.sizes[0] == 8 and sum(runner.sizes[1:]) == 4
+    assert waited_s < 1.0  # waiting for the 4 that never come took the 2 s compute time
+
+
+def test_batch_history_spacing_ignores_one_long_pause_and_bounds_the_quiet_wait() -> None:
+    history = BatchHistory()
+    assert history.quiet_s() == float("inf")  # no spacing known yet: only window and compute time bound it
+    # two waves of 3 queued behind a busy thread, 1 ms apart within a wave, 40 ms between them
+    history.ran(6, started=10.0, took=0.03, arrivals=[0.000, 0.001, 0.002, 0.042, 0.043, 0.044])
+    assert history.gap_s == pytest.approx(0.001)
+    assert history.quiet_s() == pytest.approx(max(QUIET_MIN_S, QUIET_FACTOR * 0.001))
+    assert history.expected(10.0 + PEAK_HORIZON_S / 2, 64) == 6
+    assert history.expected(10.0 + PEAK_HORIZON_S * 2, 64) == 1  # forgotten after the horizon
+    assert history.fill_deadline(20.0, window_s=0.05) == pytest.approx(20.03)  # a batch's compute time
