@@ -160,6 +160,29 @@ def _summary(runs: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
     return out
 
 
+def _thin_model(path: Path) -> Path:
+    """A random-weight copy of ``path`` with blocks of hidden size 64 and its tokenizer and chat template."""
+    import shutil
+    import tempfile
+
+    from tests.helpers.tiny_model import make_tiny_checkpoint
+
+    config = json.loads((path / "config.json").read_text())
+    out = Path(tempfile.mkdtemp(prefix="peerd-thin-")) / f"thin-{path.name}"
+    make_tiny_checkpoint(
+        out,
+        num_layers=config["num_hidden_layers"],
+        hidden_size=64,
+        intermediate_size=128,
+        vocab_size=config["vocab_size"],
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+    for file in path.iterdir():
+        if file.name.startswith("tokenizer") or file.name in ("chat_template.jinja", "special_tokens_map.json"):
+            shutil.copy(file, out / file.name)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python tools/bench_latency.py", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
@@ -170,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtt-ms", type=float, nargs="+", default=[0, 20, 50, 100])
     parser.add_argument("--prompts", nargs="+", choices=list(PROMPTS), default=list(PROMPTS))
     parser.add_argument("--out", default="bench-results/latency.json")
+    parser.add_argument(
+        "--thin-blocks",
+        action="store_true",
+        help="swap the model's blocks for random ones of hidden size 64 (same block count, tokenizer and "
+        "vocabulary): the same routes and protocol with next to no compute, to show what the links alone allow",
+    )
     args = parser.parse_args(argv)
 
     from peerd.cli.demo import LocalSwarm, split_blocks
@@ -178,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     model_id, path = resolve(args.model, args.cache_dir)
+    if args.thin_blocks:
+        path = _thin_model(Path(path))
+        model_id, args.model = path.name, str(path)
     tokenizer, template = load_tokenizer(path), ChatTemplate.from_folder(path)
     prompts = {
         name: chat_prompt_ids(tokenizer, template, [{"role": "user", "content": text}])
