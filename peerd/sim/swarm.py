@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from peerd.client.routing import ChainLayout
+from peerd.client.chain_index import ChainLayout
 from peerd.daemon.placement import PlacedPeer, Placement, choose_placement, decide_move, recheck_after_joining
 from peerd.sim.config import SimConfig
 from peerd.swarm.records import PeerState, ServerRecord

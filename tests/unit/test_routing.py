@@ -211,7 +211,8 @@ def test_a_kept_chain_layout_plans_the_same_routes_as_a_fresh_table() -> None:
     unusable peers (banned or full), and None where some block has no usable peer."""
     import numpy as np
 
-    from peerd.client.routing import ChainLayout, RouteTable, plan_over_table
+    from peerd.client.chain_index import ChainLayout
+    from peerd.client.routing import RouteTable, plan_over_table
 
     gen = np.random.default_rng(4)
     for trial in range(400):
