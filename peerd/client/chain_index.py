@@ -47,18 +47,31 @@ class ChainLayout:
         peer_of = np.repeat(np.arange(start.size), length)
         block_of = np.arange(peer_of.size) - np.repeat(np.cumsum(length) - length - start, length)
         order = np.argsort(block_of.astype(np.int32), kind="stable")  # by block, then by peer
-        self.peer = peer_of[order]
-        self.block = block_of[order]
-        self.start = start[self.peer]
         position = np.empty(order.size, dtype=np.int64)
         position[order] = np.arange(order.size)
+        block = block_of[order]
         # the same peer's pair for the block before, or the last slot (an infinite cost) if none
-        self.prev = np.where(self.block > self.start, position[np.maximum(order - 1, 0)], order.size)
-        top = int(self.block.max()) + 2 if order.size else 1
-        self.bounds = np.searchsorted(self.block, np.arange(top))
+        prev = np.where(block > start[peer_of[order]], position[np.maximum(order - 1, 0)], order.size)
+        self._set(start.size, peer_of[order], block, prev)
+
+    def _set(self, peers: int, peer: np.ndarray, block: np.ndarray, prev: np.ndarray) -> None:
+        self.peers, self.peer, self.block, self.prev = peers, peer, block, prev
+        top = int(block.max()) + 2 if block.size else 1
+        self.bounds = np.searchsorted(block, np.arange(top))
         self._bounds: list[int] = self.bounds.tolist()
-        self._cost = np.full(order.size + 1, np.inf)  # per pair, rewritten by each plan; the last stays inf
-        self._entered = np.zeros(order.size, dtype=bool)  # per pair: the ride was entered at this block
+        self._cost = np.full(block.size + 1, np.inf)  # per pair, rewritten by each plan; the last stays inf
+        self._entered = np.zeros(block.size, dtype=bool)  # per pair: the ride was entered at this block
+
+    def subset(self, peers: np.ndarray) -> ChainLayout:
+        """``ChainLayout(start[peers], end[peers])`` for ascending peer indices ``peers`` (renumbered
+        0, 1, ... in that order), cut out of this one without sorting again."""
+        local = np.full(self.peers, -1, dtype=np.int64)
+        local[peers] = np.arange(peers.size)
+        kept = local[self.peer] >= 0  # the order (by block, then by peer) is kept
+        position = np.append(np.cumsum(kept) - 1, np.count_nonzero(kept))  # the last slot maps to the last
+        cut = ChainLayout.__new__(ChainLayout)
+        cut._set(peers.size, local[self.peer[kept]], self.block[kept], position[self.prev[kept]])
+        return cut
 
     def fastest_chain(
         self, hop_ms: np.ndarray, per_block_ms: np.ndarray, start: int, end: int
@@ -128,38 +141,87 @@ class PrunedChains:
         spread: float,
         layout: ChainLayout | None = None,
         pool: int = 16,
-        keep: int = 3,
+        keep: int = 4,
+        robust: int = 3,
+        dominators_from: np.ndarray | None = None,
+        previous: PrunedChains | None = None,
     ) -> None:
         self.start, self.end, self.hop_ms, self.per_block_ms, self.spread = start, end, hop_ms, per_block_ms, spread
         self.size = start.size
-        candidates = candidates & (start < end)
-        dominators = self._dominators(candidates, layout or ChainLayout(start, end), pool, keep)
-        self.dominators = dominators  # (keep, size): listed dominators per peer, self.size where none
-        # candidates with none: every plan considers them (a plan that may use another peer not listed
-        # here, or dominated by no usable peer, plans over every peer instead)
-        self.kept = np.flatnonzero(candidates & (dominators[0] == self.size))
-        self.layout = ChainLayout(start[self.kept], end[self.kept])
-        self._kept_hop, self._kept_step = hop_ms[self.kept], per_block_ms[self.kept]
+        self.candidates = candidates & (start < end)
+        self.full_layout = layout or ChainLayout(start, end)
+        self._pool, self._keep, self._robust = pool, keep, robust
         self._usable = np.zeros(self.size + 1, dtype=bool)  # scratch: a plan's usable peers, the last slot False
-        self.fallbacks = 0  # plans that had to consider a peer outside ``kept``
+        self.repairs = 0  # plans that found a usable peer dominated by no usable one, and listed again
+        self.fallbacks = 0  # plans that still had to consider a peer outside ``kept``: over every peer
+        if previous is not None and previous.size <= self.size and (previous.spread, previous._keep) == (spread, keep):
+            self.dominators, self.counts = self._carried(previous)
+        else:
+            self.dominators = np.full((keep, self.size), self.size, dtype=np.int64)  # self.size: none
+            self.counts = np.zeros(self.size, dtype=np.int64)  # valid dominators listed per peer
+        trusted = self.candidates if dominators_from is None else self.candidates & dominators_from
+        self._look_for(self.candidates & (self.counts < robust), trusted)
+        # laid out for every plan: the candidates with fewer than ``robust`` dominators (the cheapest
+        # peers dominate the most, and they are the ones that fill up and go unusable)
+        kept = np.flatnonzero(self.candidates & (self.counts < robust))
+        if previous is not None and self._same_spans(previous, kept):
+            self._lay_out(kept, previous.layout)
+        else:
+            self._lay_out(kept)
 
-    def _dominators(self, candidates: np.ndarray, layout: ChainLayout, pool: int, keep: int) -> np.ndarray:
-        """Per peer, up to ``keep`` candidate peers that dominate it, tried among the ``pool`` peers
-        with the lowest hop + 8 x per-block cost on the peer's first block."""
+    def _carried(self, previous: PrunedChains) -> tuple[np.ndarray, np.ndarray]:
+        """``previous``'s listed dominators (index i the same peer in both) that still dominate with
+        this object's arrays, and how many per peer: only the others are looked for again."""
         size, factor = self.size, (1.0 + self.spread) * (1.0 + DOMINANCE_MARGIN)
-        score = self.hop_ms + 8.0 * self.per_block_ms
-        blocks = len(layout.bounds) - 1
-        pools = np.full((max(1, blocks), pool), size, dtype=np.int64)
-        for block in range(blocks):
+        listed = previous.dominators
+        dominators = np.full((listed.shape[0], size), size, dtype=np.int64)
+        dominators[:, : previous.size] = np.where(listed == previous.size, size, listed)
+        start, end = np.append(self.start, np.iinfo(np.int64).max), np.append(self.end, -1)
+        hop, step = np.append(self.hop_ms, np.inf) * factor, np.append(self.per_block_ms, np.inf) * factor
+        candidates = np.append(self.candidates, False)
+        counts = np.zeros(size, dtype=np.int64)
+        for row in dominators:
+            valid = (
+                candidates[row]
+                & (start[row] <= self.start)
+                & (end[row] >= self.end)
+                & (hop[row] < self.hop_ms)
+                & (step[row] < self.per_block_ms)
+            )
+            row[~valid] = size
+            counts += valid
+        return dominators, counts
+
+    def _same_spans(self, previous: PrunedChains, kept: np.ndarray) -> bool:
+        return (
+            previous.kept.size == kept.size
+            and bool((previous.kept == kept).all())
+            and bool((previous.start[kept] == self.start[kept]).all())
+            and bool((previous.end[kept] == self.end[kept]).all())
+        )
+
+    def _lay_out(self, kept: np.ndarray, layout: ChainLayout | None = None) -> None:
+        self.kept = kept
+        self.layout = layout or self.full_layout.subset(kept)
+        self._kept_hop, self._kept_step = self.hop_ms[kept], self.per_block_ms[kept]
+
+    def _look_for(self, rows: np.ndarray, trusted: np.ndarray) -> None:
+        """List again up to ``keep`` dominators for the peers in ``rows``, tried among the ``pool``
+        ``trusted`` peers with the lowest ``_score`` on the peer's first block, where that finds at
+        least as many as are listed."""
+        who = np.flatnonzero(rows)
+        if not who.size:
+            return
+        size, pool, keep = self.size, self._pool, self._keep
+        factor = (1.0 + self.spread) * (1.0 + DOMINANCE_MARGIN)
+        score, layout = self._score(), self.full_layout
+        pools = np.full((max(1, len(layout.bounds) - 1), pool), size, dtype=np.int64)
+        for block in np.unique(self.start[who]):
             peers = layout.peer[layout.bounds[block] : layout.bounds[block + 1]]
-            peers = peers[candidates[peers]]
+            peers = peers[trusted[peers]]
             if peers.size > pool:
                 peers = peers[np.argpartition(score[peers], pool - 1)[:pool]]
-            pools[block, : peers.size] = peers[np.argsort(score[peers], kind="stable")]
-        found = np.full((keep, size), size, dtype=np.int64)
-        who = np.flatnonzero(candidates)
-        if not who.size:
-            return found
+            pools[block, : peers.size] = peers
         tried = pools[self.start[who]]  # (peers, pool): each covers the peer's first block
         end = np.append(self.end, -1)
         hop = np.append(self.hop_ms, np.inf) * factor
@@ -169,13 +231,43 @@ class PrunedChains:
             & (hop[tried] < self.hop_ms[who, None])
             & (step[tried] < self.per_block_ms[who, None])
         )
-        # the listed dominators are the last found (the least cheap): the cheapest peers fill up first
+        count = np.cumsum(dominates, axis=1)
+        total = count[:, -1]
+        better = total >= self.counts[who]
+        who, tried, count, total = who[better], tried[better], count[better], total[better]
+        # listed: dominators spread over those found, not only the cheapest (they fill up first)
         for slot in range(keep):
-            last = pool - 1 - np.argmax(dominates[:, ::-1], axis=1)
-            has = dominates[np.arange(who.size), last]
-            found[slot, who[has]] = tried[has, last[has]]
-            dominates[np.flatnonzero(has), last[has]] = False
-        return found
+            column = np.argmax(count > (slot * total)[:, None] // keep, axis=1)
+            has = total > slot
+            self.dominators[slot, who] = np.where(has, tried[np.arange(who.size), column], size)
+        self.counts[who] = total
+
+    def _score(self) -> np.ndarray:
+        """Lower for peers likely to dominate many: cheap hop, cheap blocks, a long span."""
+        return self.hop_ms * self.per_block_ms / np.maximum(1, self.end - self.start)
+
+    def _repair(self, ok: np.ndarray, considered: np.ndarray) -> np.ndarray:
+        """Some usable peer outside ``kept`` has no usable dominator listed (they filled up since they
+        were listed): list dominators again for such peers among the peers usable now, and lay out
+        with the rest those that still have none. Returns the peers considered now."""
+        self.repairs += 1
+        stranded = considered.copy()
+        stranded[self.kept] = False
+        self.counts[stranded] = 0
+        self._look_for(stranded & self.candidates, self.candidates & ok[: self.size])
+        considered = self._considered(ok)
+        extra = considered & self.candidates
+        extra[self.kept] = False
+        if extra.any():
+            self._lay_out(np.union1d(self.kept, np.flatnonzero(extra)))
+        return considered
+
+    def _considered(self, ok: np.ndarray) -> np.ndarray:
+        """The usable peers (``ok``) that no listed usable dominator sets aside."""
+        covered = ok[self.dominators[0]]
+        for row in self.dominators[1:]:
+            covered |= ok[row]
+        return ok[: self.size] & ~covered
 
     def plan(
         self,
@@ -190,15 +282,15 @@ class PrunedChains:
         uniforms=uniforms, spread=spread, usable=usable)`` for this object's arrays."""
         ok = self._usable
         ok[: self.size] = self.start < self.end if usable is None else usable & (self.start < self.end)
-        covered = ok[self.dominators[0]]
-        for row in self.dominators[1:]:
-            covered |= ok[row]
-        considered = ok[: self.size] & ~covered
-        if np.count_nonzero(considered) != np.count_nonzero(considered[self.kept]):  # a dominated peer is
-            # usable but none of its dominators is: plan over everything (rare; the same routes)
+        considered = self._considered(ok)
+        if np.count_nonzero(considered) != np.count_nonzero(considered[self.kept]):
+            considered = self._repair(ok, considered)
+        if np.count_nonzero(considered) != np.count_nonzero(considered[self.kept]):  # not a candidate
             self.fallbacks += 1
             table = RouteTable(self.start, self.end, self.hop_ms, self.per_block_ms, headroom_tokens)
-            return plan_over_table(table, start, end, uniforms=uniforms, spread=self.spread, usable=usable)
+            return plan_over_table(
+                table, start, end, uniforms=uniforms, spread=self.spread, usable=usable, layout=self.full_layout
+            )
         use = considered[self.kept]
         hop_ms, per_block_ms = self._kept_hop, self._kept_step
         if uniforms is not None and self.spread > 0 and use.any():

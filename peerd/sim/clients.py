@@ -17,6 +17,8 @@ from peerd.sim.swarm import SimSwarm
 
 __all__ = ["RttTable", "SimClient"]
 
+ROOMY_SESSIONS = 3  # a peer with room for this many more sessions may set other peers aside (PrunedChains)
+
 
 class RttTable(Mapping[str, float]):
     """A client's measured RTT (ms) to every peer, read by id without building a dict per plan."""
@@ -157,20 +159,28 @@ class SimClient:
         """The SDK's inference route (``Router.plan_inference``) on this client's view."""
         cfg, view = self.swarm.config, self.view
         self.plans += 1
-        headroom = view.cache_tokens_free - cache_tokens
-        if cfg.cache_book:
-            for peer_id, tokens in self.book.taken().items():
-                idx = int(peer_id[1:])
-                if idx < view.size:
-                    headroom[idx] -= tokens
+        headroom = self._headroom(cache_tokens)
         uniforms = self.gen.random(view.size) if cfg.route_spread > 0 else None
         live = self._usable(banned)
-        chain = self._index().plan(headroom, start, end, uniforms=uniforms, usable=live & (headroom >= 0))
+        chain = self._index(headroom).plan(headroom, start, end, uniforms=uniforms, usable=live & (headroom >= 0))
         return self._spans(chain, start, end, live)
 
-    def _index(self) -> PrunedChains:
+    def _headroom(self, cache_tokens: int) -> np.ndarray:
+        """Free cache per peer beyond ``cache_tokens``: its record's, less what this client's cache
+        book holds on it."""
+        headroom = self.view.cache_tokens_free - cache_tokens
+        if self.swarm.config.cache_book:
+            for peer_id, tokens in self.book.taken().items():
+                idx = int(peer_id[1:])
+                if idx < self.view.size:
+                    headroom[idx] -= tokens
+        return headroom
+
+    def _index(self, headroom: np.ndarray) -> PrunedChains:
         """``plan_over_table`` over this view with this client's RTTs and planning speeds, kept until
-        either changes (a DHT read, or new observations in the speed book)."""
+        either changes (a DHT read, or new observations in the speed book). Only peers with room for
+        a few more sessions now (``headroom``) are used to set others aside: plans until the next
+        rebuild will rarely find them full."""
         key = (self._view_version, self.speeds.version)
         if self._chains is None or self._chains_at != key:
             view = self.view
@@ -179,9 +189,12 @@ class SimClient:
                 view.end,
                 self.rtt.array(view.size),
                 1e3 / np.maximum(1e-6, self._planning_speeds()),
-                view.visible & (view.decode_tps > 0),
+                # a peer full in this view stays full for every plan of it (the book only subtracts)
+                view.visible & (view.decode_tps > 0) & (view.cache_tokens_free >= self.swarm.config.session_tokens),
                 spread=self.swarm.config.route_spread,
                 layout=self.swarm.layout(self._view_version, view),
+                dominators_from=headroom >= ROOMY_SESSIONS * self.swarm.config.session_tokens,
+                previous=self._chains,  # peer i is peer i in every view: its still valid lists carry over
             )
             self._chains_at = key
         return self._chains

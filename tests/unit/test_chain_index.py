@@ -80,11 +80,29 @@ def test_the_layout_plans_the_routes_of_the_layout_before_and_of_a_fresh_table()
             assert plan_over_table(table, first, last, layout=before, **kwargs) == fresh  # type: ignore[arg-type]
 
 
+def _changed(
+    gen: np.random.Generator, table: RouteTable, candidates: np.ndarray, blocks: int
+) -> tuple[RouteTable, np.ndarray]:
+    """The same peers (index for index) with some speeds, hops and spans changed, and a few new ones."""
+    n, new = table.start.size, int(gen.integers(0, 5))
+    fresh = _swarm(gen, n + new, blocks, integer=False)
+    pick = gen.random((3, n + new)) < 0.1
+    pick[:, n:] = True
+    old = {name: np.append(getattr(table, name), getattr(fresh, name)[n:]) for name in ("start", "end", "hop_ms")}
+    old["per_block_ms"] = np.append(table.per_block_ms, fresh.per_block_ms[n:])
+    start = np.where(pick[0], fresh.start, old["start"])
+    end = np.where(pick[0], fresh.end, old["end"])
+    hop = np.where(pick[1], fresh.hop_ms, old["hop_ms"])
+    step = np.where(pick[2], fresh.per_block_ms, old["per_block_ms"])
+    return RouteTable(start, end, hop, step, fresh.headroom_tokens), np.append(candidates, gen.random(new) < 0.9)
+
+
 def test_pruned_chains_plan_the_routes_of_plan_over_table() -> None:
     """Swarms large enough that most peers are dominated, with the spread, bans and full peers (some
-    plans leave every dominator of a peer unusable: the fallback), sub-range plans and exact ties."""
+    plans leave every dominator of a peer unusable: listed again, or planned over every peer), sub-range
+    plans, exact ties, and an index carried over to a changed view."""
     gen = np.random.default_rng(12)
-    fallbacks = pruned = 0
+    fallbacks = repairs = pruned = 0
     for trial in range(300):
         blocks = int(gen.integers(1, 33))
         table = _swarm(gen, int(gen.integers(1, 400)), blocks, integer=trial % 5 == 0)
@@ -94,7 +112,21 @@ def test_pruned_chains_plan_the_routes_of_plan_over_table() -> None:
             table.start, table.end, table.hop_ms, table.per_block_ms, candidates, spread=spread, pool=8, keep=2
         )
         pruned += table.start.size - chains.kept.size
-        for _ in range(6):
+        for step in range(6):
+            if step == 3:  # the next view: some peers changed speed or spans, some joined
+                table, candidates = _changed(gen, table, candidates, blocks)
+                chains = PrunedChains(
+                    table.start,
+                    table.end,
+                    table.hop_ms,
+                    table.per_block_ms,
+                    candidates,
+                    spread=spread,
+                    pool=8,
+                    keep=2,
+                    dominators_from=gen.random(table.start.size) < 0.7,
+                    previous=chains,
+                )
             first = int(gen.integers(0, blocks)) if trial % 3 else 0
             last = int(gen.integers(first + 1, blocks + 1)) if trial % 3 else blocks
             drop = gen.choice([0.02, 0.3, 0.9])
@@ -111,6 +143,19 @@ def test_pruned_chains_plan_the_routes_of_plan_over_table() -> None:
             )
             assert chains.plan(headroom, first, last, uniforms=uniforms, usable=usable) == fresh
             fallbacks += chains.fallbacks
-            chains.fallbacks = 0
+            repairs += chains.repairs
+            chains.fallbacks = chains.repairs = 0
     assert pruned > 10_000  # the dominance test did prune
-    assert fallbacks > 0  # and the fallback was exercised
+    assert repairs > 0 and fallbacks > 0  # and both ways out were exercised
+
+
+def test_a_layout_cut_out_of_another_equals_one_laid_out_afresh() -> None:
+    gen = np.random.default_rng(13)
+    for _ in range(200):
+        blocks = int(gen.integers(1, 20))
+        table = _swarm(gen, int(gen.integers(1, 60)), blocks, integer=False)
+        peers = np.flatnonzero(gen.random(table.start.size) < gen.random())
+        cut = ChainLayout(table.start, table.end).subset(peers)
+        fresh = ChainLayout(table.start[peers], table.end[peers])
+        for name in ("peer", "block", "prev", "bounds"):
+            assert np.array_equal(getattr(cut, name), getattr(fresh, name)), name
