@@ -81,25 +81,27 @@ class ChainLayout:
         bounds, cost, entered = self._bounds, self._cost, self._entered
         if end + 1 > len(bounds):
             return None
+        first = bounds[start]
+        hop = hop_ms.take(self.peer[first : bounds[end]])  # per pair of the blocks planned, from `first`
+        step = per_block_ms.take(self.peer[first : bounds[end]])
         best = 0.0
         cheapest: list[int] = []  # per block: the pair the cheapest route to the next boundary ends on
         for block in range(start, end):
             a, z = bounds[block], bounds[block + 1]
             if a == z:
                 return None
-            peers = self.peer[a:z]
-            enter = hop_ms.take(peers)
-            enter += best
+            here = cost[a:z]
+            enter = hop[a - first : z - first] + best
             if block > start:
                 cont = cost.take(self.prev[a:z])  # the same peer's state after block - 1
                 np.less(enter, cont, out=entered[a:z])
-                np.minimum(enter, cont, out=enter)
+                np.minimum(enter, cont, out=here)
             else:  # nothing to continue at the first block
                 np.less(enter, np.inf, out=entered[a:z])
-            enter += per_block_ms.take(peers)
-            cost[a:z] = enter
-            k = int(enter.argmin())
-            best = float(enter[k])
+                here[:] = enter
+            here += step[a - first : z - first]
+            k = int(here.argmin())
+            best = float(here[k])
             if best == np.inf:
                 return None
             cheapest.append(a + k)
@@ -140,7 +142,7 @@ class PrunedChains:
         *,
         spread: float,
         layout: ChainLayout | None = None,
-        pool: int = 16,
+        pool: int = 64,
         keep: int = 4,
         robust: int = 3,
         dominators_from: np.ndarray | None = None,
@@ -154,20 +156,40 @@ class PrunedChains:
         self._usable = np.zeros(self.size + 1, dtype=bool)  # scratch: a plan's usable peers, the last slot False
         self.repairs = 0  # plans that found a usable peer dominated by no usable one, and listed again
         self.fallbacks = 0  # plans that still had to consider a peer outside ``kept``: over every peer
-        if previous is not None and previous.size <= self.size and (previous.spread, previous._keep) == (spread, keep):
+        self._trusted = self.candidates if dominators_from is None else self.candidates & dominators_from
+        self._pools: np.ndarray | None = None  # _pools_of(_trusted), when first needed
+        carry = previous is not None and previous.size <= self.size and (previous.spread, previous._keep) == (spread, keep)
+        if previous is not None and carry:
             self.dominators, self.counts = self._carried(previous)
+            # looked for again: peers that lost a listed dominator, and new or changed ones
+            redo = self._changed(previous)
+            redo[: previous.size] |= self.counts[: previous.size] < previous.counts
         else:
             self.dominators = np.full((keep, self.size), self.size, dtype=np.int64)  # self.size: none
             self.counts = np.zeros(self.size, dtype=np.int64)  # valid dominators listed per peer
-        trusted = self.candidates if dominators_from is None else self.candidates & dominators_from
-        self._look_for(self.candidates & (self.counts < robust), trusted)
+            redo = np.ones(self.size, dtype=bool)
+        self._look_for(redo & self.candidates & (self.counts < robust))
         # laid out for every plan: the candidates with fewer than ``robust`` dominators (the cheapest
-        # peers dominate the most, and they are the ones that fill up and go unusable)
+        # peers dominate the most, and they are the ones that fill up and go unusable), or the
+        # previous view's laid-out peers if they include those and have the same spans
         kept = np.flatnonzero(self.candidates & (self.counts < robust))
-        if previous is not None and self._same_spans(previous, kept):
-            self._lay_out(kept, previous.layout)
+        if previous is not None and carry and self._still_covers(previous, kept):
+            self._lay_out(previous.kept, previous.layout)
         else:
             self._lay_out(kept)
+
+    def _changed(self, previous: PrunedChains) -> np.ndarray:
+        """Peers new since ``previous`` or whose span, costs or candidacy changed."""
+        n = previous.size
+        changed = np.ones(self.size, dtype=bool)
+        changed[:n] = (
+            (previous.start != self.start[:n])
+            | (previous.end != self.end[:n])
+            | (previous.hop_ms != self.hop_ms[:n])
+            | (previous.per_block_ms != self.per_block_ms[:n])
+            | (previous.candidates != self.candidates[:n])
+        )
+        return changed
 
     def _carried(self, previous: PrunedChains) -> tuple[np.ndarray, np.ndarray]:
         """``previous``'s listed dominators (index i the same peer in both) that still dominate with
@@ -192,12 +214,18 @@ class PrunedChains:
             counts += valid
         return dominators, counts
 
-    def _same_spans(self, previous: PrunedChains, kept: np.ndarray) -> bool:
+    def _still_covers(self, previous: PrunedChains, kept: np.ndarray) -> bool:
+        """Whether ``previous``'s laid-out peers include ``kept``, with unchanged spans, and not too
+        many more (each costs every plan a little)."""
+        laid = previous.kept
+        if laid.size > 1.25 * kept.size + 64:
+            return False
+        inside = np.zeros(self.size, dtype=bool)
+        inside[laid] = True
         return (
-            previous.kept.size == kept.size
-            and bool((previous.kept == kept).all())
-            and bool((previous.start[kept] == self.start[kept]).all())
-            and bool((previous.end[kept] == self.end[kept]).all())
+            bool(inside[kept].all())
+            and bool((previous.start[laid] == self.start[laid]).all())
+            and bool((previous.end[laid] == self.end[laid]).all())
         )
 
     def _lay_out(self, kept: np.ndarray, layout: ChainLayout | None = None) -> None:
@@ -205,24 +233,31 @@ class PrunedChains:
         self.layout = layout or self.full_layout.subset(kept)
         self._kept_hop, self._kept_step = self.hop_ms[kept], self.per_block_ms[kept]
 
-    def _look_for(self, rows: np.ndarray, trusted: np.ndarray) -> None:
-        """List again up to ``keep`` dominators for the peers in ``rows``, tried among the ``pool``
-        ``trusted`` peers with the lowest ``_score`` on the peer's first block, where that finds at
-        least as many as are listed."""
-        who = np.flatnonzero(rows)
-        if not who.size:
-            return
-        size, pool, keep = self.size, self._pool, self._keep
-        factor = (1.0 + self.spread) * (1.0 + DOMINANCE_MARGIN)
-        score, layout = self._score(), self.full_layout
-        pools = np.full((max(1, len(layout.bounds) - 1), pool), size, dtype=np.int64)
-        for block in np.unique(self.start[who]):
+    def _pools_of(self, trusted: np.ndarray) -> np.ndarray:
+        """Per block, the ``pool`` ``trusted`` peers hosting it with the lowest ``_score`` (padded
+        with ``size``): where dominators are looked for."""
+        score, layout, pool = self._score(), self.full_layout, self._pool
+        pools = np.full((max(1, len(layout.bounds) - 1), pool), self.size, dtype=np.int64)
+        for block in range(len(layout.bounds) - 1):
             peers = layout.peer[layout.bounds[block] : layout.bounds[block + 1]]
             peers = peers[trusted[peers]]
             if peers.size > pool:
                 peers = peers[np.argpartition(score[peers], pool - 1)[:pool]]
             pools[block, : peers.size] = peers
-        tried = pools[self.start[who]]  # (peers, pool): each covers the peer's first block
+        return pools
+
+    def _look_for(self, rows: np.ndarray, usable: np.ndarray | None = None) -> None:
+        """List again up to ``keep`` dominators for the peers in ``rows``, tried among the pool of
+        the peer's first block (only those ``usable``, a mask with a last False slot, if given),
+        where that finds at least as many as are listed."""
+        who = np.flatnonzero(rows)
+        if not who.size:
+            return
+        size, keep = self.size, self._keep
+        factor = (1.0 + self.spread) * (1.0 + DOMINANCE_MARGIN)
+        if self._pools is None:
+            self._pools = self._pools_of(self._trusted)
+        tried = self._pools[self.start[who]]  # (peers, pool): each covers the peer's first block
         end = np.append(self.end, -1)
         hop = np.append(self.hop_ms, np.inf) * factor
         step = np.append(self.per_block_ms, np.inf) * factor
@@ -231,6 +266,8 @@ class PrunedChains:
             & (hop[tried] < self.hop_ms[who, None])
             & (step[tried] < self.per_block_ms[who, None])
         )
+        if usable is not None:
+            dominates &= usable[tried]
         count = np.cumsum(dominates, axis=1)
         total = count[:, -1]
         better = total >= self.counts[who]
@@ -254,7 +291,7 @@ class PrunedChains:
         stranded = considered.copy()
         stranded[self.kept] = False
         self.counts[stranded] = 0
-        self._look_for(stranded & self.candidates, self.candidates & ok[: self.size])
+        self._look_for(stranded & self.candidates, ok)
         considered = self._considered(ok)
         extra = considered & self.candidates
         extra[self.kept] = False

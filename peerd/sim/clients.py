@@ -170,10 +170,11 @@ class SimClient:
         book holds on it."""
         headroom = self.view.cache_tokens_free - cache_tokens
         if self.swarm.config.cache_book:
-            for peer_id, tokens in self.book.taken().items():
-                idx = int(peer_id[1:])
-                if idx < self.view.size:
-                    headroom[idx] -= tokens
+            taken = self.book.taken()  # one entry per peer: the indices below do not repeat
+            idx = np.fromiter(map(self.swarm.index_of.__getitem__, taken), dtype=np.int64, count=len(taken))
+            tokens = np.fromiter(taken.values(), dtype=np.float64, count=len(taken))
+            seen = idx < self.view.size  # peers created after this view are not in it
+            headroom[idx[seen]] -= tokens[seen]
         return headroom
 
     def _index(self, headroom: np.ndarray) -> PrunedChains:
