@@ -158,8 +158,9 @@ class PrunedChains:
         self.fallbacks = 0  # plans that still had to consider a peer outside ``kept``: over every peer
         self._trusted = self.candidates if dominators_from is None else self.candidates & dominators_from
         self._pools: np.ndarray | None = None  # _pools_of(_trusted), when first needed
-        carry = previous is not None and previous.size <= self.size and (previous.spread, previous._keep) == (spread, keep)
-        if previous is not None and carry:
+        if previous is not None and (previous.size > self.size or (previous.spread, previous._keep) != (spread, keep)):
+            previous = None  # other peers, another spread or list length: nothing carries over
+        if previous is not None:
             self.dominators, self.counts = self._carried(previous)
             # looked for again: peers that lost a listed dominator, and new or changed ones
             redo = self._changed(previous)
@@ -173,7 +174,7 @@ class PrunedChains:
         # peers dominate the most, and they are the ones that fill up and go unusable), or the
         # previous view's laid-out peers if they include those and have the same spans
         kept = np.flatnonzero(self.candidates & (self.counts < robust))
-        if previous is not None and carry and self._still_covers(previous, kept):
+        if previous is not None and self._still_covers(previous, kept):
             self._lay_out(previous.kept, previous.layout)
         else:
             self._lay_out(kept)
@@ -281,7 +282,8 @@ class PrunedChains:
 
     def _score(self) -> np.ndarray:
         """Lower for peers likely to dominate many: cheap hop, cheap blocks, a long span."""
-        return self.hop_ms * self.per_block_ms / np.maximum(1, self.end - self.start)
+        score: np.ndarray = self.hop_ms * self.per_block_ms / np.maximum(1, self.end - self.start)
+        return score
 
     def _repair(self, ok: np.ndarray, considered: np.ndarray) -> np.ndarray:
         """Some usable peer outside ``kept`` has no usable dominator listed (they filled up since they
@@ -304,7 +306,8 @@ class PrunedChains:
         covered = ok[self.dominators[0]]
         for row in self.dominators[1:]:
             covered |= ok[row]
-        return ok[: self.size] & ~covered
+        considered: np.ndarray = ok[: self.size] & ~covered
+        return considered
 
     def plan(
         self,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -26,12 +26,10 @@ from peerd.rpc.errors import NoRouteError, SwarmBusyError
 from peerd.swarm.records import PeerState, ServerRecord, latest_per_peer
 from peerd.swarm.views import BlockView, records_of
 
-if TYPE_CHECKING:  # chain_index builds on this module
-    from peerd.client.chain_index import ChainLayout
-
 __all__ = [
     "ROUTE_SPREAD",
     "BalancedTable",
+    "LaidOut",
     "RouteTable",
     "Span",
     "cost_factors",
@@ -145,6 +143,14 @@ class RouteTable:
     headroom_tokens: np.ndarray
 
 
+class LaidOut(Protocol):
+    """What ``plan_over_table`` needs of a layout kept across plans (``chain_index.ChainLayout``)."""
+
+    def fastest_chain(
+        self, hop_ms: np.ndarray, per_block_ms: np.ndarray, start: int, end: int
+    ) -> list[tuple[int, int, int]] | None: ...
+
+
 def plan_over_table(
     table: RouteTable,
     start: int,
@@ -153,7 +159,7 @@ def plan_over_table(
     uniforms: np.ndarray | None = None,
     spread: float = 0.0,
     usable: np.ndarray | None = None,
-    layout: ChainLayout | None = None,
+    layout: LaidOut | None = None,
 ) -> list[tuple[int, int, int]] | None:
     """The fastest chain over ``table``'s peers (only where ``usable``, a boolean mask, if given) as
     (peer index, start, end) spans, or None if some block has no peer. With ``uniforms`` (one
