@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from peerd.client.chain_index import ChainLayout, PrunedChains
 from peerd.client.routing import RouteTable, _walk_back, plan_over_table
@@ -159,3 +160,21 @@ def test_a_layout_cut_out_of_another_equals_one_laid_out_afresh() -> None:
         fresh = ChainLayout(table.start[peers], table.end[peers])
         for name in ("peer", "block", "prev", "bounds"):
             assert np.array_equal(getattr(cut, name), getattr(fresh, name)), name
+
+
+def test_the_simulator_runs_the_same_with_and_without_pruned_chains(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A seeded churn run planned through PrunedChains (forced on for a small swarm) gives the
+    summary of the same run planned over the plain layout: every field but the wall time."""
+    import peerd.sim.clients
+    from peerd.sim import SimConfig, Simulation
+
+    config = SimConfig(peers=60, duration_s=300.0, warmup_s=120.0, churn_per_hour=0.3, clients=4, load=0.7, seed=3)
+    plain = Simulation(config).run().summary
+    monkeypatch.setattr(peerd.sim.clients, "PRUNE_FROM_PEERS", 0)
+    pruned_sim = Simulation(config)
+    pruned = pruned_sim.run().summary
+    assert any(client._chains is not None for client in pruned_sim.clients)  # it did go through them
+    for summary in (plain, pruned):
+        summary.pop("wall_s")
+    assert pruned == plain
+    assert plain["route_plans"] > 300
