@@ -114,7 +114,8 @@ class SimClient:
         self.rtt = RttTable(swarm, x, y)
         self.rng = rng
         self.gen = np.random.default_rng(rng.getrandbits(64))  # the spread's uniform draws
-        self.book = CacheBook(hold_s=swarm.config.announce_period_s, clock=clock)
+        self.book = CacheBook(hold_s=swarm.config.announce_period_s, clock=clock, on_change=self._book_changed)
+        self._reserved = np.zeros(0)  # per peer index: what the book holds on it (its on_change keeps it)
         self.speeds = ObservedSpeeds()
         self.view = swarm.table.snapshot()
         self._chains: PrunedChains | None = None  # the planner's index for this view and speed book
@@ -183,12 +184,18 @@ class SimClient:
         book holds on it."""
         headroom = self.view.cache_tokens_free - cache_tokens
         if self.swarm.config.cache_book:
-            taken = self.book.taken()  # one entry per peer: the indices below do not repeat
-            idx = np.fromiter(map(self.swarm.index_of.__getitem__, taken), dtype=np.int64, count=len(taken))
-            tokens = np.fromiter(taken.values(), dtype=np.float64, count=len(taken))
-            seen = idx < self.view.size  # peers created after this view are not in it
-            headroom[idx[seen]] -= tokens[seen]
+            self.book.expire()  # what taken() would drop first; the totals arrive through _book_changed
+            reserved = self._reserved[: self.view.size]  # peers created after this view are not in it
+            headroom[: reserved.size] -= reserved
         return headroom
+
+    def _book_changed(self, peer_id: str, tokens: int) -> None:
+        idx = self.swarm.index_of[peer_id]
+        if idx >= self._reserved.size:
+            self._reserved = np.concatenate(
+                [self._reserved, np.zeros(max(idx + 1, 2 * self._reserved.size) - self._reserved.size)]
+            )
+        self._reserved[idx] = tokens
 
     def _index(self, headroom: np.ndarray) -> PrunedChains:
         """``plan_over_table`` over this view with this client's RTTs and planning speeds, kept until
