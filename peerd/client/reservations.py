@@ -42,9 +42,17 @@ class CacheBook:
     room according to the peer's own next announcement.
     """
 
-    def __init__(self, hold_s: float = HOLD_S, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        hold_s: float = HOLD_S,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.hold_s = hold_s
         self.clock = clock
+        # called with (peer, its new total) whenever a peer's total changes (0: nothing held), so a
+        # caller can keep the totals in its own form instead of reading ``taken()`` on every plan
+        self.on_change = on_change
         self._entries: dict[str, deque[tuple[float, int]]] = {}  # peer -> (taken at, tokens), oldest first
         self._totals: dict[str, int] = {}  # peer -> sum of its entries' tokens
         self._order: deque[tuple[float, str]] = deque()  # every take, oldest first: what may expire next
@@ -54,6 +62,8 @@ class CacheBook:
         self._entries.setdefault(peer_id, deque()).append((now, tokens))
         self._totals[peer_id] = self._totals.get(peer_id, 0) + tokens
         self._order.append((now, peer_id))
+        if self.on_change is not None:
+            self.on_change(peer_id, self._totals[peer_id])
 
     def mark_full(self, peer_id: str) -> None:
         """``peer_id`` refused a session with ``CACHE_FULL``: count it as full until its next announce
@@ -78,15 +88,22 @@ class CacheBook:
             self._totals[peer_id] = left
         else:
             del self._totals[peer_id], self._entries[peer_id]
+            left = 0
+        if self.on_change is not None:
+            self.on_change(peer_id, left)
 
     def taken(self) -> dict[str, int]:
         """Tokens reserved per peer within the last ``hold_s`` seconds (peers with none are absent).
         Only the peers with a take old enough to expire are looked at (a client planning over
         thousands of peers calls this on every plan)."""
+        self.expire()
+        return dict(self._totals)
+
+    def expire(self) -> None:
+        """Drop the reservations older than ``hold_s`` (``taken()`` does it first)."""
         cutoff = self.clock() - self.hold_s
         while self._order and self._order[0][0] <= cutoff:
             _, peer_id = self._order.popleft()
             entries = self._entries.get(peer_id)
             while entries and entries[0][0] <= cutoff:
                 self._subtract(peer_id, entries.popleft()[1])
-        return dict(self._totals)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from peerd.swarm.views import BlockView, records_of
 __all__ = [
     "ROUTE_SPREAD",
     "BalancedTable",
-    "ChainLayout",
+    "LaidOut",
     "RouteTable",
     "Span",
     "cost_factors",
@@ -142,6 +143,14 @@ class RouteTable:
     headroom_tokens: np.ndarray
 
 
+class LaidOut(Protocol):
+    """What ``plan_over_table`` needs of a layout kept across plans (``chain_index.ChainLayout``)."""
+
+    def fastest_chain(
+        self, hop_ms: np.ndarray, per_block_ms: np.ndarray, start: int, end: int
+    ) -> list[tuple[int, int, int]] | None: ...
+
+
 def plan_over_table(
     table: RouteTable,
     start: int,
@@ -150,13 +159,14 @@ def plan_over_table(
     uniforms: np.ndarray | None = None,
     spread: float = 0.0,
     usable: np.ndarray | None = None,
-    layout: ChainLayout | None = None,
+    layout: LaidOut | None = None,
 ) -> list[tuple[int, int, int]] | None:
     """The fastest chain over ``table``'s peers (only where ``usable``, a boolean mask, if given) as
     (peer index, start, end) spans, or None if some block has no peer. With ``uniforms`` (one
     uniform draw in [0, 1) per peer) and ``spread`` > 0, each peer's costs are scaled by
-    ``cost_factors``: the route is drawn among near-fastest ones. ``layout``: ``ChainLayout(table.start,
-    table.end)``, kept by a caller that plans many times over the same peers (the same routes)."""
+    ``cost_factors``: the route is drawn among near-fastest ones. ``layout``: a
+    ``chain_index.ChainLayout(table.start, table.end)`` kept by a caller that plans many times over
+    the same peers (the same routes)."""
     if layout is not None:
         ok = (table.start < table.end) if usable is None else usable & (table.start < table.end)
         hop_ms, per_block_ms = table.hop_ms, table.per_block_ms
@@ -240,56 +250,6 @@ def _walk_back(ends: list[tuple[int, int]], start: int, end: int) -> list[tuple[
         boundary = entered
     chain.reverse()
     return chain
-
-
-class ChainLayout:
-    """``_fastest_chain``'s (peer, hosted block) pairs for a set of peers, laid out block by block
-    once, so that many plans over the same peers (a client's view between two DHT reads) skip the
-    sort and step through each block's pairs as one slice. A peer that cannot be used costs an
-    infinite hop. The routes are those of ``plan_over_table`` without a layout: the same costs, added
-    in the same order, and the same ties (a block's pairs in peer order)."""
-
-    def __init__(self, start: np.ndarray, end: np.ndarray) -> None:
-        length = np.maximum(0, end - start)
-        peer_of = np.repeat(np.arange(start.size), length)
-        block_of = np.arange(peer_of.size) - np.repeat(np.cumsum(length) - length - start, length)
-        order = np.argsort(block_of.astype(np.int32), kind="stable")  # by block, then by peer
-        self.peer = peer_of[order]
-        self.block = block_of[order]
-        self.start = start[self.peer]
-        position = np.empty(order.size, dtype=np.int64)
-        position[order] = np.arange(order.size)
-        # the same peer's pair for the block before, or the last slot (an infinite cost) if none
-        self.prev = np.where(self.block > self.start, position[np.maximum(order - 1, 0)], order.size)
-        top = int(self.block.max()) + 2 if order.size else 1
-        self.bounds = np.searchsorted(self.block, np.arange(top))
-
-    def fastest_chain(
-        self, hop_ms: np.ndarray, per_block_ms: np.ndarray, start: int, end: int
-    ) -> list[tuple[int, int, int]] | None:
-        """``_fastest_chain`` over the laid-out pairs (``hop_ms`` infinite for unusable peers)."""
-        if end + 1 > self.bounds.size:
-            return None
-        hop, step = hop_ms[self.peer], per_block_ms[self.peer]
-        cost = np.full(self.peer.size + 1, np.inf)
-        entry = np.zeros(self.peer.size + 1, dtype=np.int64)
-        best = 0.0
-        ends: list[tuple[int, int]] = []
-        for block in range(start, end):
-            a, z = int(self.bounds[block]), int(self.bounds[block + 1])
-            prev = self.prev[a:z] if block > start else np.full(z - a, self.peer.size)
-            enter = best + hop[a:z]
-            cont = cost[prev]
-            cost[a:z] = np.minimum(enter, cont) + step[a:z]
-            entry[a:z] = np.where(enter < cont, block, entry[prev])
-            if a == z:
-                return None
-            k = a + int(np.argmin(cost[a:z]))
-            best = float(cost[k])
-            if best == np.inf:
-                return None
-            ends.append((int(self.peer[k]), int(entry[k])))
-        return _walk_back(ends, start, end)
 
 
 def hop_rate(record: ServerRecord, blocks: int, bytes_per_token: int) -> float:

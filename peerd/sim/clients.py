@@ -8,20 +8,19 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
+from peerd.client.chain_index import PrunedChains
 from peerd.client.claims import CLAIM_CAP_FACTOR, EWMA, MIN_SAMPLES
 from peerd.client.reservations import CacheBook
-from peerd.client.routing import (
-    BalancedTable,
-    ChainLayout,
-    RouteTable,
-    Span,
-    plan_balanced_over_table,
-    plan_over_table,
-)
+from peerd.client.routing import BalancedTable, RouteTable, Span, plan_balanced_over_table, plan_over_table
 from peerd.rpc.errors import NoRouteError, SwarmBusyError
 from peerd.sim.swarm import SimSwarm
 
 __all__ = ["RttTable", "SimClient"]
+
+# Below this many peers in a view, PrunedChains' upkeep costs more than it saves (measured: 100 and
+# 1,000 peers ran 10-15% slower with it, 10,000 faster): plan over the shared layout of the view.
+PRUNE_FROM_PEERS = 4000
+ROOMY_SESSIONS = 3  # a peer with room for this many more sessions may set other peers aside (PrunedChains)
 
 
 class RttTable(Mapping[str, float]):
@@ -72,6 +71,7 @@ class ObservedSpeeds:
     def __init__(self) -> None:
         self.tps = np.zeros(0)  # per block, one-token steps, as this client timed them
         self.samples = np.zeros(0, dtype=np.int64)
+        self.version = 0  # bumped by every observe: planning speeds may have changed
 
     def _grow(self, size: int) -> None:
         if size > self.tps.size:
@@ -82,6 +82,7 @@ class ObservedSpeeds:
         """One timed step per entry; ``peers`` must not repeat (average repeats first)."""
         if peers.size:
             self._grow(int(peers.max()) + 1)
+        self.version += 1
         first = self.samples[peers] == 0
         self.tps[peers] = np.where(first, tokens_per_s, (1 - EWMA) * self.tps[peers] + EWMA * tokens_per_s)
         self.samples[peers] += 1
@@ -104,18 +105,24 @@ class ObservedSpeeds:
 class SimClient:
     """One client process: its location, its cached DHT view and its cache book. It plans with the
     SDK's planners over arrays (``plan_over_table``, ``plan_balanced_over_table``: what
-    ``plan_inference_route`` and ``plan_load_balanced_route`` run on the records they are given)."""
+    ``plan_inference_route`` and ``plan_load_balanced_route`` run on the records they are given);
+    inference routes go through ``PrunedChains``, which returns ``plan_over_table``'s routes faster
+    and is rebuilt whenever the view or the speed book changes."""
 
     def __init__(self, swarm: SimSwarm, x: float, y: float, rng: random.Random, clock: Callable[[], float]) -> None:
         self.swarm = swarm
         self.rtt = RttTable(swarm, x, y)
         self.rng = rng
         self.gen = np.random.default_rng(rng.getrandbits(64))  # the spread's uniform draws
-        self.book = CacheBook(hold_s=swarm.config.announce_period_s, clock=clock)
+        self.book = CacheBook(hold_s=swarm.config.announce_period_s, clock=clock, on_change=self._book_changed)
+        self._reserved = np.zeros(0)  # per peer index: what the book holds on it (its on_change keeps it)
         self.speeds = ObservedSpeeds()
         self.view = swarm.table.snapshot()
-        self.layout: ChainLayout | None = None  # the planner's pairs for this view, laid out once
+        self._chains: PrunedChains | None = None  # the planner's index for this view and speed book
+        self._chains_at = (-1, -1)  # (view version, speed book version) it was built for
         self._cap: float | None = None  # the claim cap for this view
+        self._step = np.zeros(0)  # _per_block_ms() for (view version, speed book version) _step_at
+        self._step_at = (-1, -1)
         self._view_at = -1e18
         self._view_version = -1
         self.plans = 0
@@ -129,7 +136,7 @@ class SimClient:
         if self.swarm.version != self._view_version:
             self._view_version = self.swarm.version
             self.view = self.swarm.table.snapshot()
-            self.layout, self._cap = None, None
+            self._cap = None
 
     def _usable(self, banned: set[str]) -> np.ndarray:
         usable = self.view.visible & (self.view.decode_tps > 0)
@@ -158,33 +165,69 @@ class SimClient:
         """The SDK's inference route (``Router.plan_inference``) on this client's view."""
         cfg, view = self.swarm.config, self.view
         self.plans += 1
-        headroom = view.cache_tokens_free - cache_tokens
-        if cfg.cache_book:
-            for peer_id, tokens in self.book.taken().items():
-                idx = int(peer_id[1:])
-                if idx < view.size:
-                    headroom[idx] -= tokens
-        table = RouteTable(
-            start=view.start,
-            end=view.end,
-            hop_ms=self.rtt.array(view.size),
-            per_block_ms=1e3 / np.maximum(1e-6, self._planning_speeds()),
-            headroom_tokens=headroom,
-        )
+        headroom = self._headroom(cache_tokens)
         uniforms = self.gen.random(view.size) if cfg.route_spread > 0 else None
         live = self._usable(banned)
-        if self.layout is None:
-            self.layout = self.swarm.layout(self._view_version, view)
-        chain = plan_over_table(
-            table,
-            start,
-            end,
-            uniforms=uniforms,
-            spread=cfg.route_spread,
-            usable=live & (headroom >= 0),
-            layout=self.layout,
-        )
+        usable = live & (headroom >= 0)
+        if view.size < PRUNE_FROM_PEERS:
+            table = RouteTable(view.start, view.end, self.rtt.array(view.size), self._per_block_ms(), headroom)
+            layout = self.swarm.layout(self._view_version, view)
+            chain = plan_over_table(
+                table, start, end, uniforms=uniforms, spread=cfg.route_spread, usable=usable, layout=layout
+            )
+        else:
+            chain = self._index(headroom).plan(headroom, start, end, uniforms=uniforms, usable=usable)
         return self._spans(chain, start, end, live)
+
+    def _headroom(self, cache_tokens: int) -> np.ndarray:
+        """Free cache per peer beyond ``cache_tokens``: its record's, less what this client's cache
+        book holds on it."""
+        headroom = self.view.cache_tokens_free - cache_tokens
+        if self.swarm.config.cache_book:
+            self.book.expire()  # what taken() would drop first; the totals arrive through _book_changed
+            reserved = self._reserved[: self.view.size]  # peers created after this view are not in it
+            headroom[: reserved.size] -= reserved
+        return headroom
+
+    def _book_changed(self, peer_id: str, tokens: int) -> None:
+        idx = self.swarm.index_of[peer_id]
+        if idx >= self._reserved.size:
+            self._reserved = np.concatenate(
+                [self._reserved, np.zeros(max(idx + 1, 2 * self._reserved.size) - self._reserved.size)]
+            )
+        self._reserved[idx] = tokens
+
+    def _index(self, headroom: np.ndarray) -> PrunedChains:
+        """``plan_over_table`` over this view with this client's RTTs and planning speeds, kept until
+        either changes (a DHT read, or new observations in the speed book). Only peers with room for
+        a few more sessions now (``headroom``) are used to set others aside: plans until the next
+        rebuild will rarely find them full."""
+        key = (self._view_version, self.speeds.version)
+        if self._chains is None or self._chains_at != key:
+            view = self.view
+            self._chains = PrunedChains(
+                view.start,
+                view.end,
+                self.rtt.array(view.size),
+                self._per_block_ms(),
+                # a peer full in this view stays full for every plan of it (the book only subtracts)
+                view.visible & (view.decode_tps > 0) & (view.cache_tokens_free >= self.swarm.config.session_tokens),
+                spread=self.swarm.config.route_spread,
+                layout=self.swarm.layout(self._view_version, view),
+                dominators_from=headroom >= ROOMY_SESSIONS * self.swarm.config.session_tokens,
+                previous=self._chains,  # peer i is peer i in every view: its still valid lists carry over
+            )
+            self._chains_at = key
+        return self._chains
+
+    def _per_block_ms(self) -> np.ndarray:
+        """Per peer, the planner's compute cost of one block (ms), from the planning speeds; kept until
+        the view or the speed book changes."""
+        key = (self._view_version, self.speeds.version)
+        if self._step_at != key:
+            self._step = 1e3 / np.maximum(1e-6, self._planning_speeds())
+            self._step_at = key
+        return self._step
 
     def _planning_speeds(self) -> np.ndarray:
         if not self.swarm.config.observed_speeds:

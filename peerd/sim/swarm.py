@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from peerd.client.routing import ChainLayout
+from peerd.client.chain_index import ChainLayout
 from peerd.daemon.placement import PlacedPeer, Placement, choose_placement, decide_move, recheck_after_joining
 from peerd.sim.config import SimConfig
 from peerd.swarm.records import PeerState, ServerRecord
@@ -95,6 +95,7 @@ class SimSwarm:
         self.config = config
         self.rng = rng
         self.peers: list[SimPeer] = []
+        self.index_of: dict[str, int] = {}  # peer id -> index in ``peers``
         self.not_gone: list[int] = []  # indices of peers not GONE, ascending (the engine removes leavers)
         self.totals = np.zeros(config.num_blocks)  # decode tok/s per block over records in the DHT
         self._cover: list[list[int]] = [[] for _ in range(config.num_blocks)]  # heaps of peer idx (lazy)
@@ -129,6 +130,7 @@ class SimSwarm:
                 y=float(gen.random()),
             )
         self.peers.append(peer)
+        self.index_of[peer.peer_id] = idx
         self.not_gone.append(idx)
         self.table.add(peer)
         return peer

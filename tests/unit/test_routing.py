@@ -211,7 +211,8 @@ def test_a_kept_chain_layout_plans_the_same_routes_as_a_fresh_table() -> None:
     unusable peers (banned or full), and None where some block has no usable peer."""
     import numpy as np
 
-    from peerd.client.routing import ChainLayout, RouteTable, plan_over_table
+    from peerd.client.chain_index import ChainLayout
+    from peerd.client.routing import RouteTable, plan_over_table
 
     gen = np.random.default_rng(4)
     for trial in range(400):
@@ -240,10 +241,12 @@ def test_a_kept_chain_layout_plans_the_same_routes_as_a_fresh_table() -> None:
 
 def test_the_cache_books_running_totals_match_summing_its_live_entries() -> None:
     """Random takes, refusals, releases and clock steps: taken() equals the sum of the entries younger
-    than hold_s per peer (what the book meant before it kept running totals)."""
+    than hold_s per peer (what the book meant before it kept running totals), and so do the totals
+    its on_change reported."""
     rng = random.Random(9)
     now = [0.0]
-    book = CacheBook(hold_s=30.0, clock=lambda: now[0])
+    mirrored: dict[str, int] = {}  # what the book's on_change told
+    book = CacheBook(hold_s=30.0, clock=lambda: now[0], on_change=mirrored.__setitem__)
     live: list[tuple[float, str, int]] = []  # (taken at, peer, tokens): the reference
     for _ in range(3000):
         op, peer = rng.random(), f"p{rng.randrange(6)}"
@@ -267,3 +270,4 @@ def test_the_cache_books_running_totals_match_summing_its_live_entries() -> None
         for _, p, k in live:
             expected[p] += k
         assert book.taken() == dict(expected)
+        assert {peer: tokens for peer, tokens in mirrored.items() if tokens} == dict(expected)

@@ -1,0 +1,343 @@
+"""Many route plans over one view, fast: the planner's pairs laid out once, and the peers no plan can
+pick set aside.
+
+``plan_over_table`` (``routing.py``) is exact and runs in milliseconds over 10,000 peers, which is
+fine for one client but not for the swarm simulator, whose clients plan over a hundred sessions a
+second against the same view. Two structures make those plans cheaper without changing them:
+
+* ``ChainLayout`` lays out the (peer, hosted block) pairs of a view block by block once, so a plan
+  steps through each block's pairs as one slice; it notes per pair whether the ride was entered
+  there and recovers the entry points on the walk back instead of carrying them through the DP.
+* ``PrunedChains`` adds, per client (its hop costs) and per set of per-block speeds, the peers
+  that a plan never needs: a peer ``q`` is *dominated* by ``p`` if ``p`` hosts every block ``q``
+  hosts, and ``p``'s hop and per-block costs are below ``q``'s by more than the spread's largest
+  factor. Then whatever the spread draws, on every block ``p``'s DP state costs strictly less than
+  ``q``'s (an induction over the blocks: ``p`` can be entered wherever ``q`` can, and continues
+  wherever ``q`` continues), so ``q`` is never the cheapest entry and dropping it changes no plan.
+  A plan drops ``q`` only if one of the dominators listed for it is usable in that plan (bans and
+  full peers change per plan); it then plans over the usual few hundred undominated peers.
+
+Both return exactly ``plan_over_table``'s routes (``tests/unit/test_routing.py`` compares them on
+random swarms, with the previous implementation as the reference).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from peerd.client.routing import RouteTable, cost_factors, plan_over_table
+
+__all__ = ["ChainLayout", "PrunedChains"]
+
+# A dominator's costs must be below (1 + spread) x (1 + DOMINANCE_MARGIN) times the dominated peer's:
+# the margin keeps the inequality strict after floating-point rounding of the DP's sums (their
+# relative error is ~1e-14; a step is never 1e-6 of a route's cost here).
+DOMINANCE_MARGIN = 1e-6
+
+
+class ChainLayout:
+    """``plan_over_table``'s (peer, hosted block) pairs for a set of peers, laid out block by block
+    once, so that many plans over the same peers (a client's view between two DHT reads) skip the
+    sort and step through each block's pairs as one slice. A peer that cannot be used costs an
+    infinite hop. The routes are those of ``plan_over_table`` without a layout: the same costs, added
+    in the same order, and the same ties (a block's pairs in peer order)."""
+
+    def __init__(self, start: np.ndarray, end: np.ndarray) -> None:
+        length = np.maximum(0, end - start)
+        peer_of = np.repeat(np.arange(start.size), length)
+        block_of = np.arange(peer_of.size) - np.repeat(np.cumsum(length) - length - start, length)
+        order = np.argsort(block_of.astype(np.int32), kind="stable")  # by block, then by peer
+        position = np.empty(order.size, dtype=np.int64)
+        position[order] = np.arange(order.size)
+        block = block_of[order]
+        # the same peer's pair for the block before, or the last slot (an infinite cost) if none
+        prev = np.where(block > start[peer_of[order]], position[np.maximum(order - 1, 0)], order.size)
+        self._set(start.size, peer_of[order], block, prev)
+
+    def _set(self, peers: int, peer: np.ndarray, block: np.ndarray, prev: np.ndarray) -> None:
+        self.peers, self.peer, self.block, self.prev = peers, peer, block, prev
+        top = int(block.max()) + 2 if block.size else 1
+        self.bounds = np.searchsorted(block, np.arange(top))
+        self._bounds: list[int] = self.bounds.tolist()
+        self._cost = np.full(block.size + 1, np.inf)  # per pair, rewritten by each plan; the last stays inf
+        self._entered = np.zeros(block.size, dtype=bool)  # per pair: the ride was entered at this block
+
+    def subset(self, peers: np.ndarray) -> ChainLayout:
+        """``ChainLayout(start[peers], end[peers])`` for ascending peer indices ``peers`` (renumbered
+        0, 1, ... in that order), cut out of this one without sorting again."""
+        local = np.full(self.peers, -1, dtype=np.int64)
+        local[peers] = np.arange(peers.size)
+        kept = local[self.peer] >= 0  # the order (by block, then by peer) is kept
+        position = np.append(np.cumsum(kept) - 1, np.count_nonzero(kept))  # the last slot maps to the last
+        cut = ChainLayout.__new__(ChainLayout)
+        cut._set(peers.size, local[self.peer[kept]], self.block[kept], position[self.prev[kept]])
+        return cut
+
+    def fastest_chain(
+        self, hop_ms: np.ndarray, per_block_ms: np.ndarray, start: int, end: int
+    ) -> list[tuple[int, int, int]] | None:
+        """The boundary DP of ``routing._fastest_chain`` over the laid-out pairs (``hop_ms`` infinite
+        for unusable peers): (peer, first block, end block) spans, or None."""
+        bounds, cost, entered = self._bounds, self._cost, self._entered
+        if end + 1 > len(bounds):
+            return None
+        first = bounds[start]
+        hop = hop_ms.take(self.peer[first : bounds[end]])  # per pair of the blocks planned, from `first`
+        step = per_block_ms.take(self.peer[first : bounds[end]])
+        best = 0.0
+        cheapest: list[int] = []  # per block: the pair the cheapest route to the next boundary ends on
+        for block in range(start, end):
+            a, z = bounds[block], bounds[block + 1]
+            if a == z:
+                return None
+            here = cost[a:z]
+            enter = hop[a - first : z - first] + best
+            if block > start:
+                cont = cost.take(self.prev[a:z])  # the same peer's state after block - 1
+                np.less(enter, cont, out=entered[a:z])
+                np.minimum(enter, cont, out=here)
+            else:  # nothing to continue at the first block
+                np.less(enter, np.inf, out=entered[a:z])
+                here[:] = enter
+            here += step[a - first : z - first]
+            k = int(here.argmin())
+            best = float(here[k])
+            if best == np.inf:
+                return None
+            cheapest.append(a + k)
+        return self._walk_back(cheapest, start, end)
+
+    def _walk_back(self, cheapest: list[int], start: int, end: int) -> list[tuple[int, int, int]]:
+        chain: list[tuple[int, int, int]] = []
+        boundary = end
+        while boundary > start:
+            pair = cheapest[boundary - 1 - start]
+            while not self._entered[pair]:  # ride back along the same peer to where it was entered
+                pair = int(self.prev[pair])
+            entered_at = int(self.block[pair])
+            chain.append((int(self.peer[pair]), entered_at, boundary))
+            boundary = entered_at
+        chain.reverse()
+        return chain
+
+
+class PrunedChains:
+    """``plan_over_table`` for many plans over one set of peers with fixed hop and per-block costs
+    (before the spread): a client's view and speed book between two updates. Peers dominated by a
+    usable peer (the module docstring) are left out of each plan; the rest are laid out once.
+
+    ``candidates``: the peers plans may use (a plan's ``usable`` is normally a subset; a peer
+    outside is planned correctly, only more slowly). ``layout``: a ``ChainLayout`` of ``start`` and
+    ``end``, if the caller keeps one for the view. ``pool``: per block, how many of the cheapest
+    peers are tried as dominators; ``keep``: how many dominators are listed per peer.
+    """
+
+    def __init__(
+        self,
+        start: np.ndarray,
+        end: np.ndarray,
+        hop_ms: np.ndarray,
+        per_block_ms: np.ndarray,
+        candidates: np.ndarray,
+        *,
+        spread: float,
+        layout: ChainLayout | None = None,
+        pool: int = 64,
+        keep: int = 4,
+        robust: int = 3,
+        dominators_from: np.ndarray | None = None,
+        previous: PrunedChains | None = None,
+    ) -> None:
+        self.start, self.end, self.hop_ms, self.per_block_ms, self.spread = start, end, hop_ms, per_block_ms, spread
+        self.size = start.size
+        self.candidates = candidates & (start < end)
+        self.full_layout = layout or ChainLayout(start, end)
+        self._pool, self._keep, self._robust = pool, keep, robust
+        self._usable = np.zeros(self.size + 1, dtype=bool)  # scratch: a plan's usable peers, the last slot False
+        self.repairs = 0  # plans that found a usable peer dominated by no usable one, and listed again
+        self.fallbacks = 0  # plans that still had to consider a peer outside ``kept``: over every peer
+        self._trusted = self.candidates if dominators_from is None else self.candidates & dominators_from
+        self._pools: np.ndarray | None = None  # _pools_of(_trusted), when first needed
+        if previous is not None and (previous.size > self.size or (previous.spread, previous._keep) != (spread, keep)):
+            previous = None  # other peers, another spread or list length: nothing carries over
+        if previous is not None:
+            self.dominators, self.counts = self._carried(previous)
+            # looked for again: peers that lost a listed dominator, and new or changed ones
+            redo = self._changed(previous)
+            redo[: previous.size] |= self.counts[: previous.size] < previous.counts
+        else:
+            self.dominators = np.full((keep, self.size), self.size, dtype=np.int64)  # self.size: none
+            self.counts = np.zeros(self.size, dtype=np.int64)  # valid dominators listed per peer
+            redo = np.ones(self.size, dtype=bool)
+        self._look_for(redo & self.candidates & (self.counts < robust))
+        # laid out for every plan: the candidates with fewer than ``robust`` dominators (the cheapest
+        # peers dominate the most, and they are the ones that fill up and go unusable), or the
+        # previous view's laid-out peers if they include those and have the same spans
+        kept = np.flatnonzero(self.candidates & (self.counts < robust))
+        if previous is not None and self._still_covers(previous, kept):
+            self._lay_out(previous.kept, previous.layout)
+        else:
+            self._lay_out(kept)
+
+    def _changed(self, previous: PrunedChains) -> np.ndarray:
+        """Peers new since ``previous`` or whose span, costs or candidacy changed."""
+        n = previous.size
+        changed = np.ones(self.size, dtype=bool)
+        changed[:n] = (
+            (previous.start != self.start[:n])
+            | (previous.end != self.end[:n])
+            | (previous.hop_ms != self.hop_ms[:n])
+            | (previous.per_block_ms != self.per_block_ms[:n])
+            | (previous.candidates != self.candidates[:n])
+        )
+        return changed
+
+    def _carried(self, previous: PrunedChains) -> tuple[np.ndarray, np.ndarray]:
+        """``previous``'s listed dominators (index i the same peer in both) that still dominate with
+        this object's arrays, and how many per peer: only the others are looked for again."""
+        size, factor = self.size, (1.0 + self.spread) * (1.0 + DOMINANCE_MARGIN)
+        listed = previous.dominators
+        dominators = np.full((listed.shape[0], size), size, dtype=np.int64)
+        dominators[:, : previous.size] = np.where(listed == previous.size, size, listed)
+        start, end = np.append(self.start, np.iinfo(np.int64).max), np.append(self.end, -1)
+        hop, step = np.append(self.hop_ms, np.inf) * factor, np.append(self.per_block_ms, np.inf) * factor
+        candidates = np.append(self.candidates, False)
+        counts = np.zeros(size, dtype=np.int64)
+        for row in dominators:
+            valid = (
+                candidates[row]
+                & (start[row] <= self.start)
+                & (end[row] >= self.end)
+                & (hop[row] < self.hop_ms)
+                & (step[row] < self.per_block_ms)
+            )
+            row[~valid] = size
+            counts += valid
+        return dominators, counts
+
+    def _still_covers(self, previous: PrunedChains, kept: np.ndarray) -> bool:
+        """Whether ``previous``'s laid-out peers include ``kept``, with unchanged spans, and not too
+        many more (each costs every plan a little)."""
+        laid = previous.kept
+        if laid.size > 1.25 * kept.size + 64:
+            return False
+        inside = np.zeros(self.size, dtype=bool)
+        inside[laid] = True
+        return (
+            bool(inside[kept].all())
+            and bool((previous.start[laid] == self.start[laid]).all())
+            and bool((previous.end[laid] == self.end[laid]).all())
+        )
+
+    def _lay_out(self, kept: np.ndarray, layout: ChainLayout | None = None) -> None:
+        self.kept = kept
+        self.layout = layout or self.full_layout.subset(kept)
+        self._kept_hop, self._kept_step = self.hop_ms[kept], self.per_block_ms[kept]
+
+    def _pools_of(self, trusted: np.ndarray) -> np.ndarray:
+        """Per block, the ``pool`` ``trusted`` peers hosting it with the lowest ``_score`` (padded
+        with ``size``): where dominators are looked for."""
+        score, layout, pool = self._score(), self.full_layout, self._pool
+        pools = np.full((max(1, len(layout.bounds) - 1), pool), self.size, dtype=np.int64)
+        for block in range(len(layout.bounds) - 1):
+            peers = layout.peer[layout.bounds[block] : layout.bounds[block + 1]]
+            peers = peers[trusted[peers]]
+            if peers.size > pool:
+                peers = peers[np.argpartition(score[peers], pool - 1)[:pool]]
+            pools[block, : peers.size] = peers
+        return pools
+
+    def _look_for(self, rows: np.ndarray, usable: np.ndarray | None = None) -> None:
+        """List again up to ``keep`` dominators for the peers in ``rows``, tried among the pool of
+        the peer's first block (only those ``usable``, a mask with a last False slot, if given),
+        where that finds at least as many as are listed."""
+        who = np.flatnonzero(rows)
+        if not who.size:
+            return
+        size, keep = self.size, self._keep
+        factor = (1.0 + self.spread) * (1.0 + DOMINANCE_MARGIN)
+        if self._pools is None:
+            self._pools = self._pools_of(self._trusted)
+        tried = self._pools[self.start[who]]  # (peers, pool): each covers the peer's first block
+        end = np.append(self.end, -1)
+        hop = np.append(self.hop_ms, np.inf) * factor
+        step = np.append(self.per_block_ms, np.inf) * factor
+        dominates = (
+            (end[tried] >= self.end[who, None])
+            & (hop[tried] < self.hop_ms[who, None])
+            & (step[tried] < self.per_block_ms[who, None])
+        )
+        if usable is not None:
+            dominates &= usable[tried]
+        count = np.cumsum(dominates, axis=1)
+        total = count[:, -1]
+        better = total >= self.counts[who]
+        who, tried, count, total = who[better], tried[better], count[better], total[better]
+        # listed: dominators spread over those found, not only the cheapest (they fill up first)
+        for slot in range(keep):
+            column = np.argmax(count > (slot * total)[:, None] // keep, axis=1)
+            has = total > slot
+            self.dominators[slot, who] = np.where(has, tried[np.arange(who.size), column], size)
+        self.counts[who] = total
+
+    def _score(self) -> np.ndarray:
+        """Lower for peers likely to dominate many: cheap hop, cheap blocks, a long span."""
+        score: np.ndarray = self.hop_ms * self.per_block_ms / np.maximum(1, self.end - self.start)
+        return score
+
+    def _repair(self, ok: np.ndarray, considered: np.ndarray) -> np.ndarray:
+        """Some usable peer outside ``kept`` has no usable dominator listed (they filled up since they
+        were listed): list dominators again for such peers among the peers usable now, and lay out
+        with the rest those that still have none. Returns the peers considered now."""
+        self.repairs += 1
+        stranded = considered.copy()
+        stranded[self.kept] = False
+        self.counts[stranded] = 0
+        self._look_for(stranded & self.candidates, ok)
+        considered = self._considered(ok)
+        extra = considered & self.candidates
+        extra[self.kept] = False
+        if extra.any():
+            self._lay_out(np.union1d(self.kept, np.flatnonzero(extra)))
+        return considered
+
+    def _considered(self, ok: np.ndarray) -> np.ndarray:
+        """The usable peers (``ok``) that no listed usable dominator sets aside."""
+        covered = ok[self.dominators[0]]
+        for row in self.dominators[1:]:
+            covered |= ok[row]
+        considered: np.ndarray = ok[: self.size] & ~covered
+        return considered
+
+    def plan(
+        self,
+        headroom_tokens: np.ndarray,
+        start: int,
+        end: int,
+        *,
+        uniforms: np.ndarray | None,
+        usable: np.ndarray | None,
+    ) -> list[tuple[int, int, int]] | None:
+        """``plan_over_table(RouteTable(start, end, hop_ms, per_block_ms, headroom_tokens), start, end,
+        uniforms=uniforms, spread=spread, usable=usable)`` for this object's arrays."""
+        ok = self._usable
+        ok[: self.size] = self.start < self.end if usable is None else usable & (self.start < self.end)
+        considered = self._considered(ok)
+        if np.count_nonzero(considered) != np.count_nonzero(considered[self.kept]):
+            considered = self._repair(ok, considered)
+        if np.count_nonzero(considered) != np.count_nonzero(considered[self.kept]):  # not a candidate
+            self.fallbacks += 1
+            table = RouteTable(self.start, self.end, self.hop_ms, self.per_block_ms, headroom_tokens)
+            return plan_over_table(
+                table, start, end, uniforms=uniforms, spread=self.spread, usable=usable, layout=self.full_layout
+            )
+        use = considered[self.kept]
+        hop_ms, per_block_ms = self._kept_hop, self._kept_step
+        if uniforms is not None and self.spread > 0 and use.any():
+            pool = headroom_tokens if usable is None else headroom_tokens[usable]
+            peers = self.kept[use]
+            scale = np.ones(use.size)
+            scale[use] = cost_factors(headroom_tokens[peers], uniforms[peers], self.spread, float(pool.mean()))
+            hop_ms, per_block_ms = hop_ms * scale, per_block_ms * scale
+        chain = self.layout.fastest_chain(np.where(use, hop_ms, np.inf), per_block_ms, start, end)
+        return None if chain is None else [(int(self.kept[i]), s, e) for i, s, e in chain]
