@@ -9,9 +9,9 @@ event loop that also carries every stream.
 
 :class:`HeadBatcher` is continuous batching for that pass, like the peers' runtime: requests that
 arrive while a batch runs make up the next one, and a lone request runs at once (no window).
-Each request keeps its own rows and gets exactly its own logits back; a request alone in its
-batch gets the same numbers as an unbatched call, and one batched with others agrees with it
-within float rounding (a matrix product over more rows may sum in another order).
+Each request keeps its own rows and gets exactly its own logits back; a lone request for one
+position gets the same numbers as an unbatched call, and any other agrees with it within float
+rounding (a matrix product over more rows may sum in another order).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from peerd.model.batching import CPU_MIN_ROWS
 
 __all__ = ["HeadBatcher", "LogitsModule"]
 
@@ -80,7 +82,8 @@ class HeadBatcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """Hand the oldest waiting requests (one module's, up to ``max_rows`` positions) to the worker.
+        """Hand the oldest waiting requests (one module's, up to ``max_rows`` positions) to the worker;
+        on CPU, together only when they make up ``CPU_MIN_ROWS`` positions or more.
 
         Called by a waiting request, so the queue holds at least that one."""
         self._queue = [r for r in self._queue if not r.result.done()]
@@ -92,6 +95,10 @@ class HeadBatcher:
             if request.local is module and (not batch or rows + n <= self.max_rows):
                 batch.append(request)
                 rows += n
+        if self._queue[0].hidden.device.type == "cpu" and rows < CPU_MIN_ROWS:
+            # fewer rows than a CPU runs efficiently together: a padded pass costs ~1.8 single ones,
+            # and holds every request to the end of it, so the oldest runs alone (the others next)
+            batch, rows = batch[:1], batch[0].hidden.shape[1]
         self._queue = [r for r in self._queue if r not in batch]
         self.batches += 1
         self.rows += rows
@@ -116,11 +123,19 @@ class HeadBatcher:
 
 
 def _forward(module: LogitsModule, hiddens: list[Tensor]) -> list[Tensor]:
-    """Logits of each ``[1, n_i, hidden]`` in ``hiddens``, from one pass over their rows."""
+    """Logits of each ``[1, n_i, hidden]`` in ``hiddens``, from one pass over their rows.
+
+    On CPU, 2 or 3 rows run with zero rows added up to ``CPU_MIN_ROWS``: MKL's float32 products
+    over 2-3 rows are slower than over 4 (SmolLM2's head, one core: 1 row 9.9 ms, 2 rows 24.9, 3 rows
+    37.1, 4 rows 17.8), which made batching 2-3 requests slower than running them one by one.
+    """
     with torch.inference_mode():
-        if len(hiddens) == 1:  # alone: exactly the unbatched call
+        if len(hiddens) == 1 and hiddens[0].shape[1] == 1:  # one position: exactly the unbatched call
             return [module.logits(hiddens[0])]
         rows = torch.cat([h[0] for h in hiddens])  # [sum n_i, hidden]
-        logits = module.logits(rows.unsqueeze(0))[0]  # [sum n_i, vocab]
+        real = rows.shape[0]
+        if rows.device.type == "cpu" and 2 <= real < CPU_MIN_ROWS:
+            rows = torch.cat([rows, rows.new_zeros(CPU_MIN_ROWS - real, rows.shape[1])])  # [CPU_MIN_ROWS, hidden]
+        logits = module.logits(rows.unsqueeze(0))[0, :real]  # [sum n_i, vocab]
         parts = torch.split(logits, [h.shape[1] for h in hiddens])  # each [n_i, vocab]
         return [part.unsqueeze(0) for part in parts]  # each [1, n_i, vocab]

@@ -121,3 +121,36 @@ async def test_a_failing_pass_fails_its_callers_only_and_the_next_pass_works() -
         assert torch.equal(await asyncio.wait_for(heads.logits(head, x), 10), head.logits(x))
     finally:
         heads.close()
+
+
+async def test_two_or_three_rows_run_padded_to_four_on_cpu_and_keep_their_own_logits() -> None:
+    head = make_head(0)
+    gated, heads = _GatedHead(head), HeadBatcher()
+    gated.gate.set()
+    try:
+        g = torch.Generator().manual_seed(2)
+        for n in (2, 3):
+            x = torch.randn(1, n, CONFIG.hidden_size, generator=g)  # a verification step: pending token + drafts
+            got = await asyncio.wait_for(heads.logits(gated, x), 10)
+            assert gated.passes[-1] == 4 and got.shape == (1, n, CONFIG.vocab_size)
+            torch.testing.assert_close(got, head.logits(x), rtol=1e-5, atol=1e-5)
+        x = torch.randn(1, 1, CONFIG.hidden_size, generator=g)
+        assert torch.equal(await asyncio.wait_for(heads.logits(gated, x), 10), head.logits(x))
+        assert gated.passes[-1] == 1  # one position: the plain call, unpadded
+    finally:
+        heads.close()
+
+
+async def test_on_cpu_fewer_than_four_waiting_positions_run_one_request_at_a_time() -> None:
+    head = make_head(0)
+    gated, heads = _GatedHead(head), HeadBatcher()
+    try:
+        xs = [torch.randn(1, 1, CONFIG.hidden_size) for _ in range(4)]
+        calls = [asyncio.ensure_future(heads.logits(gated, x)) for x in xs]  # 1 runs, 3 positions wait
+        await asyncio.sleep(0.05)
+        gated.gate.set()
+        got = await asyncio.wait_for(asyncio.gather(*calls), 10)
+        assert gated.passes == [1, 1, 1, 1]  # three waiting rows: a padded pass would hold all three to its end
+        assert all(torch.equal(g, head.logits(x)) for g, x in zip(got, xs, strict=True))
+    finally:
+        heads.close()
