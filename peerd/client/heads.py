@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from peerd.model.batching import CPU_MIN_ROWS
+from peerd.model.batching import CPU_MIN_ROWS, cpu_padding_rows
 
 __all__ = ["HeadBatcher", "LogitsModule"]
 
@@ -133,9 +133,9 @@ def _forward(module: LogitsModule, hiddens: list[Tensor]) -> list[Tensor]:
         if len(hiddens) == 1 and hiddens[0].shape[1] == 1:  # one position: exactly the unbatched call
             return [module.logits(hiddens[0])]
         rows = torch.cat([h[0] for h in hiddens])  # [sum n_i, hidden]
-        real = rows.shape[0]
-        if rows.device.type == "cpu" and 2 <= real < CPU_MIN_ROWS:
-            rows = torch.cat([rows, rows.new_zeros(CPU_MIN_ROWS - real, rows.shape[1])])  # [CPU_MIN_ROWS, hidden]
+        real, pad = rows.shape[0], cpu_padding_rows(rows)
+        if pad:
+            rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])  # [CPU_MIN_ROWS, hidden]
         logits = module.logits(rows.unsqueeze(0))[0, :real]  # [sum n_i, vocab]
         parts = torch.split(logits, [h.shape[1] for h in hiddens])  # each [n_i, vocab]
         return [part.unsqueeze(0) for part in parts]  # each [1, n_i, vocab]

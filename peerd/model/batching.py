@@ -25,7 +25,15 @@ from torch import Tensor
 from peerd.model.llama import Block, RotaryEmbedding, apply_rotary, attention_mask
 from peerd.model.stage import KVCache, Stage
 
-__all__ = ["BACKWARD_COST_FACTOR", "StepInput", "backward_chunks", "forward_batch", "forward_chunks"]
+__all__ = [
+    "BACKWARD_COST_FACTOR",
+    "CPU_MIN_ROWS",
+    "StepInput",
+    "backward_chunks",
+    "cpu_padding_rows",
+    "forward_batch",
+    "forward_chunks",
+]
 
 # A backward recomputes the forward, then runs autograd through it: about three forwards of work.
 BACKWARD_COST_FACTOR = 3.0
@@ -83,7 +91,7 @@ def _forward_rows(stage: Stage, steps: Sequence[StepInput], start: int, end: int
     shapes = [(s.hidden.shape[0], s.hidden.shape[1]) for s in steps]
     rows = _slices([b * n for b, n in shapes])
     x = torch.cat([s.hidden.reshape(-1, hidden_size) for s in steps])  # [rows of all steps, hidden]
-    pad = _padding(x)
+    pad = cpu_padding_rows(x)
     x = torch.cat([x, x.new_zeros(pad, hidden_size)]) if pad else x  # [rows + pad, hidden]
     # RoPE angles per row (row = one token of one sequence), for all rows at once: full-attention
     # blocks' and, if any, sliding blocks' own; attention masks per step, as Stage.forward builds them
@@ -133,8 +141,8 @@ def _forward_rows(stage: Stage, steps: Sequence[StepInput], start: int, end: int
     return [x[r].view(b, n, hidden_size) for r, (b, n) in zip(rows, shapes, strict=True)]
 
 
-def _padding(x: Tensor) -> int:
-    """Zero rows to add to a batch's rows ``x`` (see :data:`CPU_MIN_ROWS`)."""
+def cpu_padding_rows(x: Tensor) -> int:
+    """Zero rows to add to a batch's rows ``x [rows, ...]`` before its dense parts (see :data:`CPU_MIN_ROWS`)."""
     rows = x.shape[0]
     return CPU_MIN_ROWS - rows if x.device.type == "cpu" and 2 <= rows < CPU_MIN_ROWS else 0
 
