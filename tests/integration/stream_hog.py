@@ -3,8 +3,9 @@
     python -m tests.integration.stream_hog MADDR PEER_ID idle IDENTITIES STREAMS
     python -m tests.integration.stream_hog MADDR PEER_ID frames FRAMES FRAME_BYTES
 
-``idle``: from each of IDENTITIES libp2p identities, opens STREAMS forward streams, sends nothing,
-and reopens each one the peer closes (after 0.2 s: the attacker's own CPU is the test machine's too).
+``idle``: from each of IDENTITIES libp2p identities, opens STREAMS inference streams (no per-client
+request admission there: each one holds its slot until the peer closes it), sends nothing, and reopens
+each one the peer closes (after 0.2 s: the attacker's own CPU is the test machine's too).
 ``frames``: from one identity, opens FRAMES streams and on each sends a Hello and then a frame header
 declaring FRAME_BYTES followed by half of that body, and holds the stream.
 Prints "ready" once every stream has been opened (and every half frame written or refused), and at
@@ -29,9 +30,9 @@ from protocols import PROTOCOL_VERSION, Error, Hello, encode_frame, read_message
 HELLO = encode_frame(Hello(PROTOCOL_VERSION, "tiny", "stream-hog"))
 
 
-async def _open(p2p: P2P, peer_id: str) -> tuple[Any, Any]:
+async def _open(p2p: P2P, peer_id: str, rpc: str = "forward") -> tuple[Any, Any]:
     _, reader, writer = await asyncio.wait_for(
-        p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), STREAM_NAMES["forward"]), 30
+        p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), STREAM_NAMES[rpc]), 30
     )
     return reader, writer
 
@@ -51,7 +52,7 @@ async def idle(p2p: P2P, peer_id: str, streams: int, counts: collections.Counter
         first = True
         while True:
             try:
-                reader, writer = await _open(p2p, peer_id)
+                reader, writer = await _open(p2p, peer_id, "inference")
             except Exception:
                 counts["open_failed"] += 1
                 await asyncio.sleep(0.2)
