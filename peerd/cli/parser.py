@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune = sub.add_parser("finetune", help="train a soft prompt / adapters through a swarm (blocks stay frozen)")
     _add_swarm_args(finetune, need_peers=True)
-    from peerd.cli.finetune import add_finetune_arguments
+    from peerd.cli.finetune_args import add_finetune_arguments
 
     add_finetune_arguments(finetune)
 

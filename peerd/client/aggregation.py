@@ -22,7 +22,6 @@ robust distributed learning", sections 3-4), at some cost in statistical efficie
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,13 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from peerd.client.training_options import Aggregation
+
 __all__ = ["Aggregation", "AggregationResult", "Contribution", "aggregate"]
-
-
-class Aggregation(enum.StrEnum):
-    MEAN = "mean"
-    MEDIAN = "median"
-    TRIMMED_MEAN = "trimmed_mean"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ it arrived, and a digest of the base adapter it holds (peerd/client/averaging.py
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import math
 from collections.abc import Iterable
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from peerd.client.aggregation import Aggregation
+from peerd.client.training_options import Aggregation, Averaged
 from peerd.rpc.tensors import from_wire
 from protocols import AveragePush, Compression, ErrorCode, ProtocolError, StateResponse
 
@@ -97,20 +96,6 @@ def _float_field(value: dict[str, Any], name: str) -> float:
 def _int_field(value: dict[str, Any], name: str) -> int:
     got = value.get(name)
     return got if isinstance(got, int) and not isinstance(got, bool) else -1
-
-
-class Averaged(enum.StrEnum):
-    """What a run's rounds average (every trainer of a run must use the same).
-
-    GRADIENTS: each round averages the trainers' accumulated gradients, weighted by samples, and
-    every trainer then takes the same optimizer step from the same optimizer state: n trainers
-    are one trainer with their summed batch (synchronous data parallelism). PARAMETERS: each
-    trainer takes its own optimizer steps and rounds average the adapters (local SGD / DiLoCo-like,
-    for rounds every k > 1 steps).
-    """
-
-    GRADIENTS = "gradients"
-    PARAMETERS = "parameters"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,6 +24,7 @@ from torch import Tensor
 
 from peerd.client.adapters import ClientAdapter
 from peerd.client.objective import Batches, Blocks, FinetuneResult, heldout_loss, lm_loss
+from peerd.client.training_options import DEFAULT_DATA
 
 if TYPE_CHECKING:
     from peerd.client.averaging import Averager
@@ -40,8 +40,6 @@ __all__ = [
     "lm_loss",
     "train_step",
 ]
-
-DEFAULT_DATA = Path(__file__).parent.parent / "data" / "finetune_sample.txt"
 
 
 class TokenBatches:

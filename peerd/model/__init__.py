@@ -8,18 +8,46 @@ here imports the network stack.
 
 from __future__ import annotations
 
-from peerd.model.config import ModelConfig, RopeScaling
-from peerd.model.head import ClientHead
-from peerd.model.llama import MLP, Attention, Block, RMSNorm, RotaryEmbedding
-from peerd.model.loading import (
-    LoadStats,
-    default_dtype_for,
-    load_client_head,
-    load_local_model,
-    load_stage,
-)
-from peerd.model.local import LocalModel
-from peerd.model.stage import KVCache, Stage, cache_bytes_per_token
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from peerd.model.config import ModelConfig, RopeScaling
+    from peerd.model.head import ClientHead
+    from peerd.model.llama import MLP, Attention, Block, RMSNorm, RotaryEmbedding
+    from peerd.model.loading import LoadStats, default_dtype_for, load_client_head, load_local_model, load_stage
+    from peerd.model.local import LocalModel
+    from peerd.model.stage import KVCache, Stage, cache_bytes_per_token
+
+# Names load on first use (PEP 562), so importing one torch-free module of the package, such as
+# ``peerd.model.registry`` while the CLI builds its parser, does not pull in torch.
+_HOMES = {
+    "MLP": "peerd.model.llama",
+    "Attention": "peerd.model.llama",
+    "Block": "peerd.model.llama",
+    "ClientHead": "peerd.model.head",
+    "KVCache": "peerd.model.stage",
+    "LoadStats": "peerd.model.loading",
+    "LocalModel": "peerd.model.local",
+    "ModelConfig": "peerd.model.config",
+    "RMSNorm": "peerd.model.llama",
+    "RopeScaling": "peerd.model.config",
+    "RotaryEmbedding": "peerd.model.llama",
+    "Stage": "peerd.model.stage",
+    "cache_bytes_per_token": "peerd.model.stage",
+    "default_dtype_for": "peerd.model.loading",
+    "load_client_head": "peerd.model.loading",
+    "load_local_model": "peerd.model.loading",
+    "load_stage": "peerd.model.loading",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'peerd.model' has no attribute {name!r}")
+    return getattr(import_module(home), name)
+
 
 __all__ = [
     "MLP",

@@ -20,6 +20,18 @@ def test_peerd_help_runs_as_a_program() -> None:
         assert command in out.stdout
 
 
+def test_building_the_parser_imports_neither_torch_nor_hivemind() -> None:
+    """Every command builds the whole parser first: were torch and hivemind imported there, even
+    `peerd --help` and `peerd simulate` would take seconds (17 s cold) before doing anything."""
+    code = (
+        "import sys; from peerd.cli.parser import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'hivemind') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_run_options_parse() -> None:
     args = build_parser().parse_args(
         ["run", "--blocks", "3:7", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm", "--memory-budget", "6GB",
