@@ -23,16 +23,126 @@ random swarms, with the previous implementation as the reference).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 from peerd.client.routing import RouteTable, cost_factors, plan_over_table
 
-__all__ = ["ChainLayout", "PrunedChains"]
+__all__ = ["COMPILED", "ChainLayout", "PrunedChains"]
 
 # A dominator's costs must be below (1 + spread) x (1 + DOMINANCE_MARGIN) times the dominated peer's:
 # the margin keeps the inequality strict after floating-point rounding of the DP's sums (their
 # relative error is ~1e-14; a step is never 1e-6 of a route's cost here).
 DOMINANCE_MARGIN = 1e-6
+
+
+def _boundary_dp(
+    bounds: np.ndarray,
+    peer: np.ndarray,
+    prev: np.ndarray,
+    block: np.ndarray,
+    hop_ms: np.ndarray,
+    per_block_ms: np.ndarray,
+    start: int,
+    end: int,
+    cost: np.ndarray,
+    entered: np.ndarray,
+    spans: np.ndarray,
+) -> int:
+    """``ChainLayout.fastest_chain``'s DP and walk back as one loop over the pairs (compiled with
+    numba): the same sums in the same order, ties to the lowest pair, so the same routes. Writes the
+    spans last first into ``spans`` (rows: peer, first block, end block) and returns how many, or -1."""
+    best = 0.0
+    cheapest = np.empty(end - start, np.int64)
+    for b in range(start, end):
+        a, z = bounds[b], bounds[b + 1]
+        if a == z:
+            return -1
+        k, low = -1, np.inf
+        for i in range(a, z):
+            p = peer[i]
+            enter = hop_ms[p] + best
+            if b > start:
+                cont = cost[prev[i]]
+                entered[i] = enter < cont
+                here = (enter if enter < cont else cont) + per_block_ms[p]
+            else:
+                entered[i] = enter < np.inf
+                here = enter + per_block_ms[p]
+            cost[i] = here
+            if here < low:
+                k, low = i, here
+        if k < 0:
+            return -1
+        best = low
+        cheapest[b - start] = k
+    n, boundary = 0, end
+    while boundary > start:
+        pair = cheapest[boundary - 1 - start]
+        while not entered[pair]:  # ride back along the same peer to where it was entered
+            pair = prev[pair]
+        spans[n, 0], spans[n, 1], spans[n, 2] = peer[pair], block[pair], boundary
+        n += 1
+        boundary = block[pair]
+    return n
+
+
+def _compiled(function: Callable[..., Any]) -> Callable[..., Any] | None:
+    """``function`` compiled by numba (the `simulate` extra: the simulator's clients plan hundreds of
+    routes a second), or None without numba: then the DP runs block by block in numpy, slower."""
+    try:
+        from numba import njit
+    except ImportError:
+        return None
+    compiled: Callable[..., Any] = njit(cache=True, nogil=True)(function)
+    return compiled
+
+
+def _cut_pairs(
+    local: np.ndarray, peer: np.ndarray, block: np.ndarray, prev: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``ChainLayout.subset``'s pairs in one pass (compiled with numba): the pairs of peers with a
+    ``local`` index, in their order, renumbered, each ``prev`` pointing into the cut (the last slot
+    to the cut's last slot)."""
+    n = peer.size
+    position = np.empty(n + 1, np.int64)
+    count = 0
+    for i in range(n):
+        position[i] = count
+        if local[peer[i]] >= 0:
+            count += 1
+    position[n] = count
+    cut_peer, cut_block, cut_prev = np.empty(count, np.int64), np.empty(count, np.int64), np.empty(count, np.int64)
+    for i in range(n):
+        if local[peer[i]] >= 0:
+            j = position[i]
+            cut_peer[j], cut_block[j], cut_prev[j] = local[peer[i]], block[i], position[prev[i]]
+    return cut_peer, cut_block, cut_prev
+
+
+def _considered_pairs(ok: np.ndarray, dominators: np.ndarray, in_kept: np.ndarray, considered: np.ndarray) -> int:
+    """``PrunedChains._considered`` into ``considered`` in one pass (compiled with numba); returns how
+    many considered peers are not laid out (``in_kept`` False)."""
+    outside = 0
+    for q in range(considered.size):
+        keep = ok[q]
+        if keep:
+            for r in range(dominators.shape[0]):
+                if ok[dominators[r, q]]:
+                    keep = False
+                    break
+        considered[q] = keep
+        if keep and not in_kept[q]:
+            outside += 1
+    return outside
+
+
+_COMPILED_DP = _compiled(_boundary_dp)
+_COMPILED_CONSIDERED = _compiled(_considered_pairs)
+_COMPILED_CUT = _compiled(_cut_pairs)
+COMPILED = _COMPILED_DP is not None
 
 
 class ChainLayout:
@@ -67,9 +177,12 @@ class ChainLayout:
         0, 1, ... in that order), cut out of this one without sorting again."""
         local = np.full(self.peers, -1, dtype=np.int64)
         local[peers] = np.arange(peers.size)
+        cut = ChainLayout.__new__(ChainLayout)
+        if _COMPILED_CUT is not None:
+            cut._set(peers.size, *_COMPILED_CUT(local, self.peer, self.block, self.prev))
+            return cut
         kept = local[self.peer] >= 0  # the order (by block, then by peer) is kept
         position = np.append(np.cumsum(kept) - 1, np.count_nonzero(kept))  # the last slot maps to the last
-        cut = ChainLayout.__new__(ChainLayout)
         cut._set(peers.size, local[self.peer[kept]], self.block[kept], position[self.prev[kept]])
         return cut
 
@@ -78,6 +191,21 @@ class ChainLayout:
     ) -> list[tuple[int, int, int]] | None:
         """The boundary DP of ``routing._fastest_chain`` over the laid-out pairs (``hop_ms`` infinite
         for unusable peers): (peer, first block, end block) spans, or None."""
+        bounds, cost, entered = self._bounds, self._cost, self._entered
+        if end + 1 > len(bounds):
+            return None
+        if _COMPILED_DP is not None:
+            spans = np.empty((end - start, 3), dtype=np.int64)
+            n = _COMPILED_DP(
+                self.bounds, self.peer, self.prev, self.block, hop_ms, per_block_ms, start, end, cost, entered, spans
+            )
+            return None if n < 0 else [(int(p), int(s), int(e)) for p, s, e in spans[:n][::-1].tolist()]
+        return self._fastest_chain_numpy(hop_ms, per_block_ms, start, end)
+
+    def _fastest_chain_numpy(
+        self, hop_ms: np.ndarray, per_block_ms: np.ndarray, start: int, end: int
+    ) -> list[tuple[int, int, int]] | None:
+        """``fastest_chain`` without numba: each block's pairs as one numpy slice."""
         bounds, cost, entered = self._bounds, self._cost, self._entered
         if end + 1 > len(bounds):
             return None
@@ -154,6 +282,7 @@ class PrunedChains:
         self.full_layout = layout or ChainLayout(start, end)
         self._pool, self._keep, self._robust = pool, keep, robust
         self._usable = np.zeros(self.size + 1, dtype=bool)  # scratch: a plan's usable peers, the last slot False
+        self._hosts = start < end
         self.repairs = 0  # plans that found a usable peer dominated by no usable one, and listed again
         self.fallbacks = 0  # plans that still had to consider a peer outside ``kept``: over every peer
         self._trusted = self.candidates if dominators_from is None else self.candidates & dominators_from
@@ -231,6 +360,8 @@ class PrunedChains:
 
     def _lay_out(self, kept: np.ndarray, layout: ChainLayout | None = None) -> None:
         self.kept = kept
+        self._in_kept = np.zeros(self.size, dtype=bool)
+        self._in_kept[kept] = True
         self.layout = layout or self.full_layout.subset(kept)
         self._kept_hop, self._kept_step = self.hop_ms[kept], self.per_block_ms[kept]
 
@@ -298,8 +429,16 @@ class PrunedChains:
         extra = considered & self.candidates
         extra[self.kept] = False
         if extra.any():
-            self._lay_out(np.union1d(self.kept, np.flatnonzero(extra)))
+            self._lay_out(np.flatnonzero(self._in_kept | extra))  # ascending, as union1d would give
         return considered
+
+    def _considered_outside(self, ok: np.ndarray) -> tuple[np.ndarray, int]:
+        """``_considered(ok)``, and how many of those peers are not laid out."""
+        if _COMPILED_CONSIDERED is None:
+            considered = self._considered(ok)
+            return considered, int(np.count_nonzero(considered) - np.count_nonzero(considered[self.kept]))
+        considered = np.empty(self.size, dtype=bool)
+        return considered, _COMPILED_CONSIDERED(ok, self.dominators, self._in_kept, considered)
 
     def _considered(self, ok: np.ndarray) -> np.ndarray:
         """The usable peers (``ok``) that no listed usable dominator sets aside."""
@@ -321,11 +460,12 @@ class PrunedChains:
         """``plan_over_table(RouteTable(start, end, hop_ms, per_block_ms, headroom_tokens), start, end,
         uniforms=uniforms, spread=spread, usable=usable)`` for this object's arrays."""
         ok = self._usable
-        ok[: self.size] = self.start < self.end if usable is None else usable & (self.start < self.end)
-        considered = self._considered(ok)
-        if np.count_nonzero(considered) != np.count_nonzero(considered[self.kept]):
+        ok[: self.size] = self._hosts if usable is None else usable & self._hosts
+        considered, outside = self._considered_outside(ok)
+        if outside:
             considered = self._repair(ok, considered)
-        if np.count_nonzero(considered) != np.count_nonzero(considered[self.kept]):  # not a candidate
+            outside = int(np.count_nonzero(considered) - np.count_nonzero(considered[self.kept]))
+        if outside:  # not a candidate
             self.fallbacks += 1
             table = RouteTable(self.start, self.end, self.hop_ms, self.per_block_ms, headroom_tokens)
             return plan_over_table(

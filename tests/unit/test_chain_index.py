@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from peerd.client.chain_index import ChainLayout, PrunedChains
+from peerd.client import chain_index
+from peerd.client.chain_index import COMPILED, ChainLayout, PrunedChains
 from peerd.client.routing import RouteTable, _walk_back, plan_over_table
 
 
@@ -54,6 +55,17 @@ class _LayoutBefore:
         return _walk_back(ends, start, end)
 
 
+@pytest.fixture(params=["numba", "numpy"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test twice: with the numba-compiled loops (the simulate and dev extras bring numba) and
+    with their numpy versions (what runs without numba)."""
+    assert chain_index.COMPILED, "numba is missing: pip install -e '.[dev]' (it comes with the simulate extra)"
+    if request.param == "numpy":
+        for name in ("_COMPILED_DP", "_COMPILED_CUT", "_COMPILED_CONSIDERED"):
+            monkeypatch.setattr(chain_index, name, None)
+    return str(request.param)
+
+
 def _swarm(gen: np.random.Generator, n: int, blocks: int, *, integer: bool) -> RouteTable:
     start = gen.integers(0, blocks, n)
     end = np.minimum(blocks, start + gen.integers(1, blocks + 1, n))
@@ -64,7 +76,7 @@ def _swarm(gen: np.random.Generator, n: int, blocks: int, *, integer: bool) -> R
     return RouteTable(start=start, end=end, hop_ms=hop, per_block_ms=step, headroom_tokens=gen.uniform(-500, 5000, n))
 
 
-def test_the_layout_plans_the_routes_of_the_layout_before_and_of_a_fresh_table() -> None:
+def test_the_layout_plans_the_routes_of_the_layout_before_and_of_a_fresh_table(kernels: str) -> None:
     gen = np.random.default_rng(11)
     for trial in range(600):
         blocks = int(gen.integers(1, 20))
@@ -79,6 +91,21 @@ def test_the_layout_plans_the_routes_of_the_layout_before_and_of_a_fresh_table()
             fresh = plan_over_table(table, first, last, **kwargs)
             assert plan_over_table(table, first, last, layout=layout, **kwargs) == fresh
             assert plan_over_table(table, first, last, layout=before, **kwargs) == fresh  # type: ignore[arg-type]
+
+
+def test_the_compiled_dp_plans_the_numpy_dp_routes_tie_for_tie() -> None:
+    assert COMPILED, "numba is missing: pip install -e '.[dev]' (it comes with the simulate extra)"
+    gen = np.random.default_rng(5)
+    for trial in range(800):
+        blocks = int(gen.integers(1, 24))
+        table = _swarm(gen, int(gen.integers(1, 120)), blocks, integer=trial % 2 == 0)
+        layout = ChainLayout(table.start, table.end)
+        for _ in range(4):
+            first = int(gen.integers(0, blocks + 1))
+            last = int(gen.integers(first, blocks + 2))  # empty and out-of-range requests included
+            hop = np.where(gen.random(table.start.size) < 0.8, table.hop_ms, np.inf)
+            compiled = layout.fastest_chain(hop, table.per_block_ms, first, last)
+            assert compiled == layout._fastest_chain_numpy(hop, table.per_block_ms, first, last), (trial, first, last)
 
 
 def _changed(
@@ -98,7 +125,7 @@ def _changed(
     return RouteTable(start, end, hop, step, fresh.headroom_tokens), np.append(candidates, gen.random(new) < 0.9)
 
 
-def test_pruned_chains_plan_the_routes_of_plan_over_table() -> None:
+def test_pruned_chains_plan_the_routes_of_plan_over_table(kernels: str) -> None:
     """Swarms large enough that most peers are dominated, with the spread, bans and full peers (some
     plans leave every dominator of a peer unusable: listed again, or planned over every peer), sub-range
     plans, exact ties, and an index carried over to a changed view."""
@@ -150,7 +177,13 @@ def test_pruned_chains_plan_the_routes_of_plan_over_table() -> None:
     assert repairs > 0 and fallbacks > 0  # and both ways out were exercised
 
 
-def test_a_layout_cut_out_of_another_equals_one_laid_out_afresh() -> None:
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "numpy"])
+def test_a_layout_cut_out_of_another_equals_one_laid_out_afresh(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert chain_index._COMPILED_CUT is not None, "numba is missing: pip install -e '.[dev]'"
+    if not compiled:
+        monkeypatch.setattr(chain_index, "_COMPILED_CUT", None)
     gen = np.random.default_rng(13)
     for _ in range(200):
         blocks = int(gen.integers(1, 20))
