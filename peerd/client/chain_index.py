@@ -139,7 +139,33 @@ def _considered_pairs(ok: np.ndarray, dominators: np.ndarray, in_kept: np.ndarra
     return outside
 
 
+def _laid_out_pairs(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``ChainLayout``'s pairs by a counting sort over the blocks (compiled with numba; starts must
+    not be negative): by block, then by peer, as the stable argsort lays them out."""
+    top, total = 0, 0
+    for p in range(start.size):
+        if end[p] > start[p]:
+            total += end[p] - start[p]
+            top = max(top, end[p])
+    following = np.zeros(top + 1, np.int64)  # per block: where its next pair goes
+    for p in range(start.size):
+        for b in range(start[p], end[p]):
+            following[b + 1] += 1
+    for b in range(top):
+        following[b + 1] += following[b]
+    peer, block, prev = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.int64)
+    for p in range(start.size):
+        last = total  # the last slot (an infinite cost): no pair of this peer before its first block
+        for b in range(start[p], end[p]):
+            i = following[b]
+            following[b] += 1
+            peer[i], block[i], prev[i] = p, b, last
+            last = i
+    return peer, block, prev
+
+
 _COMPILED_DP = _compiled(_boundary_dp)
+_COMPILED_LAY_OUT = _compiled(_laid_out_pairs)
 _COMPILED_CONSIDERED = _compiled(_considered_pairs)
 _COMPILED_CUT = _compiled(_cut_pairs)
 COMPILED = _COMPILED_DP is not None
@@ -153,6 +179,9 @@ class ChainLayout:
     in the same order, and the same ties (a block's pairs in peer order)."""
 
     def __init__(self, start: np.ndarray, end: np.ndarray) -> None:
+        if _COMPILED_LAY_OUT is not None and (start.size == 0 or start.min() >= 0):
+            self._set(start.size, *_COMPILED_LAY_OUT(start.astype(np.int64), end.astype(np.int64)))
+            return
         length = np.maximum(0, end - start)
         peer_of = np.repeat(np.arange(start.size), length)
         block_of = np.arange(peer_of.size) - np.repeat(np.cumsum(length) - length - start, length)

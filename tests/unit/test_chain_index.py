@@ -61,7 +61,7 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     with their numpy versions (what runs without numba)."""
     assert chain_index.COMPILED, "numba is missing: pip install -e '.[dev]' (it comes with the simulate extra)"
     if request.param == "numpy":
-        for name in ("_COMPILED_DP", "_COMPILED_CUT", "_COMPILED_CONSIDERED"):
+        for name in ("_COMPILED_DP", "_COMPILED_CUT", "_COMPILED_CONSIDERED", "_COMPILED_LAY_OUT"):
             monkeypatch.setattr(chain_index, name, None)
     return str(request.param)
 
@@ -91,6 +91,21 @@ def test_the_layout_plans_the_routes_of_the_layout_before_and_of_a_fresh_table(k
             fresh = plan_over_table(table, first, last, **kwargs)
             assert plan_over_table(table, first, last, layout=layout, **kwargs) == fresh
             assert plan_over_table(table, first, last, layout=before, **kwargs) == fresh  # type: ignore[arg-type]
+
+
+def test_the_compiled_layout_lays_out_the_pairs_of_the_numpy_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = np.random.default_rng(7)
+    tables = [_swarm(gen, int(gen.integers(0, 200)), int(gen.integers(1, 40)), integer=True) for _ in range(200)]
+    for table in tables:  # some peers host nothing: end == start, or end 0 after a later start
+        table.end[gen.random(table.end.size) < 0.05] = 0
+        empty = gen.random(table.end.size) < 0.05
+        table.end[empty] = table.start[empty]
+    compiled = [ChainLayout(t.start, t.end) for t in tables]
+    monkeypatch.setattr(chain_index, "_COMPILED_LAY_OUT", None)
+    for table, layout in zip(tables, compiled, strict=True):
+        reference = ChainLayout(table.start, table.end)
+        for name in ("peer", "block", "prev", "bounds"):
+            assert np.array_equal(getattr(layout, name), getattr(reference, name)), name
 
 
 def test_the_compiled_dp_plans_the_numpy_dp_routes_tie_for_tie() -> None:
