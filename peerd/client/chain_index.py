@@ -45,6 +45,8 @@ def _boundary_dp(
     block: np.ndarray,
     hop_ms: np.ndarray,
     per_block_ms: np.ndarray,
+    use: np.ndarray,
+    scale: np.ndarray,
     start: int,
     end: int,
     cost: np.ndarray,
@@ -52,8 +54,10 @@ def _boundary_dp(
     spans: np.ndarray,
 ) -> int:
     """``ChainLayout.fastest_chain``'s DP and walk back as one loop over the pairs (compiled with
-    numba): the same sums in the same order, ties to the lowest pair, so the same routes. Writes the
-    spans last first into ``spans`` (rows: peer, first block, end block) and returns how many, or -1."""
+    numba) for hop costs ``hop_ms x scale`` where ``use`` (else infinite) and block costs
+    ``per_block_ms x scale``: the same products and sums in the same order, ties to the lowest pair,
+    so the same routes. Writes the spans last first into ``spans`` (rows: peer, first block, end
+    block) and returns how many, or -1."""
     best = 0.0
     cheapest = np.empty(end - start, np.int64)
     for b in range(start, end):
@@ -63,14 +67,15 @@ def _boundary_dp(
         k, low = -1, np.inf
         for i in range(a, z):
             p = peer[i]
-            enter = hop_ms[p] + best
+            enter = (hop_ms[p] * scale[p] if use[p] else np.inf) + best
+            step = per_block_ms[p] * scale[p]
             if b > start:
                 cont = cost[prev[i]]
                 entered[i] = enter < cont
-                here = (enter if enter < cont else cont) + per_block_ms[p]
+                here = (enter if enter < cont else cont) + step
             else:
                 entered[i] = enter < np.inf
-                here = enter + per_block_ms[p]
+                here = enter + step
             cost[i] = here
             if here < low:
                 k, low = i, here
@@ -200,6 +205,7 @@ class ChainLayout:
         self._bounds: list[int] = self.bounds.tolist()
         self._cost = np.full(block.size + 1, np.inf)  # per pair, rewritten by each plan; the last stays inf
         self._entered = np.zeros(block.size, dtype=bool)  # per pair: the ride was entered at this block
+        self._ones, self._all = np.ones(0), np.ones(0, dtype=bool)  # scale and use of an unscaled plan
 
     def subset(self, peers: np.ndarray) -> ChainLayout:
         """``ChainLayout(start[peers], end[peers])`` for ascending peer indices ``peers`` (renumbered
@@ -220,16 +226,40 @@ class ChainLayout:
     ) -> list[tuple[int, int, int]] | None:
         """The boundary DP of ``routing._fastest_chain`` over the laid-out pairs (``hop_ms`` infinite
         for unusable peers): (peer, first block, end block) spans, or None."""
-        bounds, cost, entered = self._bounds, self._cost, self._entered
-        if end + 1 > len(bounds):
+        if end + 1 > len(self._bounds):
             return None
         if _COMPILED_DP is not None:
-            spans = np.empty((end - start, 3), dtype=np.int64)
-            n = _COMPILED_DP(
-                self.bounds, self.peer, self.prev, self.block, hop_ms, per_block_ms, start, end, cost, entered, spans
-            )
-            return None if n < 0 else [(int(p), int(s), int(e)) for p, s, e in spans[:n][::-1].tolist()]
+            if self._ones.size < self.peers:
+                self._ones, self._all = np.ones(self.peers), np.ones(self.peers, dtype=bool)
+            return self.scaled_chain(hop_ms, per_block_ms, self._all, self._ones, start, end)
         return self._fastest_chain_numpy(hop_ms, per_block_ms, start, end)
+
+    def scaled_chain(
+        self, hop_ms: np.ndarray, per_block_ms: np.ndarray, use: np.ndarray, scale: np.ndarray, start: int, end: int
+    ) -> list[tuple[int, int, int]] | None:
+        """``fastest_chain(np.where(use, hop_ms * scale, np.inf), per_block_ms * scale, start, end)``
+        without building those arrays (compiled with numba, else exactly that)."""
+        if end + 1 > len(self._bounds):
+            return None
+        if _COMPILED_DP is None:
+            return self._fastest_chain_numpy(np.where(use, hop_ms * scale, np.inf), per_block_ms * scale, start, end)
+        spans = np.empty((end - start, 3), dtype=np.int64)
+        n = _COMPILED_DP(
+            self.bounds,
+            self.peer,
+            self.prev,
+            self.block,
+            hop_ms,
+            per_block_ms,
+            use,
+            scale,
+            start,
+            end,
+            self._cost,
+            self._entered,
+            spans,
+        )
+        return None if n < 0 else [(int(p), int(s), int(e)) for p, s, e in spans[:n][::-1].tolist()]
 
     def _fastest_chain_numpy(
         self, hop_ms: np.ndarray, per_block_ms: np.ndarray, start: int, end: int
@@ -501,12 +531,10 @@ class PrunedChains:
                 table, start, end, uniforms=uniforms, spread=self.spread, usable=usable, layout=self.full_layout
             )
         use = considered[self.kept]
-        hop_ms, per_block_ms = self._kept_hop, self._kept_step
+        scale = np.ones(use.size)
         if uniforms is not None and self.spread > 0 and use.any():
             pool = headroom_tokens if usable is None else headroom_tokens[usable]
             peers = self.kept[use]
-            scale = np.ones(use.size)
             scale[use] = cost_factors(headroom_tokens[peers], uniforms[peers], self.spread, float(pool.mean()))
-            hop_ms, per_block_ms = hop_ms * scale, per_block_ms * scale
-        chain = self.layout.fastest_chain(np.where(use, hop_ms, np.inf), per_block_ms, start, end)
+        chain = self.layout.scaled_chain(self._kept_hop, self._kept_step, use, scale, start, end)
         return None if chain is None else [(int(self.kept[i]), s, e) for i, s, e in chain]

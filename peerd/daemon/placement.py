@@ -68,8 +68,9 @@ def block_throughputs(peers: Iterable[PlacedPeer], num_blocks: int) -> list[floa
     """Total throughput serving each block (0.0 = a gap)."""
     totals = [0.0] * num_blocks
     for peer in peers:
+        tokens_per_s = peer.tokens_per_s
         for block in range(max(0, peer.start), min(num_blocks, peer.end)):
-            totals[block] += peer.tokens_per_s
+            totals[block] += tokens_per_s
     return totals
 
 

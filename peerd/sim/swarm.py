@@ -99,6 +99,7 @@ class SimSwarm:
         self.not_gone: list[int] = []  # indices of peers not GONE, ascending (the engine removes leavers)
         self.totals = np.zeros(config.num_blocks)  # decode tok/s per block over records in the DHT
         self._cover: list[list[int]] = [[] for _ in range(config.num_blocks)]  # heaps of peer idx (lazy)
+        self._block_names = [f"~{b:05d}" for b in range(config.num_blocks)]  # _equivalent's pseudo-peers
         self.version = 0  # bumped whenever a record others can read changes
         self.moves = 0
         self.dht_gets = 0  # key reads (each one Kademlia lookup)
@@ -218,7 +219,8 @@ class SimSwarm:
         for peer in individual:
             if peer.in_dht:
                 totals[peer.start : peer.end] -= peer.decode_tps
-        return [PlacedPeer(f"~{b:05d}", b, b + 1, float(max(0.0, t))) for b, t in enumerate(totals)]
+        names = self._block_names
+        return [PlacedPeer(names[b], b, b + 1, t if t > 0.0 else 0.0) for b, t in enumerate(totals.tolist())]
 
     def choose(self, peer: SimPeer) -> Placement:
         self.count_full_read()
