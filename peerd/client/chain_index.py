@@ -67,7 +67,9 @@ def _boundary_dp(
         k, low = -1, np.inf
         for i in range(a, z):
             p = peer[i]
-            enter = (hop_ms[p] * scale[p] if use[p] else np.inf) + best
+            if not use[p]:
+                continue  # never entered, so infinite throughout: nothing reads its cost or entry flag
+            enter = hop_ms[p] * scale[p] + best
             step = per_block_ms[p] * scale[p]
             if b > start:
                 cont = cost[prev[i]]

@@ -159,7 +159,8 @@ class SimClient:
                 if (np.cumsum(cover)[start:end] > 0).all():
                     raise SwarmBusyError(list(range(start, end)))
             raise NoRouteError(list(range(start, end)))
-        return [Span(f"p{i:07d}", s, e, self.swarm.record_of(i)) for i, s, e in chain]
+        peers = self.swarm.peers
+        return [Span(peers[i].peer_id, s, e, self.swarm.record_of(i)) for i, s, e in chain]
 
     def plan(self, start: int, end: int, cache_tokens: int, banned: set[str]) -> list[Span]:
         """The SDK's inference route (``Router.plan_inference``) on this client's view."""

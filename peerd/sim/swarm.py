@@ -47,7 +47,18 @@ class SimPeer:
     end: int = 0
     rtt_ms: float | None = None  # scripted: the RTT every client measures to it (else from positions)
     in_dht: bool = False  # others can read a record of it (JOINING, ONLINE, or crashed but unexpired)
-    record: ServerRecord | None = None
+    record: ServerRecord | None = None  # as of the announce before ``pending`` (see current_record)
+    pending: tuple[PeerState, int, int, int] | None = None  # the last announce: state, start, end, free cache
+
+    def current_record(self) -> ServerRecord | None:
+        """Its last announced record, built only when someone reads it (peers announce far more often
+        than clients look at one record)."""
+        if self.pending is not None:
+            assert self.record is not None
+            state, start, end, tokens = self.pending
+            self.record = replace(self.record, state=state, start=start, end=end, cache_tokens_free=tokens)
+            self.pending = None
+        return self.record
 
     def placed(self) -> PlacedPeer:
         return PlacedPeer(self.peer_id, self.start, self.end, self.decode_tps)
@@ -174,7 +185,7 @@ class SimSwarm:
                 uplink_bytes_per_s=peer.uplink_bytes_per_s,
             )
         else:
-            peer.record = replace(peer.record, state=state, start=peer.start, end=peer.end, cache_tokens_free=tokens)
+            peer.pending = (state, peer.start, peer.end, tokens)
         self.table.set(peer, visible=state is PeerState.ONLINE, cache_tokens_free=tokens)
         self.version += 1
 
@@ -195,17 +206,14 @@ class SimSwarm:
             self.version += 1
 
     def record_of(self, idx: int) -> ServerRecord:
-        record = self.peers[idx].record
+        record = self.peers[idx].current_record()
         assert record is not None  # only peers with a record are ever visible
         return record
 
     def view(self) -> dict[str, ServerRecord]:
         """What a client's DHT read returns now: online records by peer id (expired ones are gone)."""
-        return {
-            p.peer_id: p.record
-            for p in self.peers
-            if p.in_dht and p.record is not None and p.record.state is PeerState.ONLINE
-        }
+        records = {p.peer_id: p.current_record() for p in self.peers if p.in_dht}
+        return {peer_id: r for peer_id, r in records.items() if r is not None and r.state is PeerState.ONLINE}
 
     def count_full_read(self) -> None:
         """One reader fetched every block key (placement, a rebalance check, a client's view)."""
