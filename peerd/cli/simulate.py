@@ -60,6 +60,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     def progress(done: float) -> None:
         print(f"\rsimulated {done:6.1%}", end="", file=sys.stderr, flush=True)
 
+    from peerd.client.chain_index import COMPILED
+
+    if not COMPILED and config.peers >= 1000:
+        print(
+            "numba is not installed: route plans run in numpy, several times slower (same results); "
+            "pip install 'peerd[simulate]'",
+            file=sys.stderr,
+        )
     sim = Simulation(config)
     result = sim.run(progress)
     print(file=sys.stderr)
