@@ -1,7 +1,7 @@
 """Requests from the simulated clients: open on a planned route, fail over, finish or fail.
 
-A refused open (``CACHE_FULL``) counts that peer full and plans the refused span's blocks again,
-keeping the spans opened before it, as the SDK does. A
+A refused open (``CACHE_FULL``) counts that peer full and plans the route again, as the SDK does
+(a new session's whole route; a failed hop's blocks). A
 peer that drains (a graceful stop or a move) hands its sessions back at once; a crashed one is
 noticed only when the step deadline (``crash_detect_s``) passes. Then the client re-plans just
 that hop's blocks, without the failed peer, on its last view; a request that finds no route for
@@ -102,42 +102,20 @@ class Traffic:
             self._install(row, request, spans)
 
     def _open_spans(self, request: Request, first: int, last: int) -> list[Span] | None:
-        """Open a route over [first, last) span by span, as ``InferenceSession.open`` does: a span
-        refused with ``CACHE_FULL`` marks its peer full and its blocks are planned again until every
-        span of the replacement opens (``_replace_one``), the spans opened before it kept; a forward
-        request plans its whole route again. None after MAX_REFUSALS refusals."""
-        refusals = 0
-
-        def refused(spans: list[Span]) -> Span | None:
-            nonlocal refusals
+        """Open a route over [first, last) as the SDK does: a span refused with ``CACHE_FULL`` marks
+        its peer full and the whole range is planned again (``InferenceSession.open`` for a new
+        session, ``_replace_one`` for a failed hop's blocks). None after MAX_REFUSALS refusals."""
+        for _ in range(MAX_REFUSALS):
+            spans = self._plan(request, first, last)
             full = next((s for s in spans if self.on_peer[int(s.peer_id[1:])] >= self.cfg.sessions_per_peer), None)
-            if full is not None:
-                self.stats["refusals"] += 1  # CACHE_FULL: the SDK counts it full (Router.route_around)
-                refusals += 1
-                if self.cfg.busy_wait:
-                    request.client.book.mark_full(full.peer_id)
-                else:  # before: banned for the request
-                    request.banned.add(full.peer_id)
-            return full
-
-        if request.forward:
-            while refused(spans := self._plan(request, first, last)) is not None:
-                if refusals >= MAX_REFUSALS:
-                    return None
-            return spans
-        opened: list[Span] = []
-        for span in self._plan(request, first, last):
-            if refused([span]) is None:
-                opened.append(span)
-                continue
-            while True:
-                if refusals >= MAX_REFUSALS:
-                    return None
-                replacement = self._plan(request, span.start, span.end)
-                if refused(replacement) is None:
-                    opened.extend(replacement)
-                    break
-        return opened
+            if full is None:
+                return spans
+            self.stats["refusals"] += 1  # CACHE_FULL: the SDK counts it full (Router.route_around)
+            if self.cfg.busy_wait:
+                request.client.book.mark_full(full.peer_id)
+            else:  # before: banned for the request
+                request.banned.add(full.peer_id)
+        return None
 
     def _wait(self, row: int, request: Request, *, busy: bool) -> None:
         """No route yet: an open or a failover that found the blocks served but full backs off for

@@ -66,6 +66,32 @@ async def test_a_peer_that_cannot_serve_is_routed_around(code: ErrorCode) -> Non
         assert "moved" in router.banned()
 
 
+async def test_a_span_refused_at_open_makes_the_whole_route_planned_again() -> None:
+    """Every hop costs 20 ms. Blocks 0:2 on `a` and 2:4 on `b` are the fastest route (42 ms by the
+    planner's costs, against 46.7 for `c` alone); `b` is full. Replacing only b's blocks would keep
+    `a` and add `c` for 2:4 (54.3 ms); planned again whole, the route is `c` alone, and a's session
+    is closed again."""
+
+    class SameRtt:  # every peer measured at 20 ms, once
+        async def rtts_ms(self, peer_ids: list[str]) -> dict[str, float]:
+            return dict.fromkeys(peer_ids, 20.0)
+
+        def measured_at(self, peer_id: str) -> float:
+            return 1.0
+
+    a = FakePeer(record("a", 0, 2, tps=2000.0))
+    b = FakePeer(record("b", 2, 4, tps=2000.0), error=ErrorCode.CACHE_FULL)
+    c = FakePeer(record("c", 0, 4, tps=150.0))
+    transport, dht = FakeTransport([a, b, c], NUM_BLOCKS), FakeDHT([a, b, c], NUM_BLOCKS)
+    router = Router(dht, transport, model_id=MODEL_ID, num_blocks=NUM_BLOCKS, route_spread=0.0, rtt=SameRtt())  # type: ignore[arg-type]
+    s = session(router, transport)
+    torch.testing.assert_close(await run(s), EXPECTED)
+    assert [span.peer_id for span in s.route] == ["c"]
+    assert transport.opened == ["a", "c"]  # b refused its session
+    assert "b" not in router.banned() and router.cache_book.taken()["b"] > 1e9  # full, not failing
+    assert "a" not in router.cache_book.taken()  # a's reservation went with its closed session
+
+
 async def test_a_request_the_peer_rejects_as_malformed_is_raised_not_retried() -> None:
     router, transport, _ = setup([FakePeer(record("strict", 0, 4), error=ErrorCode.WRONG_SHAPE)])
     with pytest.raises(PeerError) as info:
