@@ -7,8 +7,9 @@ re-exported here.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from peerd.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from peerd.client.adapters import ClientAdapter
@@ -46,11 +47,7 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'peerd.client' has no attribute {name!r}")
-    return getattr(import_module(home), name)
+__getattr__ = lazy_attributes(__name__, _HOMES)
 
 
 __all__ = [
