@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 import time
 from typing import Any
 
@@ -311,7 +312,8 @@ class Averager:
         """Send our update to one member; the bytes sent (0 if it failed: that member misses it).
 
         A push that fails fast (a fresh connection reset while both members dial each other, a
-        stream refused) is tried again until the round timeout; the receiver keeps one per sender.
+        stream refused) is tried again, jittered, until the round timeout (keep it above libp2p's
+        6 s "dial backoff" after a failed dial); the receiver keeps one per sender.
         """
         parts = frame_parts([AveragePush(run=self.config.run, round=self.round, weight=float(weight), update=wire)])
         deadline = time.monotonic() + self.config.round_timeout_s
@@ -333,7 +335,7 @@ class Averager:
                 if deadline - time.monotonic() < PUSH_RETRY_S:
                     logger.warning("round %d: push to %s failed (%d tries): %r", self.round, peer_id, attempt, exc)
                     break
-                await asyncio.sleep(PUSH_RETRY_S)
+                await asyncio.sleep(PUSH_RETRY_S * (0.5 + random.random()))  # not in step with the other side
         return 0
 
     async def _collect(self, round_: int, expected: set[str]) -> dict[str, tuple[float, Tensor, int]]:
