@@ -98,7 +98,7 @@ def _boundary_dp(
 
 def _compiled(function: Callable[..., Any]) -> Callable[..., Any] | None:
     """``function`` compiled by numba (the `simulate` extra: the simulator's clients plan hundreds of
-    routes a second), or None without numba: then the DP runs block by block in numpy, slower."""
+    routes a second), or None without numba: then its numpy counterpart runs instead, slower."""
     try:
         from numba import njit
     except ImportError:
@@ -228,9 +228,7 @@ class ChainLayout:
     ) -> list[tuple[int, int, int]] | None:
         """The boundary DP of ``routing._fastest_chain`` over the laid-out pairs (``hop_ms`` infinite
         for unusable peers): (peer, first block, end block) spans, or None."""
-        if end + 1 > len(self._bounds):
-            return None
-        if _COMPILED_DP is not None:
+        if _COMPILED_DP is not None:  # both paths check the range themselves
             if self._ones.size < self.peers:
                 self._ones, self._all = np.ones(self.peers), np.ones(self.peers, dtype=bool)
             return self.scaled_chain(hop_ms, per_block_ms, self._all, self._ones, start, end)
@@ -339,11 +337,11 @@ class PrunedChains:
     ) -> None:
         self.start, self.end, self.hop_ms, self.per_block_ms, self.spread = start, end, hop_ms, per_block_ms, spread
         self.size = start.size
-        self.candidates = candidates & (start < end)
+        self._hosts = start < end  # peers hosting at least one block
+        self.candidates = candidates & self._hosts
         self.full_layout = layout or ChainLayout(start, end)
         self._pool, self._keep, self._robust = pool, keep, robust
         self._usable = np.zeros(self.size + 1, dtype=bool)  # scratch: a plan's usable peers, the last slot False
-        self._hosts = start < end
         self.repairs = 0  # plans that found a usable peer dominated by no usable one, and listed again
         self.fallbacks = 0  # plans that still had to consider a peer outside ``kept``: over every peer
         self._trusted = self.candidates if dominators_from is None else self.candidates & dominators_from
