@@ -52,12 +52,18 @@ def _boundary_dp(
     cost: np.ndarray,
     entered: np.ndarray,
     spans: np.ndarray,
+    enter_ms: np.ndarray,
+    step_ms: np.ndarray,
 ) -> int:
     """``ChainLayout.fastest_chain``'s DP and walk back as one loop over the pairs (compiled with
     numba) for hop costs ``hop_ms x scale`` where ``use`` (else infinite) and block costs
     ``per_block_ms x scale``: the same products and sums in the same order, ties to the lowest pair,
     so the same routes. Writes the spans last first into ``spans`` (rows: peer, first block, end
-    block) and returns how many, or -1."""
+    block) and returns how many, or -1. ``enter_ms`` and ``step_ms``: scratch, one slot per peer,
+    for the scaled costs (computed once per peer, not per pair, and no branch on ``use`` per pair)."""
+    for p in range(enter_ms.size):  # the layout's peers
+        enter_ms[p] = hop_ms[p] * scale[p] if use[p] else np.inf  # an unusable peer's pairs stay infinite
+        step_ms[p] = per_block_ms[p] * scale[p] if use[p] else 0.0
     best = 0.0
     cheapest = np.empty(end - start, np.int64)
     for b in range(start, end):
@@ -65,22 +71,25 @@ def _boundary_dp(
         if a == z:
             return -1
         k, low = -1, np.inf
-        for i in range(a, z):
-            p = peer[i]
-            if not use[p]:
-                continue  # never entered, so infinite throughout: nothing reads its cost or entry flag
-            enter = hop_ms[p] * scale[p] + best
-            step = per_block_ms[p] * scale[p]
-            if b > start:
+        if b == start:  # nothing to continue at the first block
+            for i in range(a, z):
+                p = peer[i]
+                enter = enter_ms[p] + best
+                entered[i] = enter < np.inf
+                here = enter + step_ms[p]
+                cost[i] = here
+                if here < low:
+                    k, low = i, here
+        else:
+            for i in range(a, z):
+                p = peer[i]
+                enter = enter_ms[p] + best
                 cont = cost[prev[i]]
                 entered[i] = enter < cont
-                here = (enter if enter < cont else cont) + step
-            else:
-                entered[i] = enter < np.inf
-                here = enter + step
-            cost[i] = here
-            if here < low:
-                k, low = i, here
+                here = (enter if enter < cont else cont) + step_ms[p]
+                cost[i] = here
+                if here < low:
+                    k, low = i, here
         if k < 0:
             return -1
         best = low
@@ -208,6 +217,7 @@ class ChainLayout:
         self._cost = np.full(block.size + 1, np.inf)  # per pair, rewritten by each plan; the last stays inf
         self._entered = np.zeros(block.size, dtype=bool)  # per pair: the ride was entered at this block
         self._ones, self._all = np.ones(0), np.ones(0, dtype=bool)  # scale and use of an unscaled plan
+        self._enter_ms, self._step_ms = np.empty(peers), np.empty(peers)  # the DP's scratch
 
     def subset(self, peers: np.ndarray) -> ChainLayout:
         """``ChainLayout(start[peers], end[peers])`` for ascending peer indices ``peers`` (renumbered
@@ -258,6 +268,8 @@ class ChainLayout:
             self._cost,
             self._entered,
             spans,
+            self._enter_ms,
+            self._step_ms,
         )
         return None if n < 0 else [(int(p), int(s), int(e)) for p, s, e in spans[:n][::-1].tolist()]
 
