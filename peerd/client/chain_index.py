@@ -329,6 +329,8 @@ class PrunedChains:
     outside is planned correctly, only more slowly). ``layout``: a ``ChainLayout`` of ``start`` and
     ``end``, if the caller keeps one for the view. ``pool``: per block, how many of the cheapest
     peers are tried as dominators; ``keep``: how many dominators are listed per peer.
+    ``reuse_pools``: try ``previous``'s pools again (same peers with new speeds: computing them is
+    a third of a rebuild; which peers are tried changes no route, only how many are set aside).
     """
 
     def __init__(
@@ -346,6 +348,7 @@ class PrunedChains:
         robust: int = 3,
         dominators_from: np.ndarray | None = None,
         previous: PrunedChains | None = None,
+        reuse_pools: bool = False,
     ) -> None:
         self.start, self.end, self.hop_ms, self.per_block_ms, self.spread = start, end, hop_ms, per_block_ms, spread
         self.size = start.size
@@ -358,6 +361,12 @@ class PrunedChains:
         self.fallbacks = 0  # plans that still had to consider a peer outside ``kept``: over every peer
         self._trusted = self.candidates if dominators_from is None else self.candidates & dominators_from
         self._pools: np.ndarray | None = None  # _pools_of(_trusted), when first needed
+        rows = len(self.full_layout.bounds) - 1
+        if reuse_pools and previous is not None and previous._pools is not None and previous._pools.shape[0] == rows:
+            # the previous pools, their "none" renumbered: peers in them that moved or are no longer
+            # trusted are skipped when tried (pools only choose where dominators are looked for)
+            if previous.size <= self.size:
+                self._pools = np.where(previous._pools == previous.size, self.size, previous._pools)
         if previous is not None and (previous.size > self.size or (previous.spread, previous._keep) != (spread, keep)):
             previous = None  # other peers, another spread or list length: nothing carries over
         if previous is not None:
@@ -461,11 +470,13 @@ class PrunedChains:
         if self._pools is None:
             self._pools = self._pools_of(self._trusted)
         tried = self._pools[self.start[who]]  # (peers, pool): each covers the peer's first block
-        end = np.append(self.end, -1)
+        start, end = np.append(self.start, np.iinfo(np.int64).max), np.append(self.end, -1)
         hop = np.append(self.hop_ms, np.inf) * factor
         step = np.append(self.per_block_ms, np.inf) * factor
         dominates = (
-            (end[tried] >= self.end[who, None])
+            np.append(self._trusted, False)[tried]
+            & (start[tried] <= self.start[who, None])
+            & (end[tried] >= self.end[who, None])
             & (hop[tried] < self.hop_ms[who, None])
             & (step[tried] < self.per_block_ms[who, None])
         )

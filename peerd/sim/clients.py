@@ -217,6 +217,7 @@ class SimClient:
                 layout=self.swarm.layout(self._view_version, view),
                 dominators_from=headroom >= ROOMY_SESSIONS * self.swarm.config.session_tokens,
                 previous=self._chains,  # peer i is peer i in every view: its still valid lists carry over
+                reuse_pools=self._chains_at[0] == self._view_version,  # only the speed book changed
             )
             self._chains_at = key
         return self._chains

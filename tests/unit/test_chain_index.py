@@ -169,6 +169,7 @@ def test_pruned_chains_plan_the_routes_of_plan_over_table(kernels: str) -> None:
                     keep=2,
                     dominators_from=gen.random(table.start.size) < 0.7,
                     previous=chains,
+                    reuse_pools=trial % 2 == 0,  # pools with peers that moved or are no longer trusted
                 )
             first = int(gen.integers(0, blocks)) if trial % 3 else 0
             last = int(gen.integers(first + 1, blocks + 1)) if trial % 3 else blocks
