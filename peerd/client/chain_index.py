@@ -23,11 +23,17 @@ random swarms, with the previous implementation as the reference).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import numpy as np
 
+from peerd.client.chain_loops import (
+    _boundary_dp,
+    _carried_lists,
+    _compiled,
+    _considered_pairs,
+    _cut_pairs,
+    _laid_out_pairs,
+    _listed_again,
+)
 from peerd.client.routing import RouteTable, cost_factors, plan_over_table
 
 __all__ = ["COMPILED", "ChainLayout", "PrunedChains"]
@@ -38,152 +44,12 @@ __all__ = ["COMPILED", "ChainLayout", "PrunedChains"]
 DOMINANCE_MARGIN = 1e-6
 
 
-def _boundary_dp(
-    bounds: np.ndarray,
-    peer: np.ndarray,
-    prev: np.ndarray,
-    block: np.ndarray,
-    hop_ms: np.ndarray,
-    per_block_ms: np.ndarray,
-    use: np.ndarray,
-    scale: np.ndarray,
-    start: int,
-    end: int,
-    cost: np.ndarray,
-    entered: np.ndarray,
-    spans: np.ndarray,
-    enter_ms: np.ndarray,
-    step_ms: np.ndarray,
-) -> int:
-    """``ChainLayout.fastest_chain``'s DP and walk back as one loop over the pairs (compiled with
-    numba) for hop costs ``hop_ms x scale`` where ``use`` (else infinite) and block costs
-    ``per_block_ms x scale``: the same products and sums in the same order, ties to the lowest pair,
-    so the same routes. Writes the spans last first into ``spans`` (rows: peer, first block, end
-    block) and returns how many, or -1. ``enter_ms`` and ``step_ms``: scratch, one slot per peer,
-    for the scaled costs (computed once per peer, not per pair, and no branch on ``use`` per pair)."""
-    for p in range(enter_ms.size):  # the layout's peers
-        enter_ms[p] = hop_ms[p] * scale[p] if use[p] else np.inf  # an unusable peer's pairs stay infinite
-        step_ms[p] = per_block_ms[p] * scale[p] if use[p] else 0.0
-    best = 0.0
-    cheapest = np.empty(end - start, np.int64)
-    for b in range(start, end):
-        a, z = bounds[b], bounds[b + 1]
-        if a == z:
-            return -1
-        k, low = -1, np.inf
-        if b == start:  # nothing to continue at the first block
-            for i in range(a, z):
-                p = peer[i]
-                enter = enter_ms[p] + best
-                entered[i] = enter < np.inf
-                here = enter + step_ms[p]
-                cost[i] = here
-                if here < low:
-                    k, low = i, here
-        else:
-            for i in range(a, z):
-                p = peer[i]
-                enter = enter_ms[p] + best
-                cont = cost[prev[i]]
-                entered[i] = enter < cont
-                here = (enter if enter < cont else cont) + step_ms[p]
-                cost[i] = here
-                if here < low:
-                    k, low = i, here
-        if k < 0:
-            return -1
-        best = low
-        cheapest[b - start] = k
-    n, boundary = 0, end
-    while boundary > start:
-        pair = cheapest[boundary - 1 - start]
-        while not entered[pair]:  # ride back along the same peer to where it was entered
-            pair = prev[pair]
-        spans[n, 0], spans[n, 1], spans[n, 2] = peer[pair], block[pair], boundary
-        n += 1
-        boundary = block[pair]
-    return n
-
-
-def _compiled(function: Callable[..., Any]) -> Callable[..., Any] | None:
-    """``function`` compiled by numba (the `simulate` extra: the simulator's clients plan hundreds of
-    routes a second), or None without numba: then its numpy counterpart runs instead, slower."""
-    try:
-        from numba import njit
-    except ImportError:
-        return None
-    compiled: Callable[..., Any] = njit(cache=True, nogil=True)(function)
-    return compiled
-
-
-def _cut_pairs(
-    local: np.ndarray, peer: np.ndarray, block: np.ndarray, prev: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``ChainLayout.subset``'s pairs in one pass (compiled with numba): the pairs of peers with a
-    ``local`` index, in their order, renumbered, each ``prev`` pointing into the cut (the last slot
-    to the cut's last slot)."""
-    n = peer.size
-    position = np.empty(n + 1, np.int64)
-    count = 0
-    for i in range(n):
-        position[i] = count
-        if local[peer[i]] >= 0:
-            count += 1
-    position[n] = count
-    cut_peer, cut_block, cut_prev = np.empty(count, np.int64), np.empty(count, np.int64), np.empty(count, np.int64)
-    for i in range(n):
-        if local[peer[i]] >= 0:
-            j = position[i]
-            cut_peer[j], cut_block[j], cut_prev[j] = local[peer[i]], block[i], position[prev[i]]
-    return cut_peer, cut_block, cut_prev
-
-
-def _considered_pairs(ok: np.ndarray, dominators: np.ndarray, in_kept: np.ndarray, considered: np.ndarray) -> int:
-    """``PrunedChains._considered`` into ``considered`` in one pass (compiled with numba); returns how
-    many considered peers are not laid out (``in_kept`` False)."""
-    outside = 0
-    for q in range(considered.size):
-        keep = ok[q]
-        if keep:
-            for r in range(dominators.shape[0]):
-                if ok[dominators[r, q]]:
-                    keep = False
-                    break
-        considered[q] = keep
-        if keep and not in_kept[q]:
-            outside += 1
-    return outside
-
-
-def _laid_out_pairs(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``ChainLayout``'s pairs by a counting sort over the blocks (compiled with numba; starts must
-    not be negative): by block, then by peer, as the stable argsort lays them out."""
-    top, total = 0, 0
-    for p in range(start.size):
-        if end[p] > start[p]:
-            total += end[p] - start[p]
-            top = max(top, end[p])
-    following = np.zeros(top + 1, np.int64)  # per block: where its next pair goes
-    for p in range(start.size):
-        for b in range(start[p], end[p]):
-            following[b + 1] += 1
-    for b in range(top):
-        following[b + 1] += following[b]
-    peer, block, prev = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.int64)
-    for p in range(start.size):
-        last = total  # the last slot (an infinite cost): no pair of this peer before its first block
-        for b in range(start[p], end[p]):
-            i = following[b]
-            following[b] += 1
-            peer[i], block[i], prev[i] = p, b, last
-            last = i
-    return peer, block, prev
-
-
 _COMPILED_DP = _compiled(_boundary_dp)
 _COMPILED_LAY_OUT = _compiled(_laid_out_pairs)
 _COMPILED_CONSIDERED = _compiled(_considered_pairs)
 _COMPILED_CUT = _compiled(_cut_pairs)
+_COMPILED_CARRIED = _compiled(_carried_lists)
+_COMPILED_LISTED = _compiled(_listed_again)
 COMPILED = _COMPILED_DP is not None
 
 
@@ -360,13 +226,8 @@ class PrunedChains:
         self.repairs = 0  # plans that found a usable peer dominated by no usable one, and listed again
         self.fallbacks = 0  # plans that still had to consider a peer outside ``kept``: over every peer
         self._trusted = self.candidates if dominators_from is None else self.candidates & dominators_from
-        self._pools: np.ndarray | None = None  # _pools_of(_trusted), when first needed
-        rows = len(self.full_layout.bounds) - 1
-        if reuse_pools and previous is not None and previous._pools is not None and previous._pools.shape[0] == rows:
-            # the previous pools, their "none" renumbered: peers in them that moved or are no longer
-            # trusted are skipped when tried (pools only choose where dominators are looked for)
-            if previous.size <= self.size:
-                self._pools = np.where(previous._pools == previous.size, self.size, previous._pools)
+        # where dominators are looked for: _pools_of(_trusted) when first needed, or the previous ones
+        self._pools = self._pools_carried(previous) if reuse_pools else None
         if previous is not None and (previous.size > self.size or (previous.spread, previous._keep) != (spread, keep)):
             previous = None  # other peers, another spread or list length: nothing carries over
         if previous is not None:
@@ -388,6 +249,15 @@ class PrunedChains:
         else:
             self._lay_out(kept)
 
+    def _pools_carried(self, previous: PrunedChains | None) -> np.ndarray | None:
+        """``previous``'s pools, their "none" renumbered, if it has pools for as many blocks: peers in
+        them that moved or are no longer trusted are skipped when tried."""
+        if previous is None or previous._pools is None or previous.size > self.size:
+            return None
+        if previous._pools.shape[0] != len(self.full_layout.bounds) - 1:
+            return None
+        return np.where(previous._pools == previous.size, self.size, previous._pools)
+
     def _changed(self, previous: PrunedChains) -> np.ndarray:
         """Peers new since ``previous`` or whose span, costs or candidacy changed."""
         n = previous.size
@@ -407,11 +277,15 @@ class PrunedChains:
         size, factor = self.size, (1.0 + self.spread) * (1.0 + DOMINANCE_MARGIN)
         listed = previous.dominators
         dominators = np.full((listed.shape[0], size), size, dtype=np.int64)
+        counts = np.zeros(size, dtype=np.int64)
+        if _COMPILED_CARRIED is not None:
+            arrays = (self.start, self.end, self.hop_ms, self.per_block_ms, self.candidates)
+            _COMPILED_CARRIED(listed, *arrays, factor, dominators, counts)
+            return dominators, counts
         dominators[:, : previous.size] = np.where(listed == previous.size, size, listed)
         start, end = np.append(self.start, np.iinfo(np.int64).max), np.append(self.end, -1)
         hop, step = np.append(self.hop_ms, np.inf) * factor, np.append(self.per_block_ms, np.inf) * factor
         candidates = np.append(self.candidates, False)
-        counts = np.zeros(size, dtype=np.int64)
         for row in dominators:
             valid = (
                 candidates[row]
@@ -469,6 +343,20 @@ class PrunedChains:
         factor = (1.0 + self.spread) * (1.0 + DOMINANCE_MARGIN)
         if self._pools is None:
             self._pools = self._pools_of(self._trusted)
+        if _COMPILED_LISTED is not None:
+            trusted, everyone = np.append(self._trusted, False), np.ones(size + 1, dtype=bool)
+            arrays = (self.start, self.end, self.hop_ms, self.per_block_ms)
+            _COMPILED_LISTED(
+                who,
+                self._pools,
+                *arrays,
+                trusted,
+                everyone if usable is None else usable,
+                factor,
+                self.dominators,
+                self.counts,
+            )
+            return
         tried = self._pools[self.start[who]]  # (peers, pool): each covers the peer's first block
         start, end = np.append(self.start, np.iinfo(np.int64).max), np.append(self.end, -1)
         hop = np.append(self.hop_ms, np.inf) * factor

@@ -61,7 +61,14 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     with their numpy versions (what runs without numba)."""
     assert chain_index.COMPILED, "numba is missing: pip install -e '.[dev]' (it comes with the simulate extra)"
     if request.param == "numpy":
-        for name in ("_COMPILED_DP", "_COMPILED_CUT", "_COMPILED_CONSIDERED", "_COMPILED_LAY_OUT"):
+        for name in (
+            "_COMPILED_DP",
+            "_COMPILED_CUT",
+            "_COMPILED_CONSIDERED",
+            "_COMPILED_LAY_OUT",
+            "_COMPILED_CARRIED",
+            "_COMPILED_LISTED",
+        ):
             monkeypatch.setattr(chain_index, name, None)
     return str(request.param)
 
@@ -227,3 +234,44 @@ def test_the_simulator_runs_the_same_with_and_without_pruned_chains(monkeypatch:
         summary.pop("wall_s")
     assert pruned == plain
     assert plain["route_plans"] > 300
+
+
+def test_compiled_upkeep_lists_the_dominators_numpy_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled carry-over and search of dominator lists (a rebuild's two loops) leave the same
+    lists, counts and laid-out peers as their numpy versions, through changed views, reused pools
+    and repairs."""
+    assert chain_index._COMPILED_LISTED is not None, "numba is missing: pip install -e '.[dev]'"
+    compiled = {"_COMPILED_CARRIED": chain_index._COMPILED_CARRIED, "_COMPILED_LISTED": chain_index._COMPILED_LISTED}
+    gen = np.random.default_rng(14)
+    for trial in range(60):
+        blocks = int(gen.integers(1, 33))
+        table = _swarm(gen, int(gen.integers(1, 400)), blocks, integer=trial % 5 == 0)
+        candidates = gen.random(table.start.size) < 0.9
+        changed, changed_candidates = _changed(gen, table, candidates, blocks)
+        trusted = gen.random(changed.start.size) < 0.7
+        usable = np.append(changed_candidates & (gen.random(changed.start.size) >= 0.3), False)
+        built = []
+        for numba in (True, False):
+            for name, function in compiled.items():
+                monkeypatch.setattr(chain_index, name, function if numba else None)
+            first = PrunedChains(
+                table.start, table.end, table.hop_ms, table.per_block_ms, candidates, spread=0.25, pool=8, keep=2
+            )
+            second = PrunedChains(
+                changed.start,
+                changed.end,
+                changed.hop_ms,
+                changed.per_block_ms,
+                changed_candidates,
+                spread=0.25,
+                pool=8,
+                keep=2,
+                dominators_from=trusted,
+                previous=first,
+                reuse_pools=trial % 2 == 0,
+            )
+            second._look_for(np.ones(changed.start.size, dtype=bool), usable)  # as a repair does
+            built.append((first, second))
+        for one, other in zip(*built, strict=True):
+            for name in ("dominators", "counts", "kept"):
+                assert np.array_equal(getattr(one, name), getattr(other, name)), (trial, name)
