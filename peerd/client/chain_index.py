@@ -85,6 +85,12 @@ class ChainLayout:
         self._ones, self._all = np.ones(0), np.ones(0, dtype=bool)  # scale and use of an unscaled plan
         self._enter_ms, self._step_ms = np.empty(peers), np.empty(peers)  # the DP's scratch
 
+    def hosting(self, block: int) -> np.ndarray:
+        """The peers hosting ``block``, ascending (none for a block past the last hosted one)."""
+        if block + 1 >= len(self._bounds):
+            return self.peer[:0]
+        return self.peer[self._bounds[block] : self._bounds[block + 1]]
+
     def subset(self, peers: np.ndarray) -> ChainLayout:
         """``ChainLayout(start[peers], end[peers])`` for ascending peer indices ``peers`` (renumbered
         0, 1, ... in that order), cut out of this one without sorting again."""

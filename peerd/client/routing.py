@@ -151,6 +151,12 @@ class LaidOut(Protocol):
     ) -> list[tuple[int, int, int]] | None: ...
 
 
+class Hosting(Protocol):
+    """What ``plan_balanced_over_table`` needs of a layout kept across plans (``ChainLayout``)."""
+
+    def hosting(self, block: int) -> np.ndarray: ...
+
+
 def plan_over_table(
     table: RouteTable,
     start: int,
@@ -317,9 +323,12 @@ def plan_balanced_over_table(
     rng: random.Random,
     bytes_per_token: int = 0,
     usable: np.ndarray | None = None,
+    layout: Hosting | None = None,
 ) -> list[tuple[int, int, int]] | None:
     """``plan_load_balanced_route`` over arrays (only peers where ``usable``, if given): (peer index,
-    start, end) spans, or None if some block has no peer."""
+    start, end) spans, or None if some block has no peer. ``layout``: a
+    ``chain_index.ChainLayout(table.start, table.end)`` kept across plans, which lists each block's
+    hosts without a pass over every peer (the same routes)."""
     ok = table.prefill_tps > 0 if usable is None else usable & (table.prefill_tps > 0)
     transfer_s = np.divide(
         bytes_per_token,
@@ -330,7 +339,11 @@ def plan_balanced_over_table(
     chain: list[tuple[int, int, int]] = []
     block = start
     while block < end:
-        candidates = np.flatnonzero(ok & (table.start <= block) & (block < table.end))
+        if layout is None:
+            candidates = np.flatnonzero(ok & (table.start <= block) & (block < table.end))
+        else:  # the block's hosts, in ascending order as flatnonzero gives them
+            hosts = layout.hosting(block)
+            candidates = hosts[ok[hosts]]
         if not candidates.size:
             return None
         blocks = np.minimum(table.end[candidates], end) - block

@@ -251,6 +251,12 @@ class SimClient:
         )
         usable = self._usable(banned)
         chain = plan_balanced_over_table(
-            table, 0, cfg.num_blocks, rng=self.rng, bytes_per_token=cfg.hidden_bytes_per_token, usable=usable
+            table,
+            0,
+            cfg.num_blocks,
+            rng=self.rng,
+            bytes_per_token=cfg.hidden_bytes_per_token,
+            usable=usable,
+            layout=self.swarm.layout(self._view_version, view),
         )
         return self._spans(chain, 0, cfg.num_blocks)

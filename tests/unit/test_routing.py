@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import random
 
+import numpy as np
 import pytest
 
 from peerd.client.bans import BanList
@@ -271,3 +272,33 @@ def test_the_cache_books_running_totals_match_summing_its_live_entries() -> None
             expected[p] += k
         assert book.taken() == dict(expected)
         assert {peer: tokens for peer, tokens in mirrored.items() if tokens} == dict(expected)
+
+
+def test_balanced_plans_over_a_layout_draw_the_routes_of_plans_without() -> None:
+    """plan_balanced_over_table with a ChainLayout (each block's hosts listed once per view, as the
+    simulator keeps them) draws exactly the routes it draws from the same random state without,
+    with bans, unmeasured and measured peers, sub-ranges and blocks nobody hosts."""
+    from peerd.client.chain_index import ChainLayout
+    from peerd.client.routing import BalancedTable, plan_balanced_over_table
+
+    gen = np.random.default_rng(31)
+    for trial in range(300):
+        n, blocks = int(gen.integers(1, 60)), int(gen.integers(1, 20))
+        start = gen.integers(0, blocks, n)
+        end = np.minimum(blocks, start + gen.integers(0, blocks + 1, n))  # some host nothing
+        table = BalancedTable(
+            start=start,
+            end=end,
+            prefill_tps=np.where(gen.random(n) < 0.9, gen.uniform(10, 500, n), 0.0),
+            uplink_bytes_per_s=np.where(gen.random(n) < 0.8, gen.uniform(1e5, 1e7, n), 0.0),
+            observed_tps=np.where(gen.random(n) < 0.3, gen.uniform(10, 500, n), np.nan),
+        )
+        layout = ChainLayout(start, end)
+        first = int(gen.integers(0, blocks))
+        last = int(gen.integers(first + 1, blocks + 1))
+        usable = gen.random(n) < 0.8 if trial % 2 else None
+        seed = int(gen.integers(1 << 30))
+        kwargs = {"bytes_per_token": 8192, "usable": usable}
+        plain = plan_balanced_over_table(table, first, last, rng=random.Random(seed), **kwargs)
+        laid_out = plan_balanced_over_table(table, first, last, rng=random.Random(seed), layout=layout, **kwargs)
+        assert laid_out == plain, trial
