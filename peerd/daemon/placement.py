@@ -92,23 +92,35 @@ def _score(totals: Sequence[float], start: int, length: int, tokens_per_s: float
     return filled, min(after), -sum(window)
 
 
-def _scores(totals: list[float], length: int, tokens_per_s: float) -> list[tuple[tuple[int, float, float], int]]:
-    """``_score`` of every start, equal to it bit for bit (the minimum of ``t + x`` over a window is
-    ``min(t) + x`` exactly: rounding is monotonic; sums run in the same order), without copying
-    the totals per start: the bottleneck outside the window comes from prefix and suffix minima.
-    A joining peer of a thousand-peer swarm scores every start several times (docs/scale.md)."""
+def _best_starts(totals: list[float], length: int, tokens_per_s: float) -> tuple[tuple[int, float, float], list[int]]:
+    """The highest ``_score`` over every start and the starts that reach it (ascending), equal bit for
+    bit to scoring each start with ``_score``, but cheaper: the bottleneck outside the window comes
+    from prefix and suffix minima (the minimum of ``t + x`` over a window is ``min(t) + x`` exactly:
+    rounding is monotonic), filled blocks from a running count, and the span's sum (in the same
+    order as ``_score``) only for the starts tied on the first two. Every peer of a large swarm
+    rebalances with this every few minutes (docs/scale.md)."""
     n = len(totals)
     prefix = [float("inf")] * (n + 1)  # prefix[i] = min(totals[:i])
     suffix = [float("inf")] * (n + 1)  # suffix[i] = min(totals[i:])
+    zeros = [0] * (n + 1)  # zeros[i] = blocks nobody serves among totals[:i]
     for i in range(n):
         prefix[i + 1] = min(prefix[i], totals[i])
         suffix[n - 1 - i] = min(suffix[n - i], totals[n - 1 - i])
-    scored = []
+        zeros[i + 1] = zeros[i] + (totals[i] == 0.0)
+    best: tuple[int, float] | None = None
+    starts: list[int] = []
     for start in range(n - length + 1):
-        window = totals[start : start + length]
-        bottleneck = min(prefix[start], min(window) + tokens_per_s, suffix[start + length])
-        scored.append(((window.count(0.0), bottleneck, -sum(window)), start))
-    return scored
+        stop = start + length
+        bottleneck = min(prefix[start], min(totals[start:stop]) + tokens_per_s, suffix[stop])
+        key = (zeros[stop] - zeros[start], bottleneck)
+        if best is None or key > best:
+            best, starts = key, [start]
+        elif key == best:
+            starts.append(start)
+    assert best is not None, "length must be within 1..len(totals)"
+    sums = [-sum(totals[start : start + length]) for start in starts]
+    top = max(sums)
+    return (best[0], best[1], top), [start for start, value in zip(starts, sums, strict=True) if value == top]
 
 
 def choose_placement(
@@ -124,9 +136,8 @@ def choose_placement(
         raise ValueError(f"cannot host {length} blocks of a {num_blocks}-block model")
     rng = rng or random.Random()
     totals = block_throughputs(peers, num_blocks)
-    scored = _scores(totals, length, tokens_per_s)
-    best = max(score for score, _ in scored)
-    start = rng.choice([s for score, s in scored if score == best])
+    best, starts = _best_starts(totals, length, tokens_per_s)
+    start = rng.choice(starts)
     filled, bottleneck, _ = best
     if filled:
         reason = f"fills {filled} block(s) nobody serves"

@@ -115,6 +115,7 @@ class SimSwarm:
         self.totals = np.zeros(config.num_blocks)  # decode tok/s per block over records in the DHT
         self._cover: list[list[int]] = [[] for _ in range(config.num_blocks)]  # heaps of peer idx (lazy)
         self._block_names = [f"~{b:05d}" for b in range(config.num_blocks)]  # _equivalent's pseudo-peers
+        self._pseudo: tuple[np.ndarray, list[PlacedPeer]] | None = None  # the totals they were built for
         self.version = 0  # bumped whenever a record others can read changes
         self.moves = 0
         self.dht_gets = 0  # key reads (each one Kademlia lookup)
@@ -226,13 +227,29 @@ class SimSwarm:
 
     # --- the daemon's decisions (the real functions) -----------------------------------------
     def _equivalent(self, *individual: SimPeer) -> list[PlacedPeer]:
-        """The swarm as placement sees it: per-block pseudo-peers for everyone but ``individual``."""
+        """The swarm as placement sees it: per-block pseudo-peers for everyone but ``individual``.
+        Blocks no individual hosts reuse the pseudo-peers of the current totals (built once per
+        change of the totals, not per rebalance check)."""
         totals = self.totals.copy()
+        touched: set[int] = set()
         for peer in individual:
             if peer.in_dht:
                 totals[peer.start : peer.end] -= peer.decode_tps
+                touched.update(range(peer.start, peer.end))
+        peers = list(self._pseudo_peers())
         names = self._block_names
-        return [PlacedPeer(names[b], b, b + 1, t if t > 0.0 else 0.0) for b, t in enumerate(totals.tolist())]
+        for b in touched:
+            t = float(totals[b])
+            peers[b] = PlacedPeer(names[b], b, b + 1, t if t > 0.0 else 0.0)
+        return peers
+
+    def _pseudo_peers(self) -> list[PlacedPeer]:
+        """One pseudo-peer per block carrying the current totals."""
+        if self._pseudo is None or not np.array_equal(self._pseudo[0], self.totals):
+            names = self._block_names
+            placed = [PlacedPeer(names[b], b, b + 1, t if t > 0.0 else 0.0) for b, t in enumerate(self.totals.tolist())]
+            self._pseudo = (self.totals.copy(), placed)
+        return self._pseudo[1]
 
     def choose(self, peer: SimPeer) -> Placement:
         self.count_full_read()

@@ -148,10 +148,11 @@ def test_move_closes_a_gap_elsewhere() -> None:
     assert block_throughputs(peers, 30)[25] == 0.0
 
 
-def test_scores_of_every_start_equal_the_one_start_score_bit_for_bit() -> None:
-    """choose_placement scores all starts at once (prefix/suffix minima); ties are broken at random
-    among equal scores, so the fast path must give exactly the floats _score gives."""
-    from peerd.daemon.placement import _score, _scores
+def test_the_best_starts_are_those_of_the_one_start_score_bit_for_bit() -> None:
+    """choose_placement finds the best starts at once (prefix/suffix minima, sums only for ties);
+    ties are broken at random among equal scores, so it must pick exactly the starts, and give
+    exactly the floats, that scoring each start with _score gives."""
+    from peerd.daemon.placement import _best_starts, _score
 
     rng = random.Random(1)
     for _ in range(2000):
@@ -159,4 +160,6 @@ def test_scores_of_every_start_equal_the_one_start_score_bit_for_bit() -> None:
         length = rng.randint(1, n)
         totals = [rng.choice([0.0, rng.uniform(0, 500), float(rng.randint(0, 3)) * 100.0]) for _ in range(n)]
         tps = rng.choice([rng.uniform(1, 300), 100.0])
-        assert _scores(totals, length, tps) == [(_score(totals, s, length, tps), s) for s in range(n - length + 1)]
+        scored = [(_score(totals, s, length, tps), s) for s in range(n - length + 1)]
+        best = max(score for score, _ in scored)
+        assert _best_starts(totals, length, tps) == (best, [s for score, s in scored if score == best])
