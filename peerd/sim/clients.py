@@ -172,7 +172,7 @@ class SimClient:
         usable = live & (headroom >= 0)
         if view.size < PRUNE_FROM_PEERS:
             table = RouteTable(view.start, view.end, self.rtt.array(view.size), self._per_block_ms(), headroom)
-            layout = self.swarm.layout(self._view_version, view)
+            layout = self.swarm.layout(view)
             chain = plan_over_table(
                 table, start, end, uniforms=uniforms, spread=cfg.route_spread, usable=usable, layout=layout
             )
@@ -214,7 +214,7 @@ class SimClient:
                 # a peer full in this view stays full for every plan of it (the book only subtracts)
                 view.visible & (view.decode_tps > 0) & (view.cache_tokens_free >= self.swarm.config.session_tokens),
                 spread=self.swarm.config.route_spread,
-                layout=self.swarm.layout(self._view_version, view),
+                layout=self.swarm.layout(view),
                 dominators_from=headroom >= ROOMY_SESSIONS * self.swarm.config.session_tokens,
                 previous=self._chains,  # peer i is peer i in every view: its still valid lists carry over
                 reuse_pools=self._chains_at[0] == self._view_version,  # only the speed book changed
@@ -257,6 +257,6 @@ class SimClient:
             rng=self.rng,
             bytes_per_token=cfg.hidden_bytes_per_token,
             usable=usable,
-            layout=self.swarm.layout(self._view_version, view),
+            layout=self.swarm.layout(view),
         )
         return self._spans(chain, 0, cfg.num_blocks)

@@ -26,6 +26,8 @@ from protocols import PROTOCOL_VERSION
 
 __all__ = ["PeerPhase", "SimPeer", "SimSwarm", "ViewArrays"]
 
+LAYOUTS_KEPT = 8  # layouts of recent views kept (each ~2 MB at 10,000 peers)
+
 
 class PeerPhase(enum.Enum):
     JOINING = "joining"  # placed, announced, loading: not serving yet
@@ -80,6 +82,7 @@ class ViewArrays:
         self.uplink_bytes_per_s = np.zeros(64)
         self.cache_tokens_free = np.zeros(64)
         self.visible = np.zeros(64, dtype=bool)
+        self.spans_version = 0  # bumped whenever a peer's blocks change (what a ChainLayout depends on)
 
     def add(self, peer: SimPeer) -> None:
         if self.size == self.start.size:
@@ -92,12 +95,14 @@ class ViewArrays:
 
     def set(self, peer: SimPeer, *, visible: bool, cache_tokens_free: int) -> None:
         i = peer.idx
-        self.start[i], self.end[i] = peer.start, peer.end
+        if (self.start[i], self.end[i]) != (peer.start, peer.end):
+            self.start[i], self.end[i] = peer.start, peer.end
+            self.spans_version += 1
         self.visible[i], self.cache_tokens_free[i] = visible and peer.in_dht, cache_tokens_free
 
     def snapshot(self) -> ViewArrays:
         copy = ViewArrays.__new__(ViewArrays)
-        copy.size = self.size
+        copy.size, copy.spans_version = self.size, self.spans_version
         for name in ("start", "end", "decode_tps", "uplink_bytes_per_s", "cache_tokens_free", "visible"):
             setattr(copy, name, getattr(self, name)[: self.size].copy())
         return copy
@@ -124,7 +129,7 @@ class SimSwarm:
         self.records_in_dht = 0  # one record per hosted block
         # what clients read, per peer index, as arrays (their route tables are copies of these)
         self.table = ViewArrays()
-        self._layout: tuple[int, int, ChainLayout] | None = None
+        self._layouts: dict[tuple[int, int], ChainLayout] = {}  # by (spans version, peers): layout()
 
     # --- population --------------------------------------------------------------------------
     def new_peer(self, gen: np.random.Generator) -> SimPeer:
@@ -194,12 +199,16 @@ class SimSwarm:
         self.table.set(peer, visible=state is PeerState.ONLINE, cache_tokens_free=tokens)
         self.version += 1
 
-    def layout(self, version: int, view: ViewArrays) -> ChainLayout:
-        """The planner's layout of ``view``, a snapshot taken at ``version``: clients that read the
-        DHT at the same version share one (it depends only on the peers' spans)."""
-        if self._layout is None or self._layout[:2] != (version, view.size):
-            self._layout = (version, view.size, ChainLayout(view.start, view.end))
-        return self._layout[2]
+    def layout(self, view: ViewArrays) -> ChainLayout:
+        """The planner's layout of ``view`` (a snapshot): views with the same spans share one, however
+        their free cache or visibility differ. The last few are kept, since clients read the DHT at
+        different moments."""
+        key = (view.spans_version, view.size)
+        layout = self._layouts.pop(key, None) or ChainLayout(view.start, view.end)
+        self._layouts[key] = layout  # the most recently used last
+        while len(self._layouts) > LAYOUTS_KEPT:
+            del self._layouts[next(iter(self._layouts))]
+        return layout
 
     def unpublish(self, peer: SimPeer) -> None:
         """The record is gone: an OFFLINE announce (graceful) or expiry (crash)."""
