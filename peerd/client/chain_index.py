@@ -33,6 +33,7 @@ from peerd.client.chain_loops import (
     _cut_pairs,
     _laid_out_pairs,
     _listed_again,
+    _stranded_count,
 )
 from peerd.client.routing import RouteTable, cost_factors, plan_over_table
 
@@ -50,6 +51,7 @@ _COMPILED_CONSIDERED = _compiled(_considered_pairs)
 _COMPILED_CUT = _compiled(_cut_pairs)
 _COMPILED_CARRIED = _compiled(_carried_lists)
 _COMPILED_LISTED = _compiled(_listed_again)
+_COMPILED_STRANDED = _compiled(_stranded_count)
 COMPILED = _COMPILED_DP is not None
 
 
@@ -324,6 +326,22 @@ class PrunedChains:
         self._in_kept[kept] = True
         self.layout = layout or self.full_layout.subset(kept)
         self._kept_hop, self._kept_step = self.hop_ms[kept], self.per_block_ms[kept]
+        self._outside: tuple[np.ndarray, np.ndarray] | None = None  # _outside_lists(), when needed
+
+    def _outside_lists(self) -> tuple[np.ndarray, np.ndarray]:
+        """The hosting peers not laid out, and their listed dominators (rows x those peers): what a
+        plan checks for a usable peer that nothing usable sets aside."""
+        if self._outside is None:
+            outside = np.flatnonzero(self._hosts & ~self._in_kept)
+            self._outside = (outside, self.dominators[:, outside])
+        return self._outside
+
+    def _stranded(self, ok: np.ndarray) -> int:
+        """How many usable peers outside ``kept`` have no usable dominator listed."""
+        outside, listed = self._outside_lists()
+        if _COMPILED_STRANDED is not None:
+            return int(_COMPILED_STRANDED(ok, outside, listed))
+        return int(np.count_nonzero(ok[outside] & ~ok[listed].any(axis=0)))
 
     def _pools_of(self, trusted: np.ndarray) -> np.ndarray:
         """Per block, the ``pool`` ``trusted`` peers hosting it with the lowest ``_score`` (padded
@@ -345,6 +363,7 @@ class PrunedChains:
         who = np.flatnonzero(rows)
         if not who.size:
             return
+        self._outside = None  # lists change
         size, keep = self.size, self._keep
         factor = (1.0 + self.spread) * (1.0 + DOMINANCE_MARGIN)
         if self._pools is None:
@@ -437,17 +456,18 @@ class PrunedChains:
         uniforms=uniforms, spread=spread, usable=usable)`` for this object's arrays."""
         ok = self._usable
         ok[: self.size] = self._hosts if usable is None else usable & self._hosts
-        considered, outside = self._considered_outside(ok)
-        if outside:
+        if self._stranded(ok):  # some usable peer outside kept has no usable dominator: repair
+            considered, _ = self._considered_outside(ok)
             considered = self._repair(ok, considered)
-            outside = int(np.count_nonzero(considered) - np.count_nonzero(considered[self.kept]))
-        if outside:  # not a candidate
-            self.fallbacks += 1
-            table = RouteTable(self.start, self.end, self.hop_ms, self.per_block_ms, headroom_tokens)
-            return plan_over_table(
-                table, start, end, uniforms=uniforms, spread=self.spread, usable=usable, layout=self.full_layout
-            )
-        use = considered[self.kept]
+            if np.count_nonzero(considered) - np.count_nonzero(considered[self.kept]):  # not a candidate
+                self.fallbacks += 1
+                table = RouteTable(self.start, self.end, self.hop_ms, self.per_block_ms, headroom_tokens)
+                return plan_over_table(
+                    table, start, end, uniforms=uniforms, spread=self.spread, usable=usable, layout=self.full_layout
+                )
+        # every usable peer laid out: those a usable peer dominates are never the cheapest (they could
+        # be left out, as the module docstring says, but looking that up costs more than planning them)
+        use = ok[self.kept]
         scale = np.ones(use.size)
         if uniforms is not None and self.spread > 0 and use.any():
             pool = headroom_tokens if usable is None else headroom_tokens[usable]

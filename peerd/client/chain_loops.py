@@ -222,3 +222,19 @@ def _listed_again(
             for slot in range(keep):
                 dominators[slot, w] = found[slot * total // keep] if total > slot else size
             counts[w] = total
+
+
+def _stranded_count(ok: np.ndarray, outside: np.ndarray, listed: np.ndarray) -> int:
+    """How many of the peers ``outside`` (not laid out) are usable (``ok``, with a last False slot)
+    with no usable dominator among their ``listed`` ones (rows x those peers)."""
+    stranded = 0
+    for j in range(outside.size):
+        if ok[outside[j]]:
+            covered = False
+            for r in range(listed.shape[0]):
+                if ok[listed[r, j]]:
+                    covered = True
+                    break
+            if not covered:
+                stranded += 1
+    return stranded

@@ -68,6 +68,7 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
             "_COMPILED_LAY_OUT",
             "_COMPILED_CARRIED",
             "_COMPILED_LISTED",
+            "_COMPILED_STRANDED",
         ):
             monkeypatch.setattr(chain_index, name, None)
     return str(request.param)
