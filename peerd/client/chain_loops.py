@@ -94,21 +94,23 @@ def _cut_pairs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``ChainLayout.subset``'s pairs in one pass (compiled with numba): the pairs of peers with a
     ``local`` index, in their order, renumbered, each ``prev`` pointing into the cut (the last slot
-    to the cut's last slot)."""
+    to the cut's last slot). A pair's ``prev`` comes before it (or is the last slot), so its new
+    position is known when the pair is reached."""
     n = peer.size
     position = np.empty(n + 1, np.int64)
+    cut_peer, cut_block, cut_prev = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
     count = 0
     for i in range(n):
-        position[i] = count
-        if local[peer[i]] >= 0:
+        q = local[peer[i]]
+        if q >= 0:
+            position[i] = count
+            cut_peer[count], cut_block[count] = q, block[i]
+            cut_prev[count] = -1 if prev[i] == n else position[prev[i]]  # -1: the last slot, known at the end
             count += 1
-    position[n] = count
-    cut_peer, cut_block, cut_prev = np.empty(count, np.int64), np.empty(count, np.int64), np.empty(count, np.int64)
-    for i in range(n):
-        if local[peer[i]] >= 0:
-            j = position[i]
-            cut_peer[j], cut_block[j], cut_prev[j] = local[peer[i]], block[i], position[prev[i]]
-    return cut_peer, cut_block, cut_prev
+    for j in range(count):
+        if cut_prev[j] < 0:
+            cut_prev[j] = count
+    return cut_peer[:count], cut_block[:count], cut_prev[:count]
 
 
 def _considered_pairs(ok: np.ndarray, dominators: np.ndarray, in_kept: np.ndarray, considered: np.ndarray) -> int:

@@ -68,8 +68,9 @@ def block_throughputs(peers: Iterable[PlacedPeer], num_blocks: int) -> list[floa
     """Total throughput serving each block (0.0 = a gap)."""
     totals = [0.0] * num_blocks
     for peer in peers:
-        tokens_per_s = peer.tokens_per_s
-        for block in range(max(0, peer.start), min(num_blocks, peer.end)):
+        start, end, tokens_per_s = peer.start, peer.end, peer.tokens_per_s
+        # clipped to the model without min/max calls: every peer of a large swarm sums this often
+        for block in range(start if start > 0 else 0, end if end < num_blocks else num_blocks):
             totals[block] += tokens_per_s
     return totals
 
@@ -104,9 +105,10 @@ def _best_starts(totals: list[float], length: int, tokens_per_s: float) -> tuple
     suffix = [float("inf")] * (n + 1)  # suffix[i] = min(totals[i:])
     zeros = [0] * (n + 1)  # zeros[i] = blocks nobody serves among totals[:i]
     for i in range(n):
-        prefix[i + 1] = min(prefix[i], totals[i])
-        suffix[n - 1 - i] = min(suffix[n - i], totals[n - 1 - i])
-        zeros[i + 1] = zeros[i] + (totals[i] == 0.0)
+        t, u = totals[i], totals[n - 1 - i]
+        prefix[i + 1] = t if t < prefix[i] else prefix[i]  # min(), without the call
+        suffix[n - 1 - i] = u if u < suffix[n - i] else suffix[n - i]
+        zeros[i + 1] = zeros[i] + (t == 0.0)
     best: tuple[int, float] | None = None
     starts: list[int] = []
     for start in range(n - length + 1):
