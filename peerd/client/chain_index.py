@@ -326,6 +326,7 @@ class PrunedChains:
         self._in_kept[kept] = True
         self.layout = layout or self.full_layout.subset(kept)
         self._kept_hop, self._kept_step = self.hop_ms[kept], self.per_block_ms[kept]
+        self._ones, self._scale = np.ones(kept.size), np.ones(kept.size)  # a plan's factors: none, or drawn
         self._outside: tuple[np.ndarray, np.ndarray] | None = None  # _outside_lists(), when needed
 
     def _outside_lists(self) -> tuple[np.ndarray, np.ndarray]:
@@ -468,10 +469,13 @@ class PrunedChains:
         # every usable peer laid out: those a usable peer dominates are never the cheapest (they could
         # be left out, as the module docstring says, but looking that up costs more than planning them)
         use = ok[self.kept]
-        scale = np.ones(use.size)
-        if uniforms is not None and self.spread > 0 and use.any():
-            pool = headroom_tokens if usable is None else headroom_tokens[usable]
-            peers = self.kept[use]
-            scale[use] = cost_factors(headroom_tokens[peers], uniforms[peers], self.spread, float(pool.mean()))
+        scale = self._ones
+        if uniforms is not None and self.spread > 0:
+            where = np.flatnonzero(use)
+            if where.size:
+                pool = headroom_tokens if usable is None else headroom_tokens[usable]
+                peers = self.kept[where]
+                scale = self._scale  # the entries of peers not used are stale: the DP never reads them
+                scale[where] = cost_factors(headroom_tokens[peers], uniforms[peers], self.spread, float(pool.mean()))
         chain = self.layout.scaled_chain(self._kept_hop, self._kept_step, use, scale, start, end)
         return None if chain is None else [(int(self.kept[i]), s, e) for i, s, e in chain]

@@ -125,6 +125,7 @@ class SimClient:
         self._step_at = (-1, -1)
         self._view_at = -1e18
         self._view_version = -1
+        self._listed, self._listed_at = np.zeros(0, dtype=bool), -2  # _usable() before bans, for a view
         self.plans = 0
 
     def refresh(self, now: float) -> None:
@@ -139,7 +140,9 @@ class SimClient:
             self._cap = None
 
     def _usable(self, banned: set[str]) -> np.ndarray:
-        usable = self.view.visible & (self.view.decode_tps > 0)
+        if self._listed_at != self._view_version:  # the peers of this view that serve at all
+            self._listed, self._listed_at = self.view.visible & (self.view.decode_tps > 0), self._view_version
+        usable = self._listed.copy()
         for peer_id in banned:
             idx = int(peer_id[1:])
             if idx < usable.size:
