@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
-from peerd.client.chain_index import PrunedChains
 from peerd.client.claims import CLAIM_CAP_FACTOR, EWMA, MIN_SAMPLES
+from peerd.client.pruned_chains import PrunedChains
 from peerd.client.reservations import CacheBook
 from peerd.client.routing import BalancedTable, RouteTable, Span, plan_balanced_over_table, plan_over_table
 from peerd.rpc.errors import NoRouteError, SwarmBusyError

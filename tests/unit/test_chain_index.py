@@ -1,12 +1,14 @@
-"""The simulator's fast planners (peerd/client/chain_index.py) return exactly plan_over_table's routes."""
+"""The simulator's fast planners (peerd/client/chain_index.py, pruned_chains.py) return exactly
+plan_over_table's routes."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from peerd.client import chain_index
-from peerd.client.chain_index import COMPILED, ChainLayout, PrunedChains
+from peerd.client import chain_index, pruned_chains
+from peerd.client.chain_index import COMPILED, ChainLayout
+from peerd.client.pruned_chains import PrunedChains
 from peerd.client.routing import RouteTable, _walk_back, plan_over_table
 
 
@@ -61,16 +63,10 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     with their numpy versions (what runs without numba)."""
     assert chain_index.COMPILED, "numba is missing: pip install -e '.[dev]' (it comes with the simulate extra)"
     if request.param == "numpy":
-        for name in (
-            "_COMPILED_DP",
-            "_COMPILED_CUT",
-            "_COMPILED_CONSIDERED",
-            "_COMPILED_LAY_OUT",
-            "_COMPILED_CARRIED",
-            "_COMPILED_LISTED",
-            "_COMPILED_STRANDED",
-        ):
+        for name in ("_COMPILED_DP", "_COMPILED_CUT", "_COMPILED_LAY_OUT"):
             monkeypatch.setattr(chain_index, name, None)
+        for name in ("_COMPILED_CONSIDERED", "_COMPILED_CARRIED", "_COMPILED_LISTED", "_COMPILED_STRANDED"):
+            monkeypatch.setattr(pruned_chains, name, None)
     return str(request.param)
 
 
@@ -241,8 +237,11 @@ def test_compiled_upkeep_lists_the_dominators_numpy_lists(monkeypatch: pytest.Mo
     """The compiled carry-over and search of dominator lists (a rebuild's two loops) leave the same
     lists, counts and laid-out peers as their numpy versions, through changed views, reused pools
     and repairs."""
-    assert chain_index._COMPILED_LISTED is not None, "numba is missing: pip install -e '.[dev]'"
-    compiled = {"_COMPILED_CARRIED": chain_index._COMPILED_CARRIED, "_COMPILED_LISTED": chain_index._COMPILED_LISTED}
+    assert pruned_chains._COMPILED_LISTED is not None, "numba is missing: pip install -e '.[dev]'"
+    compiled = {
+        "_COMPILED_CARRIED": pruned_chains._COMPILED_CARRIED,
+        "_COMPILED_LISTED": pruned_chains._COMPILED_LISTED,
+    }
     gen = np.random.default_rng(14)
     for trial in range(60):
         blocks = int(gen.integers(1, 33))
@@ -254,7 +253,7 @@ def test_compiled_upkeep_lists_the_dominators_numpy_lists(monkeypatch: pytest.Mo
         built = []
         for numba in (True, False):
             for name, function in compiled.items():
-                monkeypatch.setattr(chain_index, name, function if numba else None)
+                monkeypatch.setattr(pruned_chains, name, function if numba else None)
             first = PrunedChains(
                 table.start, table.end, table.hop_ms, table.per_block_ms, candidates, spread=0.25, pool=8, keep=2
             )

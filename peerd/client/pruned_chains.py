@@ -1,0 +1,323 @@
+"""Many route plans over one view, fast: the peers no plan can pick set aside.
+
+``PrunedChains`` adds to a ``ChainLayout``, per client (its hop costs) and per set of per-block
+speeds, the peers that a plan never needs: a peer ``q`` is *dominated* by ``p`` if ``p`` hosts
+every block ``q`` hosts, and ``p``'s hop and per-block costs are below ``q``'s by more than the
+spread's largest factor. Then whatever the spread draws, on every block ``p``'s DP state costs
+strictly less than ``q``'s (an induction over the blocks: ``p`` can be entered wherever ``q`` can,
+and continues wherever ``q`` continues), so ``q`` is never the cheapest entry and dropping it
+changes no plan. A peer is left out of the layout if enough dominators are listed for it; a plan
+checks that one of them is usable (bans and full peers change per plan) and otherwise lists again
+or lays the peer out. At 10,000 peers about two thirds of the peers stay laid out (a dominator must
+host every block of the peer it sets aside: docs/scale.md, finding 10).
+
+It returns exactly ``plan_over_table``'s routes (``tests/unit/test_chain_index.py`` compares them
+on random swarms).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from peerd.client.chain_index import ChainLayout
+from peerd.client.chain_loops import _carried_lists, _compiled, _considered_pairs, _listed_again, _stranded_count
+from peerd.client.routing import RouteTable, cost_factors, plan_over_table
+
+__all__ = ["PrunedChains"]
+
+# A dominator's costs must be below (1 + spread) x (1 + DOMINANCE_MARGIN) times the dominated peer's:
+# the margin keeps the inequality strict after floating-point rounding of the DP's sums (their
+# relative error is ~1e-14; a step is never 1e-6 of a route's cost here).
+DOMINANCE_MARGIN = 1e-6
+
+_COMPILED_CONSIDERED = _compiled(_considered_pairs)
+_COMPILED_CARRIED = _compiled(_carried_lists)
+_COMPILED_LISTED = _compiled(_listed_again)
+_COMPILED_STRANDED = _compiled(_stranded_count)
+
+
+class PrunedChains:
+    """``plan_over_table`` for many plans over one set of peers with fixed hop and per-block costs
+    (before the spread): a client's view and speed book between two updates. Peers dominated by a
+    usable peer (the module docstring) are left out of each plan; the rest are laid out once.
+
+    ``candidates``: the peers plans may use (a plan's ``usable`` is normally a subset; a peer
+    outside is planned correctly, only more slowly). ``layout``: a ``ChainLayout`` of ``start`` and
+    ``end``, if the caller keeps one for the view. ``pool``: per block, how many of the cheapest
+    peers are tried as dominators; ``keep``: how many dominators are listed per peer.
+    ``reuse_pools``: try ``previous``'s pools again (same peers with new speeds: computing them is
+    a third of a rebuild; which peers are tried changes no route, only how many are set aside).
+    """
+
+    def __init__(
+        self,
+        start: np.ndarray,
+        end: np.ndarray,
+        hop_ms: np.ndarray,
+        per_block_ms: np.ndarray,
+        candidates: np.ndarray,
+        *,
+        spread: float,
+        layout: ChainLayout | None = None,
+        pool: int = 64,
+        keep: int = 4,
+        robust: int = 3,
+        dominators_from: np.ndarray | None = None,
+        previous: PrunedChains | None = None,
+        reuse_pools: bool = False,
+    ) -> None:
+        self.start, self.end, self.hop_ms, self.per_block_ms, self.spread = start, end, hop_ms, per_block_ms, spread
+        self.size = start.size
+        self._hosts = start < end  # peers hosting at least one block
+        self.candidates = candidates & self._hosts
+        self.full_layout = layout or ChainLayout(start, end)
+        self._pool, self._keep, self._robust = pool, keep, robust
+        self._usable = np.zeros(self.size + 1, dtype=bool)  # scratch: a plan's usable peers, the last slot False
+        self.repairs = 0  # plans that found a usable peer dominated by no usable one, and listed again
+        self.fallbacks = 0  # plans that still had to consider a peer outside ``kept``: over every peer
+        self._trusted = self.candidates if dominators_from is None else self.candidates & dominators_from
+        # where dominators are looked for: _pools_of(_trusted) when first needed, or the previous ones
+        self._pools = self._pools_carried(previous) if reuse_pools else None
+        if previous is not None and (previous.size > self.size or (previous.spread, previous._keep) != (spread, keep)):
+            previous = None  # other peers, another spread or list length: nothing carries over
+        if previous is not None:
+            self.dominators, self.counts = self._carried(previous)
+            # looked for again: peers that lost a listed dominator, and new or changed ones
+            redo = self._changed(previous)
+            redo[: previous.size] |= self.counts[: previous.size] < previous.counts
+        else:
+            self.dominators = np.full((keep, self.size), self.size, dtype=np.int64)  # self.size: none
+            self.counts = np.zeros(self.size, dtype=np.int64)  # valid dominators listed per peer
+            redo = np.ones(self.size, dtype=bool)
+        self._look_for(redo & self.candidates & (self.counts < robust))
+        # laid out for every plan: the candidates with fewer than ``robust`` dominators (the cheapest
+        # peers dominate the most, and they are the ones that fill up and go unusable), or the
+        # previous view's laid-out peers if they include those and have the same spans
+        kept = np.flatnonzero(self.candidates & (self.counts < robust))
+        if previous is not None and self._still_covers(previous, kept):
+            self._lay_out(previous.kept, previous.layout)
+        else:
+            self._lay_out(kept)
+
+    def _pools_carried(self, previous: PrunedChains | None) -> np.ndarray | None:
+        """``previous``'s pools, their "none" renumbered, if it has pools for as many blocks: peers in
+        them that moved or are no longer trusted are skipped when tried."""
+        if previous is None or previous._pools is None or previous.size > self.size:
+            return None
+        if previous._pools.shape[0] != len(self.full_layout.bounds) - 1:
+            return None
+        return np.where(previous._pools == previous.size, self.size, previous._pools)
+
+    def _changed(self, previous: PrunedChains) -> np.ndarray:
+        """Peers new since ``previous`` or whose span, costs or candidacy changed."""
+        n = previous.size
+        changed = np.ones(self.size, dtype=bool)
+        changed[:n] = (
+            (previous.start != self.start[:n])
+            | (previous.end != self.end[:n])
+            | (previous.hop_ms != self.hop_ms[:n])
+            | (previous.per_block_ms != self.per_block_ms[:n])
+            | (previous.candidates != self.candidates[:n])
+        )
+        return changed
+
+    def _carried(self, previous: PrunedChains) -> tuple[np.ndarray, np.ndarray]:
+        """``previous``'s listed dominators (index i the same peer in both) that still dominate with
+        this object's arrays, and how many per peer: only the others are looked for again."""
+        size, factor = self.size, (1.0 + self.spread) * (1.0 + DOMINANCE_MARGIN)
+        listed = previous.dominators
+        dominators = np.full((listed.shape[0], size), size, dtype=np.int64)
+        counts = np.zeros(size, dtype=np.int64)
+        if _COMPILED_CARRIED is not None:
+            arrays = (self.start, self.end, self.hop_ms, self.per_block_ms, self.candidates)
+            _COMPILED_CARRIED(listed, *arrays, factor, dominators, counts)
+            return dominators, counts
+        dominators[:, : previous.size] = np.where(listed == previous.size, size, listed)
+        start, end = np.append(self.start, np.iinfo(np.int64).max), np.append(self.end, -1)
+        hop, step = np.append(self.hop_ms, np.inf) * factor, np.append(self.per_block_ms, np.inf) * factor
+        candidates = np.append(self.candidates, False)
+        for row in dominators:
+            valid = (
+                candidates[row]
+                & (start[row] <= self.start)
+                & (end[row] >= self.end)
+                & (hop[row] < self.hop_ms)
+                & (step[row] < self.per_block_ms)
+            )
+            row[~valid] = size
+            counts += valid
+        return dominators, counts
+
+    def _still_covers(self, previous: PrunedChains, kept: np.ndarray) -> bool:
+        """Whether ``previous``'s laid-out peers include ``kept``, with unchanged spans, and not too
+        many more (each costs every plan a little)."""
+        laid = previous.kept
+        if laid.size > 1.25 * kept.size + 64:
+            return False
+        inside = np.zeros(self.size, dtype=bool)
+        inside[laid] = True
+        return (
+            bool(inside[kept].all())
+            and bool((previous.start[laid] == self.start[laid]).all())
+            and bool((previous.end[laid] == self.end[laid]).all())
+        )
+
+    def _lay_out(self, kept: np.ndarray, layout: ChainLayout | None = None) -> None:
+        self.kept = kept
+        self._in_kept = np.zeros(self.size, dtype=bool)
+        self._in_kept[kept] = True
+        self.layout = layout or self.full_layout.subset(kept)
+        self._kept_hop, self._kept_step = self.hop_ms[kept], self.per_block_ms[kept]
+        self._ones, self._scale = np.ones(kept.size), np.ones(kept.size)  # a plan's factors: none, or drawn
+        self._outside: tuple[np.ndarray, np.ndarray] | None = None  # _outside_lists(), when needed
+
+    def _outside_lists(self) -> tuple[np.ndarray, np.ndarray]:
+        """The hosting peers not laid out, and their listed dominators (rows x those peers): what a
+        plan checks for a usable peer that nothing usable sets aside."""
+        if self._outside is None:
+            outside = np.flatnonzero(self._hosts & ~self._in_kept)
+            self._outside = (outside, self.dominators[:, outside])
+        return self._outside
+
+    def _stranded(self, ok: np.ndarray) -> int:
+        """How many usable peers outside ``kept`` have no usable dominator listed."""
+        outside, listed = self._outside_lists()
+        if _COMPILED_STRANDED is not None:
+            return int(_COMPILED_STRANDED(ok, outside, listed))
+        return int(np.count_nonzero(ok[outside] & ~ok[listed].any(axis=0)))
+
+    def _pools_of(self, trusted: np.ndarray) -> np.ndarray:
+        """Per block, the ``pool`` ``trusted`` peers hosting it with the lowest ``_score`` (padded
+        with ``size``): where dominators are looked for."""
+        score, layout, pool = self._score(), self.full_layout, self._pool
+        pools = np.full((max(1, len(layout.bounds) - 1), pool), self.size, dtype=np.int64)
+        for block in range(len(layout.bounds) - 1):
+            peers = layout.peer[layout.bounds[block] : layout.bounds[block + 1]]
+            peers = peers[trusted[peers]]
+            if peers.size > pool:
+                peers = peers[np.argpartition(score[peers], pool - 1)[:pool]]
+            pools[block, : peers.size] = peers
+        return pools
+
+    def _look_for(self, rows: np.ndarray, usable: np.ndarray | None = None) -> None:
+        """List again up to ``keep`` dominators for the peers in ``rows``, tried among the pool of
+        the peer's first block (only those ``usable``, a mask with a last False slot, if given),
+        where that finds at least as many as are listed."""
+        who = np.flatnonzero(rows)
+        if not who.size:
+            return
+        self._outside = None  # lists change
+        size, keep = self.size, self._keep
+        factor = (1.0 + self.spread) * (1.0 + DOMINANCE_MARGIN)
+        if self._pools is None:
+            self._pools = self._pools_of(self._trusted)
+        if _COMPILED_LISTED is not None:
+            trusted, everyone = np.append(self._trusted, False), np.ones(size + 1, dtype=bool)
+            arrays = (self.start, self.end, self.hop_ms, self.per_block_ms)
+            _COMPILED_LISTED(
+                who,
+                self._pools,
+                *arrays,
+                trusted,
+                everyone if usable is None else usable,
+                factor,
+                self.dominators,
+                self.counts,
+            )
+            return
+        tried = self._pools[self.start[who]]  # (peers, pool): each covers the peer's first block
+        start, end = np.append(self.start, np.iinfo(np.int64).max), np.append(self.end, -1)
+        hop = np.append(self.hop_ms, np.inf) * factor
+        step = np.append(self.per_block_ms, np.inf) * factor
+        dominates = (
+            np.append(self._trusted, False)[tried]
+            & (start[tried] <= self.start[who, None])
+            & (end[tried] >= self.end[who, None])
+            & (hop[tried] < self.hop_ms[who, None])
+            & (step[tried] < self.per_block_ms[who, None])
+        )
+        if usable is not None:
+            dominates &= usable[tried]
+        count = np.cumsum(dominates, axis=1)
+        total = count[:, -1]
+        better = total >= self.counts[who]
+        who, tried, count, total = who[better], tried[better], count[better], total[better]
+        # listed: dominators spread over those found, not only the cheapest (they fill up first)
+        for slot in range(keep):
+            column = np.argmax(count > (slot * total)[:, None] // keep, axis=1)
+            has = total > slot
+            self.dominators[slot, who] = np.where(has, tried[np.arange(who.size), column], size)
+        self.counts[who] = total
+
+    def _score(self) -> np.ndarray:
+        """Lower for peers likely to dominate many: cheap hop, cheap blocks, a long span."""
+        score: np.ndarray = self.hop_ms * self.per_block_ms / np.maximum(1, self.end - self.start)
+        return score
+
+    def _repair(self, ok: np.ndarray, considered: np.ndarray) -> np.ndarray:
+        """Some usable peer outside ``kept`` has no usable dominator listed (they filled up since they
+        were listed): list dominators again for such peers among the peers usable now, and lay out
+        with the rest those that still have none. Returns the peers considered now."""
+        self.repairs += 1
+        stranded = considered.copy()
+        stranded[self.kept] = False
+        self.counts[stranded] = 0
+        self._look_for(stranded & self.candidates, ok)
+        considered = self._considered(ok)
+        extra = considered & self.candidates
+        extra[self.kept] = False
+        if extra.any():
+            self._lay_out(np.flatnonzero(self._in_kept | extra))  # ascending, as union1d would give
+        return considered
+
+    def _considered_outside(self, ok: np.ndarray) -> tuple[np.ndarray, int]:
+        """``_considered(ok)``, and how many of those peers are not laid out."""
+        if _COMPILED_CONSIDERED is None:
+            considered = self._considered(ok)
+            return considered, int(np.count_nonzero(considered) - np.count_nonzero(considered[self.kept]))
+        considered = np.empty(self.size, dtype=bool)
+        return considered, _COMPILED_CONSIDERED(ok, self.dominators, self._in_kept, considered)
+
+    def _considered(self, ok: np.ndarray) -> np.ndarray:
+        """The usable peers (``ok``) that no listed usable dominator sets aside."""
+        covered = ok[self.dominators[0]]
+        for row in self.dominators[1:]:
+            covered |= ok[row]
+        considered: np.ndarray = ok[: self.size] & ~covered
+        return considered
+
+    def plan(
+        self,
+        headroom_tokens: np.ndarray,
+        start: int,
+        end: int,
+        *,
+        uniforms: np.ndarray | None,
+        usable: np.ndarray | None,
+    ) -> list[tuple[int, int, int]] | None:
+        """``plan_over_table(RouteTable(start, end, hop_ms, per_block_ms, headroom_tokens), start, end,
+        uniforms=uniforms, spread=spread, usable=usable)`` for this object's arrays."""
+        ok = self._usable
+        ok[: self.size] = self._hosts if usable is None else usable & self._hosts
+        if self._stranded(ok):  # some usable peer outside kept has no usable dominator: repair
+            considered, _ = self._considered_outside(ok)
+            considered = self._repair(ok, considered)
+            if np.count_nonzero(considered) - np.count_nonzero(considered[self.kept]):  # not a candidate
+                self.fallbacks += 1
+                table = RouteTable(self.start, self.end, self.hop_ms, self.per_block_ms, headroom_tokens)
+                return plan_over_table(
+                    table, start, end, uniforms=uniforms, spread=self.spread, usable=usable, layout=self.full_layout
+                )
+        # every usable peer laid out: those a usable peer dominates are never the cheapest (they could
+        # be left out, as the module docstring says, but looking that up costs more than planning them)
+        use = ok[self.kept]
+        scale = self._ones
+        if uniforms is not None and self.spread > 0:
+            where = np.flatnonzero(use)
+            if where.size:
+                pool = headroom_tokens if usable is None else headroom_tokens[usable]
+                peers = self.kept[where]
+                scale = self._scale  # the entries of peers not used are stale: the DP never reads them
+                scale[where] = cost_factors(headroom_tokens[peers], uniforms[peers], self.spread, float(pool.mean()))
+        chain = self.layout.scaled_chain(self._kept_hop, self._kept_step, use, scale, start, end)
+        return None if chain is None else [(int(self.kept[i]), s, e) for i, s, e in chain]
