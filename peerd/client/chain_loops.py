@@ -1,6 +1,7 @@
-"""The loops of ``chain_index``'s planners, written as plain Python over arrays so that numba can
-compile them (``compiled``; the `simulate` extra). Each has a numpy counterpart in
-``chain_index`` that runs without numba and gives the same result: the tests run both.
+"""The loops of the simulator's planners (``chain_index.ChainLayout``,
+``pruned_chains.PrunedChains``), written as plain Python over arrays so that numba can compile
+them (``compiled``; the `simulate` extra). Each has a numpy counterpart in those modules that runs
+without numba and gives the same result: the tests run both.
 """
 
 from __future__ import annotations
@@ -113,10 +114,8 @@ def _cut_pairs(
     return cut_peer[:count], cut_block[:count], cut_prev[:count]
 
 
-def _considered_pairs(ok: np.ndarray, dominators: np.ndarray, in_kept: np.ndarray, considered: np.ndarray) -> int:
-    """``PrunedChains._considered`` into ``considered`` in one pass (compiled with numba); returns how
-    many considered peers are not laid out (``in_kept`` False)."""
-    outside = 0
+def _considered_pairs(ok: np.ndarray, dominators: np.ndarray, considered: np.ndarray) -> None:
+    """``PrunedChains._considered`` into ``considered`` in one pass (compiled with numba)."""
     for q in range(considered.size):
         keep = ok[q]
         if keep:
@@ -125,9 +124,6 @@ def _considered_pairs(ok: np.ndarray, dominators: np.ndarray, in_kept: np.ndarra
                     keep = False
                     break
         considered[q] = keep
-        if keep and not in_kept[q]:
-            outside += 1
-    return outside
 
 
 def _laid_out_pairs(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -38,8 +38,9 @@ _COMPILED_STRANDED = _compiled(_stranded_count)
 
 class PrunedChains:
     """``plan_over_table`` for many plans over one set of peers with fixed hop and per-block costs
-    (before the spread): a client's view and speed book between two updates. Peers dominated by a
-    usable peer (the module docstring) are left out of each plan; the rest are laid out once.
+    (before the spread): a client's view and speed book between two updates. Peers with enough
+    dominators listed (the module docstring) are left out of the layout, which is built once; a plan
+    checks that each of them has a usable one.
 
     ``candidates``: the peers plans may use (a plan's ``usable`` is normally a subset; a peer
     outside is planned correctly, only more slowly). ``layout``: a ``ChainLayout`` of ``start`` and
@@ -254,12 +255,13 @@ class PrunedChains:
         score: np.ndarray = self.hop_ms * self.per_block_ms / np.maximum(1, self.end - self.start)
         return score
 
-    def _repair(self, ok: np.ndarray, considered: np.ndarray) -> np.ndarray:
+    def _repair(self, ok: np.ndarray) -> int:
         """Some usable peer outside ``kept`` has no usable dominator listed (they filled up since they
         were listed): list dominators again for such peers among the peers usable now, and lay out
-        with the rest those that still have none. Returns the peers considered now."""
+        with the rest those that still have none. Returns how many usable peers are still outside
+        ``kept`` with nothing usable setting them aside (they are not candidates)."""
         self.repairs += 1
-        stranded = considered.copy()
+        stranded = self._considered(ok)
         stranded[self.kept] = False
         self.counts[stranded] = 0
         self._look_for(stranded & self.candidates, ok)
@@ -268,22 +270,18 @@ class PrunedChains:
         extra[self.kept] = False
         if extra.any():
             self._lay_out(np.flatnonzero(self._in_kept | extra))  # ascending, as union1d would give
-        return considered
-
-    def _considered_outside(self, ok: np.ndarray) -> tuple[np.ndarray, int]:
-        """``_considered(ok)``, and how many of those peers are not laid out."""
-        if _COMPILED_CONSIDERED is None:
-            considered = self._considered(ok)
-            return considered, int(np.count_nonzero(considered) - np.count_nonzero(considered[self.kept]))
-        considered = np.empty(self.size, dtype=bool)
-        return considered, _COMPILED_CONSIDERED(ok, self.dominators, self._in_kept, considered)
+        return int(np.count_nonzero(considered) - np.count_nonzero(considered[self.kept]))
 
     def _considered(self, ok: np.ndarray) -> np.ndarray:
         """The usable peers (``ok``) that no listed usable dominator sets aside."""
+        considered = np.empty(self.size, dtype=bool)
+        if _COMPILED_CONSIDERED is not None:
+            _COMPILED_CONSIDERED(ok, self.dominators, considered)
+            return considered
         covered = ok[self.dominators[0]]
         for row in self.dominators[1:]:
             covered |= ok[row]
-        considered: np.ndarray = ok[: self.size] & ~covered
+        np.logical_and(ok[: self.size], ~covered, out=considered)
         return considered
 
     def plan(
@@ -299,15 +297,13 @@ class PrunedChains:
         uniforms=uniforms, spread=spread, usable=usable)`` for this object's arrays."""
         ok = self._usable
         ok[: self.size] = self._hosts if usable is None else usable & self._hosts
-        if self._stranded(ok):  # some usable peer outside kept has no usable dominator: repair
-            considered, _ = self._considered_outside(ok)
-            considered = self._repair(ok, considered)
-            if np.count_nonzero(considered) - np.count_nonzero(considered[self.kept]):  # not a candidate
-                self.fallbacks += 1
-                table = RouteTable(self.start, self.end, self.hop_ms, self.per_block_ms, headroom_tokens)
-                return plan_over_table(
-                    table, start, end, uniforms=uniforms, spread=self.spread, usable=usable, layout=self.full_layout
-                )
+        # some usable peer outside kept has no usable dominator: repair; one still left is no candidate
+        if self._stranded(ok) and self._repair(ok):
+            self.fallbacks += 1
+            table = RouteTable(self.start, self.end, self.hop_ms, self.per_block_ms, headroom_tokens)
+            return plan_over_table(
+                table, start, end, uniforms=uniforms, spread=self.spread, usable=usable, layout=self.full_layout
+            )
         # every usable peer laid out: those a usable peer dominates are never the cheapest (they could
         # be left out, as the module docstring says, but looking that up costs more than planning them)
         use = ok[self.kept]

@@ -125,7 +125,7 @@ class SimClient:
         self._step_at = (-1, -1)
         self._view_at = -1e18
         self._view_version = -1
-        self._listed, self._listed_at = np.zeros(0, dtype=bool), -2  # _usable() before bans, for a view
+        self._listed, self._listed_at = np.zeros(0, dtype=bool), -2  # _serving(), and the view it is of
         self.plans = 0
 
     def refresh(self, now: float) -> None:
@@ -139,10 +139,14 @@ class SimClient:
             self.view = self.swarm.table.snapshot()
             self._cap = None
 
-    def _usable(self, banned: set[str]) -> np.ndarray:
-        if self._listed_at != self._view_version:  # the peers of this view that serve at all
+    def _serving(self) -> np.ndarray:
+        """The peers of this view that serve at all (computed once per view; do not modify)."""
+        if self._listed_at != self._view_version:
             self._listed, self._listed_at = self.view.visible & (self.view.decode_tps > 0), self._view_version
-        usable = self._listed.copy()
+        return self._listed
+
+    def _usable(self, banned: set[str]) -> np.ndarray:
+        usable = self._serving().copy()
         for peer_id in banned:
             idx = int(peer_id[1:])
             if idx < usable.size:
@@ -215,7 +219,7 @@ class SimClient:
                 self.rtt.array(view.size),
                 self._per_block_ms(),
                 # a peer full in this view stays full for every plan of it (the book only subtracts)
-                view.visible & (view.decode_tps > 0) & (view.cache_tokens_free >= self.swarm.config.session_tokens),
+                self._serving() & (view.cache_tokens_free >= self.swarm.config.session_tokens),
                 spread=self.swarm.config.route_spread,
                 layout=self.swarm.layout(view),
                 dominators_from=headroom >= ROOMY_SESSIONS * self.swarm.config.session_tokens,

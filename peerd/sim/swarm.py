@@ -246,19 +246,20 @@ class SimSwarm:
                 totals[peer.start : peer.end] -= peer.decode_tps
                 touched.update(range(peer.start, peer.end))
         peers = list(self._pseudo_peers())
-        names = self._block_names
         for b in touched:
-            t = float(totals[b])
-            peers[b] = PlacedPeer(names[b], b, b + 1, t if t > 0.0 else 0.0)
+            peers[b] = self._pseudo_peer(b, float(totals[b]))
         return peers
 
     def _pseudo_peers(self) -> list[PlacedPeer]:
         """One pseudo-peer per block carrying the current totals."""
         if self._pseudo is None or not np.array_equal(self._pseudo[0], self.totals):
-            names = self._block_names
-            placed = [PlacedPeer(names[b], b, b + 1, t if t > 0.0 else 0.0) for b, t in enumerate(self.totals.tolist())]
+            placed = [self._pseudo_peer(b, t) for b, t in enumerate(self.totals.tolist())]
             self._pseudo = (self.totals.copy(), placed)
         return self._pseudo[1]
+
+    def _pseudo_peer(self, block: int, total: float) -> PlacedPeer:
+        """Block ``block``'s pseudo-peer (a total below zero is float residue of removals: none)."""
+        return PlacedPeer(self._block_names[block], block, block + 1, total if total > 0.0 else 0.0)
 
     def choose(self, peer: SimPeer) -> Placement:
         self.count_full_read()
