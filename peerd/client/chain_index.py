@@ -55,7 +55,7 @@ class ChainLayout:
         self._bounds: list[int] = self.bounds.tolist()
         self._cost = np.full(block.size + 1, np.inf)  # per pair, rewritten by each plan; the last stays inf
         self._entered = np.zeros(block.size, dtype=bool)  # per pair: the ride was entered at this block
-        self._ones, self._all = np.ones(0), np.ones(0, dtype=bool)  # scale and use of an unscaled plan
+        self._zeros, self._all = np.zeros(0), np.ones(0, dtype=bool)  # draws and use of an unscaled plan
         self._enter_ms, self._step_ms = np.empty(peers), np.empty(peers)  # the DP's scratch
 
     def hosting(self, block: int) -> np.ndarray:
@@ -84,19 +84,28 @@ class ChainLayout:
         """The boundary DP of ``routing._fastest_chain`` over the laid-out pairs (``hop_ms`` infinite
         for unusable peers): (peer, first block, end block) spans, or None."""
         if _COMPILED_DP is not None:  # both paths check the range themselves
-            if self._ones.size < self.peers:
-                self._ones, self._all = np.ones(self.peers), np.ones(self.peers, dtype=bool)
-            return self.scaled_chain(hop_ms, per_block_ms, self._all, self._ones, start, end)
+            if self._zeros.size < self.peers:
+                self._zeros, self._all = np.zeros(self.peers), np.ones(self.peers, dtype=bool)
+            return self.scaled_chain(hop_ms, per_block_ms, self._all, self._zeros, 0.0, start, end)
         return self._fastest_chain_numpy(hop_ms, per_block_ms, start, end)
 
     def scaled_chain(
-        self, hop_ms: np.ndarray, per_block_ms: np.ndarray, use: np.ndarray, scale: np.ndarray, start: int, end: int
+        self,
+        hop_ms: np.ndarray,
+        per_block_ms: np.ndarray,
+        use: np.ndarray,
+        draws: np.ndarray,
+        spread: float,
+        start: int,
+        end: int,
     ) -> list[tuple[int, int, int]] | None:
         """``fastest_chain(np.where(use, hop_ms * scale, np.inf), per_block_ms * scale, start, end)``
+        with ``scale = 1 + spread * draws`` (``routing.cost_factors`` of ``routing.spread_draws``),
         without building those arrays (compiled with numba, else exactly that)."""
         if end + 1 > len(self._bounds):
             return None
         if _COMPILED_DP is None:
+            scale = 1.0 + spread * draws
             return self._fastest_chain_numpy(np.where(use, hop_ms * scale, np.inf), per_block_ms * scale, start, end)
         spans = np.empty((end - start, 3), dtype=np.int64)
         n = _COMPILED_DP(
@@ -107,7 +116,8 @@ class ChainLayout:
             hop_ms,
             per_block_ms,
             use,
-            scale,
+            draws,
+            spread,
             start,
             end,
             self._cost,

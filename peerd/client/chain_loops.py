@@ -20,7 +20,8 @@ def _boundary_dp(
     hop_ms: np.ndarray,
     per_block_ms: np.ndarray,
     use: np.ndarray,
-    scale: np.ndarray,
+    draws: np.ndarray,
+    spread: float,
     start: int,
     end: int,
     cost: np.ndarray,
@@ -31,13 +32,16 @@ def _boundary_dp(
 ) -> int:
     """``ChainLayout.fastest_chain``'s DP and walk back as one loop over the pairs (compiled with
     numba) for hop costs ``hop_ms x scale`` where ``use`` (else infinite) and block costs
-    ``per_block_ms x scale``: the same products and sums in the same order, ties to the lowest pair,
-    so the same routes. Writes the spans last first into ``spans`` (rows: peer, first block, end
+    ``per_block_ms x scale``, with ``scale = 1 + spread x draws`` (``routing.cost_factors``): the
+    same products and sums in the same order, ties to the lowest pair, so the same routes. Writes the spans last first into ``spans`` (rows: peer, first block, end
     block) and returns how many, or -1. ``enter_ms`` and ``step_ms``: scratch, one slot per peer,
     for the scaled costs (computed once per peer, not per pair, and no branch on ``use`` per pair)."""
     for p in range(enter_ms.size):  # the layout's peers
-        enter_ms[p] = hop_ms[p] * scale[p] if use[p] else np.inf  # an unusable peer's pairs stay infinite
-        step_ms[p] = per_block_ms[p] * scale[p] if use[p] else 0.0
+        if use[p]:
+            scale = 1.0 + spread * draws[p]
+            enter_ms[p], step_ms[p] = hop_ms[p] * scale, per_block_ms[p] * scale
+        else:  # an unusable peer's pairs stay infinite
+            enter_ms[p], step_ms[p] = np.inf, 0.0
     best = 0.0
     cheapest = np.empty(end - start, np.int64)
     for b in range(start, end):
@@ -222,9 +226,22 @@ def _listed_again(
             counts[w] = total
 
 
-def _stranded_count(ok: np.ndarray, outside: np.ndarray, listed: np.ndarray) -> int:
-    """How many of the peers ``outside`` (not laid out) are usable (``ok``, with a last False slot)
-    with no usable dominator among their ``listed`` ones (rows x those peers)."""
+def _marked_usable(
+    ok: np.ndarray,
+    hosts: np.ndarray,
+    usable: np.ndarray,
+    kept: np.ndarray,
+    use: np.ndarray,
+    outside: np.ndarray,
+    listed: np.ndarray,
+) -> int:
+    """``PrunedChains._mark_usable``: ``ok`` = ``hosts`` and ``usable`` (its last slot stays False),
+    ``use`` = ``ok`` of the laid-out peers ``kept``; returns how many of the peers ``outside`` (not
+    laid out) are usable with no usable dominator among their ``listed`` ones (rows x those peers)."""
+    for q in range(hosts.size):
+        ok[q] = hosts[q] and usable[q]
+    for k in range(kept.size):
+        use[k] = ok[kept[k]]
     stranded = 0
     for j in range(outside.size):
         if ok[outside[j]]:
@@ -236,3 +253,45 @@ def _stranded_count(ok: np.ndarray, outside: np.ndarray, listed: np.ndarray) -> 
             if not covered:
                 stranded += 1
     return stranded
+
+
+def _draw_inputs(
+    headroom: np.ndarray,
+    pool: np.ndarray,
+    kept: np.ndarray,
+    use: np.ndarray,
+    uniforms: np.ndarray,
+    mean: float,
+    base: np.ndarray,
+    exponent: np.ndarray,
+) -> int:
+    """``PrunedChains._draws``' inputs to ``routing.spread_draws``, per laid-out peer (``kept``): the
+    uniform and ``(headroom + 1) / (mean + 1)`` of those in ``use``, 1 and 1 for the others.
+    ``mean``: the mean headroom of the ``pool`` peers, or NaN to add it up here, which is done only
+    if they are whole numbers whose sum is exact in any order (numpy's pairwise sum gives the same).
+    Returns how many are in use, or -1 if the mean could not be added up exactly."""
+    used = 0
+    for k in range(kept.size):
+        used += use[k]
+    if used == 0:
+        return 0
+    if np.isnan(mean):
+        total, magnitude, n = 0.0, 0.0, 0
+        for q in range(headroom.size):
+            if pool[q]:
+                h = headroom[q]
+                if h != np.floor(h):
+                    return -1
+                total += h
+                magnitude += abs(h)
+                n += 1
+        if magnitude >= 2.0**53:  # then some partial sum may round
+            return -1
+        mean = total / n
+    shift = mean + 1.0
+    for k in range(kept.size):
+        if use[k]:
+            base[k], exponent[k] = uniforms[kept[k]], (headroom[kept[k]] + 1.0) / shift
+        else:
+            base[k], exponent[k] = 1.0, 1.0
+    return used

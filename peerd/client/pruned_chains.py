@@ -20,8 +20,15 @@ from __future__ import annotations
 import numpy as np
 
 from peerd.client.chain_index import ChainLayout
-from peerd.client.chain_loops import _carried_lists, _compiled, _considered_pairs, _listed_again, _stranded_count
-from peerd.client.routing import RouteTable, cost_factors, plan_over_table
+from peerd.client.chain_loops import (
+    _carried_lists,
+    _compiled,
+    _considered_pairs,
+    _draw_inputs,
+    _listed_again,
+    _marked_usable,
+)
+from peerd.client.routing import RouteTable, plan_over_table, spread_draws
 
 __all__ = ["PrunedChains"]
 
@@ -33,7 +40,8 @@ DOMINANCE_MARGIN = 1e-6
 _COMPILED_CONSIDERED = _compiled(_considered_pairs)
 _COMPILED_CARRIED = _compiled(_carried_lists)
 _COMPILED_LISTED = _compiled(_listed_again)
-_COMPILED_STRANDED = _compiled(_stranded_count)
+_COMPILED_MARKED = _compiled(_marked_usable)
+_COMPILED_DRAW_INPUTS = _compiled(_draw_inputs)
 
 
 class PrunedChains:
@@ -74,6 +82,7 @@ class PrunedChains:
         self.full_layout = layout or ChainLayout(start, end)
         self._pool, self._keep, self._robust = pool, keep, robust
         self._usable = np.zeros(self.size + 1, dtype=bool)  # scratch: a plan's usable peers, the last slot False
+        self._everyone = np.ones(0, dtype=bool)  # the pool of a plan's mean headroom when all are usable
         self.repairs = 0  # plans that found a usable peer dominated by no usable one, and listed again
         self.fallbacks = 0  # plans that still had to consider a peer outside ``kept``: over every peer
         self._trusted = self.candidates if dominators_from is None else self.candidates & dominators_from
@@ -169,7 +178,9 @@ class PrunedChains:
         self._in_kept[kept] = True
         self.layout = layout or self.full_layout.subset(kept)
         self._kept_hop, self._kept_step = self.hop_ms[kept], self.per_block_ms[kept]
-        self._ones, self._scale = np.ones(kept.size), np.ones(kept.size)  # a plan's factors: none, or drawn
+        # a plan's scratch, per laid-out peer: usable or not, and its spread draw (with its inputs)
+        self._use, self._draws, self._no_draws = np.zeros(kept.size, dtype=bool), np.zeros(kept.size), np.zeros(kept.size)
+        self._base, self._exponent = np.ones(kept.size), np.ones(kept.size)
         self._outside: tuple[np.ndarray, np.ndarray] | None = None  # _outside_lists(), when needed
 
     def _outside_lists(self) -> tuple[np.ndarray, np.ndarray]:
@@ -180,11 +191,16 @@ class PrunedChains:
             self._outside = (outside, self.dominators[:, outside])
         return self._outside
 
-    def _stranded(self, ok: np.ndarray) -> int:
-        """How many usable peers outside ``kept`` have no usable dominator listed."""
+    def _mark_usable(self, usable: np.ndarray | None) -> int:
+        """Set ``_usable`` (the hosting peers usable now; its last slot stays False) and ``_use`` (the
+        same for the laid-out peers); return how many usable peers outside ``kept`` have no usable
+        dominator listed."""
+        ok, mask = self._usable, self._hosts if usable is None else usable
         outside, listed = self._outside_lists()
-        if _COMPILED_STRANDED is not None:
-            return int(_COMPILED_STRANDED(ok, outside, listed))
+        if _COMPILED_MARKED is not None:
+            return int(_COMPILED_MARKED(ok, self._hosts, mask, self.kept, self._use, outside, listed))
+        ok[: self.size] = self._hosts & mask
+        self._use[:] = ok[self.kept]
         return int(np.count_nonzero(ok[outside] & ~ok[listed].any(axis=0)))
 
     def _pools_of(self, trusted: np.ndarray) -> np.ndarray:
@@ -295,25 +311,42 @@ class PrunedChains:
     ) -> list[tuple[int, int, int]] | None:
         """``plan_over_table(RouteTable(start, end, hop_ms, per_block_ms, headroom_tokens), start, end,
         uniforms=uniforms, spread=spread, usable=usable)`` for this object's arrays."""
-        ok = self._usable
-        ok[: self.size] = self._hosts if usable is None else usable & self._hosts
         # some usable peer outside kept has no usable dominator: repair; one still left is no candidate
-        if self._stranded(ok) and self._repair(ok):
-            self.fallbacks += 1
-            table = RouteTable(self.start, self.end, self.hop_ms, self.per_block_ms, headroom_tokens)
-            return plan_over_table(
-                table, start, end, uniforms=uniforms, spread=self.spread, usable=usable, layout=self.full_layout
-            )
+        if self._mark_usable(usable):
+            if self._repair(self._usable):
+                self.fallbacks += 1
+                table = RouteTable(self.start, self.end, self.hop_ms, self.per_block_ms, headroom_tokens)
+                return plan_over_table(
+                    table, start, end, uniforms=uniforms, spread=self.spread, usable=usable, layout=self.full_layout
+                )
+            self._use[:] = self._usable[self.kept]  # the repair may have laid out more peers
         # every usable peer laid out: those a usable peer dominates are never the cheapest (they could
         # be left out, as the module docstring says, but looking that up costs more than planning them)
-        use = ok[self.kept]
-        scale = self._ones
-        if uniforms is not None and self.spread > 0:
-            where = np.flatnonzero(use)
-            if where.size:
-                pool = headroom_tokens if usable is None else headroom_tokens[usable]
-                peers = self.kept[where]
-                scale = self._scale  # the entries of peers not used are stale: the DP never reads them
-                scale[where] = cost_factors(headroom_tokens[peers], uniforms[peers], self.spread, float(pool.mean()))
-        chain = self.layout.scaled_chain(self._kept_hop, self._kept_step, use, scale, start, end)
+        drawn = uniforms is not None and self.spread > 0 and self._draw(headroom_tokens, uniforms, usable)
+        draws, spread = (self._draws, self.spread) if drawn else (self._no_draws, 0.0)
+        chain = self.layout.scaled_chain(self._kept_hop, self._kept_step, self._use, draws, spread, start, end)
         return None if chain is None else [(int(self.kept[i]), s, e) for i, s, e in chain]
+
+    def _draw(self, headroom_tokens: np.ndarray, uniforms: np.ndarray, usable: np.ndarray | None) -> bool:
+        """``_draws`` for the laid-out peers in ``_use`` (``spread_draws`` against the mean headroom of
+        every usable peer, as ``plan_over_table`` draws them; the other entries are not read), or
+        False if none is in use."""
+        if _COMPILED_DRAW_INPUTS is not None:
+            if self._everyone.size != headroom_tokens.size:
+                self._everyone = np.ones(headroom_tokens.size, dtype=bool)
+            pool = self._everyone if usable is None else usable
+            inputs = (self.kept, self._use, uniforms)
+            used = _COMPILED_DRAW_INPUTS(headroom_tokens, pool, *inputs, np.nan, self._base, self._exponent)
+            if used < 0:  # not whole numbers: numpy's own mean, as plan_over_table takes it
+                mean = float(headroom_tokens[pool].mean())
+                used = _COMPILED_DRAW_INPUTS(headroom_tokens, pool, *inputs, mean, self._base, self._exponent)
+            if used:  # numpy's power, as spread_draws computes it (numba's differs in the last bit)
+                np.power(self._base, self._exponent, out=self._draws)
+            return bool(used)
+        where = np.flatnonzero(self._use)
+        if not where.size:
+            return False
+        pool = headroom_tokens if usable is None else headroom_tokens[usable]
+        peers = self.kept[where]
+        self._draws[where] = spread_draws(headroom_tokens[peers], uniforms[peers], float(pool.mean()))
+        return True

@@ -40,6 +40,7 @@ __all__ = [
     "plan_load_balanced_route",
     "plan_over_table",
     "servers_by_peer",
+    "spread_draws",
 ]
 
 DEFAULT_HOP_MS = 2.0  # cost of one hop to a peer whose RTT we have not measured
@@ -204,7 +205,13 @@ def cost_factors(
     A peer with w times the mean headroom draws a factor of 1 + spread / (w + 1) on average: a
     nearly full peer is often passed over for a near-equal one with room, an empty fast one rarely.
     """
-    return 1.0 + spread * uniforms ** ((headroom_tokens + 1.0) / (mean_headroom_tokens + 1.0))
+    return 1.0 + spread * spread_draws(headroom_tokens, uniforms, mean_headroom_tokens)
+
+
+def spread_draws(headroom_tokens: np.ndarray, uniforms: np.ndarray, mean_headroom_tokens: float) -> np.ndarray:
+    """``cost_factors`` without the spread: U**w (the factor is 1 + spread x this)."""
+    draws: np.ndarray = uniforms ** ((headroom_tokens + 1.0) / (mean_headroom_tokens + 1.0))
+    return draws
 
 
 def _fastest_chain(

@@ -65,7 +65,7 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     if request.param == "numpy":
         for name in ("_COMPILED_DP", "_COMPILED_CUT", "_COMPILED_LAY_OUT"):
             monkeypatch.setattr(chain_index, name, None)
-        for name in ("_COMPILED_CONSIDERED", "_COMPILED_CARRIED", "_COMPILED_LISTED", "_COMPILED_STRANDED"):
+        for name in ("_COMPILED_CONSIDERED", "_COMPILED_CARRIED", "_COMPILED_LISTED", "_COMPILED_MARKED", "_COMPILED_DRAW_INPUTS"):
             monkeypatch.setattr(pruned_chains, name, None)
     return str(request.param)
 
@@ -147,7 +147,7 @@ def _changed(
 def test_pruned_chains_plan_the_routes_of_plan_over_table(kernels: str) -> None:
     """Swarms large enough that most peers are dominated, with the spread, bans and full peers (some
     plans leave every dominator of a peer unusable: listed again, or planned over every peer), sub-range
-    plans, exact ties, and an index carried over to a changed view."""
+    plans, exact ties, an index carried over to a changed view, and headroom in whole tokens or not."""
     gen = np.random.default_rng(12)
     fallbacks = repairs = pruned = 0
     for trial in range(300):
@@ -181,6 +181,10 @@ def test_pruned_chains_plan_the_routes_of_plan_over_table(kernels: str) -> None:
             usable = candidates & (gen.random(table.start.size) >= drop) if trial % 6 else None
             uniforms = gen.random(table.start.size) if trial % 4 else None
             headroom = gen.uniform(-500, 5000, table.start.size)
+            if trial % 2:  # whole tokens, as records give (the mean is summed in the compiled loop) ...
+                headroom = np.floor(headroom)
+                if trial % 10 == 1:  # ... unless the sum could round
+                    headroom[gen.random(headroom.size) < 0.1] = 2.0**60
             fresh = plan_over_table(
                 RouteTable(table.start, table.end, table.hop_ms, table.per_block_ms, headroom),
                 first,
