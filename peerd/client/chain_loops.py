@@ -33,9 +33,10 @@ def _boundary_dp(
     """``ChainLayout.fastest_chain``'s DP and walk back as one loop over the pairs (compiled with
     numba) for hop costs ``hop_ms x scale`` where ``use`` (else infinite) and block costs
     ``per_block_ms x scale``, with ``scale = 1 + spread x draws`` (``routing.cost_factors``): the
-    same products and sums in the same order, ties to the lowest pair, so the same routes. Writes the spans last first into ``spans`` (rows: peer, first block, end
-    block) and returns how many, or -1. ``enter_ms`` and ``step_ms``: scratch, one slot per peer,
-    for the scaled costs (computed once per peer, not per pair, and no branch on ``use`` per pair)."""
+    same products and sums in the same order, ties to the lowest pair, so the same routes. Writes
+    the spans last first into ``spans`` (rows: peer, first block, end block) and returns how many,
+    or -1. ``enter_ms`` and ``step_ms``: scratch, one slot per peer, for the scaled costs (computed
+    once per peer, not per pair, and no branch on ``use`` per pair)."""
     for p in range(enter_ms.size):  # the layout's peers
         if use[p]:
             scale = 1.0 + spread * draws[p]

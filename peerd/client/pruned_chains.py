@@ -179,7 +179,8 @@ class PrunedChains:
         self.layout = layout or self.full_layout.subset(kept)
         self._kept_hop, self._kept_step = self.hop_ms[kept], self.per_block_ms[kept]
         # a plan's scratch, per laid-out peer: usable or not, and its spread draw (with its inputs)
-        self._use, self._draws, self._no_draws = np.zeros(kept.size, dtype=bool), np.zeros(kept.size), np.zeros(kept.size)
+        self._use = np.zeros(kept.size, dtype=bool)
+        self._draws, self._no_draws = np.zeros(kept.size), np.zeros(kept.size)
         self._base, self._exponent = np.ones(kept.size), np.ones(kept.size)
         self._outside: tuple[np.ndarray, np.ndarray] | None = None  # _outside_lists(), when needed
 

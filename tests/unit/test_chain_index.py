@@ -65,7 +65,13 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     if request.param == "numpy":
         for name in ("_COMPILED_DP", "_COMPILED_CUT", "_COMPILED_LAY_OUT"):
             monkeypatch.setattr(chain_index, name, None)
-        for name in ("_COMPILED_CONSIDERED", "_COMPILED_CARRIED", "_COMPILED_LISTED", "_COMPILED_MARKED", "_COMPILED_DRAW_INPUTS"):
+        for name in (
+            "_COMPILED_CONSIDERED",
+            "_COMPILED_CARRIED",
+            "_COMPILED_LISTED",
+            "_COMPILED_MARKED",
+            "_COMPILED_DRAW_INPUTS",
+        ):
             monkeypatch.setattr(pruned_chains, name, None)
     return str(request.param)
 
