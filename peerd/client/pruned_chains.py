@@ -27,6 +27,7 @@ from peerd.client.chain_loops import (
     _draw_inputs,
     _listed_again,
     _marked_usable,
+    _whole_mean,
 )
 from peerd.client.routing import RouteTable, plan_over_table, spread_draws
 
@@ -42,6 +43,7 @@ _COMPILED_CARRIED = _compiled(_carried_lists)
 _COMPILED_LISTED = _compiled(_listed_again)
 _COMPILED_MARKED = _compiled(_marked_usable)
 _COMPILED_DRAW_INPUTS = _compiled(_draw_inputs)
+_COMPILED_WHOLE_MEAN = _compiled(_whole_mean)
 
 
 class PrunedChains:
@@ -332,15 +334,17 @@ class PrunedChains:
         """``_draws`` for the laid-out peers in ``_use`` (``spread_draws`` against the mean headroom of
         every usable peer, as ``plan_over_table`` draws them; the other entries are not read), or
         False if none is in use."""
-        if _COMPILED_DRAW_INPUTS is not None:
+        if _COMPILED_DRAW_INPUTS is not None and _COMPILED_WHOLE_MEAN is not None:
             if self._everyone.size != headroom_tokens.size:
                 self._everyone = np.ones(headroom_tokens.size, dtype=bool)
             pool = self._everyone if usable is None else usable
-            inputs = (self.kept, self._use, uniforms)
-            used = _COMPILED_DRAW_INPUTS(headroom_tokens, pool, *inputs, np.nan, self._base, self._exponent)
-            if used < 0:  # not whole numbers: numpy's own mean, as plan_over_table takes it
+            mean = _COMPILED_WHOLE_MEAN(headroom_tokens, pool)
+            if np.isnan(mean):  # not whole numbers (or none usable): numpy's mean, as plan_over_table takes
+                if not self._use.any():
+                    return False
                 mean = float(headroom_tokens[pool].mean())
-                used = _COMPILED_DRAW_INPUTS(headroom_tokens, pool, *inputs, mean, self._base, self._exponent)
+            inputs = (self._base, self._exponent)
+            used = _COMPILED_DRAW_INPUTS(headroom_tokens, self.kept, self._use, uniforms, mean, *inputs)
             if used:  # numpy's power, as spread_draws computes it (numba's differs in the last bit)
                 np.power(self._base, self._exponent, out=self._draws)
             return bool(used)

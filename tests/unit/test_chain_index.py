@@ -71,6 +71,7 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
             "_COMPILED_LISTED",
             "_COMPILED_MARKED",
             "_COMPILED_DRAW_INPUTS",
+            "_COMPILED_WHOLE_MEAN",
         ):
             monkeypatch.setattr(pruned_chains, name, None)
     return str(request.param)
