@@ -121,7 +121,6 @@ class ChainLayout:
             start,
             end,
             self._cost,
-            self._entered,
             spans,
             self._enter_ms,
             self._step_ms,
