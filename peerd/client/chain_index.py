@@ -54,7 +54,7 @@ class ChainLayout:
         self.bounds = np.searchsorted(block, np.arange(top))
         self._bounds: list[int] = self.bounds.tolist()
         self._cost = np.full(block.size + 1, np.inf)  # per pair, rewritten by each plan; the last stays inf
-        self._entered = np.zeros(block.size, dtype=bool)  # per pair: the ride was entered at this block
+        self._entered = np.zeros(0, dtype=bool)  # per pair, numpy DP only: the ride was entered at this block
         self._zeros, self._all = np.zeros(0), np.ones(0, dtype=bool)  # draws and use of an unscaled plan
         self._enter_ms, self._step_ms = np.empty(peers), np.empty(peers)  # the DP's scratch
 
@@ -131,6 +131,8 @@ class ChainLayout:
         self, hop_ms: np.ndarray, per_block_ms: np.ndarray, start: int, end: int
     ) -> list[tuple[int, int, int]] | None:
         """``fastest_chain`` without numba: each block's pairs as one numpy slice."""
+        if self._entered.size != self.block.size:
+            self._entered = np.zeros(self.block.size, dtype=bool)
         bounds, cost, entered = self._bounds, self._cost, self._entered
         if end + 1 > len(bounds):
             return None
