@@ -104,7 +104,17 @@ SCENARIOS: dict[str, dict[str, float | int | bool]] = {
         "spike_start_s": 1800.0,
         "spike_duration_s": 600.0,
     },
+    "steady-10000": {"peers": 10000, "clients": 16, "warmup_s": 600.0},
+    "churn5-10000": {"peers": 10000, "clients": 16, "churn_per_hour": 0.05, "warmup_s": 600.0},
     "churn30-10000": {"peers": 10000, "clients": 16, "churn_per_hour": 0.30, "warmup_s": 600.0},
+    "spike-10000": {
+        "peers": 10000,
+        "clients": 16,
+        "warmup_s": 600.0,
+        "spike_factor": 10.0,
+        "spike_start_s": 1800.0,
+        "spike_duration_s": 600.0,
+    },
 }
 
 

@@ -179,3 +179,15 @@ def test_a_refused_open_plans_the_whole_range_again_as_the_sdk_does() -> None:
     assert asked == [(0, 12), (0, 12), (0, 12)]
     assert traffic.stats["refusals"] == 2
     assert set(book.taken()) == {"p0000001", "p0000005"}  # counted full until their next announce
+
+
+def test_every_size_ships_steady_churn_and_spike_scenarios() -> None:
+    from peerd.sim.config import SCENARIOS, scenario
+
+    for peers in (100, 1000, 10000):
+        for name in ("steady", "churn5", "churn30", "spike"):
+            config = scenario(f"{name}-{peers}")
+            assert config.peers == peers
+            assert config.churn_per_hour == {"churn5": 0.05, "churn30": 0.30}.get(name, 0.0)
+            assert config.spike_factor == (10.0 if name == "spike" else 1.0)
+    assert len(SCENARIOS) >= 12
