@@ -43,7 +43,9 @@ _INDEX_FILE = "model.safetensors.index.json"
 
 
 def default_dtype_for(device: str | torch.device) -> torch.dtype:
-    """bfloat16 on CUDA (half the memory, tensor cores), float32 elsewhere (CPU bf16 matmuls are slow)."""
+    """bfloat16 on CUDA (half the memory, tensor cores), float32 elsewhere: on a CPU a one-row bf16
+    product was slower than float32, even with AVX512-BF16, while batches of 16 were 2.3x faster
+    there (docs/benchmarks.md); ``--dtype bfloat16`` opts in."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
