@@ -35,7 +35,7 @@ from torch import Tensor
 
 from peerd.client.aggregation import Contribution, aggregate
 from peerd.client.run_records import AveragingConfig, Member, RoundReport, check_push, check_state, digest
-from peerd.rpc.p2pd import daemon_multiaddr
+from peerd.rpc.p2pd import connect_in_turn
 from peerd.rpc.tensors import from_wire, to_wire
 from peerd.swarm.dht import SwarmDHT
 from protocols import (
@@ -298,9 +298,8 @@ class Averager:
         try:
             peer = PeerID.from_base58(peer_id)
             async with asyncio.timeout(self.config.round_timeout_s):
-                if addrs:
-                    with contextlib.suppress(Exception):  # the stream open below reports the failure
-                        await self.p2p._client.connect(peer, [daemon_multiaddr(a) for a in addrs])
+                with contextlib.suppress(Exception):  # the stream open below reports the failure
+                    await connect_in_turn(self.p2p, peer_id, addrs)  # members push to each other at once
                 _, reader, writer = await self.p2p.call_binary_stream_handler(peer, stream)
         except TimeoutError:
             raise

@@ -24,6 +24,7 @@ __all__ = [
     "CONN_LIMITS",
     "RELAY_LIMITS",
     "P2PDaemonLost",
+    "connect_in_turn",
     "daemon_multiaddr",
     "p2pd_pid",
     "start_p2p",
@@ -47,6 +48,8 @@ RELAY_LIMITS: dict[str, object] = {
     "relayTimeLimit": "30m",
 }
 logger = logging.getLogger(__name__)
+DIAL_YIELD_S = 1.0  # how long the higher peer id of a pair waits for the lower one's connection
+DIAL_POLL_S = 0.05
 BOOTSTRAP_ATTEMPTS = 3  # p2pd starts that may fail to reach the initial peers before we give up
 
 # exec argv[1:] in a new session (same pid: the p2pd hivemind waits for is this process)
@@ -185,3 +188,29 @@ def daemon_multiaddr(text: str) -> Multiaddr:
             elif nxt:
                 raw += Multiaddr(nxt).to_bytes()
     return Multiaddr(raw)
+
+
+async def is_connected(p2p: P2P, peer_id: str) -> bool:
+    """Whether p2pd holds a connection to ``peer_id`` now (either side may have dialled)."""
+    return any(str(info.peer_id) == peer_id for info in await p2p.list_peers())
+
+
+async def connect_in_turn(p2p: P2P, peer_id: str, addrs: Sequence[str], *, yield_s: float = DIAL_YIELD_S) -> None:
+    """Connect to ``peer_id`` at ``addrs`` unless connected, taking turns with it: of two peers that
+    may dial each other at the same moment, the lower peer id dials at once and the higher one waits
+    up to ``yield_s`` for that connection before dialling itself.
+
+    Two p2pd daemons dialling each other at the same instant can both fail the Noise handshake
+    ("noise: message is too short"; about one first contact in 30 on loopback), and libp2p then
+    refuses every dial between them for 5-6 s ("dial backoff"), growing with each failure; as both
+    back off in step, their next dials can collide again. Raises what p2pd's connect raises.
+    """
+    if await is_connected(p2p, peer_id):
+        return
+    if str(p2p.peer_id) > peer_id:
+        deadline = asyncio.get_running_loop().time() + yield_s
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(DIAL_POLL_S)
+            if await is_connected(p2p, peer_id):
+                return
+    await p2p._client.connect(PeerID.from_base58(peer_id), [daemon_multiaddr(a) for a in addrs])
