@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from protocols import Compression
 __all__ = ["InferenceSession"]
 
 logger = logging.getLogger(__name__)
+REPLACEABLE_RECHECK_S = 5.0  # how long a span's "someone else serves these blocks" answer is reused
 
 
 @dataclass
@@ -53,6 +55,8 @@ class _SpanState:
     outputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # what the peer answered to each
     deadline: StepDeadline = field(default_factory=StepDeadline)  # this peer's own step times: hang detection
     answered: bool = False  # has answered a step (its first answer is always spot-checked)
+    replaceable: bool = True  # as of ``replaceable_at``: the last view has a route for its blocks without it
+    replaceable_at: float = -math.inf
 
     def replay_inputs(self) -> torch.Tensor | None:
         """The effective input sequence now in the peer's cache (later steps overwrite rewinds)."""
@@ -285,7 +289,7 @@ class InferenceSession:
         if state.stream is None:
             raise PeerUnavailable(state.span.peer_id, "no open stream")
         tokens = x.shape[1]
-        timeout_s = state.deadline.deadline_s(tokens, self.peers.timeout_s)
+        timeout_s = self._step_timeout_s(state, tokens)
         started = chain_started if sent else time.perf_counter()
         if sent:
             try:
@@ -300,6 +304,23 @@ class InferenceSession:
             raise PushedOtherwise
         state.deadline.observe(tokens, time.perf_counter() - started)
         return out
+
+    def _step_timeout_s(self, state: _SpanState, tokens: int) -> float:
+        """How long to wait for ``state``'s answer: its hang deadline (deadlines.py), unless nobody
+        else in the last view serves its blocks. Failing over cannot help then, and a lone peer that
+        is only slow (other sessions' prefills ahead of this step, a loaded machine) would end the
+        session; it gets the transport's own deadline instead."""
+        full_s = self.peers.timeout_s
+        timeout_s = state.deadline.deadline_s(tokens, full_s)
+        return timeout_s if timeout_s >= full_s or self._replaceable(state) else full_s
+
+    def _replaceable(self, state: _SpanState) -> bool:
+        """Whether the last view has a route for ``state``'s blocks without its peer (reused for a few seconds)."""
+        now = time.monotonic()
+        if now - state.replaceable_at >= REPLACEABLE_RECHECK_S:
+            state.replaceable = self.router.has_alternative(state.span, self.max_length * self.batch_size)
+            state.replaceable_at = now
+        return state.replaceable
 
     def _next_step_id(self) -> int:
         """Step ids grow over the whole session, on every stream: a pushed step carries its id along."""

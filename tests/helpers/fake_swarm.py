@@ -54,6 +54,7 @@ class FakePeer:
     record: ServerRecord
     fail_after_steps: int | None = None  # inference steps it answers before its streams break
     hang_after_steps: int | None = None  # inference steps it answers before it stops answering at all
+    pauses_s: dict[int, float] = dataclasses.field(default_factory=dict)  # step number -> answered this late
     error: ErrorCode | None = None  # answer every request with this error code instead
     lie: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied to every answer
     model_id: str = MODEL_ID
@@ -96,6 +97,11 @@ class FakeStream:
                     await asyncio.Event().wait()
             except TimeoutError:
                 raise PeerUnavailable(self.peer_id, f"no answer within {timeout_s}s (fake)") from None
+        if pause_s := peer.pauses_s.get(peer.steps, 0.0):  # slow, not hung: busy with other sessions
+            wait_s = TRANSPORT_TIMEOUT_S if timeout_s is None else timeout_s
+            await asyncio.sleep(min(pause_s, wait_s))
+            if pause_s > wait_s:
+                raise PeerUnavailable(self.peer_id, f"no answer within {timeout_s}s (fake)")
         kept = self.cache[:, :position] if self.cache is not None else hidden[:, :0]
         self.cache = torch.cat([kept, hidden], dim=1)
         out = peer.answer(self.cache, self.start, self.end)[:, position:]

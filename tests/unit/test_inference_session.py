@@ -122,6 +122,21 @@ async def test_a_spot_check_that_catches_a_liar_rewinds_to_its_first_wrong_outpu
     assert [i.verdict for i in checker.incidents] == ["lied"] and checker.incidents[0].peer_ids == ("liar",)
 
 
+@pytest.mark.parametrize("replica", [False, True])
+async def test_a_slow_step_fails_over_only_where_another_peer_serves_the_blocks(replica: bool) -> None:
+    """The 5th step (3 decode steps measured, deadline 1 s) is answered after 1.5 s: a lone peer is
+    waited for (failing over could not help, and would end the session); with a replica in the view,
+    the session moves to it at the step deadline."""
+    slow = FakePeer(record("slow", 0, 4, tps=1000.0), pauses_s={4: 1.5})
+    router, transport, _ = setup([slow, FakePeer(record("other", 0, 4))] if replica else [slow])
+    s = session(router, transport)
+    torch.testing.assert_close(await run(s), EXPECTED)
+    if replica:
+        assert transport.opened == ["slow", "other"] and len(s.stalls_s) == 1 and "slow" in router.banned()
+    else:
+        assert transport.opened == ["slow"] and s.stalls_s == [] and not router.banned()
+
+
 async def test_a_peer_that_stops_answering_is_left_after_its_step_deadline_not_the_read_timeout() -> None:
     """The hung peer answers 3 decode steps, then nothing: the session fails over after
     max(1 s, 10 x p99) of its measured steps (1 s here), far before the 30 s read deadline."""
