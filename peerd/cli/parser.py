@@ -86,6 +86,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
         help="peers pass hidden states on to the next peer, one client round trip less per hop and token "
         "(default: when the route's peers are 10 ms or more away; --no-push: the client relays every hop)",
     )
+    p.add_argument(
+        "--draft-model",
+        metavar="MODEL",
+        default=None,
+        help="a small local model with the swarm model's tokenizer (id or folder) that guesses tokens ahead, "
+        "checked by the swarm in one step (default: guesses from the context by prompt lookup); output unchanged",
+    )
     g = p.add_argument_group("sampling (as in the OpenAI API; the defaults are plain greedy decoding)")
     g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="longest reply, in tokens")
     g.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy")

@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from peerd.client.adapters import ClientAdapter
+from peerd.client.draft_model import ModelDrafter, check_draft_model
 from peerd.client.heads import HeadBatcher
 from peerd.client.lookup import Drafter
 from peerd.client.routing import Span
@@ -23,6 +24,7 @@ from peerd.client.session import InferenceSession
 from peerd.client.speculative import Speculation, verify_drafts
 from peerd.client.verify import Incident
 from peerd.model.head import ClientHead
+from peerd.model.local import LocalModel
 
 __all__ = ["GenerationResult", "generate_pieces"]
 
@@ -70,6 +72,8 @@ class Generator(Protocol):
     def incidents(self) -> list[Incident]: ...
     @property
     def speculation(self) -> Speculation: ...
+    @property
+    def draft_model(self) -> LocalModel | None: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession: ...
 
@@ -214,7 +218,12 @@ async def generate_pieces(
     prefix = adapter.prefix_length if adapter is not None else 0
     incidents_before = len(client.incidents)
     spec = client.speculation
-    drafting = Drafter(spec) if spec.applies_to(sampling) else None
+    drafting: Drafter | ModelDrafter | None = None
+    if spec.applies_to(sampling):
+        draft = client.draft_model
+        if draft is not None:
+            check_draft_model(draft, client.head.config.vocab_size)
+        drafting = Drafter(spec) if draft is None else ModelDrafter(draft, spec, len(ids) + max_new_tokens)
     steps = 0
     async with client.inference_session(max_length=prefix + len(ids) + max_new_tokens) as session:
         step_ids = torch.tensor([ids], dtype=torch.long)

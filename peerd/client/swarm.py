@@ -38,6 +38,7 @@ from peerd.model.chat import ChatTemplate, NoChatTemplateError, chat_prompt_ids,
 from peerd.model.config import ModelConfig
 from peerd.model.head import ClientHead
 from peerd.model.loading import load_client_head
+from peerd.model.local import LocalModel
 from peerd.model.registry import canonical_model_id, resolve_model
 from peerd.rpc.errors import PeerdClientError, PeerError, PeerUnavailable, RequestTooLargeError, worth_failover
 from peerd.rpc.transport import PeerClient
@@ -92,6 +93,7 @@ class SwarmClient:
         self.failover_timeout_s = failover_timeout_s  # how long a session waits for a replacement peer
         self.busy_wait_s = BUSY_WAIT_S  # ... and for room, when the peers of some blocks are all full
         self.speculation = Speculation()  # multi-token steps (speculative.py); Speculation(0) turns them off
+        self.draft_model: LocalModel | None = None  # guesses from a local model instead of prompt lookup
         # peers push hidden states to the next span's peer (server/push.py); False: we relay every hop;
         # None: push when the route's peers are far (round trips of PUSH_MIN_RTT_MS or more)
         self.push: bool | None = None
