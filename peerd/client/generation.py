@@ -7,6 +7,7 @@ the client-side model pieces only (the embeddings and LM head, or a trained adap
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -231,7 +232,11 @@ async def generate_pieces(
         while len(out.tokens) < max_new_tokens and finish_reason == "length":
             # the prefill carries guesses too: a prompt that repeats itself predicts its continuation
             room = max_new_tokens - len(out.tokens) - 1
-            drafts = drafting.drafts([*ids, *out.tokens], room) if drafting is not None else []
+            drafts: list[int] = []
+            if isinstance(drafting, ModelDrafter):  # a model's forwards: off the event loop
+                drafts = await asyncio.to_thread(drafting.drafts, [*ids, *out.tokens], room)
+            elif drafting is not None:
+                drafts = drafting.drafts([*ids, *out.tokens], room)
             emitted = await _step(session, client.head, adapter, sampler, step_ids, position, out, drafts)
             steps += 1
             if drafting is not None:
