@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_latency import PROMPTS  # tools/ is on sys.path when this file runs as a script
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from peerd.client.draft_model import ModelDrafter, check_draft_model  # noqa: E402
-from peerd.client.speculative import Speculation  # noqa: E402
-from peerd.model.chat import load_tokenizer  # noqa: E402
-from peerd.model.loading import load_local_model  # noqa: E402
-from peerd.model.local import LocalModel  # noqa: E402
-from peerd.model.registry import resolve_model  # noqa: E402
-from tools.bench_latency import PROMPTS  # noqa: E402
+from peerd.client.draft_model import ModelDrafter, check_draft_model
+from peerd.client.speculative import Speculation
+from peerd.model.chat import load_tokenizer
+from peerd.model.loading import load_local_model
+from peerd.model.local import LocalModel
+from peerd.model.registry import resolve_model
 
 
 def early_exit(path: Path, blocks: int, workdir: Path) -> Path:
@@ -84,7 +81,8 @@ def main() -> int:
                 reference = target.generate_greedy(prompt, args.tokens, eos_token_ids=[])
                 proposed, accepted, steps, spent = replay(reference, prompt, draft)
                 rate = f"{accepted}/{proposed} {accepted / max(1, proposed):.2f}"
-                print(f"{name:<20} {prompt_name:<8} {rate:>12} {len(reference) / steps:>12.2f} {spent * 1e3 / steps:>14.1f}")
+                per_step = f"{len(reference) / steps:>12.2f} {spent * 1e3 / steps:>14.1f}"
+                print(f"{name:<20} {prompt_name:<8} {rate:>12} {per_step}")
     return 0
 
 
