@@ -140,18 +140,14 @@ async def connect_client(args: argparse.Namespace) -> SwarmClient:
         spot_check_rate=getattr(args, "spot_check_rate", DEFAULT_SPOT_CHECK_RATE),
     )
     client.push = getattr(args, "push", None)
-    if getattr(args, "draft_model", None):
-        from peerd.client.draft_model import check_draft_model
+    if getattr(args, "draft_model", None):  # its vocabulary is checked when a generation starts
         from peerd.model.loading import load_local_model
 
         try:
-            _, path = resolve(args.draft_model, args.cache_dir)
-            draft = load_local_model(path)  # a progress bar per block
-            check_draft_model(draft, client.head.config.vocab_size)
+            client.draft_model = load_local_model(resolve(args.draft_model, args.cache_dir)[1])  # with progress
         except BaseException:
             await client.close()
             raise
-        client.draft_model = draft
     return client
 
 
