@@ -1,9 +1,10 @@
 """`make bench-latency`: generation over links with emulated delay: relayed, push, speculative steps.
 
 Loopback hides what a decode step costs over the internet: round trips. Here every peer listens
-behind a TCP delay shim (tests/helpers/delay_shim.py, on 127.0.0.1) and announces only the shim's
-address, so every connection to a peer, the client's included, pays the shim's delay each way
-(the delay is read per chunk, so connections opened before a change of delay pay the new one).
+behind a TCP delay shim (tests/helpers/delay_shim.py, on 127.0.0.1, in a process of its own) and
+announces only the shim's address, so every connection to a peer, the client's included, pays the
+shim's delay each way (the delay is read per chunk, so connections opened before a change of delay
+pay the new one).
 For each emulated round-trip time the same client generates greedily in four modes: client-relayed
 (the client carries every hop), speculative (prompt-lookup guesses verified in one trip), push (each
 peer hands its output to the next peer: server/push.py) and push + speculative, on a prompt that
@@ -17,12 +18,11 @@ print them and write them as JSON.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import socket
 import statistics
+import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-
-from tests.helpers.delay_shim import start_delay_shim  # noqa: E402
 
 # A copying task (code edit): the answer repeats most of the prompt, as edits and summaries do.
 CODE = """def mean(values):
@@ -71,32 +69,48 @@ PROMPTS = {"copying": COPYING, "quoting": QUOTING, "fresh": FRESH, "summary": SU
 
 
 class Shims:
-    """One delay shim per peer, all on one event loop in a thread of their own.
+    """One delay shim per peer, all in one process of their own (``delay_shim.py --control``).
 
-    ``one_way_s`` is read for every chunk, so a new delay holds on connections already open too: the
-    peers dial each other (through these shims) at start-up, at delay 0, and keep those connections
-    for the pushes; a delay read once per connection left every peer-to-peer leg undelayed.
+    Out of the measured client's process, as a real link is: the client does not forward the
+    links' bytes, and its GIL and CPU time are not the links'. ``set_rtt_ms`` holds for every chunk
+    from then on, on connections already open too: the peers dial each other (through these shims)
+    at start-up, at delay 0, and keep those connections for the pushes; a delay read once per
+    connection left every peer-to-peer leg undelayed.
     """
 
     def __init__(self) -> None:
-        self.one_way_s = 0.0
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="delay-shims", daemon=True)
-        self.thread.start()
-        self.servers: list[asyncio.Server] = []
+        script = REPO / "tests" / "helpers" / "delay_shim.py"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), "--control"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def _ask(self, command: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline().strip()
+        if not answer or answer.startswith("ERROR"):
+            raise RuntimeError(f"delay shim process: {command!r} -> {answer or 'no answer (exited?)'}")
+        return answer
 
     def add(self, target_port: int) -> int:
         """A shim in front of 127.0.0.1:``target_port``; returns the port it listens on."""
-        coro = start_delay_shim(("127.0.0.1", 0), ("127.0.0.1", target_port), lambda: self.one_way_s)
-        server = asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
-        self.servers.append(server)
-        return int(server.sockets[0].getsockname()[1])
+        return int(self._ask(f"add 127.0.0.1:{target_port}").split()[-1])
+
+    def set_rtt_ms(self, rtt_ms: float) -> None:
+        self._ask(f"delay {rtt_ms / 2}")  # held this long in each direction
 
     def close(self) -> None:
-        for server in self.servers:
-            self.loop.call_soon_threadsafe(server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()  # EOF ends the shim process
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _free_port() -> int:
@@ -233,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 procs.append(swarm.start_peer(f"peer{i + 1}", span, extra))
             swarm.wait_ready(procs, timeout_s=300)
             for rtt_ms in args.rtt_ms:
-                shims.one_way_s = rtt_ms / 2000  # the shim holds each chunk this long in each direction
+                shims.set_rtt_ms(rtt_ms)
                 summary = _summary(run_async(_level(swarm.initial_peers, path, model_id, prompts, args)))
                 results["levels"][str(rtt_ms)] = summary
                 for name, row in summary.items():

@@ -14,7 +14,12 @@ The file is standalone (standard library only) so it can run inside a namespace 
     ip netns exec NS python3 tests/helpers/delay_shim.py --listen 10.200.0.2:9000 \\
         --target 10.200.0.3:8000 --delay-ms 50
 
-It prints ``LISTENING <host> <port>`` once ready (port 0 picks a free port). From asyncio code::
+It prints ``LISTENING <host> <port>`` once ready (port 0 picks a free port). With ``--control``
+it takes commands on stdin instead, one per line, answering each on stdout: ``add HOST:PORT``
+starts a shim on a free 127.0.0.1 port in front of that target (``LISTENING <host> <port>``);
+``delay MS`` sets the one-way delay of every shim of the process, open connections included
+(``OK``). A benchmark uses this to keep its links out of the process it measures. From asyncio
+code::
 
     server = await start_delay_shim(("127.0.0.1", 0), ("127.0.0.1", port), delay=0.05)
     shim_port = server.sockets[0].getsockname()[1]
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import sys
 from collections.abc import Callable
 
 CHUNK_SIZE = 65536
@@ -141,14 +147,47 @@ async def _main(args: argparse.Namespace) -> None:
         await server.serve_forever()
 
 
+async def _control() -> None:
+    """Shims added and delays set by commands on stdin (see the module's docstring); EOF ends it."""
+    loop = asyncio.get_running_loop()
+    one_way_s = [0.0]
+    servers: list[asyncio.Server] = []
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    try:
+        while line := (await reader.readline()).decode():
+            command, _, arg = line.strip().partition(" ")
+            try:
+                if command == "add":
+                    server = await start_delay_shim(("127.0.0.1", 0), _hostport(arg), lambda: one_way_s[0])
+                    servers.append(server)
+                    host, port = server.sockets[0].getsockname()[:2]
+                    print(f"LISTENING {host} {port}", flush=True)
+                    continue
+                if command == "delay" and float(arg) >= 0:
+                    one_way_s[0] = float(arg) / 1000.0
+                    print("OK", flush=True)
+                    continue
+            except (ValueError, OSError, argparse.ArgumentTypeError) as exc:
+                print(f"ERROR {exc}", flush=True)
+                continue
+            print(f"ERROR expected 'add HOST:PORT' or 'delay MS', got {line.strip()!r}", flush=True)
+    finally:
+        for server in servers:
+            server.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--listen", type=_hostport, required=True, help="HOST:PORT to accept on")
-    parser.add_argument("--target", type=_hostport, required=True, help="HOST:PORT to forward to")
-    parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay per direction")
+    parser.add_argument("--listen", type=_hostport, help="HOST:PORT to accept on")
+    parser.add_argument("--target", type=_hostport, help="HOST:PORT to forward to")
+    parser.add_argument("--delay-ms", type=float, help="one-way delay per direction")
+    parser.add_argument("--control", action="store_true", help="take 'add HOST:PORT' and 'delay MS' on stdin")
     args = parser.parse_args(argv)
+    if not args.control and None in (args.listen, args.target, args.delay_ms):
+        parser.error("--listen, --target and --delay-ms are required without --control")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(args))
+        asyncio.run(_control() if args.control else _main(args))
 
 
 if __name__ == "__main__":
