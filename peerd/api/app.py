@@ -244,9 +244,11 @@ class _Run:
                 "total_tokens": result.prompt_tokens + done}  # fmt: skip
 
     def extras(self, result: GenerationResult) -> dict[str, Any]:
-        """peerd's own fields (OpenAI clients ignore unknown keys): the route and speed, for the web chat."""
+        """peerd's own fields (OpenAI clients ignore unknown keys): the route and speed, for the web chat,
+        and the steps through the swarm with the speculative guesses they confirmed."""
         return {"route": [str(span) for span in result.route], "tokens_per_s": round(result.tokens_per_s, 2),
-                "time_to_first_token_s": round(result.time_to_first_token_s, 4)}  # fmt: skip
+                "time_to_first_token_s": round(result.time_to_first_token_s, 4), "steps": result.steps,
+                "accepted_guesses": result.accepted_tokens}  # fmt: skip
 
     def chunk(self, text: str | None, finish: str | None, *, role: bool = False) -> dict[str, Any]:
         if self.chat:

@@ -59,6 +59,10 @@ async def cmd_api(args: argparse.Namespace) -> int:
     client = await connect_client(args)
     server = None
     try:
+        if client.draft_model is not None:  # refused now, not on every request
+            from peerd.client.draft_model import check_draft_model
+
+            check_draft_model(client.draft_model, client.config.vocab_size)
         names = {client.model_id, args.model, canonical_model_id(args.model) or client.model_id}
         settings = ApiSettings(
             model_names=frozenset(names),

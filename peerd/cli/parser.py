@@ -71,14 +71,8 @@ def _maddr_list(text: str) -> list[str]:
     return text.replace(",", " ").split()
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--spot-check-rate",
-        type=_ranged(float, 0.0, 1.0),
-        default=DEFAULT_SPOT_CHECK_RATE,
-        help="share of steps recomputed on another peer to catch one that returns wrong results, after "
-        "each peer's first answer, which is always checked (default %(default)s; 0 = no checks at all)",
-    )
+def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    """How a client's generations travel: push or relay, and where speculative guesses come from."""
     p.add_argument(
         "--push",
         action=argparse.BooleanOptionalAction,
@@ -93,6 +87,17 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
         help="a small local model with the swarm model's tokenizer (id or folder) that guesses tokens ahead, "
         "checked by the swarm in one step (default: guesses from the context by prompt lookup); output unchanged",
     )
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--spot-check-rate",
+        type=_ranged(float, 0.0, 1.0),
+        default=DEFAULT_SPOT_CHECK_RATE,
+        help="share of steps recomputed on another peer to catch one that returns wrong results, after "
+        "each peer's first answer, which is always checked (default %(default)s; 0 = no checks at all)",
+    )
+    _add_speed_args(p)
     g = p.add_argument_group("sampling (as in the OpenAI API; the defaults are plain greedy decoding)")
     g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="longest reply, in tokens")
     g.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy")
@@ -310,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     api = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API and a web chat, as a client of a swarm")
     _add_swarm_args(api, need_peers=True)
+    _add_speed_args(api)
     from peerd.cli.api import add_api_arguments
 
     add_api_arguments(api, POSITIVE_INT, PORT)

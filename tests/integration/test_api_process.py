@@ -1,5 +1,6 @@
 """`peerd api` as a user starts it: a process of its own, joined to a swarm of `peerd run` processes,
-answering the OpenAI endpoints over HTTP, and stopping cleanly on SIGTERM."""
+answering the OpenAI endpoints over HTTP (with a local draft model's guesses), and stopping cleanly
+on SIGTERM; a draft model of another vocabulary is refused before it serves."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from peerd.cli.demo import LocalSwarm
+from tests.helpers.tiny_model import make_tiny_checkpoint
 
 MODEL_ID = "tiny"
 
@@ -37,6 +39,7 @@ def test_peerd_api_process_serves_completions_and_stops_on_sigterm(tiny_ckpt: Pa
         ready = tmp_path / "api.json"
         cmd = [sys.executable, "-m", "peerd", "api", "--initial-peers", ",".join(swarm.initial_peers)]
         cmd += ["--model", str(tiny_ckpt), "--model-id", MODEL_ID, "--port", "0", "--ready-file", str(ready)]
+        cmd += ["--draft-model", str(tiny_ckpt)]  # the model as its own draft: every guess lands
         with (tmp_path / "api.log").open("wb") as log:
             api = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
@@ -53,6 +56,9 @@ def test_peerd_api_process_serves_completions_and_stops_on_sigterm(tiny_ckpt: Pa
         assert status == 200 and done["choices"][0]["finish_reason"] in ("length", "stop")  # type: ignore[index]
         assert 1 <= done["usage"]["completion_tokens"] <= 5  # type: ignore[index]
         assert _post(f"{url}/v1/completions", request)[1]["choices"] == done["choices"]  # greedy: same text
+        # fewer trips through the swarm than tokens: the draft model's guesses were confirmed
+        tokens, extras = done["usage"]["completion_tokens"], done["peerd"]  # type: ignore[index]
+        assert extras["accepted_guesses"] > 0 and extras["steps"] == tokens - extras["accepted_guesses"]  # type: ignore[index]
 
         api.send_signal(signal.SIGTERM)
         assert api.wait(30) == 0, (tmp_path / "api.log").read_text()
@@ -60,4 +66,19 @@ def test_peerd_api_process_serves_completions_and_stops_on_sigterm(tiny_ckpt: Pa
         if api is not None and api.poll() is None:
             api.kill()
             api.wait(10)
+        swarm.stop()
+
+
+def test_peerd_api_refuses_a_draft_model_of_another_vocabulary_before_serving(tiny_ckpt: Path, tmp_path: Path) -> None:
+    swarm = LocalSwarm(str(tiny_ckpt), workdir=tmp_path)
+    try:
+        swarm.start_bootstrap(extra=["--model-id", MODEL_ID])
+        other = make_tiny_checkpoint(tmp_path / "other-vocab", num_layers=1, vocab_size=300)
+        ready = tmp_path / "api.json"
+        cmd = [sys.executable, "-m", "peerd", "api", "--initial-peers", ",".join(swarm.initial_peers)]
+        cmd += ["--model", str(tiny_ckpt), "--model-id", MODEL_ID, "--port", "0", "--ready-file", str(ready)]
+        done = subprocess.run([*cmd, "--draft-model", str(other)], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and not ready.exists()
+        assert "share the swarm model's tokenizer" in done.stderr
+    finally:
         swarm.stop()
