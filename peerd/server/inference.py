@@ -199,7 +199,9 @@ class InferenceHandlers(ServicerBase):
             await self._grow(session, position + n_tokens)  # CACHE_FULL ends the session
         compute_started = time.perf_counter()
         step = Step(hidden, session.cache, position, session.start, session.end)
-        out, ran = await compute_step(self.runtime, self.stage, step, session.owner, key=id(self))
+        out, ran = await compute_step(
+            self.runtime, self.stage, step, session.owner, key=id(self), open_sessions=len(self.sessions)
+        )
         resumed = time.perf_counter()
         compute_ms = (resumed - compute_started) * 1e3
         if self.step_delay_s:

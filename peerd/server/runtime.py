@@ -104,6 +104,7 @@ class ComputeRuntime:
         self.inline_max_cost = inline_max_cost  # 0 turns inline steps off
         self.batch_window_s = batch_window_s  # 0: a batch takes only the steps already waiting
         self._recent: dict[Hashable, BatchHistory] = {}
+        self._most: dict[Hashable, int] = {}  # per batch key: the sessions open on it, as last told
         self._working = False  # the compute thread runs a job
         self._inline = False  # an inline step runs on the event loop
         self._considering = 0  # steps about to choose between inline and the queue (event loop only)
@@ -127,9 +128,21 @@ class ComputeRuntime:
         return self._enqueue(_Job(owner, Future(), 0.0, chunks=chunks), urgent=False)
 
     def submit_step(
-        self, payload: Any, runner: BatchRunner, batch_key: Hashable, owner: str = "", *, cost: float = 1.0
+        self,
+        payload: Any,
+        runner: BatchRunner,
+        batch_key: Hashable,
+        owner: str = "",
+        *,
+        cost: float = 1.0,
+        most: int | None = None,
     ) -> Future[Any]:
-        """Queue an urgent step; ready steps of equal ``batch_key`` run together through ``runner``."""
+        """Queue an urgent step; ready steps of equal ``batch_key`` run together through ``runner``.
+
+        ``most``: how many steps of ``batch_key`` can be on their way at all (the sessions open on
+        it); a filling batch never waits for more, whatever recent batches held."""
+        if most is not None:
+            self._most[batch_key] = most
         job = _Job(owner, Future(), cost, batch_key=batch_key, payload=payload, runner=runner)
         return self._enqueue(job, urgent=True)
 
@@ -157,14 +170,24 @@ class ComputeRuntime:
         return await _await(job_future)
 
     async def run_step(
-        self, payload: Any, runner: BatchRunner, batch_key: Hashable, owner: str = "", *, cost: float = 1.0
+        self,
+        payload: Any,
+        runner: BatchRunner,
+        batch_key: Hashable,
+        owner: str = "",
+        *,
+        cost: float = 1.0,
+        most: int | None = None,
     ) -> Any:
         """Await one step, possibly batched with other owners' steps of the same key.
 
         A small step (``cost <= inline_max_cost``) finding the runtime idle runs right here on the
         calling (event loop) thread: it would wait for nothing on the compute thread, only for the
         wakeups there and back. Steps read in the same loop iteration all go to the queue (the one
-        ``sleep(0)`` lets them see each other), so that steps ready together still run as one batch."""
+        ``sleep(0)`` lets them see each other), so that steps ready together still run as one batch.
+        ``most`` as for :meth:`submit_step`."""
+        if most is not None:
+            self._most[batch_key] = most
         if cost <= self.inline_max_cost and self._idle() and self._expected(batch_key) <= 1:
             self._considering += 1
             try:
@@ -177,9 +200,14 @@ class ComputeRuntime:
         return await _await(self.submit_step(payload, runner, batch_key, owner, cost=cost))
 
     def _expected(self, key: Hashable) -> int:
-        """Steps of ``key`` a batch may expect now: the largest recent batch (1 when none ran lately)."""
+        """Steps of ``key`` a batch may expect now: the largest recent batch (1 when none ran lately),
+        but no more than the sessions open on ``key`` (a burst's sessions that closed send no more)."""
         recent = self._recent.get(key)
-        return 1 if recent is None else recent.expected(time.perf_counter(), self.max_batch_steps)
+        if recent is None:
+            return 1
+        return recent.expected(
+            time.perf_counter(), min(self.max_batch_steps, self._most.get(key, self.max_batch_steps))
+        )
 
     def _idle(self) -> bool:
         return not (self._working or self._inline or self._owners or self._closed)

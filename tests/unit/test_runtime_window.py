@@ -77,6 +77,32 @@ def test_a_lone_session_never_waits_and_the_window_is_bounded() -> None:
     assert runner.sizes == [1, 1, 1, 1, 1, 4, 1]
 
 
+def test_a_batch_waits_for_no_more_steps_than_sessions_are_open() -> None:
+    """After a burst of 8 sessions, a lone session (the only one open: ``most=1``) starts at once;
+    told nothing, the same step waits out the quiet time for 7 steps of sessions that have ended."""
+    runtime = ComputeRuntime(name="window-test", inline_max_cost=0.0, batch_window_s=10.0)
+    runner = _SlowRunner(0.4)  # a batch's compute time, the longest a filling batch may wait
+    starts: list[float] = []
+    record = lambda payloads: (starts.append(time.perf_counter()), runner(payloads))[1]  # noqa: E731
+    try:
+        hold = threading.Event()
+        runtime.submit(hold.wait)
+        first = _wave(runtime, runner, 8, 0.1)  # 0.1 s apart: the quiet time is 4 x 0.1 s
+        hold.set()
+        assert [f.result(10) for f in first] == list(range(8))
+        runner.seconds = 0.0
+        waits = []
+        for most in (None, 1):
+            submitted = time.perf_counter()
+            assert runtime.submit_step(most, record, "blocks", "lone", most=most).result(10) == most
+            waits.append(starts[-1] - submitted)
+    finally:
+        runtime.close()
+    assert runner.sizes == [8, 1, 1]
+    assert waits[0] >= 0.35  # expecting 8: waited for steps that never came (quiet 0.4 s, compute 0.4 s)
+    assert waits[1] < 0.15  # one session open: nothing to wait for
+
+
 def test_a_batch_stops_waiting_once_the_expected_steps_stop_coming() -> None:
     """Sessions moving as two waves: the largest recent batch (8) promises steps that are at another
     peer. A wave of 4 must start once its steps stop coming, not wait out a batch's compute time."""
