@@ -75,7 +75,7 @@ class _Job:
 class _Owner:
     urgent: collections.deque[_Job] = field(default_factory=collections.deque)
     bulk: collections.deque[_Job] = field(default_factory=collections.deque)
-    since: int = 0  # activation order: ties in virtual time go to the longer waiting
+    since: int = 0  # activation order: the last tie-break in virtual time goes to the longer waiting (_turn)
 
     def __len__(self) -> int:
         return len(self.urgent) + len(self.bulk)
@@ -250,7 +250,7 @@ class ComputeRuntime:
         if not self._owners:
             return None
         self._working = True
-        owner = min(self._owners, key=lambda o: (self._vtime[o], self._owners[o].since))
+        owner = min(self._owners, key=self._turn)
         self._clock = self._vtime[owner]
         first = self._owners[owner]
         job = first.urgent.popleft() if first.urgent else first.bulk.popleft()
@@ -267,6 +267,17 @@ class ComputeRuntime:
             # an idle owner at or below the clock restarts at the clock anyway
             self._vtime = {o: v for o, v in self._vtime.items() if o in self._owners or v > self._clock}
         return jobs
+
+    def _turn(self, owner: str) -> tuple[float, bool, int]:
+        """Fair order: the smallest virtual time first; among equals, an owner with an urgent job
+        (an inference step, a fraction of a chunk's cost) before bulk work, then the longer waiting.
+
+        Chunks of equal cost keep flooding owners at equal virtual times, and an owner back from
+        idle starts at the running work's: the activation order alone sent an honest decode step
+        behind every flooder tied with it, ~2.5 chunks of waiting instead of the one running
+        (SmolLM2, 8 blocks, 3 identities' max-size forwards: 18.8 ms p50 before it started)."""
+        queues = self._owners[owner]
+        return self._vtime[owner], not queues.urgent, queues.since
 
     def _fill(self, key: Hashable, jobs: list[_Job]) -> list[_Job]:
         """Under the lock: the steps of ``key`` that came while waiting for the expected ones, as long
@@ -290,7 +301,7 @@ class ComputeRuntime:
     def _gather(self, key: Hashable, have: int) -> list[_Job]:
         """Waiting steps of ``key``, one per owner per round in virtual-time order, to the cap (``have`` taken)."""
         taken: list[_Job] = []
-        order = sorted(self._owners, key=lambda o: (self._vtime[o], self._owners[o].since))
+        order = sorted(self._owners, key=self._turn)
         progress = True
         while progress and have + len(taken) < self.max_batch_steps:
             progress = False

@@ -112,3 +112,44 @@ def test_steps_of_one_key_run_as_one_batch_in_fair_order_and_before_bulk_work() 
     # the flooder's own steps (urgent) go before its bulk job, which was queued first
     assert order.index("bulk") > order.index("batch")
     assert runtime.batches >= 1 and runtime.batched_steps >= 64
+
+
+def _recorded(order: list[str]):  # type: ignore[no-untyped-def]
+    """A batch runner that appends each payload to ``order`` and returns it."""
+
+    def run(payloads: list[str]) -> list[object]:
+        order.extend(payloads)
+        return list(payloads)
+
+    return run
+
+
+def test_an_urgent_step_goes_before_flooders_tied_with_it_in_virtual_time() -> None:
+    """Three peers flood with chunks of equal cost, so they share a virtual time; a decode step that
+    arrives while one chunk runs starts at that virtual time too, and must run right after that
+    chunk, not behind a chunk of every other flooder."""
+    runtime = ComputeRuntime(name="tie-test")
+    order: list[str] = []
+    first_chunk_runs, step_queued = threading.Event(), threading.Event()
+
+    def flood(name: str):  # type: ignore[no-untyped-def]
+        for i in range(3):
+            order.append(f"{name}{i}")
+            if name == "a" and i == 0:
+                first_chunk_runs.set()
+                assert step_queued.wait(timeout=10)
+            yield 64.0  # a chunk: 64 tokens through one block
+
+    try:
+        gate = _hold(runtime)
+        floods = [runtime.submit_chunks(lambda n=name: flood(n), name) for name in "abc"]  # type: ignore[misc]
+        gate.set()
+        assert first_chunk_runs.wait(timeout=10)
+        step = runtime.submit_step("step", _recorded(order), "blocks", "honest")
+        step_queued.set()
+        assert step.result(timeout=10) == "step"
+        for future in floods:
+            future.result(timeout=10)
+    finally:
+        runtime.close()
+    assert order[:3] == ["a0", "step", "b0"], order  # by activation order alone: a0, b0, c0, step
