@@ -98,8 +98,8 @@ async def test_rtt_probe_keeps_the_faster_of_two_round_trips_leaving_out_the_dia
 
     probe = RttProbe(ping, timeout_s=5.0, clock=FakeClock())
     rtts = await probe.rtts_ms(["new", "flaky"])
-    assert rtts["new"] is not None and 10 <= rtts["new"] < 150  # the second, not the 200 ms dial
-    assert rtts["flaky"] is not None and rtts["flaky"] >= 10  # answered once: that is its RTT
+    assert rtts["new"] is not None and 9 <= rtts["new"] < 150  # the second, not the 200 ms dial
+    assert rtts["flaky"] is not None and rtts["flaky"] >= 9  # answered once: that is its RTT
 
 
 async def test_rtt_probe_opens_at_most_max_probes_streams_per_call() -> None:
