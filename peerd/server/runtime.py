@@ -9,9 +9,10 @@ worker serves remote peers by start-time fair queuing, the virtual-time form of 
 (Goyal et al., "Start-time Fair Queueing", 1996). Each peer id carries a virtual time that grows by
 the cost of the work done for it; the worker always serves the waiting peer with the smallest one,
 and a peer that was idle starts at the virtual time of the work now running, so it goes next instead
-of waiting for a round. Long work comes as *chunked* jobs (generators that yield after each chunk of
-bounded cost), so a client sending the largest forwards holds the thread for one chunk at a time and
-another client's decode step waits for at most the chunk that is running.
+of waiting for a round (among peers tied in virtual time, one with an inference step goes first).
+Long work comes as *chunked* jobs (generators that yield after each chunk of bounded cost), so a
+client sending the largest forwards holds the thread for one chunk at a time and another client's
+decode step waits for at most the chunk that is running.
 
 Within a peer's share, *urgent* jobs (inference steps) go before bulk work (forward, backward, cache
 growth). Steps that may share a forward (the same ``batch_key``) are gathered into one batch,
