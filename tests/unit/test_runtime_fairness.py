@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from peerd.server.runtime import ComputeRuntime
+from tests.helpers.runtime import hold_thread
 
 
 def test_a_flooding_owner_does_not_starve_another() -> None:
@@ -37,19 +38,6 @@ def test_a_flooding_owner_does_not_starve_another() -> None:
     assert runtime.queued == 0
 
 
-def _hold(runtime: ComputeRuntime) -> threading.Event:
-    """Occupy the compute thread until the returned event is set (so that queues fill first)."""
-    running, gate = threading.Event(), threading.Event()
-
-    def block() -> None:
-        running.set()
-        gate.wait()
-
-    runtime.submit(block, "gate")
-    assert running.wait(timeout=10)
-    return gate
-
-
 def test_fairness_is_by_cost_and_a_chunked_job_lets_others_run_between_its_chunks() -> None:
     runtime = ComputeRuntime(name="cost-test")
     order: list[str] = []
@@ -61,7 +49,7 @@ def test_fairness_is_by_cost_and_a_chunked_job_lets_others_run_between_its_chunk
         return "done"
 
     try:
-        gate = _hold(runtime)
+        gate = hold_thread(runtime)
         big = runtime.submit_chunks(big_job, "flooder")
         expensive = [runtime.submit(lambda: order.append("expensive"), "flooder", cost=100.0) for _ in range(3)]
         steps = [runtime.submit(lambda: order.append("step"), "polite", cost=1.0) for _ in range(5)]
@@ -89,7 +77,7 @@ def test_steps_of_one_key_run_as_one_batch_in_fair_order_and_before_bulk_work() 
         return [ValueError("bad") if p == "bad" else p.upper() for p in payloads]
 
     try:
-        gate = _hold(runtime)
+        gate = hold_thread(runtime)
         bulk = runtime.submit(lambda: order.append("bulk"), "many", cost=1.0)
         many = [runtime.submit_step(f"m{i}", runner, "blocks 0-3", "many") for i in range(80)]
         one = runtime.submit_step("one", runner, "blocks 0-3", "one")
@@ -141,7 +129,7 @@ def test_an_urgent_step_goes_before_flooders_tied_with_it_in_virtual_time() -> N
             yield 64.0  # a chunk: 64 tokens through one block
 
     try:
-        gate = _hold(runtime)
+        gate = hold_thread(runtime)
         floods = [runtime.submit_chunks(lambda n=name: flood(n), name) for name in "abc"]  # type: ignore[misc]
         gate.set()
         assert first_chunk_runs.wait(timeout=10)

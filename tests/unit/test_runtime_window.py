@@ -3,7 +3,6 @@ session never waits."""
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import Future
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 
 from peerd.server.batchfill import PEAK_HORIZON_S, QUIET_FACTOR, QUIET_MIN_S, BatchHistory
 from peerd.server.runtime import ComputeRuntime
+from tests.helpers.runtime import hold_thread
 
 
 class _SlowRunner:
@@ -25,20 +25,6 @@ class _SlowRunner:
         self.sizes.append(len(payloads))
         time.sleep(self.seconds)
         return payloads
-
-
-def _busy(runtime: ComputeRuntime) -> threading.Event:
-    """Hold the compute thread until the returned event is set, once the holding job runs (so that
-    steps queued meanwhile queue whole, and none goes before the holding job)."""
-    running, hold = threading.Event(), threading.Event()
-
-    def block() -> None:
-        running.set()
-        hold.wait()
-
-    runtime.submit(block)
-    assert running.wait(timeout=10)
-    return hold
 
 
 def _wave(runtime: ComputeRuntime, runner: _SlowRunner, n: int, gap_s: float) -> list[Future[Any]]:
@@ -56,7 +42,7 @@ def test_steps_that_arrive_a_frame_at_a_time_fill_the_batch_recent_ones_had() ->
     runtime = ComputeRuntime(name="window-test", inline_max_cost=0.0, batch_window_s=0.5)
     runner = _SlowRunner(0.2)
     try:
-        hold = _busy(runtime)  # the thread is busy: the first wave queues whole
+        hold = hold_thread(runtime)  # the thread is busy: the first wave queues whole
         first = _wave(runtime, runner, 8, 0.01)
         hold.set()
         assert [f.result(10) for f in first] == list(range(8))
@@ -76,7 +62,7 @@ def test_a_lone_session_never_waits_and_the_window_is_bounded() -> None:
         for i in range(5):  # one session: recent batches of one, no wait
             assert runtime.submit_step(i, runner, "blocks", "alice").result(10) == i
         assert time.perf_counter() - started < 5 * 0.02 + 0.1
-        hold = _busy(runtime)
+        hold = hold_thread(runtime)
         wave = _wave(runtime, runner, 4, 0.0)
         hold.set()
         [f.result(10) for f in wave]
@@ -97,7 +83,7 @@ def test_a_batch_waits_for_no_more_steps_than_sessions_are_open() -> None:
     starts: list[float] = []
     record = lambda payloads: (starts.append(time.perf_counter()), runner(payloads))[1]  # noqa: E731
     try:
-        hold = _busy(runtime)
+        hold = hold_thread(runtime)
         first = _wave(runtime, runner, 8, 0.1)  # 0.1 s apart: the quiet time is 4 x 0.1 s
         hold.set()
         assert [f.result(10) for f in first] == list(range(8))
@@ -120,7 +106,7 @@ def test_a_batch_stops_waiting_once_the_expected_steps_stop_coming() -> None:
     runtime = ComputeRuntime(name="window-test", inline_max_cost=0.0, batch_window_s=10.0)
     runner = _SlowRunner(2.0)  # the first batch makes a batch's compute time (the old bound) 2 s
     try:
-        hold = _busy(runtime)
+        hold = hold_thread(runtime)
         first = _wave(runtime, runner, 8, 0.002)
         hold.set()
         assert [f.result(10) for f in first] == list(range(8))
