@@ -1,8 +1,9 @@
 """The client's LM head, shared by every generation of one client and run in batches off the event loop.
 
 A generation's only heavy local work is turning the last block's output into logits: one pass
-over the ``[vocab, hidden]`` head matrix (113 MiB for SmolLM2-135M in float32, ~10 ms on one CPU
-core). That pass is bound by memory, not arithmetic, so 16 rows cost about 2.5 times one row. A
+over the ``[vocab, hidden]`` head matrix (113 MiB for SmolLM2-135M in float32, 3.6 ms on one CPU
+core with oneDNN's product). That pass is bound by memory, not arithmetic, so 16 rows cost about
+2.7 times one row. A
 client serving many generations at once (the OpenAI API serves every request through one
 ``SwarmClient``) would otherwise pay the whole pass for each token of each generation, on the
 event loop that also carries every stream.
@@ -24,7 +25,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from peerd.model.batching import CPU_MIN_ROWS, cpu_padding_rows
+from peerd.model.batching import cpu_padding_rows, min_shared_rows
 
 __all__ = ["HeadBatcher", "LogitsModule"]
 
@@ -83,7 +84,8 @@ class HeadBatcher:
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         """Hand the oldest waiting requests (one module's, up to ``max_rows`` positions) to the worker;
-        on CPU, together only when they make up ``CPU_MIN_ROWS`` positions or more.
+        together only when they make up ``min_shared_rows`` positions or more (4 with MKL's float32
+        products on a CPU, else any).
 
         Called by a waiting request, so the queue holds at least that one."""
         self._queue = [r for r in self._queue if not r.result.done()]
@@ -95,14 +97,17 @@ class HeadBatcher:
             if request.local is module and (not batch or rows + n <= self.max_rows):
                 batch.append(request)
                 rows += n
-        if self._queue[0].hidden.device.type == "cpu" and rows < CPU_MIN_ROWS:
+        if rows < min_shared_rows(self._queue[0].hidden):
             # fewer rows than a CPU runs efficiently together: a padded pass costs ~1.8 single ones,
             # and holds every request to the end of it, so the oldest runs alone (the others next)
             batch, rows = batch[:1], batch[0].hidden.shape[1]
         self._queue = [r for r in self._queue if r not in batch]
         self.batches += 1
         self.rows += rows
-        work = loop.run_in_executor(self._executor, _forward, module, [r.hidden for r in batch])
+        # the worker computes with the event loop thread's torch thread count (a new thread's own
+        # count is one per core under torch's OpenMP backend, whatever the client process set)
+        threads = torch.get_num_threads()
+        work = loop.run_in_executor(self._executor, _forward, module, [r.hidden for r in batch], threads)
         running: asyncio.Future[None] = loop.create_future()
 
         def deliver(done: asyncio.Future[list[Tensor]]) -> None:
@@ -122,20 +127,23 @@ class HeadBatcher:
         return running
 
 
-def _forward(module: LogitsModule, hiddens: list[Tensor]) -> list[Tensor]:
+def _forward(module: LogitsModule, hiddens: list[Tensor], threads: int) -> list[Tensor]:
     """Logits of each ``[1, n_i, hidden]`` in ``hiddens``, from one pass over their rows.
 
-    On CPU, 2 or 3 rows run with zero rows added up to ``CPU_MIN_ROWS``: MKL's float32 products
-    over 2-3 rows are slower than over 4 (SmolLM2's head, one core: 1 row 9.9 ms, 2 rows 24.9, 3 rows
-    37.1, 4 rows 17.8), which made batching 2-3 requests slower than running them one by one.
+    With MKL's float32 products on a CPU, 2 or 3 rows run with zero rows added up to ``CPU_MIN_ROWS``:
+    those are slower over 2-3 rows than over 4 (SmolLM2's head, one core: 1 row 9.9 ms, 2 rows 24.9,
+    3 rows 37.1, 4 rows 17.8), which made batching 2-3 requests slower than running them one by one.
+    oneDNN's (peerd.model.linear, the default) are not: 1 row 3.6 ms, 2 or 3 rows 5.3, 16 rows 9.6.
     """
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     with torch.inference_mode():
         if len(hiddens) == 1 and hiddens[0].shape[1] == 1:  # one position: exactly the unbatched call
             return [module.logits(hiddens[0])]
         rows = torch.cat([h[0] for h in hiddens])  # [sum n_i, hidden]
         real, pad = rows.shape[0], cpu_padding_rows(rows)
         if pad:
-            rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])  # [CPU_MIN_ROWS, hidden]
+            rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])  # [min_shared_rows, hidden]
         logits = module.logits(rows.unsqueeze(0))[0, :real]  # [sum n_i, vocab]
         parts = torch.split(logits, [h.shape[1] for h in hiddens])  # each [n_i, vocab]
         return [part.unsqueeze(0) for part in parts]  # each [1, n_i, vocab]

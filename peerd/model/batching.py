@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from peerd.model.linear import onednn_on
 from peerd.model.llama import Block, RotaryEmbedding, apply_rotary, attention_mask
 from peerd.model.stage import KVCache, Stage
 
@@ -33,15 +34,18 @@ __all__ = [
     "cpu_padding_rows",
     "forward_batch",
     "forward_chunks",
+    "min_shared_rows",
 ]
 
 # A backward recomputes the forward, then runs autograd through it: about three forwards of work.
 BACKWARD_COST_FACTOR = 3.0
-# On CPU a batch of 2 or 3 rows runs its dense parts with zero rows added up to this many: MKL's
-# fp32 matrix products over 2-3 rows are slower than over 4 (measured on the AVX-512 dev box, 60
-# [1536 x 576] weights streamed from memory: 1 row 19 ms, 2 rows 30, 3 rows 34, 4 rows 24; a batch
-# of 2 or 3 SmolLM2 decode steps through 10 blocks took 24.1-24.8 / 27.9-28.6 ms of CPU unpadded,
-# 22.3-23.4 / 22.3-23.9 ms padded, alternating runs).
+# Where the dense parts' float32 products on a CPU are MKL's (``F.linear``; peerd.model.linear
+# runs oneDNN's instead unless switched off), a batch of 2 or 3 rows runs them with zero rows added
+# up to this many: MKL's products over 2-3 rows are slower than over 4 (measured on the AVX-512 dev
+# box, 60 [1536 x 576] weights streamed from memory: 1 row 19 ms, 2 rows 30, 3 rows 34, 4 rows 24; a
+# batch of 2 or 3 SmolLM2 decode steps through 10 blocks took 24.1-24.8 / 27.9-28.6 ms of CPU
+# unpadded, 22.3-23.4 / 22.3-23.9 ms padded, alternating runs). oneDNN's have no such step (10
+# blocks: 2 rows 11.8 ms unpadded, 12.9 padded), so they run unpadded.
 # Such batches are common when sessions move through a pipeline as many small waves (a loaded box).
 # Rows are independent in every dense part, so padding changes no real row's result beyond the
 # rounding of another kernel (as any batch, within the 1e-5 of forward_batch's contract).
@@ -141,10 +145,18 @@ def _forward_rows(stage: Stage, steps: Sequence[StepInput], start: int, end: int
     return [x[r].view(b, n, hidden_size) for r, (b, n) in zip(rows, shapes, strict=True)]
 
 
+def min_shared_rows(x: Tensor) -> int:
+    """Fewest rows worth one shared pass for rows like ``x``: :data:`CPU_MIN_ROWS` where the products
+    are MKL's float32 ones on a CPU, else 1 (any batch is cheaper than its rows one by one)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not onednn_on():
+        return CPU_MIN_ROWS
+    return 1
+
+
 def cpu_padding_rows(x: Tensor) -> int:
     """Zero rows to add to a batch's rows ``x [rows, ...]`` before its dense parts (see :data:`CPU_MIN_ROWS`)."""
-    rows = x.shape[0]
-    return CPU_MIN_ROWS - rows if x.device.type == "cpu" and 2 <= rows < CPU_MIN_ROWS else 0
+    rows, least = x.shape[0], min_shared_rows(x)
+    return least - rows if 2 <= rows < least else 0
 
 
 def _row_angles(rotary: RotaryEmbedding, positions: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:

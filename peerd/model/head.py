@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from peerd.model.config import ModelConfig
+from peerd.model.linear import Linear
 from peerd.model.llama import RMSNorm
 
 __all__ = ["ClientHead"]
@@ -31,7 +32,7 @@ class ClientHead(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma=config.gemma_norms)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.requires_grad_(False)
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peerd.model.config import ModelConfig
+from peerd.model.linear import Linear
 from peerd.model.moe import SparseMoE
 
 __all__ = [
@@ -176,10 +177,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         hidden = config.hidden_size
         q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(hidden, q_width, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv_width, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_width, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_width, hidden, bias=config.o_bias)
+        self.q_proj = Linear(hidden, q_width, bias=config.qkv_bias)
+        self.k_proj = Linear(hidden, kv_width, bias=config.qkv_bias)
+        self.v_proj = Linear(hidden, kv_width, bias=config.qkv_bias)
+        self.o_proj = Linear(q_width, hidden, bias=config.o_bias)
         self.scale = config.attention_scale  # None: SDPA's default, head_dim ** -0.5
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, gemma=config.gemma_norms)
@@ -268,9 +269,9 @@ class MLP(nn.Module):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
         self.act = config.hidden_act
-        self.gate_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
+        self.gate_proj = Linear(hidden, inner, bias=config.mlp_bias)
+        self.up_proj = Linear(hidden, inner, bias=config.mlp_bias)
+        self.down_proj = Linear(inner, hidden, bias=config.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))  # type: ignore[no-any-return]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peerd.model.config import ModelConfig
+from peerd.model.linear import Linear
 
 __all__ = ["MIXTRAL_NAMES", "QWEN_NAMES", "Expert", "SparseMoE"]
 
@@ -31,9 +32,9 @@ class Expert(nn.Module):
         super().__init__()
         self.names = names
         gate, up, down = names
-        self.add_module(gate, nn.Linear(hidden, inner, bias=False))
-        self.add_module(up, nn.Linear(hidden, inner, bias=False))
-        self.add_module(down, nn.Linear(inner, hidden, bias=False))
+        self.add_module(gate, Linear(hidden, inner, bias=False))
+        self.add_module(up, Linear(hidden, inner, bias=False))
+        self.add_module(down, Linear(inner, hidden, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up, down = (getattr(self, name) for name in self.names)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from peerd.model.int4 import INT4_BITS_PER_WEIGHT, INT4_GROUP, Int4Linear
+from peerd.model.linear import Linear
 
 __all__ = [
     "BITS_PER_WEIGHT",
@@ -96,7 +97,8 @@ def _linears(module: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             # Mixtral's router (SparseMoE.gate) stays exact: top-k picks are discrete
-            if type(child) is nn.Linear and not (name == "gate" and hasattr(parent, "experts")):
+            if type(child) in (nn.Linear, Linear) and not (name == "gate" and hasattr(parent, "experts")):
+                assert isinstance(child, nn.Linear)  # narrows the type for mypy (checked just above)
                 yield parent, name, child
 
 

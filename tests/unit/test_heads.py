@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from peerd.client.heads import HeadBatcher
+from peerd.model import linear
 from peerd.model.config import ModelConfig
 from peerd.model.head import ClientHead
 
@@ -116,6 +117,13 @@ async def test_a_failing_pass_fails_its_callers_only_and_the_next_pass_works(hea
     assert torch.equal(await asyncio.wait_for(heads.logits(head, x), 10), head.logits(x))
 
 
+@pytest.fixture
+def mkl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 CPU products through MKL (F.linear), as without oneDNN's kernel."""
+    monkeypatch.setattr(linear, "ONEDNN", False)
+
+
+@pytest.mark.usefixtures("mkl")
 async def test_two_or_three_rows_run_padded_to_four_on_cpu_and_keep_their_own_logits(heads: HeadBatcher) -> None:
     head = make_head(0)
     gated = _GatedHead(head)
@@ -131,6 +139,7 @@ async def test_two_or_three_rows_run_padded_to_four_on_cpu_and_keep_their_own_lo
     assert gated.passes[-1] == 1  # one position: the plain call, unpadded
 
 
+@pytest.mark.usefixtures("mkl")
 async def test_on_cpu_fewer_than_four_waiting_positions_run_one_request_at_a_time(heads: HeadBatcher) -> None:
     head = make_head(0)
     gated = _GatedHead(head)
@@ -141,3 +150,45 @@ async def test_on_cpu_fewer_than_four_waiting_positions_run_one_request_at_a_tim
     got = await asyncio.wait_for(asyncio.gather(*calls), 10)
     assert gated.passes == [1, 1, 1, 1]  # three waiting rows: a padded pass would hold all three to its end
     assert all(torch.equal(g, head.logits(x)) for g, x in zip(got, xs, strict=True))
+
+
+@pytest.mark.skipif(not linear.onednn_on(), reason="this torch build has no oneDNN linear kernel")
+async def test_with_onednn_any_waiting_requests_share_a_pass_unpadded(heads: HeadBatcher) -> None:
+    head = make_head(0)
+    gated = _GatedHead(head)
+    xs = [torch.randn(1, 1, CONFIG.hidden_size) for _ in range(3)]
+    calls = [asyncio.ensure_future(heads.logits(gated, x)) for x in xs]  # 1 runs, 2 positions wait
+    await asyncio.sleep(0.05)
+    gated.gate.set()
+    got = await asyncio.wait_for(asyncio.gather(*calls), 10)
+    assert gated.passes == [1, 2]  # two rows cost less than two passes with oneDNN: shared, as they are
+    for g, x in zip(got, xs, strict=True):
+        torch.testing.assert_close(g, head.logits(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_worker_computes_with_the_event_loop_threads_torch_thread_count() -> None:
+    """torch's thread count is per thread: the head's worker follows the thread that awaits it, not
+    the last count set anywhere in the process (here by another thread, as a peer in-process would)."""
+    seen: list[int] = []
+
+    class _Counting:
+        def logits(self, hidden: Tensor) -> Tensor:
+            seen.append(torch.get_num_threads())
+            return hidden
+
+    def loop_thread() -> None:
+        torch.set_num_threads(1)
+        assert torch.get_num_threads() == 1
+        other = threading.Thread(target=torch.set_num_threads, args=(2,))  # the process-wide count is 2 now
+        other.start()
+        other.join()
+        batcher = HeadBatcher()
+        try:
+            asyncio.run(asyncio.wait_for(batcher.logits(_Counting(), torch.zeros(1, 1, 4)), 10))
+        finally:
+            batcher.close()
+
+    thread = threading.Thread(target=loop_thread)
+    thread.start()
+    thread.join(timeout=30)
+    assert seen == [1]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from peerd.model import LoadStats, load_stage
+from peerd.model.linear import Linear
 from peerd.model.quant import precision_bits, quantize_linears, weight_bytes
 from tests.helpers.tiny_model import FAMILIES, make_family_checkpoint, make_tiny_checkpoint, single_torch_thread
 
@@ -45,7 +46,7 @@ def test_quantized_stage_is_smaller_close_and_consistent(checkpoint: Path, quant
     full = load_stage(checkpoint, 0, 4, progress=False)
     stage = load_stage(checkpoint, 0, 4, progress=False, quant=quant)
     assert stage.quant == quant and stage.dtype == torch.float32
-    assert all(type(m) is not nn.Linear for m in stage.modules())  # every linear weight is quantised
+    assert all(type(m) not in (nn.Linear, Linear) for m in stage.modules())  # every linear weight is quantised
     assert weight_bytes(stage) < MAX_SIZE_RATIO[quant] * weight_bytes(full)
     hidden = torch.randn(2, 9, 128, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -98,7 +99,7 @@ def test_mixtral_router_stays_exact(tmp_path: Path) -> None:
     path = make_family_checkpoint(tmp_path, "mixtral", num_layers=1)
     stage = load_stage(path, 0, 1, progress=False, quant="int8")
     moe = stage.layers["0"].block_sparse_moe
-    assert type(moe.gate) is nn.Linear and type(moe.experts[0].w1) is not nn.Linear
+    assert type(moe.gate) is nn.Linear and type(moe.experts[0].w1) not in (nn.Linear, Linear)
 
 
 def test_precision_bits_and_unknown_quantization() -> None:

@@ -6,6 +6,8 @@ import asyncio
 import threading
 from typing import Any
 
+import torch
+
 from peerd.server.runtime import ComputeRuntime
 
 
@@ -79,3 +81,32 @@ async def test_steps_ready_together_batch_on_the_thread_and_a_busy_thread_is_not
         runtime.close()
     assert runner.calls[-1] == ("inline-test", 1)
     assert runtime.inline_steps == 0
+
+
+def test_inline_and_queued_steps_compute_with_the_runtimes_torch_threads() -> None:
+    """torch's thread count is per thread: the event loop computing an inline step uses the runtime's
+    count too, not whatever that thread had (one per core on a fresh thread)."""
+    seen: list[tuple[str, int]] = []
+
+    def runner(payloads: list[Any]) -> list[Any]:
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return payloads
+
+    def loop_thread() -> None:
+        torch.set_num_threads(2)  # the event loop's own count; the runtime is told 1
+        assert torch.get_num_threads() == 2  # torch has run on this thread before (a peer loads weights here)
+
+        async def main() -> None:
+            runtime = ComputeRuntime(name="threads-test", torch_threads=1, inline_max_cost=8.0)
+            try:
+                await runtime.run_step(1, runner, "key", "alice", cost=4.0)  # inline, on this thread
+                await runtime.run_step(1, runner, "key", "alice", cost=16.0)  # on the compute thread
+            finally:
+                runtime.close()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=loop_thread, name="loop-thread")
+    thread.start()
+    thread.join(timeout=30)
+    assert seen == [("loop-thread", 1), ("threads-test", 1)]

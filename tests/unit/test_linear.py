@@ -1,0 +1,102 @@
+"""peerd.model.linear.Linear: oneDNN for float32 CPU inference, F.linear where autograd or another dtype needs it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from peerd.model import linear as linear_module
+from peerd.model.linear import Linear, onednn_on
+
+pytestmark = pytest.mark.skipif(not onednn_on(), reason="this torch build has no oneDNN linear kernel")
+
+
+class _Spy:
+    """Counts the calls that reach oneDNN's kernel, passing them on."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel, self.calls = kernel, 0
+
+    def __call__(self, *args: Any) -> Tensor:
+        self.calls += 1
+        return self.kernel(*args)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Spy]:
+    spy = _Spy(linear_module._KERNEL)
+    monkeypatch.setattr(linear_module, "_KERNEL", spy)
+    yield spy
+
+
+def _layer(in_features: int, out_features: int, bias: bool, seed: int = 0) -> Linear:
+    torch.manual_seed(seed)
+    layer = Linear(in_features, out_features, bias=bias)
+    layer.requires_grad_(False)  # as the model's blocks and head: frozen weights
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (2, 96), (3, 96), (4, 96), (17, 96), (2, 5, 96), (96,), (3, 96, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_takes_onednn_and_agrees_with_f_linear_to_float_rounding(
+    spy: _Spy, shape: tuple[int, ...], bias: bool
+) -> None:
+    layer = _layer(96, 200, bias)
+    x = torch.randn(shape)
+    if len(shape) == 3 and shape[-1] == 2:
+        x = x.transpose(1, 2)  # a non-contiguous input [3, 2, 96]
+    with torch.inference_mode():
+        got = layer(x)
+    want = F.linear(x, layer.weight, layer.bias)
+    assert spy.calls == 1
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_no_grad_forwards_take_onednn_and_autograd_forwards_take_f_linear(spy: _Spy) -> None:
+    layer = _layer(64, 32, bias=True)
+    reference = nn.Linear(64, 32)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        layer(x)
+    assert spy.calls == 1
+    layer(x)  # grad mode, but nothing requires grad: no graph to record
+    assert spy.calls == 2
+
+    x_grad = x.clone().requires_grad_(True)
+    out = layer(x_grad)  # a backward through the blocks (training): F.linear, exactly
+    assert spy.calls == 2
+    assert torch.equal(out, F.linear(x_grad, layer.weight, layer.bias))
+    out.sum().backward()
+    assert x_grad.grad is not None
+    torch.testing.assert_close(x_grad.grad, layer.weight.sum(0).expand(4, 64))
+
+    trainable = _layer(64, 32, bias=True)
+    trainable.bias.requires_grad_(True)  # a trainable bias alone also needs the graph
+    trainable(x).sum().backward()
+    assert spy.calls == 2 and trainable.bias.grad is not None
+
+
+def test_other_dtypes_and_the_switch_take_f_linear_bit_for_bit(spy: _Spy, monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = _layer(64, 32, bias=True)
+    x = torch.randn(3, 64)
+    half = _layer(64, 32, bias=True).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(half(x.bfloat16()), F.linear(x.bfloat16(), half.weight, half.bias))
+        assert spy.calls == 0
+        monkeypatch.setattr(linear_module, "ONEDNN", False)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert spy.calls == 0
+
+
+def test_state_dict_is_nn_linears() -> None:
+    ours, theirs = Linear(8, 4), nn.Linear(8, 4)
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight", "bias"]
+    ours.load_state_dict(theirs.state_dict())
+    assert isinstance(ours, nn.Linear)
