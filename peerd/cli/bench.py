@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     local_model = load_local_model(path, progress=False)
     local_decode(local_model, prompt, 4)  # warm-up
     results: dict[str, Any] = {"model": model_id, "tokens": args.tokens, "rounds": args.rounds, "codec": codec}
+    print("[+] float32 products: oneDNN vs MKL, a peer's decode step and the LM head ...", flush=True)
+    from peerd.cli.bench_kernels import run_kernels_bench
+
+    results["kernels"] = run_kernels_bench(local_model)
     if not args.quick:
         print("[+] one peer's serving: batched vs unbatched sessions, decode under a max-size flood ...", flush=True)
         from peerd.cli.bench_serving import run_serving_bench
@@ -345,6 +349,7 @@ def _report(results: dict[str, Any], codec: dict[str, float], hops: int, out_pat
 def _rows(results: dict[str, Any], codec: dict[str, float], hops: int) -> list[tuple[str, str, str]]:
     from peerd.cli.bench_heads import heads_rows
     from peerd.cli.bench_hops import breakdown_rows
+    from peerd.cli.bench_kernels import kernels_rows
     from peerd.cli.bench_load import load_rows
     from peerd.cli.bench_serving import serving_rows
     from peerd.cli.bench_train import training_rows
@@ -371,6 +376,7 @@ def _rows(results: dict[str, Any], codec: dict[str, float], hops: int) -> list[t
         ("outputs identical", str(results["outputs_identical"]), "swarm tokens == local tokens"),
     ]
     rows += load_rows(results["load"])
+    rows += kernels_rows(results["kernels"])
     rows += heads_rows(results["client_heads"])
     rows += [("decode hop, in-process peer", "thread / inline", ""), *breakdown_rows(results["hop_breakdown"])]
     if "failover_stalls_ms" in results:

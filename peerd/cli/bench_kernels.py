@@ -1,0 +1,122 @@
+"""oneDNN's float32 products against MKL's, on this CPU: a peer's decode step and the client's LM head.
+
+``peerd.model.linear.Linear`` runs a float32 CPU inference product with oneDNN, where ``F.linear``
+would take MKL. Here the same weights run both ways in this process, alternating (switching
+``linear.ONEDNN``), ``rounds`` times each: a decode step of 1 and of 16 sessions through a peer's
+span of blocks (``forward_batch``, as the peer's runtime calls it; MKL's run pads small batches as
+it does then), and the LM head's pass for 1 and 16 positions. One torch thread, as ``make bench``'s
+peers. The outputs of the two kernels are compared too (they sum in another order).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["kernels_rows", "run_kernels_bench"]
+
+SPAN_BLOCKS = 10  # a peer of make bench's 3-peer swarm serves 10 of SmolLM2's 30 blocks
+CONTEXT = 64  # tokens already in each session's cache
+
+
+def _median_ms(fn: Callable[[], object], calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def run_kernels_bench(model: Any, *, rounds: int = 4, calls: int = 5) -> dict[str, Any]:
+    """Median ms per call of each case with each kernel, and oneDNN's speedup (MKL ms / oneDNN ms)."""
+    from peerd.model import linear
+    from peerd.model.batching import StepInput, forward_batch
+
+    stage, head = model.stage, model.head
+    blocks = min(SPAN_BLOCKS, stage.config.num_layers)
+    hidden_size = stage.config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+
+    def sessions(n: int) -> Callable[[], list[torch.Tensor | ValueError]]:
+        caches = []
+        with torch.inference_mode():
+            for _ in range(n):
+                cache = stage.allocate_cache(1, CONTEXT + 1)
+                stage.forward(torch.randn(1, CONTEXT, hidden_size, generator=generator), cache=cache, position=0)
+                caches.append(cache)
+        xs = [torch.randn(1, 1, hidden_size, generator=generator) for _ in range(n)]
+
+        def step() -> list[torch.Tensor | ValueError]:  # the same position again: the cache rewinds
+            steps = [StepInput(x, c, CONTEXT) for x, c in zip(xs, caches, strict=True)]
+            with torch.inference_mode():
+                return forward_batch(stage, steps, 0, blocks)
+
+        return step
+
+    def head_pass(n: int) -> Callable[[], torch.Tensor]:
+        x = torch.randn(1, n, hidden_size, generator=generator)
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                return head.logits(x)  # type: ignore[no-any-return]
+
+        return run
+
+    cases: dict[str, Callable[[], Any]] = {
+        f"{blocks} blocks, 1 session": sessions(1),
+        f"{blocks} blocks, 16 sessions": sessions(16),
+        "LM head, 1 position": head_pass(1),
+        "LM head, 16 positions": head_pass(16),
+    }
+    threads = torch.get_num_threads()
+    was = linear.ONEDNN
+    times: dict[str, dict[str, list[float]]] = {case: {"onednn": [], "mkl": []} for case in cases}
+    differences: dict[str, float] = {}
+    try:
+        torch.set_num_threads(1)
+        for r in range(rounds):
+            for kernel in ("onednn", "mkl") if r % 2 == 0 else ("mkl", "onednn"):
+                linear.ONEDNN = kernel == "onednn"
+                for case, fn in cases.items():
+                    fn()  # warm: the kernel's primitives, the caches' pages
+                    times[case][kernel].append(_median_ms(fn, calls))
+        for case, fn in cases.items():
+            outputs = []
+            for on in (True, False):
+                linear.ONEDNN = on
+                out = fn()
+                outputs.append(torch.cat(out, dim=1) if isinstance(out, list) else out)
+            a, b = outputs
+            differences[case] = float((a - b).abs().max() / b.abs().max())
+    finally:
+        linear.ONEDNN = was
+        torch.set_num_threads(threads)
+    result: dict[str, Any] = {"onednn_available": linear._KERNEL is not None, "rounds": rounds, "cases": {}}
+    for case in cases:
+        onednn, mkl = statistics.median(times[case]["onednn"]), statistics.median(times[case]["mkl"])
+        result["cases"][case] = {
+            "onednn_ms": onednn,
+            "mkl_ms": mkl,
+            "speedup": mkl / onednn,
+            "max_relative_difference": differences[case],
+        }
+    return result
+
+
+def kernels_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    if not result["onednn_available"]:
+        return [("oneDNN products", "n/a", "this torch build has no oneDNN linear kernel: MKL everywhere")]
+    return [
+        (
+            f"oneDNN vs MKL: {case}",
+            f"{c['speedup']:.2f}x",
+            f"{c['onednn_ms']:.2f} vs {c['mkl_ms']:.2f} ms, float32, 1 thread; "
+            f"outputs differ by {c['max_relative_difference']:.1e} (relative)",
+        )
+        for case, c in result["cases"].items()
+    ]

@@ -1,0 +1,33 @@
+"""`make bench`'s kernel rows: both kernels timed on the same weights, outputs compared, the switch restored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from peerd.cli.bench_kernels import kernels_rows, run_kernels_bench
+from peerd.model import linear
+from peerd.model.loading import load_local_model
+from tests.helpers.tiny_model import make_tiny_checkpoint
+
+
+@pytest.mark.skipif(not linear.onednn_on(), reason="this torch build has no oneDNN linear kernel")
+def test_kernels_bench_times_both_kernels_and_restores_the_switch(tmp_path: Path) -> None:
+    model = load_local_model(make_tiny_checkpoint(tmp_path / "tiny", num_layers=2), progress=False)
+    threads = torch.get_num_threads()
+    result = run_kernels_bench(model, rounds=2, calls=2)
+    assert linear.ONEDNN and torch.get_num_threads() == threads
+    assert set(result["cases"]) == {
+        "2 blocks, 1 session",
+        "2 blocks, 16 sessions",
+        "LM head, 1 position",
+        "LM head, 16 positions",
+    }
+    for case in result["cases"].values():
+        assert case["onednn_ms"] > 0 and case["mkl_ms"] > 0
+        assert case["speedup"] == pytest.approx(case["mkl_ms"] / case["onednn_ms"])
+        assert case["max_relative_difference"] < 1e-5  # the same sums in another order
+    rows = kernels_rows(result)
+    assert len(rows) == 4 and all(row[0].startswith("oneDNN vs MKL") for row in rows)
