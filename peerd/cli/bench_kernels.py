@@ -4,8 +4,9 @@
 would take MKL. Here the same weights run both ways in this process, alternating (switching
 ``linear.ONEDNN``), ``rounds`` times each: a decode step of 1 and of 16 sessions through a peer's
 span of blocks (``forward_batch``, as the peer's runtime calls it; MKL's run pads small batches as
-it does then), and the LM head's pass for 1 and 16 positions. One torch thread, as ``make bench``'s
-peers. The outputs of the two kernels are compared too (they sum in another order).
+it does then), a backward RPC's work over that span (``backward_chunks``: the forward recomputed
+with autograd, then the input's gradient), and the LM head's pass for 1 and 16 positions. One
+torch thread, as ``make bench``'s peers. The outputs of the two kernels are compared too (they sum in another order).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _median_ms(fn: Callable[[], object], calls: int) -> float:
 def run_kernels_bench(model: Any, *, rounds: int = 4, calls: int = 5) -> dict[str, Any]:
     """Median ms per call of each case with each kernel, and oneDNN's speedup (MKL ms / oneDNN ms)."""
     from peerd.model import linear
-    from peerd.model.batching import StepInput, forward_batch
+    from peerd.model.batching import StepInput, backward_chunks, forward_batch
+    from peerd.server.compute import CHUNK_TOKENS
 
     stage, head = model.stage, model.head
     blocks = min(SPAN_BLOCKS, stage.config.num_layers)
@@ -58,6 +60,20 @@ def run_kernels_bench(model: Any, *, rounds: int = 4, calls: int = 5) -> dict[st
 
         return step
 
+    def backward_pass(batch: int, n: int) -> Callable[[], torch.Tensor]:
+        x = torch.randn(batch, n, hidden_size, generator=generator)
+        grad = torch.randn(batch, n, hidden_size, generator=generator)
+
+        def run() -> torch.Tensor:  # a backward RPC: the forward recomputed with autograd, then its gradient
+            chunks = backward_chunks(stage, x, grad, 0, blocks, CHUNK_TOKENS)
+            while True:
+                try:
+                    next(chunks)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+
+        return run
+
     def head_pass(n: int) -> Callable[[], torch.Tensor]:
         x = torch.randn(1, n, hidden_size, generator=generator)
 
@@ -70,6 +86,7 @@ def run_kernels_bench(model: Any, *, rounds: int = 4, calls: int = 5) -> dict[st
     cases: dict[str, Callable[[], Any]] = {
         f"{blocks} blocks, 1 session": sessions(1),
         f"{blocks} blocks, 16 sessions": sessions(16),
+        f"{blocks} blocks, backward of 4 x 64 tokens": backward_pass(4, 64),
         "LM head, 1 position": head_pass(1),
         "LM head, 16 positions": head_pass(16),
     }

@@ -1,25 +1,31 @@
-"""Linear layers whose inference forward on a CPU runs oneDNN's matrix product instead of MKL's.
+"""Linear layers whose float32 CPU products run on oneDNN's kernel instead of MKL's.
 
-PyTorch's CPU wheel sends a float32 ``F.linear`` to MKL. For the products a decode step makes (1 to
-a few dozen rows against a weight read from memory) MKL is slow on the CPUs we measured: SmolLM2's
-LM head (49152 x 576) took 6.6 ms for 1 row, 13-16 ms for 2-3 rows and 15-18 ms for 16 on one
-thread of an AMD EPYC (Zen 4) core; oneDNN, which PyTorch also ships (``torch.ops.mkldnn``), took
-3.6, 6.6 and 9.2 ms on the same dense weight. Ten SmolLM2 blocks run a decode step 1.2-1.35x faster
-(docs/benchmarks.md, "oneDNN's products").
+PyTorch's CPU wheel sends a float32 ``F.linear`` to MKL. On the CPU we measure on (AMD EPYC, Zen 4,
+AVX-512) MKL is about half as fast as oneDNN, which the same wheel carries (``torch.ops.mkldnn``),
+at every size a model here makes, one thread:
 
-So :class:`Linear` (an ``nn.Linear``: same parameters, same state-dict names) runs oneDNN's kernel
-when that is safe: a float32 CPU input and weight, and no autograd graph to record (inference, or
-any forward under ``torch.no_grad``). Training forwards that need gradients, other dtypes (bfloat16
-already goes to oneDNN through ``F.linear``) and other devices take ``F.linear`` as before. Both
-kernels compute the same float32 sums in another order: outputs agree to float rounding (relative
-1e-6 measured), not bit for bit, the same as a product over more rows does.
+* decode (a few rows against a weight read from memory): SmolLM2's LM head (49152 x 576) took 6.4-7.1
+  ms for 1 row, 13-19 ms for 2-3 rows and 15-19 ms for 16; oneDNN 3.6-4.7, 5.3-6.6 and 9.2-11.7 ms.
+  Ten SmolLM2 blocks run a decode step 1.14-1.35x faster, 16 sessions' steps 1.3x;
+* prefill and training (hundreds of rows, bound by arithmetic): an MLP's two products over 512 rows
+  took 16.4 ms, 7.4 with oneDNN; the gradient of the input, 7.8 ms against 3.4.
 
-:data:`ONEDNN` switches the fast path off for a process (benchmarks compare the two side by side).
+So :class:`Linear` (an ``nn.Linear``: same parameters, same state-dict names) computes with oneDNN
+when the input and weight are float32 CPU tensors and the weight (and bias) take no gradient, as
+every weight of the blocks and the head is frozen here: inference, and forwards that need the
+gradient of their *input* (a backward RPC's recomputation, a soft prompt's or a LoRA's training),
+whose backward is oneDNN's product with the transposed weight. A trainable weight or bias, another
+dtype (bfloat16 already reaches oneDNN through ``F.linear``) or another device take ``F.linear``.
+Both kernels compute the same float32 sums in another order: outputs agree to float rounding
+(relative 1e-7 to 3e-6 measured), not bit for bit, as a product over more rows already does.
+
+:data:`ONEDNN` switches oneDNN off for a process (benchmarks compare the two side by side).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,27 +48,47 @@ ONEDNN = _KERNEL is not None  # False: every Linear computes with F.linear
 
 
 def onednn_on() -> bool:
-    """Whether :class:`Linear` computes float32 CPU inference with oneDNN in this process (the build
+    """Whether :class:`Linear` computes float32 CPU products with oneDNN in this process (the build
     has the kernel and :data:`ONEDNN` is on); if not, with MKL through ``F.linear``."""
     return ONEDNN and _KERNEL is not None
 
 
+def _product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` by oneDNN (the caller checked :func:`onednn_on`)."""
+    assert _KERNEL is not None  # for mypy: onednn_on() said so
+    return _KERNEL(x, weight, bias, "none", [], "")
+
+
+class _InputGradient(torch.autograd.Function):
+    """oneDNN's product, differentiable with respect to ``x`` only (frozen weight and bias)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(weight)
+        return _product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (weight,) = ctx.saved_tensors
+        return _product(grad, weight.t(), None), None, None  # grad @ weight: [..., in_features]
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` computing inference forwards of float32 CPU tensors with oneDNN (see the module)."""
+    """``nn.Linear`` computing float32 CPU products with oneDNN (see the module)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight
-        if (
+        weight, bias = self.weight, self.bias
+        if not (
             onednn_on()
-            and _KERNEL is not None  # for mypy: onednn_on() says so
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and weight.dtype == torch.float32
             and weight.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or self._bias_grad()))
         ):
-            return _KERNEL(x, weight, self.bias, "none", [], "")
-        return F.linear(x, weight, self.bias)
-
-    def _bias_grad(self) -> bool:
-        return self.bias is not None and self.bias.requires_grad
+            return F.linear(x, weight, bias)
+        trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
+        if not torch.is_grad_enabled() or not (x.requires_grad or trainable):
+            return _product(x, weight, bias)  # no graph to record
+        if trainable:
+            return F.linear(x, weight, bias)  # a graph for the weight's own gradient
+        return _InputGradient.apply(x, weight, bias)  # type: ignore[no-untyped-call, no-any-return]

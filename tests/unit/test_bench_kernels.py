@@ -22,6 +22,7 @@ def test_kernels_bench_times_both_kernels_and_restores_the_switch(tmp_path: Path
     assert set(result["cases"]) == {
         "2 blocks, 1 session",
         "2 blocks, 16 sessions",
+        "2 blocks, backward of 4 x 64 tokens",
         "LM head, 1 position",
         "LM head, 16 positions",
     }
@@ -30,4 +31,4 @@ def test_kernels_bench_times_both_kernels_and_restores_the_switch(tmp_path: Path
         assert case["speedup"] == pytest.approx(case["mkl_ms"] / case["onednn_ms"])
         assert case["max_relative_difference"] < 1e-5  # the same sums in another order
     rows = kernels_rows(result)
-    assert len(rows) == 4 and all(row[0].startswith("oneDNN vs MKL") for row in rows)
+    assert len(rows) == 5 and all(row[0].startswith("oneDNN vs MKL") for row in rows)

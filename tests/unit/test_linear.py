@@ -1,4 +1,4 @@
-"""peerd.model.linear.Linear: oneDNN for float32 CPU inference, F.linear where autograd or another dtype needs it."""
+"""peerd.model.linear.Linear: oneDNN for float32 CPU products, F.linear for trainable weights and other dtypes."""
 
 from __future__ import annotations
 
@@ -58,10 +58,8 @@ def test_inference_takes_onednn_and_agrees_with_f_linear_to_float_rounding(
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
-def test_no_grad_forwards_take_onednn_and_autograd_forwards_take_f_linear(spy: _Spy) -> None:
+def test_no_grad_forwards_and_input_gradients_take_onednn_trainable_weights_take_f_linear(spy: _Spy) -> None:
     layer = _layer(64, 32, bias=True)
-    reference = nn.Linear(64, 32)
-    reference.load_state_dict(layer.state_dict())
     x = torch.randn(4, 64)
     with torch.no_grad():
         layer(x)
@@ -69,18 +67,34 @@ def test_no_grad_forwards_take_onednn_and_autograd_forwards_take_f_linear(spy: _
     layer(x)  # grad mode, but nothing requires grad: no graph to record
     assert spy.calls == 2
 
-    x_grad = x.clone().requires_grad_(True)
-    out = layer(x_grad)  # a backward through the blocks (training): F.linear, exactly
-    assert spy.calls == 2
-    assert torch.equal(out, F.linear(x_grad, layer.weight, layer.bias))
-    out.sum().backward()
-    assert x_grad.grad is not None
-    torch.testing.assert_close(x_grad.grad, layer.weight.sum(0).expand(4, 64))
+    # the gradient of the input (a backward RPC, a soft prompt): oneDNN forward and backward
+    x_grad = torch.randn(2, 3, 64, requires_grad=True)
+    out = layer(x_grad)
+    assert spy.calls == 3 and out.requires_grad
+    want = F.linear(x_grad.detach(), layer.weight, layer.bias)
+    torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    grad = torch.randn(2, 3, 32)
+    out.backward(grad)
+    assert spy.calls == 4 and x_grad.grad is not None
+    want_grad = grad @ layer.weight
+    torch.testing.assert_close(x_grad.grad, want_grad, rtol=1e-5, atol=1e-5 * float(want_grad.abs().max()))
+    summed = torch.randn(5, 64, requires_grad=True)
+    layer(summed).sum().backward()  # an expanded (stride 0) gradient
+    assert summed.grad is not None
+    torch.testing.assert_close(summed.grad, layer.weight.sum(0).expand(5, 64), rtol=1e-5, atol=1e-5)
+    calls = spy.calls
 
+    # a trainable weight or bias needs autograd's own graph: F.linear, exactly
     trainable = _layer(64, 32, bias=True)
-    trainable.bias.requires_grad_(True)  # a trainable bias alone also needs the graph
-    trainable(x).sum().backward()
-    assert spy.calls == 2 and trainable.bias.grad is not None
+    trainable.weight.requires_grad_(True)
+    out = trainable(x_grad)
+    assert torch.equal(out, F.linear(x_grad, trainable.weight, trainable.bias))
+    out.sum().backward()
+    assert trainable.weight.grad is not None
+    bias_only = _layer(64, 32, bias=True)
+    bias_only.bias.requires_grad_(True)
+    bias_only(x).sum().backward()
+    assert spy.calls == calls and bias_only.bias.grad is not None
 
 
 def test_other_dtypes_and_the_switch_take_f_linear_bit_for_bit(spy: _Spy, monkeypatch: pytest.MonkeyPatch) -> None:
