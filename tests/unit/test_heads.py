@@ -139,21 +139,19 @@ async def test_two_or_three_rows_run_padded_to_four_on_cpu_and_keep_their_own_lo
     assert gated.passes[-1] == 1  # one position: the plain call, unpadded
 
 
-@pytest.mark.usefixtures("mkl")
-async def test_on_cpu_fewer_than_four_waiting_positions_run_one_request_at_a_time(heads: HeadBatcher) -> None:
-    head = make_head(0)
-    gated = _GatedHead(head)
-    xs = [torch.randn(1, 1, CONFIG.hidden_size) for _ in range(4)]
-    calls = [asyncio.ensure_future(heads.logits(gated, x)) for x in xs]  # 1 runs, 3 positions wait
-    await asyncio.sleep(0.05)
-    gated.gate.set()
-    got = await asyncio.wait_for(asyncio.gather(*calls), 10)
-    assert gated.passes == [1, 1, 1, 1]  # three waiting rows: a padded pass would hold all three to its end
-    assert all(torch.equal(g, head.logits(x)) for g, x in zip(got, xs, strict=True))
-
-
-@pytest.mark.skipif(not linear.onednn_on(), reason="this torch build has no oneDNN linear kernel")
-async def test_with_onednn_any_waiting_requests_share_a_pass_unpadded(heads: HeadBatcher) -> None:
+@pytest.mark.parametrize(
+    ("onednn", "passes"),
+    [
+        (False, [1, 1, 1]),  # MKL: two waiting rows, a padded pass would hold both to its end
+        (True, [1, 2]),  # oneDNN: two rows cost less than two passes: shared, as they are
+    ],
+)
+async def test_waiting_positions_share_a_pass_unless_mkl_makes_a_small_one_slower(
+    heads: HeadBatcher, monkeypatch: pytest.MonkeyPatch, onednn: bool, passes: list[int]
+) -> None:
+    monkeypatch.setattr(linear, "ONEDNN", onednn)
+    if onednn and not linear.onednn_on():
+        pytest.skip("this torch build has no oneDNN linear kernel")
     head = make_head(0)
     gated = _GatedHead(head)
     xs = [torch.randn(1, 1, CONFIG.hidden_size) for _ in range(3)]
@@ -161,7 +159,7 @@ async def test_with_onednn_any_waiting_requests_share_a_pass_unpadded(heads: Hea
     await asyncio.sleep(0.05)
     gated.gate.set()
     got = await asyncio.wait_for(asyncio.gather(*calls), 10)
-    assert gated.passes == [1, 2]  # two rows cost less than two passes with oneDNN: shared, as they are
+    assert gated.passes == passes
     for g, x in zip(got, xs, strict=True):
         torch.testing.assert_close(g, head.logits(x), rtol=1e-5, atol=1e-5)
 
