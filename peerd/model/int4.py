@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
+from peerd.model.linear import linear
+
 __all__ = ["INT4_BITS_PER_WEIGHT", "INT4_GROUP", "Int4Linear", "dequantize_int4", "quantize_int4"]
 
 INT4_GROUP = 32  # weights per scale and minimum (GGUF Q4_1's block)
@@ -90,7 +92,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         weight = dequantize_int4(self.packed, self.scale, self.minimum, x.dtype)  # [out, in]
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return functional.linear(x, weight, bias)
+        return linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={INT4_GROUP}"

@@ -10,7 +10,8 @@ at every size a model here makes, one thread:
 * prefill and training (hundreds of rows, bound by arithmetic): an MLP's two products over 512 rows
   took 16.4 ms, 7.4 with oneDNN; the gradient of the input, 7.8 ms against 3.4.
 
-So :class:`Linear` (an ``nn.Linear``: same parameters, same state-dict names) computes with oneDNN
+So :class:`Linear` (an ``nn.Linear``: same parameters, same state-dict names) and :func:`linear`
+(``F.linear``'s signature; int4 layers compute their dequantized weight with it) compute with oneDNN
 when the input and weight are float32 CPU tensors and the weight (and bias) take no gradient, as
 every weight of the blocks and the head is frozen here: inference, and forwards that need the
 gradient of their *input* (a backward RPC's recomputation, a soft prompt's or a LoRA's training),
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ONEDNN", "Linear", "onednn_on"]
+__all__ = ["ONEDNN", "Linear", "linear", "onednn_on"]
 
 
 def _find_kernel() -> Callable[..., Tensor] | None:
@@ -73,22 +74,26 @@ class _InputGradient(torch.autograd.Function):
         return _product(grad, weight.t(), None), None, None  # grad @ weight: [..., in_features]
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``, computed with oneDNN where the module says so."""
+    if not (
+        onednn_on()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+    ):
+        return F.linear(x, weight, bias)
+    trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if not torch.is_grad_enabled() or not (x.requires_grad or trainable):
+        return _product(x, weight, bias)  # no graph to record
+    if trainable:
+        return F.linear(x, weight, bias)  # a graph for the weight's own gradient
+    return _InputGradient.apply(x, weight, bias)  # type: ignore[no-untyped-call, no-any-return]
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` computing float32 CPU products with oneDNN (see the module)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.weight, self.bias
-        if not (
-            onednn_on()
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and weight.dtype == torch.float32
-            and weight.device.type == "cpu"
-        ):
-            return F.linear(x, weight, bias)
-        trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
-        if not torch.is_grad_enabled() or not (x.requires_grad or trainable):
-            return _product(x, weight, bias)  # no graph to record
-        if trainable:
-            return F.linear(x, weight, bias)  # a graph for the weight's own gradient
-        return _InputGradient.apply(x, weight, bias)  # type: ignore[no-untyped-call, no-any-return]
+        return linear(x, self.weight, self.bias)

@@ -114,3 +114,15 @@ def test_state_dict_is_nn_linears() -> None:
     assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight", "bias"]
     ours.load_state_dict(theirs.state_dict())
     assert isinstance(ours, nn.Linear)
+
+
+def test_int4_layers_compute_their_dequantized_weight_with_onednn(spy: _Spy) -> None:
+    from peerd.model.int4 import Int4Linear, dequantize_int4
+
+    layer = Int4Linear.from_linear(_layer(96, 40, bias=True))
+    x = torch.randn(3, 96)
+    with torch.inference_mode():
+        got = layer(x)
+        want = F.linear(x, dequantize_int4(layer.packed, layer.scale, layer.minimum, x.dtype), layer.bias)
+    assert spy.calls == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
