@@ -104,8 +104,8 @@ class HeadBatcher:
         self._queue = [r for r in self._queue if r not in batch]
         self.batches += 1
         self.rows += rows
-        # the worker computes with the event loop thread's torch thread count (a new thread's own
-        # count is one per core under torch's OpenMP backend, whatever the client process set)
+        # the worker computes with the event loop thread's torch thread count (the count is per
+        # thread: the worker's would be the last one set anywhere in the process, or one per core)
         threads = torch.get_num_threads()
         work = loop.run_in_executor(self._executor, _forward, module, [r.hidden for r in batch], threads)
         running: asyncio.Future[None] = loop.create_future()
