@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     local_model = load_local_model(path, progress=False)
     local_decode(local_model, prompt, 4)  # warm-up
     results: dict[str, Any] = {"model": model_id, "tokens": args.tokens, "rounds": args.rounds, "codec": codec}
-    print("[+] float32 products: oneDNN vs MKL, a peer's decode step and the LM head ...", flush=True)
+    print("[+] float32 products: oneDNN vs MKL, a peer's decode step and backward, the LM head ...", flush=True)
     from peerd.cli.bench_kernels import run_kernels_bench
 
     results["kernels"] = run_kernels_bench(local_model)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from peerd.model.batching import cpu_padding_rows, min_shared_rows
+from peerd.model.linear import use_torch_threads
 
 __all__ = ["HeadBatcher", "LogitsModule"]
 
@@ -135,8 +136,7 @@ def _forward(module: LogitsModule, hiddens: list[Tensor], threads: int) -> list[
     3 rows 37.1, 4 rows 17.8), which made batching 2-3 requests slower than running them one by one.
     oneDNN's (peerd.model.linear, the default) are not: 1 row 3.6 ms, 2 or 3 rows 5.3, 16 rows 9.6.
     """
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    use_torch_threads(threads)
     with torch.inference_mode():
         if len(hiddens) == 1 and hiddens[0].shape[1] == 1:  # one position: exactly the unbatched call
             return [module.logits(hiddens[0])]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ONEDNN", "Linear", "linear", "onednn_on"]
+__all__ = ["ONEDNN", "Linear", "linear", "onednn_on", "use_torch_threads"]
 
 
 def _find_kernel() -> Callable[..., Tensor] | None:
@@ -97,3 +97,15 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def use_torch_threads(threads: int | None) -> None:
+    """Make torch's intra-op thread count of the calling thread ``threads`` (None or 0: leave it).
+
+    The count is per thread with torch's OpenMP backend: a thread other than the one that called
+    ``torch.set_num_threads`` uses the count set last anywhere in the process, or one per core
+    before its first parallel op (a product on a new thread of a 2-core box took 2.0 s of CPU per
+    second). So a thread that computes for a peer's runtime or a client's head sets it first; a
+    cheap check when it is right already."""
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -36,8 +36,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import torch
-
+from peerd.model.linear import use_torch_threads
 from peerd.server.batchfill import BATCH_WINDOW_S, BatchHistory
 
 __all__ = ["BatchRunner", "ComputeRuntime", "RuntimeClosed"]
@@ -225,7 +224,7 @@ class ComputeRuntime:
     def _run_inline(self, payload: Any, runner: BatchRunner, owner: str) -> Any:
         if self.on_start is not None:
             self.on_start(owner)
-        _use_threads(self._torch_threads)  # the event loop's thread computes this one
+        use_torch_threads(self._torch_threads)  # the event loop's thread computes this one
         started = time.perf_counter()
         try:
             [result] = runner([payload])
@@ -320,7 +319,7 @@ class ComputeRuntime:
         return taken
 
     def _run(self) -> None:
-        _use_threads(self._torch_threads)
+        use_torch_threads(self._torch_threads)
         while True:
             with self._cv:
                 jobs = self._pick()
@@ -426,14 +425,3 @@ async def _await(future: Future[T]) -> T:
     except asyncio.CancelledError:
         future.cancel()
         raise
-
-
-def _use_threads(threads: int | None) -> None:
-    """Make torch's intra-op thread count of the calling thread ``threads`` (None: leave it).
-
-    The count is per thread with torch's OpenMP backend: a thread other than the one that called
-    ``torch.set_num_threads`` still uses one thread per core (a product on a new thread of a 2-core
-    box took 2.0 s of CPU per second). So every thread that computes for the runtime sets it: the
-    compute thread once, the event loop before each inline step (a cheap check when it is right)."""
-    if threads and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
