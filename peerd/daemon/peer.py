@@ -118,6 +118,12 @@ class Peer:
         self.hardware = probe_hardware(cfg.device)
         self.runtime = ComputeRuntime(torch_threads=cfg.torch_threads)
         self.dtype = getattr(torch, cfg.dtype) if cfg.dtype else default_dtype_for(cfg.device)
+        if cfg.quant == "int4" and torch.device(cfg.device).type == "cpu" and self.dtype != torch.bfloat16:
+            logger.info(
+                "int4 blocks on the CPU in %s dequantise their weights at every product; with --dtype bfloat16 "
+                "they run torch's packed int4 kernel instead, about 18x faster (docs/operating.md)",
+                str(self.dtype).removeprefix("torch."),
+            )
         # a --step-delay is spread over a typical span: ours if fixed, else the most we would host
         span = cfg.blocks[1] - cfg.blocks[0] if cfg.blocks else cfg.max_blocks or self.model_config.num_layers
         self.capacity = await measure_capacity(

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peerd.model.int4 import INT4_BITS_PER_WEIGHT, INT4_GROUP, Int4Linear
+from peerd.model.int4 import INT4_BITS_PER_WEIGHT, INT4_GROUP, Int4CpuLinear, Int4Linear, cpu_kernel_fits
 from peerd.model.linear import Linear
 
 __all__ = [
@@ -123,7 +123,12 @@ def quantize_linears(module: nn.Module, quant: str, device: str | torch.device) 
                     f"int4 needs linear inputs in multiples of {INT4_GROUP}; {name} has {linear.in_features} "
                     "(use --quant int8 for this model)"
                 )
-            setattr(parent, name, Int4Linear.from_linear(linear).to(device))
+            # bfloat16 on the CPU: torch's packed int4 kernel (int4.py), ~50x the dequantising layer
+            cpu_kernel = device.type == "cpu" and linear.weight.dtype == torch.bfloat16
+            if cpu_kernel and cpu_kernel_fits(linear.out_features, linear.in_features):
+                setattr(parent, name, Int4CpuLinear.from_linear(linear))
+            else:
+                setattr(parent, name, Int4Linear.from_linear(linear).to(device))
         return module
     bnb = _bnb()
     for parent, name, linear in list(_linears(module)):

@@ -16,7 +16,15 @@ import torch
 from gguf import quants
 from torch import nn
 
-from peerd.model.int4 import INT4_BITS_PER_WEIGHT, Int4Linear, dequantize_int4, quantize_int4
+from peerd.model import int4
+from peerd.model.int4 import (
+    INT4_BITS_PER_WEIGHT,
+    Int4CpuLinear,
+    Int4Linear,
+    cpu_kernel_fits,
+    dequantize_int4,
+    quantize_int4,
+)
 from peerd.model.quant import BITS_PER_WEIGHT, quantize_linears, weight_bytes
 
 
@@ -85,3 +93,63 @@ def test_quantize_linears_int4_size_and_bad_shapes() -> None:
         quantize_linears(odd, "int4", "cpu")
     with pytest.raises(ValueError, match="multiples of 32, got 40"):
         quantize_int4(torch.zeros(3, 40))
+
+
+_CPU_KERNEL = pytest.mark.skipif(not cpu_kernel_fits(64, 32), reason="this torch build has no packed int4 CPU kernel")
+
+
+@_CPU_KERNEL
+@pytest.mark.parametrize(("out_features", "in_features"), [(64, 32), (192, 576), (576, 1536)])
+def test_the_cpu_kernel_layer_holds_the_same_codes_and_computes_its_weight(
+    out_features: int, in_features: int, monkeypatch
+) -> None:
+    linear = nn.Linear(in_features, out_features, bias=True)
+    packed, scale, minimum = quantize_int4(linear.weight)
+    layer = Int4CpuLinear.from_linear(linear)
+    assert layer.packed.dtype == torch.uint8 and layer.packed.shape == packed.shape  # 4 bits a weight
+    assert torch.equal(int4._codes_from_cpu_layout(layer.packed), int4._codes(packed))  # the same codes
+    assert layer.scales_zeros.dtype == torch.bfloat16 and layer.scales_zeros.shape == (
+        in_features // 32,
+        out_features,
+        2,
+    )
+    # its weight: Int4Linear's, with the scale and zero rounded to bfloat16 (a small part of a step)
+    weight, exact = layer.weight(torch.float32), dequantize_int4(packed, scale, minimum, torch.float32)
+    step = scale.float().repeat_interleave(32, dim=1)
+    assert bool(((weight - exact).abs() <= step / 16 + 1e-6).all())
+    calls: list[tuple[int, ...]] = []
+    kernel = int4._CPU_KERNEL
+    monkeypatch.setattr(int4, "_CPU_KERNEL", lambda x, *a: (calls.append(tuple(x.shape)), kernel(x, *a))[1])
+    x = torch.randn(2, 3, in_features, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        out = layer(x.bfloat16())
+    assert calls == [(6, in_features)] and out.dtype == torch.bfloat16 and out.shape == (2, 3, out_features)
+    want = nn.functional.linear(x.bfloat16().float(), weight, linear.bias.detach())
+    assert _relative_error(out, want) < 1e-2  # bfloat16 outputs of that weight
+    with torch.inference_mode():  # float32 inputs: the same weight through an ordinary product
+        assert _relative_error(layer(x), want) < 1e-2 and len(calls) == 1
+
+
+@_CPU_KERNEL
+def test_the_cpu_kernel_layer_passes_gradients_through_its_weight() -> None:
+    linear = nn.Linear(64, 128, bias=False)
+    layer = Int4CpuLinear.from_linear(linear)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(6)).bfloat16().requires_grad_(True)
+    (grad,) = torch.autograd.grad(layer(x).float().sum(), x)
+    want = layer.weight(torch.float32).sum(0)  # d(sum of x @ W.T) / dx = the column sums of W
+    assert _relative_error(grad[0], want) < 1e-2
+    assert not list(layer.parameters())
+
+
+@_CPU_KERNEL
+def test_quantize_linears_int4_takes_the_cpu_kernel_for_bfloat16_on_the_cpu_only() -> None:
+    def holder(dtype: torch.dtype, out_features: int = 576) -> nn.Module:
+        module = nn.Module()
+        module.proj = nn.Linear(1536, out_features, bias=False).to(dtype)
+        return quantize_linears(module, "int4", "cpu")
+
+    assert isinstance(holder(torch.bfloat16).proj, Int4CpuLinear)
+    assert isinstance(holder(torch.float32).proj, Int4Linear)  # float32 stays exact
+    assert isinstance(holder(torch.bfloat16, out_features=40).proj, Int4Linear)  # not the kernel's shape
+    # the same 5.0 bits per weight with its scales
+    assert weight_bytes(holder(torch.bfloat16)) * 8 == pytest.approx(576 * 1536 * INT4_BITS_PER_WEIGHT)
