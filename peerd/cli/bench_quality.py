@@ -1,8 +1,8 @@
 """`make bench-quality`: what quantized peers cost in quality, measured through a real local swarm.
 
-A bootstrap node and one peer per quantization (``--quant none``, ``int8``, ``nf4``, ``int4``), each hosting
-every block, serve the model; a client routes through one of them at a time (``allowed_peers``) and
-computes the logits of a fixed text shipped with the package (``peerd/data/quality_text.txt``). For
+A bootstrap node and one peer per quantization (``--quant none``, ``int8``, ``nf4``, ``int4``, computing
+in float32, and ``int4`` computing in bfloat16: row ``int4-bf16``), each hosting every block, serve
+the model; a client routes through one of them at a time (``allowed_peers``) and computes the logits of a fixed text shipped with the package (``peerd/data/quality_text.txt``). For
 each quantization it reports the perplexity of that text, its change against the local float32
 model, the largest and mean absolute logit difference from it, and the bytes one block's weights
 take as the peer measured them after loading (its ``info``). With ``--speed-rounds R`` (default 3)
@@ -31,6 +31,9 @@ __all__ = ["TARGET_PPL_INCREASE", "main", "perplexity", "quality_text"]
 
 QUANTS = ("none", "int8", "nf4", "int4")
 TARGET_PPL_INCREASE = {"none": 0.0, "int8": 0.02, "nf4": 0.08, "int4": 0.08}  # relative to local float32
+# (row, --quant, --dtype): every quantization with float32 compute, and int4 computing in bfloat16 as
+# well (on the CPU that runs torch's packed int4 kernel, model/int4.py: the fast way to serve int4)
+VARIANTS = (*((q, q, "float32") for q in QUANTS), ("int4-bf16", "int4", "bfloat16"))
 
 
 def quality_text() -> str:
@@ -44,11 +47,14 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(loss.exp())
 
 
-def _row(quant: str, logits: torch.Tensor, reference: torch.Tensor, ids: torch.Tensor, ppl32: float) -> dict[str, Any]:
+def _row(
+    name: str, quant: str, dtype: str, logits: torch.Tensor, reference: torch.Tensor, ids: torch.Tensor, ppl32: float
+) -> dict[str, Any]:
     diff = (logits.float() - reference.float()).abs()
     ppl = perplexity(logits, ids)
     return {
-        "quant": quant,
+        "quant": name,
+        "dtype": dtype,
         "bits_per_weight": 32.0 if quant == "none" else BITS_PER_WEIGHT[quant],
         "perplexity": ppl,
         "perplexity_increase": ppl / ppl32 - 1.0,
@@ -60,13 +66,14 @@ def _row(quant: str, logits: torch.Tensor, reference: torch.Tensor, ids: torch.T
 
 
 async def _swarm_logits(initial_peers: list[str], path: Path, model_id: str, peers: dict[str, str], ids: torch.Tensor):  # type: ignore[no-untyped-def]
-    """{quant: (logits through that quantization's peer, its blocks' weight bytes as it measured them)}."""
+    """{row: (logits through that row's peer, its blocks' weight bytes as it measured them)}."""
     from peerd.client import SwarmClient
 
     client = await SwarmClient.connect(initial_peers, path, model_id=model_id)
     out: dict[str, tuple[torch.Tensor, int]] = {}
     try:
-        for quant, peer_id in peers.items():
+        for name, peer_id in peers.items():
+            quant = dict((v[0], v[1]) for v in VARIANTS)[name]
             client.allowed_peers = {peer_id}  # through this quantization's peer only
             await client.wait_for_route(timeout_s=120)
             record = (await client.servers(refresh=True)).get(peer_id)
@@ -78,30 +85,34 @@ async def _swarm_logits(initial_peers: list[str], path: Path, model_id: str, pee
                 record = (await client.servers(refresh=True)).get(peer_id)
             assert record.quant == quant, f"peer {peer_id} announces {record.quant!r}, started with {quant!r}"
             weight_bytes = int((await client.peers.info(peer_id)).extra["weight_bytes"])
-            out[quant] = (await client.forward(ids), weight_bytes)
+            out[name] = (await client.forward(ids), weight_bytes)
     finally:
         await client.close()
     return out
 
 
 def decode_speeds(path: Path, rounds: int, steps: int = 32) -> list[float]:
-    """Median decode tokens/s through all blocks for each of QUANTS, rounds interleaved (one thread)."""
+    """Median decode tokens/s through all blocks for each of VARIANTS, rounds interleaved (one thread)."""
     from peerd.model.config import ModelConfig
     from peerd.model.loading import load_stage
 
     torch.set_num_threads(1)
     num_layers = ModelConfig.from_pretrained(path).num_layers
-    stages = [load_stage(path, 0, num_layers, progress=False, quant=quant) for quant in QUANTS]
+    stages = [
+        load_stage(path, 0, num_layers, progress=False, quant=quant, dtype=getattr(torch, dtype))
+        for _, quant, dtype in VARIANTS
+    ]
     x = torch.randn(1, 17, stages[0].config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.1
-    times: list[list[float]] = [[] for _ in QUANTS]
+    times: list[list[float]] = [[] for _ in VARIANTS]
     with torch.inference_mode():
         for _ in range(rounds):
             for i, stage in enumerate(stages):
                 cache = stage.allocate_cache(1, 16 + steps)
-                stage(x[:, :16], cache, 0)
+                stage(x[:, :16].to(stage.dtype), cache, 0)
+                step = x[:, 16:].to(stage.dtype)
                 started = time.perf_counter()
                 for t in range(steps):
-                    stage(x[:, 16:], cache, 16 + t)
+                    stage(step, cache, 16 + t)
                 times[i].append(steps / (time.perf_counter() - started))
     return [statistics.median(t) for t in times]
 
@@ -135,25 +146,25 @@ def main(argv: list[str] | None = None) -> int:
     with LocalSwarm(args.model, cache_dir=args.cache_dir) as swarm:
         swarm.start_bootstrap()
         procs = [
-            swarm.start_peer(quant, (0, config.num_layers), ["--quant", quant, "--torch-threads", "1"])
-            for quant in QUANTS
+            swarm.start_peer(name, (0, config.num_layers), ["--quant", quant, "--dtype", dtype, "--torch-threads", "1"])
+            for name, quant, dtype in VARIANTS
         ]
         ready = swarm.wait_ready(procs, timeout_s=600)
-        peers = {quant: str(info["peer_id"]) for quant, info in zip(QUANTS, ready, strict=True)}
+        peers = {v[0]: str(info["peer_id"]) for v, info in zip(VARIANTS, ready, strict=True)}
         served = run_async(_swarm_logits(swarm.initial_peers, path, model_id, peers, ids))
-    rows = [_row(quant, served[quant][0], reference, ids, ppl32) for quant in QUANTS]
+    rows = [_row(name, quant, dtype, served[name][0], reference, ids, ppl32) for name, quant, dtype in VARIANTS]
     for row in rows:
         row["block_weight_bytes"] = served[row["quant"]][1] // config.num_layers
     if args.speed_rounds > 0:
         for row, tps in zip(rows, decode_speeds(path, args.speed_rounds), strict=True):
             row["decode_tokens_per_s"] = tps
     print(f"local float32 perplexity {ppl32:.3f}")
-    header = f"{'quant':6} {'bits/w':>6} {'MiB/block':>9} {'perplexity':>10} {'vs f32':>8} {'target':>7}"
+    header = f"{'quant':9} {'bits/w':>6} {'MiB/block':>9} {'perplexity':>10} {'vs f32':>8} {'target':>7}"
     print(header + f" {'max |dlogit|':>12} {'mean |dlogit|':>13} {'decode tok/s':>12}")
     for r in rows:
         mark = "ok" if r["meets_target"] else "MISSED"
         print(
-            f"{r['quant']:6} {r['bits_per_weight']:6.2f} {r['block_weight_bytes'] / 2**20:9.2f} "
+            f"{r['quant']:9} {r['bits_per_weight']:6.2f} {r['block_weight_bytes'] / 2**20:9.2f} "
             f"{r['perplexity']:10.3f} {r['perplexity_increase']:+8.2%} {r['target_increase']:7.0%} "
             f"{r['logit_diff_max']:12.3f} {r['logit_diff_mean']:13.4f} "
             f"{r.get('decode_tokens_per_s', float('nan')):12.1f}  {mark}"
