@@ -2,7 +2,8 @@
 
 A bootstrap node and one peer per quantization (``--quant none``, ``int8``, ``nf4``, ``int4``, computing
 in float32, and ``int4`` computing in bfloat16: row ``int4-bf16``), each hosting every block, serve
-the model; a client routes through one of them at a time (``allowed_peers``) and computes the logits of a fixed text shipped with the package (``peerd/data/quality_text.txt``). For
+the model; a client routes through one of them at a time (``allowed_peers``) and computes the logits
+of a fixed text shipped with the package (``peerd/data/quality_text.txt``). For
 each quantization it reports the perplexity of that text, its change against the local float32
 model, the largest and mean absolute logit difference from it, and the bytes one block's weights
 take as the peer measured them after loading (its ``info``). With ``--speed-rounds R`` (default 3)
