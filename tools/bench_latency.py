@@ -168,10 +168,22 @@ def _summary(runs: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
                 "acceptance_rate": sum(r.accepted_tokens for r in spec) / drafts if drafts else 0.0,
                 "tokens_per_step": statistics.median(len(r.token_ids) / r.steps for r in spec),
                 "identical": all(r.token_ids == reference for runs_ in modes.values() for r in runs_),
+                # per mode: the first generated token where a run left the first relayed run's (None: none did)
+                "first_difference": {mode: _first_difference(reference, modes[mode]) for mode in MODES},
             }
         )
         out[name] = row
     return out
+
+
+def _first_difference(reference: list[int], runs: list[Any]) -> int | None:
+    """The earliest index where any of ``runs`` generated another token than ``reference`` (None: none did)."""
+    firsts = []
+    for run in runs:
+        if run.token_ids != reference:
+            pairs = enumerate(zip(run.token_ids, reference, strict=False))
+            firsts.append(next((i for i, (a, b) in pairs if a != b), min(len(run.token_ids), len(reference))))
+    return min(firsts) if firsts else None
 
 
 def _thin_model(path: Path) -> Path:
@@ -213,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         help="swap the model's blocks for random ones of hidden size 64 (same block count, tokenizer and "
         "vocabulary): the same routes and protocol with next to no compute, to show what the links alone allow",
     )
+    parser.add_argument(
+        "--peer-quant",
+        default="none",
+        choices=["none", "int4"],
+        help="the peers' --quant (default none). With --peer-dtype bfloat16, int4 runs torch's packed int4 kernel "
+        "on the CPU, the fastest CPU setting: less compute per token, so the links' share shows",
+    )
+    parser.add_argument("--peer-dtype", default="float32", choices=["float32", "bfloat16"], help="the peers' --dtype")
     args = parser.parse_args(argv)
 
     from peerd.cli.demo import LocalSwarm, split_blocks
@@ -233,9 +253,19 @@ def main(argv: list[str] | None = None) -> int:
     from peerd.model.config import ModelConfig
 
     spans = split_blocks(ModelConfig.from_pretrained(path).num_layers, args.peers)
-    print(f"peerd latency bench: {model_id}, {len(spans)} spans, {args.tokens} new tokens, RTT {args.rtt_ms} ms")
+    print(
+        f"peerd latency bench: {model_id}, {len(spans)} spans (--quant {args.peer_quant} --dtype {args.peer_dtype}), "
+        f"{args.tokens} new tokens, RTT {args.rtt_ms} ms"
+    )
     shims = Shims()
-    results: dict[str, Any] = {"model": model_id, "spans": len(spans), "tokens": args.tokens, "levels": {}}
+    results: dict[str, Any] = {
+        "model": model_id,
+        "spans": len(spans),
+        "tokens": args.tokens,
+        "peer_quant": args.peer_quant,
+        "peer_dtype": args.peer_dtype,
+        "levels": {},
+    }
     try:
         with LocalSwarm(args.model, cache_dir=args.cache_dir) as swarm:
             swarm.start_bootstrap()
@@ -244,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 port = _free_port()
                 announce = f"/ip4/127.0.0.1/tcp/{shims.add(port)}"
                 extra = ["--torch-threads", "1", "--port", str(port), "--announce-maddrs", announce]
+                extra += ["--quant", args.peer_quant, "--dtype", args.peer_dtype]
                 procs.append(swarm.start_peer(f"peer{i + 1}", span, extra))
             swarm.wait_ready(procs, timeout_s=300)
             for rtt_ms in args.rtt_ms:
