@@ -194,7 +194,8 @@ class Int4CpuLinear(nn.Module):
         if _CPU_KERNEL is None or not kernel or (torch.is_grad_enabled() and x.requires_grad):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return linear(x, self.weight(x.dtype).to(x.device), bias)
-        rows: Tensor = _CPU_KERNEL(x.reshape(-1, self.in_features), self.packed, INT4_GROUP, self.scales_zeros)
+        flat = x.reshape(-1, self.in_features).contiguous()  # the kernel takes dense rows only
+        rows: Tensor = _CPU_KERNEL(flat, self.packed, INT4_GROUP, self.scales_zeros)
         out = rows.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 

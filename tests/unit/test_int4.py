@@ -128,6 +128,9 @@ def test_the_cpu_kernel_layer_holds_the_same_codes_and_computes_its_weight(
     assert _relative_error(out, want) < 1e-2  # bfloat16 outputs of that weight
     with torch.inference_mode():  # float32 inputs: the same weight through an ordinary product
         assert _relative_error(layer(x), want) < 1e-2 and len(calls) == 1
+        # rows that are a view with gaps (a slice of wider rows) are made dense for the kernel
+        wide = torch.cat([x, x], dim=-1).bfloat16()
+        assert torch.equal(layer(wide[..., :in_features]), out) and len(calls) == 2
 
 
 @_CPU_KERNEL
