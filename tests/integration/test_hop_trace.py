@@ -14,7 +14,7 @@ import time
 import torch
 
 from peerd.cli.bench_hops import hop_breakdown, serve_echo
-from peerd.cli.bench_load import LoadWorkers, run_load_levels, swarm_hops_vs_echo
+from peerd.cli.bench_load import ONE_SESSION_STEPS_FACTOR, LoadWorkers, run_load_levels, swarm_hops_vs_echo
 from peerd.rpc.hoptrace import SPANS, HopTracer
 from tests.helpers.swarm import MODEL_ID
 
@@ -89,4 +89,8 @@ async def test_load_bench_levels_from_worker_processes(make_swarm, tiny_ckpt, tm
         assert level["tokens_per_s"] > 0 and level["vs_one_session"] > 0
         assert level["step_ms_p50"] <= level["step_ms_p99"]
     assert load["levels"]["processes_4"]["processes"] == 2
+    # the lone session, every ratio's denominator, steps longer than the others (a steadier baseline)
+    assert load["steps_one_session"] == 3 * ONE_SESSION_STEPS_FACTOR
+    assert load["levels"]["one_process_1"]["steps"] == 3 * ONE_SESSION_STEPS_FACTOR
+    assert load["levels"]["one_process_4"]["steps"] == load["levels"]["processes_4"]["steps"] == 4 * 3
     assert hops["hops"] == 3 * 2 and hops["overhead_vs_echo"] > 0  # 3 decode steps through 2 spans
