@@ -1,9 +1,9 @@
 """`make bench-quality`: what quantized peers cost in quality, measured through a real local swarm.
 
 A bootstrap node and one peer per quantization (``--quant none``, ``int8``, ``nf4``, ``int4``, computing
-in float32, and ``int4`` computing in bfloat16: row ``int4-bf16``), each hosting every block, serve
-the model; a client routes through one of them at a time (``allowed_peers``) and computes the logits
-of a fixed text shipped with the package (``peerd/data/quality_text.txt``). For
+in float32, and ``int8`` and ``int4`` computing in bfloat16: rows ``int8-bf16``, ``int4-bf16``), each
+hosting every block, serve the model; a client routes through one of them at a time (``allowed_peers``)
+and computes the logits of a fixed text shipped with the package (``peerd/data/quality_text.txt``). For
 each quantization it reports the perplexity of that text, its change against the local float32
 model, the largest and mean absolute logit difference from it, and the bytes one block's weights
 take as the peer measured them after loading (its ``info``). With ``--speed-rounds R`` (default 3)
@@ -32,9 +32,9 @@ __all__ = ["TARGET_PPL_INCREASE", "main", "perplexity", "quality_text"]
 
 QUANTS = ("none", "int8", "nf4", "int4")
 TARGET_PPL_INCREASE = {"none": 0.0, "int8": 0.02, "nf4": 0.08, "int4": 0.08}  # relative to local float32
-# (row, --quant, --dtype): every quantization with float32 compute, and int4 computing in bfloat16 as
-# well (on the CPU that runs torch's packed int4 kernel, model/int4.py: the fast way to serve int4)
-VARIANTS = (*((q, q, "float32") for q in QUANTS), ("int4-bf16", "int4", "bfloat16"))
+# (row, --quant, --dtype): every quantization with float32 compute, and int8 and int4 computing in
+# bfloat16 as well (on the CPU those run torch's packed int8 and int4 kernels: model/quant.py, int4.py)
+VARIANTS = (*((q, q, "float32") for q in QUANTS), ("int8-bf16", "int8", "bfloat16"), ("int4-bf16", "int4", "bfloat16"))
 
 
 def quality_text() -> str:

@@ -223,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         "NormalFloat, blocks of 64, bitsandbytes; 4.1 bits/weight) or int4 (4-bit codes in groups of 32 with "
         "a float16 scale and minimum each, GGUF Q4_1's layout; 5.0 bits/weight with its scales, lossless on "
         "Q4_1 checkpoints such as the shipped SmolLM2). About 2x / 3-4x the blocks of bfloat16 in the same "
-        "memory, at some accuracy (docs/operating.md). On a CPU, int4 with --dtype bfloat16 computes with torch's "
-        "packed int4 kernel, several times faster than float32 blocks; default none",
+        "memory, at some accuracy (docs/operating.md). On a CPU, int8 and int4 with --dtype bfloat16 multiply with "
+        "torch's packed kernels, 2-3x as fast as float32 blocks; default none",
     )
     run.add_argument("--torch-threads", type=POSITIVE_INT, default=None, help="torch intra-op threads")
     run.add_argument("--cache-tokens", type=POSITIVE_INT, default=8192, help="KV cache budget in tokens (default 8192)")

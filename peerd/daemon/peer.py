@@ -118,11 +118,14 @@ class Peer:
         self.hardware = probe_hardware(cfg.device)
         self.runtime = ComputeRuntime(torch_threads=cfg.torch_threads)
         self.dtype = getattr(torch, cfg.dtype) if cfg.dtype else default_dtype_for(cfg.device)
-        if cfg.quant == "int4" and torch.device(cfg.device).type == "cpu" and self.dtype != torch.bfloat16:
+        if cfg.quant in ("int8", "int4") and torch.device(cfg.device).type == "cpu" and self.dtype != torch.bfloat16:
             logger.info(
-                "int4 blocks on the CPU in %s dequantise their weights at every product; with --dtype bfloat16 "
-                "they run torch's packed int4 kernel instead, about 18x faster (docs/operating.md)",
+                "%s blocks on the CPU in %s dequantise their weights at every product; with --dtype bfloat16 they "
+                "multiply with torch's packed %s kernel instead (SmolLM2 here: %s faster; docs/operating.md)",
+                cfg.quant,
                 str(self.dtype).removeprefix("torch."),
+                cfg.quant,
+                "about 2x" if cfg.quant == "int8" else "about 19x",
             )
         # a --step-delay is spread over a typical span: ours if fixed, else the most we would host
         span = cfg.blocks[1] - cfg.blocks[0] if cfg.blocks else cfg.max_blocks or self.model_config.num_layers
