@@ -143,3 +143,50 @@ def test_bfloat16_stages_on_the_cpu_multiply_with_torchs_int_kernels(
     assert not calls and grad.shape == x.shape and bool(grad.abs().sum() > 0)
     with torch.inference_mode():  # after bitsandbytes' own path ran (it moves its scales): the kernel again
         assert torch.equal(stage(hidden.bfloat16()), out) and calls
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_bfloat16_kernel_blocks_compute_several_tokens_exactly_as_one_token_steps(checkpoint: Path, quant: str) -> None:
+    """A speculative step verifies k guesses in one step of k + 1 tokens; greedy output stays plain
+    decoding's only if that step computes what k + 1 one-token steps would. Blocks whose products are
+    torch's int kernels in bfloat16 attend one token at a time for it (llama.ROW_WISE_MAX_TOKENS), so
+    it holds bit for bit, alone (Stage.forward) and batched with other sessions (forward_batch)."""
+    from peerd.model.batching import StepInput, forward_batch
+
+    stage = load_stage(checkpoint, 0, 4, progress=False, quant=quant, dtype=torch.bfloat16)
+    flags = [m.one_token_at_a_time for m in stage.modules() if hasattr(m, "one_token_at_a_time")]
+    assert flags == [True] * 4
+    generator = torch.Generator().manual_seed(4)
+    prompt, tokens = (torch.randn(1, n, 128, generator=generator).bfloat16() for n in (11, 6))
+    caches = [stage.allocate_cache(1, 32) for _ in range(4)]
+    with torch.inference_mode():
+        for cache in caches:
+            stage(prompt, cache, 0)
+        one_by_one = torch.cat([stage(tokens[:, t : t + 1], caches[0], 11 + t) for t in range(6)], dim=1)
+        together = stage(tokens, caches[1], 11)
+        other = torch.randn(1, 1, 128, generator=generator).bfloat16()  # another session's decode step
+        batched = forward_batch(stage, [StepInput(tokens, caches[2], 11), StepInput(other, caches[3], 11)], 0, 4)
+    assert torch.equal(together, one_by_one)
+    assert isinstance(batched[0], torch.Tensor) and torch.equal(batched[0], one_by_one)
+    assert torch.equal(caches[1].keys[:, :, :, :17], caches[0].keys[:, :, :, :17])
+    # float32 blocks and dense bfloat16 ones keep one attention call (their products round by row count)
+    for other_stage in (load_stage(checkpoint, 0, 4, progress=False, quant=quant),
+                        load_stage(checkpoint, 0, 4, progress=False, dtype=torch.bfloat16)):  # fmt: skip
+        assert not any(getattr(m, "one_token_at_a_time", False) for m in other_stage.modules())
+
+
+def test_one_token_at_a_time_keeps_sliding_windows(tmp_path: Path) -> None:
+    """Gemma 3's sliding blocks mask keys beyond their window: a token attended on its own gets the mask
+    a one-token step builds, past the (tiny model's) window too."""
+    path = make_family_checkpoint(tmp_path, "gemma3", num_layers=3)
+    stage = load_stage(path, 0, 3, progress=False, quant="int8", dtype=torch.bfloat16)
+    assert all(m.one_token_at_a_time for m in stage.modules() if hasattr(m, "one_token_at_a_time"))
+    assert stage.config.sliding_window is not None and stage.config.sliding_window < 13
+    generator = torch.Generator().manual_seed(5)
+    prompt, tokens = (torch.randn(1, n, 64, generator=generator).bfloat16() for n in (7, 6))
+    caches = [stage.allocate_cache(1, 16) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            stage(prompt, cache, 0)
+        one_by_one = torch.cat([stage(tokens[:, t : t + 1], caches[0], 7 + t) for t in range(6)], dim=1)
+        assert torch.equal(stage(tokens, caches[1], 7), one_by_one)
