@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -156,15 +157,10 @@ def test_bfloat16_kernel_blocks_compute_several_tokens_exactly_as_one_token_step
     stage = load_stage(checkpoint, 0, 4, progress=False, quant=quant, dtype=torch.bfloat16)
     flags = [m.one_token_at_a_time for m in stage.modules() if hasattr(m, "one_token_at_a_time")]
     assert flags == [True] * 4
-    generator = torch.Generator().manual_seed(4)
-    prompt, tokens = (torch.randn(1, n, 128, generator=generator).bfloat16() for n in (11, 6))
-    caches = [stage.allocate_cache(1, 32) for _ in range(4)]
+    tokens, caches, one_by_one = _one_token_steps(stage, prompt_length=11, steps=6, caches=4, seed=4)
     with torch.inference_mode():
-        for cache in caches:
-            stage(prompt, cache, 0)
-        one_by_one = torch.cat([stage(tokens[:, t : t + 1], caches[0], 11 + t) for t in range(6)], dim=1)
         together = stage(tokens, caches[1], 11)
-        other = torch.randn(1, 1, 128, generator=generator).bfloat16()  # another session's decode step
+        other = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(6)).bfloat16()  # another session's step
         batched = forward_batch(stage, [StepInput(tokens, caches[2], 11), StepInput(other, caches[3], 11)], 0, 4)
     assert torch.equal(together, one_by_one)
     assert isinstance(batched[0], torch.Tensor) and torch.equal(batched[0], one_by_one)
@@ -182,11 +178,22 @@ def test_one_token_at_a_time_keeps_sliding_windows(tmp_path: Path) -> None:
     stage = load_stage(path, 0, 3, progress=False, quant="int8", dtype=torch.bfloat16)
     assert all(m.one_token_at_a_time for m in stage.modules() if hasattr(m, "one_token_at_a_time"))
     assert stage.config.sliding_window is not None and stage.config.sliding_window < 13
-    generator = torch.Generator().manual_seed(5)
-    prompt, tokens = (torch.randn(1, n, 64, generator=generator).bfloat16() for n in (7, 6))
-    caches = [stage.allocate_cache(1, 16) for _ in range(2)]
+    tokens, caches, one_by_one = _one_token_steps(stage, prompt_length=7, steps=6, caches=2, seed=5)
     with torch.inference_mode():
-        for cache in caches:
-            stage(prompt, cache, 0)
-        one_by_one = torch.cat([stage(tokens[:, t : t + 1], caches[0], 7 + t) for t in range(6)], dim=1)
         assert torch.equal(stage(tokens, caches[1], 7), one_by_one)
+
+
+def _one_token_steps(
+    stage: Any, *, prompt_length: int, steps: int, caches: int, seed: int
+) -> tuple[torch.Tensor, list[Any], torch.Tensor]:
+    """Random bfloat16 prompt and step tokens, ``caches`` caches each holding the prompt, and the
+    steps' outputs run one token at a time on the first cache (the others stay at the prompt)."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = stage.config.hidden_size
+    prompt, tokens = (torch.randn(1, n, hidden, generator=generator).bfloat16() for n in (prompt_length, steps))
+    held = [stage.allocate_cache(1, 32) for _ in range(caches)]
+    with torch.inference_mode():
+        for cache in held:
+            stage(prompt, cache, 0)
+        one_by_one = [stage(tokens[:, t : t + 1], held[0], prompt_length + t) for t in range(steps)]
+    return tokens, held, torch.cat(one_by_one, dim=1)
