@@ -183,7 +183,8 @@ def _level(workers: LoadWorkers, sessions: int, processes: int, steps: int) -> d
 
 # The lone session, which every level's ratio divides by, steps this many times longer than the
 # others: 8 steps of one session are ~0.3 s, and on this shared box its tokens/s moved by a fifth
-# between runs of the same code (25.5-32.3 tok/s in two runs an hour apart), the ratios with it.
+# between two runs minutes apart whose lone steps ran the same code (25.5 and 32.3 tok/s), and every
+# ratio with it.
 ONE_SESSION_STEPS_FACTOR = 4
 
 
