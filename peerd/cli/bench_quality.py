@@ -73,8 +73,9 @@ async def _swarm_logits(initial_peers: list[str], path: Path, model_id: str, pee
     client = await SwarmClient.connect(initial_peers, path, model_id=model_id)
     out: dict[str, tuple[torch.Tensor, int]] = {}
     try:
+        quants = {name: quant for name, quant, _ in VARIANTS}
         for name, peer_id in peers.items():
-            quant = dict((v[0], v[1]) for v in VARIANTS)[name]
+            quant = quants[name]
             client.allowed_peers = {peer_id}  # through this quantization's peer only
             await client.wait_for_route(timeout_s=120)
             record = (await client.servers(refresh=True)).get(peer_id)

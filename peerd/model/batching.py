@@ -20,11 +20,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from peerd.model.linear import onednn_on
-from peerd.model.llama import Attention, Block, RotaryEmbedding, apply_rotary, attention_mask
+from peerd.model.llama import Block, RotaryEmbedding, apply_rotary, attention_mask
 from peerd.model.stage import KVCache, Stage
 
 __all__ = [
@@ -131,7 +130,8 @@ def _forward_rows(stage: Stage, steps: Sequence[StepInput], start: int, end: int
         for s, (b, n), r, mask in zip(steps, shapes, rows, masks, strict=True):
             ck, cv = s.cache.keys[slot], s.cache.values[slot]
             if b == 1 and n == 1 and mask[which] is None:  # a decode step: no reshapes, no mask
-                attended[r] = _attend_decode(attn, q[r], k[r], v[r], ck, cv, s.position)
+                ck[:, :, s.position], cv[:, :, s.position] = k[r], v[r]
+                attended[r] = attn.attend_one(q[r], ck, cv, s.position + 1)
                 continue
             qi = q[r].view(b, n, heads, dim).transpose(1, 2)  # [b, heads, n, dim]
             ki, vi = (t[r].view(b, n, kv_heads, dim).transpose(1, 2) for t in (k, v))  # [b, kv_heads, n, dim]
@@ -147,25 +147,6 @@ def _forward_rows(stage: Stage, steps: Sequence[StepInput], start: int, end: int
             ff_in = block.pre_feedforward_layernorm(x).unsqueeze(0)  # [1, rows, hidden]: MoE wants 3-D
             x = x + block.post_feedforward_layernorm(feed_forward(ff_in).squeeze(0))
     return [x[r].view(b, n, hidden_size) for r, (b, n) in zip(rows, shapes, strict=True)]
-
-
-def _attend_decode(
-    attn: Attention, q: Tensor, k: Tensor, v: Tensor, cache_keys: Tensor, cache_values: Tensor, position: int
-) -> Tensor:
-    """:meth:`Attention.attend_rotated` of one sequence's one new token, on its rotated rows ``q [1, heads,
-    dim]``, ``k``/``v [1, kv_heads, dim]``: the same SDPA on the same cache, without the general path's
-    transposes and reshapes (with one row per sequence the query heads of a group are already side by
-    side). Returns ``[1, heads * dim]``."""
-    kv_heads, dim = attn.num_kv_heads, attn.head_dim
-    cache_keys[:, :, position] = k
-    cache_values[:, :, position] = v
-    out = F.scaled_dot_product_attention(
-        q.view(1, kv_heads, -1, dim),  # [1, kv_heads, groups, dim]: query head h uses kv head h // groups
-        cache_keys[:, :, : position + 1],
-        cache_values[:, :, : position + 1],
-        scale=attn.scale,
-    )  # [1, kv_heads, groups, dim]
-    return out.reshape(1, -1)
 
 
 def min_shared_rows(x: Tensor) -> int:

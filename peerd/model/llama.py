@@ -271,9 +271,8 @@ class Attention(nn.Module):
         position: int,
     ) -> Tensor:
         """:meth:`attend_rotated` of ``n`` new tokens computed as ``n`` one-token steps would (see
-        :func:`_row_wise`): the same attention call per token, on the same cache prefix."""
-        batch, heads, n, dim = q.shape
-        kv_heads = self.num_kv_heads
+        :func:`_row_wise`): :meth:`attend_one` per token, on the same cache prefix."""
+        n = q.shape[2]
         cache_keys[:, :, position : position + n] = k
         cache_values[:, :, position : position + n] = v
         rows = []
@@ -283,15 +282,26 @@ class Attention(nn.Module):
             if mask is not None:  # rows t, n + t, 2n + t ...: token t's, one per query head of a group
                 row_mask = mask[t::n, :keys]  # [groups, keys]
                 row_mask = None if bool(row_mask.all()) else row_mask  # as a one-token step builds it
-            out = F.scaled_dot_product_attention(
-                q[:, :, t].reshape(batch, kv_heads, -1, dim),  # [batch, kv_heads, groups, dim]
-                cache_keys[:, :, :keys],
-                cache_values[:, :, :keys],
-                attn_mask=row_mask,
-                scale=self.scale,
-            )  # [batch, kv_heads, groups, dim]
-            rows.append(out.reshape(batch, 1, heads * dim))
-        return torch.cat(rows, dim=1)  # [batch, n, heads * dim]
+            rows.append(self.attend_one(q[:, :, t], cache_keys, cache_values, keys, row_mask))
+        return torch.stack(rows, dim=1)  # [batch, n, heads * dim]
+
+    def attend_one(
+        self, q: Tensor, cache_keys: Tensor, cache_values: Tensor, keys: int, mask: Tensor | None = None
+    ) -> Tensor:
+        """Attention of one new token per sequence, rotated queries ``q [batch, heads, dim]``, over the
+        first ``keys`` positions of the cache (its own key and value written there already):
+        ``[batch, heads * dim]``. With one token the query heads of a group are already side by side,
+        so no transposes; a batched decode step (batching.py) and a step attended one token at a
+        time make this same call."""
+        batch = q.shape[0]
+        out = F.scaled_dot_product_attention(
+            q.reshape(batch, self.num_kv_heads, -1, self.head_dim),  # [batch, kv_heads, groups, dim]
+            cache_keys[:, :, :keys],
+            cache_values[:, :, :keys],
+            attn_mask=mask,
+            scale=self.scale,
+        )  # [batch, kv_heads, groups, dim]
+        return out.reshape(batch, -1)
 
 
 # Up to this many new tokens, a step of a block whose products are all row-invariant (torch's int4
