@@ -1,7 +1,7 @@
 """The client's view of the swarm and every routing decision made from it.
 
 A :class:`Router` owns what a client knows about other peers: the latest online record of each
-(a DHT read, cached for ``view_ttl_s``), the bans, which peers' ``info`` has confirmed their
+(a DHT read, read again in the background after ``view_refresh_s``), the bans, which peers' ``info`` has confirmed their
 records (vetting), and measured RTTs. From these it plans routes (``peerd.client.routing``).
 Sessions, spot checks and the training pipeline take a Router and a transport (``PeerClient``),
 never the whole ``SwarmClient``, so each can be tested with in-memory fakes of both.
@@ -10,7 +10,9 @@ never the whole ``SwarmClient``, so each can be tested with in-memory fakes of b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,6 +41,8 @@ __all__ = ["UNREACHABLE_RTT_MS", "BlockReader", "Router"]
 
 OBSERVED_EWMA = 0.5  # weight of the newest forward/backward in a peer's observed throughput
 UNREACHABLE_RTT_MS = 10_000.0  # the planning cost of a hop to a peer that did not answer a probe
+VIEW_REFRESH_S = 5.0  # a view older than this is read again in the background (Router.servers)
+VIEW_TTL_S = 60.0  # ... and one older than this before it is used (records expire in about 2 periods)
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +67,8 @@ class Router:
         num_blocks: int,
         dht_timeout_s: float = 5.0,
         route_wait_s: float = 30.0,
-        view_ttl_s: float = 5.0,
+        view_ttl_s: float = VIEW_TTL_S,
+        view_refresh_s: float = VIEW_REFRESH_S,
         allowed_peers: Iterable[str] | None = None,
         bans: BanList | None = None,
         rtt: RttProbe | None = None,
@@ -77,9 +82,12 @@ class Router:
         self.num_blocks = num_blocks
         self.dht_timeout_s = dht_timeout_s
         self.route_wait_s = route_wait_s
+        # a view older than view_refresh_s is used while a new one is read in the background; one
+        # older than view_ttl_s is read again before it is used
         self.view_ttl_s = view_ttl_s
-        # private swarm: use only these peers (None = any peer the DHT lists)
-        self.allowed_peers = frozenset(allowed_peers) if allowed_peers is not None else None
+        self.view_refresh_s = view_refresh_s
+        self._allowed_peers: frozenset[str] | None = None
+        self.allowed_peers = frozenset(allowed_peers) if allowed_peers is not None else None  # the setter
         self._min_precision: str | None = None
         self.min_precision = min_precision  # checked by the setter
         self.bans = bans or BanList()
@@ -88,6 +96,8 @@ class Router:
         self._rtt_read_at: dict[str, float] = {}  # the probe time each value of rtts_ms came from
         self._servers: dict[str, ServerRecord] = {}
         self._servers_at = 0.0
+        self._view_read_started = 0.0  # when the read that gave ``_servers`` began
+        self._view_task: asyncio.Task[None] | None = None  # a background read (view_refresh_s)
         self._vetted: dict[str, tuple[int, int, str, str]] = {}  # peer -> record fields its `info` confirmed
         self.observed_tps: dict[str, float] = {}  # peer -> block-tokens/s this client got from it
         self.speeds = SpeedBook()  # inference steps: observed decode speeds, and what planning believes
@@ -100,23 +110,70 @@ class Router:
     # --- the view ----------------------------------------------------------------------------------
 
     async def servers(self, refresh: bool = False) -> dict[str, ServerRecord]:
-        """Online peers by id, from a DHT view at most ``view_ttl_s`` old."""
-        if refresh or not self._servers or time.monotonic() - self._servers_at > self.view_ttl_s:
-            views = await self.dht.read_blocks(timeout_s=self.dht_timeout_s)
-            servers = servers_by_peer(views)
-            # a peer of another protocol major cannot read our frames (nor we its): during an upgrade
-            # a mixed swarm routes each client through the peers of its own major only
-            servers = {p: r for p, r in servers.items() if r.protocol_version[0] == PROTOCOL_VERSION[0]}
-            if self.allowed_peers is not None:
-                servers = {p: r for p, r in servers.items() if p in self.allowed_peers}
-            if self._min_precision is not None:
-                least = PRECISION_BITS[self._min_precision]
-                servers = {p: r for p, r in servers.items() if precision_bits(r.dtype, r.quant) >= least}
-            for peer_id, record in servers.items():
-                self.peers.learn_addresses(peer_id, record.addrs)  # peers behind NAT: their relay circuit
-            self._servers = servers
-            self._servers_at = time.monotonic()
+        """Online peers by id: a DHT view at most ``view_ttl_s`` old (``refresh``: read now).
+
+        A view older than ``view_refresh_s`` is still used, and a new one is read in the background
+        for the next call: a DHT read takes several round trips (190-370 ms over 50 ms links), and
+        a session open that waited for it paid them in its time to first token every few seconds.
+        A peer that left meanwhile fails at open and is routed around; one that joined is seen a
+        read later.
+        """
+        age = time.monotonic() - self._servers_at
+        if refresh or not self._servers or age > self.view_ttl_s:
+            await self._read_view()
+        elif age > self.view_refresh_s and (self._view_task is None or self._view_task.done()):
+            self._view_task = asyncio.create_task(self._read_view_in_background())
         return self._servers
+
+    @property
+    def view_age_s(self) -> float:
+        """Seconds since the view in use was read (inf before the first read)."""
+        return time.monotonic() - self._servers_at if self._servers_at else math.inf
+
+    async def _read_view(self) -> None:
+        started = time.monotonic()
+        views = await self.dht.read_blocks(timeout_s=self.dht_timeout_s)
+        if started < self._view_read_started:
+            return  # a read begun later already replaced the view (a background read that took long)
+        servers = servers_by_peer(views)
+        # a peer of another protocol major cannot read our frames (nor we its): during an upgrade
+        # a mixed swarm routes each client through the peers of its own major only
+        servers = {p: r for p, r in servers.items() if r.protocol_version[0] == PROTOCOL_VERSION[0]}
+        if self.allowed_peers is not None:
+            servers = {p: r for p, r in servers.items() if p in self.allowed_peers}
+        if self._min_precision is not None:
+            least = PRECISION_BITS[self._min_precision]
+            servers = {p: r for p, r in servers.items() if precision_bits(r.dtype, r.quant) >= least}
+        for peer_id, record in servers.items():
+            self.peers.learn_addresses(peer_id, record.addrs)  # peers behind NAT: their relay circuit
+        self._servers = servers
+        self._servers_at = time.monotonic()
+        self._view_read_started = started
+
+    async def _read_view_in_background(self) -> None:
+        try:
+            await self._read_view()
+        except Exception as exc:  # the DHT slow or unreachable: keep the view, the next call tries again
+            logger.info("background DHT read failed (%s); still planning from a view %.0fs old", exc, self.view_age_s)
+
+    async def close(self) -> None:
+        """Stop background reads and probes (the client is closing)."""
+        tasks = [t for t in (self._view_task, self.rtt.background) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    @property
+    def allowed_peers(self) -> frozenset[str] | None:
+        """Private swarm: use only these peers (None = any peer the DHT lists)."""
+        return self._allowed_peers
+
+    @allowed_peers.setter
+    def allowed_peers(self, peer_ids: frozenset[str] | None) -> None:
+        self._allowed_peers = peer_ids
+        self._servers_at = 0.0  # the next view is filtered anew, before it is used
 
     @property
     def min_precision(self) -> str | None:
@@ -128,7 +185,7 @@ class Router:
         if precision is not None and precision not in PRECISION_BITS:
             raise ValueError(f"min_precision must be one of {', '.join(PRECISION_BITS)}, got {precision!r}")
         self._min_precision = precision
-        self._servers_at = 0.0  # the next view is filtered anew
+        self._servers_at = 0.0  # the next view is filtered anew, before it is used
 
     def known_records(self) -> Mapping[str, ServerRecord]:
         """The records of the last view read (no DHT access)."""
@@ -199,7 +256,7 @@ class Router:
         Each hop of an inference route is a client <-> peer round trip, so these RTTs are the
         network part of a route's per-token cost. An unreachable peer gets a prohibitive RTT.
         """
-        measured = await self.rtt.rtts_ms(peer_ids)
+        measured = await self.rtt.rtts_ms(peer_ids, stale_in_background=True)
         for peer_id, rtt in measured.items():
             at = self.rtt.measured_at(peer_id)
             # only new probes update the planning RTTs: a peer not probed yet keeps the default hop

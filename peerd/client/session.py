@@ -135,30 +135,36 @@ class InferenceSession:
         await self.close()
 
     async def open(self) -> None:
-        """Open a stream on every span of a route. A span refused at open (a full peer, or one that
-        cannot serve) is routed around and the whole route planned again, its open streams closed:
-        nothing has run yet, and patching only the refused span's blocks gives longer, slower routes
-        that hold their cache longer (under load the swarm simulator failed 11% of requests that
-        way against 0.8%: docs/scale.md, finding 8). Gives up after ``failover_timeout_s`` of this."""
+        """Open a stream on every span of a route, all at once (over long links each open is a round
+        trip: one after another they added (spans - 1) round trips to the time to first token).
+        A span refused at open (a full peer, or one that cannot serve) is routed around and the
+        whole route planned again, its open streams closed: nothing has run yet, and patching only
+        the refused span's blocks gives longer, slower routes that hold their cache longer (under
+        load the swarm simulator failed 11% of requests that way against 0.8%: docs/scale.md,
+        finding 8). Gives up after ``failover_timeout_s`` of this."""
         deadline = time.monotonic() + self.failover_timeout_s
         while True:
             route = await self._first_route()
-            self.spans = []
-            try:
-                for span in route:
-                    state = _SpanState(span)
-                    state.stream = await self._open_stream(span)
-                    self.spans.append(state)
+            self.spans = [_SpanState(span) for span in route]
+            results = await self._open_streams(route)
+            for state, result in zip(self.spans, results, strict=True):
+                if not isinstance(result, BaseException):
+                    state.stream = result
+            errors = [(s.span, r) for s, r in zip(self.spans, results, strict=True) if isinstance(r, BaseException)]
+            if not errors:
                 break
-            except (PeerUnavailable, PeerError) as exc:
-                await self.close()
-                if not worth_failover(exc):
-                    raise
+            await self.close()
+            failed: list[tuple[Span, PeerUnavailable | PeerError]] = []
+            for span, exc in errors:
+                if not isinstance(exc, (PeerUnavailable, PeerError)) or not worth_failover(exc):
+                    raise exc  # a request no peer would take, a bug, a cancellation: as it is
+                failed.append((span, exc))
+            for span, exc in failed:
                 self.router.route_around(span.peer_id, exc)
-                if time.monotonic() >= deadline:
-                    raise PeerdClientError(
-                        f"could not open a route within {self.failover_timeout_s:.0f}s: {exc}"
-                    ) from exc
+            if time.monotonic() >= deadline:
+                first = failed[0][1]
+                why = f"could not open a route within {self.failover_timeout_s:.0f}s: {first}"
+                raise PeerdClientError(why) from first
         await self._link()
 
     async def _first_route(self) -> list[Span]:
@@ -186,6 +192,9 @@ class InferenceSession:
                 why = self.router.explain_no_route(0, self.router.num_blocks, self.max_length, self.batch_size)
                 if isinstance(why, RequestTooLargeError) or time.monotonic() >= deadline:
                     raise why from None  # too large: waiting would not help
+                if not refresh and self.router.view_age_s > self.router.view_refresh_s:
+                    refresh = True  # planned from an old view (read again in the background): read it now
+                    continue
                 refresh = True
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
@@ -195,6 +204,23 @@ class InferenceSession:
                 self.router.cache_book.release(state.span.peer_id, self.max_length * self.batch_size)
                 await state.stream.close()
                 state.stream = None
+
+    async def _open_streams(self, route: list[Span]) -> list[InferenceStream | BaseException]:
+        """Open a stream on each span concurrently: each span's stream, or why it did not open. If
+        this is cancelled, the streams that did open are closed (their peers free the cache)."""
+        tasks = [asyncio.ensure_future(self._open_stream(span)) for span in route]
+        try:
+            await asyncio.wait(tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+            for span, task in zip(route, tasks, strict=True):
+                if not task.cancelled() and task.exception() is None:
+                    self.router.cache_book.release(span.peer_id, self.max_length * self.batch_size)
+                    await task.result().close()
+            raise
+        return [task.exception() or task.result() for task in tasks]
 
     async def _open_stream(self, span: Span) -> InferenceStream:
         await self.router.check_peer(span)

@@ -187,6 +187,7 @@ class SwarmClient:
         )
 
     async def close(self) -> None:
+        await self.router.close()
         self.heads.close()
         await self.peers.aclose()
         await self.dht.shutdown()

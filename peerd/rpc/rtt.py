@@ -45,6 +45,7 @@ class RttProbe:
         self.max_probes = max_probes
         self._clock = clock
         self._cache: dict[str, tuple[float, float | None]] = {}  # peer id -> (measured at, rtt ms)
+        self.background: asyncio.Task[None] | None = None  # stale values being measured again (rtts_ms)
 
     def measured_at(self, peer_id: str) -> float | None:
         """When ``peer_id`` was last probed (its RTT may still be None: it did not answer); None: never."""
@@ -68,20 +69,34 @@ class RttProbe:
             pass  # a peer that answered once has an RTT; one that never did has none
         return best
 
-    async def rtts_ms(self, peer_ids: Iterable[str]) -> dict[str, float | None]:
+    async def rtts_ms(self, peer_ids: Iterable[str], *, stale_in_background: bool = False) -> dict[str, float | None]:
         """RTT of each of ``peer_ids``; up to ``max_probes`` stale or unknown ones are probed now,
-        concurrently (never-measured first), the rest on later calls (None until then)."""
+        concurrently (never-measured first), the rest on later calls (None until then).
+
+        ``stale_in_background``: only never-measured peers are probed before returning; peers
+        measured more than ``ttl_s`` ago keep their last value, and are probed in a background task
+        whose results later calls see (a client opening a session should not wait two round trips
+        per peer to learn what it knew 30 s ago).
+        """
         wanted = list(dict.fromkeys(peer_ids))
         now = self._clock()
         stale = [p for p in wanted if p not in self._cache or now - self._cache[p][0] >= self.ttl_s]
         stale.sort(key=lambda p: self._cache[p][0] if p in self._cache else float("-inf"))
         stale = stale[: self.max_probes]
+        if stale_in_background:
+            known = [p for p in stale if p in self._cache]
+            stale = [p for p in stale if p not in self._cache]
+            if known and (self.background is None or self.background.done()):
+                self.background = asyncio.create_task(self._probe(known))
         if stale:
-            results = await asyncio.gather(*(self._measure(p) for p in stale))
-            measured_at = self._clock()
-            for peer_id, rtt in zip(stale, results, strict=True):
-                self._cache[peer_id] = (measured_at, rtt)
+            await self._probe(stale)
         # forget peers that left, so a long-lived daemon does not accumulate every peer it ever saw
         for gone in set(self._cache) - set(wanted):
             del self._cache[gone]
         return {p: self._cache[p][1] if p in self._cache else None for p in wanted}
+
+    async def _probe(self, peer_ids: list[str]) -> None:
+        results = await asyncio.gather(*(self._measure(p) for p in peer_ids))
+        measured_at = self._clock()
+        for peer_id, rtt in zip(peer_ids, results, strict=True):
+            self._cache[peer_id] = (measured_at, rtt)

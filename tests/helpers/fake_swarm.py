@@ -56,6 +56,7 @@ class FakePeer:
     hang_after_steps: int | None = None  # inference steps it answers before it stops answering at all
     pauses_s: dict[int, float] = dataclasses.field(default_factory=dict)  # step number -> answered this late
     error: ErrorCode | None = None  # answer every request with this error code instead
+    open_delay_s: float = 0.0  # how long opening a session on it takes (a round trip over a long link)
     lie: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied to every answer
     model_id: str = MODEL_ID
     quant: str | None = None  # what its `info` says about its weights (None: what its record says)
@@ -119,6 +120,9 @@ class FakeTransport:
         self.peers = {p.peer_id: p for p in peers}
         self.num_blocks = num_blocks
         self.opened: list[str] = []  # peer ids, in the order sessions were opened on them
+        self.streams: list[FakeStream] = []  # every stream opened, closed ones included
+        self.opening = 0  # opens in flight now
+        self.most_opening = 0  # the most opens in flight at once so far
         self.addresses: dict[str, tuple[str, ...]] = {}  # what the router told it, from records
         self.timeout_s = TRANSPORT_TIMEOUT_S
         self.observer = None  # the router hooks in here (PeerClient reports forward/backward speeds)
@@ -150,10 +154,17 @@ class FakeTransport:
 
     async def open_inference(self, peer_id: str, *, start: int, end: int, **_: object) -> FakeStream:
         peer = self._peer(peer_id)
+        self.opening += 1
+        self.most_opening = max(self.most_opening, self.opening)
+        try:
+            await asyncio.sleep(peer.open_delay_s)
+        finally:
+            self.opening -= 1
         if peer.error is not None:
             raise PeerError(peer_id, peer.error, "refused (fake)")
         self.opened.append(peer_id)
-        return FakeStream(peer, start, end)
+        self.streams.append(FakeStream(peer, start, end))
+        return self.streams[-1]
 
 
 class FakeDHT:
@@ -163,11 +174,17 @@ class FakeDHT:
         self.peers = peers
         self.num_blocks = num_blocks
         self.reads = 0
+        self.delay_s = 0.0  # how long a read takes (it returns the records of when it started)
+        self.error: Exception | None = None  # raised by reads instead, when set
 
     async def read_blocks(self, start: int = 0, end: int | None = None, *, timeout_s: float = 5.0) -> list[BlockView]:
         self.reads += 1
         end = self.num_blocks if end is None else end
-        return [
+        views = [
             BlockView(b, tuple(p.record for p in self.peers if p.record.start <= b < p.record.end))
             for b in range(start, end)
         ]
+        await asyncio.sleep(self.delay_s)
+        if self.error is not None:
+            raise self.error
+        return views

@@ -73,7 +73,9 @@ async def test_a_span_refused_at_open_makes_the_whole_route_planned_again() -> N
     is closed again."""
 
     class SameRtt:  # every peer measured at 20 ms, once
-        async def rtts_ms(self, peer_ids: list[str]) -> dict[str, float]:
+        background = None
+
+        async def rtts_ms(self, peer_ids: list[str], *, stale_in_background: bool = False) -> dict[str, float]:
             return dict.fromkeys(peer_ids, 20.0)
 
         def measured_at(self, peer_id: str) -> float:
@@ -149,3 +151,24 @@ async def test_a_peer_that_stops_answering_is_left_after_its_step_deadline_not_t
     assert loop.time() - started < transport.timeout_s / 3
     assert [span.peer_id for span in s.route] == ["other"] and len(s.stalls_s) == 1
     assert "hung" in router.banned()
+
+
+async def test_the_spans_of_a_route_are_opened_all_at_once() -> None:
+    """Over long links each open is a round trip: three spans opened one after another took three."""
+    peers = [FakePeer(record(p, a, b), open_delay_s=0.05) for p, a, b in [("a", 0, 1), ("b", 1, 3), ("c", 3, 4)]]
+    router, transport, _ = setup(peers)
+    torch.testing.assert_close(await run(session(router, transport)), EXPECTED)
+    assert sorted(transport.opened) == ["a", "b", "c"] and transport.most_opening == 3
+
+
+async def test_an_open_cancelled_midway_closes_the_streams_that_did_open() -> None:
+    quick, slow = FakePeer(record("quick", 0, 2)), FakePeer(record("slow", 2, 4), open_delay_s=10.0)
+    router, transport, _ = setup([quick, slow])
+    opening = asyncio.ensure_future(session(router, transport).open())
+    await asyncio.sleep(0.05)
+    assert transport.opened == ["quick"]  # slow is still opening
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    assert [s.closed for s in transport.streams] == [True]
+    assert "quick" not in router.cache_book.taken()  # its reservation went with the session

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from dataclasses import replace
 
 import pytest
@@ -28,6 +30,71 @@ async def test_the_view_keeps_online_peers_and_is_cached() -> None:
     assert dht.reads == 1  # within view_ttl_s: no second DHT read
     await router.servers(refresh=True)
     assert dht.reads == 2
+
+
+async def test_an_old_view_is_used_at_once_and_read_again_in_the_background() -> None:
+    """A session open must not wait for a DHT read (several round trips over long links) to learn
+    what it knew seconds ago: after ``view_refresh_s`` the view is read again behind its back."""
+    peers = [FakePeer(record("a", 0, 4))]
+    router, _, dht = make_router(peers, view_refresh_s=0.02)
+    assert set(await router.servers()) == {"a"}
+    peers.append(FakePeer(record("joined", 0, 4)))
+    dht.delay_s = 0.05
+    await asyncio.sleep(0.03)
+    started = time.monotonic()
+    assert set(await router.servers()) == {"a"}  # the old view, at once
+    assert time.monotonic() - started < 0.04
+    await asyncio.sleep(0)
+    assert dht.reads == 2  # ... while the new one is read
+    await router.servers()  # one background read at a time
+    assert dht.reads == 2
+    await asyncio.sleep(0.1)
+    assert set(await router.servers()) == {"a", "joined"}
+    await router.close()
+
+
+async def test_a_view_older_than_its_ttl_is_read_before_it_is_used() -> None:
+    peers = [FakePeer(record("a", 0, 4))]
+    router, _, dht = make_router(peers, view_refresh_s=0.0, view_ttl_s=0.02)
+    await router.servers()
+    peers.append(FakePeer(record("joined", 0, 4)))
+    await asyncio.sleep(0.03)
+    assert set(await router.servers()) == {"a", "joined"} and dht.reads == 2
+
+
+async def test_a_failed_background_read_keeps_the_view_and_the_next_call_tries_again() -> None:
+    router, _, dht = make_router([FakePeer(record("a", 0, 4))], view_refresh_s=0.0)
+    await router.servers()
+    dht.error = TimeoutError("DHT read timed out")
+    assert set(await router.servers()) == {"a"}
+    await asyncio.sleep(0.01)  # the background read fails
+    dht.error = None
+    assert set(await router.servers()) == {"a"}
+    await asyncio.sleep(0)
+    assert dht.reads == 3
+    await router.close()
+
+
+async def test_a_slow_background_read_does_not_replace_a_newer_view() -> None:
+    peers = [FakePeer(record("a", 0, 4))]
+    router, _, dht = make_router(peers, view_refresh_s=0.0)
+    await router.servers()
+    dht.delay_s = 0.05
+    await router.servers()  # a background read of {a} begins, and takes 50 ms
+    await asyncio.sleep(0)
+    peers.append(FakePeer(record("b", 0, 4)))
+    dht.delay_s = 0.0
+    assert set(await router.servers(refresh=True)) == {"a", "b"}  # begun later, done first
+    await asyncio.sleep(0.08)
+    assert set(router.known_records()) == {"a", "b"}
+    await router.close()
+
+
+async def test_changing_the_allowed_peers_filters_the_next_view_before_it_is_used() -> None:
+    router, _, _ = make_router([FakePeer(record("a", 0, 4)), FakePeer(record("b", 0, 4))])
+    assert set(await router.servers()) == {"a", "b"}
+    router.allowed_peers = frozenset({"b"})
+    assert set(await router.servers()) == {"b"}
 
 
 async def test_peers_of_another_protocol_major_are_left_out_of_the_view() -> None:
