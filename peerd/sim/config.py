@@ -41,7 +41,8 @@ class SimConfig:
     rebalance_threshold: float = 0.2
     placement_jitter_s: float = 3.0
     placement_settle_s: float = 1.0
-    # clients (the SDK's defaults: Router.view_ttl_s, SwarmClient.failover_timeout_s)
+    # clients (the SDK's defaults: Router.view_refresh_s, the age at which a client's view is read again,
+    # here at once rather than in the background; SwarmClient.failover_timeout_s)
     clients: int = 8
     load: float = 0.5  # offered load as a fraction of the central bound at the start
     session_tokens: int = 512
