@@ -7,6 +7,10 @@ span of blocks (``forward_batch``, as the peer's runtime calls it; MKL's run pad
 it does then), a backward RPC's work over that span (``backward_chunks``: the forward recomputed
 with autograd, then the input's gradient), and the LM head's pass for 1 and 16 positions. One
 torch thread, as ``make bench``'s peers. The outputs of the two kernels are compared too (they sum in another order).
+
+Products over 2-4 rows take MKL with the weight as the left operand (``linear.SKINNY_ROWS``); the
+same way, those cases (2 and 4 sessions' steps, the head for 2 and 4 positions) run alternately
+with that path and with oneDNN's for every row count (``SKINNY_ROWS`` emptied).
 """
 
 from __future__ import annotations
@@ -90,36 +94,64 @@ def run_kernels_bench(model: Any, *, rounds: int = 4, calls: int = 5) -> dict[st
         "LM head, 1 position": head_pass(1),
         "LM head, 16 positions": head_pass(16),
     }
+    small: dict[str, Callable[[], Any]] = {
+        f"{blocks} blocks, 2 sessions": sessions(2),
+        f"{blocks} blocks, 4 sessions": sessions(4),
+        "LM head, 2 positions": head_pass(2),
+        "LM head, 4 positions": head_pass(4),
+    }
+    # mode -> (linear.ONEDNN, linear.SKINNY_ROWS), and the cases it runs
+    skinny = linear.SKINNY_ROWS
+    modes = {"onednn": (True, skinny, cases | small), "mkl": (False, skinny, cases), "onednn_only": (True, (), small)}
     threads = torch.get_num_threads()
     was = linear.ONEDNN
-    times: dict[str, dict[str, list[float]]] = {case: {"onednn": [], "mkl": []} for case in cases}
+    times: dict[str, dict[str, list[float]]] = {case: {mode: [] for mode in modes} for case in cases | small}
     differences: dict[str, float] = {}
+
+    def compare(case: str, fn: Callable[[], Any], a_mode: str, b_mode: str) -> float:
+        outputs = []
+        for mode in (a_mode, b_mode):
+            linear.ONEDNN, linear.SKINNY_ROWS = modes[mode][:2]
+            out = fn()
+            outputs.append(torch.cat(out, dim=1) if isinstance(out, list) else out)
+        a, b = outputs
+        return float((a - b).abs().max() / b.abs().max())
+
     try:
         torch.set_num_threads(1)
         for r in range(rounds):
-            for kernel in ("onednn", "mkl") if r % 2 == 0 else ("mkl", "onednn"):
-                linear.ONEDNN = kernel == "onednn"
-                for case, fn in cases.items():
+            for mode in list(modes) if r % 2 == 0 else list(reversed(modes)):
+                linear.ONEDNN, linear.SKINNY_ROWS, runs = modes[mode]
+                for case, fn in runs.items():
                     fn()  # warm: the kernel's primitives, the caches' pages
-                    times[case][kernel].append(_median_ms(fn, calls))
+                    times[case][mode].append(_median_ms(fn, calls))
         for case, fn in cases.items():
-            outputs = []
-            for on in (True, False):
-                linear.ONEDNN = on
-                out = fn()
-                outputs.append(torch.cat(out, dim=1) if isinstance(out, list) else out)
-            a, b = outputs
-            differences[case] = float((a - b).abs().max() / b.abs().max())
+            differences[case] = compare(case, fn, "onednn", "mkl")
+        for case, fn in small.items():
+            differences[case] = compare(case, fn, "onednn", "onednn_only")
     finally:
-        linear.ONEDNN = was
+        linear.ONEDNN, linear.SKINNY_ROWS = was, skinny
         torch.set_num_threads(threads)
-    result: dict[str, Any] = {"onednn_available": linear._KERNEL is not None, "rounds": rounds, "cases": {}}
+    result: dict[str, Any] = {
+        "onednn_available": linear._KERNEL is not None,
+        "rounds": rounds,
+        "cases": {},
+        "small_rows": {},
+    }
     for case in cases:
         onednn, mkl = statistics.median(times[case]["onednn"]), statistics.median(times[case]["mkl"])
         result["cases"][case] = {
             "onednn_ms": onednn,
             "mkl_ms": mkl,
             "speedup": mkl / onednn,
+            "max_relative_difference": differences[case],
+        }
+    for case in small:
+        ours, only = statistics.median(times[case]["onednn"]), statistics.median(times[case]["onednn_only"])
+        result["small_rows"][case] = {
+            "weight_left_ms": ours,
+            "onednn_ms": only,
+            "speedup": only / ours,
             "max_relative_difference": differences[case],
         }
     return result
@@ -136,4 +168,12 @@ def kernels_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
             f"outputs differ by {c['max_relative_difference']:.1e} (relative)",
         )
         for case, c in result["cases"].items()
+    ] + [
+        (
+            f"2-4 rows, MKL weight-left vs oneDNN: {case}",
+            f"{c['speedup']:.2f}x",
+            f"{c['weight_left_ms']:.2f} vs {c['onednn_ms']:.2f} ms, float32, 1 thread; "
+            f"outputs differ by {c['max_relative_difference']:.1e} (relative)",
+        )
+        for case, c in result.get("small_rows", {}).items()
     ]

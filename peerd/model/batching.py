@@ -45,7 +45,8 @@ BACKWARD_COST_FACTOR = 3.0
 # box, 60 [1536 x 576] weights streamed from memory: 1 row 19 ms, 2 rows 30, 3 rows 34, 4 rows 24; a
 # batch of 2 or 3 SmolLM2 decode steps through 10 blocks took 24.1-24.8 / 27.9-28.6 ms of CPU
 # unpadded, 22.3-23.4 / 22.3-23.9 ms padded, alternating runs). oneDNN's have no such step (10
-# blocks: 2 rows 11.8 ms unpadded, 12.9 padded), so they run unpadded.
+# blocks: 2 rows 11.8 ms unpadded, 12.9 padded), so they run unpadded (and their products over 2-4
+# rows take MKL with the weight on the left, which pads 3 rows to 4 itself: peerd.model.linear).
 # Such batches are common when sessions move through a pipeline as many small waves (a loaded box).
 # Rows are independent in every dense part, so padding changes no real row's result beyond the
 # rounding of another kernel (as any batch, within the 1e-5 of forward_batch's contract).

@@ -30,5 +30,16 @@ def test_kernels_bench_times_both_kernels_and_restores_the_switch(tmp_path: Path
         assert case["onednn_ms"] > 0 and case["mkl_ms"] > 0
         assert case["speedup"] == pytest.approx(case["mkl_ms"] / case["onednn_ms"])
         assert case["max_relative_difference"] < 1e-5  # the same sums in another order
+    assert set(result["small_rows"]) == {
+        "2 blocks, 2 sessions",
+        "2 blocks, 4 sessions",
+        "LM head, 2 positions",
+        "LM head, 4 positions",
+    }
+    for case in result["small_rows"].values():
+        assert case["speedup"] == pytest.approx(case["onednn_ms"] / case["weight_left_ms"])
+        assert case["max_relative_difference"] < 1e-5
+    assert linear.SKINNY_ROWS == (2, 3, 4)  # restored
     rows = kernels_rows(result)
-    assert len(rows) == 5 and all(row[0].startswith("oneDNN vs MKL") for row in rows)
+    assert len(rows) == 9 and all(row[0].startswith("oneDNN vs MKL") for row in rows[:5])
+    assert all(row[0].startswith("2-4 rows, MKL weight-left vs oneDNN") for row in rows[5:])

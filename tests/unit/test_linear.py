@@ -41,9 +41,11 @@ def _layer(in_features: int, out_features: int, bias: bool, seed: int = 0) -> Li
     return layer
 
 
-@pytest.mark.parametrize("shape", [(1, 96), (2, 96), (3, 96), (4, 96), (17, 96), (2, 5, 96), (96,), (3, 96, 2)])
+@pytest.mark.parametrize(
+    "shape", [(1, 96), (2, 96), (3, 96), (4, 96), (5, 96), (17, 96), (2, 5, 96), (96,), (3, 96, 2), (1, 2, 96)]
+)
 @pytest.mark.parametrize("bias", [True, False])
-def test_inference_takes_onednn_and_agrees_with_f_linear_to_float_rounding(
+def test_inference_takes_onednn_or_for_2_to_4_rows_mkl_and_agrees_with_f_linear_to_float_rounding(
     spy: _Spy, shape: tuple[int, ...], bias: bool
 ) -> None:
     layer = _layer(96, 200, bias)
@@ -53,14 +55,38 @@ def test_inference_takes_onednn_and_agrees_with_f_linear_to_float_rounding(
     with torch.inference_mode():
         got = layer(x)
     want = F.linear(x, layer.weight, layer.bias)
-    assert spy.calls == 1
-    assert got.shape == want.shape
+    rows = x.numel() // 96
+    assert spy.calls == (0 if rows in linear_module.SKINNY_ROWS else 1)  # 2-4 rows: MKL, weight on the left
+    assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_rows_of_more_than_1024_features_take_onednn_however_few() -> None:
+    """MKL's transposed product loses to oneDNN from ~2048 features on (module comment)."""
+    calls = _Spy(linear_module._KERNEL)
+    layer = _layer(1025, 8, bias=False)
+    x = torch.randn(2, 1025)
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(linear_module, "_KERNEL", calls)
+        got = layer(x)
+    assert calls.calls == 1
+    torch.testing.assert_close(got, F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
+
+
+def test_the_gradient_of_two_rows_flows_through_the_mkl_path() -> None:
+    layer = _layer(64, 32, bias=True)
+    x = torch.randn(2, 64, requires_grad=True)
+    out = layer(x)
+    torch.testing.assert_close(out.detach(), F.linear(x.detach(), layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    grad = torch.randn(2, 32)
+    out.backward(grad)
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, grad @ layer.weight, rtol=1e-5, atol=1e-5)
 
 
 def test_no_grad_forwards_and_input_gradients_take_onednn_trainable_weights_take_f_linear(spy: _Spy) -> None:
     layer = _layer(64, 32, bias=True)
-    x = torch.randn(4, 64)
+    x = torch.randn(5, 64)  # 2-4 rows take MKL (tested above)
     with torch.no_grad():
         layer(x)
     assert spy.calls == 1
@@ -120,7 +146,7 @@ def test_int4_layers_compute_their_dequantized_weight_with_onednn(spy: _Spy) -> 
     from peerd.model.int4 import Int4Linear, dequantize_int4
 
     layer = Int4Linear.from_linear(_layer(96, 40, bias=True))
-    x = torch.randn(3, 96)
+    x = torch.randn(5, 96)  # (2-4 rows would take MKL's transposed product)
     with torch.inference_mode():
         got = layer(x)
         want = F.linear(x, dequantize_int4(layer.packed, layer.scale, layer.minimum, x.dtype), layer.bias)
