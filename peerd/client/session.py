@@ -71,6 +71,14 @@ class _SpanState:
         self.outputs.append((position, out))
 
 
+class _Refused(Exception):
+    """A span's peer refused the session the client opened without waiting (its first answer)."""
+
+    def __init__(self, span: Span, exc: PeerUnavailable | PeerError) -> None:
+        super().__init__(str(exc))
+        self.span, self.exc = span, exc
+
+
 def _effective(steps: list[tuple[int, torch.Tensor]]) -> torch.Tensor | None:
     buf: torch.Tensor | None = None
     for position, hidden in steps:
@@ -135,14 +143,19 @@ class InferenceSession:
         await self.close()
 
     async def open(self) -> None:
-        """Open a stream on every span of a route, all at once (over long links each open is a round
-        trip: one after another they added (spans - 1) round trips to the time to first token).
-        A span refused at open (a full peer, or one that cannot serve) is routed around and the
-        whole route planned again, its open streams closed: nothing has run yet, and patching only
-        the refused span's blocks gives longer, slower routes that hold their cache longer (under
-        load the swarm simulator failed 11% of requests that way against 0.8%: docs/scale.md,
-        finding 8). Gives up after ``failover_timeout_s`` of this."""
-        deadline = time.monotonic() + self.failover_timeout_s
+        """Open a session on every span of a route, all at once, without waiting for the peers'
+        answers: over long links each open is a round trip, and one after another they added one
+        per span to the time to first token. Each peer's answer is read before its first result
+        (``InferenceStream.confirmed``), so the first step pays no round trip of its own for it.
+
+        A span refused at open (a full peer, or one that cannot serve; here, or at the first step)
+        is routed around and the whole route planned again, its open streams closed: nothing has
+        run yet, and patching only the refused span's blocks gives longer, slower routes that hold
+        their cache longer (under load the swarm simulator failed 11% of requests that way against
+        0.8%: docs/scale.md, finding 8). Gives up after ``failover_timeout_s`` of this."""
+        await self._open_route(time.monotonic() + self.failover_timeout_s)
+
+    async def _open_route(self, deadline: float) -> None:
         while True:
             route = await self._first_route()
             self.spans = [_SpanState(span) for span in route]
@@ -153,19 +166,24 @@ class InferenceSession:
             errors = [(s.span, r) for s, r in zip(self.spans, results, strict=True) if isinstance(r, BaseException)]
             if not errors:
                 break
-            await self.close()
-            failed: list[tuple[Span, PeerUnavailable | PeerError]] = []
-            for span, exc in errors:
-                if not isinstance(exc, (PeerUnavailable, PeerError)) or not worth_failover(exc):
-                    raise exc  # a request no peer would take, a bug, a cancellation: as it is
-                failed.append((span, exc))
-            for span, exc in failed:
-                self.router.route_around(span.peer_id, exc)
-            if time.monotonic() >= deadline:
-                first = failed[0][1]
-                why = f"could not open a route within {self.failover_timeout_s:.0f}s: {first}"
-                raise PeerdClientError(why) from first
+            await self._refused(errors, deadline)
         await self._link()
+
+    async def _refused(self, errors: list[tuple[Span, BaseException]], deadline: float) -> None:
+        """Spans refused their sessions: close the route's streams and plan around those peers
+        (raises what no other peer would take, or when ``deadline`` has passed)."""
+        await self.close()
+        failed: list[tuple[Span, PeerUnavailable | PeerError]] = []
+        for span, exc in errors:
+            if not isinstance(exc, (PeerUnavailable, PeerError)) or not worth_failover(exc):
+                raise exc  # a request no peer would take, a bug, a cancellation: as it is
+            failed.append((span, exc))
+        for span, exc in failed:
+            self.router.route_around(span.peer_id, exc)
+        if time.monotonic() >= deadline:
+            first = failed[0][1]
+            why = f"could not open a route within {self.failover_timeout_s:.0f}s: {first}"
+            raise PeerdClientError(why) from first
 
     async def _first_route(self) -> list[Span]:
         """The opening route. If nobody can serve some blocks right now (a replica restarting, its
@@ -206,9 +224,10 @@ class InferenceSession:
                 state.stream = None
 
     async def _open_streams(self, route: list[Span]) -> list[InferenceStream | BaseException]:
-        """Open a stream on each span concurrently: each span's stream, or why it did not open. If
-        this is cancelled, the streams that did open are closed (their peers free the cache)."""
-        tasks = [asyncio.ensure_future(self._open_stream(span)) for span in route]
+        """Open a stream on each span concurrently, unconfirmed: each span's stream, or why it did
+        not open. If this is cancelled, the streams that did open are closed (their peers free the
+        cache)."""
+        tasks = [asyncio.ensure_future(self._open_stream(span, confirm=False)) for span in route]
         try:
             await asyncio.wait(tasks)
         except BaseException:
@@ -222,7 +241,7 @@ class InferenceSession:
             raise
         return [task.exception() or task.result() for task in tasks]
 
-    async def _open_stream(self, span: Span) -> InferenceStream:
+    async def _open_stream(self, span: Span, *, confirm: bool = True) -> InferenceStream:
         await self.router.check_peer(span)
         session_id = os.urandom(16)
         stream = await self.peers.open_inference(
@@ -233,6 +252,7 @@ class InferenceSession:
             max_length=self.max_length,
             batch_size=self.batch_size,
             compression=hop_compression(self.compression, span.record),
+            confirm=confirm,
         )
         # the peer's record will not show this cache taken until its next announce; until then this
         # client's planner counts it (released when the session closes or fails over)
@@ -241,6 +261,17 @@ class InferenceSession:
 
     async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Send hidden states [batch, n, hidden] through every span; returns the last span's output."""
+        deadline = time.monotonic() + self.failover_timeout_s
+        while True:
+            try:
+                return await self._step(hidden, position)
+            except _Refused as refused:  # the first step found a span's session refused: as at open
+                logger.warning("span %s refused its session (%s); planning the route again", refused.span, refused.exc)
+                self._next_step_id()  # nothing of the abandoned step is read again
+                await self._refused([(refused.span, refused.exc)], deadline)
+                await self._open_route(deadline)
+
+    async def _step(self, hidden: torch.Tensor, position: int | None) -> torch.Tensor:
         position = self.length if position is None else position
         if hidden.ndim != 3 or hidden.shape[0] != self.batch_size:
             raise ValueError(f"hidden must be [{self.batch_size}, n, hidden], got {list(hidden.shape)}")
@@ -265,6 +296,8 @@ class InferenceSession:
                 step_id, sent = self._next_step_id(), False  # results of the pushed input are skipped
                 continue
             except (PeerUnavailable, PeerError) as exc:
+                if state.stream is not None and not state.stream.confirmed and self.length == 0:
+                    raise _Refused(state.span, exc) from exc  # refused at open: nothing ran here yet
                 if not worth_failover(exc):
                     raise
                 logger.warning("span %s failed (%s); failing over", state.span, exc)

@@ -16,6 +16,7 @@ from protocols import (
     Compression,
     InferenceClose,
     InferenceLink,
+    InferenceOpened,
     InferenceStep,
     InferenceStepResult,
     Message,
@@ -61,6 +62,8 @@ class InferenceStream:
         writer: asyncio.StreamWriter,
         cm: object,
         compression: Compression,
+        *,
+        confirmed: bool = True,
     ) -> None:
         self.client = client
         self.peer_id = peer_id
@@ -74,6 +77,9 @@ class InferenceStream:
         self.last_compute_ms = 0.0
         self.last_pushed = False  # the last result says the next span's peer already has it
         self.last_result: InferenceStepResult | None = None  # as received (digests are of wire bytes)
+        # False until the peer's inference_opened is read: an open sent without waiting for it
+        # (open_inference(confirm=False)) is confirmed, or its refusal raised, by the first result
+        self.confirmed = confirmed
 
     async def step(
         self, hidden: torch.Tensor, position: int, timeout_s: float | None = None, *, step_id: int | None = None
@@ -90,7 +96,7 @@ class InferenceStream:
         self._step_id = max(self._step_id, step_id)
         frame = frame_parts([InferenceStep(to_wire(hidden, self._compression), position, step_id)])
         encoded = time.perf_counter()
-        await self.client._write(self.peer_id, self._writer, frame)
+        await self._write(frame, timeout_s)
         written = time.perf_counter()
         result = await self._result(step_id, timeout_s)
         answered = time.perf_counter()
@@ -105,17 +111,32 @@ class InferenceStream:
         if self.closed:
             raise PeerUnavailable(self.peer_id, "session stream already closed")
         self._step_id = max(self._step_id, step_id)
-        step = InferenceStep(to_wire(hidden, self._compression), position, step_id)
-        await self.client._send(self.peer_id, self._writer, step)
+        await self._write(frame_parts([InferenceStep(to_wire(hidden, self._compression), position, step_id)]), None)
+
+    async def _write(self, frame: list[bytes | memoryview], timeout_s: float | None) -> None:
+        try:
+            await self.client._write(self.peer_id, self._writer, frame)
+        except PeerUnavailable:
+            if self.confirmed:
+                raise
+            # a peer that refused the open closes the stream after saying why: read why
+            await self._confirm(timeout_s)
+            raise
 
     async def receive(self, step_id: int, timeout_s: float | None = None) -> torch.Tensor:
         """The result of step ``step_id`` (sent by us, or pushed to the peer by its predecessor)."""
         return from_wire((await self._result(step_id, timeout_s)).hidden)
 
+    async def _confirm(self, timeout_s: float | None) -> None:
+        await self.client._receive(self.peer_id, self._reader, InferenceOpened, timeout_s)
+        self.confirmed = True
+
     async def _result(self, step_id: int, timeout_s: float | None) -> InferenceStepResult:
         if self.closed:
             raise PeerUnavailable(self.peer_id, "session stream already closed")
         self._step_id = max(self._step_id, step_id)
+        if not self.confirmed:
+            await self._confirm(timeout_s)
         while True:
             result = await self.client._receive(self.peer_id, self._reader, InferenceStepResult, timeout_s)
             if result.step_id >= step_id:

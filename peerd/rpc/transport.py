@@ -273,18 +273,25 @@ class PeerClient:
         max_length: int,
         batch_size: int,
         compression: Compression = Compression.NONE,
+        confirm: bool = True,
     ) -> InferenceStream:
-        """Open a session stream; the caller must ``close()`` the returned stream."""
+        """Open a session stream; the caller must ``close()`` the returned stream.
+
+        ``confirm=False`` returns as soon as the request is written, without waiting a round trip
+        for the peer's ``inference_opened``: the stream's first result reads it first, and a refusal
+        (a full peer, blocks not served) is raised there (``InferenceStream.confirmed`` says which).
+        """
         cm = self._stream(peer_id, "inference")
         reader, writer = await cm.__aenter__()
         try:
             opening = InferenceOpen(session_id, start, end, max_length, batch_size, response_compression=compression)
             await self._send(peer_id, writer, self._hello, opening)
-            await self._receive(peer_id, reader, InferenceOpened)
+            if confirm:
+                await self._receive(peer_id, reader, InferenceOpened)
         except BaseException:
             await cm.__aexit__(None, None, None)
             raise
-        return InferenceStream(self, peer_id, session_id, reader, writer, cm, compression)
+        return InferenceStream(self, peer_id, session_id, reader, writer, cm, compression, confirmed=confirm)
 
     async def open_stream(self, peer_id: str, rpc: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A bare stream of protocol ``rpc`` to ``peer_id``, dialled as every other (the caller

@@ -77,9 +77,11 @@ class FakePeer:
 class FakeStream:
     """An open inference session on a fake peer: keeps the inputs it was sent (its KV cache)."""
 
-    def __init__(self, peer: FakePeer, start: int, end: int) -> None:
+    def __init__(self, peer: FakePeer, start: int, end: int, refusal: PeerError | None = None) -> None:
         self.peer, self.start, self.end = peer, start, end
         self.peer_id = peer.peer_id
+        self.refusal = refusal  # an open sent unconfirmed that the peer refused: raised by the first step
+        self.confirmed = refusal is None
         self.cache: torch.Tensor | None = None
         self.closed = False
         self.last_compute_ms = 0.0
@@ -89,6 +91,8 @@ class FakeStream:
         self, hidden: torch.Tensor, position: int, timeout_s: float | None = None, *, step_id: int | None = None
     ) -> torch.Tensor:
         peer = self.peer
+        if self.refusal is not None:
+            raise self.refusal
         if self.closed or (peer.fail_after_steps is not None and peer.steps >= peer.fail_after_steps):
             raise PeerUnavailable(self.peer_id, "stream broke (fake)")
         if peer.hang_after_steps is not None and peer.steps >= peer.hang_after_steps:
@@ -121,6 +125,7 @@ class FakeTransport:
         self.num_blocks = num_blocks
         self.opened: list[str] = []  # peer ids, in the order sessions were opened on them
         self.streams: list[FakeStream] = []  # every stream opened, closed ones included
+        self.confirms: list[bool] = []  # each open's ``confirm``: whether it waited for the peer's answer
         self.opening = 0  # opens in flight now
         self.most_opening = 0  # the most opens in flight at once so far
         self.addresses: dict[str, tuple[str, ...]] = {}  # what the router told it, from records
@@ -152,8 +157,13 @@ class FakeTransport:
         peer.forwards += 1
         return peer.answer(hidden, start, end)
 
-    async def open_inference(self, peer_id: str, *, start: int, end: int, **_: object) -> FakeStream:
+    async def open_inference(
+        self, peer_id: str, *, start: int, end: int, confirm: bool = True, **_: object
+    ) -> FakeStream:
+        """A session on the peer; one it refuses raises here, or (``confirm=False``, as the client
+        opens routes) at the stream's first step, as a real peer's answer comes back then."""
         peer = self._peer(peer_id)
+        self.confirms.append(confirm)
         self.opening += 1
         self.most_opening = max(self.most_opening, self.opening)
         try:
@@ -161,7 +171,10 @@ class FakeTransport:
         finally:
             self.opening -= 1
         if peer.error is not None:
-            raise PeerError(peer_id, peer.error, "refused (fake)")
+            if confirm:
+                raise PeerError(peer_id, peer.error, "refused (fake)")
+            self.streams.append(FakeStream(peer, start, end, refusal=PeerError(peer_id, peer.error, "refused (fake)")))
+            return self.streams[-1]
         self.opened.append(peer_id)
         self.streams.append(FakeStream(peer, start, end))
         return self.streams[-1]

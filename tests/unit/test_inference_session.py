@@ -10,7 +10,7 @@ import torch
 from peerd.client.router import Router
 from peerd.client.session import InferenceSession
 from peerd.client.verify import SpotChecker
-from peerd.rpc.errors import PeerError
+from peerd.rpc.errors import NoRouteError, PeerError
 from protocols import ErrorCode
 from tests.helpers.fake_swarm import HIDDEN, MODEL_ID, FakeDHT, FakePeer, FakeTransport, record, reference
 
@@ -159,6 +159,15 @@ async def test_the_spans_of_a_route_are_opened_all_at_once() -> None:
     router, transport, _ = setup(peers)
     torch.testing.assert_close(await run(session(router, transport)), EXPECTED)
     assert sorted(transport.opened) == ["a", "b", "c"] and transport.most_opening == 3
+    assert transport.confirms == [False] * 3  # the peers' answers are read with the first results
+
+
+async def test_a_session_refused_at_its_first_step_names_the_blocks_nobody_else_serves() -> None:
+    router, transport, _ = setup([FakePeer(record("moved", 0, 4), error=ErrorCode.BLOCKS_NOT_SERVED)])
+    s = InferenceSession(router, transport, max_length=16, failover_timeout_s=0.3)  # type: ignore[arg-type]
+    with pytest.raises(NoRouteError, match="no live peer serves block"):
+        await run(s)
+    assert len(transport.streams) == 1 and transport.streams[0].closed and "moved" in router.banned()
 
 
 async def test_an_open_cancelled_midway_closes_the_streams_that_did_open() -> None:
