@@ -35,13 +35,14 @@ from peerd.rpc.rtt import RttProbe
 from peerd.rpc.transport import PeerClient
 from peerd.swarm.dht import BlockView
 from peerd.swarm.records import ServerRecord
-from protocols import PROTOCOL_VERSION
+from protocols import PROTOCOL_VERSION, InfoResponse
 
 __all__ = ["UNREACHABLE_RTT_MS", "BlockReader", "Router"]
 
 OBSERVED_EWMA = 0.5  # weight of the newest forward/backward in a peer's observed throughput
 UNREACHABLE_RTT_MS = 10_000.0  # the planning cost of a hop to a peer that did not answer a probe
 VIEW_REFRESH_S = 5.0  # a view older than this is read again in the background (Router.servers)
+INFO_REUSE_S = 10.0  # an RTT probe's `info` answer vets its peer if a route uses it within this long
 VIEW_TTL_S = 60.0  # ... and one older than this before it is used (records expire in about 2 periods)
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,9 @@ class Router:
         self._min_precision: str | None = None
         self.min_precision = min_precision  # checked by the setter
         self.bans = bans or BanList()
-        self.rtt = rtt or RttProbe(peers.info)
+        # the RTT probe is an `info` round trip: its answer also vets the peer if used soon (check_peer)
+        self._infos: dict[str, tuple[float, InfoResponse]] = {}
+        self.rtt = rtt or RttProbe(self._probe_info)
         self.rtts_ms: dict[str, float] = {}  # measured client <-> peer round trips, for planning
         self._rtt_read_at: dict[str, float] = {}  # the probe time each value of rtts_ms came from
         self._servers: dict[str, ServerRecord] = {}
@@ -228,7 +231,9 @@ class Router:
         claimed = (record.start, record.end, record.dtype, record.quant)
         if self._vetted.get(span.peer_id) == claimed:
             return
-        info = await self.peers.info(span.peer_id)
+        probed = self._infos.pop(span.peer_id, None)  # a new client's first route probed it just now
+        fresh = probed is not None and time.monotonic() - probed[0] < INFO_REUSE_S
+        info = probed[1] if probed is not None and fresh else await self.peers.info(span.peer_id)
         wrong_model = info.model_id != self.model_id or info.num_blocks_total != self.num_blocks
         problems = []
         if wrong_model:
@@ -247,6 +252,15 @@ class Router:
             self.ban(span.peer_id, reason=reason, duration_s=LIAR_BAN_S if wrong_model else None)
             raise PeerUnavailable(span.peer_id, reason)
         self._vetted[span.peer_id] = claimed
+
+    async def _probe_info(self, peer_id: str) -> InfoResponse:
+        """An RTT probe's round trip; its answer is kept for ``INFO_REUSE_S`` to vet the peer."""
+        info = await self.peers.info(peer_id)
+        now = time.monotonic()
+        for old in [p for p, (at, _) in self._infos.items() if now - at >= INFO_REUSE_S]:
+            del self._infos[old]
+        self._infos[peer_id] = (now, info)
+        return info
 
     # --- RTTs and planning -------------------------------------------------------------------------
 

@@ -125,6 +125,7 @@ class FakeTransport:
         self.num_blocks = num_blocks
         self.opened: list[str] = []  # peer ids, in the order sessions were opened on them
         self.streams: list[FakeStream] = []  # every stream opened, closed ones included
+        self.info_calls: list[str] = []  # peer ids asked for their info, in order
         self.confirms: list[bool] = []  # each open's ``confirm``: whether it waited for the peer's answer
         self.opening = 0  # opens in flight now
         self.most_opening = 0  # the most opens in flight at once so far
@@ -141,6 +142,7 @@ class FakeTransport:
         return self.peers[peer_id]
 
     async def info(self, peer_id: str) -> InfoResponse:
+        self.info_calls.append(peer_id)
         peer = self._peer(peer_id)
         r = peer.record
         return InfoResponse(

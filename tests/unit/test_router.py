@@ -181,6 +181,26 @@ async def test_a_success_resets_the_failure_ban_doubling() -> None:
     assert router.bans.ban("a") == router.bans.base_s
 
 
+async def test_a_new_clients_rtt_probe_answer_also_vets_the_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe and vetting are both an `info` round trip: a first route asks each peer once, not twice."""
+    router, transport, _ = make_router([FakePeer(record("a", 0, 4))])
+    [span] = await router.plan_inference(0, 4, 1)
+    probes = len(transport.info_calls)
+    assert probes >= 1
+    await router.check_peer(span)
+    assert len(transport.info_calls) == probes  # the probe's answer, a moment old
+    router._vetted.clear()
+    await router.check_peer(span)  # used once: vetting again asks again
+    assert len(transport.info_calls) == probes + 1
+    monkeypatch.setattr("peerd.client.router.INFO_REUSE_S", 0.0)
+    router._vetted.clear()
+    router.rtt._cache.clear()  # the next plan probes again
+    await router.plan_inference(0, 4, 1)
+    calls = len(transport.info_calls)
+    await router.check_peer(span)  # an answer older than INFO_REUSE_S: asked again
+    assert len(transport.info_calls) == calls + 1
+
+
 async def test_planning_rtts_change_only_with_a_new_probe() -> None:
     router, _, _ = make_router([FakePeer(record("a", 0, 4)), FakePeer(record("b", 0, 4))])
     await router.measure_rtts(["a", "b"])
