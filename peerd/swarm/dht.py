@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from hivemind.dht.node import DHTNode
-from hivemind.dht.validation import CompositeValidator
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
@@ -21,7 +20,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from peerd.identity import peer_id_of_public_key, public_key_of_owner_marker
 from peerd.swarm.records import ServerRecord, block_uid
 from peerd.swarm.storage import LOOKUP_KEYS_PER_CALL, install_bounded_storage
-from peerd.swarm.validation import make_validators, owner_subkey
+from peerd.swarm.validation import RememberingValidator, make_validators, owner_subkey
 from peerd.swarm.views import BlockView, records_of
 
 __all__ = ["BlockView", "SwarmDHT", "records_of"]
@@ -53,7 +52,7 @@ class SwarmDHT:
         bootstrap_timeout_s: float = 15.0,
     ) -> SwarmDHT:
         """Start a DHT node on ``p2p`` with the validators every node of this swarm must share."""
-        validator = CompositeValidator(make_validators(private_key, [(prefix, num_blocks)]))
+        validator = RememberingValidator(make_validators(private_key, [(prefix, num_blocks)]))
         node = await asyncio.wait_for(
             DHTNode.create(
                 p2p=p2p,

@@ -17,11 +17,17 @@ Three layers, all run by every DHT node before it stores or returns a record:
 
 DHT validators only see hashed keys, so a node validates the models it was told about; records
 under keys it does not know pass through unvalidated (documented in docs/security.md).
+
+All three run inside :class:`RememberingValidator`, which remembers the records it accepted: a
+DHT read meets the same signed records in many nodes' answers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+import struct
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -30,7 +36,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -38,7 +44,14 @@ from peerd.config import MAX_ANNOUNCE_PERIOD_S
 from peerd.identity import peer_id_of_public_key, public_key_of_owner_marker
 from peerd.swarm.records import WIRE_FIELDS, ServerRecord, block_uid
 
-__all__ = ["MAX_RECORD_TTL_S", "MAX_VALIDITY_S", "ServerRecordValidator", "make_validators", "owner_subkey"]
+__all__ = [
+    "MAX_RECORD_TTL_S",
+    "MAX_VALIDITY_S",
+    "RememberingValidator",
+    "ServerRecordValidator",
+    "make_validators",
+    "owner_subkey",
+]
 
 MAX_RECORD_VALUE_BYTES = 8192
 MAX_UNKNOWN_FIELDS_BYTES = 512  # room for a future field or two, not for padding
@@ -48,6 +61,7 @@ MAX_RECORD_TTL_S = 2 * MAX_ANNOUNCE_PERIOD_S + 300.0
 MAX_VALIDITY_S = 2 * MAX_ANNOUNCE_PERIOD_S + 5.0
 CLOCK_SKEW_S = 60.0  # how far in the future an announce time may lie (clocks of nodes disagree)
 _OWNER_RE = re.compile(rb"\[owner:(.+?)\]")
+REMEMBERED_RECORDS = 16_384  # accepted records a node remembers (as many as its storage holds)
 
 
 class _RecordValue:
@@ -145,3 +159,49 @@ def make_validators(private_key: RSAPrivateKey, models: Iterable[tuple[str, int]
         validators.append(SchemaValidator(_schema_for(prefix, num_blocks), allow_extra_keys=True, prefix=prefix))
     validators.append(ServerRecordValidator(known))
     return validators
+
+
+class RememberingValidator(CompositeValidator):  # type: ignore[misc]
+    """hivemind's ``CompositeValidator``, remembering the records it accepted.
+
+    A DHT read meets the same records again and again: each node on a lookup's path answers with
+    the values it holds, so a client's read of SmolLM2's 30 block keys ran ~120 validations of
+    the same handful of signed records (about half of the read's CPU: pydantic schema, RSA
+    signature, record checks). Each layer's verdict on a record is a function of the record alone,
+    except two checks against the clock (an announce time not in the future, an expiry not too far
+    in it), which only ever turn from "no" to "yes" as time passes. So an accepted record is
+    remembered by a digest of its key, subkey, value and expiry and accepted again at once; a
+    rejected one is checked in full every time. At most ``max_records``, least recently seen
+    forgotten first; adding validators forgets all.
+    """
+
+    def __init__(self, validators: Iterable[RecordValidatorBase] = (), max_records: int = REMEMBERED_RECORDS) -> None:
+        self._accepted: OrderedDict[bytes, None] = OrderedDict()
+        self.max_records = max_records
+        super().__init__(validators)
+
+    def extend(self, validators: Iterable[RecordValidatorBase]) -> None:
+        super().extend(validators)
+        self._accepted.clear()  # a new validator may reject what the old ones accepted
+
+    def validate(self, record: DHTRecord) -> bool:
+        digest = _digest(record)
+        if digest in self._accepted:
+            self._accepted.move_to_end(digest)
+            return True
+        if not super().validate(record):
+            return False
+        self._accepted[digest] = None
+        if len(self._accepted) > self.max_records:
+            self._accepted.popitem(last=False)
+        return True
+
+
+def _digest(record: DHTRecord) -> bytes:
+    h = hashlib.blake2b(digest_size=32)
+    for part in (record.key, record.subkey, record.value):
+        part = bytes(part)
+        h.update(struct.pack("<Q", len(part)))
+        h.update(part)
+    h.update(struct.pack("<d", record.expiration_time))
+    return h.digest()
