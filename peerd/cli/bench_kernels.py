@@ -132,28 +132,23 @@ def run_kernels_bench(model: Any, *, rounds: int = 4, calls: int = 5) -> dict[st
     finally:
         linear.ONEDNN, linear.SKINNY_ROWS = was, skinny
         torch.set_num_threads(threads)
+
+    def entry(case: str, fast: str, slow: str, fast_key: str, slow_key: str) -> dict[str, float]:
+        fast_ms, slow_ms = statistics.median(times[case][fast]), statistics.median(times[case][slow])
+        return {
+            fast_key: fast_ms,
+            slow_key: slow_ms,
+            "speedup": slow_ms / fast_ms,
+            "max_relative_difference": differences[case],
+        }
+
     result: dict[str, Any] = {
         "onednn_available": linear._KERNEL is not None,
         "rounds": rounds,
-        "cases": {},
-        "small_rows": {},
+        "cases": {case: entry(case, "onednn", "mkl", "onednn_ms", "mkl_ms") for case in cases},
+        # products over 2-4 rows as Linear runs them (MKL, weight on the left) against oneDNN's
+        "small_rows": {case: entry(case, "onednn", "onednn_only", "weight_left_ms", "onednn_ms") for case in small},
     }
-    for case in cases:
-        onednn, mkl = statistics.median(times[case]["onednn"]), statistics.median(times[case]["mkl"])
-        result["cases"][case] = {
-            "onednn_ms": onednn,
-            "mkl_ms": mkl,
-            "speedup": mkl / onednn,
-            "max_relative_difference": differences[case],
-        }
-    for case in small:
-        ours, only = statistics.median(times[case]["onednn"]), statistics.median(times[case]["onednn_only"])
-        result["small_rows"][case] = {
-            "weight_left_ms": ours,
-            "onednn_ms": only,
-            "speedup": only / ours,
-            "max_relative_difference": differences[case],
-        }
     return result
 
 
