@@ -108,7 +108,7 @@ def run_kernels_bench(model: Any, *, rounds: int = 4, calls: int = 5) -> dict[st
     times: dict[str, dict[str, list[float]]] = {case: {mode: [] for mode in modes} for case in cases | small}
     differences: dict[str, float] = {}
 
-    def compare(case: str, fn: Callable[[], Any], a_mode: str, b_mode: str) -> float:
+    def compare(fn: Callable[[], Any], a_mode: str, b_mode: str) -> float:
         outputs = []
         for mode in (a_mode, b_mode):
             linear.ONEDNN, linear.SKINNY_ROWS = modes[mode][:2]
@@ -126,9 +126,9 @@ def run_kernels_bench(model: Any, *, rounds: int = 4, calls: int = 5) -> dict[st
                     fn()  # warm: the kernel's primitives, the caches' pages
                     times[case][mode].append(_median_ms(fn, calls))
         for case, fn in cases.items():
-            differences[case] = compare(case, fn, "onednn", "mkl")
+            differences[case] = compare(fn, "onednn", "mkl")
         for case, fn in small.items():
-            differences[case] = compare(case, fn, "onednn", "onednn_only")
+            differences[case] = compare(fn, "onednn", "onednn_only")
     finally:
         linear.ONEDNN, linear.SKINNY_ROWS = was, skinny
         torch.set_num_threads(threads)

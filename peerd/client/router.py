@@ -121,7 +121,7 @@ class Router:
         A peer that left meanwhile fails at open and is routed around; one that joined is seen a
         read later.
         """
-        age = time.monotonic() - self._servers_at
+        age = self.view_age_s
         if refresh or not self._servers or age > self.view_ttl_s:
             await self._read_view()
         elif age > self.view_refresh_s and (self._view_task is None or self._view_task.done()):
@@ -232,8 +232,10 @@ class Router:
         if self._vetted.get(span.peer_id) == claimed:
             return
         probed = self._infos.pop(span.peer_id, None)  # a new client's first route probed it just now
-        fresh = probed is not None and time.monotonic() - probed[0] < INFO_REUSE_S
-        info = probed[1] if probed is not None and fresh else await self.peers.info(span.peer_id)
+        if probed is not None and time.monotonic() - probed[0] < INFO_REUSE_S:
+            info = probed[1]
+        else:
+            info = await self.peers.info(span.peer_id)
         wrong_model = info.model_id != self.model_id or info.num_blocks_total != self.num_blocks
         problems = []
         if wrong_model:

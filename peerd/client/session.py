@@ -159,11 +159,12 @@ class InferenceSession:
         while True:
             route = await self._first_route()
             self.spans = [_SpanState(span) for span in route]
-            results = await self._open_streams(route)
-            for state, result in zip(self.spans, results, strict=True):
-                if not isinstance(result, BaseException):
+            errors: list[tuple[Span, BaseException]] = []
+            for state, result in zip(self.spans, await self._open_streams(route), strict=True):
+                if isinstance(result, BaseException):
+                    errors.append((state.span, result))
+                else:
                     state.stream = result
-            errors = [(s.span, r) for s, r in zip(self.spans, results, strict=True) if isinstance(r, BaseException)]
             if not errors:
                 break
             await self._refused(errors, deadline)

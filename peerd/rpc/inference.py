@@ -120,14 +120,15 @@ class InferenceStream:
             if self.confirmed:
                 raise
             # a peer that refused the open closes the stream after saying why: read why
-            await self._confirm(timeout_s)
+            await self.confirm(timeout_s)
             raise
 
     async def receive(self, step_id: int, timeout_s: float | None = None) -> torch.Tensor:
         """The result of step ``step_id`` (sent by us, or pushed to the peer by its predecessor)."""
         return from_wire((await self._result(step_id, timeout_s)).hidden)
 
-    async def _confirm(self, timeout_s: float | None) -> None:
+    async def confirm(self, timeout_s: float | None = None) -> None:
+        """Read the peer's ``inference_opened`` (its refusal raised as the peer's error)."""
         await self.client._receive(self.peer_id, self._reader, InferenceOpened, timeout_s)
         self.confirmed = True
 
@@ -136,7 +137,7 @@ class InferenceStream:
             raise PeerUnavailable(self.peer_id, "session stream already closed")
         self._step_id = max(self._step_id, step_id)
         if not self.confirmed:
-            await self._confirm(timeout_s)
+            await self.confirm(timeout_s)
         while True:
             result = await self.client._receive(self.peer_id, self._reader, InferenceStepResult, timeout_s)
             if result.step_id >= step_id:

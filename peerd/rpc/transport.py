@@ -36,7 +36,6 @@ from protocols import (
     ForwardResponse,
     Hello,
     InferenceOpen,
-    InferenceOpened,
     InfoRequest,
     InfoResponse,
     Message,
@@ -286,12 +285,13 @@ class PeerClient:
         try:
             opening = InferenceOpen(session_id, start, end, max_length, batch_size, response_compression=compression)
             await self._send(peer_id, writer, self._hello, opening)
+            stream = InferenceStream(self, peer_id, session_id, reader, writer, cm, compression, confirmed=False)
             if confirm:
-                await self._receive(peer_id, reader, InferenceOpened)
+                await stream.confirm()
         except BaseException:
             await cm.__aexit__(None, None, None)
             raise
-        return InferenceStream(self, peer_id, session_id, reader, writer, cm, compression, confirmed=confirm)
+        return stream
 
     async def open_stream(self, peer_id: str, rpc: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A bare stream of protocol ``rpc`` to ``peer_id``, dialled as every other (the caller
