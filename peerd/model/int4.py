@@ -22,6 +22,8 @@ decode step took 2.9 ms there against 83 ms unpacking in bfloat16, 53 ms unpacki
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional
@@ -118,7 +120,7 @@ class Int4Linear(nn.Module):
 # the same op is ~50x slower (not vectorised in this build), so only bfloat16 inputs use it.
 _CPU_KERNEL = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 _CPU_PACK = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
-_CPU_ROWS = 64  # the kernel's layout packs output rows in blocks of 64 (see _codes_from_cpu_layout)
+_CPU_ROWS = 64  # output rows the kernel takes in multiples of (its AVX512 layout packs blocks of 64)
 
 
 def cpu_kernel_fits(out_features: int, in_features: int) -> bool:
@@ -133,12 +135,35 @@ def _codes(packed: Tensor) -> Tensor:
 
 
 def _codes_from_cpu_layout(packed: Tensor) -> Tensor:
-    """Codes ``[out, in]`` uint8 from the CPU kernel's layout: output rows in blocks of 64, and for
-    each input column of a block 32 bytes, byte j holding row j (low nibble) and row 32 + j (high)."""
+    """Codes ``[out, in]`` uint8 from the CPU kernel's layout (:func:`_cpu_layout`)."""
     out_features, in_features = packed.shape[0], packed.shape[1] * 2
-    blocks = packed.reshape(out_features // _CPU_ROWS, in_features, _CPU_ROWS // 2)  # [blocks, in, 32]
-    codes = torch.cat((blocks & 15, blocks >> 4), dim=2)  # [blocks, in, 64]: row within the block last
-    return codes.transpose(1, 2).reshape(out_features, in_features)
+    nibbles = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(-1)
+    return nibbles.index_select(0, _cpu_layout(out_features, in_features)).reshape(out_features, in_features)
+
+
+@functools.lru_cache(maxsize=8)  # a model has a handful of layer shapes
+def _cpu_layout(out_features: int, in_features: int) -> Tensor:
+    """For each code of an ``[out, in]`` layer in row order, where the CPU kernel's packing puts it
+    (an index into the packed bytes' nibbles, low nibble first), as int32.
+
+    The layout depends on the instructions torch's kernel was built for (with AVX512: output rows in
+    blocks of 64, byte j of an input column holding rows j and 32 + j; with AVX2 another one), so it
+    is read off the packing itself: codes that spell each weight's index in base 16, one digit per
+    packing, tell where every weight went."""
+    assert _CPU_PACK is not None  # only layers made by Int4CpuLinear.from_linear get here
+    count = out_features * in_features
+    ids = torch.arange(count, dtype=torch.int64).reshape(out_features, in_features)
+    at = torch.zeros(count, dtype=torch.int64)  # nibble position -> the index of the weight it holds
+    for shift in range(0, max(count - 1, 1).bit_length(), 4):
+        packed = _CPU_PACK(((ids >> shift) & 15).int(), 1)
+        if packed.numel() * 2 != count:
+            raise RuntimeError(f"torch's int4 CPU packing gave {packed.numel()} bytes for {count} codes")
+        at += torch.stack((packed & 15, packed >> 4), dim=-1).reshape(-1).long() << shift
+    where = torch.empty(count, dtype=torch.int64)
+    where[at] = torch.arange(count)
+    if not torch.equal(at[where], torch.arange(count)):  # every nibble holds a different weight
+        raise RuntimeError("torch's int4 CPU packing is not a permutation of the codes")
+    return where.int()
 
 
 class Int4CpuLinear(nn.Module):

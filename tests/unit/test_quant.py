@@ -55,7 +55,8 @@ def test_quantized_stage_is_smaller_close_and_consistent(checkpoint: Path, quant
         assert 0 < _relative_error(out, reference) < MAX_ERROR[quant]
         cache = stage.allocate_cache(2, 9)
         steps = [stage(hidden[:, :5], cache, 0), *(stage(hidden[:, t : t + 1], cache, t) for t in range(5, 9))]
-    torch.testing.assert_close(torch.cat(steps, dim=1), out, atol=1e-5, rtol=0)
+    # float32 rounding differs by row count, and by CPU
+    torch.testing.assert_close(torch.cat(steps, dim=1), out, atol=1e-5, rtol=1e-5)
     again = load_stage(checkpoint, 0, 4, progress=False, quant=quant)  # another peer, same checkpoint
     with torch.inference_mode():
         torch.testing.assert_close(again(hidden), out, atol=1e-6, rtol=0)
