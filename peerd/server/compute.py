@@ -141,12 +141,20 @@ def _run_steps(stage: Stage, steps: list[Step]) -> list[torch.Tensor | ValueErro
 
 
 async def compute_step(
-    runtime: ComputeRuntime, stage: Stage, step: Step, owner: str, key: Hashable, *, open_sessions: int | None = None
+    runtime: ComputeRuntime,
+    stage: Stage,
+    step: Step,
+    owner: str,
+    key: Hashable,
+    *,
+    open_sessions: int | None = None,
+    member: Hashable | None = None,
 ) -> tuple[torch.Tensor, tuple[float, float] | None]:
     """A session's step on ``runtime``: batched with ready steps of the same ``key`` and blocks, or
     chunked when large. Also returns when its forward started and ended on the compute thread
     (None when chunked: its chunks interleave with other work). ``open_sessions``: the sessions of
-    ``key`` that could step now, the most a batch waits for."""
+    ``key`` that could step now, the most a batch waits for; ``member``: the session (its wave, see
+    runtime.py)."""
     hidden, start, end = step.hidden, step.start, step.end
     if hidden.shape[0] * hidden.shape[1] > CHUNK_TOKENS:
         chunks = lambda: inference_step(stage, hidden, step.cache, step.position, start, end)  # noqa: E731
@@ -154,6 +162,12 @@ async def compute_step(
         return chunked, None
     runner = lambda steps: run_steps(stage, steps)  # noqa: E731
     out: torch.Tensor = await runtime.run_step(
-        step, runner, (key, start, end), owner, cost=forward_cost(hidden, start, end), most=open_sessions
+        step,
+        runner,
+        (key, start, end),
+        owner,
+        cost=forward_cost(hidden, start, end),
+        most=open_sessions,
+        member=member,
     )
     return out, step.ran

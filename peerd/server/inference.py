@@ -66,6 +66,7 @@ class InferenceHandlers(ServicerBase):
                 await self._session_loop(session, first, reader, writer)
             finally:
                 self.table.close(session)
+                self.runtime.forget(session.session_id)
                 await self.pusher.release(session)
 
         await self._serve("inference", stream_info, reader, writer, body)
@@ -200,7 +201,13 @@ class InferenceHandlers(ServicerBase):
         compute_started = time.perf_counter()
         step = Step(hidden, session.cache, position, session.start, session.end)
         out, ran = await compute_step(
-            self.runtime, self.stage, step, session.owner, key=id(self), open_sessions=len(self.sessions)
+            self.runtime,
+            self.stage,
+            step,
+            session.owner,
+            key=id(self),
+            open_sessions=len(self.sessions),
+            member=session.session_id,
         )
         resumed = time.perf_counter()
         compute_ms = (resumed - compute_started) * 1e3

@@ -22,6 +22,12 @@ A decode batch costs about as much for one step as for sixteen (the weights are 
 way), so a batch may fill: when recent batches of its key held more steps than wait now (sessions
 stepping together arrive a frame at a time), the worker waits for the rest while they keep coming
 (batchfill.py says how long). A lone session never waits.
+
+Sessions that ran in one batch form a *wave*: their next steps come back together, from the client or
+the previous peer, a hop's time later. A filling batch also waits for the missing members of every
+wave among its steps (within the same deadline), however unevenly they arrive: on a busy machine a
+wave's steps can stall for a whole forward of another process, and a batch that started without them
+split the wave for good, every part paying a full pass over the weights from then on.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ class _Job:
     batch_key: Hashable | None = None  # a step that may share a forward with others of the same key
     payload: Any = None
     runner: BatchRunner | None = None
+    member: Hashable | None = None  # the session a step belongs to (its wave is kept by member)
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -105,6 +112,7 @@ class ComputeRuntime:
         self.batch_window_s = batch_window_s  # 0: a batch takes only the steps already waiting
         self._recent: dict[Hashable, BatchHistory] = {}
         self._most: dict[Hashable, int] = {}  # per batch key: the sessions open on it, as last told
+        self._wave_of: dict[Hashable, set[Hashable]] = {}  # member -> the members it last ran with (itself included)
         self._working = False  # the compute thread runs a job
         self._inline = False  # an inline step runs on the event loop
         self._considering = 0  # steps about to choose between inline and the queue (event loop only)
@@ -136,15 +144,25 @@ class ComputeRuntime:
         *,
         cost: float = 1.0,
         most: int | None = None,
+        member: Hashable | None = None,
     ) -> Future[Any]:
         """Queue an urgent step; ready steps of equal ``batch_key`` run together through ``runner``.
 
         ``most``: how many steps of ``batch_key`` can be on their way at all (the sessions open on
-        it); a filling batch never waits for more, whatever recent batches held."""
+        it); a filling batch never waits for more, whatever recent batches held. ``member``: the
+        session the step belongs to, so that a batch waits for the rest of its wave (module docstring;
+        call :meth:`forget` when it ends)."""
         if most is not None:
             self._most[batch_key] = most
-        job = _Job(owner, Future(), cost, batch_key=batch_key, payload=payload, runner=runner)
+        job = _Job(owner, Future(), cost, batch_key=batch_key, payload=payload, runner=runner, member=member)
         return self._enqueue(job, urgent=True)
+
+    def forget(self, member: Hashable) -> None:
+        """``member`` (a session) has ended: batches stop waiting for it."""
+        with self._cv:
+            wave = self._wave_of.pop(member, None)
+            if wave is not None:
+                wave.discard(member)
 
     def _enqueue(self, job: _Job, *, urgent: bool, front: bool = False) -> Future[Any]:
         with self._cv:
@@ -178,6 +196,7 @@ class ComputeRuntime:
         *,
         cost: float = 1.0,
         most: int | None = None,
+        member: Hashable | None = None,
     ) -> Any:
         """Await one step, possibly batched with other owners' steps of the same key.
 
@@ -185,10 +204,10 @@ class ComputeRuntime:
         calling (event loop) thread: it would wait for nothing on the compute thread, only for the
         wakeups there and back. Steps read in the same loop iteration all go to the queue (the one
         ``sleep(0)`` lets them see each other), so that steps ready together still run as one batch.
-        ``most`` as for :meth:`submit_step`."""
+        ``most`` and ``member`` as for :meth:`submit_step`; a member of a wave never runs inline."""
         if most is not None:
             self._most[batch_key] = most
-        if cost <= self.inline_max_cost and self._idle() and self._expected(batch_key) <= 1:
+        if cost <= self.inline_max_cost and self._idle() and self._expected(batch_key) <= 1 and self._alone(member):
             self._considering += 1
             try:
                 await asyncio.sleep(0)
@@ -196,8 +215,13 @@ class ComputeRuntime:
                 self._considering -= 1
             # alone: the others that looked at the same time have queued theirs (not idle any more)
             if self._considering == 0 and self._claim_inline(owner, cost):
-                return self._run_inline(payload, runner, owner)
-        return await _await(self.submit_step(payload, runner, batch_key, owner, cost=cost))
+                return self._run_inline(payload, runner, owner, member)
+        return await _await(self.submit_step(payload, runner, batch_key, owner, cost=cost, member=member))
+
+    def _alone(self, member: Hashable | None) -> bool:
+        """Whether ``member`` last ran with no other session that is still open."""
+        wave = self._wave_of.get(member) if member is not None else None
+        return wave is None or len(wave) <= 1
 
     def _expected(self, key: Hashable) -> int:
         """Steps of ``key`` a batch may expect now: the largest recent batch (1 when none ran lately),
@@ -221,7 +245,7 @@ class ComputeRuntime:
             self._vtime[owner] = max(self._vtime.get(owner, 0.0), self._clock) + cost
             return True
 
-    def _run_inline(self, payload: Any, runner: BatchRunner, owner: str) -> Any:
+    def _run_inline(self, payload: Any, runner: BatchRunner, owner: str, member: Hashable | None) -> Any:
         if self.on_start is not None:
             self.on_start(owner)
         use_torch_threads(self._torch_threads)  # the event loop's thread computes this one
@@ -233,6 +257,7 @@ class ComputeRuntime:
             self.inline_steps += 1
             with self._cv:
                 self._inline = False
+                self._ran_together([member])
                 if self._owners or self._closed:  # work queued (or a close) meanwhile: the thread acts on it
                     self._cv.notify()
                 # else no wakeup: the thread would only look and sleep again, taking the GIL from the
@@ -282,22 +307,49 @@ class ComputeRuntime:
 
     def _fill(self, key: Hashable, jobs: list[_Job]) -> list[_Job]:
         """Under the lock: the steps of ``key`` that came while waiting for the expected ones, as long
-        as they kept coming (``jobs``: the batch so far)."""
+        as they kept coming, and for the missing members of the waves in the batch (``jobs``: the
+        batch so far), until the deadline."""
         have, expected, recent = len(jobs), self._expected(key), self._recent.get(key)
-        if have >= expected or recent is None or self.batch_window_s <= 0:
+        if recent is None or self.batch_window_s <= 0:
+            return []
+        cap = min(self.max_batch_steps, self._most.get(key, self.max_batch_steps))
+        missing = self._missing(jobs)
+        if have >= cap or (have >= expected and not missing):
             return []
         deadline = recent.fill_deadline(time.perf_counter(), self.batch_window_s)
         last = max(j.enqueued_at for j in jobs)  # the latest arrival (enqueue times are perf_counter)
         taken: list[_Job] = []
-        while have + len(taken) < expected and not self._closed:
-            remaining = min(deadline, last + recent.quiet_s()) - time.perf_counter()
-            if remaining <= 0:
+        while have + len(taken) < cap and not self._closed:
+            now = time.perf_counter()
+            if missing:  # a wave's steps are on their way, however unevenly they come
+                until = deadline
+            elif have + len(taken) < expected:  # recent batches were larger: wait while steps keep coming
+                until = min(deadline, last + recent.quiet_s())
+            else:
                 break
-            self._cv.wait(remaining)  # an enqueue notifies
+            if until <= now:
+                break
+            self._cv.wait(until - now)  # an enqueue notifies
             came = self._gather(key, have + len(taken))
-            last = max([last, *(j.enqueued_at for j in came)])
-            taken += came
+            if came:
+                last = max([last, *(j.enqueued_at for j in came)])
+                taken += came
+                missing = self._missing(jobs + taken)
         return taken
+
+    def _missing(self, jobs: list[_Job]) -> bool:
+        """Under the lock: whether a wave among ``jobs`` has a member that is not among them."""
+        present = {j.member for j in jobs}
+        return any(not self._wave_of.get(m, set()) <= present for m in present if m is not None)
+
+    def _ran_together(self, members: list[Hashable | None]) -> None:
+        """Under the lock: ``members`` ran in one batch, a new wave (each leaves its old one)."""
+        wave = {m for m in members if m is not None}
+        for member in wave:
+            old = self._wave_of.get(member)
+            if old is not None:
+                old.discard(member)
+            self._wave_of[member] = wave
 
     def _gather(self, key: Hashable, have: int) -> list[_Job]:
         """Waiting steps of ``key``, one per owner per round in virtual-time order, to the cap (``have`` taken)."""
@@ -366,6 +418,8 @@ class ComputeRuntime:
                 self._recent.clear()
             recent = self._recent[key] = BatchHistory()
         recent.ran(len(jobs), started, time.perf_counter() - started, [j.enqueued_at for j in jobs])
+        with self._cv:
+            self._ran_together([j.member for j in jobs])
         for job, result in zip(jobs, results, strict=True):
             if isinstance(result, BaseException):
                 job.future.set_exception(result)

@@ -32,11 +32,21 @@ async def _contact(me: P2P, peer_id: str, addrs: list[str]) -> float:
     """Connect in turn, then one echo over a stream; the seconds it took."""
     started = time.perf_counter()
     await connect_in_turn(me, peer_id, addrs, yield_s=YIELD_S)
-    _, reader, writer = await me.call_binary_stream_handler(PeerID.from_base58(peer_id), "echo")
-    writer.write(b"ping")
-    await writer.drain()
-    assert await reader.readexactly(4) == b"ping"
-    writer.close()
+    for attempt in range(2):
+        _, reader, writer = await me.call_binary_stream_handler(PeerID.from_base58(peer_id), "echo")
+        writer.write(b"ping")
+        await writer.drain()
+        try:
+            assert await reader.readexactly(4) == b"ping"
+            break
+        except asyncio.IncompleteReadError:
+            # One stream of 40 pairs came back empty in a CI run on a slow 2-core box: a stream opened
+            # as the two daemons settled on one connection. What this test bounds is the dial (no
+            # backoff); a caller opens another stream, as peerd's do on a reset.
+            if attempt:
+                raise
+        finally:
+            writer.close()
     return time.perf_counter() - started
 
 
