@@ -104,7 +104,7 @@ def run_kernels_bench(model: Any, *, rounds: int = 4, calls: int = 5) -> dict[st
     skinny = linear.SKINNY_ROWS
     modes = {"onednn": (True, skinny, cases | small), "mkl": (False, skinny, cases), "onednn_only": (True, (), small)}
     threads = torch.get_num_threads()
-    was = linear.ONEDNN
+    was, mkl_max_weight = linear.ONEDNN, linear.MKL_MAX_WEIGHT
     times: dict[str, dict[str, list[float]]] = {case: {mode: [] for mode in modes} for case in cases | small}
     differences: dict[str, float] = {}
 
@@ -119,6 +119,7 @@ def run_kernels_bench(model: Any, *, rounds: int = 4, calls: int = 5) -> dict[st
 
     try:
         torch.set_num_threads(1)
+        linear.MKL_MAX_WEIGHT = 0  # the kernels as named, whatever peerd takes on this CPU (linear.py)
         for r in range(rounds):
             for mode in list(modes) if r % 2 == 0 else list(reversed(modes)):
                 linear.ONEDNN, linear.SKINNY_ROWS, runs = modes[mode]
@@ -130,7 +131,7 @@ def run_kernels_bench(model: Any, *, rounds: int = 4, calls: int = 5) -> dict[st
         for case, fn in small.items():
             differences[case] = compare(fn, "onednn", "onednn_only")
     finally:
-        linear.ONEDNN, linear.SKINNY_ROWS = was, skinny
+        linear.ONEDNN, linear.SKINNY_ROWS, linear.MKL_MAX_WEIGHT = was, skinny, mkl_max_weight
         torch.set_num_threads(threads)
 
     def entry(case: str, fast: str, slow: str, fast_key: str, slow_key: str) -> dict[str, float]:
@@ -144,6 +145,8 @@ def run_kernels_bench(model: Any, *, rounds: int = 4, calls: int = 5) -> dict[st
 
     result: dict[str, Any] = {
         "onednn_available": linear._KERNEL is not None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_max_weight": mkl_max_weight,  # weights this small take MKL here whatever the rows compare
         "rounds": rounds,
         "cases": {case: entry(case, "onednn", "mkl", "onednn_ms", "mkl_ms") for case in cases},
         # products over 2-4 rows as Linear runs them (MKL, weight on the left) against oneDNN's
@@ -155,20 +158,29 @@ def run_kernels_bench(model: Any, *, rounds: int = 4, calls: int = 5) -> dict[st
 def kernels_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
     if not result["onednn_available"]:
         return [("oneDNN products", "n/a", "this torch build has no oneDNN linear kernel: MKL everywhere")]
-    return [
-        (
-            f"oneDNN vs MKL: {case}",
-            f"{c['speedup']:.2f}x",
-            f"{c['onednn_ms']:.2f} vs {c['mkl_ms']:.2f} ms, float32, 1 thread; "
-            f"outputs differ by {c['max_relative_difference']:.1e} (relative)",
-        )
-        for case, c in result["cases"].items()
-    ] + [
-        (
-            f"2-4 rows, MKL weight-left vs oneDNN: {case}",
-            f"{c['speedup']:.2f}x",
-            f"{c['weight_left_ms']:.2f} vs {c['onednn_ms']:.2f} ms, float32, 1 thread; "
-            f"outputs differ by {c['max_relative_difference']:.1e} (relative)",
-        )
-        for case, c in result.get("small_rows", {}).items()
-    ]
+    rule = (
+        f"weights of up to {result['mkl_max_weight']} elements take MKL, larger ones the rules below"
+        if result.get("mkl_max_weight")
+        else "oneDNN, MKL weight-left for 2-4 short rows"
+    )
+    return (
+        [("kernels peerd takes here", str(result.get("cpu_capability", "?")), rule)]
+        + [
+            (
+                f"oneDNN vs MKL: {case}",
+                f"{c['speedup']:.2f}x",
+                f"{c['onednn_ms']:.2f} vs {c['mkl_ms']:.2f} ms, float32, 1 thread; "
+                f"outputs differ by {c['max_relative_difference']:.1e} (relative)",
+            )
+            for case, c in result["cases"].items()
+        ]
+        + [
+            (
+                f"2-4 rows, MKL weight-left vs oneDNN: {case}",
+                f"{c['speedup']:.2f}x",
+                f"{c['weight_left_ms']:.2f} vs {c['onednn_ms']:.2f} ms, float32, 1 thread; "
+                f"outputs differ by {c['max_relative_difference']:.1e} (relative)",
+            )
+            for case, c in result.get("small_rows", {}).items()
+        ]
+    )

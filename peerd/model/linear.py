@@ -20,6 +20,10 @@ dtype (bfloat16 already reaches oneDNN through ``F.linear``) or another device t
 Both kernels compute the same float32 sums in another order: outputs agree to float rounding
 (relative 1e-7 to 4e-6 measured), not bit for bit, as a product over more rows already does.
 
+That was measured on AVX-512. On a CPU without it (torch's AVX2 kernels) MKL is the faster one for
+the small weights of the blocks, so there weights of up to :data:`MKL_MAX_WEIGHT` elements take
+``F.linear`` (see the constant).
+
 :data:`ONEDNN` switches oneDNN off for a process (benchmarks compare the two side by side).
 """
 
@@ -32,7 +36,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ONEDNN", "SKINNY_ROWS", "Linear", "linear", "onednn_on", "use_torch_threads"]
+__all__ = [
+    "MKL_MAX_WEIGHT",
+    "ONEDNN",
+    "SKINNY_ROWS",
+    "Linear",
+    "linear",
+    "mkl_max_weight",
+    "onednn_on",
+    "use_torch_threads",
+]
 
 
 def _find_kernel() -> Callable[..., Tensor] | None:
@@ -68,6 +81,25 @@ def onednn_on() -> bool:
 # 13.5 -> 11.8 (4 rows), alternating in one process.
 SKINNY_ROWS: tuple[int, ...] = (2, 3, 4)
 SKINNY_MAX_FEATURES = 1024
+
+
+# Without AVX-512 the kernels compare the other way round for small weights. One thread on an AVX2
+# box (AMD EPYC), ms per product, oneDNN / MKL (F.linear) / MKL with the weight on the left:
+#   [576 x 576]    1 row 0.083 / 0.049 / 0.056   2 rows 0.130 / 0.085 / 0.154   16 rows 0.274 / 0.216 / 0.212
+#   [192 x 576]    1 row 0.052 / 0.020 / 0.023   4 rows 0.094 / 0.042 / 0.060   512 rows 1.63 / 1.30 / 1.52
+#   [1536 x 576]   1 row 0.120 / 0.112 / 0.118   2 rows 0.295 / 0.150 / 0.382   64 rows 2.22 / 1.81 / 1.75
+#   [576 x 1536]   1 row 0.126 / 0.097 / 0.101   4 rows 0.402 / 0.219 / 0.228   512 rows 13.0 / 12.1 / 11.5
+#   [49152 x 576]  1 row 9.17 / 10.1 / 9.64      2 rows 17.6 / 22.0 / 11.8      16 rows 26.2 / 32.6 / 29.6
+#   [4096 x 4096]  1 row 3.92 / 3.38 / 3.89      4 rows 9.00 / 11.7 / 8.40      16 rows 12.6 / 15.1 / 14.2
+# So there a weight of up to 4 Mi elements takes F.linear at every row count, and larger ones (an LM
+# head, the blocks of large models) keep the rules above. With AVX-512 nothing changes (0).
+def mkl_max_weight(capability: str) -> int:
+    """:data:`MKL_MAX_WEIGHT` for a CPU whose torch kernels are built for ``capability``
+    (``torch.backends.cpu.get_cpu_capability()``)."""
+    return 1 << 22 if capability in ("AVX2", "DEFAULT") else 0
+
+
+MKL_MAX_WEIGHT = mkl_max_weight(torch.backends.cpu.get_cpu_capability())
 
 
 def _product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -107,6 +139,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and weight.device.type == "cpu"
+        and weight.numel() > MKL_MAX_WEIGHT
     ):
         return F.linear(x, weight, bias)
     trainable = weight.requires_grad or (bias is not None and bias.requires_grad)

@@ -146,5 +146,7 @@ def test_chunked_backward_equals_autograd_through_the_whole_batch() -> None:
     g = torch.randn(3, 10, 32)
     (want,) = torch.autograd.grad(stage.forward(x), x, g)
     grad, costs = _drain(backward_chunks(stage, x.detach(), g, 0, 3, chunk_tokens=20))
-    torch.testing.assert_close(grad, want, atol=TOLERANCE, rtol=TOLERANCE)
+    # a gradient through 3 blocks sums more float32 roundings than a forward: 1e-4 (MKL's products,
+    # which small weights take on an AVX2 CPU, gave 3.5e-5 relative here; oneDNN's under 1e-5)
+    torch.testing.assert_close(grad, want, atol=1e-4, rtol=1e-4)
     assert costs == [3.0 * 2 * 10 * 3, 3.0 * 1 * 10 * 3]  # two rows, then the last one

@@ -40,6 +40,8 @@ def test_kernels_bench_times_both_kernels_and_restores_the_switch(tmp_path: Path
         assert case["speedup"] == pytest.approx(case["onednn_ms"] / case["weight_left_ms"])
         assert case["max_relative_difference"] < 1e-5
     assert linear.SKINNY_ROWS == (2, 3, 4)  # restored
+    assert linear.MKL_MAX_WEIGHT == result["mkl_max_weight"] == linear.mkl_max_weight(result["cpu_capability"])
     rows = kernels_rows(result)
-    assert len(rows) == 9 and all(row[0].startswith("oneDNN vs MKL") for row in rows[:5])
-    assert all(row[0].startswith("2-4 rows, MKL weight-left vs oneDNN") for row in rows[5:])
+    assert len(rows) == 10 and rows[0][:2] == ("kernels peerd takes here", result["cpu_capability"])
+    assert all(row[0].startswith("oneDNN vs MKL") for row in rows[1:6])
+    assert all(row[0].startswith("2-4 rows, MKL weight-left vs oneDNN") for row in rows[6:])

@@ -31,7 +31,24 @@ class _Spy:
 def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Spy]:
     spy = _Spy(linear_module._KERNEL)
     monkeypatch.setattr(linear_module, "_KERNEL", spy)
+    monkeypatch.setattr(linear_module, "MKL_MAX_WEIGHT", 0)  # the AVX-512 rules, on any CPU
     yield spy
+
+
+def test_without_avx512_small_weights_take_f_linear_bit_for_bit_and_large_ones_keep_onednn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert linear_module.mkl_max_weight("AVX512") == 0 and linear_module.mkl_max_weight("AMX") == 0
+    assert linear_module.mkl_max_weight("AVX2") == linear_module.mkl_max_weight("DEFAULT") == 1 << 22
+    spy = _Spy(linear_module._KERNEL)
+    monkeypatch.setattr(linear_module, "_KERNEL", spy)
+    monkeypatch.setattr(linear_module, "MKL_MAX_WEIGHT", 96 * 200)
+    small, large = _layer(96, 200, bias=True), _layer(96, 201, bias=True)
+    x = torch.randn(5, 96)
+    with torch.inference_mode():
+        assert torch.equal(small(x), F.linear(x, small.weight, small.bias)) and spy.calls == 0
+        torch.testing.assert_close(large(x), F.linear(x, large.weight, large.bias), rtol=1e-5, atol=1e-5)
+    assert spy.calls == 1
 
 
 def _layer(in_features: int, out_features: int, bias: bool, seed: int = 0) -> Linear:
@@ -68,12 +85,14 @@ def test_rows_of_more_than_1024_features_take_onednn_however_few() -> None:
     x = torch.randn(2, 1025)
     with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(linear_module, "_KERNEL", calls)
+        patch.setattr(linear_module, "MKL_MAX_WEIGHT", 0)  # the AVX-512 rules, on any CPU
         got = layer(x)
     assert calls.calls == 1
     torch.testing.assert_close(got, F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
 
 
-def test_the_gradient_of_two_rows_flows_through_the_mkl_path() -> None:
+def test_the_gradient_of_two_rows_flows_through_the_mkl_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linear_module, "MKL_MAX_WEIGHT", 0)  # the AVX-512 rules, on any CPU
     layer = _layer(64, 32, bias=True)
     x = torch.randn(2, 64, requires_grad=True)
     out = layer(x)
